@@ -1,0 +1,11 @@
+//! waft: Raft consensus feeding a user-supplied WebAssembly state machine.
+//!
+//! # Layout
+//!
+//! - [`runtime`]: the guest runtime, the only module that touches wasmtime. Loads and validates
+//!   components, runs them deterministically under fuel and memory limits, and rolls back any
+//!   call that traps.
+//! - [`cli`]: the `waft` command line (parsed arguments become calls into the library).
+
+pub mod cli;
+pub mod runtime;

@@ -1,0 +1,82 @@
+//! Limits and settings of the guest runtime.
+
+use std::path::PathBuf;
+
+/// Resource limits applied to every guest call, identically on every node.
+///
+/// Limits that can change the outcome of a call (fuel, memory, tables, reply size) are part of
+/// the engine fingerprint ([`super::Runtime::fingerprint`]): nodes must agree on them, or the
+/// same entry could trap on one replica and succeed on another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest module accepted, in bytes.
+    pub max_module_bytes: usize,
+    /// Largest linear memory a guest may grow to, in bytes (per memory).
+    pub max_memory_bytes: usize,
+    /// Largest table a guest may grow to, in elements.
+    pub max_table_elements: usize,
+    /// Fuel for one `apply` (or one `apply-batch` call as a whole). Roughly one unit per wasm
+    /// instruction: a kv `put` costs ~4,400.
+    pub fuel_per_apply: u64,
+    /// Fuel for one `query`.
+    pub fuel_per_query: u64,
+    /// Fuel for one `snapshot` or `restore`, which walk the whole state.
+    pub fuel_per_snapshot: u64,
+    /// Largest reply (`apply` or `query`) a guest may return, in bytes. A larger reply traps
+    /// and the call is rolled back.
+    pub max_reply_bytes: usize,
+    /// Bytes of stdout/stderr per call forwarded to the host's logs; the rest is dropped.
+    pub max_output_bytes_per_call: usize,
+    /// Lines a guest may pass to `host.log` per call; the rest are counted and dropped.
+    pub max_log_lines_per_call: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_module_bytes: 64 << 20,
+            max_memory_bytes: 256 << 20,
+            max_table_elements: 200_000,
+            fuel_per_apply: 1_000_000_000,
+            fuel_per_query: 1_000_000_000,
+            fuel_per_snapshot: 50_000_000_000,
+            max_reply_bytes: 4 << 20,
+            max_output_bytes_per_call: 16 << 10,
+            max_log_lines_per_call: 64,
+        }
+    }
+}
+
+/// How a guest keeps the state it can roll back to after a trap.
+///
+/// A trapped instance cannot be re-entered, so the host rebuilds it: it restores the last
+/// checkpoint (a guest snapshot) and replays the entries applied since. A checkpoint is taken
+/// after `entries` applied entries or `bytes` of applied commands, whichever comes first; a
+/// snapshot taken for any other reason also serves as one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    /// Entries applied since the last checkpoint that trigger a new one.
+    pub entries: usize,
+    /// Bytes of commands applied since the last checkpoint that trigger a new one.
+    pub bytes: usize,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy {
+            entries: 10_000,
+            bytes: 64 << 20,
+        }
+    }
+}
+
+/// Everything needed to build a [`super::Runtime`].
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeConfig {
+    /// Resource limits per call.
+    pub limits: Limits,
+    /// Checkpointing for trap recovery.
+    pub checkpoints: CheckpointPolicy,
+    /// Where compiled components are kept between runs (`None`: compile on every start).
+    pub cache_dir: Option<PathBuf>,
+}

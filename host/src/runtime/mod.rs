@@ -1,0 +1,156 @@
+//! The guest runtime: the only part of waft that touches wasmtime.
+//!
+//! A [`Runtime`] owns the engine (configured for deterministic execution), the linker with
+//! waft's deterministic WASI and host interface, and a cache of compiled modules in memory and
+//! on disk. [`Runtime::load`] validates and compiles a module; [`Runtime::instantiate`] makes a
+//! [`Guest`], whose calls roll back completely when they trap.
+
+mod config;
+mod engine;
+mod error;
+mod guest;
+mod module;
+mod wasi;
+
+pub use config::{CheckpointPolicy, Limits, RuntimeConfig};
+pub use engine::WASMTIME_VERSION;
+pub use error::{GuestError, LoadError, TrapKind};
+pub use guest::{ApplyCtx, Guest};
+pub use module::{GuestModule, HOST_IMPORT, ModuleHash, ModuleInfo, STATE_MACHINE_EXPORT};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use wasi::HostState;
+use wasmtime::Engine;
+use wasmtime::component::{HasSelf, Linker};
+
+/// Generated from `wit/fsm.wit`: the one `bindgen!` in waft.
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "guest",
+    });
+}
+
+/// Compiles, caches and instantiates guests. Cheap to clone; share one per node.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    fingerprint: String,
+    artifact_key: String,
+    /// Compiled modules by hash. Modules are kept for the life of the runtime: services refer
+    /// to few of them and recompiling is what the cache exists to avoid.
+    modules: Mutex<HashMap<ModuleHash, Arc<GuestModule>>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("fingerprint", &self.inner.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Builds the engine and the linker.
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, LoadError> {
+        let engine = engine::build()
+            .map_err(|e| LoadError::Invalid(format!("cannot build the engine: {e}")))?;
+        let mut linker = Linker::new(&engine);
+        let link =
+            |e: wasmtime::Error| LoadError::Invalid(format!("cannot link host functions: {e}"));
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link)?;
+        bindings::Guest::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(link)?;
+        let fingerprint = engine::fingerprint(&config.limits);
+        let artifact_key = engine::artifact_key(&engine);
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                config,
+                fingerprint,
+                artifact_key,
+                modules: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The engine fingerprint: wasmtime release, determinism settings and outcome-changing
+    /// limits. Replicas must agree on it.
+    pub fn fingerprint(&self) -> &str {
+        &self.inner.fingerprint
+    }
+
+    /// The limits every call runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    /// Validates and compiles a module, or returns the already compiled one with the same hash.
+    ///
+    /// Errors are deterministic and say what is wrong: not wasm, a core module, an invalid
+    /// component, the wrong world, an import waft does not provide, over the size cap.
+    pub fn load(&self, bytes: &[u8]) -> Result<Arc<GuestModule>, LoadError> {
+        let max = self.inner.config.limits.max_module_bytes;
+        if bytes.len() > max {
+            return Err(LoadError::TooLarge {
+                size: bytes.len(),
+                max,
+            });
+        }
+        if bytes.is_empty() {
+            return Err(LoadError::NotWasm);
+        }
+        let hash = ModuleHash::of(bytes);
+        if let Some(m) = self.modules().get(&hash) {
+            return Ok(m.clone());
+        }
+        let cache = self
+            .inner
+            .config
+            .cache_dir
+            .as_deref()
+            .map(|dir| (dir, self.inner.artifact_key.as_str()));
+        let module = Arc::new(module::load(
+            &self.inner.engine,
+            &self.inner.linker,
+            bytes,
+            cache,
+        )?);
+        tracing::debug!(
+            module = %hash,
+            size = bytes.len(),
+            load_ms = module.info.load_time.as_secs_f64() * 1e3,
+            from_disk_cache = module.info.from_disk_cache,
+            "guest module loaded"
+        );
+        self.modules().insert(hash, module.clone());
+        Ok(module)
+    }
+
+    /// Creates a fresh instance (empty state) of a loaded module. `label` names it in logs,
+    /// usually the service name.
+    pub fn instantiate(&self, module: &Arc<GuestModule>, label: &str) -> Result<Guest, LoadError> {
+        Guest::new(
+            self.inner.engine.clone(),
+            module.clone(),
+            self.inner.config.limits.clone(),
+            self.inner.config.checkpoints.clone(),
+            label,
+        )
+    }
+
+    fn modules(&self) -> std::sync::MutexGuard<'_, HashMap<ModuleHash, Arc<GuestModule>>> {
+        self.inner
+            .modules
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,265 @@
+//! Loading a guest: validating the bytes, compiling (or loading a cached compilation),
+//! checking the world it targets and what it imports.
+
+use super::bindings::GuestPre;
+use super::error::LoadError;
+use super::wasi::HostState;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use wasmtime::Engine;
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker};
+
+/// The interface every guest must export, with the version this host speaks.
+pub const STATE_MACHINE_EXPORT: &str = "waft:fsm/state-machine@0.1.0";
+/// The host interface guests may import.
+pub const HOST_IMPORT: &str = "waft:fsm/host@0.1.0";
+/// The shared types interface (types only; nothing to call).
+pub const TYPES_IMPORT: &str = "waft:fsm/types@0.1.0";
+
+/// WASI interfaces waft links, deterministically (see `wasi.rs`). Sockets, HTTP and anything
+/// else are refused when the module is loaded, not when a guest first calls them.
+const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:cli/",
+    "wasi:filesystem/",
+];
+
+/// The sha256 of a module's bytes: its identity everywhere in waft.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleHash(pub [u8; 32]);
+
+impl ModuleHash {
+    /// Hashes module bytes.
+    pub fn of(bytes: &[u8]) -> ModuleHash {
+        ModuleHash(Sha256::digest(bytes).into())
+    }
+
+    /// The hash as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModuleHash({})", &self.to_hex()[..12])
+    }
+}
+
+/// What waft learned about a module while loading it.
+#[derive(Debug, Clone)]
+pub struct ModuleInfo {
+    /// sha256 of the bytes.
+    pub hash: ModuleHash,
+    /// Size of the bytes.
+    pub size: usize,
+    /// Every interface the component imports, sorted.
+    pub imports: Vec<String>,
+    /// Every interface or function the component exports, sorted.
+    pub exports: Vec<String>,
+    /// Whether it imports WASI clocks (then it is never given batches).
+    pub uses_clocks: bool,
+    /// Whether it imports WASI randomness (then its stream is reseeded per entry).
+    pub uses_random: bool,
+    /// Time spent compiling, or loading the compiled artifact from the cache.
+    pub load_time: Duration,
+    /// Whether the compiled artifact came from the on-disk cache.
+    pub from_disk_cache: bool,
+}
+
+impl ModuleInfo {
+    /// Whether `apply-batch` may be used: only when no per-entry WASI value can be observed.
+    pub fn can_batch(&self) -> bool {
+        !self.uses_clocks && !self.uses_random
+    }
+}
+
+/// A compiled, validated guest ready to be instantiated any number of times.
+pub struct GuestModule {
+    pub(super) info: ModuleInfo,
+    pub(super) pre: GuestPre<HostState>,
+}
+
+impl GuestModule {
+    /// What waft learned about the module.
+    pub fn info(&self) -> &ModuleInfo {
+        &self.info
+    }
+
+    /// The module's identity.
+    pub fn hash(&self) -> ModuleHash {
+        self.info.hash
+    }
+}
+
+impl fmt::Debug for GuestModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestModule")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks the header: is it wasm, and a component rather than a core module?
+pub(super) fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(LoadError::NotWasm);
+    }
+    // Core modules have version 1, layer 0; components have layer 1 in bytes 6..8.
+    match bytes[6..8] {
+        [0, 0] => Err(LoadError::CoreModule),
+        [1, 0] => Ok(()),
+        _ => Err(LoadError::Invalid(format!(
+            "unknown WebAssembly layer {:?}",
+            &bytes[4..8]
+        ))),
+    }
+}
+
+/// Compiles `bytes` or loads them from the disk cache, then validates and links them.
+pub(super) fn load(
+    engine: &Engine,
+    linker: &Linker<HostState>,
+    bytes: &[u8],
+    cache: Option<(&Path, &str)>,
+) -> Result<GuestModule, LoadError> {
+    check_header(bytes)?;
+    let hash = ModuleHash::of(bytes);
+    let started = Instant::now();
+    let cache_path: Option<PathBuf> =
+        cache.map(|(dir, key)| dir.join(format!("{hash}-{key}.cwasm")));
+    let mut from_disk_cache = false;
+    let mut component = None;
+    if let Some(path) = cache_path.as_deref().filter(|p| p.exists()) {
+        // SAFETY: the file was written by `Component::serialize` of this same wasmtime build
+        // (the name carries the engine's compatibility key) into a directory that belongs to
+        // this node; wasmtime checks the header and the engine configuration when loading.
+        match unsafe { Component::deserialize_file(engine, path) } {
+            Ok(c) => {
+                component = Some(c);
+                from_disk_cache = true;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unusable cached component; recompiling");
+            }
+        }
+    }
+    let component = match component {
+        Some(c) => c,
+        None => Component::new(engine, bytes).map_err(|e| LoadError::Invalid(root_message(&e)))?,
+    };
+    let (imports, exports) = inspect(engine, &component);
+    check_world(&imports, &exports)?;
+    let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
+        LoadError::UnsupportedImport(format!("cannot link the guest: {}", root_message(&e)))
+    })?;
+    let pre = GuestPre::new(instance_pre).map_err(|e| {
+        LoadError::WrongWorld(format!(
+            "guest does not match waft's world: {}",
+            root_message(&e)
+        ))
+    })?;
+    if let (Some(path), false) = (&cache_path, from_disk_cache) {
+        write_cache(&component, path)?;
+    }
+    let uses = |prefix: &str| imports.iter().any(|i| i.starts_with(prefix));
+    let info = ModuleInfo {
+        hash,
+        size: bytes.len(),
+        uses_clocks: uses("wasi:clocks/"),
+        uses_random: uses("wasi:random/"),
+        imports,
+        exports,
+        load_time: started.elapsed(),
+        from_disk_cache,
+    };
+    Ok(GuestModule { info, pre })
+}
+
+fn write_cache(component: &Component, path: &Path) -> Result<(), LoadError> {
+    let bytes = component
+        .serialize()
+        .map_err(|e| LoadError::Cache(format!("cannot serialize compiled component: {e}")))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| LoadError::Cache(format!("cannot create {}: {e}", dir.display())))?;
+    // Write then rename, so a crash never leaves a half-written artifact under the real name.
+    let tmp = path.with_extension("cwasm.tmp");
+    std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| LoadError::Cache(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Lists the component's imports and exports by name.
+fn inspect(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String>) {
+    let ty = component.component_type();
+    let mut imports: Vec<String> = ty
+        .imports(engine)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    let mut exports: Vec<String> = ty
+        .exports(engine)
+        .map(|(name, item)| match item.ty {
+            ComponentItem::ComponentFunc(_) => format!("{name} (function)"),
+            _ => name.to_owned(),
+        })
+        .collect();
+    imports.sort();
+    exports.sort();
+    (imports, exports)
+}
+
+/// Checks that the guest exports the state machine and imports only what waft provides.
+fn check_world(imports: &[String], exports: &[String]) -> Result<(), LoadError> {
+    if !exports.iter().any(|e| e == STATE_MACHINE_EXPORT) {
+        let found = if exports.is_empty() {
+            "nothing".to_owned()
+        } else {
+            exports.join(", ")
+        };
+        return Err(LoadError::WrongWorld(format!(
+            "the component does not export {STATE_MACHINE_EXPORT} (it exports {found}); \
+             build it against waft's WIT (world waft:fsm/guest), for instance with the waft-guest crate"
+        )));
+    }
+    let refused: Vec<&str> = imports
+        .iter()
+        .map(String::as_str)
+        .filter(|i| {
+            *i != HOST_IMPORT
+                && *i != TYPES_IMPORT
+                && !ALLOWED_IMPORT_PREFIXES.iter().any(|p| i.starts_with(p))
+        })
+        .collect();
+    if !refused.is_empty() {
+        return Err(LoadError::UnsupportedImport(format!(
+            "the component imports {}, which waft does not provide: guests get no network, \
+             files, environment or other host services beyond waft:fsm/host and deterministic \
+             WASI clocks, randomness and stdio",
+            refused.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The innermost message of an error chain: the part a person can act on.
+pub(super) fn root_message(e: &wasmtime::Error) -> String {
+    let root = e.root_cause().to_string();
+    let top = e.to_string();
+    if root == top || top.contains(&root) {
+        top
+    } else {
+        format!("{top}: {root}")
+    }
+}

@@ -1,0 +1,110 @@
+//! A guest that misbehaves on command, to test that waft contains it.
+//!
+//! State: a map of names to values, changed by `set NAME VALUE`. Misbehaviour:
+//! - `loop`: spins forever (fuel runs out)
+//! - `bomb`: allocates until memory runs out
+//! - `panic-after-set NAME VALUE`: changes state, then panics
+//! - `huge BYTES`: replies with that many bytes
+//! - `log N`: writes N log lines and N lines to stdout
+//! - `reject-after-set NAME VALUE`: changes state, then answers `err` (breaks the contract)
+//! Snapshots: `restore` of the bytes `TRAP` traps, of `BAD` answers `err`; `snapshot` traps when
+//! the state holds the name `trap-on-snapshot`.
+
+use std::collections::BTreeMap;
+use waft_guest::{Context, Level, StateMachine};
+
+#[derive(Default)]
+struct Hostile {
+    values: BTreeMap<String, String>,
+    hoard: Vec<Vec<u8>>,
+}
+
+impl StateMachine for Hostile {
+    fn apply(&mut self, _ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String> {
+        let text = String::from_utf8_lossy(command);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        match words.as_slice() {
+            ["set", name, value] => {
+                self.values.insert(name.to_string(), value.to_string());
+                Ok(b"OK".to_vec())
+            }
+            ["loop"] => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            ["bomb"] => loop {
+                self.hoard.push(vec![1u8; 1 << 20]);
+            },
+            ["panic-after-set", name, value] => {
+                self.values.insert(name.to_string(), value.to_string());
+                panic!("deliberate panic after setting {name}");
+            }
+            ["reject-after-set", name, value] => {
+                self.values.insert(name.to_string(), value.to_string());
+                Err("rejected, but changed state first".to_owned())
+            }
+            ["huge", bytes] => {
+                let n: usize = bytes.parse().map_err(|_| "huge takes a byte count")?;
+                Ok(vec![b'x'; n])
+            }
+            ["log", n] => {
+                let n: usize = n.parse().map_err(|_| "log takes a count")?;
+                for i in 0..n {
+                    waft_guest::log(Level::Info, &format!("log line {i}"));
+                    println!("stdout line {i}");
+                }
+                Ok(b"OK".to_vec())
+            }
+            _ => Err(format!("unknown command {text:?}")),
+        }
+    }
+
+    fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        let text = String::from_utf8_lossy(request);
+        match text.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["get", name] => self
+                .values
+                .get(*name)
+                .map(|v| v.clone().into_bytes())
+                .ok_or_else(|| format!("no value {name}")),
+            ["loop"] => loop {
+                std::hint::black_box(());
+            },
+            _ => Err("unknown query".to_owned()),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        if self.values.contains_key("trap-on-snapshot") {
+            panic!("deliberate panic in snapshot");
+        }
+        let mut out = String::new();
+        for (k, v) in &self.values {
+            out.push_str(&format!("{k}={v}\n"));
+        }
+        out.into_bytes()
+    }
+
+    fn restore(snapshot: &[u8]) -> Result<Self, String> {
+        match snapshot {
+            b"TRAP" => panic!("deliberate panic in restore"),
+            b"BAD" => Err("snapshot rejected: BAD".to_owned()),
+            _ => {
+                let text = std::str::from_utf8(snapshot).map_err(|_| "not UTF-8")?;
+                let mut values = BTreeMap::new();
+                for line in text.lines() {
+                    let (k, v) = line.split_once('=').ok_or("corrupt line")?;
+                    values.insert(k.to_owned(), v.to_owned());
+                }
+                Ok(Hostile {
+                    values,
+                    hoard: Vec::new(),
+                })
+            }
+        }
+    }
+}
+
+waft_guest::export!(Hostile);

@@ -1,0 +1,28 @@
+//! A guest that tries to open a network connection. Rust's std then imports wasi:sockets,
+//! which waft does not provide: loading this guest must fail with a clear message.
+
+use waft_guest::{Context, StateMachine};
+
+#[derive(Default)]
+struct Net;
+
+impl StateMachine for Net {
+    fn apply(&mut self, _ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String> {
+        let addr = String::from_utf8_lossy(command).into_owned();
+        match std::net::TcpStream::connect(addr.as_str()) {
+            Ok(_) => Ok(b"connected".to_vec()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn query(&self, _request: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(_snapshot: &[u8]) -> Result<Self, String> {
+        Ok(Net)
+    }
+}
+
+waft_guest::export!(Net);

@@ -1,1 +1,99 @@
-fn main() {}
+//! The WASM tax: one kv `put` applied through the guest component, against the same work done
+//! by native Rust on a BTreeMap, measured in the same run.
+//!
+//! Run with `cargo bench -p waft --bench guest_apply`. Rounds of each variant are interleaved
+//! (native, single, batch, native, ...) so that noise from this shared machine hits all of
+//! them alike; the report gives the median ns per operation and the ratio to native.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::Instant;
+use waft::runtime::{ApplyCtx, Runtime, RuntimeConfig};
+
+const OPS: usize = 20_000;
+const ROUNDS: usize = 9;
+const BATCH: usize = 64;
+
+/// The same work the kv guest does for `put KEY VALUE`: parse the text, insert, reply "OK".
+fn native_put(map: &mut BTreeMap<String, String>, command: &[u8]) -> Result<Vec<u8>, String> {
+    let text = std::str::from_utf8(command).map_err(|_| "not UTF-8".to_owned())?;
+    let (verb, rest) = text.split_once(' ').ok_or("no verb")?;
+    if verb != "put" {
+        return Err("unknown".to_owned());
+    }
+    let (key, value) = rest.split_once(' ').unwrap_or((rest, ""));
+    map.insert(key.to_owned(), value.to_owned());
+    Ok(b"OK".to_vec())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+    let bytes = std::fs::read(waft_testkit::guests::EXAMPLE_KV).expect("kv guest built");
+    let module = runtime.load(&bytes).expect("kv loads");
+    let commands: Vec<Vec<u8>> = (0..OPS)
+        .map(|i| {
+            format!(
+                "put key{:06} value-{i:06}-0123456789abcdef",
+                (i * 7919) % OPS
+            )
+            .into_bytes()
+        })
+        .collect();
+    let ctx = |i: usize| ApplyCtx {
+        index: i as u64 + 1,
+        term: 1,
+        timestamp_ms: 0,
+    };
+    let (mut native, mut single, mut batch) = (Vec::new(), Vec::new(), Vec::new());
+    let mut fuel_per_put = 0;
+    for _ in 0..ROUNDS {
+        let mut map = BTreeMap::new();
+        let t = Instant::now();
+        for c in &commands {
+            black_box(native_put(&mut map, black_box(c)).expect("put"));
+        }
+        native.push(t.elapsed().as_nanos() as f64 / OPS as f64);
+
+        let mut guest = runtime.instantiate(&module, "bench").expect("instance");
+        let t = Instant::now();
+        for (i, c) in commands.iter().enumerate() {
+            black_box(guest.apply(ctx(i), c).expect("put"));
+        }
+        single.push(t.elapsed().as_nanos() as f64 / OPS as f64);
+        guest.apply(ctx(OPS), b"put fuel probe").expect("put");
+        fuel_per_put = guest.last_fuel();
+
+        let mut guest = runtime.instantiate(&module, "bench").expect("instance");
+        let entries: Vec<(ApplyCtx, &[u8])> = commands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (ctx(i), c.as_slice()))
+            .collect();
+        let t = Instant::now();
+        for chunk in entries.chunks(BATCH) {
+            for r in guest.apply_batch(chunk) {
+                black_box(r.expect("put"));
+            }
+        }
+        batch.push(t.elapsed().as_nanos() as f64 / OPS as f64);
+    }
+    let (n, s, b) = (median(native), median(single), median(batch));
+    println!(
+        "kv put, {OPS} ops x {ROUNDS} interleaved rounds, median ns/op (the checkpoint every 10,000 entries included)"
+    );
+    println!("  native BTreeMap           {n:>8.0} ns/op   1.00x");
+    println!(
+        "  guest apply (one call)    {s:>8.0} ns/op   {:.2}x native",
+        s / n
+    );
+    println!(
+        "  guest apply-batch ({BATCH:>3})   {b:>8.0} ns/op   {:.2}x native",
+        b / n
+    );
+    println!("  fuel per put: {fuel_per_put} units");
+}

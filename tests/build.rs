@@ -122,10 +122,8 @@ fn ensure_target(root: &Path) {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    if let Some(sysroot) = sysroot {
-        if sysroot.join("lib/rustlib").join(TARGET).exists() {
-            return;
-        }
+    if sysroot.is_some_and(|s| s.join("lib/rustlib").join(TARGET).exists()) {
+        return;
     }
     let added = Command::new("rustup")
         .current_dir(root)

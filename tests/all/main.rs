@@ -1,1 +1,8 @@
+//! waft's integration tests: one test binary, one module per area.
+//!
+//! Tests run real parts: guest components built from `examples/guests` and `tests/guests` by
+//! the `waft-testkit` build script, the real wasmtime engine, the real `waft` binary.
 
+mod cli;
+mod runtime;
+mod support;

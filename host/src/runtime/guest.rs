@@ -308,32 +308,43 @@ impl Guest {
     fn finish<T>(&mut self, raw: wasmtime::Result<Result<T, String>>) -> Result<T, GuestError> {
         let left = self.store.get_fuel().unwrap_or(0);
         self.last_fuel = self.last_fuel.saturating_sub(left);
-        let stderr = self.store.data().call.finish();
+        self.store.data().call.finish();
         match raw {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(msg)) => Err(GuestError::Rejected(msg)),
-            Err(e) => Err(self.classify(&e, &stderr)),
+            Err(e) => {
+                let stderr = self.store.data().call.stderr_tail();
+                Err(self.classify(&e, &stderr))
+            }
         }
     }
 
     fn classify(&mut self, e: &wasmtime::Error, stderr: &str) -> GuestError {
         let trap = e.downcast_ref::<Trap>().copied();
         let limit_hit = self.store.data_mut().limiter.hit.take();
-        let (kind, mut detail) = match (limit_hit, trap) {
+        let said = explain_stderr(stderr);
+        let (kind, detail) = match (limit_hit, trap) {
             (Some(why), _) => (TrapKind::OutOfMemory, why),
             (None, Some(Trap::OutOfFuel)) => (
                 TrapKind::OutOfFuel,
                 format!("the call used all of its fuel ({} units)", self.last_fuel),
             ),
-            (None, Some(Trap::UnreachableCodeReached)) => (TrapKind::Panic, root_message(e)),
-            (None, _) => (TrapKind::Other, root_message(e)),
+            (None, Some(Trap::UnreachableCodeReached)) => match said.take_panic() {
+                Some(panic) => {
+                    return GuestError::Trap {
+                        kind: TrapKind::Panic,
+                        detail: panic,
+                    };
+                }
+                None => (TrapKind::Panic, Trap::UnreachableCodeReached.to_string()),
+            },
+            (None, Some(other)) => (TrapKind::Other, other.to_string()),
+            (None, None) => (TrapKind::Other, first_line(&root_message(e))),
         };
-        let stderr = stderr.trim();
-        if !stderr.is_empty() {
-            let last = stderr.lines().rev().take(3).collect::<Vec<_>>();
-            let last: Vec<&str> = last.into_iter().rev().collect();
-            detail = format!("{detail} (stderr: {})", last.join(" / "));
-        }
+        let detail = match said.text() {
+            Some(text) => format!("{detail} (stderr: {text})"),
+            None => detail,
+        };
         GuestError::Trap { kind, detail }
     }
 
@@ -408,5 +419,54 @@ impl Guest {
         }
         self.journal = journal;
         replayed
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().to_owned()
+}
+
+/// What a trapped guest last wrote to stderr, boiled down to one line.
+struct Stderr {
+    lines: Vec<String>,
+}
+
+/// Keeps the meaningful lines of a stderr tail (Rust's "run with RUST_BACKTRACE" hint is not).
+fn explain_stderr(stderr: &str) -> Stderr {
+    Stderr {
+        lines: stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
+impl Stderr {
+    /// A Rust panic ("thread '..' panicked at FILE:LINE:COL:" then the message) as
+    /// "MESSAGE (at FILE:LINE:COL)".
+    fn take_panic(&self) -> Option<String> {
+        let at = self
+            .lines
+            .iter()
+            .rposition(|l| l.contains("panicked at "))?;
+        let header = &self.lines[at];
+        let location =
+            header[header.find("panicked at ")? + "panicked at ".len()..].trim_end_matches(':');
+        let message = self.lines[at + 1..].join(" ");
+        Some(if message.is_empty() {
+            format!("panic at {location}")
+        } else {
+            format!("{message} (at {location})")
+        })
+    }
+
+    fn text(&self) -> Option<String> {
+        if self.lines.is_empty() {
+            return None;
+        }
+        let start = self.lines.len().saturating_sub(3);
+        Some(self.lines[start..].join(" / "))
     }
 }

@@ -142,10 +142,18 @@ pub(super) fn load(
     let mut from_disk_cache = false;
     let mut component = None;
     if let Some(path) = cache_path.as_deref().filter(|p| p.exists()) {
-        // SAFETY: the file was written by `Component::serialize` of this same wasmtime build
-        // (the name carries the engine's compatibility key) into a directory that belongs to
-        // this node; wasmtime checks the header and the engine configuration when loading.
-        match unsafe { Component::deserialize_file(engine, path) } {
+        // Read the artifact into memory rather than mapping the file: a mapped file that is
+        // truncated or rewritten under us (by an operator, another node sharing the directory)
+        // would crash the process with SIGBUS.
+        let loaded = std::fs::read(path)
+            .map_err(wasmtime::Error::from)
+            .and_then(|artifact| {
+                // SAFETY: the artifact was written by `Component::serialize` of this wasmtime build
+                // (the file name carries the engine's compatibility key) into this node's cache
+                // directory; wasmtime checks its header and the engine configuration on load.
+                unsafe { Component::deserialize(engine, &artifact) }
+            });
+        match loaded {
             Ok(c) => {
                 component = Some(c);
                 from_disk_cache = true;

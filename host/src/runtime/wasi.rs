@@ -144,8 +144,8 @@ impl CallState {
         *lock(&self.output) = OutputBudget::new(limits);
     }
 
-    /// Ends a call: reports output the budget dropped and returns the tail of stderr.
-    pub fn finish(&self) -> String {
+    /// Ends a call: flushes partial output lines and reports what the budget dropped.
+    pub fn finish(&self) {
         let mut out = lock(&self.output);
         let index = self.index.load(Ordering::Relaxed);
         let partials = [
@@ -167,7 +167,11 @@ impl CallState {
                 "guest output over the per-call limit was dropped"
             );
         }
-        String::from_utf8_lossy(&out.stderr_tail).into_owned()
+    }
+
+    /// The tail of what the guest wrote to stderr during the call (explains a trap).
+    pub fn stderr_tail(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.output).stderr_tail).into_owned()
     }
 }
 
@@ -209,6 +213,9 @@ enum Stream {
 fn emit_output(label: &str, index: u64, stream: Stream, line: &[u8]) {
     let text = String::from_utf8_lossy(line);
     let text = text.trim_end();
+    if text.is_empty() {
+        return;
+    }
     match stream {
         Stream::Stdout => {
             tracing::info!(target: "waft::guest", service = %label, index, "stdout: {text}")

@@ -35,7 +35,10 @@ impl StateMachine for Hostile {
                 }
             }
             ["bomb"] => loop {
-                self.hoard.push(vec![1u8; 1 << 20]);
+                // Reserve without touching, so memory (not fuel) is what runs out.
+                let mut chunk = Vec::with_capacity(4 << 20);
+                chunk.push(1u8);
+                self.hoard.push(chunk);
             },
             ["panic-after-set", name, value] => {
                 self.values.insert(name.to_string(), value.to_string());

@@ -1,0 +1,112 @@
+//! The `waft check` and `waft exec` commands, run as the real binary.
+
+use std::process::{Command, Output};
+use waft_testkit::guests::*;
+
+fn waft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_waft"))
+        .args(args)
+        .output()
+        .expect("run waft")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn exec_prints_one_reply_per_command() {
+    let o = waft(&["exec", EXAMPLE_KV, "put a 1", "get a"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "OK\n1\n");
+}
+
+#[test]
+fn exec_reports_rejections_queries_batches_and_round_trips() {
+    let o = waft(&[
+        "exec",
+        EXAMPLE_KV,
+        "put a 1",
+        "put b two words",
+        "get missing",
+        "--query",
+        "scan",
+        "--snapshot-roundtrip",
+        "--batch",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a rejected command makes the exit status 1"
+    );
+    assert_eq!(
+        stdout(&o),
+        "OK\nOK\nerror: key not found: missing\na 1\nb two words\nsnapshot round trip: OK\n"
+    );
+}
+
+#[test]
+fn exec_names_the_trap() {
+    let o = waft(&[
+        "exec",
+        TEST_HOSTILE,
+        "set a 1",
+        "loop",
+        "--fuel",
+        "1000000",
+        "--query",
+        "get a",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.starts_with("OK\nerror: guest ran out of fuel"), "{out}");
+    assert!(out.ends_with("\n1\n"), "state survives the trap: {out}");
+}
+
+#[test]
+fn check_describes_a_good_guest() {
+    let o = waft(&["check", EXAMPLE_COUNTER]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in [
+        "sha256:",
+        "waft:fsm/state-machine@0.1.0",
+        "wasi:cli/stdout",
+        "verdict:   OK",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn check_rejects_bad_files_with_one_line_and_a_failure_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").expect("write");
+    let missing = dir.path().join("missing.wasm");
+    for (file, says) in [
+        (
+            core.to_str().expect("utf-8 path"),
+            "core WebAssembly module, not a component",
+        ),
+        (TEST_NET, "which waft does not provide"),
+        (
+            TEST_WRONG_WORLD,
+            "does not export waft:fsm/state-machine@0.1.0",
+        ),
+        (missing.to_str().expect("utf-8 path"), "cannot read"),
+    ] {
+        let o = waft(&["check", file]);
+        assert_eq!(o.status.code(), Some(1), "{file}");
+        let err = stderr(&o);
+        assert!(
+            err.starts_with("error: ") && err.contains(says),
+            "{file}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+}

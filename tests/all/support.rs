@@ -1,0 +1,64 @@
+//! Helpers shared by the test modules.
+
+use waft::runtime::{ApplyCtx, Guest, Runtime, RuntimeConfig};
+
+/// Sends tracing output to the test harness's captured output, once per process.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "info,cranelift=warn,wasmtime=warn",
+        ))
+        .with_test_writer()
+        .try_init();
+}
+
+/// A runtime with default limits, or with the given config.
+pub fn runtime_with(config: RuntimeConfig) -> Runtime {
+    init_tracing();
+    Runtime::new(config).expect("runtime builds")
+}
+
+/// A runtime with the default configuration.
+pub fn runtime() -> Runtime {
+    runtime_with(RuntimeConfig::default())
+}
+
+/// A fresh instance of the guest at `path`.
+pub fn guest(runtime: &Runtime, path: &str) -> Guest {
+    let module = runtime
+        .load(&waft_testkit::wasm(path))
+        .expect("guest loads");
+    runtime
+        .instantiate(&module, "test")
+        .expect("guest instantiates")
+}
+
+/// The context of the `n`th entry: index n, term 1, a timestamp that moves with the index.
+pub fn ctx(n: u64) -> ApplyCtx {
+    ApplyCtx {
+        index: n,
+        term: 1,
+        timestamp_ms: 1_700_000_000_000 + n * 7,
+    }
+}
+
+/// Applies text commands as entries `first..`, returning each outcome as text.
+pub fn apply_all(guest: &mut Guest, first: u64, commands: &[&str]) -> Vec<Result<String, String>> {
+    commands
+        .iter()
+        .zip(first..)
+        .map(|(cmd, n)| text(guest.apply(ctx(n), cmd.as_bytes())))
+        .collect()
+}
+
+/// A guest outcome as text, for readable assertions.
+pub fn text(result: Result<Vec<u8>, waft::runtime::GuestError>) -> Result<String, String> {
+    result
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// Queries and returns the answer as text.
+pub fn query(guest: &mut Guest, q: &str) -> Result<String, String> {
+    text(guest.query(q.as_bytes()))
+}

@@ -8,4 +8,6 @@
 //! - [`cli`]: the `waft` command line (parsed arguments become calls into the library).
 
 pub mod cli;
+pub mod raft;
 pub mod runtime;
+pub mod storage;

@@ -5,4 +5,5 @@
 
 mod cli;
 mod runtime;
+mod storage;
 mod support;

@@ -1,0 +1,3 @@
+//! Raft: the type configuration, the gRPC network between nodes and its server side.
+
+pub mod types;

@@ -1,0 +1,123 @@
+//! The Raft type configuration: what a log entry carries and what applying one returns.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A Raft node id.
+pub type NodeId = u64;
+/// A node's address book entry: its gRPC address (`host:port`).
+pub type Node = openraft::BasicNode;
+
+openraft::declare_raft_types!(
+    /// waft's Raft types: entries carry a [`Request`], applying one yields a [`Response`].
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = Node,
+);
+
+/// Which client sent a command and its sequence number: the key for exactly-once retries.
+/// A client numbers its commands 1, 2, 3, ...; a command whose sequence is not above the last
+/// one applied for that client is not applied again, and gets the reply it got the first time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientSeq {
+    /// Chosen by the client, unique per client (a random 64-bit number does).
+    pub client_id: u64,
+    /// Increases by one per command of that client.
+    pub seq: u64,
+}
+
+/// What a log entry asks the state machine to do.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Apply `payload` to the guest serving `service`.
+    Command {
+        /// The service (named guest) the command is for.
+        service: String,
+        /// The command bytes, passed to the guest's `apply` as they are.
+        payload: Vec<u8>,
+        /// For exactly-once retries; `None` applies unconditionally.
+        client: Option<ClientSeq>,
+        /// Milliseconds since the Unix epoch, from the leader's clock when it proposed the entry.
+        /// The state machine never lets time go backwards: a guest sees the larger of this and
+        /// the previous entry's time.
+        timestamp_ms: u64,
+    },
+    /// Run `module` (a component's bytes) as `service`, replacing any module serving it.
+    Deploy {
+        /// The service name.
+        service: String,
+        /// The component bytes.
+        module: Vec<u8>,
+        /// As for commands.
+        timestamp_ms: u64,
+    },
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Command {
+                service,
+                payload,
+                client,
+                timestamp_ms,
+            } => f
+                .debug_struct("Command")
+                .field("service", service)
+                .field("payload_len", &payload.len())
+                .field("client", client)
+                .field("timestamp_ms", timestamp_ms)
+                .finish(),
+            Request::Deploy {
+                service, module, ..
+            } => f
+                .debug_struct("Deploy")
+                .field("service", service)
+                .field("module_len", &module.len())
+                .finish(),
+        }
+    }
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The outcome of applying one entry: identical on every replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The guest's reply.
+    Reply(Vec<u8>),
+    /// The guest rejected the command (its `err`); nothing changed.
+    Rejected(String),
+    /// The guest trapped; the host rolled the call back, nothing changed.
+    Trapped(String),
+    /// The command named a service that does not exist; nothing changed.
+    NoSuchService(String),
+    /// A deploy took effect: the service now runs the module with this sha256 (hex).
+    Deployed {
+        /// sha256 of the module, hex.
+        module: String,
+    },
+    /// A deploy was refused (the module did not load or did not accept the state); nothing
+    /// changed.
+    DeployFailed(String),
+    /// Entries with no payload (blank entries, membership changes).
+    #[default]
+    Empty,
+}
+
+/// A log id (leader id + index).
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+/// A vote.
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+/// Snapshot metadata.
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+/// The membership as stored by the state machine.
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;

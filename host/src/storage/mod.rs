@@ -1,0 +1,10 @@
+//! Durable state: the Raft log in redb, the state machine and its snapshot files.
+//! The only module that touches redb.
+
+pub mod log_store;
+pub mod snapshot;
+pub mod state_machine;
+
+pub use log_store::{LogReader, LogStore};
+pub use snapshot::SnapshotFile;
+pub use state_machine::{QueryError, StateHandle, StateMachineStore};

@@ -1,0 +1,232 @@
+//! The snapshot file: everything a node needs to rebuild the replicated state.
+//!
+//! Layout: `WAFTSNP1`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
+//! of every module in header order, the state of every service (its guest's snapshot) in header
+//! order, and a trailer: the sha256 of everything before it. A reader checks the trailer before
+//! believing anything else, so a truncated or corrupted file (or transfer) is refused whole.
+//! Sections are written and read one at a time: the file is never one buffer.
+
+use crate::raft::types::{Response, SnapshotMeta};
+use crate::storage::log_store::{decode, encode};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"WAFTSNP1";
+/// Largest header accepted when reading (it holds names and sessions, not bulk data).
+const MAX_HEADER: u32 = 256 << 20;
+
+/// A client's exactly-once record: the last sequence applied and its response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The highest sequence number applied for this client.
+    pub seq: u64,
+    /// The response to that command, returned again to a retry.
+    pub response: Response,
+    /// The log index that applied it (used to evict the oldest sessions deterministically).
+    pub index: u64,
+}
+
+/// A service as recorded in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// Service name.
+    pub name: String,
+    /// sha256 (hex) of the module serving it.
+    pub module: String,
+    /// Log index of the deploy that made this module active.
+    pub deployed_at: u64,
+    /// Length of the guest snapshot that follows in the file.
+    pub state_len: u64,
+}
+
+/// Everything in a snapshot except the bulk bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    /// openraft's metadata: last log id, membership, snapshot id.
+    pub meta: SnapshotMeta,
+    /// Time of the last applied entry (time never goes backwards across a snapshot either).
+    pub last_timestamp_ms: u64,
+    /// Engine fingerprint of the node that wrote it.
+    pub engine: String,
+    /// Exactly-once sessions, by client id.
+    pub sessions: Vec<(u64, Session)>,
+    /// Modules: sha256 (hex) and length, in file order.
+    pub modules: Vec<(String, u64)>,
+    /// Services in file order.
+    pub services: Vec<ServiceRecord>,
+}
+
+/// The snapshot data openraft passes around: an open snapshot file.
+///
+/// Holding the file open (not a path) keeps its contents readable even if a newer snapshot
+/// replaces the file under the same name while this one is being sent.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    /// The open file, positioned anywhere (readers seek).
+    pub file: File,
+    /// Where it was when it was opened.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl SnapshotFile {
+    /// Opens a snapshot file for reading.
+    pub fn open(path: &Path) -> io::Result<SnapshotFile> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(SnapshotFile {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+}
+
+/// Writes that also hash what they write.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes a snapshot to `path` (via a temporary file, renamed into place once durable).
+pub fn write(
+    path: &Path,
+    header: &SnapshotHeader,
+    modules: &[&[u8]],
+    states: &[&[u8]],
+) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let file = File::create(&tmp)?;
+    let mut w = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+    };
+    let head = encode(header)?;
+    w.write_all(MAGIC)?;
+    w.write_all(
+        &(u32::try_from(head.len()).map_err(|_| io::Error::other("snapshot header too large"))?)
+            .to_le_bytes(),
+    )?;
+    w.write_all(&head)?;
+    for m in modules {
+        w.write_all(m)?;
+    }
+    for s in states {
+        w.write_all(s)?;
+    }
+    let digest = w.hasher.finalize();
+    let mut inner = w.inner;
+    inner.write_all(&digest)?;
+    let file = inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        // Make the rename itself durable.
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn corrupt(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("snapshot file: {what}"))
+}
+
+/// Checks the trailer: the sha256 of everything before the last 32 bytes.
+pub fn verify(file: &mut File) -> io::Result<()> {
+    let size = file.metadata()?.len();
+    if size < (MAGIC.len() + 4 + 32) as u64 {
+        return Err(corrupt("too short"));
+    }
+    file.seek(SeekFrom::Start(0))?;
+    let mut body = BufReader::with_capacity(1 << 20, (&mut *file).take(size - 32));
+    let mut hasher = Sha256::new();
+    io::copy(&mut body, &mut HashWriter(&mut hasher))?;
+    let mut trailer = [0u8; 32];
+    file.read_exact(&mut trailer)?;
+    if hasher.finalize().as_slice() != trailer {
+        return Err(corrupt("checksum mismatch (truncated or corrupted)"));
+    }
+    Ok(())
+}
+
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A snapshot being read back, section by section, after its checksum was verified.
+#[derive(Debug)]
+pub struct Reader {
+    input: BufReader<File>,
+    /// Bytes left before the trailer: no section may claim more.
+    remaining: u64,
+    /// The header.
+    pub header: SnapshotHeader,
+}
+
+impl Reader {
+    /// Verifies the file and reads its header.
+    pub fn open(mut file: File) -> io::Result<Reader> {
+        verify(&mut file)?;
+        let size = file.metadata()?.len();
+        file.seek(SeekFrom::Start(0))?;
+        let mut input = BufReader::with_capacity(1 << 20, file);
+        let mut magic = [0u8; 8];
+        input.read_exact(&mut magic)?;
+        if &magic != MAGIC {
+            return Err(corrupt("not a waft snapshot (bad magic)"));
+        }
+        let mut len = [0u8; 4];
+        input.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len);
+        if len > MAX_HEADER {
+            return Err(corrupt(format!("header of {len} bytes is over the limit")));
+        }
+        let mut head = vec![0u8; len as usize];
+        input.read_exact(&mut head)?;
+        let header: SnapshotHeader = decode("snapshot header", &head)?;
+        let remaining = (size - 32 - 12)
+            .checked_sub(u64::from(len))
+            .ok_or_else(|| corrupt("header is longer than the file"))?;
+        Ok(Reader {
+            input,
+            remaining,
+            header,
+        })
+    }
+
+    /// Reads the next section of `len` bytes.
+    pub fn section(&mut self, len: u64) -> io::Result<Vec<u8>> {
+        if len > self.remaining {
+            return Err(corrupt("a section is longer than the file"));
+        }
+        self.remaining -= len;
+        let len = usize::try_from(len).map_err(|_| corrupt("section too large"))?;
+        let mut buf = vec![0u8; len];
+        self.input.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+}

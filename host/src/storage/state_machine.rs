@@ -1,0 +1,603 @@
+//! The replicated state machine: committed entries in, guest calls out.
+//!
+//! The guests' state lives in their WebAssembly instances, in memory. Durability comes from the
+//! log and from snapshots: on restart openraft installs the last snapshot and re-applies the
+//! committed entries after it (the log store persists the committed log id for that). Guest
+//! calls are CPU work and never run on the async runtime: each batch of entries is applied on a
+//! blocking thread, with the state behind a mutex that queries share.
+
+use crate::raft::types::{
+    ClientSeq, Entry, LogId, Request, Response, SnapshotMeta, StoredMembership, TypeConfig,
+};
+use crate::runtime::{ApplyCtx, Guest, GuestError, GuestModule, ModuleHash, Runtime};
+use crate::storage::snapshot::{self, ServiceRecord, Session, SnapshotFile, SnapshotHeader};
+use futures::StreamExt;
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::vote::RaftLeaderId;
+use openraft::{EntryPayload, OptionalSend};
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// A snapshot as openraft sees it.
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>;
+
+/// At most this many exactly-once sessions are kept; past it the session applied longest ago is
+/// dropped (by log index, so every replica drops the same one).
+const MAX_SESSIONS: usize = 100_000;
+
+/// One named service: a guest and where it came from.
+struct Service {
+    module: Arc<GuestModule>,
+    guest: Guest,
+    deployed_at: u64,
+}
+
+/// The state the log builds. Identical on every replica at the same applied index.
+struct SmState {
+    runtime: Runtime,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    last_timestamp_ms: u64,
+    services: BTreeMap<String, Service>,
+    /// Module bytes by hash, kept for snapshots (a new node needs them).
+    modules: BTreeMap<ModuleHash, Arc<Vec<u8>>>,
+    sessions: BTreeMap<u64, Session>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn guest_response(result: Result<Vec<u8>, GuestError>) -> Response {
+    match result {
+        Ok(reply) => Response::Reply(reply),
+        Err(GuestError::Rejected(msg)) => Response::Rejected(msg),
+        Err(e) => Response::Trapped(e.to_string()),
+    }
+}
+
+impl SmState {
+    fn new(runtime: Runtime) -> SmState {
+        SmState {
+            runtime,
+            last_applied: None,
+            membership: StoredMembership::default(),
+            last_timestamp_ms: 0,
+            services: BTreeMap::new(),
+            modules: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+        }
+    }
+
+    /// Applies committed entries in order and returns one response per entry.
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Vec<Response> {
+        let mut out = Vec::with_capacity(entries.len());
+        // Consecutive commands for one service are applied as a batch (same outcome, fewer
+        // calls into the guest); anything else flushes the batch first.
+        let mut batch: Vec<(ApplyCtx, Vec<u8>, Option<ClientSeq>)> = Vec::new();
+        let mut batch_service = String::new();
+        for entry in entries {
+            let log_id = entry.log_id();
+            let term = log_id.committed_leader_id().term();
+            match entry.payload {
+                EntryPayload::Normal(Request::Command {
+                    service,
+                    payload,
+                    client,
+                    timestamp_ms,
+                }) => {
+                    let ctx = ApplyCtx {
+                        index: log_id.index(),
+                        term,
+                        timestamp_ms: self.advance_clock(timestamp_ms),
+                    };
+                    let repeat = client.is_some_and(|c| {
+                        batch
+                            .iter()
+                            .any(|(_, _, b)| b.is_some_and(|b| b.client_id == c.client_id))
+                    });
+                    if service != batch_service || repeat {
+                        self.flush(&batch_service, &mut batch, &mut out);
+                        batch_service = service;
+                    }
+                    if let Some(c) = client {
+                        if let Some(s) = self.sessions.get(&c.client_id).filter(|s| c.seq <= s.seq)
+                        {
+                            // A retry of a command already applied: same answer, no effect.
+                            let response = if c.seq == s.seq {
+                                s.response.clone()
+                            } else {
+                                Response::Rejected(format!(
+                                    "sequence {} of client {:x} is older than its last applied command ({}); \
+                                     its reply is no longer kept",
+                                    c.seq, c.client_id, s.seq
+                                ))
+                            };
+                            self.flush(&batch_service, &mut batch, &mut out);
+                            out.push(response);
+                            self.last_applied = Some(log_id);
+                            continue;
+                        }
+                    }
+                    batch.push((ctx, payload, client));
+                }
+                EntryPayload::Normal(Request::Deploy {
+                    service,
+                    module,
+                    timestamp_ms,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.advance_clock(timestamp_ms);
+                    out.push(self.deploy(&service, module, log_id.index()));
+                }
+                EntryPayload::Membership(m) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.membership = StoredMembership::new(Some(log_id.clone()), m);
+                    out.push(Response::Empty);
+                }
+                EntryPayload::Blank => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    out.push(Response::Empty);
+                }
+            }
+            self.last_applied = Some(log_id);
+        }
+        self.flush(&batch_service, &mut batch, &mut out);
+        out
+    }
+
+    /// Time never goes backwards: a new leader with a slower clock gets the previous time.
+    fn advance_clock(&mut self, proposed_ms: u64) -> u64 {
+        self.last_timestamp_ms = self.last_timestamp_ms.max(proposed_ms);
+        self.last_timestamp_ms
+    }
+
+    fn flush(
+        &mut self,
+        service: &str,
+        batch: &mut Vec<(ApplyCtx, Vec<u8>, Option<ClientSeq>)>,
+        out: &mut Vec<Response>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(batch);
+        let responses: Vec<Response> = match self.services.get_mut(service) {
+            None => entries
+                .iter()
+                .map(|_| Response::NoSuchService(service.to_owned()))
+                .collect(),
+            Some(svc) => {
+                let calls: Vec<(ApplyCtx, &[u8])> =
+                    entries.iter().map(|(c, p, _)| (*c, p.as_slice())).collect();
+                svc.guest
+                    .apply_batch(&calls)
+                    .into_iter()
+                    .map(guest_response)
+                    .collect()
+            }
+        };
+        for ((ctx, _, client), response) in entries.into_iter().zip(responses) {
+            if let Some(c) = client {
+                self.remember(c, ctx.index, &response);
+            }
+            out.push(response);
+        }
+    }
+
+    fn remember(&mut self, c: ClientSeq, index: u64, response: &Response) {
+        self.sessions.insert(
+            c.client_id,
+            Session {
+                seq: c.seq,
+                response: response.clone(),
+                index,
+            },
+        );
+        if self.sessions.len() > MAX_SESSIONS {
+            if let Some((&oldest, _)) = self.sessions.iter().min_by_key(|(id, s)| (s.index, **id)) {
+                self.sessions.remove(&oldest);
+            }
+        }
+    }
+
+    /// Installs `module` as `service`, carrying the old module's state over through
+    /// snapshot → restore. Any failure leaves the old module serving, on every replica alike.
+    fn deploy(&mut self, service: &str, module: Vec<u8>, index: u64) -> Response {
+        let loaded = match self.runtime.load(&module) {
+            Ok(m) => m,
+            Err(e) => return Response::DeployFailed(e.to_string()),
+        };
+        let mut guest = match self.runtime.instantiate(&loaded, service) {
+            Ok(g) => g,
+            Err(e) => return Response::DeployFailed(e.to_string()),
+        };
+        if let Some(old) = self.services.get_mut(service) {
+            let state = match old.guest.snapshot() {
+                Ok(s) => s,
+                Err(e) => {
+                    return Response::DeployFailed(format!(
+                        "the running version could not snapshot its state: {e}"
+                    ));
+                }
+            };
+            if let Err(e) = guest.restore(&state) {
+                return Response::DeployFailed(format!(
+                    "the new version refused the current state: {e}"
+                ));
+            }
+        }
+        let hash = loaded.hash();
+        self.modules.insert(hash, Arc::new(module));
+        self.services.insert(
+            service.to_owned(),
+            Service {
+                module: loaded,
+                guest,
+                deployed_at: index,
+            },
+        );
+        self.prune_modules();
+        Response::Deployed {
+            module: hash.to_hex(),
+        }
+    }
+
+    /// Drops module bytes no service uses.
+    fn prune_modules(&mut self) {
+        let used: Vec<ModuleHash> = self.services.values().map(|s| s.module.hash()).collect();
+        self.modules.retain(|h, _| used.contains(h));
+    }
+
+    /// Takes everything a snapshot needs; the guests' states are copied now, so later entries
+    /// do not leak into this snapshot.
+    fn capture(&mut self) -> io::Result<Captured> {
+        let mut services = Vec::new();
+        let mut states = Vec::new();
+        for (name, svc) in &mut self.services {
+            let state = svc.guest.snapshot().map_err(|e| {
+                io::Error::other(format!("service {name} could not snapshot its state: {e}"))
+            })?;
+            services.push(ServiceRecord {
+                name: name.clone(),
+                module: svc.module.hash().to_hex(),
+                deployed_at: svc.deployed_at,
+                state_len: state.len() as u64,
+            });
+            states.push(state);
+        }
+        let modules: Vec<(String, Arc<Vec<u8>>)> = self
+            .modules
+            .iter()
+            .map(|(h, b)| (h.to_hex(), b.clone()))
+            .collect();
+        let last = self.last_applied.clone();
+        Ok(Captured {
+            header: SnapshotHeader {
+                meta: SnapshotMeta {
+                    last_log_id: last,
+                    last_membership: self.membership.clone(),
+                },
+                last_timestamp_ms: self.last_timestamp_ms,
+                engine: self.runtime.fingerprint().to_owned(),
+                sessions: self.sessions.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                modules: modules
+                    .iter()
+                    .map(|(h, b)| (h.clone(), b.len() as u64))
+                    .collect(),
+                services,
+            },
+            modules: modules.into_iter().map(|(_, b)| b).collect(),
+            states,
+        })
+    }
+
+    /// Replaces the whole state with the one in a (verified) snapshot file.
+    fn install(&mut self, file: std::fs::File) -> io::Result<()> {
+        let mut reader = snapshot::Reader::open(file)?;
+        let header = reader.header.clone();
+        if header.engine != self.runtime.fingerprint() {
+            tracing::warn!(
+                theirs = %header.engine,
+                ours = %self.runtime.fingerprint(),
+                "installing a snapshot written by a node with a different engine fingerprint"
+            );
+        }
+        let mut modules = BTreeMap::new();
+        let mut loaded = BTreeMap::new();
+        for (hash, len) in &header.modules {
+            let bytes = reader.section(*len)?;
+            let module = self.runtime.load(&bytes).map_err(|e| {
+                io::Error::other(format!("snapshot module {hash} does not load: {e}"))
+            })?;
+            if &module.hash().to_hex() != hash {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("snapshot module {hash} has another hash"),
+                ));
+            }
+            loaded.insert(hash.clone(), module.clone());
+            modules.insert(module.hash(), Arc::new(bytes));
+        }
+        let mut services = BTreeMap::new();
+        for record in &header.services {
+            let state = reader.section(record.state_len)?;
+            let module = loaded.get(&record.module).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("snapshot service {} names a missing module", record.name),
+                )
+            })?;
+            let mut guest = self
+                .runtime
+                .instantiate(module, &record.name)
+                .map_err(|e| io::Error::other(format!("service {}: {e}", record.name)))?;
+            guest.restore(&state).map_err(|e| {
+                io::Error::other(format!(
+                    "service {} refused its snapshot state: {e}",
+                    record.name
+                ))
+            })?;
+            services.insert(
+                record.name.clone(),
+                Service {
+                    module: module.clone(),
+                    guest,
+                    deployed_at: record.deployed_at,
+                },
+            );
+        }
+        self.last_applied = header.meta.last_log_id.clone();
+        self.membership = header.meta.last_membership.clone();
+        self.last_timestamp_ms = header.last_timestamp_ms;
+        self.services = services;
+        self.modules = modules;
+        self.sessions = header.sessions.into_iter().collect();
+        Ok(())
+    }
+}
+
+struct Captured {
+    header: SnapshotHeader,
+    modules: Vec<Arc<Vec<u8>>>,
+    states: Vec<Vec<u8>>,
+}
+
+/// Read access to the live state, shared with the API (queries).
+#[derive(Clone)]
+pub struct StateHandle {
+    state: Arc<Mutex<SmState>>,
+}
+
+impl std::fmt::Debug for StateHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateHandle").finish_non_exhaustive()
+    }
+}
+
+/// What a query can fail with before the guest answers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// No service by that name.
+    #[error("no service named {0:?}")]
+    NoSuchService(String),
+    /// The guest's error (a rejection or a trap).
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+impl StateHandle {
+    /// Runs a read-only query against the service's guest, on a blocking thread.
+    pub async fn query(&self, service: &str, request: Vec<u8>) -> Result<Vec<u8>, QueryError> {
+        let state = self.state.clone();
+        let service = service.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut st = lock(&state);
+            let svc = st
+                .services
+                .get_mut(&service)
+                .ok_or(QueryError::NoSuchService(service))?;
+            Ok(svc.guest.query(&request)?)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(QueryError::Guest(GuestError::Poisoned(format!(
+                "query task failed: {e}"
+            ))))
+        })
+    }
+
+    /// The last applied log id.
+    pub fn last_applied(&self) -> Option<LogId> {
+        lock(&self.state).last_applied.clone()
+    }
+
+    /// Every service's guest snapshot, by name: what replicas compare to prove they agree.
+    pub async fn service_states(&self) -> io::Result<BTreeMap<String, Vec<u8>>> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut st = lock(&state);
+            let mut out = BTreeMap::new();
+            for (name, svc) in &mut st.services {
+                let bytes = svc
+                    .guest
+                    .snapshot()
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                out.insert(name.clone(), bytes);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Names and module hashes of the services.
+    pub fn services(&self) -> Vec<(String, String, u64)> {
+        lock(&self.state)
+            .services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.module.hash().to_hex(), s.deployed_at))
+            .collect()
+    }
+}
+
+/// openraft's state machine: applies entries to guests, builds and installs snapshots.
+pub struct StateMachineStore {
+    handle: StateHandle,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+const CURRENT: &str = "current.snap";
+
+impl StateMachineStore {
+    /// A state machine whose snapshots live in `dir`.
+    pub fn new(runtime: Runtime, dir: &Path) -> io::Result<StateMachineStore> {
+        std::fs::create_dir_all(dir)?;
+        Ok(StateMachineStore {
+            handle: StateHandle {
+                state: Arc::new(Mutex::new(SmState::new(runtime))),
+            },
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// A handle for queries and inspection.
+    pub fn handle(&self) -> StateHandle {
+        self.handle.clone()
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SmState) -> io::Result<R> + Send + 'static,
+    ) -> io::Result<R> {
+        let state = self.handle.state.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&state)))
+            .await
+            .map_err(|e| io::Error::other(format!("state machine task failed: {e}")))?
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let st = lock(&self.handle.state);
+        Ok((st.last_applied.clone(), st.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            batch.push(entry);
+            responders.push(responder);
+        }
+        let responses = self.blocking(move |st| Ok(st.apply_entries(batch))).await?;
+        for (responder, response) in responders.into_iter().zip(responses) {
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            handle: self.handle.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
+        let current = self.dir.join(CURRENT);
+        let incoming = snapshot.path.clone();
+        let file = snapshot.file;
+        let dir = self.dir.clone();
+        self.blocking(move |st| {
+            st.install(file.try_clone()?)?;
+            if incoming != current {
+                std::fs::rename(&incoming, &current)?;
+                std::fs::File::open(&dir)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(last = ?meta.last_log_id, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let path = self.dir.join(CURRENT);
+        tokio::task::spawn_blocking(move || {
+            if !path.exists() {
+                return Ok(None);
+            }
+            let file = SnapshotFile::open(&path)?;
+            let reader = snapshot::Reader::open(file.file.try_clone()?)?;
+            Ok(Some(Snapshot {
+                meta: reader.header.meta,
+                snapshot: file,
+            }))
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}
+
+/// Builds a snapshot of the state as it is when the builder runs.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    handle: StateHandle,
+    dir: PathBuf,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let state = self.handle.state.clone();
+        let path = self.dir.join(CURRENT);
+        tokio::task::spawn_blocking(move || {
+            // Capture under the lock (guest snapshots are in-memory copies), write outside it so
+            // applies continue while the file is written.
+            let captured = lock(&state).capture()?;
+            let modules: Vec<&[u8]> = captured.modules.iter().map(|m| m.as_slice()).collect();
+            let states: Vec<&[u8]> = captured.states.iter().map(Vec::as_slice).collect();
+            snapshot::write(&path, &captured.header, &modules, &states)?;
+            let file = SnapshotFile::open(&path)?;
+            tracing::info!(
+                last = ?captured.header.meta.last_log_id,
+                bytes = file.size,
+                "snapshot built"
+            );
+            Ok(Snapshot {
+                meta: captured.header.meta,
+                snapshot: file,
+            })
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}

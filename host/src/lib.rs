@@ -8,6 +8,8 @@
 //! - [`cli`]: the `waft` command line (parsed arguments become calls into the library).
 
 pub mod cli;
+pub mod node;
+pub mod pb;
 pub mod raft;
 pub mod runtime;
 pub mod storage;

@@ -4,6 +4,8 @@
 //! the `waft-testkit` build script, the real wasmtime engine, the real `waft` binary.
 
 mod cli;
+mod cluster;
+mod cluster_support;
 mod runtime;
 mod storage;
 mod support;

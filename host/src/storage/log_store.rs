@@ -84,6 +84,19 @@ pub struct LogStore {
     db: Arc<Database>,
     pending: Pending,
     writer: mpsc::Sender<Op>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        // Close the queue and wait for the writer, so the database file is released when the
+        // store is gone (a restarted node in the same process can open it again).
+        let (closed, _) = mpsc::channel();
+        self.writer = closed;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Debug for LogStore {
@@ -98,7 +111,7 @@ impl LogStore {
     /// A file that is not a redb database, is corrupt, or was written by an incompatible
     /// version is an error: the node must not start with an empty log in its place.
     pub fn open(path: &Path) -> io::Result<LogStore> {
-        let db = Database::create(path).map_err(|e| {
+        let db = open_db(path).map_err(|e| {
             io_err(
                 &format!(
                     "cannot open the log database {} (corrupt, or not a waft database?)",
@@ -139,7 +152,7 @@ impl LogStore {
         let pending: Pending = Arc::default();
         let (tx, rx) = mpsc::channel();
         let (wdb, wpending) = (db.clone(), pending.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("waft-log-writer".into())
             .spawn(move || writer_loop(&wdb, &wpending, &rx))
             .map_err(|e| io_err("cannot start the log writer thread", e))?;
@@ -147,6 +160,7 @@ impl LogStore {
             db,
             pending,
             writer: tx,
+            thread: Some(thread),
         })
     }
 
@@ -180,6 +194,20 @@ impl LogStore {
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
         read_meta(&self.db, key)
+    }
+}
+
+/// Opens the database, waiting a little if a store being dropped in this process still holds it.
+fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
+    let mut tries = 0;
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -7,4 +7,4 @@ pub mod state_machine;
 
 pub use log_store::{LogReader, LogStore};
 pub use snapshot::SnapshotFile;
-pub use state_machine::{QueryError, StateHandle, StateMachineStore};
+pub use state_machine::{QueryError, ServiceInfo, StateHandle, StateMachineStore};

@@ -366,6 +366,18 @@ struct Captured {
     states: Vec<Vec<u8>>,
 }
 
+/// A service as seen from outside the state machine.
+#[derive(Debug, Clone)]
+pub struct ServiceInfo {
+    /// Its name.
+    pub name: String,
+    /// What the runtime knows about its module (hash, size, imports, whether it was compiled
+    /// or loaded from the on-disk cache).
+    pub module: crate::runtime::ModuleInfo,
+    /// Log index of the deploy that made this module active.
+    pub deployed_at: u64,
+}
+
 /// Read access to the live state, shared with the API (queries).
 #[derive(Clone)]
 pub struct StateHandle {
@@ -434,12 +446,16 @@ impl StateHandle {
         .map_err(io::Error::other)?
     }
 
-    /// Names and module hashes of the services.
-    pub fn services(&self) -> Vec<(String, String, u64)> {
+    /// The services, in name order.
+    pub fn services(&self) -> Vec<ServiceInfo> {
         lock(&self.state)
             .services
             .iter()
-            .map(|(n, s)| (n.clone(), s.module.hash().to_hex(), s.deployed_at))
+            .map(|(n, s)| ServiceInfo {
+                name: n.clone(),
+                module: s.module.info().clone(),
+                deployed_at: s.deployed_at,
+            })
             .collect()
     }
 }

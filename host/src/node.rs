@@ -1,0 +1,263 @@
+//! One waft node: storage, guest runtime, Raft and the gRPC server, started on a listener.
+//!
+//! [`Node::start`] takes an already bound listener, so tests bind `127.0.0.1:0` and learn the
+//! port; [`run`] is the same with a shutdown future, for the binary.
+
+use crate::pb::raft::raft_server::RaftServer;
+use crate::raft::types::NodeId;
+use crate::raft::{NetConfig, NetworkFactory, Raft, RaftService, SnapshotLimits};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::storage::{LogStore, StateHandle, StateMachineStore};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Raft timing and log-compaction settings.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Election timeout range: a follower that hears no leader for a random time in this range
+    /// stands for election.
+    pub election_timeout: (Duration, Duration),
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log after a snapshot (lagging followers within this distance catch
+    /// up from the log instead of a snapshot).
+    pub keep_after_snapshot: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+        }
+    }
+}
+
+/// Everything a node needs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's Raft id, unique in the cluster.
+    pub id: NodeId,
+    /// Where the log, snapshots and compiled modules live.
+    pub data_dir: PathBuf,
+    /// The address peers and clients use to reach this node (default: the listener's address).
+    pub advertise: Option<String>,
+    /// Guest runtime settings. `cache_dir` defaults to `DATA_DIR/cache`.
+    pub runtime: RuntimeConfig,
+    /// Raft timing and compaction.
+    pub raft: RaftSettings,
+    /// Node-to-node network settings.
+    pub net: NetConfig,
+    /// Limits on incoming snapshots.
+    pub snapshots: SnapshotLimits,
+}
+
+impl NodeConfig {
+    /// Defaults for node `id` with data in `data_dir`.
+    pub fn new(id: NodeId, data_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            id,
+            data_dir: data_dir.into(),
+            advertise: None,
+            runtime: RuntimeConfig::default(),
+            raft: RaftSettings::default(),
+            net: NetConfig::default(),
+            snapshots: SnapshotLimits::default(),
+        }
+    }
+}
+
+/// Why a node could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Storage could not be opened (a corrupt or foreign file, permissions, a full disk).
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+    /// The guest runtime could not be built.
+    #[error("guest runtime: {0}")]
+    Runtime(#[from] crate::runtime::LoadError),
+    /// openraft refused the configuration or failed fatally.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A running node.
+pub struct Node {
+    id: NodeId,
+    addr: String,
+    raft: Raft,
+    state: StateHandle,
+    stop_server: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Opens storage, builds the runtime, starts Raft and serves gRPC on `listener`.
+    pub async fn start(mut config: NodeConfig, listener: TcpListener) -> Result<Node, NodeError> {
+        let local = listener.local_addr()?;
+        let addr = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local.to_string());
+        std::fs::create_dir_all(&config.data_dir)?;
+        if config.runtime.cache_dir.is_none() {
+            config.runtime.cache_dir = Some(config.data_dir.join("cache"));
+        }
+        let snapshot_dir = config.data_dir.join("snapshots");
+        remove_partial_snapshots(&snapshot_dir);
+        let runtime = Runtime::new(config.runtime.clone())?;
+        let log = LogStore::open(&config.data_dir.join("log.redb"))?;
+        let sm = StateMachineStore::new(runtime, &snapshot_dir)?;
+        let state = sm.handle();
+        let raft_config = openraft::Config {
+            cluster_name: "waft".to_owned(),
+            heartbeat_interval: config.raft.heartbeat.as_millis() as u64,
+            election_timeout_min: config.raft.election_timeout.0.as_millis() as u64,
+            election_timeout_max: config.raft.election_timeout.1.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every),
+            max_in_snapshot_log_to_keep: config.raft.keep_after_snapshot,
+            install_snapshot_timeout: config.net.snapshot_deadline.as_millis() as u64,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(
+            raft_config
+                .validate()
+                .map_err(|e| NodeError::Raft(e.to_string()))?,
+        );
+        let network = NetworkFactory::new(config.net.clone());
+        let raft = Raft::new(config.id, raft_config, network, log, sm)
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let service = RaftService::new(raft.clone(), snapshot_dir, config.snapshots.clone());
+        let max = config.net.max_message_bytes;
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(
+                    RaftServer::new(service)
+                        .max_decoding_message_size(max)
+                        .max_encoding_message_size(max),
+                )
+                .serve_with_incoming_shutdown(incoming(listener), async {
+                    let _ = stop_rx.await;
+                }),
+        );
+        tracing::info!(node = config.id, %addr, data_dir = %config.data_dir.display(), "node started");
+        Ok(Node {
+            id: config.id,
+            addr,
+            raft,
+            state,
+            stop_server: Some(stop_tx),
+            server: Some(server),
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The address peers and clients use.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The Raft handle (writes, membership, metrics).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// A copy of the node's current Raft metrics (role, term, leader, log and apply progress).
+    pub fn metrics(&self) -> openraft::RaftMetrics<crate::raft::types::TypeConfig> {
+        use openraft::async_runtime::WatchReceiver;
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// The state machine (queries, inspection).
+    pub fn state(&self) -> &StateHandle {
+        &self.state
+    }
+
+    /// Stops Raft, then the server, and waits for both.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        let raft = self
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()));
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut server) = self.server.take() {
+            // Graceful shutdown waits for open streams to end, and a peer's long-lived append
+            // stream never does: give in-flight calls a moment, then drop the connections.
+            if tokio::time::timeout(Duration::from_secs(1), &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+                let _ = server.await;
+            }
+        }
+        tracing::info!(node = self.id, "node stopped");
+        raft
+    }
+}
+
+/// Accepted connections with Nagle's algorithm off. tonic's own `tcp_nodelay` applies only to
+/// listeners it binds itself; without this, small replies wait for delayed ACKs (~20 ms per
+/// round trip on Linux).
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
+/// Removes snapshot files left half-received by a crash.
+fn remove_partial_snapshots(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("incoming-") || name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Runs a node until `shutdown` completes (mini-redis style: the caller owns the listener).
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let node = Node::start(config, listener).await?;
+    shutdown.await;
+    node.shutdown().await
+}

@@ -1,0 +1,45 @@
+//! Generated gRPC code and the conversions between it and waft's types. Prost types stop here:
+//! other modules see the service stubs and our own types.
+
+/// `proto/raft.proto`: node-to-node Raft traffic.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod raft {
+    tonic::include_proto!("waft.raft.v1");
+}
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// The only payload encoding nodes speak today: postcard of openraft 0.10 types.
+pub const FORMAT_POSTCARD: u32 = 1;
+
+/// Wraps an openraft message for the wire.
+pub fn encode<T: Serialize>(value: &T) -> Result<raft::RaftMessage, tonic::Status> {
+    postcard::to_allocvec(value)
+        .map(|payload| raft::RaftMessage {
+            format: FORMAT_POSTCARD,
+            payload,
+        })
+        .map_err(|e| tonic::Status::internal(format!("cannot encode a Raft message: {e}")))
+}
+
+/// Unwraps an openraft message from the wire. A wrong format or undecodable bytes is an
+/// `INVALID_ARGUMENT` error naming the message type, never silently dropped.
+pub fn decode<T: DeserializeOwned>(message: &raft::RaftMessage) -> Result<T, tonic::Status> {
+    if message.format != FORMAT_POSTCARD {
+        return Err(tonic::Status::invalid_argument(format!(
+            "Raft message in encoding {} (this node speaks {FORMAT_POSTCARD}); are the nodes running \
+             incompatible waft versions?",
+            message.format
+        )));
+    }
+    postcard::from_bytes(&message.payload).map_err(|e| {
+        tonic::Status::invalid_argument(format!(
+            "undecodable {} ({} bytes): {e}",
+            std::any::type_name::<T>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message"),
+            message.payload.len()
+        ))
+    })
+}

@@ -1,0 +1,350 @@
+//! The Raft network, client side: how this node sends votes, appends, snapshots and leader
+//! transfers to its peers over gRPC.
+//!
+//! One HTTP/2 channel per peer address, created once and reused by every RPC (tonic multiplexes
+//! requests over it). Appends use one bidirectional stream per replication session, so the
+//! leader pipelines requests instead of waiting for each reply. Snapshots are sent in chunks
+//! from a reader task while the receiver consumes them: the sender never waits for a reply
+//! before sending the next chunk.
+
+use super::types::{Node, NodeId, TypeConfig, Vote};
+use crate::pb::{self, raft::raft_client::RaftClient};
+use crate::storage::state_machine::Snapshot;
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{
+    Backoff, NetBackoff, NetSnapshot, NetStreamAppend, NetTransferLeader, NetVote, RPCOption,
+};
+use openraft::raft::{
+    AppendEntriesRequest, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, RaftNetworkFactory};
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Settings of the node-to-node network.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// How long to wait for a TCP connection to a peer.
+    pub connect_timeout: Duration,
+    /// Size of one snapshot chunk on the wire.
+    pub snapshot_chunk_bytes: usize,
+    /// How long a whole snapshot transfer may take before it is abandoned (and retried).
+    pub snapshot_deadline: Duration,
+    /// Largest gRPC message, both ways. Must exceed the largest log entry plus framing.
+    pub max_message_bytes: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            connect_timeout: Duration::from_secs(2),
+            snapshot_chunk_bytes: 1 << 20,
+            snapshot_deadline: Duration::from_secs(600),
+            max_message_bytes: 160 << 20,
+        }
+    }
+}
+
+/// Creates [`PeerClient`]s, sharing one channel per peer address.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    config: NetConfig,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl std::fmt::Debug for NetworkFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkFactory").finish_non_exhaustive()
+    }
+}
+
+impl NetworkFactory {
+    /// A factory with the given settings.
+    pub fn new(config: NetConfig) -> NetworkFactory {
+        NetworkFactory {
+            config,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The channel to `addr`, created (lazily connecting) on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    fn client(&self, target: NodeId, node: &Node) -> PeerClient {
+        let client = self.channel(&node.addr).map(|ch| {
+            RaftClient::new(ch)
+                .max_decoding_message_size(self.config.max_message_bytes)
+                .max_encoding_message_size(self.config.max_message_bytes)
+        });
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            client,
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
+        self.client(target, node)
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    client: Result<RaftClient<Channel>, String>,
+    config: NetConfig,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("target", &self.target)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Maps a gRPC failure to openraft's error: connection problems make the peer "unreachable"
+/// (openraft backs off), anything else is a network error (retried as usual).
+fn rpc_error(target: NodeId, addr: &str, status: &tonic::Status) -> RPCError<TypeConfig> {
+    let msg = format!(
+        "node {target} at {addr}: {}: {}",
+        status.code(),
+        status.message()
+    );
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RPCError::Unreachable(Unreachable::from_string(msg))
+        }
+        _ => RPCError::Network(NetworkError::from_string(msg)),
+    }
+}
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
+        self.client
+            .clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
+    }
+
+    fn err(&self, status: &tonic::Status) -> RPCError<TypeConfig> {
+        rpc_error(self.target, &self.addr, status)
+    }
+
+    fn request<T>(&self, msg: T, option: &RPCOption) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(option.hard_ttl());
+        req
+    }
+
+    async fn unary<Req, Resp, F, Fut>(
+        &self,
+        req: &Req,
+        option: &RPCOption,
+        call: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(RaftClient<Channel>, tonic::Request<pb::raft::RaftMessage>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<pb::raft::RaftMessage>, tonic::Status>>,
+    {
+        let msg = pb::encode(req).map_err(|s| self.err(&s))?;
+        let reply = call(self.client()?, self.request(msg, option))
+            .await
+            .map_err(|s| self.err(&s))?;
+        pb::decode(reply.get_ref()).map_err(|s| self.err(&s))
+    }
+}
+
+impl NetBackoff<TypeConfig> for PeerClient {
+    fn backoff(&self) -> Option<Backoff> {
+        None
+    }
+}
+
+impl NetVote<TypeConfig> for PeerClient {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(&rpc, &option, |mut c, r| async move { c.vote(r).await })
+            .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(&rpc, &option, |mut c, r| async move { c.pre_vote(r).await })
+            .await
+    }
+}
+
+impl NetTransferLeader<TypeConfig> for PeerClient {
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(&req, &option, |mut c, r| async move {
+            c.transfer_leader(r).await
+        })
+        .await
+    }
+}
+
+impl NetStreamAppend<TypeConfig> for PeerClient {
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        _option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
+            + OptionalSend
+            + Unpin
+            + 'static,
+    {
+        async move {
+            let (target, addr) = (self.target, self.addr.clone());
+            // An entry that cannot be encoded ends the stream (openraft then retries); it is
+            // logged, never skipped, since skipping would leave a gap in the follower's log.
+            let outgoing = input
+                .map(move |req| match pb::encode(&req) {
+                    Ok(msg) => Some(msg),
+                    Err(e) => {
+                        tracing::error!(target, error = %e, "cannot encode an append request; ending the stream");
+                        None
+                    }
+                })
+                .take_while(|m| futures::future::ready(m.is_some()))
+                .filter_map(futures::future::ready);
+            let mut client = self.client()?;
+            let replies = client.append(outgoing).await.map_err(|s| self.err(&s))?.into_inner();
+            let results = replies.map(move |item| {
+                let msg = item.map_err(|s| rpc_error(target, &addr, &s))?;
+                pb::decode::<StreamAppendResult<TypeConfig>>(&msg).map_err(|s| rpc_error(target, &addr, &s))
+            });
+            Ok(results.boxed())
+        }
+        .boxed()
+    }
+}
+
+impl NetSnapshot<TypeConfig> for PeerClient {
+    type SnapshotData = crate::storage::SnapshotFile;
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let net_err = |s: &tonic::Status| -> StreamingError<TypeConfig> {
+            match rpc_error(self.target, &self.addr, s) {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                other => StreamingError::Network(NetworkError::from_string(other.to_string())),
+            }
+        };
+        let header = pb::raft::SnapshotHeader {
+            format: pb::FORMAT_POSTCARD,
+            vote_and_meta: pb::encode(&(&vote, &snapshot.meta))
+                .map_err(|s| net_err(&s))?
+                .payload,
+            size: snapshot.snapshot.size,
+        };
+        // A reader thread feeds chunks into a small channel while gRPC sends them; the receiver
+        // writes them to disk as they come. Nothing waits for a reply until the last chunk.
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::raft::SnapshotChunk>(4);
+        let chunk = self.config.snapshot_chunk_bytes;
+        let mut file = snapshot.snapshot.file;
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use pb::raft::snapshot_chunk::Kind;
+            use std::io::{Seek, SeekFrom};
+            file.seek(SeekFrom::Start(0))?;
+            if tx
+                .blocking_send(pb::raft::SnapshotChunk {
+                    kind: Some(Kind::Header(header)),
+                })
+                .is_err()
+            {
+                return Ok(());
+            }
+            let mut buf = vec![0u8; chunk];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let msg = pb::raft::SnapshotChunk {
+                    kind: Some(Kind::Data(buf[..n].to_vec())),
+                };
+                if tx.blocking_send(msg).is_err() {
+                    // The RPC ended early (refused or cancelled); its status says why.
+                    return Ok(());
+                }
+            }
+        });
+        let mut client = self
+            .client()
+            .map_err(|e| StreamingError::Network(NetworkError::from_string(e.to_string())))?;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.set_timeout(self.config.snapshot_deadline);
+        let send = client.install_snapshot(request);
+        let result = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = send => r,
+        };
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(StreamingError::Network(NetworkError::from_string(format!(
+                    "reading the snapshot file: {e}"
+                ))));
+            }
+            Err(e) => {
+                return Err(StreamingError::Network(NetworkError::from_string(
+                    e.to_string(),
+                )));
+            }
+        }
+        let reply = result.map_err(|s| net_err(&s))?;
+        pb::decode(reply.get_ref()).map_err(|s| net_err(&s))
+    }
+}

@@ -1,0 +1,280 @@
+//! The Raft network, server side: the gRPC service peers call.
+
+use super::types::{SnapshotMeta, TypeConfig, Vote};
+use crate::pb::{self, raft::raft_server, raft::snapshot_chunk::Kind};
+use crate::storage::snapshot;
+use crate::storage::{SnapshotFile, state_machine::Snapshot};
+use futures::{Stream, StreamExt};
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The node's Raft handle.
+pub type Raft = openraft::Raft<TypeConfig, crate::storage::StateMachineStore>;
+
+/// Limits on incoming snapshots.
+#[derive(Debug, Clone)]
+pub struct SnapshotLimits {
+    /// Largest snapshot accepted, in bytes.
+    pub max_bytes: u64,
+    /// Longest wait for the next chunk before the transfer is abandoned.
+    pub chunk_timeout: Duration,
+}
+
+impl Default for SnapshotLimits {
+    fn default() -> Self {
+        SnapshotLimits {
+            max_bytes: 8 << 30,
+            chunk_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves Raft RPCs from peers into the local [`Raft`].
+#[derive(Clone)]
+pub struct RaftService {
+    raft: Raft,
+    incoming_dir: PathBuf,
+    limits: SnapshotLimits,
+}
+
+impl std::fmt::Debug for RaftService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftService").finish_non_exhaustive()
+    }
+}
+
+impl RaftService {
+    /// A service feeding `raft`; incoming snapshots are written under `incoming_dir`.
+    pub fn new(raft: Raft, incoming_dir: PathBuf, limits: SnapshotLimits) -> RaftService {
+        RaftService {
+            raft,
+            incoming_dir,
+            limits,
+        }
+    }
+
+    async fn receive_snapshot(
+        &self,
+        mut input: Streaming<pb::raft::SnapshotChunk>,
+    ) -> Result<pb::raft::RaftMessage, Status> {
+        let timeout = self.limits.chunk_timeout;
+        let header = match next_chunk(&mut input, timeout).await?.and_then(|c| c.kind) {
+            Some(Kind::Header(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a snapshot stream must start with its header",
+                ));
+            }
+        };
+        let (vote, meta): (Vote, SnapshotMeta) = pb::decode(&pb::raft::RaftMessage {
+            format: header.format,
+            payload: header.vote_and_meta,
+        })?;
+        if header.size > self.limits.max_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "snapshot of {} bytes is over this node's {}-byte limit",
+                header.size, self.limits.max_bytes
+            )));
+        }
+        tokio::fs::create_dir_all(&self.incoming_dir)
+            .await
+            .map_err(internal)?;
+        let path = self
+            .incoming_dir
+            .join(format!("incoming-{}.snap", unique()));
+        let guard = RemoveOnDrop(Some(path.clone()));
+        let mut file = tokio::fs::File::create(&path).await.map_err(internal)?;
+        let mut received: u64 = 0;
+        while let Some(chunk) = next_chunk(&mut input, timeout).await? {
+            let Some(Kind::Data(data)) = chunk.kind else {
+                return Err(Status::invalid_argument(
+                    "a snapshot header may only come first",
+                ));
+            };
+            received += data.len() as u64;
+            if received > header.size {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot stream is longer than the {} bytes its header announced",
+                    header.size
+                )));
+            }
+            file.write_all(&data).await.map_err(internal)?;
+        }
+        if received != header.size {
+            return Err(Status::invalid_argument(format!(
+                "snapshot stream ended after {received} of {} bytes",
+                header.size
+            )));
+        }
+        file.sync_all().await.map_err(internal)?;
+        drop(file);
+        let verify_path = path.clone();
+        let opened = tokio::task::spawn_blocking(move || -> std::io::Result<SnapshotFile> {
+            let mut f = SnapshotFile::open(&verify_path)?;
+            snapshot::verify(&mut f.file)?;
+            Ok(f)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::data_loss(format!("received snapshot is corrupt: {e}")))?;
+        let response = self
+            .raft
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: opened,
+                },
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot install the snapshot: {e}")))?;
+        // Installed: the state machine has moved the file into place (or kept the old one).
+        std::mem::forget(guard);
+        let _ = tokio::fs::remove_file(&path).await;
+        pb::encode(&response)
+    }
+}
+
+/// The next chunk, or an error when none comes within `timeout` (a stalled sender).
+async fn next_chunk(
+    input: &mut Streaming<pb::raft::SnapshotChunk>,
+    timeout: Duration,
+) -> Result<Option<pb::raft::SnapshotChunk>, Status> {
+    match tokio::time::timeout(timeout, input.message()).await {
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no snapshot chunk for {timeout:?}; transfer abandoned"
+        ))),
+        Ok(r) => r,
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Deletes a partly received snapshot when the transfer fails.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+type AppendStream =
+    Pin<Box<dyn Stream<Item = Result<pb::raft::RaftMessage, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn vote(
+        &self,
+        request: Request<pb::raft::RaftMessage>,
+    ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
+        let resp = self
+            .raft
+            .vote(req)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::encode(&resp)?))
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<pb::raft::RaftMessage>,
+    ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
+        let resp = self
+            .raft
+            .pre_vote(req)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::encode(&resp)?))
+    }
+
+    type AppendStream = AppendStream;
+
+    async fn append(
+        &self,
+        request: Request<Streaming<pb::raft::RaftMessage>>,
+    ) -> Result<Response<AppendStream>, Status> {
+        // Decoding failures end the request stream and are reported as the final status of the
+        // reply stream: never dropped silently.
+        let failure: Arc<Mutex<Option<Status>>> = Arc::default();
+        let record = failure.clone();
+        let requests = request
+            .into_inner()
+            .map(move |item| {
+                let decoded =
+                    item.and_then(|msg| pb::decode::<AppendEntriesRequest<TypeConfig>>(&msg));
+                match decoded {
+                    Ok(req) => Some(req),
+                    Err(status) => {
+                        if status.code() != tonic::Code::Cancelled {
+                            tracing::warn!(error = %status, "bad append stream from a peer");
+                        }
+                        *record.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
+                        None
+                    }
+                }
+            })
+            .take_while(|r| futures::future::ready(r.is_some()))
+            .filter_map(futures::future::ready);
+        let replies = self
+            .raft
+            .stream_append(requests)
+            .map(|result| match result {
+                Ok(r) => pb::encode(&r),
+                Err(fatal) => Err(Status::unavailable(format!("this node stopped: {fatal}"))),
+            });
+        let tail = futures::stream::once(async move {
+            failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+        })
+        .filter_map(|s| futures::future::ready(s.map(Err)));
+        Ok(Response::new(Box::pin(replies.chain(tail))))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::raft::SnapshotChunk>>,
+    ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        let reply = self.receive_snapshot(request.into_inner()).await;
+        if let Err(e) = &reply {
+            tracing::warn!(error = %e, "snapshot transfer refused");
+        }
+        reply.map(Response::new)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::raft::RaftMessage>,
+    ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        let req: TransferLeaderRequest<TypeConfig> = pb::decode(request.get_ref())?;
+        let resp = self
+            .raft
+            .handle_transfer_leader(req)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::encode(&resp)?))
+    }
+}

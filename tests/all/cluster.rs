@@ -182,3 +182,144 @@ async fn no_acknowledged_write_is_lost_when_the_leader_stops_under_load() {
     }
     c.assert_identical().await;
 }
+
+mod snapshot_transfer {
+    //! The snapshot receiver refuses bad transfers cleanly and leaves no partial file behind.
+
+    use crate::support::init_tracing;
+    use std::time::Duration;
+    use tokio_stream::wrappers::ReceiverStream;
+    use waft::node::{Node, NodeConfig};
+    use waft::pb::raft::{
+        SnapshotChunk, SnapshotHeader, raft_client::RaftClient, snapshot_chunk::Kind,
+    };
+    use waft::raft::SnapshotLimits;
+    use waft::raft::types::{SnapshotMeta, Vote};
+
+    fn header(size: u64) -> SnapshotChunk {
+        let meta = SnapshotMeta::default();
+        let payload = waft::pb::encode(&(Vote::new(1, 0), &meta)).expect("encode");
+        SnapshotChunk {
+            kind: Some(Kind::Header(SnapshotHeader {
+                format: payload.format,
+                vote_and_meta: payload.payload,
+                size,
+            })),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_stalled_and_corrupt_snapshots_are_refused() {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = NodeConfig::new(7, dir.path());
+        config.snapshots = SnapshotLimits {
+            max_bytes: 1 << 20,
+            chunk_timeout: Duration::from_millis(300),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let node = Node::start(config, listener).await.expect("node");
+        let mut client = RaftClient::connect(format!("http://{}", node.addr()))
+            .await
+            .expect("connect");
+
+        tracing::info!("a snapshot larger than the cap is refused before any data is written");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(header(2 << 20)).await.expect("send");
+        drop(tx);
+        let e = client
+            .install_snapshot(ReceiverStream::new(rx))
+            .await
+            .expect_err("over the cap");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+
+        tracing::info!("a sender that stalls is cut off after the chunk timeout");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(header(1000)).await.expect("send");
+        tx.send(SnapshotChunk {
+            kind: Some(Kind::Data(vec![0; 100])),
+        })
+        .await
+        .expect("send");
+        let e = client
+            .install_snapshot(ReceiverStream::new(rx))
+            .await
+            .expect_err("stalled");
+        assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+        drop(tx);
+
+        tracing::info!("bytes that fail the checksum are refused as data loss");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(header(1000)).await.expect("send");
+        tx.send(SnapshotChunk {
+            kind: Some(Kind::Data(vec![7; 1000])),
+        })
+        .await
+        .expect("send");
+        drop(tx);
+        let e = client
+            .install_snapshot(ReceiverStream::new(rx))
+            .await
+            .expect_err("corrupt");
+        assert_eq!(e.code(), tonic::Code::DataLoss, "{e}");
+
+        tracing::info!("a stream shorter than announced, or without a header, is refused");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(header(1000)).await.expect("send");
+        tx.send(SnapshotChunk {
+            kind: Some(Kind::Data(vec![7; 10])),
+        })
+        .await
+        .expect("send");
+        drop(tx);
+        let e = client
+            .install_snapshot(ReceiverStream::new(rx))
+            .await
+            .expect_err("short");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(SnapshotChunk {
+            kind: Some(Kind::Data(vec![7; 10])),
+        })
+        .await
+        .expect("send");
+        drop(tx);
+        let e = client
+            .install_snapshot(ReceiverStream::new(rx))
+            .await
+            .expect_err("headless");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+
+        tracing::info!("garbage Raft messages are reported, not dropped");
+        let e = client
+            .vote(waft::pb::raft::RaftMessage {
+                format: 1,
+                payload: vec![0xff; 3],
+            })
+            .await
+            .expect_err("garbage vote");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("undecodable"), "{e}");
+        let e = client
+            .vote(waft::pb::raft::RaftMessage {
+                format: 99,
+                payload: vec![],
+            })
+            .await
+            .expect_err("unknown format");
+        assert!(e.message().contains("incompatible waft versions"), "{e}");
+
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
+            .expect("snapshot dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("incoming-"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "partial snapshot files left behind: {leftovers:?}"
+        );
+        node.shutdown().await.expect("shutdown");
+    }
+}

@@ -31,3 +31,204 @@ async fn openraft_storage_conformance_suite_passes() {
         .await
         .expect("openraft's storage suite");
 }
+
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+use openraft::type_config::TypeConfigExt;
+use openraft::{EntryPayload, LogId, RaftLogReader};
+use waft::raft::types::{Entry, Request, Vote};
+
+fn log_id(index: u64) -> waft::raft::types::LogId {
+    LogId::new(
+        openraft::impls::leader_id_adv::LeaderId {
+            term: 1,
+            node_id: 0,
+        },
+        index,
+    )
+}
+
+fn entry(index: u64, payload_len: usize) -> Entry {
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(Request::Command {
+            service: "kv".to_owned(),
+            payload: vec![b'x'; payload_len],
+            client: None,
+            timestamp_ms: index,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_log_keeps_its_vote_entries_committed_and_purge_point() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log.redb");
+    let vote = Vote::new(3, 1);
+    {
+        let mut log = LogStore::open(&path).expect("open");
+        log.save_vote(&vote).await.expect("vote");
+        log.blocking_append((1..=100).map(|i| entry(i, 16)))
+            .await
+            .expect("append");
+        log.save_committed(Some(log_id(90)))
+            .await
+            .expect("committed");
+        log.purge(log_id(10)).await.expect("purge");
+        log.truncate_after(Some(log_id(95)))
+            .await
+            .expect("truncate");
+    }
+    tracing::info!("reopen: everything written before the close is there");
+    let mut log = LogStore::open(&path).expect("reopen");
+    assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
+    assert_eq!(
+        log.read_committed().await.expect("committed"),
+        Some(log_id(90))
+    );
+    let state = log.get_log_state().await.expect("state");
+    assert_eq!(state.last_purged_log_id, Some(log_id(10)));
+    assert_eq!(state.last_log_id, Some(log_id(95)));
+    let entries = log.try_get_log_entries(0..200).await.expect("entries");
+    assert_eq!(entries.first().map(|e| e.log_id.index), Some(11));
+    assert_eq!(entries.len(), 85);
+    assert_eq!(entries[5], entry(16, 16));
+}
+
+#[test]
+fn a_corrupt_or_foreign_log_file_is_a_clear_startup_error() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.redb");
+    std::fs::write(&garbage, vec![0xAB; 64 << 10]).expect("write");
+    let e = LogStore::open(&garbage).expect_err("garbage must not open as an empty log");
+    assert!(
+        e.to_string().contains("cannot open the log database"),
+        "{e}"
+    );
+
+    tracing::info!("a file cut short after a clean close is refused too, never read as empty");
+    let cut = dir.path().join("cut.redb");
+    {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            let mut log = LogStore::open(&cut).expect("open");
+            log.blocking_append((1..=2000).map(|i| entry(i, 256)))
+                .await
+                .expect("append");
+        });
+    }
+    let len = std::fs::metadata(&cut).expect("meta").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .expect("open file");
+    file.set_len(len / 3).expect("truncate");
+    drop(file);
+    match LogStore::open(&cut) {
+        Err(e) => assert!(
+            e.to_string().contains("cannot open the log database"),
+            "{e}"
+        ),
+        Ok(_) => panic!("a truncated log opened as if it were fine"),
+    }
+}
+
+/// The child side of the crash test: appends without waiting and prints each flushed index.
+/// Runs only when the parent test starts it with WAFT_CRASH_DIR set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_log_writer() {
+    let Ok(dir) = std::env::var("WAFT_CRASH_DIR") else {
+        return;
+    };
+    use std::io::Write;
+    let mut log = LogStore::open(&std::path::Path::new(&dir).join("log.redb")).expect("open");
+    let (report, mut flushed) =
+        tokio::sync::mpsc::unbounded_channel::<(u64, tokio::sync::oneshot::Receiver<_>)>();
+    tokio::spawn(async move {
+        // Callbacks fire in order; report each batch's last index once it is durable.
+        while let Some((last, rx)) = flushed.recv().await {
+            let result: Result<(), std::io::Error> = rx.await.expect("callback");
+            result.expect("flush");
+            println!("flushed {last}");
+            std::io::stdout().flush().expect("stdout");
+        }
+    });
+    let mut next = 1;
+    loop {
+        let batch: Vec<Entry> = (next..next + 50).map(|i| entry(i, 512)).collect();
+        next += 50;
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append(batch, openraft::storage::IOFlushed::signal(tx))
+            .await
+            .expect("append");
+        report.send((next - 1, rx)).expect("report");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[test]
+fn a_process_killed_during_heavy_writes_loses_no_flushed_entry() {
+    use std::io::BufRead;
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "storage::crash_child_log_writer",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("WAFT_CRASH_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut max_flushed = 0;
+    while let Some(Ok(line)) = lines.next() {
+        if let Some(n) = line.strip_prefix("flushed ") {
+            max_flushed = n.parse().expect("index");
+            if max_flushed >= 20_000 {
+                break;
+            }
+        }
+    }
+    tracing::info!(
+        max_flushed,
+        "SIGKILL the writer in the middle of its writes"
+    );
+    child.kill().expect("kill");
+    // Lines already written before the kill count too.
+    for line in lines.map_while(Result::ok) {
+        if let Some(n) = line.strip_prefix("flushed ") {
+            max_flushed = max_flushed.max(n.parse().expect("index"));
+        }
+    }
+    let _ = child.wait();
+    assert!(max_flushed >= 20_000, "the child reported flushes");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut log = LogStore::open(&dir.path().join("log.redb")).expect("reopen after the crash");
+        let state = log.get_log_state().await.expect("state");
+        let last = state.last_log_id.map(|l| l.index).unwrap_or(0);
+        assert!(
+            last >= max_flushed,
+            "reported flushed up to {max_flushed}, but the log ends at {last}"
+        );
+        let entries = log
+            .try_get_log_entries(1..=max_flushed)
+            .await
+            .expect("read");
+        assert_eq!(
+            entries.len() as u64,
+            max_flushed,
+            "every flushed entry is there"
+        );
+        for (e, i) in entries.iter().zip(1..) {
+            assert_eq!(e, &entry(i, 512));
+        }
+    });
+}

@@ -108,14 +108,13 @@ impl TestCluster {
         for _ in 0..200 {
             for node in self.nodes.iter().flatten() {
                 let m = node.metrics();
-                if let Some(l) = m.current_leader {
-                    if self.nodes.get(l as usize).is_some_and(|n| n.is_some())
-                        && m.state.is_leader() == (l == node.id())
-                    {
-                        let leader = self.node(l as usize);
-                        if leader.metrics().state.is_leader() {
-                            return l as usize;
-                        }
+                if let Some(l) = m.current_leader
+                    && self.nodes.get(l as usize).is_some_and(|n| n.is_some())
+                    && m.state.is_leader() == (l == node.id())
+                {
+                    let leader = self.node(l as usize);
+                    if leader.metrics().state.is_leader() {
+                        return l as usize;
                     }
                 }
             }

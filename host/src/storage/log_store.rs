@@ -404,7 +404,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 None => None,
             }
         };
-        let last = pending_last.or(stored_last).or_else(|| last_purged.clone());
+        let last = pending_last.or(stored_last).or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,

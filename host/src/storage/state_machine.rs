@@ -103,24 +103,23 @@ impl SmState {
                         self.flush(&batch_service, &mut batch, &mut out);
                         batch_service = service;
                     }
-                    if let Some(c) = client {
-                        if let Some(s) = self.sessions.get(&c.client_id).filter(|s| c.seq <= s.seq)
-                        {
-                            // A retry of a command already applied: same answer, no effect.
-                            let response = if c.seq == s.seq {
-                                s.response.clone()
-                            } else {
-                                Response::Rejected(format!(
-                                    "sequence {} of client {:x} is older than its last applied command ({}); \
+                    if let Some(c) = client
+                        && let Some(s) = self.sessions.get(&c.client_id).filter(|s| c.seq <= s.seq)
+                    {
+                        // A retry of a command already applied: same answer, no effect.
+                        let response = if c.seq == s.seq {
+                            s.response.clone()
+                        } else {
+                            Response::Rejected(format!(
+                                "sequence {} of client {:x} is older than its last applied command ({}); \
                                      its reply is no longer kept",
-                                    c.seq, c.client_id, s.seq
-                                ))
-                            };
-                            self.flush(&batch_service, &mut batch, &mut out);
-                            out.push(response);
-                            self.last_applied = Some(log_id);
-                            continue;
-                        }
+                                c.seq, c.client_id, s.seq
+                            ))
+                        };
+                        self.flush(&batch_service, &mut batch, &mut out);
+                        out.push(response);
+                        self.last_applied = Some(log_id);
+                        continue;
                     }
                     batch.push((ctx, payload, client));
                 }
@@ -135,7 +134,7 @@ impl SmState {
                 }
                 EntryPayload::Membership(m) => {
                     self.flush(&batch_service, &mut batch, &mut out);
-                    self.membership = StoredMembership::new(Some(log_id.clone()), m);
+                    self.membership = StoredMembership::new(Some(log_id), m);
                     out.push(Response::Empty);
                 }
                 EntryPayload::Blank => {
@@ -197,10 +196,10 @@ impl SmState {
                 index,
             },
         );
-        if self.sessions.len() > MAX_SESSIONS {
-            if let Some((&oldest, _)) = self.sessions.iter().min_by_key(|(id, s)| (s.index, **id)) {
-                self.sessions.remove(&oldest);
-            }
+        if self.sessions.len() > MAX_SESSIONS
+            && let Some((&oldest, _)) = self.sessions.iter().min_by_key(|(id, s)| (s.index, **id))
+        {
+            self.sessions.remove(&oldest);
         }
     }
 
@@ -274,7 +273,7 @@ impl SmState {
             .iter()
             .map(|(h, b)| (h.to_hex(), b.clone()))
             .collect();
-        let last = self.last_applied.clone();
+        let last = self.last_applied;
         Ok(Captured {
             header: SnapshotHeader {
                 meta: SnapshotMeta {
@@ -350,7 +349,7 @@ impl SmState {
                 },
             );
         }
-        self.last_applied = header.meta.last_log_id.clone();
+        self.last_applied = header.meta.last_log_id;
         self.membership = header.meta.last_membership.clone();
         self.last_timestamp_ms = header.last_timestamp_ms;
         self.services = services;
@@ -424,7 +423,7 @@ impl StateHandle {
 
     /// The last applied log id.
     pub fn last_applied(&self) -> Option<LogId> {
-        lock(&self.state).last_applied.clone()
+        lock(&self.state).last_applied
     }
 
     /// Every service's guest snapshot, by name: what replicas compare to prove they agree.
@@ -510,7 +509,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let st = lock(&self.handle.state);
-        Ok((st.last_applied.clone(), st.membership.clone()))
+        Ok((st.last_applied, st.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>

@@ -6,9 +6,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=../proto");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["../proto/raft.proto"], &["../proto"])?;
+        // For gRPC server reflection, so grpcurl can list and call everything.
+        .file_descriptor_set_path(out.join("waft_descriptor.bin"))
+        .compile_protos(
+            &["../proto/api.proto", "../proto/raft.proto"],
+            &["../proto"],
+        )?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //!   call that traps.
 //! - [`cli`]: the `waft` command line (parsed arguments become calls into the library).
 
+pub mod api;
 pub mod cli;
 pub mod node;
 pub mod pb;

@@ -3,6 +3,8 @@
 //! [`Node::start`] takes an already bound listener, so tests bind `127.0.0.1:0` and learn the
 //! port; [`run`] is the same with a shutdown future, for the binary.
 
+use crate::api::{Api, ApiLimits};
+use crate::pb::api::{cluster_server::ClusterServer, waft_server::WaftServer};
 use crate::pb::raft::raft_server::RaftServer;
 use crate::raft::types::NodeId;
 use crate::raft::{NetConfig, NetworkFactory, Raft, RaftService, SnapshotLimits};
@@ -58,6 +60,8 @@ pub struct NodeConfig {
     pub net: NetConfig,
     /// Limits on incoming snapshots.
     pub snapshots: SnapshotLimits,
+    /// Limits on client requests.
+    pub api: ApiLimits,
 }
 
 impl NodeConfig {
@@ -71,6 +75,7 @@ impl NodeConfig {
             raft: RaftSettings::default(),
             net: NetConfig::default(),
             snapshots: SnapshotLimits::default(),
+            api: ApiLimits::default(),
         }
     }
 }
@@ -123,8 +128,9 @@ impl Node {
         let snapshot_dir = config.data_dir.join("snapshots");
         remove_partial_snapshots(&snapshot_dir);
         let runtime = Runtime::new(config.runtime.clone())?;
+        let max_module = runtime.limits().max_module_bytes;
         let log = LogStore::open(&config.data_dir.join("log.redb"))?;
-        let sm = StateMachineStore::new(runtime, &snapshot_dir)?;
+        let sm = StateMachineStore::new(runtime.clone(), &snapshot_dir)?;
         let state = sm.handle();
         let raft_config = openraft::Config {
             cluster_name: "waft".to_owned(),
@@ -142,11 +148,29 @@ impl Node {
                 .map_err(|e| NodeError::Raft(e.to_string()))?,
         );
         let network = NetworkFactory::new(config.net.clone());
-        let raft = Raft::new(config.id, raft_config, network, log, sm)
+        let raft = Raft::new(config.id, raft_config, network.clone(), log, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let service = RaftService::new(raft.clone(), snapshot_dir, config.snapshots.clone());
         let max = config.net.max_message_bytes;
+        let api = Api::new(
+            config.id,
+            addr.clone(),
+            raft.clone(),
+            state.clone(),
+            runtime,
+            network,
+            config.api.clone(),
+        );
+        // Client messages: a payload, or a deploy chunk, plus framing.
+        let api_max = config.api.max_payload_bytes.max(max_module) + (64 << 10);
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<WaftServer<Api>>().await;
+        health_reporter.set_serving::<ClusterServer<Api>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| NodeError::Raft(format!("reflection: {e}")))?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
@@ -156,6 +180,14 @@ impl Node {
                         .max_decoding_message_size(max)
                         .max_encoding_message_size(max),
                 )
+                .add_service(
+                    WaftServer::new(api.clone())
+                        .max_decoding_message_size(api_max)
+                        .max_encoding_message_size(api_max),
+                )
+                .add_service(ClusterServer::new(api))
+                .add_service(health)
+                .add_service(reflection)
                 .serve_with_incoming_shutdown(incoming(listener), async {
                     let _ = stop_rx.await;
                 }),

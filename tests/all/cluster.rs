@@ -37,13 +37,23 @@ async fn three_nodes_apply_1000_writes_and_agree_byte_for_byte() {
     let with_client = |payload: &str, seq: u64| waft::raft::types::Request::Command {
         service: "kv".to_owned(),
         payload: payload.as_bytes().to_vec(),
-        client: Some(waft::raft::types::ClientSeq { client_id: 0xC0FFEE, seq }),
+        client: Some(waft::raft::types::ClientSeq {
+            client_id: 0xC0FFEE,
+            seq,
+        }),
         timestamp_ms: 5,
     };
-    let (_, first) = cluster.write(with_client("cas key0000 value-900 first", 1)).await;
+    let (_, first) = cluster
+        .write(with_client("cas key0000 value-900 first", 1))
+        .await;
     assert_eq!(first, Response::Reply(b"OK".to_vec()));
-    let (_, retry) = cluster.write(with_client("cas key0000 value-900 first", 1)).await;
-    assert_eq!(retry, first, "the retry gets the first answer, not a failed compare");
+    let (_, retry) = cluster
+        .write(with_client("cas key0000 value-900 first", 1))
+        .await;
+    assert_eq!(
+        retry, first,
+        "the retry gets the first answer, not a failed compare"
+    );
     let (_, stale) = cluster.write(with_client("put key0000 stale", 0)).await;
     assert!(matches!(stale, Response::Rejected(m) if m.contains("older")));
     let (last, put) = cluster.write(kv("put x 1")).await;
@@ -59,7 +69,11 @@ async fn three_nodes_apply_1000_writes_and_agree_byte_for_byte() {
     assert_eq!(no_service, Response::NoSuchService("nope".to_owned()));
     cluster.wait_applied(last.max(last2)).await;
     for node in cluster.nodes.iter().flatten() {
-        let v = node.state().query("kv", b"get key0000".to_vec()).await.expect("query");
+        let v = node
+            .state()
+            .query("kv", b"get key0000".to_vec())
+            .await
+            .expect("query");
         assert_eq!(v, b"first");
     }
     cluster.assert_identical().await;

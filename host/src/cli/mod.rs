@@ -3,7 +3,9 @@
 //! This is the only module that reads arguments or the environment; everything else takes
 //! validated values.
 
+mod client;
 mod guest;
+mod node;
 
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
@@ -15,6 +17,9 @@ pub struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `info` or `waft=debug`.
     #[arg(long, global = true, env = "WAFT_LOG", default_value = "warn")]
     pub log: String,
+
+    #[command(flatten)]
+    pub client: client::ClientArgs,
 
     #[command(subcommand)]
     pub command: Command,
@@ -35,6 +40,34 @@ pub enum Command {
         waft exec kv.wasm 'put a 1' 'get a'\n  \
         waft exec kv.wasm 'put a 1' 'put b 2' --query 'scan' --snapshot-roundtrip")]
     Exec(guest::ExecArgs),
+    /// Run one node of a cluster.
+    #[command(after_help = "Examples:\n  \
+        waft node --id 1 --listen 127.0.0.1:7001 --data-dir data/1\n  \
+        waft cluster init --endpoint 127.0.0.1:7001\n  \
+        waft node --id 2 --listen 127.0.0.1:7002 --data-dir data/2 --join 127.0.0.1:7001")]
+    Node(node::NodeArgs),
+    /// Start a local cluster (3 nodes by default) with the example kv guest deployed as `kv`.
+    Dev(node::DevArgs),
+    /// Upload a guest and make it serve a service.
+    #[command(
+        after_help = "Example:\n  waft deploy examples/guests/target/wasm32-wasip2/release/kv.wasm --service kv"
+    )]
+    Deploy(client::DeployArgs),
+    /// Submit a command to a service (replicated; returns once applied).
+    #[command(
+        after_help = "Examples:\n  waft submit --service kv 'put a 1'\n  waft submit --service kv @command.bin\n  echo 'get a' | waft submit --service kv -"
+    )]
+    Submit(client::SubmitArgs),
+    /// Run a read-only query against a service.
+    #[command(
+        after_help = "Examples:\n  waft query --service kv 'get a'\n  waft query --service kv 'scan' --consistency stale"
+    )]
+    Query(client::QueryArgs),
+    /// List the services and the modules serving them.
+    Services,
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(client::ClusterCommand),
 }
 
 /// Resource limits for a guest, as flags.
@@ -80,6 +113,10 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => guest::check(&args),
         Command::Exec(args) => guest::exec(&args),
+        command => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(run_async(&cli.client, command)),
+            Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+        },
     };
     match result {
         Ok(code) => code,
@@ -87,5 +124,18 @@ pub fn run(cli: Cli) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Node(args) => node::node(&args).await,
+        Command::Dev(args) => node::dev(&args).await,
+        Command::Deploy(args) => client::deploy(client, &args).await,
+        Command::Submit(args) => client::submit(client, &args).await,
+        Command::Query(args) => client::query(client, &args).await,
+        Command::Services => client::services(client).await,
+        Command::Cluster(c) => client::cluster(client, &c).await,
+        Command::Check(_) | Command::Exec(_) => unreachable!("handled synchronously"),
     }
 }

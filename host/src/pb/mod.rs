@@ -7,6 +7,15 @@ pub mod raft {
     tonic::include_proto!("waft.raft.v1");
 }
 
+/// `proto/api.proto`: the client API.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod api {
+    tonic::include_proto!("waft.v1");
+}
+
+/// The encoded descriptors of both protos, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("waft_descriptor");
+
 use serde::{Serialize, de::DeserializeOwned};
 
 /// The only payload encoding nodes speak today: postcard of openraft 0.10 types.

@@ -1,0 +1,642 @@
+//! The client API (`proto/api.proto`, package `waft.v1`): any node accepts any call.
+//!
+//! Writes, deploys, linearizable and lease reads and membership changes need the leader. A node
+//! that is not the leader forwards the call to it over a reused channel, unchanged (a command
+//! keeps its client id and sequence, so a retry after a leader change is still applied once).
+//! A forwarded call carries the `waft-forwarded` header and is never forwarded again: if the
+//! leadership moved in between, the client gets `UNAVAILABLE` and retries.
+
+use crate::pb::api::{self, cluster_server, waft_server};
+use crate::raft::types::{ClientSeq, Node as RaftNode, NodeId, Request, Response};
+use crate::raft::{NetworkFactory, Raft};
+use crate::runtime::Runtime;
+use crate::storage::{QueryError, StateHandle};
+use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+use openraft::{ChangeMembers, ReadPolicy};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+
+const FORWARDED: &str = "waft-forwarded";
+
+/// Limits on client requests.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Largest command or query payload, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_payload_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Both API services share this.
+#[derive(Clone)]
+pub struct Api {
+    id: NodeId,
+    addr: String,
+    raft: Raft,
+    state: StateHandle,
+    runtime: Runtime,
+    peers: NetworkFactory,
+    limits: ApiLimits,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a call that needs the leader must go.
+enum Route {
+    Here,
+    Leader(String),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn no_leader() -> Status {
+    Status::unavailable("no leader is known yet (an election may be in progress); retry shortly")
+}
+
+fn forwarded<T>(req: &GrpcRequest<T>) -> bool {
+    req.metadata().contains_key(FORWARDED)
+}
+
+fn mark<T>(msg: T) -> GrpcRequest<T> {
+    let mut req = GrpcRequest::new(msg);
+    req.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    req
+}
+
+/// Maps openraft errors to statuses; `ForwardToLeader` becomes a route.
+fn route_of<E>(
+    e: &RaftError<crate::raft::types::TypeConfig, E>,
+    already_forwarded: bool,
+) -> Result<Route, Status>
+where
+    E: openraft::TryAsRef<ForwardToLeader<crate::raft::types::TypeConfig>> + std::error::Error,
+{
+    match e.forward_to_leader() {
+        Some(f) if already_forwarded => Err(Status::unavailable(format!(
+            "leadership moved while the request was being forwarded (leader now {:?}); retry",
+            f.leader_id
+        ))),
+        Some(ForwardToLeader {
+            leader_node: Some(node),
+            ..
+        }) => Ok(Route::Leader(node.addr.clone())),
+        Some(_) => Err(no_leader()),
+        None => Err(Status::unavailable(e.to_string())),
+    }
+}
+
+fn write_error(
+    e: &RaftError<crate::raft::types::TypeConfig, ClientWriteError<crate::raft::types::TypeConfig>>,
+) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
+            Status::failed_precondition(m.to_string())
+        }
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+impl Api {
+    /// The API of the node with this Raft handle and state.
+    pub fn new(
+        id: NodeId,
+        addr: String,
+        raft: Raft,
+        state: StateHandle,
+        runtime: Runtime,
+        peers: NetworkFactory,
+        limits: ApiLimits,
+    ) -> Api {
+        Api {
+            id,
+            addr,
+            raft,
+            state,
+            runtime,
+            peers,
+            limits,
+        }
+    }
+
+    fn waft_client(
+        &self,
+        addr: &str,
+    ) -> Result<api::waft_client::WaftClient<tonic::transport::Channel>, Status> {
+        let ch = self.peers.channel(addr).map_err(Status::unavailable)?;
+        Ok(api::waft_client::WaftClient::new(ch)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
+
+    fn cluster_client(
+        &self,
+        addr: &str,
+    ) -> Result<api::cluster_client::ClusterClient<tonic::transport::Channel>, Status> {
+        let ch = self.peers.channel(addr).map_err(Status::unavailable)?;
+        Ok(api::cluster_client::ClusterClient::new(ch))
+    }
+
+    fn check_payload(&self, len: usize) -> Result<(), Status> {
+        if len > self.limits.max_payload_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "payload of {len} bytes is over the {}-byte limit",
+                self.limits.max_payload_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The leader's address when it is another node; `Here` when this node leads.
+    async fn leader_route(&self, already_forwarded: bool) -> Result<Route, Status> {
+        let leader = self.raft.current_leader().await.ok_or_else(no_leader)?;
+        if leader == self.id {
+            return Ok(Route::Here);
+        }
+        if already_forwarded {
+            return Err(Status::unavailable(
+                "this node is no longer the leader; retry",
+            ));
+        }
+        let m = self.metrics();
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .ok_or_else(no_leader)?;
+        Ok(Route::Leader(addr))
+    }
+
+    fn metrics(&self) -> openraft::RaftMetrics<crate::raft::types::TypeConfig> {
+        use openraft::async_runtime::WatchReceiver;
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    async fn write(
+        &self,
+        request: Request,
+        already_forwarded: bool,
+    ) -> Result<Result<(u64, Response), Route>, Status> {
+        match self.raft.client_write(request).await {
+            Ok(resp) => Ok(Ok((resp.log_id.index, resp.data))),
+            Err(e) if e.forward_to_leader().is_some() => route_of(&e, already_forwarded).map(Err),
+            Err(e) => Err(write_error(&e)),
+        }
+    }
+
+    fn membership_reply(&self, index: u64) -> api::MembershipReply {
+        api::MembershipReply {
+            members: members(&self.metrics()),
+            index,
+        }
+    }
+}
+
+fn members(m: &openraft::RaftMetrics<crate::raft::types::TypeConfig>) -> Vec<api::MemberStatus> {
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let last = m.last_log_index.unwrap_or(0);
+    membership
+        .nodes()
+        .map(|(id, node)| {
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id))
+                .map(|l| l.as_ref().map_or(0, |l| l.index));
+            api::MemberStatus {
+                id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched,
+                lag: matched.map(|x| last.saturating_sub(x)),
+            }
+        })
+        .collect()
+}
+
+fn submit_reply(index: u64, response: Response) -> Result<api::SubmitReply, Status> {
+    use api::submit_reply::Outcome;
+    let outcome = match response {
+        Response::Reply(r) => Outcome::Ok(r),
+        Response::Rejected(m) => Outcome::Rejected(m),
+        Response::Trapped(m) => Outcome::Trapped(m),
+        Response::NoSuchService(s) => {
+            return Err(Status::not_found(format!(
+                "no service named {s:?}; deploy one first"
+            )));
+        }
+        other => {
+            return Err(Status::internal(format!(
+                "unexpected response to a command: {other:?}"
+            )));
+        }
+    };
+    Ok(api::SubmitReply {
+        outcome: Some(outcome),
+        index,
+    })
+}
+
+#[tonic::async_trait]
+impl waft_server::Waft for Api {
+    async fn submit(
+        &self,
+        request: GrpcRequest<api::SubmitRequest>,
+    ) -> Result<GrpcResponse<api::SubmitReply>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        self.check_payload(req.payload.len())?;
+        if req.service.is_empty() {
+            return Err(Status::invalid_argument("a service name is required"));
+        }
+        let client = (req.client_id != 0).then_some(ClientSeq {
+            client_id: req.client_id,
+            seq: req.sequence,
+        });
+        let entry = Request::Command {
+            service: req.service.clone(),
+            payload: req.payload.clone(),
+            client,
+            timestamp_ms: now_ms(),
+        };
+        match self.write(entry, fwd).await? {
+            Ok((index, response)) => Ok(GrpcResponse::new(submit_reply(index, response)?)),
+            Err(Route::Leader(addr)) => self.waft_client(&addr)?.submit(mark(req)).await,
+            Err(Route::Here) => Err(no_leader()),
+        }
+    }
+
+    async fn query(
+        &self,
+        request: GrpcRequest<api::QueryRequest>,
+    ) -> Result<GrpcResponse<api::QueryReply>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        self.check_payload(req.payload.len())?;
+        let consistency = api::Consistency::try_from(req.consistency).map_err(|_| {
+            Status::invalid_argument(format!("unknown consistency level {}", req.consistency))
+        })?;
+        let policy = match consistency {
+            api::Consistency::Linearizable => Some(ReadPolicy::ReadIndex),
+            api::Consistency::Lease => Some(ReadPolicy::LeaseRead),
+            api::Consistency::Stale => None,
+        };
+        if let Some(policy) = policy
+            && let Err(e) = self.raft.ensure_linearizable(policy).await
+        {
+            return match route_of(&e, fwd)? {
+                Route::Leader(addr) => self.waft_client(&addr)?.query(mark(req)).await,
+                Route::Here => Err(no_leader()),
+            };
+        }
+        use api::query_reply::Outcome;
+        let applied_index = self.state.last_applied().map_or(0, |l| l.index);
+        let outcome = match self.state.query(&req.service, req.payload).await {
+            Ok(r) => Outcome::Ok(r),
+            Err(QueryError::NoSuchService(s)) => {
+                return Err(Status::not_found(format!("no service named {s:?}")));
+            }
+            Err(QueryError::Guest(crate::runtime::GuestError::Rejected(m))) => Outcome::Rejected(m),
+            Err(QueryError::Guest(e)) => Outcome::Trapped(e.to_string()),
+        };
+        Ok(GrpcResponse::new(api::QueryReply {
+            outcome: Some(outcome),
+            applied_index,
+        }))
+    }
+
+    async fn deploy(
+        &self,
+        request: GrpcRequest<Streaming<api::DeployChunk>>,
+    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+        let fwd = forwarded(&request);
+        let mut input = request.into_inner();
+        let max = self.runtime.limits().max_module_bytes;
+        let header = match input.message().await?.and_then(|c| c.kind) {
+            Some(api::deploy_chunk::Kind::Header(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a deploy stream must start with its header",
+                ));
+            }
+        };
+        if header.service.is_empty() {
+            return Err(Status::invalid_argument("a service name is required"));
+        }
+        if header.size == 0 {
+            return Err(Status::invalid_argument("the module is empty (0 bytes)"));
+        }
+        if header.size > max as u64 {
+            return Err(Status::resource_exhausted(format!(
+                "module of {} bytes is over the {max}-byte limit",
+                header.size
+            )));
+        }
+        let mut module = Vec::with_capacity(header.size as usize);
+        while let Some(chunk) = input.message().await? {
+            let Some(api::deploy_chunk::Kind::Data(data)) = chunk.kind else {
+                return Err(Status::invalid_argument(
+                    "a deploy header may only come first",
+                ));
+            };
+            if module.len() + data.len() > header.size as usize {
+                return Err(Status::invalid_argument(
+                    "the upload is longer than its header said",
+                ));
+            }
+            module.extend_from_slice(&data);
+        }
+        if module.len() as u64 != header.size {
+            return Err(Status::invalid_argument(format!(
+                "the upload ended after {} of {} bytes",
+                module.len(),
+                header.size
+            )));
+        }
+        if let Route::Leader(addr) = self.leader_route(fwd).await? {
+            let chunks = vec![
+                api::DeployChunk {
+                    kind: Some(api::deploy_chunk::Kind::Header(header)),
+                },
+                api::DeployChunk {
+                    kind: Some(api::deploy_chunk::Kind::Data(module)),
+                },
+            ];
+            return self
+                .waft_client(&addr)?
+                .deploy(mark(futures::stream::iter(chunks)))
+                .await;
+        }
+        // Validate before proposing: a module that does not load never enters the log. The
+        // compiled module stays cached, so applying the entry does not compile again.
+        let runtime = self.runtime.clone();
+        let bytes = module.clone();
+        tokio::task::spawn_blocking(move || runtime.load(&bytes))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
+        let entry = Request::Deploy {
+            service: header.service.clone(),
+            module,
+            timestamp_ms: now_ms(),
+        };
+        match self.write(entry, true).await? {
+            Ok((index, Response::Deployed { module })) => Ok(GrpcResponse::new(api::DeployReply {
+                module_sha256: module,
+                index,
+            })),
+            Ok((_, Response::DeployFailed(why))) => {
+                Err(Status::failed_precondition(format!("deploy failed: {why}")))
+            }
+            Ok((_, other)) => Err(Status::internal(format!(
+                "unexpected response to a deploy: {other:?}"
+            ))),
+            Err(_) => Err(Status::unavailable(
+                "leadership moved during the deploy; retry",
+            )),
+        }
+    }
+
+    async fn list_services(
+        &self,
+        _request: GrpcRequest<api::ListServicesRequest>,
+    ) -> Result<GrpcResponse<api::ListServicesReply>, Status> {
+        let services = self
+            .state
+            .services()
+            .into_iter()
+            .map(|s| api::ServiceInfo {
+                name: s.name,
+                module_sha256: s.module.hash.to_hex(),
+                module_size: s.module.size as u64,
+                deployed_at_index: s.deployed_at,
+            })
+            .collect();
+        Ok(GrpcResponse::new(api::ListServicesReply { services }))
+    }
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for Api {
+    async fn init(
+        &self,
+        request: GrpcRequest<api::InitRequest>,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let req = request.into_inner();
+        let mut members: BTreeMap<NodeId, RaftNode> = req
+            .members
+            .into_iter()
+            .map(|m| (m.id, RaftNode { addr: m.addr }))
+            .collect();
+        if members.is_empty() {
+            members.insert(
+                self.id,
+                RaftNode {
+                    addr: self.addr.clone(),
+                },
+            );
+        }
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(e) => Status::failed_precondition(e.to_string()),
+            RaftError::Fatal(f) => Status::unavailable(f.to_string()),
+        })?;
+        Ok(GrpcResponse::new(self.membership_reply(0)))
+    }
+
+    async fn add_learner(
+        &self,
+        request: GrpcRequest<api::AddLearnerRequest>,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        if req.addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "the learner's address is required",
+            ));
+        }
+        match self
+            .raft
+            .add_learner(
+                req.id,
+                RaftNode {
+                    addr: req.addr.clone(),
+                },
+                true,
+            )
+            .await
+        {
+            Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
+            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
+                Route::Leader(addr) => self.cluster_client(&addr)?.add_learner(mark(req)).await,
+                Route::Here => Err(no_leader()),
+            },
+            Err(e) => Err(write_error(&e)),
+        }
+    }
+
+    async fn change_membership(
+        &self,
+        request: GrpcRequest<api::ChangeMembershipRequest>,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        if req.voters.is_empty() {
+            return Err(Status::invalid_argument(
+                "a cluster needs at least one voter",
+            ));
+        }
+        let voters: BTreeSet<NodeId> = req.voters.iter().copied().collect();
+        match self.raft.change_membership(voters, req.retain).await {
+            Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
+            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
+                Route::Leader(addr) => {
+                    self.cluster_client(&addr)?
+                        .change_membership(mark(req))
+                        .await
+                }
+                Route::Here => Err(no_leader()),
+            },
+            Err(e) => Err(write_error(&e)),
+        }
+    }
+
+    async fn remove_node(
+        &self,
+        request: GrpcRequest<api::RemoveNodeRequest>,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let is_voter = membership.voter_ids().any(|v| v == req.id);
+        let is_member = membership.get_node(&req.id).is_some();
+        if !is_member {
+            return Err(Status::not_found(format!(
+                "node {} is not a member",
+                req.id
+            )));
+        }
+        if is_voter && membership.voter_ids().count() == 1 {
+            return Err(Status::failed_precondition(format!(
+                "node {} is the last voter; a cluster cannot remove its last voter",
+                req.id
+            )));
+        }
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([req.id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
+        };
+        let result = self.raft.change_membership(change, false).await;
+        let result = match result {
+            Ok(r) if is_voter => {
+                // A removed voter is kept as a learner by openraft; drop it entirely.
+                self.raft
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([req.id])), false)
+                    .await
+                    .or(Ok(r))
+            }
+            other => other,
+        };
+        match result {
+            Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
+            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
+                Route::Leader(addr) => self.cluster_client(&addr)?.remove_node(mark(req)).await,
+                Route::Here => Err(no_leader()),
+            },
+            Err(e) => Err(write_error(&e)),
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: GrpcRequest<api::TransferLeaderRequest>,
+    ) -> Result<GrpcResponse<api::TransferLeaderReply>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        let m = self.metrics();
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == req.to)
+        {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not a voter",
+                req.to
+            )));
+        }
+        match self.leader_route(fwd).await? {
+            Route::Here => {
+                self.raft
+                    .trigger()
+                    .transfer_leader(req.to)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                Ok(GrpcResponse::new(api::TransferLeaderReply {}))
+            }
+            Route::Leader(addr) => self.cluster_client(&addr)?.transfer_leader(mark(req)).await,
+        }
+    }
+
+    async fn status(
+        &self,
+        _request: GrpcRequest<api::StatusRequest>,
+    ) -> Result<GrpcResponse<api::StatusReply>, Status> {
+        let m = self.metrics();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone())
+            })
+            .unwrap_or_default();
+        Ok(GrpcResponse::new(api::StatusReply {
+            node_id: self.id,
+            role: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            leader_id: m.current_leader,
+            leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            committed_index: m.local_committed.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            members: members(&m),
+            engine: self.runtime.fingerprint().to_owned(),
+        }))
+    }
+
+    async fn trigger_snapshot(
+        &self,
+        _request: GrpcRequest<api::TriggerSnapshotRequest>,
+    ) -> Result<GrpcResponse<api::TriggerSnapshotReply>, Status> {
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(GrpcResponse::new(api::TriggerSnapshotReply {}))
+    }
+}

@@ -1,0 +1,538 @@
+//! Client commands: submit, query, deploy, services and cluster administration.
+
+use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+/// Where the client connects and how it prints.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Address of any node (`host:port`). Followers forward to the leader.
+    #[arg(
+        long,
+        global = true,
+        env = "WAFT_ENDPOINT",
+        default_value = "127.0.0.1:7001"
+    )]
+    pub endpoint: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Arguments of `waft submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The service to send the command to.
+    #[arg(long, short)]
+    pub service: String,
+    /// The command: literal text, `@FILE` for a file's bytes, or `-` for stdin.
+    pub payload: String,
+}
+
+/// Read consistency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Consistency {
+    /// Confirmed with a quorum: sees every acknowledged write.
+    Linearizable,
+    /// The leader's lease, no round trip.
+    Lease,
+    /// The contacted node's own state; may lag.
+    Stale,
+}
+
+/// Arguments of `waft query`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The service to query.
+    #[arg(long, short)]
+    pub service: String,
+    /// The query: literal text, `@FILE`, or `-` for stdin.
+    pub payload: String,
+    /// Read consistency.
+    #[arg(long, value_enum, default_value_t = Consistency::Linearizable)]
+    pub consistency: Consistency,
+}
+
+/// Arguments of `waft deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The guest component (`.wasm`).
+    pub file: std::path::PathBuf,
+    /// The service it will serve.
+    #[arg(long, short)]
+    pub service: String,
+}
+
+/// `waft cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make the contacted node the first member of a new cluster.
+    Init,
+    /// Add a node as a learner; it catches up before the call returns.
+    AddLearner {
+        /// The new node's id.
+        id: u64,
+        /// The new node's address (`host:port`).
+        addr: String,
+    },
+    /// Set the voters (learners listed here are promoted).
+    ChangeMembership {
+        /// Node ids of the voters.
+        #[arg(required = true)]
+        voters: Vec<u64>,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
+    /// Hand leadership to another voter.
+    TransferLeader {
+        /// The voter to lead.
+        to: u64,
+    },
+    /// Show roles, terms, log and apply progress, and member lag.
+    Status,
+    /// Build a snapshot now.
+    Snapshot,
+}
+
+async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+    let uri = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    tonic::transport::Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("bad endpoint {endpoint:?}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach a waft node at {endpoint} (is it running? set --endpoint or WAFT_ENDPOINT)"))
+}
+
+fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
+    if arg == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading stdin")?;
+        Ok(buf)
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read(path).with_context(|| format!("cannot read {path}"))
+    } else {
+        Ok(arg.as_bytes().to_vec())
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+/// Retries a call while the cluster says "unavailable" (no leader yet, leader changed).
+async fn retrying<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..8 {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+    call().await
+}
+
+fn show_bytes(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(t) => t.to_owned(),
+        Err(_) => format!("0x{}", hex::encode(bytes)),
+    }
+}
+
+fn print_outcome(
+    out: Output,
+    index_name: &str,
+    index: u64,
+    ok: Option<&[u8]>,
+    err: Option<(&str, &str)>,
+) -> ExitCode {
+    match out {
+        Output::Json => {
+            let mut doc = serde_json::Map::new();
+            doc.insert(index_name.to_owned(), index.into());
+            if let Some(ok) = ok {
+                doc.insert("ok".into(), show_bytes(ok).into());
+            }
+            if let Some((kind, msg)) = err {
+                doc.insert(kind.into(), msg.into());
+            }
+            println!("{}", serde_json::Value::Object(doc));
+        }
+        Output::Text => {
+            if let Some(ok) = ok {
+                let text = show_bytes(ok);
+                if text.ends_with('\n') {
+                    print!("{text}");
+                } else {
+                    println!("{text}");
+                }
+            }
+            if let Some((kind, msg)) = err {
+                eprintln!("error: {kind}: {msg}");
+            }
+        }
+    }
+    if err.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// A client id for exactly-once retries of this invocation's command.
+fn client_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    (nanos ^ (u64::from(std::process::id()) << 40)) | 1
+}
+
+/// `waft submit`.
+pub async fn submit(client: &ClientArgs, args: &SubmitArgs) -> anyhow::Result<ExitCode> {
+    let payload = read_payload(&args.payload)?;
+    let waft = WaftClient::new(channel(&client.endpoint).await?);
+    // One client id and sequence for every retry: the command is applied at most once.
+    let request = api::SubmitRequest {
+        service: args.service.clone(),
+        payload,
+        client_id: client_id(),
+        sequence: 1,
+    };
+    let reply = retrying(|| {
+        let mut w = waft.clone();
+        let r = request.clone();
+        async move { w.submit(r).await }
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner();
+    use api::submit_reply::Outcome;
+    Ok(match reply.outcome {
+        Some(Outcome::Ok(r)) => print_outcome(client.output, "index", reply.index, Some(&r), None),
+        Some(Outcome::Rejected(m)) => print_outcome(
+            client.output,
+            "index",
+            reply.index,
+            None,
+            Some(("rejected", &m)),
+        ),
+        Some(Outcome::Trapped(m)) => print_outcome(
+            client.output,
+            "index",
+            reply.index,
+            None,
+            Some(("trapped", &m)),
+        ),
+        None => bail!("the node sent an empty reply"),
+    })
+}
+
+/// `waft query`.
+pub async fn query(client: &ClientArgs, args: &QueryArgs) -> anyhow::Result<ExitCode> {
+    let payload = read_payload(&args.payload)?;
+    let waft = WaftClient::new(channel(&client.endpoint).await?);
+    let consistency = match args.consistency {
+        Consistency::Linearizable => api::Consistency::Linearizable,
+        Consistency::Lease => api::Consistency::Lease,
+        Consistency::Stale => api::Consistency::Stale,
+    };
+    let request = api::QueryRequest {
+        service: args.service.clone(),
+        payload,
+        consistency: consistency as i32,
+    };
+    let reply = retrying(|| {
+        let r = request.clone();
+        let mut w = waft.clone();
+        async move { w.query(r).await }
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner();
+    use api::query_reply::Outcome;
+    Ok(match reply.outcome {
+        Some(Outcome::Ok(r)) => print_outcome(
+            client.output,
+            "applied_index",
+            reply.applied_index,
+            Some(&r),
+            None,
+        ),
+        Some(Outcome::Rejected(m)) => print_outcome(
+            client.output,
+            "applied_index",
+            reply.applied_index,
+            None,
+            Some(("rejected", &m)),
+        ),
+        Some(Outcome::Trapped(m)) => print_outcome(
+            client.output,
+            "applied_index",
+            reply.applied_index,
+            None,
+            Some(("trapped", &m)),
+        ),
+        None => bail!("the node sent an empty reply"),
+    })
+}
+
+/// `waft deploy`.
+pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<ExitCode> {
+    let module = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let waft = WaftClient::new(channel(&client.endpoint).await?)
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    let size = module.len() as u64;
+    let reply = retrying(|| {
+        let mut w = waft.clone();
+        let mut chunks = vec![api::DeployChunk {
+            kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
+                service: args.service.clone(),
+                size,
+            })),
+        }];
+        chunks.extend(module.chunks(1 << 20).map(|c| api::DeployChunk {
+            kind: Some(api::deploy_chunk::Kind::Data(c.to_vec())),
+        }));
+        async move { w.deploy(futures::stream::iter(chunks)).await }
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner();
+    match client.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"service": args.service, "module_sha256": reply.module_sha256, "index": reply.index})
+        ),
+        Output::Text => println!(
+            "deployed {} ({} bytes, sha256 {}) as service {:?} at index {}",
+            args.file.display(),
+            size,
+            reply.module_sha256,
+            args.service,
+            reply.index
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waft services`.
+pub async fn services(client: &ClientArgs) -> anyhow::Result<ExitCode> {
+    let mut waft = WaftClient::new(channel(&client.endpoint).await?);
+    let reply = waft
+        .list_services(api::ListServicesRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match client.output {
+        Output::Json => {
+            let list: Vec<_> = reply
+                .services
+                .iter()
+                .map(|s| {
+                    serde_json::json!({"name": s.name, "module_sha256": s.module_sha256,
+                        "module_size": s.module_size, "deployed_at_index": s.deployed_at_index})
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(list));
+        }
+        Output::Text => {
+            println!(
+                "{:<20} {:<14} {:>10} {:>10}",
+                "SERVICE", "MODULE", "SIZE", "DEPLOYED@"
+            );
+            for s in &reply.services {
+                println!(
+                    "{:<20} {:<14} {:>10} {:>10}",
+                    s.name,
+                    &s.module_sha256[..12.min(s.module_sha256.len())],
+                    s.module_size,
+                    s.deployed_at_index
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_members(out: Output, reply: &api::MembershipReply) {
+    match out {
+        Output::Json => {
+            let list: Vec<_> = reply
+                .members
+                .iter()
+                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"index": reply.index, "members": list})
+            );
+        }
+        Output::Text => {
+            for m in &reply.members {
+                println!(
+                    "{:>4}  {:<22} {}",
+                    m.id,
+                    m.addr,
+                    if m.voter { "voter" } else { "learner" }
+                );
+            }
+        }
+    }
+}
+
+/// `waft cluster ...`.
+pub async fn cluster(client: &ClientArgs, command: &ClusterCommand) -> anyhow::Result<ExitCode> {
+    let mut c = ClusterClient::new(channel(&client.endpoint).await?);
+    match command {
+        ClusterCommand::Init => {
+            let r = c
+                .init(api::InitRequest { members: vec![] })
+                .await
+                .map_err(status_error)?;
+            print_members(client.output, r.get_ref());
+        }
+        ClusterCommand::AddLearner { id, addr } => {
+            let req = api::AddLearnerRequest {
+                id: *id,
+                addr: addr.clone(),
+            };
+            let r = retrying(|| {
+                let mut c = c.clone();
+                let req = req.clone();
+                async move { c.add_learner(req).await }
+            })
+            .await
+            .map_err(status_error)?;
+            print_members(client.output, r.get_ref());
+        }
+        ClusterCommand::ChangeMembership { voters } => {
+            let req = api::ChangeMembershipRequest {
+                voters: voters.clone(),
+                retain: false,
+            };
+            let r = retrying(|| {
+                let mut c = c.clone();
+                let req = req.clone();
+                async move { c.change_membership(req).await }
+            })
+            .await
+            .map_err(status_error)?;
+            print_members(client.output, r.get_ref());
+        }
+        ClusterCommand::Remove { id } => {
+            let r = c
+                .remove_node(api::RemoveNodeRequest { id: *id })
+                .await
+                .map_err(status_error)?;
+            print_members(client.output, r.get_ref());
+        }
+        ClusterCommand::TransferLeader { to } => {
+            c.transfer_leader(api::TransferLeaderRequest { to: *to })
+                .await
+                .map_err(status_error)?;
+            if client.output == Output::Text {
+                println!("leadership transfer to node {to} requested");
+            }
+        }
+        ClusterCommand::Snapshot => {
+            c.trigger_snapshot(api::TriggerSnapshotRequest {})
+                .await
+                .map_err(status_error)?;
+            if client.output == Output::Text {
+                println!("snapshot requested");
+            }
+        }
+        ClusterCommand::Status => {
+            let s = c
+                .status(api::StatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_status(client.output, &s);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(out: Output, s: &api::StatusReply) {
+    match out {
+        Output::Json => {
+            let members: Vec<_> = s
+                .members
+                .iter()
+                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter, "matched_index": m.matched_index, "lag": m.lag}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
+                    "leader_addr": s.leader_addr, "last_log_index": s.last_log_index, "committed_index": s.committed_index,
+                    "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "engine": s.engine, "members": members})
+            );
+        }
+        Output::Text => {
+            println!(
+                "node {} is {} in term {}; leader: {}",
+                s.node_id,
+                s.role,
+                s.term,
+                s.leader_id
+                    .map_or("none".to_owned(), |l| format!("{l} ({})", s.leader_addr))
+            );
+            println!(
+                "log: last {}  committed {}  applied {}  snapshot {}",
+                s.last_log_index,
+                s.committed_index,
+                s.applied_index,
+                s.snapshot_index.map_or("-".to_owned(), |i| i.to_string())
+            );
+            println!("engine: {}", s.engine);
+            println!(
+                "{:>4}  {:<22} {:<8} {:>8} {:>6}",
+                "ID", "ADDRESS", "ROLE", "MATCHED", "LAG"
+            );
+            for m in &s.members {
+                println!(
+                    "{:>4}  {:<22} {:<8} {:>8} {:>6}",
+                    m.id,
+                    m.addr,
+                    if m.voter { "voter" } else { "learner" },
+                    m.matched_index.map_or("-".to_owned(), |i| i.to_string()),
+                    m.lag.map_or("-".to_owned(), |i| i.to_string())
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! `waft node` (one node) and `waft dev` (a local cluster in one process).
+
+use crate::node::{Node, NodeConfig};
+use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
+use anyhow::{Context, bail};
+use clap::Args;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Arguments of `waft node`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// This node's id: a number unique in the cluster.
+    #[arg(long, env = "WAFT_NODE_ID")]
+    pub id: u64,
+    /// Address to listen on for peers and clients.
+    #[arg(long, env = "WAFT_LISTEN", default_value = "127.0.0.1:7001")]
+    pub listen: String,
+    /// Address others use to reach this node (default: the listen address).
+    #[arg(long, env = "WAFT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Where the log, snapshots and compiled modules live.
+    #[arg(long, env = "WAFT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Join the cluster that the node at this address belongs to: become a learner, catch up,
+    /// then become a voter. Not needed when restarting a node that is already a member.
+    #[arg(long, env = "WAFT_JOIN")]
+    pub join: Option<String>,
+}
+
+/// Arguments of `waft dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// How many nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u64,
+    /// Node i listens on 127.0.0.1:(base-port + i).
+    #[arg(long, default_value_t = 7001)]
+    pub base_port: u16,
+    /// Keep the cluster's data here (default: a temporary directory removed at exit). Running
+    /// `waft dev` again with the same directory restarts the same cluster.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The guest to deploy as service `kv` (default: the example kv guest, built if needed).
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `waft node`.
+pub async fn node(args: &NodeArgs) -> anyhow::Result<ExitCode> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let mut config = NodeConfig::new(args.id, &args.data_dir);
+    config.advertise = args.advertise.clone();
+    let node = Node::start(config, listener).await?;
+    eprintln!(
+        "waft node {} serving on {} (data in {})",
+        args.id,
+        node.addr(),
+        args.data_dir.display()
+    );
+    if let Some(seed) = &args.join
+        && let Err(e) = join(seed, args.id, node.addr()).await
+    {
+        eprintln!("error: joining through {seed} failed: {e:#}");
+        node.shutdown().await?;
+        return Ok(ExitCode::FAILURE);
+    }
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    node.shutdown().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Adds this node as a learner through `seed`, then makes it a voter.
+async fn join(seed: &str, id: u64, addr: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {seed}"))?;
+    let mut cluster = ClusterClient::new(channel);
+    let status = cluster.status(api::StatusRequest {}).await?.into_inner();
+    if status.members.iter().any(|m| m.id == id && m.voter) {
+        eprintln!("node {id} is already a voter; nothing to join");
+        return Ok(());
+    }
+    if let Some(m) = status.members.iter().find(|m| m.id == id && m.addr != addr) {
+        bail!(
+            "node id {id} is already taken by {} in that cluster",
+            m.addr
+        );
+    }
+    cluster
+        .add_learner(api::AddLearnerRequest {
+            id,
+            addr: addr.to_owned(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let mut voters: Vec<u64> = status
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.id)
+        .collect();
+    voters.push(id);
+    cluster
+        .change_membership(api::ChangeMembershipRequest {
+            voters,
+            retain: false,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    eprintln!("node {id} joined the cluster through {seed} and is a voter");
+    Ok(())
+}
+
+/// The repository this binary was built from (for finding the example guests).
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Finds the example kv guest, building it when it is missing.
+fn example_kv() -> anyhow::Result<Vec<u8>> {
+    let root = repo_root();
+    let candidates = [
+        root.join("examples/guests/target/wasm32-wasip2/release/kv.wasm"),
+        root.join("target/guests/wasm32-wasip2/release/kv.wasm"),
+    ];
+    if let Some(found) = candidates.iter().find(|p| p.exists()) {
+        return std::fs::read(found).with_context(|| format!("cannot read {}", found.display()));
+    }
+    eprintln!("building the example kv guest (first run only)...");
+    let _ = std::process::Command::new("rustup")
+        .current_dir(&root)
+        .args(["target", "add", "wasm32-wasip2"])
+        .status();
+    let status = std::process::Command::new("cargo")
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+            "examples/guests/Cargo.toml",
+        ])
+        .status()
+        .context("cannot run cargo to build the example guest")?;
+    if !status.success() {
+        bail!(
+            "building the example kv guest failed; build it with `cargo build --release --target wasm32-wasip2 \
+             --manifest-path examples/guests/Cargo.toml` or pass --guest FILE"
+        );
+    }
+    std::fs::read(&candidates[0])
+        .with_context(|| format!("cannot read {}", candidates[0].display()))
+}
+
+/// `waft dev`.
+pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let module = match &args.guest {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        None => example_kv()?,
+    };
+    let temp = match &args.data_dir {
+        Some(_) => None,
+        None => Some(tempfile::tempdir().context("cannot create a temporary data directory")?),
+    };
+    let base = args.data_dir.clone().unwrap_or_else(|| {
+        temp.as_ref()
+            .map(|t| t.path().to_path_buf())
+            .unwrap_or_default()
+    });
+    let mut nodes = Vec::new();
+    let mut members = BTreeMap::new();
+    for i in 0..args.nodes {
+        let port = args.base_port as u64 + i;
+        let addr = format!("127.0.0.1:{port}");
+        let listener = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (pick another --base-port?)"))?;
+        let node = Node::start(
+            NodeConfig::new(i + 1, base.join(format!("node{}", i + 1))),
+            listener,
+        )
+        .await?;
+        members.insert(
+            i + 1,
+            openraft::BasicNode {
+                addr: node.addr().to_owned(),
+            },
+        );
+        nodes.push(node);
+    }
+    let first = nodes[0].addr().to_owned();
+    if !nodes[0]
+        .raft()
+        .is_initialized()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+    {
+        nodes[0]
+            .raft()
+            .initialize(members)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot initialize the cluster: {e}"))?;
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{first}"))?
+        .connect()
+        .await?;
+    let mut waft = WaftClient::new(channel)
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    let mut deployed = false;
+    for _ in 0..100 {
+        let existing = waft
+            .list_services(api::ListServicesRequest {})
+            .await?
+            .into_inner();
+        if existing.services.iter().any(|s| s.name == "kv") {
+            deployed = true;
+            break;
+        }
+        let chunks = vec![
+            api::DeployChunk {
+                kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
+                    service: "kv".into(),
+                    size: module.len() as u64,
+                })),
+            },
+            api::DeployChunk {
+                kind: Some(api::deploy_chunk::Kind::Data(module.clone())),
+            },
+        ];
+        match waft.deploy(futures::stream::iter(chunks)).await {
+            Ok(_) => {
+                deployed = true;
+                break;
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => bail!("deploying the kv guest failed: {}", s.message()),
+        }
+    }
+    if !deployed {
+        bail!("the cluster did not elect a leader in time to deploy the kv guest");
+    }
+    println!(
+        "waft dev: {} nodes, service `kv` deployed. Data in {}.",
+        nodes.len(),
+        base.display()
+    );
+    for n in &nodes {
+        println!("  node {}  {}", n.id(), n.addr());
+    }
+    println!();
+    println!("Try (from another terminal):");
+    println!("  waft submit --service kv 'put greeting hello'");
+    println!("  waft query --service kv 'get greeting'");
+    if let Some(n) = nodes.get(1) {
+        println!(
+            "  waft --endpoint {} submit --service kv 'put from follower'",
+            n.addr()
+        );
+    }
+    println!("  waft cluster status");
+    println!("  waft services");
+    println!("Press Ctrl-C to stop.");
+    shutdown_signal().await;
+    eprintln!("stopping {} nodes", nodes.len());
+    for n in nodes {
+        n.shutdown().await?;
+    }
+    drop(temp);
+    Ok(ExitCode::SUCCESS)
+}

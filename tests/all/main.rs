@@ -3,6 +3,7 @@
 //! Tests run real parts: guest components built from `examples/guests` and `tests/guests` by
 //! the `waft-testkit` build script, the real wasmtime engine, the real `waft` binary.
 
+mod api;
 mod cli;
 mod cluster;
 mod cluster_support;

@@ -1,0 +1,439 @@
+//! The client API over gRPC on an in-process cluster: forwarding, consistency levels,
+//! exactly-once retries, errors, membership and status.
+
+use crate::cluster_support::{TestCluster, test_settings};
+use std::time::Duration;
+use tonic::transport::Channel;
+use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
+use waft_testkit::guests::{EXAMPLE_KV, TEST_WRONG_WORLD};
+
+async fn waft(addr: &str) -> WaftClient<Channel> {
+    WaftClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+        .max_encoding_message_size(usize::MAX)
+}
+
+async fn cluster_client(addr: &str) -> ClusterClient<Channel> {
+    ClusterClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+fn deploy_stream(
+    service: &str,
+    module: Vec<u8>,
+    size: u64,
+) -> impl futures::Stream<Item = api::DeployChunk> {
+    futures::stream::iter(vec![
+        api::DeployChunk {
+            kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
+                service: service.to_owned(),
+                size,
+            })),
+        },
+        api::DeployChunk {
+            kind: Some(api::deploy_chunk::Kind::Data(module)),
+        },
+    ])
+}
+
+fn submit(service: &str, payload: &str, client_id: u64, sequence: u64) -> api::SubmitRequest {
+    api::SubmitRequest {
+        service: service.to_owned(),
+        payload: payload.as_bytes().to_vec(),
+        client_id,
+        sequence,
+    }
+}
+
+fn ok(reply: &api::SubmitReply) -> &[u8] {
+    match &reply.outcome {
+        Some(api::submit_reply::Outcome::Ok(r)) => r,
+        other => panic!("expected ok, got {other:?}"),
+    }
+}
+
+fn query_ok(reply: &api::QueryReply) -> &[u8] {
+    match &reply.outcome {
+        Some(api::query_reply::Outcome::Ok(r)) => r,
+        other => panic!("expected ok, got {other:?}"),
+    }
+}
+
+fn query(service: &str, payload: &str, consistency: api::Consistency) -> api::QueryRequest {
+    api::QueryRequest {
+        service: service.to_owned(),
+        payload: payload.as_bytes().to_vec(),
+        consistency: consistency as i32,
+    }
+}
+
+/// Forms a 3-node cluster through the API alone: init, add learners, change membership.
+async fn form_via_api(cluster: &TestCluster) {
+    let mut c0 = cluster_client(&cluster.addrs[0]).await;
+    c0.init(api::InitRequest { members: vec![] })
+        .await
+        .expect("init");
+    cluster.wait_leader().await;
+    for i in 1..3 {
+        // Through a follower-to-be? No: through node 0, the only member so far.
+        c0.add_learner(api::AddLearnerRequest {
+            id: i,
+            addr: cluster.addrs[i as usize].clone(),
+        })
+        .await
+        .expect("add learner");
+    }
+    let reply = c0
+        .change_membership(api::ChangeMembershipRequest {
+            voters: vec![0, 1, 2],
+            retain: false,
+        })
+        .await
+        .expect("change membership")
+        .into_inner();
+    assert_eq!(reply.members.iter().filter(|m| m.voter).count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_call_works_from_any_node() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    tracing::info!("a node that is not in a cluster says so: no leader, retry");
+    let e = waft(&cluster.addrs[1])
+        .await
+        .submit(submit("kv", "put a 1", 0, 0))
+        .await
+        .expect_err("no leader");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+
+    form_via_api(&cluster).await;
+    let leader = cluster.wait_leader().await;
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    let other = cluster.addrs[(leader + 2) % 3].clone();
+
+    tracing::info!("deploy through a follower (forwarded, validated on the leader)");
+    let module = waft_testkit::wasm(EXAMPLE_KV);
+    let size = module.len() as u64;
+    let d = waft(&follower)
+        .await
+        .deploy(deploy_stream("kv", module, size))
+        .await
+        .expect("deploy")
+        .into_inner();
+    assert_eq!(d.module_sha256.len(), 64);
+
+    tracing::info!("submit on a follower; read it back with each consistency level");
+    let mut f = waft(&follower).await;
+    let r = f
+        .submit(submit("kv", "put greeting hello-there", 0, 0))
+        .await
+        .expect("submit")
+        .into_inner();
+    assert_eq!(ok(&r), b"OK");
+    for (addr, level) in [
+        (&follower, api::Consistency::Linearizable),
+        (&other, api::Consistency::Linearizable),
+        (&other, api::Consistency::Lease),
+        (&cluster.addrs[leader], api::Consistency::Lease),
+    ] {
+        let q = waft(addr)
+            .await
+            .query(query("kv", "get greeting", level))
+            .await
+            .expect("query")
+            .into_inner();
+        assert_eq!(query_ok(&q), b"hello-there", "{level:?} at {addr}");
+        assert!(q.applied_index >= r.index);
+    }
+    cluster.wait_applied(r.index).await;
+    let q = waft(&other)
+        .await
+        .query(query("kv", "get greeting", api::Consistency::Stale))
+        .await
+        .expect("stale");
+    assert_eq!(query_ok(q.get_ref()), b"hello-there");
+
+    tracing::info!("a retried submit (same client id and sequence) is applied once");
+    let first = f
+        .submit(submit("kv", "cas greeting hello-there bye", 42, 1))
+        .await
+        .expect("cas")
+        .into_inner();
+    assert_eq!(ok(&first), b"OK");
+    let retry = waft(&other)
+        .await
+        .submit(submit("kv", "cas greeting hello-there bye", 42, 1))
+        .await
+        .expect("retry");
+    assert_eq!(
+        retry.get_ref().outcome,
+        first.outcome,
+        "the retry gets the first reply"
+    );
+    let q = f
+        .query(query("kv", "get greeting", api::Consistency::Linearizable))
+        .await
+        .expect("q")
+        .into_inner();
+    assert_eq!(query_ok(&q), b"bye");
+
+    tracing::info!("rejections are replies, not transport errors");
+    let r = f
+        .submit(submit("kv", "get missing", 0, 0))
+        .await
+        .expect("submit")
+        .into_inner();
+    assert_eq!(
+        r.outcome,
+        Some(api::submit_reply::Outcome::Rejected(
+            "key not found: missing".into()
+        ))
+    );
+
+    tracing::info!("services lists kv on every node");
+    for addr in &cluster.addrs {
+        let list = waft(addr)
+            .await
+            .list_services(api::ListServicesRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(list.services.len(), 1);
+        assert_eq!(list.services[0].name, "kv");
+        assert_eq!(list.services[0].module_sha256, d.module_sha256);
+    }
+
+    tracing::info!("status from a follower names the leader and every member");
+    let s = cluster_client(&follower)
+        .await
+        .status(api::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(s.role, "follower");
+    assert_eq!(s.leader_id, Some(leader as u64));
+    assert_eq!(s.members.len(), 3);
+    let s = cluster_client(&cluster.addrs[leader])
+        .await
+        .status(api::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(s.role, "leader");
+    assert!(
+        s.members.iter().all(|m| m.lag.is_some()),
+        "the leader reports lag: {:?}",
+        s.members
+    );
+
+    tracing::info!("leadership transfer through a follower");
+    let target = ((leader + 1) % 3) as u64;
+    cluster_client(&other)
+        .await
+        .transfer_leader(api::TransferLeaderRequest { to: target })
+        .await
+        .expect("transfer");
+    let mut moved = false;
+    for _ in 0..100 {
+        if cluster.wait_leader().await == target as usize {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(moved, "leadership moved to node {target}");
+    cluster_client(&follower)
+        .await
+        .trigger_snapshot(api::TriggerSnapshotRequest {})
+        .await
+        .expect("snapshot");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    form_via_api(&cluster).await;
+    let leader = cluster.wait_leader().await;
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    let mut w = waft(&follower).await;
+    let module = waft_testkit::wasm(EXAMPLE_KV);
+    let size = module.len() as u64;
+    w.deploy(deploy_stream("kv", module, size))
+        .await
+        .expect("deploy");
+
+    let code =
+        |r: Result<tonic::Response<api::DeployReply>, tonic::Status>| r.expect_err("must fail");
+    tracing::info!("deploys: not wasm, wrong world, empty, over the cap, short, headerless");
+    let e = code(
+        w.deploy(deploy_stream("x", b"not wasm at all".to_vec(), 15))
+            .await,
+    );
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("not a WebAssembly file"), "{e}");
+    let ww = waft_testkit::wasm(TEST_WRONG_WORLD);
+    let n = ww.len() as u64;
+    let e = code(w.deploy(deploy_stream("x", ww, n)).await);
+    assert!(
+        e.message()
+            .contains("does not export waft:fsm/state-machine"),
+        "{e}"
+    );
+    let e = code(w.deploy(deploy_stream("x", vec![], 0)).await);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("0 bytes"), "{e}");
+    let e = code(w.deploy(deploy_stream("x", vec![], 1 << 40)).await);
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    let e = code(w.deploy(deploy_stream("x", vec![0; 10], 20)).await);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = code(
+        w.deploy(futures::stream::iter(vec![api::DeployChunk {
+            kind: Some(api::deploy_chunk::Kind::Data(vec![1])),
+        }]))
+        .await,
+    );
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+
+    tracing::info!("submits and queries: unknown service, oversized payload, no service name");
+    let e = w
+        .submit(submit("nope", "put a 1", 0, 0))
+        .await
+        .expect_err("unknown service");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let big = "x".repeat(2 << 20);
+    let e = w
+        .submit(submit("kv", &big, 0, 0))
+        .await
+        .expect_err("too large");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    let e = w
+        .submit(submit("", "put a 1", 0, 0))
+        .await
+        .expect_err("no service");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = w
+        .query(query("nope", "get a", api::Consistency::Stale))
+        .await
+        .expect_err("unknown service");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let mut bad = query("kv", "get a", api::Consistency::Stale);
+    bad.consistency = 17;
+    let e = w.query(bad).await.expect_err("bad consistency");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+
+    tracing::info!(
+        "membership: removing a non-member, transferring to a non-voter, empty voter set"
+    );
+    let mut c = cluster_client(&follower).await;
+    let e = c
+        .remove_node(api::RemoveNodeRequest { id: 99 })
+        .await
+        .expect_err("not a member");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = c
+        .transfer_leader(api::TransferLeaderRequest { to: 99 })
+        .await
+        .expect_err("not a voter");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let e = c
+        .change_membership(api::ChangeMembershipRequest {
+            voters: vec![],
+            retain: false,
+        })
+        .await
+        .expect_err("empty");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let e = c
+        .init(api::InitRequest { members: vec![] })
+        .await
+        .expect_err("already initialized");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+
+    tracing::info!("nothing above changed the state: still only kv, still empty");
+    let list = w
+        .list_services(api::ListServicesRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.services.len(), 1);
+    let q = w
+        .query(query("kv", "scan", api::Consistency::Linearizable))
+        .await
+        .expect("scan")
+        .into_inner();
+    assert_eq!(query_ok(&q), b"");
+
+    tracing::info!("removing a node, then refusing to remove the last voter");
+    let victim = ((leader + 2) % 3) as u64;
+    let r = c
+        .remove_node(api::RemoveNodeRequest { id: victim })
+        .await
+        .expect("remove")
+        .into_inner();
+    assert!(r.members.iter().all(|m| m.id != victim), "{:?}", r.members);
+    cluster.shutdown().await;
+
+    let single = TestCluster::start(1, test_settings()).await;
+    let mut c = cluster_client(&single.addrs[0]).await;
+    c.init(api::InitRequest { members: vec![] })
+        .await
+        .expect("init");
+    single.wait_leader().await;
+    let e = c
+        .remove_node(api::RemoveNodeRequest { id: 0 })
+        .await
+        .expect_err("last voter");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("last voter"), "{e}");
+    single.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let cluster = TestCluster::start(1, test_settings()).await;
+    let channel = Channel::from_shared(format!("http://{}", cluster.addrs[0]))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "waft.v1.Waft".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let reply = replies.message().await.expect("reply").expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["waft.v1.Waft", "waft.v1.Cluster", "waft.raft.v1.Raft"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    cluster.shutdown().await;
+}

@@ -89,6 +89,7 @@ async fn form_via_api(cluster: &TestCluster) {
         .change_membership(api::ChangeMembershipRequest {
             voters: vec![0, 1, 2],
             retain: false,
+            add_voters: vec![],
         })
         .await
         .expect("change membership")
@@ -341,6 +342,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         .change_membership(api::ChangeMembershipRequest {
             voters: vec![],
             retain: false,
+            add_voters: vec![],
         })
         .await
         .expect_err("empty");

@@ -500,13 +500,21 @@ impl cluster_server::Cluster for Api {
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
         let fwd = forwarded(&request);
         let req = request.into_inner();
-        if req.voters.is_empty() {
-            return Err(Status::invalid_argument(
-                "a cluster needs at least one voter",
-            ));
-        }
-        let voters: BTreeSet<NodeId> = req.voters.iter().copied().collect();
-        match self.raft.change_membership(voters, req.retain).await {
+        let change = match (req.voters.is_empty(), req.add_voters.is_empty()) {
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "a cluster needs at least one voter",
+                ));
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "give either voters or add_voters, not both",
+                ));
+            }
+            (false, true) => ChangeMembers::ReplaceAllVoters(req.voters.iter().copied().collect()),
+            (true, false) => ChangeMembers::AddVoterIds(req.add_voters.iter().copied().collect()),
+        };
+        match self.raft.change_membership(change, req.retain).await {
             Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
             Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
                 Route::Leader(addr) => {

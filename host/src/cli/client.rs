@@ -442,6 +442,7 @@ pub async fn cluster(client: &ClientArgs, command: &ClusterCommand) -> anyhow::R
             let req = api::ChangeMembershipRequest {
                 voters: voters.clone(),
                 retain: false,
+                add_voters: vec![],
             };
             let r = retrying(|| {
                 let mut c = c.clone();

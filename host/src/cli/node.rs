@@ -115,27 +115,51 @@ async fn join(seed: &str, id: u64, addr: &str) -> anyhow::Result<()> {
             m.addr
         );
     }
-    cluster
-        .add_learner(api::AddLearnerRequest {
+    let mut tries = 0;
+    loop {
+        let req = api::AddLearnerRequest {
             id,
             addr: addr.to_owned(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    let mut voters: Vec<u64> = status
-        .members
-        .iter()
-        .filter(|m| m.voter)
-        .map(|m| m.id)
-        .collect();
-    voters.push(id);
-    cluster
-        .change_membership(api::ChangeMembershipRequest {
-            voters,
+        };
+        match cluster.add_learner(req).await {
+            Ok(_) => break,
+            Err(s)
+                if tries < 50
+                    && matches!(
+                        s.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+                    ) =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => bail!("{}", s.message()),
+        }
+    }
+    // Promote with "add voter" (not "replace voters"), so nodes joining at once do not undo
+    // each other; retry while another membership change is in flight.
+    let mut tries = 0;
+    loop {
+        let req = api::ChangeMembershipRequest {
+            voters: vec![],
             retain: false,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            add_voters: vec![id],
+        };
+        match cluster.change_membership(req).await {
+            Ok(_) => break,
+            Err(s)
+                if tries < 50
+                    && matches!(
+                        s.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+                    ) =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => bail!("{}", s.message()),
+        }
+    }
     eprintln!("node {id} joined the cluster through {seed} and is a voter");
     Ok(())
 }

@@ -169,7 +169,14 @@ impl Node {
         health_reporter.set_serving::<ClusterServer<Api>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
+            .map_err(|e| NodeError::Raft(format!("reflection: {e}")))?;
+        // Older clients (grpcurl up to 1.8) only speak the v1alpha reflection protocol.
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
             .map_err(|e| NodeError::Raft(format!("reflection: {e}")))?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(
@@ -188,6 +195,7 @@ impl Node {
                 .add_service(ClusterServer::new(api))
                 .add_service(health)
                 .add_service(reflection)
+                .add_service(reflection_alpha)
                 .serve_with_incoming_shutdown(incoming(listener), async {
                     let _ = stop_rx.await;
                 }),

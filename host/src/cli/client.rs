@@ -3,6 +3,7 @@
 use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use futures::StreamExt;
 use std::io::Read;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -315,22 +316,51 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
     let size = module.len() as u64;
+    // A progress bar for uploads worth watching, on a terminal, in text mode.
+    let bar = (size > (4 << 20)
+        && client.output == Output::Text
+        && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    .then(|| {
+        let bar = indicatif::ProgressBar::new(size);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "uploading {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
     let reply = retrying(|| {
         let mut w = waft.clone();
-        let mut chunks = vec![api::DeployChunk {
+        let header = api::DeployChunk {
             kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
                 service: args.service.clone(),
                 size,
             })),
-        }];
-        chunks.extend(module.chunks(1 << 20).map(|c| api::DeployChunk {
-            kind: Some(api::deploy_chunk::Kind::Data(c.to_vec())),
-        }));
-        async move { w.deploy(futures::stream::iter(chunks)).await }
+        };
+        let bar = bar.clone();
+        if let Some(b) = &bar {
+            b.set_position(0);
+        }
+        let data: Vec<Vec<u8>> = module.chunks(1 << 20).map(<[u8]>::to_vec).collect();
+        let chunks = futures::stream::iter(std::iter::once(header)).chain(
+            futures::stream::iter(data).map(move |c| {
+                if let Some(b) = &bar {
+                    b.inc(c.len() as u64);
+                }
+                api::DeployChunk {
+                    kind: Some(api::deploy_chunk::Kind::Data(c)),
+                }
+            }),
+        );
+        async move { w.deploy(chunks).await }
     })
     .await
     .map_err(status_error)?
     .into_inner();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     match client.output {
         Output::Json => println!(
             "{}",

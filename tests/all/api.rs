@@ -30,6 +30,7 @@ fn deploy_stream(
             kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
                 service: service.to_owned(),
                 size,
+                dry_run: false,
             })),
         },
         api::DeployChunk {

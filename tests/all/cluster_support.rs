@@ -143,6 +143,14 @@ impl TestCluster {
             .write(Request::Deploy {
                 service: service.to_owned(),
                 module,
+                engine: self
+                    .nodes
+                    .iter()
+                    .flatten()
+                    .next()
+                    .expect("a running node")
+                    .state()
+                    .engine(),
                 timestamp_ms: 1,
             })
             .await;

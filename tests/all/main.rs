@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod cluster;
 mod cluster_support;
+mod hotswap;
 mod process;
 mod runtime;
 mod storage;

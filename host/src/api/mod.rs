@@ -389,21 +389,59 @@ impl waft_server::Waft for Api {
         }
         // Validate before proposing: a module that does not load never enters the log. The
         // compiled module stays cached, so applying the entry does not compile again.
+        // Validate before proposing, so a bad module never enters the log: it must compile,
+        // implement the world, and accept the service's current state in a throwaway instance.
+        // The compiled module stays cached, so applying the entry does not compile it again.
+        let current = self
+            .state
+            .service_state(&header.service)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot read the current state of {:?}: {e}",
+                    header.service
+                ))
+            })?;
         let runtime = self.runtime.clone();
         let bytes = module.clone();
-        tokio::task::spawn_blocking(move || runtime.load(&bytes))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
+        let service = header.service.clone();
+        let hash = tokio::task::spawn_blocking(move || -> Result<String, Status> {
+            let loaded = runtime
+                .load(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
+            let mut trial = runtime
+                .instantiate(&loaded, &service)
+                .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
+            if let Some(state) = current {
+                trial.restore(&state).map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "the new module refused the current state of {service:?}, so the running version \
+                         stays: {e}"
+                    ))
+                })?;
+            }
+            Ok(loaded.hash().to_hex())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        if header.dry_run {
+            return Ok(GrpcResponse::new(api::DeployReply {
+                module_sha256: hash,
+                index: 0,
+                dry_run: true,
+            }));
+        }
         let entry = Request::Deploy {
             service: header.service.clone(),
             module,
+            engine: self.runtime.fingerprint().to_owned(),
             timestamp_ms: now_ms(),
         };
         match self.write(entry, true).await? {
             Ok((index, Response::Deployed { module })) => Ok(GrpcResponse::new(api::DeployReply {
                 module_sha256: module,
                 index,
+                dry_run: false,
             })),
             Ok((_, Response::DeployFailed(why))) => {
                 Err(Status::failed_precondition(format!("deploy failed: {why}")))

@@ -76,6 +76,10 @@ pub struct DeployArgs {
     /// The service it will serve.
     #[arg(long, short)]
     pub service: String,
+    /// Validate only: compile, check the world, and check that the module accepts the
+    /// service's current state. Nothing is deployed.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `waft cluster ...`.
@@ -336,6 +340,7 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
             kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
                 service: args.service.clone(),
                 size,
+                dry_run: args.dry_run,
             })),
         };
         let bar = bar.clone();
@@ -364,7 +369,15 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
     match client.output {
         Output::Json => println!(
             "{}",
-            serde_json::json!({"service": args.service, "module_sha256": reply.module_sha256, "index": reply.index})
+            serde_json::json!({"service": args.service, "module_sha256": reply.module_sha256,
+                "index": reply.index, "dry_run": reply.dry_run})
+        ),
+        Output::Text if reply.dry_run => println!(
+            "dry run: {} ({} bytes, sha256 {}) would be accepted as service {:?}; nothing was deployed",
+            args.file.display(),
+            size,
+            reply.module_sha256,
+            args.service
         ),
         Output::Text => println!(
             "deployed {} ({} bytes, sha256 {}) as service {:?} at index {}",

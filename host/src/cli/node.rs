@@ -281,6 +281,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
                 kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
                     service: "kv".into(),
                     size: module.len() as u64,
+                    dry_run: false,
                 })),
             },
             api::DeployChunk {

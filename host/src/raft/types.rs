@@ -50,6 +50,10 @@ pub enum Request {
         service: String,
         /// The component bytes.
         module: Vec<u8>,
+        /// The engine fingerprint of the leader that validated the module. A node whose own
+        /// fingerprint differs refuses to apply the entry (and stops) rather than risk running
+        /// the guest differently from its peers.
+        engine: String,
         /// As for commands.
         timestamp_ms: u64,
     },

@@ -73,7 +73,11 @@ impl SmState {
     }
 
     /// Applies committed entries in order and returns one response per entry.
-    fn apply_entries(&mut self, entries: Vec<Entry>) -> Vec<Response> {
+    ///
+    /// Fails only when a deploy was validated by an engine with another fingerprint: applying it
+    /// could make this replica diverge, so the node must stop instead (openraft treats the
+    /// error as fatal).
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> io::Result<Vec<Response>> {
         let mut out = Vec::with_capacity(entries.len());
         // Consecutive commands for one service are applied as a batch (same outcome, fewer
         // calls into the guest); anything else flushes the batch first.
@@ -126,9 +130,21 @@ impl SmState {
                 EntryPayload::Normal(Request::Deploy {
                     service,
                     module,
+                    engine,
                     timestamp_ms,
                 }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
+                    if engine != self.runtime.fingerprint() {
+                        let msg = format!(
+                            "refusing to apply the deploy of service {service:?} at index {}: it was validated by \
+                             engine {engine}, this node runs {}; running it here could diverge from the other \
+                             replicas. Run the same waft build (and limits) on every node.",
+                            log_id.index(),
+                            self.runtime.fingerprint()
+                        );
+                        tracing::error!("{msg}");
+                        return Err(io::Error::other(msg));
+                    }
                     self.advance_clock(timestamp_ms);
                     out.push(self.deploy(&service, module, log_id.index()));
                 }
@@ -145,7 +161,7 @@ impl SmState {
             self.last_applied = Some(log_id);
         }
         self.flush(&batch_service, &mut batch, &mut out);
-        out
+        Ok(out)
     }
 
     /// Time never goes backwards: a new leader with a slower clock gets the previous time.
@@ -421,6 +437,23 @@ impl StateHandle {
         })
     }
 
+    /// The current state (guest snapshot) of one service, `None` when it does not exist.
+    pub async fn service_state(&self, service: &str) -> Result<Option<Vec<u8>>, GuestError> {
+        let state = self.state.clone();
+        let service = service.to_owned();
+        tokio::task::spawn_blocking(move || match lock(&state).services.get_mut(&service) {
+            Some(svc) => svc.guest.snapshot().map(Some),
+            None => Ok(None),
+        })
+        .await
+        .unwrap_or_else(|e| Err(GuestError::Poisoned(format!("snapshot task failed: {e}"))))
+    }
+
+    /// The engine fingerprint of this node's runtime.
+    pub fn engine(&self) -> String {
+        lock(&self.state).runtime.fingerprint().to_owned()
+    }
+
     /// The last applied log id.
     pub fn last_applied(&self) -> Option<LogId> {
         lock(&self.state).last_applied
@@ -525,7 +558,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.push(entry);
             responders.push(responder);
         }
-        let responses = self.blocking(move |st| Ok(st.apply_entries(batch))).await?;
+        let responses = self.blocking(move |st| st.apply_entries(batch)).await?;
         for (responder, response) in responders.into_iter().zip(responses) {
             if let Some(r) = responder {
                 r.send(response);

@@ -102,6 +102,8 @@ impl StateMachine for Kv {
                 Ok(b"OK".to_vec())
             }
             "scan" => Ok(self.scan(rest)),
+            #[cfg(feature = "v2")]
+            "version" => Ok(b"kv v2".to_vec()),
             "" => Err("empty command; try: put KEY VALUE".to_owned()),
             other => Err(format!(
                 "unknown command {other:?}; expected put, get, del, cas or scan"

@@ -1,0 +1,269 @@
+//! Hot-swap: a deploy is a log entry, validated on the leader first; the state moves from the
+//! old module to the new one; a module that refuses the state never takes over; a node whose
+//! engine differs refuses to apply a deploy.
+
+use crate::cluster_support::{TestCluster, kv, test_settings};
+use std::time::Duration;
+use tonic::transport::Channel;
+use waft::pb::api::{self, waft_client::WaftClient};
+use waft::raft::types::{Request, Response};
+use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE, TEST_KV2};
+
+async fn client(addr: &str) -> WaftClient<Channel> {
+    WaftClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+        .max_encoding_message_size(usize::MAX)
+}
+
+async fn deploy(
+    addr: &str,
+    service: &str,
+    path: &str,
+    dry_run: bool,
+) -> Result<api::DeployReply, tonic::Status> {
+    let module = waft_testkit::wasm(path);
+    let chunks = vec![
+        api::DeployChunk {
+            kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
+                service: service.to_owned(),
+                size: module.len() as u64,
+                dry_run,
+            })),
+        },
+        api::DeployChunk {
+            kind: Some(api::deploy_chunk::Kind::Data(module)),
+        },
+    ];
+    client(addr)
+        .await
+        .deploy(futures::stream::iter(chunks))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn outcome(r: &api::SubmitReply) -> Result<String, String> {
+    match &r.outcome {
+        Some(api::submit_reply::Outcome::Ok(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Some(api::submit_reply::Outcome::Rejected(m))
+        | Some(api::submit_reply::Outcome::Trapped(m)) => Err(m.clone()),
+        None => Err("empty".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn swapping_kv_for_v2_under_load_loses_and_repeats_nothing() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let addrs = cluster.addrs.clone();
+    deploy(&addrs[0], "kv", EXAMPLE_KV, false)
+        .await
+        .expect("deploy v1");
+    let before = client(&addrs[1])
+        .await
+        .submit(api::SubmitRequest {
+            service: "kv".into(),
+            payload: b"version".to_vec(),
+            client_id: 0,
+            sequence: 0,
+        })
+        .await
+        .expect("submit")
+        .into_inner();
+    assert!(
+        outcome(&before).is_err_and(|e| e.contains("unknown command")),
+        "v1 has no version command"
+    );
+
+    tracing::info!("four writers run compare-and-swap chains while v2 is deployed");
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let addr = addrs[w as usize % 3].clone();
+        writers.push(tokio::spawn(async move {
+            let c = client(&addr).await;
+            let key = format!("w{w}");
+            let mut seq = 1;
+            let submit = |payload: String, seq: u64| {
+                let req = api::SubmitRequest {
+                    service: "kv".into(),
+                    payload: payload.into_bytes(),
+                    client_id: 1000 + w,
+                    sequence: seq,
+                };
+                let mut c = c.clone();
+                async move {
+                    // Retry the same (client, sequence) until it goes through: at most once.
+                    loop {
+                        match c.submit(req.clone()).await {
+                            Ok(r) => return r.into_inner(),
+                            Err(s) if s.code() == tonic::Code::Unavailable => {
+                                tokio::time::sleep(Duration::from_millis(20)).await
+                            }
+                            Err(s) => panic!("submit failed: {s}"),
+                        }
+                    }
+                }
+            };
+            assert_eq!(
+                outcome(&submit(format!("put {key} 0"), seq).await),
+                Ok("OK".into())
+            );
+            let mut last = 0;
+            for i in 1..=60u64 {
+                seq += 1;
+                let r = submit(format!("cas {key} {} {i}", i - 1), seq).await;
+                assert_eq!(
+                    outcome(&r),
+                    Ok("OK".into()),
+                    "cas {i} of {key}: a lost or doubled write breaks the chain"
+                );
+                last = i;
+            }
+            (key, last)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let swapped = deploy(&addrs[2], "kv", TEST_KV2, false)
+        .await
+        .expect("deploy v2");
+    assert!(swapped.index > 0);
+    let mut chains = Vec::new();
+    for w in writers {
+        chains.push(w.await.expect("writer"));
+    }
+    let (last_index, version) = cluster.write(kv("version")).await;
+    assert_eq!(version, Response::Reply(b"kv v2".to_vec()));
+    cluster.wait_applied(last_index).await;
+
+    tracing::info!("every node: v2 active since the same index, every write present, same bytes");
+    for node in cluster.nodes.iter().flatten() {
+        let services = node.state().services();
+        assert_eq!(services[0].deployed_at, swapped.index, "node {}", node.id());
+        assert_eq!(services[0].module.hash.to_hex(), swapped.module_sha256);
+        for (key, last) in &chains {
+            let v = node
+                .state()
+                .query("kv", format!("get {key}").into_bytes())
+                .await
+                .expect("get");
+            assert_eq!(v, last.to_string().into_bytes(), "node {} {key}", node.id());
+        }
+    }
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_module_that_refuses_the_state_never_takes_over() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let addrs = cluster.addrs.clone();
+    deploy(&addrs[1], "kv", EXAMPLE_KV, false)
+        .await
+        .expect("deploy v1");
+    let (index, _) = cluster.write(kv("put a 1")).await;
+    let hash_before = cluster.node(0).state().services()[0].module.hash;
+
+    tracing::info!("the hostile guest cannot read kv's snapshot: refused before it is proposed");
+    let e = deploy(&addrs[2], "kv", TEST_HOSTILE, false)
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("refused the current state"), "{e}");
+
+    tracing::info!("a dry run validates and changes nothing");
+    let dry = deploy(&addrs[0], "kv", TEST_KV2, true)
+        .await
+        .expect("dry run");
+    assert!(dry.dry_run);
+    assert_eq!(dry.index, 0);
+    let e = deploy(&addrs[0], "kv", TEST_HOSTILE, true)
+        .await
+        .expect_err("dry run refuses too");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+
+    cluster.wait_applied(index).await;
+    for node in cluster.nodes.iter().flatten() {
+        assert_eq!(
+            node.state().services()[0].module.hash,
+            hash_before,
+            "node {}",
+            node.id()
+        );
+        let v = node
+            .state()
+            .query("kv", b"get a".to_vec())
+            .await
+            .expect("v1 still serves");
+        assert_eq!(v, b"1");
+    }
+
+    tracing::info!("the state machine refuses it the same way if it gets into the log anyway");
+    let (index, resp) = cluster
+        .write(Request::Deploy {
+            service: "kv".into(),
+            module: waft_testkit::wasm(TEST_HOSTILE),
+            engine: cluster.node(0).state().engine(),
+            timestamp_ms: 1,
+        })
+        .await;
+    assert!(
+        matches!(&resp, Response::DeployFailed(m) if m.contains("refused the current state")),
+        "{resp:?}"
+    );
+    cluster.wait_applied(index).await;
+    for node in cluster.nodes.iter().flatten() {
+        assert_eq!(node.state().services()[0].module.hash, hash_before);
+    }
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_down_during_two_deploys_rejoins_with_the_right_version() {
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    deploy(&cluster.addrs[0], "kv", EXAMPLE_KV, false)
+        .await
+        .expect("v1");
+    cluster.write(kv("put a 1")).await;
+    let down = (cluster.wait_leader().await + 1) % 3;
+    cluster.stop(down).await;
+    let up = cluster.addrs[(down + 1) % 3].clone();
+    deploy(&up, "kv", TEST_KV2, false).await.expect("v2");
+    cluster.write(kv("put b 2")).await;
+    let last = deploy(&up, "kv", EXAMPLE_KV, false)
+        .await
+        .expect("back to v1");
+    let (index, _) = cluster.write(kv("put c 3")).await;
+    cluster.restart(down).await;
+    cluster.wait_applied(index).await;
+    let services = cluster.node(down).state().services();
+    assert_eq!(services[0].module.hash.to_hex(), last.module_sha256);
+    assert_eq!(services[0].deployed_at, last.index);
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_from_another_engine_stops_the_node_instead_of_diverging() {
+    let cluster = TestCluster::start(1, test_settings()).await;
+    cluster.form().await;
+    let leader = cluster.wait_leader().await;
+    let result = cluster
+        .node(leader)
+        .raft()
+        .client_write(Request::Deploy {
+            service: "kv".into(),
+            module: waft_testkit::wasm(EXAMPLE_KV),
+            engine: "wasmtime-0.0.0-0000000000000000".into(),
+            timestamp_ms: 1,
+        })
+        .await;
+    let e = result.expect_err("the node must refuse");
+    assert!(e.to_string().contains("engine"), "{e}");
+    assert!(
+        cluster.node(leader).state().services().is_empty(),
+        "nothing was deployed"
+    );
+}

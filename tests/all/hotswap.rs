@@ -267,3 +267,133 @@ async fn a_deploy_from_another_engine_stops_the_node_instead_of_diverging() {
         "nothing was deployed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollback_restores_earlier_behaviour_with_the_state_carried_over() {
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let addrs = cluster.addrs.clone();
+    let v1 = deploy(&addrs[0], "kv", EXAMPLE_KV, false)
+        .await
+        .expect("v1");
+    assert_eq!(v1.version, 1);
+    cluster.write(kv("put a 1")).await;
+    let v2 = deploy(&addrs[1], "kv", TEST_KV2, false).await.expect("v2");
+    assert_eq!(v2.version, 2);
+    assert_eq!(
+        cluster.write(kv("version")).await.1,
+        Response::Reply(b"kv v2".to_vec())
+    );
+    cluster.write(kv("put b 2")).await;
+
+    tracing::info!("roll back (to the previous version) through a follower");
+    let rollback = |to_version: u32| {
+        let addr = addrs[2].clone();
+        async move {
+            client(&addr)
+                .await
+                .rollback(api::RollbackRequest {
+                    service: "kv".into(),
+                    to_version,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let back = rollback(0).await.expect("rollback");
+    assert_eq!(back.version, 3);
+    assert_eq!(back.module_sha256, v1.module_sha256);
+    let (index, version) = cluster.write(kv("version")).await;
+    assert!(
+        matches!(version, Response::Rejected(m) if m.contains("unknown command")),
+        "v1 behaviour is back"
+    );
+    cluster.wait_applied(index).await;
+    for node in cluster.nodes.iter().flatten() {
+        for (k, v) in [("a", "1"), ("b", "2")] {
+            let got = node
+                .state()
+                .query("kv", format!("get {k}").into_bytes())
+                .await
+                .expect("get");
+            assert_eq!(
+                got,
+                v.as_bytes(),
+                "node {} kept {k} through the swaps",
+                node.id()
+            );
+        }
+    }
+
+    tracing::info!("services shows the version, the history and the state size");
+    let list = client(&addrs[1])
+        .await
+        .list_services(api::ListServicesRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let kv_info = &list.services[0];
+    assert_eq!(kv_info.version, 3);
+    assert_eq!(
+        kv_info
+            .history
+            .iter()
+            .map(|v| v.version)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(kv_info.state_bytes > 12);
+
+    tracing::info!("roll forward to a named version; refuse unknown versions and services");
+    let forward = rollback(2).await.expect("to v2");
+    assert_eq!(
+        (forward.version, forward.module_sha256.as_str()),
+        (4, v2.module_sha256.as_str())
+    );
+    let e = rollback(99).await.expect_err("no such version");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let e = client(&addrs[0])
+        .await
+        .rollback(api::RollbackRequest {
+            service: "nope".into(),
+            to_version: 0,
+        })
+        .await
+        .expect_err("no such service");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+
+    tracing::info!("the history survives a snapshot and a restart");
+    let leader = cluster.wait_leader().await;
+    let (index, _) = cluster.write(kv("put c 3")).await;
+    cluster.wait_applied(index).await;
+    let restarted = (leader + 1) % 3;
+    cluster
+        .node(restarted)
+        .raft()
+        .trigger()
+        .snapshot()
+        .await
+        .expect("snapshot");
+    cluster
+        .node(restarted)
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .snapshot(
+            cluster
+                .node(restarted)
+                .metrics()
+                .last_applied
+                .expect("applied"),
+            "snapshot built",
+        )
+        .await
+        .expect("snapshot built");
+    cluster.stop(restarted).await;
+    cluster.restart(restarted).await;
+    cluster.wait_applied(index).await;
+    let services = cluster.node(restarted).state().services();
+    assert_eq!(services[0].version, 4);
+    assert_eq!(services[0].history.len(), 4);
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}

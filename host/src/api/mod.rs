@@ -429,6 +429,7 @@ impl waft_server::Waft for Api {
                 module_sha256: hash,
                 index: 0,
                 dry_run: true,
+                version: 0,
             }));
         }
         let entry = Request::Deploy {
@@ -438,11 +439,14 @@ impl waft_server::Waft for Api {
             timestamp_ms: now_ms(),
         };
         match self.write(entry, true).await? {
-            Ok((index, Response::Deployed { module })) => Ok(GrpcResponse::new(api::DeployReply {
-                module_sha256: module,
-                index,
-                dry_run: false,
-            })),
+            Ok((index, Response::Deployed { module, version })) => {
+                Ok(GrpcResponse::new(api::DeployReply {
+                    module_sha256: module,
+                    index,
+                    dry_run: false,
+                    version,
+                }))
+            }
             Ok((_, Response::DeployFailed(why))) => {
                 Err(Status::failed_precondition(format!("deploy failed: {why}")))
             }
@@ -455,19 +459,111 @@ impl waft_server::Waft for Api {
         }
     }
 
+    async fn rollback(
+        &self,
+        request: GrpcRequest<api::RollbackRequest>,
+    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        if let Route::Leader(addr) = self.leader_route(fwd).await? {
+            return self.waft_client(&addr)?.rollback(mark(req)).await;
+        }
+        let to = (req.to_version != 0).then_some(req.to_version);
+        if !self.state.services().iter().any(|s| s.name == req.service) {
+            return Err(Status::not_found(format!(
+                "no service named {:?}",
+                req.service
+            )));
+        }
+        // Validate like a deploy: the target version must exist and accept the current state.
+        let (version, module) = self.state.version_module(&req.service, to).ok_or_else(|| {
+            Status::failed_precondition(match to {
+                Some(v) => format!("service {:?} has no kept version {v}", req.service),
+                None => format!(
+                    "service {:?} has no earlier version to roll back to",
+                    req.service
+                ),
+            })
+        })?;
+        let current = self
+            .state
+            .service_state(&req.service)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read the current state: {e}")))?;
+        let runtime = self.runtime.clone();
+        let service = req.service.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), Status> {
+            let loaded = runtime
+                .load(&module)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let mut trial = runtime
+                .instantiate(&loaded, &service)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            if let Some(state) = current {
+                trial.restore(&state).map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "version {version} refused the current state: {e}"
+                    ))
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let entry = Request::Rollback {
+            service: req.service.clone(),
+            to: Some(version),
+            timestamp_ms: now_ms(),
+        };
+        match self.write(entry, true).await? {
+            Ok((index, Response::Deployed { module, version })) => {
+                Ok(GrpcResponse::new(api::DeployReply {
+                    module_sha256: module,
+                    index,
+                    dry_run: false,
+                    version,
+                }))
+            }
+            Ok((_, Response::DeployFailed(why))) => Err(Status::failed_precondition(format!(
+                "rollback failed: {why}"
+            ))),
+            Ok((_, Response::NoSuchService(s))) => {
+                Err(Status::not_found(format!("no service named {s:?}")))
+            }
+            Ok((_, other)) => Err(Status::internal(format!(
+                "unexpected response to a rollback: {other:?}"
+            ))),
+            Err(_) => Err(Status::unavailable(
+                "leadership moved during the rollback; retry",
+            )),
+        }
+    }
+
     async fn list_services(
         &self,
         _request: GrpcRequest<api::ListServicesRequest>,
     ) -> Result<GrpcResponse<api::ListServicesReply>, Status> {
+        let sizes = self.state.service_states().await.unwrap_or_default();
         let services = self
             .state
             .services()
             .into_iter()
             .map(|s| api::ServiceInfo {
-                name: s.name,
+                state_bytes: sizes.get(&s.name).map_or(0, |b| b.len() as u64),
                 module_sha256: s.module.hash.to_hex(),
                 module_size: s.module.size as u64,
                 deployed_at_index: s.deployed_at,
+                version: s.version,
+                history: s
+                    .history
+                    .iter()
+                    .map(|r| api::VersionInfo {
+                        version: r.version,
+                        module_sha256: r.module.clone(),
+                        deployed_at_index: r.deployed_at,
+                    })
+                    .collect(),
+                name: s.name,
             })
             .collect();
         Ok(GrpcResponse::new(api::ListServicesReply { services }))

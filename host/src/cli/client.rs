@@ -82,6 +82,17 @@ pub struct DeployArgs {
     pub dry_run: bool,
 }
 
+/// Arguments of `waft rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The service to roll back.
+    #[arg(long, short)]
+    pub service: String,
+    /// The version to make active again (default: the one before the current version).
+    #[arg(long)]
+    pub to: Option<u32>,
+}
+
 /// `waft cluster ...`.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
@@ -370,7 +381,7 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
         Output::Json => println!(
             "{}",
             serde_json::json!({"service": args.service, "module_sha256": reply.module_sha256,
-                "index": reply.index, "dry_run": reply.dry_run})
+                "index": reply.index, "dry_run": reply.dry_run, "version": reply.version})
         ),
         Output::Text if reply.dry_run => println!(
             "dry run: {} ({} bytes, sha256 {}) would be accepted as service {:?}; nothing was deployed",
@@ -380,12 +391,42 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
             args.service
         ),
         Output::Text => println!(
-            "deployed {} ({} bytes, sha256 {}) as service {:?} at index {}",
+            "deployed {} ({} bytes, sha256 {}) as service {:?} version {} at index {}",
             args.file.display(),
             size,
             reply.module_sha256,
             args.service,
+            reply.version,
             reply.index
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waft rollback`.
+pub async fn rollback(client: &ClientArgs, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
+    let waft = WaftClient::new(channel(&client.endpoint).await?);
+    let request = api::RollbackRequest {
+        service: args.service.clone(),
+        to_version: args.to.unwrap_or(0),
+    };
+    let reply = retrying(|| {
+        let mut w = waft.clone();
+        let r = request.clone();
+        async move { w.rollback(r).await }
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner();
+    match client.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"service": args.service, "module_sha256": reply.module_sha256,
+                "index": reply.index, "version": reply.version})
+        ),
+        Output::Text => println!(
+            "service {:?} now runs module {} as version {} (since index {})",
+            args.service, reply.module_sha256, reply.version, reply.index
         ),
     }
     Ok(ExitCode::SUCCESS)
@@ -405,8 +446,15 @@ pub async fn services(client: &ClientArgs) -> anyhow::Result<ExitCode> {
                 .services
                 .iter()
                 .map(|s| {
-                    serde_json::json!({"name": s.name, "module_sha256": s.module_sha256,
-                        "module_size": s.module_size, "deployed_at_index": s.deployed_at_index})
+                    let history: Vec<_> = s
+                        .history
+                        .iter()
+                        .map(|v| serde_json::json!({"version": v.version, "module_sha256": v.module_sha256,
+                            "deployed_at_index": v.deployed_at_index}))
+                        .collect();
+                    serde_json::json!({"name": s.name, "version": s.version, "module_sha256": s.module_sha256,
+                        "module_size": s.module_size, "deployed_at_index": s.deployed_at_index,
+                        "state_bytes": s.state_bytes, "history": history})
                 })
                 .collect();
             println!("{}", serde_json::Value::Array(list));

@@ -63,8 +63,13 @@ pub enum Command {
         after_help = "Examples:\n  waft query --service kv 'get a'\n  waft query --service kv 'scan' --consistency stale"
     )]
     Query(client::QueryArgs),
-    /// List the services and the modules serving them.
+    /// List the services: version, module, where it took over, state size.
     Services,
+    /// Make an earlier version of a service serve again (its state carries over).
+    #[command(
+        after_help = "Examples:\n  waft rollback --service kv\n  waft rollback --service kv --to 1"
+    )]
+    Rollback(client::RollbackArgs),
     /// Cluster membership and status.
     #[command(subcommand)]
     Cluster(client::ClusterCommand),
@@ -135,6 +140,7 @@ async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Res
         Command::Submit(args) => client::submit(client, &args).await,
         Command::Query(args) => client::query(client, &args).await,
         Command::Services => client::services(client).await,
+        Command::Rollback(args) => client::rollback(client, &args).await,
         Command::Cluster(c) => client::cluster(client, &c).await,
         Command::Check(_) | Command::Exec(_) => unreachable!("handled synchronously"),
     }

@@ -57,6 +57,17 @@ pub enum Request {
         /// As for commands.
         timestamp_ms: u64,
     },
+    /// Make an earlier version of `service` serve it again, carrying the current state over.
+    /// The module bytes are already on every node (kept with the version history), so the entry
+    /// carries none.
+    Rollback {
+        /// The service name.
+        service: String,
+        /// The version to go back to; `None` means the version before the current one.
+        to: Option<u32>,
+        /// As for commands.
+        timestamp_ms: u64,
+    },
 }
 
 impl fmt::Debug for Request {
@@ -80,6 +91,11 @@ impl fmt::Debug for Request {
                 .debug_struct("Deploy")
                 .field("service", service)
                 .field("module_len", &module.len())
+                .finish(),
+            Request::Rollback { service, to, .. } => f
+                .debug_struct("Rollback")
+                .field("service", service)
+                .field("to", to)
                 .finish(),
         }
     }
@@ -106,6 +122,9 @@ pub enum Response {
     Deployed {
         /// sha256 of the module, hex.
         module: String,
+        /// The service's version number now active (1 for the first deploy; every deploy and
+        /// rollback adds one).
+        version: u32,
     },
     /// A deploy was refused (the module did not load or did not accept the state); nothing
     /// changed.

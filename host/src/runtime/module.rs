@@ -39,6 +39,12 @@ impl ModuleHash {
         ModuleHash(Sha256::digest(bytes).into())
     }
 
+    /// Parses 64 hex digits.
+    pub fn from_hex(hex_digits: &str) -> Option<ModuleHash> {
+        let bytes = hex::decode(hex_digits).ok()?;
+        Some(ModuleHash(bytes.try_into().ok()?))
+    }
+
     /// The hash as 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)

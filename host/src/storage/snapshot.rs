@@ -40,6 +40,21 @@ pub struct ServiceRecord {
     pub deployed_at: u64,
     /// Length of the guest snapshot that follows in the file.
     pub state_len: u64,
+    /// The active version number.
+    pub version: u32,
+    /// Every version kept, oldest first (the active one last).
+    pub history: Vec<VersionRecord>,
+}
+
+/// One version of a service: which module, since which index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// The version number.
+    pub version: u32,
+    /// sha256 (hex) of its module.
+    pub module: String,
+    /// Log index of the deploy (or rollback) that made it active.
+    pub deployed_at: u64,
 }
 
 /// Everything in a snapshot except the bulk bytes.

@@ -10,7 +10,9 @@ use crate::raft::types::{
     ClientSeq, Entry, LogId, Request, Response, SnapshotMeta, StoredMembership, TypeConfig,
 };
 use crate::runtime::{ApplyCtx, Guest, GuestError, GuestModule, ModuleHash, Runtime};
-use crate::storage::snapshot::{self, ServiceRecord, Session, SnapshotFile, SnapshotHeader};
+use crate::storage::snapshot::{
+    self, ServiceRecord, Session, SnapshotFile, SnapshotHeader, VersionRecord,
+};
 use futures::StreamExt;
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
@@ -33,7 +35,12 @@ struct Service {
     module: Arc<GuestModule>,
     guest: Guest,
     deployed_at: u64,
+    /// Versions kept for rollback, oldest first; the last one is active.
+    history: Vec<VersionRecord>,
 }
+
+/// Versions kept per service (their modules stay on every node and in snapshots).
+const MAX_VERSIONS: usize = 10;
 
 /// The state the log builds. Identical on every replica at the same applied index.
 struct SmState {
@@ -148,6 +155,15 @@ impl SmState {
                     self.advance_clock(timestamp_ms);
                     out.push(self.deploy(&service, module, log_id.index()));
                 }
+                EntryPayload::Normal(Request::Rollback {
+                    service,
+                    to,
+                    timestamp_ms,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.advance_clock(timestamp_ms);
+                    out.push(self.rollback(&service, to, log_id.index()));
+                }
                 EntryPayload::Membership(m) => {
                     self.flush(&batch_service, &mut batch, &mut out);
                     self.membership = StoredMembership::new(Some(log_id), m);
@@ -222,6 +238,49 @@ impl SmState {
     /// Installs `module` as `service`, carrying the old module's state over through
     /// snapshot → restore. Any failure leaves the old module serving, on every replica alike.
     fn deploy(&mut self, service: &str, module: Vec<u8>, index: u64) -> Response {
+        let hash = ModuleHash::of(&module);
+        let bytes = self
+            .modules
+            .get(&hash)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(module));
+        self.activate(service, bytes, index)
+    }
+
+    /// Makes an earlier version serve again (as a new version, so history only grows).
+    fn rollback(&mut self, service: &str, to: Option<u32>, index: u64) -> Response {
+        let Some(svc) = self.services.get(service) else {
+            return Response::NoSuchService(service.to_owned());
+        };
+        let target = match to {
+            Some(v) => svc.history.iter().find(|r| r.version == v),
+            None => svc.history.iter().rev().nth(1),
+        };
+        let Some(target) = target else {
+            let kept: Vec<String> = svc.history.iter().map(|r| r.version.to_string()).collect();
+            return Response::DeployFailed(match to {
+                Some(v) => format!(
+                    "service {service:?} has no version {v} (kept: {})",
+                    kept.join(", ")
+                ),
+                None => format!("service {service:?} has no earlier version to roll back to"),
+            });
+        };
+        let Some(bytes) =
+            ModuleHash::from_hex(&target.module).and_then(|h| self.modules.get(&h).cloned())
+        else {
+            return Response::DeployFailed(format!(
+                "the module of version {} is no longer kept",
+                target.version
+            ));
+        };
+        self.activate(service, bytes, index)
+    }
+
+    /// Installs `module` as the next version of `service`, carrying the old module's state over
+    /// through snapshot → restore. Any failure leaves the old version serving, on every replica
+    /// alike.
+    fn activate(&mut self, service: &str, module: Arc<Vec<u8>>, index: u64) -> Response {
         let loaded = match self.runtime.load(&module) {
             Ok(m) => m,
             Err(e) => return Response::DeployFailed(e.to_string()),
@@ -230,6 +289,7 @@ impl SmState {
             Ok(g) => g,
             Err(e) => return Response::DeployFailed(e.to_string()),
         };
+        let mut history = Vec::new();
         if let Some(old) = self.services.get_mut(service) {
             let state = match old.guest.snapshot() {
                 Ok(s) => s,
@@ -244,27 +304,43 @@ impl SmState {
                     "the new version refused the current state: {e}"
                 ));
             }
+            history = old.history.clone();
         }
         let hash = loaded.hash();
-        self.modules.insert(hash, Arc::new(module));
+        let version = history.last().map_or(1, |r| r.version + 1);
+        history.push(VersionRecord {
+            version,
+            module: hash.to_hex(),
+            deployed_at: index,
+        });
+        if history.len() > MAX_VERSIONS {
+            history.drain(..history.len() - MAX_VERSIONS);
+        }
+        self.modules.insert(hash, module);
         self.services.insert(
             service.to_owned(),
             Service {
                 module: loaded,
                 guest,
                 deployed_at: index,
+                history,
             },
         );
         self.prune_modules();
         Response::Deployed {
             module: hash.to_hex(),
+            version,
         }
     }
 
-    /// Drops module bytes no service uses.
+    /// Drops module bytes no kept version uses.
     fn prune_modules(&mut self) {
-        let used: Vec<ModuleHash> = self.services.values().map(|s| s.module.hash()).collect();
-        self.modules.retain(|h, _| used.contains(h));
+        let used: std::collections::BTreeSet<String> = self
+            .services
+            .values()
+            .flat_map(|s| s.history.iter().map(|r| r.module.clone()))
+            .collect();
+        self.modules.retain(|h, _| used.contains(&h.to_hex()));
     }
 
     /// Takes everything a snapshot needs; the guests' states are copied now, so later entries
@@ -281,6 +357,8 @@ impl SmState {
                 module: svc.module.hash().to_hex(),
                 deployed_at: svc.deployed_at,
                 state_len: state.len() as u64,
+                version: svc.history.last().map_or(0, |r| r.version),
+                history: svc.history.clone(),
             });
             states.push(state);
         }
@@ -362,6 +440,7 @@ impl SmState {
                     module: module.clone(),
                     guest,
                     deployed_at: record.deployed_at,
+                    history: record.history.clone(),
                 },
             );
         }
@@ -384,6 +463,10 @@ struct Captured {
 /// A service as seen from outside the state machine.
 #[derive(Debug, Clone)]
 pub struct ServiceInfo {
+    /// The active version number.
+    pub version: u32,
+    /// The versions kept for rollback, oldest first.
+    pub history: Vec<VersionRecord>,
     /// Its name.
     pub name: String,
     /// What the runtime knows about its module (hash, size, imports, whether it was compiled
@@ -437,6 +520,19 @@ impl StateHandle {
         })
     }
 
+    /// The module bytes of a kept version of a service (`None`: no such service or version;
+    /// `to == None` means the version before the active one).
+    pub fn version_module(&self, service: &str, to: Option<u32>) -> Option<(u32, Arc<Vec<u8>>)> {
+        let st = lock(&self.state);
+        let svc = st.services.get(service)?;
+        let target = match to {
+            Some(v) => svc.history.iter().find(|r| r.version == v),
+            None => svc.history.iter().rev().nth(1),
+        }?;
+        let hash = ModuleHash::from_hex(&target.module)?;
+        st.modules.get(&hash).map(|b| (target.version, b.clone()))
+    }
+
     /// The current state (guest snapshot) of one service, `None` when it does not exist.
     pub async fn service_state(&self, service: &str) -> Result<Option<Vec<u8>>, GuestError> {
         let state = self.state.clone();
@@ -484,6 +580,8 @@ impl StateHandle {
             .services
             .iter()
             .map(|(n, s)| ServiceInfo {
+                version: s.history.last().map_or(0, |r| r.version),
+                history: s.history.clone(),
                 name: n.clone(),
                 module: s.module.info().clone(),
                 deployed_at: s.deployed_at,

@@ -397,3 +397,41 @@ async fn rollback_restores_earlier_behaviour_with_the_state_carried_over() {
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deploys_of_one_service_apply_in_log_order_everywhere() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let addrs = cluster.addrs.clone();
+    deploy(&addrs[0], "kv", EXAMPLE_KV, false)
+        .await
+        .expect("v1");
+    cluster.write(kv("put a 1")).await;
+    let (a, b) = tokio::join!(
+        deploy(&addrs[1], "kv", TEST_KV2, false),
+        deploy(&addrs[2], "kv", EXAMPLE_KV, false)
+    );
+    let (a, b) = (a.expect("first deploy"), b.expect("second deploy"));
+    assert_ne!(a.index, b.index);
+    assert_eq!(
+        [a.version, b.version]
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [2, 3].into()
+    );
+    let last = if a.index > b.index { &a } else { &b };
+    let (index, _) = cluster.write(kv("put b 2")).await;
+    cluster.wait_applied(index).await;
+    for node in cluster.nodes.iter().flatten() {
+        let s = &node.state().services()[0];
+        assert_eq!(
+            (s.version, s.module.hash.to_hex()),
+            (3, last.module_sha256.clone()),
+            "node {}",
+            node.id()
+        );
+    }
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}

@@ -129,7 +129,20 @@ impl Node {
         remove_partial_snapshots(&snapshot_dir);
         let runtime = Runtime::new(config.runtime.clone())?;
         let max_module = runtime.limits().max_module_bytes;
-        let log = LogStore::open(&config.data_dir.join("log.redb"))?;
+        let precompile = runtime.clone();
+        let log = LogStore::open(&config.data_dir.join("log.redb"))?.on_deploy(Arc::new(
+            move |module: &[u8]| {
+                // Compile ahead of the commit, off every hot path; a failure here is reported when
+                // the entry is applied, identically on every node.
+                let runtime = precompile.clone();
+                let module = module.to_vec();
+                let _ = std::thread::Builder::new()
+                    .name("waft-precompile".into())
+                    .spawn(move || {
+                        let _ = runtime.load(&module);
+                    });
+            },
+        ));
         let sm = StateMachineStore::new(runtime.clone(), &snapshot_dir)?;
         let state = sm.handle();
         let raft_config = openraft::Config {

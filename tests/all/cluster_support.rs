@@ -87,6 +87,12 @@ impl TestCluster {
         );
         n0.raft().initialize(members).await.expect("initialize");
         self.wait_leader().await;
+        // Membership changes are refused while the initial membership is uncommitted.
+        n0.raft()
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(1), "initial membership committed")
+            .await
+            .expect("initial membership committed");
         for i in 1..self.nodes.len() {
             let node = BasicNode {
                 addr: self.addrs[i].clone(),

@@ -594,6 +594,14 @@ impl cluster_server::Cluster for Api {
             RaftError::APIError(e) => Status::failed_precondition(e.to_string()),
             RaftError::Fatal(f) => Status::unavailable(f.to_string()),
         })?;
+        // Return once the first leader has committed the initial membership, so the next admin
+        // call (add a learner) is not refused as "a membership change is in progress". A cluster
+        // whose other members are not up yet cannot get there: then return anyway.
+        let _ = self
+            .raft
+            .wait(Some(std::time::Duration::from_secs(5)))
+            .applied_index_at_least(Some(1), "initial membership committed")
+            .await;
         Ok(GrpcResponse::new(self.membership_reply(0)))
     }
 

@@ -45,8 +45,10 @@ struct Inner {
     fingerprint: String,
     artifact_key: String,
     /// Compiled modules by hash. Modules are kept for the life of the runtime: services refer
-    /// to few of them and recompiling is what the cache exists to avoid.
-    modules: Mutex<HashMap<ModuleHash, Arc<GuestModule>>>,
+    /// to few of them and recompiling is what the cache exists to avoid. Each hash has its own
+    /// lock, so two loads of the same module (a background precompile and the apply of the
+    /// deploy) compile it once: the second waits for the first.
+    modules: Mutex<HashMap<ModuleHash, Arc<Mutex<Option<Arc<GuestModule>>>>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -109,7 +111,9 @@ impl Runtime {
             return Err(LoadError::NotWasm);
         }
         let hash = ModuleHash::of(bytes);
-        if let Some(m) = self.modules().get(&hash) {
+        let slot = self.modules().entry(hash).or_default().clone();
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = slot.as_ref() {
             return Ok(m.clone());
         }
         let cache = self
@@ -131,7 +135,7 @@ impl Runtime {
             from_disk_cache = module.info.from_disk_cache,
             "guest module loaded"
         );
-        self.modules().insert(hash, module.clone());
+        *slot = Some(module.clone());
         Ok(module)
     }
 
@@ -147,7 +151,9 @@ impl Runtime {
         )
     }
 
-    fn modules(&self) -> std::sync::MutexGuard<'_, HashMap<ModuleHash, Arc<GuestModule>>> {
+    fn modules(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ModuleHash, Arc<Mutex<Option<Arc<GuestModule>>>>>> {
         self.inner
             .modules
             .lock()

@@ -85,7 +85,13 @@ pub struct LogStore {
     pending: Pending,
     writer: mpsc::Sender<Op>,
     thread: Option<std::thread::JoinHandle<()>>,
+    on_deploy: Option<DeployHook>,
 }
+
+/// Called with the module of every deploy entry as it is appended, before it commits: the node
+/// compiles the module in the background, so that applying the deploy (the swap itself) finds
+/// it compiled.
+pub type DeployHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 impl Drop for LogStore {
     fn drop(&mut self) {
@@ -161,7 +167,14 @@ impl LogStore {
             pending,
             writer: tx,
             thread: Some(thread),
+            on_deploy: None,
         })
+    }
+
+    /// Sets the hook called with the module of each appended deploy entry.
+    pub fn on_deploy(mut self, hook: DeployHook) -> LogStore {
+        self.on_deploy = Some(hook);
+        self
     }
 
     fn send(&self, op: Op) -> io::Result<()> {
@@ -455,6 +468,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             for entry in entries {
                 let bytes = encode(&entry)?;
                 encoded.push((entry.index(), entry.log_id(), bytes));
+                if let (
+                    Some(hook),
+                    openraft::EntryPayload::Normal(crate::raft::types::Request::Deploy {
+                        module,
+                        ..
+                    }),
+                ) = (&self.on_deploy, &entry.payload)
+                {
+                    hook(module);
+                }
                 p.insert(entry.index(), entry);
             }
         }

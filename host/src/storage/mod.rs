@@ -5,6 +5,6 @@ pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;
 
-pub use log_store::{LogReader, LogStore};
+pub use log_store::{DeployHook, LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{QueryError, ServiceInfo, StateHandle, StateMachineStore};

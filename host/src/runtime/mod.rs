@@ -32,6 +32,9 @@ mod bindings {
     });
 }
 
+/// One cache entry: empty until the module is compiled; its lock serializes compiles of it.
+type ModuleSlot = Arc<Mutex<Option<Arc<GuestModule>>>>;
+
 /// Compiles, caches and instantiates guests. Cheap to clone; share one per node.
 #[derive(Clone)]
 pub struct Runtime {
@@ -48,7 +51,7 @@ struct Inner {
     /// to few of them and recompiling is what the cache exists to avoid. Each hash has its own
     /// lock, so two loads of the same module (a background precompile and the apply of the
     /// deploy) compile it once: the second waits for the first.
-    modules: Mutex<HashMap<ModuleHash, Arc<Mutex<Option<Arc<GuestModule>>>>>>,
+    modules: Mutex<HashMap<ModuleHash, ModuleSlot>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -151,9 +154,7 @@ impl Runtime {
         )
     }
 
-    fn modules(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<ModuleHash, Arc<Mutex<Option<Arc<GuestModule>>>>>> {
+    fn modules(&self) -> std::sync::MutexGuard<'_, HashMap<ModuleHash, ModuleSlot>> {
         self.inner
             .modules
             .lock()

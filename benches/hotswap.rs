@@ -38,18 +38,7 @@ async fn deploy(addr: &str, module: Vec<u8>) -> api::DeployReply {
         .await
         .expect("connect")
         .max_encoding_message_size(usize::MAX);
-    let chunks = vec![
-        api::DeployChunk {
-            kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
-                service: "kv".into(),
-                size: module.len() as u64,
-                dry_run: false,
-            })),
-        },
-        api::DeployChunk {
-            kind: Some(api::deploy_chunk::Kind::Data(module)),
-        },
-    ];
+    let chunks = waft::pb::deploy_chunks("kv", &module, false);
     c.deploy(futures::stream::iter(chunks))
         .await
         .expect("deploy")

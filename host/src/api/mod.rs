@@ -14,6 +14,7 @@ use crate::storage::{QueryError, StateHandle};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{ChangeMembers, ReadPolicy};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
@@ -203,6 +204,67 @@ impl Api {
         }
     }
 
+    /// Checks, before anything is proposed, that `module` compiles, implements the world and
+    /// accepts the current state of `service` in a throwaway instance (what applying the swap
+    /// will do). Returns the module's sha256. The compiled module stays cached for the apply.
+    async fn validate(
+        &self,
+        service: &str,
+        module: Arc<Vec<u8>>,
+        what: &str,
+    ) -> Result<String, Status> {
+        let current = self.state.service_state(service).await.map_err(|e| {
+            Status::unavailable(format!("cannot read the current state of {service:?}: {e}"))
+        })?;
+        let runtime = self.runtime.clone();
+        let (service, what) = (service.to_owned(), what.to_owned());
+        tokio::task::spawn_blocking(move || -> Result<String, Status> {
+            let refused = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("module refused: {e}"));
+            let loaded = runtime.load(&module).map_err(|e| refused(&e))?;
+            let mut trial = runtime.instantiate(&loaded, &service).map_err(|e| refused(&e))?;
+            if let Some(state) = current {
+                trial.restore(&state).map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "{what} refused the current state of {service:?}, so the running version stays: {e}"
+                    ))
+                })?;
+            }
+            Ok(loaded.hash().to_hex())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    /// Proposes a deploy or rollback entry on this (leader) node and maps the outcome.
+    async fn propose_swap(
+        &self,
+        entry: Request,
+        what: &str,
+    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+        match self.write(entry, true).await? {
+            Ok((index, Response::Deployed { module, version })) => {
+                Ok(GrpcResponse::new(api::DeployReply {
+                    module_sha256: module,
+                    index,
+                    dry_run: false,
+                    version,
+                }))
+            }
+            Ok((_, Response::DeployFailed(why))) => {
+                Err(Status::failed_precondition(format!("{what} failed: {why}")))
+            }
+            Ok((_, Response::NoSuchService(s))) => {
+                Err(Status::not_found(format!("no service named {s:?}")))
+            }
+            Ok((_, other)) => Err(Status::internal(format!(
+                "unexpected response to a {what}: {other:?}"
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "leadership moved during the {what}; retry"
+            ))),
+        }
+    }
+
     fn membership_reply(&self, index: u64) -> api::MembershipReply {
         api::MembershipReply {
             members: members(&self.metrics()),
@@ -374,56 +436,15 @@ impl waft_server::Waft for Api {
             )));
         }
         if let Route::Leader(addr) = self.leader_route(fwd).await? {
-            let chunks = vec![
-                api::DeployChunk {
-                    kind: Some(api::deploy_chunk::Kind::Header(header)),
-                },
-                api::DeployChunk {
-                    kind: Some(api::deploy_chunk::Kind::Data(module)),
-                },
-            ];
+            let chunks = crate::pb::deploy_chunks(&header.service, &module, header.dry_run);
             return self
                 .waft_client(&addr)?
                 .deploy(mark(futures::stream::iter(chunks)))
                 .await;
         }
-        // Validate before proposing: a module that does not load never enters the log. The
-        // compiled module stays cached, so applying the entry does not compile again.
-        // Validate before proposing, so a bad module never enters the log: it must compile,
-        // implement the world, and accept the service's current state in a throwaway instance.
-        // The compiled module stays cached, so applying the entry does not compile it again.
-        let current = self
-            .state
-            .service_state(&header.service)
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!(
-                    "cannot read the current state of {:?}: {e}",
-                    header.service
-                ))
-            })?;
-        let runtime = self.runtime.clone();
-        let bytes = module.clone();
-        let service = header.service.clone();
-        let hash = tokio::task::spawn_blocking(move || -> Result<String, Status> {
-            let loaded = runtime
-                .load(&bytes)
-                .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
-            let mut trial = runtime
-                .instantiate(&loaded, &service)
-                .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
-            if let Some(state) = current {
-                trial.restore(&state).map_err(|e| {
-                    Status::failed_precondition(format!(
-                        "the new module refused the current state of {service:?}, so the running version \
-                         stays: {e}"
-                    ))
-                })?;
-            }
-            Ok(loaded.hash().to_hex())
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        let hash = self
+            .validate(&header.service, Arc::new(module.clone()), "the new module")
+            .await?;
         if header.dry_run {
             return Ok(GrpcResponse::new(api::DeployReply {
                 module_sha256: hash,
@@ -438,25 +459,7 @@ impl waft_server::Waft for Api {
             engine: self.runtime.fingerprint().to_owned(),
             timestamp_ms: now_ms(),
         };
-        match self.write(entry, true).await? {
-            Ok((index, Response::Deployed { module, version })) => {
-                Ok(GrpcResponse::new(api::DeployReply {
-                    module_sha256: module,
-                    index,
-                    dry_run: false,
-                    version,
-                }))
-            }
-            Ok((_, Response::DeployFailed(why))) => {
-                Err(Status::failed_precondition(format!("deploy failed: {why}")))
-            }
-            Ok((_, other)) => Err(Status::internal(format!(
-                "unexpected response to a deploy: {other:?}"
-            ))),
-            Err(_) => Err(Status::unavailable(
-                "leadership moved during the deploy; retry",
-            )),
-        }
+        self.propose_swap(entry, "deploy").await
     }
 
     async fn rollback(
@@ -485,58 +488,14 @@ impl waft_server::Waft for Api {
                 ),
             })
         })?;
-        let current = self
-            .state
-            .service_state(&req.service)
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot read the current state: {e}")))?;
-        let runtime = self.runtime.clone();
-        let service = req.service.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), Status> {
-            let loaded = runtime
-                .load(&module)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            let mut trial = runtime
-                .instantiate(&loaded, &service)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            if let Some(state) = current {
-                trial.restore(&state).map_err(|e| {
-                    Status::failed_precondition(format!(
-                        "version {version} refused the current state: {e}"
-                    ))
-                })?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        self.validate(&req.service, module, &format!("version {version}"))
+            .await?;
         let entry = Request::Rollback {
             service: req.service.clone(),
             to: Some(version),
             timestamp_ms: now_ms(),
         };
-        match self.write(entry, true).await? {
-            Ok((index, Response::Deployed { module, version })) => {
-                Ok(GrpcResponse::new(api::DeployReply {
-                    module_sha256: module,
-                    index,
-                    dry_run: false,
-                    version,
-                }))
-            }
-            Ok((_, Response::DeployFailed(why))) => Err(Status::failed_precondition(format!(
-                "rollback failed: {why}"
-            ))),
-            Ok((_, Response::NoSuchService(s))) => {
-                Err(Status::not_found(format!("no service named {s:?}")))
-            }
-            Ok((_, other)) => Err(Status::internal(format!(
-                "unexpected response to a rollback: {other:?}"
-            ))),
-            Err(_) => Err(Status::unavailable(
-                "leadership moved during the rollback; retry",
-            )),
-        }
+        self.propose_swap(entry, "rollback").await
     }
 
     async fn list_services(

@@ -115,53 +115,57 @@ async fn join(seed: &str, id: u64, addr: &str) -> anyhow::Result<()> {
             m.addr
         );
     }
-    let mut tries = 0;
-    loop {
-        let req = api::AddLearnerRequest {
-            id,
-            addr: addr.to_owned(),
-        };
-        match cluster.add_learner(req).await {
-            Ok(_) => break,
-            Err(s)
-                if tries < 50
-                    && matches!(
-                        s.code(),
-                        tonic::Code::FailedPrecondition | tonic::Code::Unavailable
-                    ) =>
-            {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => bail!("{}", s.message()),
-        }
-    }
+    let learner = api::AddLearnerRequest {
+        id,
+        addr: addr.to_owned(),
+    };
+    retry_admin(|| {
+        let mut c = cluster.clone();
+        let req = learner.clone();
+        async move { c.add_learner(req).await.map(drop) }
+    })
+    .await?;
     // Promote with "add voter" (not "replace voters"), so nodes joining at once do not undo
-    // each other; retry while another membership change is in flight.
-    let mut tries = 0;
-    loop {
-        let req = api::ChangeMembershipRequest {
-            voters: vec![],
-            retain: false,
-            add_voters: vec![id],
-        };
-        match cluster.change_membership(req).await {
-            Ok(_) => break,
-            Err(s)
-                if tries < 50
-                    && matches!(
-                        s.code(),
-                        tonic::Code::FailedPrecondition | tonic::Code::Unavailable
-                    ) =>
-            {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => bail!("{}", s.message()),
-        }
-    }
+    // each other.
+    let promote = api::ChangeMembershipRequest {
+        voters: vec![],
+        retain: false,
+        add_voters: vec![id],
+    };
+    retry_admin(|| {
+        let mut c = cluster.clone();
+        let req = promote.clone();
+        async move { c.change_membership(req).await.map(drop) }
+    })
+    .await?;
     eprintln!("node {id} joined the cluster through {seed} and is a voter");
     Ok(())
+}
+
+/// Runs a membership call, retrying while another membership change is in flight or the
+/// leader is changing.
+async fn retry_admin<F, Fut>(mut call: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), tonic::Status>>,
+{
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Ok(()) => return Ok(()),
+            Err(s)
+                if tries < 50
+                    && matches!(
+                        s.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+                    ) =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => bail!("{}", s.message()),
+        }
+    }
 }
 
 /// The repository this binary was built from (for finding the example guests).
@@ -276,18 +280,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
             deployed = true;
             break;
         }
-        let chunks = vec![
-            api::DeployChunk {
-                kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
-                    service: "kv".into(),
-                    size: module.len() as u64,
-                    dry_run: false,
-                })),
-            },
-            api::DeployChunk {
-                kind: Some(api::deploy_chunk::Kind::Data(module.clone())),
-            },
-        ];
+        let chunks = crate::pb::deploy_chunks("kv", &module, false);
         match waft.deploy(futures::stream::iter(chunks)).await {
             Ok(_) => {
                 deployed = true;

@@ -13,6 +13,23 @@ pub mod api {
     tonic::include_proto!("waft.v1");
 }
 
+/// A deploy upload: the header, then the module in 1 MiB chunks.
+pub fn deploy_chunks(service: &str, module: &[u8], dry_run: bool) -> Vec<api::DeployChunk> {
+    use api::deploy_chunk::Kind;
+    let header = api::DeployChunk {
+        kind: Some(Kind::Header(api::DeployHeader {
+            service: service.to_owned(),
+            size: module.len() as u64,
+            dry_run,
+        })),
+    };
+    std::iter::once(header)
+        .chain(module.chunks(1 << 20).map(|c| api::DeployChunk {
+            kind: Some(Kind::Data(c.to_vec())),
+        }))
+        .collect()
+}
+
 /// The encoded descriptors of both protos, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("waft_descriptor");
 

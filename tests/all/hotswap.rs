@@ -435,3 +435,72 @@ async fn concurrent_deploys_of_one_service_apply_in_log_order_everywhere() {
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deploy_racing_a_leader_change_lands_once_or_asks_for_a_retry() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let addrs = cluster.addrs.clone();
+    deploy(&addrs[0], "kv", EXAMPLE_KV, false)
+        .await
+        .expect("v1");
+    cluster.write(kv("put a 1")).await;
+    let leader = cluster.wait_leader().await;
+    let target = ((leader + 1) % 3) as u64;
+    tracing::info!(
+        leader,
+        target,
+        "deploy v2 through a follower while leadership moves"
+    );
+    let via = addrs[(leader + 2) % 3].clone();
+    let trigger = cluster.node(leader).raft().trigger();
+    let (swap, moved) = tokio::join!(
+        deploy(&via, "kv", TEST_KV2, false),
+        trigger.transfer_leader(target)
+    );
+    moved.expect("transfer requested");
+    let outcome = match swap {
+        Ok(reply) => Some(reply),
+        Err(e) => {
+            assert_eq!(
+                e.code(),
+                tonic::Code::Unavailable,
+                "only a retryable error is acceptable: {e}"
+            );
+            None
+        }
+    };
+    // Whatever happened, the next deploy (a retry, or a no-op re-deploy) converges.
+    let settled = match outcome {
+        Some(r) => r,
+        None => loop {
+            match deploy(&via, "kv", TEST_KV2, false).await {
+                Ok(r) => break r,
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("retry failed: {e}"),
+            }
+        },
+    };
+    let (index, version) = cluster.write(kv("version")).await;
+    assert_eq!(version, Response::Reply(b"kv v2".to_vec()));
+    cluster.wait_applied(index).await;
+    for node in cluster.nodes.iter().flatten() {
+        let s = &node.state().services()[0];
+        assert_eq!(
+            s.module.hash.to_hex(),
+            settled.module_sha256,
+            "node {}",
+            node.id()
+        );
+        let v = node
+            .state()
+            .query("kv", b"get a".to_vec())
+            .await
+            .expect("get");
+        assert_eq!(v, b"1");
+    }
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}

@@ -31,6 +31,8 @@ fn deploy_stream(
                 service: service.to_owned(),
                 size,
                 dry_run: false,
+                fuel_per_apply: 0,
+                max_memory_bytes: 0,
             })),
         },
         api::DeployChunk {

@@ -157,6 +157,7 @@ impl TestCluster {
                     .expect("a running node")
                     .state()
                     .engine(),
+                limits: Default::default(),
                 timestamp_ms: 1,
             })
             .await;

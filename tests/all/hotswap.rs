@@ -29,6 +29,8 @@ async fn deploy(
                 service: service.to_owned(),
                 size: module.len() as u64,
                 dry_run,
+                fuel_per_apply: 0,
+                max_memory_bytes: 0,
             })),
         },
         api::DeployChunk {
@@ -204,6 +206,7 @@ async fn a_module_that_refuses_the_state_never_takes_over() {
             service: "kv".into(),
             module: waft_testkit::wasm(TEST_HOSTILE),
             engine: cluster.node(0).state().engine(),
+            limits: Default::default(),
             timestamp_ms: 1,
         })
         .await;
@@ -257,6 +260,7 @@ async fn a_deploy_from_another_engine_stops_the_node_instead_of_diverging() {
             service: "kv".into(),
             module: waft_testkit::wasm(EXAMPLE_KV),
             engine: "wasmtime-0.0.0-0000000000000000".into(),
+            limits: Default::default(),
             timestamp_ms: 1,
         })
         .await;
@@ -501,6 +505,64 @@ async fn a_deploy_racing_a_leader_change_lands_once_or_asks_for_a_retry() {
             .expect("get");
         assert_eq!(v, b"1");
     }
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_service_runs_under_its_own_limits() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let addrs = cluster.addrs.clone();
+    let hostile = waft_testkit::wasm(TEST_HOSTILE);
+    let header = |service: &str, fuel: u64| api::DeployHeader {
+        service: service.into(),
+        size: hostile.len() as u64,
+        dry_run: false,
+        fuel_per_apply: fuel,
+        max_memory_bytes: 0,
+    };
+    let mut c = client(&addrs[1]).await;
+    for (service, fuel) in [("tight", 1_000_000), ("loose", 0)] {
+        let chunks = waft::pb::deploy_chunks_with(header(service, fuel), &hostile);
+        c.deploy(futures::stream::iter(chunks))
+            .await
+            .expect("deploy");
+    }
+    tracing::info!("the same command fits the default fuel and not the tight service's");
+    let submit = |service: &str| api::SubmitRequest {
+        service: service.into(),
+        payload: b"log 3000".to_vec(),
+        client_id: 0,
+        sequence: 0,
+    };
+    let loose = c.submit(submit("loose")).await.expect("loose").into_inner();
+    assert_eq!(outcome(&loose), Ok("OK".into()));
+    let tight = c.submit(submit("tight")).await.expect("tight").into_inner();
+    assert!(
+        outcome(&tight).is_err_and(|e| e.contains("ran out of fuel")),
+        "{tight:?}"
+    );
+    let list = c
+        .list_services(api::ListServicesRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let tight_info = list
+        .services
+        .iter()
+        .find(|s| s.name == "tight")
+        .expect("tight listed");
+    assert_eq!(tight_info.fuel_per_apply, 1_000_000);
+    let (index, _) = cluster
+        .write(Request::Command {
+            service: "tight".into(),
+            payload: b"set a 1".to_vec(),
+            client: None,
+            timestamp_ms: 1,
+        })
+        .await;
+    cluster.wait_applied(index).await;
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }

@@ -211,6 +211,7 @@ impl Api {
         &self,
         service: &str,
         module: Arc<Vec<u8>>,
+        limits: crate::raft::types::ServiceLimits,
         what: &str,
     ) -> Result<String, Status> {
         let current = self.state.service_state(service).await.map_err(|e| {
@@ -221,7 +222,9 @@ impl Api {
         tokio::task::spawn_blocking(move || -> Result<String, Status> {
             let refused = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("module refused: {e}"));
             let loaded = runtime.load(&module).map_err(|e| refused(&e))?;
-            let mut trial = runtime.instantiate(&loaded, &service).map_err(|e| refused(&e))?;
+            let mut trial = runtime
+                .instantiate_with(&loaded, &service, limits.apply_to(runtime.limits().clone()))
+                .map_err(|e| refused(&e))?;
             if let Some(state) = current {
                 trial.restore(&state).map_err(|e| {
                     Status::failed_precondition(format!(
@@ -436,14 +439,23 @@ impl waft_server::Waft for Api {
             )));
         }
         if let Route::Leader(addr) = self.leader_route(fwd).await? {
-            let chunks = crate::pb::deploy_chunks(&header.service, &module, header.dry_run);
+            let chunks = crate::pb::deploy_chunks_with(header, &module);
             return self
                 .waft_client(&addr)?
                 .deploy(mark(futures::stream::iter(chunks)))
                 .await;
         }
+        let limits = crate::raft::types::ServiceLimits {
+            fuel_per_apply: (header.fuel_per_apply != 0).then_some(header.fuel_per_apply),
+            max_memory_bytes: (header.max_memory_bytes != 0).then_some(header.max_memory_bytes),
+        };
         let hash = self
-            .validate(&header.service, Arc::new(module.clone()), "the new module")
+            .validate(
+                &header.service,
+                Arc::new(module.clone()),
+                limits,
+                "the new module",
+            )
             .await?;
         if header.dry_run {
             return Ok(GrpcResponse::new(api::DeployReply {
@@ -457,6 +469,7 @@ impl waft_server::Waft for Api {
             service: header.service.clone(),
             module,
             engine: self.runtime.fingerprint().to_owned(),
+            limits,
             timestamp_ms: now_ms(),
         };
         self.propose_swap(entry, "deploy").await
@@ -479,16 +492,17 @@ impl waft_server::Waft for Api {
             )));
         }
         // Validate like a deploy: the target version must exist and accept the current state.
-        let (version, module) = self.state.version_module(&req.service, to).ok_or_else(|| {
-            Status::failed_precondition(match to {
-                Some(v) => format!("service {:?} has no kept version {v}", req.service),
-                None => format!(
-                    "service {:?} has no earlier version to roll back to",
-                    req.service
-                ),
-            })
-        })?;
-        self.validate(&req.service, module, &format!("version {version}"))
+        let (version, module, limits) =
+            self.state.version_module(&req.service, to).ok_or_else(|| {
+                Status::failed_precondition(match to {
+                    Some(v) => format!("service {:?} has no kept version {v}", req.service),
+                    None => format!(
+                        "service {:?} has no earlier version to roll back to",
+                        req.service
+                    ),
+                })
+            })?;
+        self.validate(&req.service, module, limits, &format!("version {version}"))
             .await?;
         let entry = Request::Rollback {
             service: req.service.clone(),
@@ -513,6 +527,16 @@ impl waft_server::Waft for Api {
                 module_size: s.module.size as u64,
                 deployed_at_index: s.deployed_at,
                 version: s.version,
+                fuel_per_apply: s
+                    .history
+                    .last()
+                    .and_then(|v| v.limits.fuel_per_apply)
+                    .unwrap_or(0),
+                max_memory_bytes: s
+                    .history
+                    .last()
+                    .and_then(|v| v.limits.max_memory_bytes)
+                    .unwrap_or(0),
                 history: s
                     .history
                     .iter()

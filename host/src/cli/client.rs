@@ -80,6 +80,12 @@ pub struct DeployArgs {
     /// service's current state. Nothing is deployed.
     #[arg(long)]
     pub dry_run: bool,
+    /// Fuel per apply for this service (default: the nodes' default).
+    #[arg(long, value_name = "UNITS")]
+    pub fuel: Option<u64>,
+    /// Largest guest memory for this service, in MiB (default: the nodes' default).
+    #[arg(long, value_name = "MIB")]
+    pub max_memory_mib: Option<u64>,
 }
 
 /// Arguments of `waft rollback`.
@@ -352,6 +358,8 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
                 service: args.service.clone(),
                 size,
                 dry_run: args.dry_run,
+                fuel_per_apply: args.fuel.unwrap_or(0),
+                max_memory_bytes: args.max_memory_mib.map_or(0, |m| m.saturating_mul(1 << 20)),
             })),
         };
         let bar = bar.clone();

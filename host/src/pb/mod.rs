@@ -15,19 +15,26 @@ pub mod api {
 
 /// A deploy upload: the header, then the module in 1 MiB chunks.
 pub fn deploy_chunks(service: &str, module: &[u8], dry_run: bool) -> Vec<api::DeployChunk> {
-    use api::deploy_chunk::Kind;
-    let header = api::DeployChunk {
-        kind: Some(Kind::Header(api::DeployHeader {
-            service: service.to_owned(),
-            size: module.len() as u64,
-            dry_run,
-        })),
+    let header = api::DeployHeader {
+        service: service.to_owned(),
+        size: module.len() as u64,
+        dry_run,
+        fuel_per_apply: 0,
+        max_memory_bytes: 0,
     };
-    std::iter::once(header)
-        .chain(module.chunks(1 << 20).map(|c| api::DeployChunk {
-            kind: Some(Kind::Data(c.to_vec())),
-        }))
-        .collect()
+    deploy_chunks_with(header, module)
+}
+
+/// A deploy upload with a given header.
+pub fn deploy_chunks_with(header: api::DeployHeader, module: &[u8]) -> Vec<api::DeployChunk> {
+    use api::deploy_chunk::Kind;
+    std::iter::once(api::DeployChunk {
+        kind: Some(Kind::Header(header)),
+    })
+    .chain(module.chunks(1 << 20).map(|c| api::DeployChunk {
+        kind: Some(Kind::Data(c.to_vec())),
+    }))
+    .collect()
 }
 
 /// The encoded descriptors of both protos, for gRPC server reflection.

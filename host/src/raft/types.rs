@@ -28,6 +28,30 @@ pub struct ClientSeq {
     pub seq: u64,
 }
 
+/// Resource limits one service runs under, set at deploy time and replicated with the deploy
+/// (so every node applies the same ones). `None` keeps the node's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceLimits {
+    /// Fuel for one apply (and one query).
+    pub fuel_per_apply: Option<u64>,
+    /// Largest guest memory, in bytes.
+    pub max_memory_bytes: Option<u64>,
+}
+
+impl ServiceLimits {
+    /// The node's limits with these overrides applied.
+    pub fn apply_to(&self, mut limits: crate::runtime::Limits) -> crate::runtime::Limits {
+        if let Some(f) = self.fuel_per_apply {
+            limits.fuel_per_apply = f;
+            limits.fuel_per_query = f;
+        }
+        if let Some(m) = self.max_memory_bytes {
+            limits.max_memory_bytes = usize::try_from(m).unwrap_or(usize::MAX);
+        }
+        limits
+    }
+}
+
 /// What a log entry asks the state machine to do.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -54,6 +78,8 @@ pub enum Request {
         /// fingerprint differs refuses to apply the entry (and stops) rather than risk running
         /// the guest differently from its peers.
         engine: String,
+        /// Limits for this service's guest.
+        limits: ServiceLimits,
         /// As for commands.
         timestamp_ms: u64,
     },

@@ -145,10 +145,20 @@ impl Runtime {
     /// Creates a fresh instance (empty state) of a loaded module. `label` names it in logs,
     /// usually the service name.
     pub fn instantiate(&self, module: &Arc<GuestModule>, label: &str) -> Result<Guest, LoadError> {
+        self.instantiate_with(module, label, self.inner.config.limits.clone())
+    }
+
+    /// Like [`Runtime::instantiate`], with limits of the caller's choosing (a service's own).
+    pub fn instantiate_with(
+        &self,
+        module: &Arc<GuestModule>,
+        label: &str,
+        limits: Limits,
+    ) -> Result<Guest, LoadError> {
         Guest::new(
             self.inner.engine.clone(),
             module.clone(),
-            self.inner.config.limits.clone(),
+            limits,
             self.inner.config.checkpoints.clone(),
             label,
         )

@@ -55,6 +55,8 @@ pub struct VersionRecord {
     pub module: String,
     /// Log index of the deploy (or rollback) that made it active.
     pub deployed_at: u64,
+    /// The limits its guest runs under.
+    pub limits: crate::raft::types::ServiceLimits,
 }
 
 /// Everything in a snapshot except the bulk bytes.

@@ -7,7 +7,8 @@
 //! blocking thread, with the state behind a mutex that queries share.
 
 use crate::raft::types::{
-    ClientSeq, Entry, LogId, Request, Response, SnapshotMeta, StoredMembership, TypeConfig,
+    ClientSeq, Entry, LogId, Request, Response, ServiceLimits, SnapshotMeta, StoredMembership,
+    TypeConfig,
 };
 use crate::runtime::{ApplyCtx, Guest, GuestError, GuestModule, ModuleHash, Runtime};
 use crate::storage::snapshot::{
@@ -138,6 +139,7 @@ impl SmState {
                     service,
                     module,
                     engine,
+                    limits,
                     timestamp_ms,
                 }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
@@ -153,7 +155,7 @@ impl SmState {
                         return Err(io::Error::other(msg));
                     }
                     self.advance_clock(timestamp_ms);
-                    out.push(self.deploy(&service, module, log_id.index()));
+                    out.push(self.deploy(&service, module, limits, log_id.index()));
                 }
                 EntryPayload::Normal(Request::Rollback {
                     service,
@@ -237,14 +239,20 @@ impl SmState {
 
     /// Installs `module` as `service`, carrying the old module's state over through
     /// snapshot → restore. Any failure leaves the old module serving, on every replica alike.
-    fn deploy(&mut self, service: &str, module: Vec<u8>, index: u64) -> Response {
+    fn deploy(
+        &mut self,
+        service: &str,
+        module: Vec<u8>,
+        limits: ServiceLimits,
+        index: u64,
+    ) -> Response {
         let hash = ModuleHash::of(&module);
         let bytes = self
             .modules
             .get(&hash)
             .cloned()
             .unwrap_or_else(|| Arc::new(module));
-        self.activate(service, bytes, index)
+        self.activate(service, bytes, limits, index)
     }
 
     /// Makes an earlier version serve again (as a new version, so history only grows).
@@ -274,18 +282,29 @@ impl SmState {
                 target.version
             ));
         };
-        self.activate(service, bytes, index)
+        let limits = target.limits;
+        self.activate(service, bytes, limits, index)
     }
 
     /// Installs `module` as the next version of `service`, carrying the old module's state over
     /// through snapshot → restore. Any failure leaves the old version serving, on every replica
     /// alike.
-    fn activate(&mut self, service: &str, module: Arc<Vec<u8>>, index: u64) -> Response {
+    fn activate(
+        &mut self,
+        service: &str,
+        module: Arc<Vec<u8>>,
+        limits: ServiceLimits,
+        index: u64,
+    ) -> Response {
         let loaded = match self.runtime.load(&module) {
             Ok(m) => m,
             Err(e) => return Response::DeployFailed(e.to_string()),
         };
-        let mut guest = match self.runtime.instantiate(&loaded, service) {
+        let mut guest = match self.runtime.instantiate_with(
+            &loaded,
+            service,
+            limits.apply_to(self.runtime.limits().clone()),
+        ) {
             Ok(g) => g,
             Err(e) => return Response::DeployFailed(e.to_string()),
         };
@@ -312,6 +331,7 @@ impl SmState {
             version,
             module: hash.to_hex(),
             deployed_at: index,
+            limits,
         });
         if history.len() > MAX_VERSIONS {
             history.drain(..history.len() - MAX_VERSIONS);
@@ -426,7 +446,16 @@ impl SmState {
             })?;
             let mut guest = self
                 .runtime
-                .instantiate(module, &record.name)
+                .instantiate_with(
+                    module,
+                    &record.name,
+                    record
+                        .history
+                        .last()
+                        .map(|v| v.limits)
+                        .unwrap_or_default()
+                        .apply_to(self.runtime.limits().clone()),
+                )
                 .map_err(|e| io::Error::other(format!("service {}: {e}", record.name)))?;
             guest.restore(&state).map_err(|e| {
                 io::Error::other(format!(
@@ -522,7 +551,11 @@ impl StateHandle {
 
     /// The module bytes of a kept version of a service (`None`: no such service or version;
     /// `to == None` means the version before the active one).
-    pub fn version_module(&self, service: &str, to: Option<u32>) -> Option<(u32, Arc<Vec<u8>>)> {
+    pub fn version_module(
+        &self,
+        service: &str,
+        to: Option<u32>,
+    ) -> Option<(u32, Arc<Vec<u8>>, ServiceLimits)> {
         let st = lock(&self.state);
         let svc = st.services.get(service)?;
         let target = match to {
@@ -530,7 +563,9 @@ impl StateHandle {
             None => svc.history.iter().rev().nth(1),
         }?;
         let hash = ModuleHash::from_hex(&target.module)?;
-        st.modules.get(&hash).map(|b| (target.version, b.clone()))
+        st.modules
+            .get(&hash)
+            .map(|b| (target.version, b.clone(), target.limits))
     }
 
     /// The current state (guest snapshot) of one service, `None` when it does not exist.

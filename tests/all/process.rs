@@ -167,7 +167,18 @@ fn three_node_processes_survive_a_leader_kill() {
         });
     }
     let o = cli(&addrs[killed - 1], &["services"]);
-    assert!(text(&o).contains("kv"), "{}", text(&o));
+    let table = text(&o);
+    assert!(
+        table.starts_with("SERVICE") && table.contains("VERSION"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("kv") && l.split_whitespace().nth(1) == Some("1")),
+        "{table}"
+    );
 
     tracing::info!("a down endpoint is a clear error and a failure status");
     let down = free_addr();

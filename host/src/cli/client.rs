@@ -462,23 +462,32 @@ pub async fn services(client: &ClientArgs) -> anyhow::Result<ExitCode> {
                         .collect();
                     serde_json::json!({"name": s.name, "version": s.version, "module_sha256": s.module_sha256,
                         "module_size": s.module_size, "deployed_at_index": s.deployed_at_index,
-                        "state_bytes": s.state_bytes, "history": history})
+                        "state_bytes": s.state_bytes, "fuel_per_apply": s.fuel_per_apply,
+                        "max_memory_bytes": s.max_memory_bytes, "history": history})
                 })
                 .collect();
             println!("{}", serde_json::Value::Array(list));
         }
         Output::Text => {
             println!(
-                "{:<20} {:<14} {:>10} {:>10}",
-                "SERVICE", "MODULE", "SIZE", "DEPLOYED@"
+                "{:<16} {:>7} {:<14} {:>10} {:>10} {:>10} {:>12}",
+                "SERVICE", "VERSION", "MODULE", "SIZE", "DEPLOYED@", "STATE", "FUEL/APPLY"
             );
             for s in &reply.services {
+                let fuel = if s.fuel_per_apply == 0 {
+                    "default".to_owned()
+                } else {
+                    s.fuel_per_apply.to_string()
+                };
                 println!(
-                    "{:<20} {:<14} {:>10} {:>10}",
+                    "{:<16} {:>7} {:<14} {:>10} {:>10} {:>10} {:>12}",
                     s.name,
+                    s.version,
                     &s.module_sha256[..12.min(s.module_sha256.len())],
                     s.module_size,
-                    s.deployed_at_index
+                    s.deployed_at_index,
+                    s.state_bytes,
+                    fuel
                 );
             }
         }

@@ -23,3 +23,15 @@ guests:
 # The WASM tax benchmark (guest apply vs native BTreeMap).
 bench:
     cargo bench -p waft --bench guest_apply
+
+# The hot-swap benchmark (deploy to serving on all nodes under client load).
+bench-hotswap:
+    cargo bench -p waft --bench hotswap
+
+# A local 3-node cluster with the kv guest deployed (Ctrl-C stops it).
+dev:
+    cargo run --release -- dev
+
+# The end-to-end test: three `waft node` processes driven through the CLI.
+e2e:
+    cargo test -p waft --test all process::

@@ -268,6 +268,34 @@ impl Api {
         }
     }
 
+    /// Maps the outcome of a membership change: a reply, a forward to the leader (through
+    /// `forward`, given a client of the leader's Cluster service), or an error.
+    async fn membership_outcome<F, Fut>(
+        &self,
+        result: Result<
+            openraft::raft::ClientWriteResponse<crate::raft::types::TypeConfig>,
+            RaftError<
+                crate::raft::types::TypeConfig,
+                ClientWriteError<crate::raft::types::TypeConfig>,
+            >,
+        >,
+        already_forwarded: bool,
+        forward: F,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status>
+    where
+        F: FnOnce(api::cluster_client::ClusterClient<tonic::transport::Channel>) -> Fut,
+        Fut: Future<Output = Result<GrpcResponse<api::MembershipReply>, Status>>,
+    {
+        match result {
+            Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
+            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, already_forwarded)? {
+                Route::Leader(addr) => forward(self.cluster_client(&addr)?).await,
+                Route::Here => Err(no_leader()),
+            },
+            Err(e) => Err(write_error(&e)),
+        }
+    }
+
     fn membership_reply(&self, index: u64) -> api::MembershipReply {
         api::MembershipReply {
             members: members(&self.metrics()),
@@ -599,7 +627,7 @@ impl cluster_server::Cluster for Api {
                 "the learner's address is required",
             ));
         }
-        match self
+        let result = self
             .raft
             .add_learner(
                 req.id,
@@ -608,15 +636,11 @@ impl cluster_server::Cluster for Api {
                 },
                 true,
             )
-            .await
-        {
-            Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
-            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
-                Route::Leader(addr) => self.cluster_client(&addr)?.add_learner(mark(req)).await,
-                Route::Here => Err(no_leader()),
-            },
-            Err(e) => Err(write_error(&e)),
-        }
+            .await;
+        self.membership_outcome(result, fwd, |mut c| async move {
+            c.add_learner(mark(req)).await
+        })
+        .await
     }
 
     async fn change_membership(
@@ -639,18 +663,11 @@ impl cluster_server::Cluster for Api {
             (false, true) => ChangeMembers::ReplaceAllVoters(req.voters.iter().copied().collect()),
             (true, false) => ChangeMembers::AddVoterIds(req.add_voters.iter().copied().collect()),
         };
-        match self.raft.change_membership(change, req.retain).await {
-            Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
-            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
-                Route::Leader(addr) => {
-                    self.cluster_client(&addr)?
-                        .change_membership(mark(req))
-                        .await
-                }
-                Route::Here => Err(no_leader()),
-            },
-            Err(e) => Err(write_error(&e)),
-        }
+        let result = self.raft.change_membership(change, req.retain).await;
+        self.membership_outcome(result, fwd, |mut c| async move {
+            c.change_membership(mark(req)).await
+        })
+        .await
     }
 
     async fn remove_node(
@@ -691,14 +708,10 @@ impl cluster_server::Cluster for Api {
             }
             other => other,
         };
-        match result {
-            Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
-            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
-                Route::Leader(addr) => self.cluster_client(&addr)?.remove_node(mark(req)).await,
-                Route::Here => Err(no_leader()),
-            },
-            Err(e) => Err(write_error(&e)),
-        }
+        self.membership_outcome(result, fwd, |mut c| async move {
+            c.remove_node(mark(req)).await
+        })
+        .await
     }
 
     async fn transfer_leader(

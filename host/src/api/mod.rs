@@ -697,17 +697,8 @@ impl cluster_server::Cluster for Api {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
         };
+        // `retain = false`: a removed voter leaves the cluster, it is not kept as a learner.
         let result = self.raft.change_membership(change, false).await;
-        let result = match result {
-            Ok(r) if is_voter => {
-                // A removed voter is kept as a learner by openraft; drop it entirely.
-                self.raft
-                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([req.id])), false)
-                    .await
-                    .or(Ok(r))
-            }
-            other => other,
-        };
         self.membership_outcome(result, fwd, |mut c| async move {
             c.remove_node(mark(req)).await
         })

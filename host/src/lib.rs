@@ -8,6 +8,7 @@
 //! - [`cli`]: the `waft` command line (parsed arguments become calls into the library).
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod node;
 pub mod pb;

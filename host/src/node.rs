@@ -30,6 +30,9 @@ pub struct RaftSettings {
     /// Entries kept in the log after a snapshot (lagging followers within this distance catch
     /// up from the log instead of a snapshot).
     pub keep_after_snapshot: u64,
+    /// How often the leader audits replica state (see [`crate::audit`]); `None` never does
+    /// on its own (`waft cluster audit` still can).
+    pub audit_interval: Option<Duration>,
 }
 
 impl Default for RaftSettings {
@@ -39,6 +42,7 @@ impl Default for RaftSettings {
             election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
+            audit_interval: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -102,6 +106,7 @@ pub struct Node {
     state: StateHandle,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    auditor: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -213,6 +218,10 @@ impl Node {
                     let _ = stop_rx.await;
                 }),
         );
+        let auditor = config
+            .raft
+            .audit_interval
+            .map(|every| crate::audit::spawn_auditor(raft.clone(), state.clone(), every));
         tracing::info!(node = config.id, %addr, data_dir = %config.data_dir.display(), "node started");
         Ok(Node {
             id: config.id,
@@ -221,6 +230,7 @@ impl Node {
             state,
             stop_server: Some(stop_tx),
             server: Some(server),
+            auditor,
         })
     }
 
@@ -250,8 +260,26 @@ impl Node {
         &self.state
     }
 
+    /// Resolves when Raft stops on its own with a fatal error (a storage write failed, a deploy
+    /// from a foreign engine): the node can no longer take part and should be stopped.
+    pub async fn fatal(&self) -> String {
+        use openraft::async_runtime::WatchReceiver;
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(e) = &metrics.borrow_watched().running_state {
+                return e.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_owned();
+            }
+        }
+    }
+
     /// Stops Raft, then the server, and waits for both.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        if let Some(auditor) = self.auditor.take() {
+            auditor.abort();
+        }
         let raft = self
             .raft
             .shutdown()

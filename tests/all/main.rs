@@ -4,6 +4,7 @@
 //! the `waft-testkit` build script, the real wasmtime engine, the real `waft` binary.
 
 mod api;
+mod audit;
 mod cli;
 mod cluster;
 mod cluster_support;

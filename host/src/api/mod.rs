@@ -61,7 +61,8 @@ enum Route {
     Leader(String),
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch on this node's clock (what a proposed entry carries).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -325,6 +326,24 @@ fn members(m: &openraft::RaftMetrics<crate::raft::types::TypeConfig>) -> Vec<api
             }
         })
         .collect()
+}
+
+fn audit_status(a: &crate::storage::AuditStatus) -> api::AuditStatus {
+    api::AuditStatus {
+        checks: a.checks,
+        skipped: a.skipped,
+        last_checked_index: a.last_checked_index,
+        divergences: a
+            .divergences
+            .iter()
+            .map(|d| api::Divergence {
+                index: d.index,
+                what: d.what.clone(),
+                local: d.local.clone(),
+                leader: d.leader.clone(),
+            })
+            .collect(),
+    }
 }
 
 fn submit_reply(index: u64, response: Response) -> Result<api::SubmitReply, Status> {
@@ -762,7 +781,43 @@ impl cluster_server::Cluster for Api {
             snapshot_index: m.snapshot.map(|l| l.index),
             members: members(&m),
             engine: self.runtime.fingerprint().to_owned(),
+            audit: Some(audit_status(&self.state.audit_status())),
         }))
+    }
+
+    async fn audit(
+        &self,
+        request: GrpcRequest<api::AuditRequest>,
+    ) -> Result<GrpcResponse<api::AuditReply>, Status> {
+        let fwd = forwarded(&request);
+        match crate::audit::audit_now(&self.raft).await {
+            Ok(o) => Ok(GrpcResponse::new(api::AuditReply {
+                index: o.digest.index,
+                report_index: o.report_index,
+                services: o
+                    .digest
+                    .services
+                    .into_iter()
+                    .map(|d| api::ServiceDigest {
+                        service: d.name,
+                        version: d.version,
+                        module_sha256: d.module,
+                        state_sha256: d.state,
+                        state_bytes: d.state_len,
+                    })
+                    .collect(),
+                sessions_sha256: o.digest.sessions,
+            })),
+            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
+                Route::Leader(addr) => {
+                    self.cluster_client(&addr)?
+                        .audit(mark(api::AuditRequest {}))
+                        .await
+                }
+                Route::Here => Err(no_leader()),
+            },
+            Err(e) => Err(write_error(&e)),
+        }
     }
 
     async fn trigger_snapshot(

@@ -131,6 +131,9 @@ pub enum ClusterCommand {
     Status,
     /// Build a snapshot now.
     Snapshot,
+    /// Check now that every replica holds byte-identical state, and show each node's verdict
+    /// (exits non-zero on a divergence or an unreachable node).
+    Audit,
 }
 
 async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
@@ -592,8 +595,107 @@ pub async fn cluster(client: &ClientArgs, command: &ClusterCommand) -> anyhow::R
                 .into_inner();
             print_status(client.output, &s);
         }
+        ClusterCommand::Audit => return audit(client, &mut c).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One node's verdict on an audit.
+fn audit_verdict(audit: &api::AuditStatus, index: u64) -> (&'static str, String) {
+    let diverged: Vec<String> = audit
+        .divergences
+        .iter()
+        .filter(|d| d.index == index)
+        .map(|d| format!("{}: local {} / leader {}", d.what, d.local, d.leader))
+        .collect();
+    if !diverged.is_empty() {
+        ("DIVERGED", diverged.join("; "))
+    } else if audit.last_checked_index.is_some_and(|i| i >= index) {
+        ("match", String::new())
+    } else {
+        (
+            "skipped",
+            "no digest at that index (caught up by snapshot or restarted)".to_owned(),
+        )
+    }
+}
+
+async fn audit(client: &ClientArgs, c: &mut ClusterClient<Channel>) -> anyhow::Result<ExitCode> {
+    let reply = retrying(|| {
+        let mut c = c.clone();
+        async move { c.audit(api::AuditRequest {}).await }
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner();
+    let members = c
+        .status(api::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .members;
+    let mut rows = Vec::new();
+    let mut ok = true;
+    for m in &members {
+        // Each node compares when it applies the report entry: wait for that, briefly.
+        let mut verdict = ("unreachable", String::new());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let status = match channel(&m.addr).await {
+                Ok(ch) => ClusterClient::new(ch).status(api::StatusRequest {}).await,
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            };
+            match status {
+                Ok(s) if s.get_ref().applied_index >= reply.report_index => {
+                    verdict =
+                        audit_verdict(&s.get_ref().audit.clone().unwrap_or_default(), reply.index);
+                    break;
+                }
+                Ok(_) => verdict = ("behind", "has not applied the report yet".to_owned()),
+                Err(e) => verdict = ("unreachable", e.message().to_owned()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ok &= verdict.0 == "match" || verdict.0 == "skipped";
+        rows.push((m.id, m.addr.clone(), verdict));
+    }
+    match client.output {
+        Output::Json => {
+            let nodes: Vec<_> = rows
+                .iter()
+                .map(|(id, addr, (v, detail))| serde_json::json!({"id": id, "addr": addr, "verdict": v, "detail": detail}))
+                .collect();
+            let services: Vec<_> = reply
+                .services
+                .iter()
+                .map(|d| serde_json::json!({"service": d.service, "version": d.version, "module_sha256": d.module_sha256,
+                    "state_sha256": d.state_sha256, "state_bytes": d.state_bytes}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"index": reply.index, "report_index": reply.report_index, "services": services,
+                    "sessions_sha256": reply.sessions_sha256, "nodes": nodes, "consistent": ok})
+            );
+        }
+        Output::Text => {
+            println!("audit at log index {}", reply.index);
+            for d in &reply.services {
+                println!(
+                    "  {:<16} v{:<3} state sha256 {} ({} bytes)",
+                    d.service, d.version, d.state_sha256, d.state_bytes
+                );
+            }
+            println!("{:>4}  {:<22} {:<11} DETAIL", "ID", "ADDRESS", "VERDICT");
+            for (id, addr, (v, detail)) in &rows {
+                println!("{id:>4}  {addr:<22} {v:<11} {detail}");
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn print_status(out: Output, s: &api::StatusReply) {
@@ -608,7 +710,11 @@ fn print_status(out: Output, s: &api::StatusReply) {
                 "{}",
                 serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
                     "leader_addr": s.leader_addr, "last_log_index": s.last_log_index, "committed_index": s.committed_index,
-                    "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "engine": s.engine, "members": members})
+                    "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "engine": s.engine, "members": members,
+                    "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
+                        "last_checked_index": a.last_checked_index,
+                        "divergences": a.divergences.iter().map(|d| serde_json::json!({"index": d.index, "what": d.what,
+                            "local": d.local, "leader": d.leader})).collect::<Vec<_>>()}))})
             );
         }
         Output::Text => {
@@ -628,6 +734,20 @@ fn print_status(out: Output, s: &api::StatusReply) {
                 s.snapshot_index.map_or("-".to_owned(), |i| i.to_string())
             );
             println!("engine: {}", s.engine);
+            let audit = s.audit.clone().unwrap_or_default();
+            match audit.divergences.last() {
+                Some(d) => println!(
+                    "state audit: DIVERGED at index {} ({}: local {} / leader {}); {} checks",
+                    d.index, d.what, d.local, d.leader, audit.checks
+                ),
+                None => println!(
+                    "state audit: {} checks, all matched{}",
+                    audit.checks,
+                    audit
+                        .last_checked_index
+                        .map_or(String::new(), |i| format!(" (last at index {i})"))
+                ),
+            }
             println!(
                 "{:>4}  {:<22} {:<8} {:>8} {:>6}",
                 "ID", "ADDRESS", "ROLE", "MATCHED", "LAG"

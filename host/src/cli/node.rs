@@ -29,6 +29,26 @@ pub struct NodeArgs {
     /// then become a voter. Not needed when restarting a node that is already a member.
     #[arg(long, env = "WAFT_JOIN")]
     pub join: Option<String>,
+    /// Build a snapshot (and compact the log) after this many entries.
+    #[arg(long, default_value_t = 10_000, value_name = "ENTRIES")]
+    pub snapshot_every: u64,
+    /// Entries kept in the log after a snapshot, for followers that lag by less.
+    #[arg(long, default_value_t = 1_000, value_name = "ENTRIES")]
+    pub keep_after_snapshot: u64,
+    /// While leading, check this often that every replica holds the same state (0: never on
+    /// its own; `waft cluster audit` runs one on demand).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub audit_interval: f64,
+    /// Reach the peer advertised at ADVERTISED through ADDR instead (NAT, a proxy). Repeatable.
+    #[arg(long, value_name = "ADVERTISED=ADDR", value_parser = parse_dial)]
+    pub dial: Vec<(String, String)>,
+}
+
+fn parse_dial(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_owned(), b.to_owned())),
+        _ => Err(format!("expected ADVERTISED=ADDR, got {s:?}")),
+    }
 }
 
 /// Arguments of `waft dev`.
@@ -76,6 +96,12 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let mut config = NodeConfig::new(args.id, &args.data_dir);
     config.advertise = args.advertise.clone();
+    config.raft.snapshot_every = args.snapshot_every.max(1);
+    config.raft.keep_after_snapshot = args.keep_after_snapshot;
+    config.raft.audit_interval = (args.audit_interval > 0.0)
+        .then(|| Duration::try_from_secs_f64(args.audit_interval).ok())
+        .flatten();
+    config.net.dial = args.dial.iter().cloned().collect();
     let node = Node::start(config, listener).await?;
     eprintln!(
         "waft node {} serving on {} (data in {})",
@@ -90,7 +116,17 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<ExitCode> {
         node.shutdown().await?;
         return Ok(ExitCode::FAILURE);
     }
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        why = node.fatal() => {
+            // Storage failed (a full disk, an I/O error) or the log asked for something this
+            // node must not do: it stops taking part rather than risk serving wrong answers.
+            // Its data stays as it was at the last durable write; restart it once fixed.
+            eprintln!("error: node {} stopped: {why}", args.id);
+            let _ = node.shutdown().await;
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     eprintln!("shutting down");
     node.shutdown().await?;
     Ok(ExitCode::SUCCESS)

@@ -20,7 +20,7 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{OptionalSend, RaftNetworkFactory};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -37,6 +37,9 @@ pub struct NetConfig {
     pub snapshot_deadline: Duration,
     /// Largest gRPC message, both ways. Must exceed the largest log entry plus framing.
     pub max_message_bytes: usize,
+    /// Peers reached at another address than the one they advertise (NAT, a proxy, or a
+    /// fault-injection harness): advertised address -> address to dial.
+    pub dial: BTreeMap<String, String>,
 }
 
 impl Default for NetConfig {
@@ -46,6 +49,7 @@ impl Default for NetConfig {
             snapshot_chunk_bytes: 1 << 20,
             snapshot_deadline: Duration::from_secs(600),
             max_message_bytes: 160 << 20,
+            dial: BTreeMap::new(),
         }
     }
 }
@@ -72,13 +76,15 @@ impl NetworkFactory {
         }
     }
 
-    /// The channel to `addr`, created (lazily connecting) on first use.
+    /// The channel to the node advertised at `addr`, created (lazily connecting) on first use.
+    /// A [`NetConfig::dial`] entry for `addr` redirects it.
     pub fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let target = self.config.dial.get(addr).map_or(addr, String::as_str);
+        let endpoint = Endpoint::from_shared(format!("http://{target}"))
             .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)

@@ -94,6 +94,46 @@ pub enum Request {
         /// As for commands.
         timestamp_ms: u64,
     },
+    /// Every replica records a digest of its replicated state as of this entry (the
+    /// divergence check, first half). Changes nothing; the proposer gets its own digest back.
+    Audit {
+        /// As for commands.
+        timestamp_ms: u64,
+    },
+    /// The proposer's digest at an earlier [`Request::Audit`] entry (second half): every replica
+    /// that recorded its own digest at that index compares the two and reports a mismatch
+    /// loudly. Changes nothing.
+    AuditReport {
+        /// The proposer's digest.
+        digest: StateDigest,
+    },
+}
+
+/// A digest of the replicated state at one log index: what replicas compare to prove they hold
+/// byte-identical state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDigest {
+    /// The index of the [`Request::Audit`] entry the digest was taken at.
+    pub index: u64,
+    /// One digest per service, in name order.
+    pub services: Vec<ServiceDigest>,
+    /// sha256 (hex) of the exactly-once session table.
+    pub sessions: String,
+}
+
+/// One service's part of a [`StateDigest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDigest {
+    /// Service name.
+    pub name: String,
+    /// Active version.
+    pub version: u32,
+    /// sha256 (hex) of the active module.
+    pub module: String,
+    /// sha256 (hex) of the guest's snapshot, or why the snapshot failed.
+    pub state: String,
+    /// Length of the guest's snapshot in bytes.
+    pub state_len: u64,
 }
 
 impl fmt::Debug for Request {
@@ -122,6 +162,11 @@ impl fmt::Debug for Request {
                 .debug_struct("Rollback")
                 .field("service", service)
                 .field("to", to)
+                .finish(),
+            Request::Audit { .. } => f.write_str("Audit"),
+            Request::AuditReport { digest } => f
+                .debug_struct("AuditReport")
+                .field("index", &digest.index)
                 .finish(),
         }
     }
@@ -155,9 +200,11 @@ pub enum Response {
     /// A deploy was refused (the module did not load or did not accept the state); nothing
     /// changed.
     DeployFailed(String),
-    /// Entries with no payload (blank entries, membership changes).
+    /// Entries with no payload (blank entries, membership changes, audit reports).
     #[default]
     Empty,
+    /// An audit entry was applied: this replica's digest at it.
+    Audited(StateDigest),
 }
 
 /// A log id (leader id + index).

@@ -7,4 +7,6 @@ pub mod state_machine;
 
 pub use log_store::{DeployHook, LogReader, LogStore};
 pub use snapshot::SnapshotFile;
-pub use state_machine::{QueryError, ServiceInfo, StateHandle, StateMachineStore};
+pub use state_machine::{
+    AuditStatus, Divergence, QueryError, ServiceInfo, StateHandle, StateMachineStore,
+};

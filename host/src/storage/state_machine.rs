@@ -7,8 +7,8 @@
 //! blocking thread, with the state behind a mutex that queries share.
 
 use crate::raft::types::{
-    ClientSeq, Entry, LogId, Request, Response, ServiceLimits, SnapshotMeta, StoredMembership,
-    TypeConfig,
+    ClientSeq, Entry, LogId, Request, Response, ServiceDigest, ServiceLimits, SnapshotMeta,
+    StateDigest, StoredMembership, TypeConfig,
 };
 use crate::runtime::{ApplyCtx, Guest, GuestError, GuestModule, ModuleHash, Runtime};
 use crate::storage::snapshot::{
@@ -53,6 +53,97 @@ struct SmState {
     /// Module bytes by hash, kept for snapshots (a new node needs them).
     modules: BTreeMap<ModuleHash, Arc<Vec<u8>>>,
     sessions: BTreeMap<u64, Session>,
+    /// This replica's own digests and audit results: local observations, never replicated
+    /// and never in snapshots.
+    audit: Audit,
+}
+
+/// Digests kept for comparison with a later report (a report arrives one entry after its
+/// audit unless leadership changes in between).
+const KEPT_DIGESTS: usize = 16;
+/// Divergences kept for status.
+const KEPT_DIVERGENCES: usize = 16;
+
+#[derive(Debug, Default)]
+struct Audit {
+    digests: std::collections::VecDeque<StateDigest>,
+    status: AuditStatus,
+}
+
+/// What this replica learned from comparing its state with the leader's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditStatus {
+    /// Reports compared with a digest of our own.
+    pub checks: u64,
+    /// Reports for an index this replica has no digest of (it got there by a snapshot, or
+    /// restarted in between): nothing to compare.
+    pub skipped: u64,
+    /// The audit index of the last report compared.
+    pub last_checked_index: Option<u64>,
+    /// Every mismatch seen (the most recent [`KEPT_DIVERGENCES`]), oldest first.
+    pub divergences: Vec<Divergence>,
+}
+
+/// One mismatch between this replica's state and the leader's at the same index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// The audit index.
+    pub index: u64,
+    /// What differs: `service NAME`, or `sessions`.
+    pub what: String,
+    /// This replica's value.
+    pub local: String,
+    /// The leader's value.
+    pub leader: String,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Every difference between two digests of the same index.
+fn compare_digests(local: &StateDigest, leader: &StateDigest) -> Vec<Divergence> {
+    let describe = |d: Option<&ServiceDigest>| match d {
+        None => "absent".to_owned(),
+        Some(d) => format!(
+            "version {} module {} state {} ({} bytes)",
+            d.version,
+            &d.module[..d.module.len().min(12)],
+            d.state,
+            d.state_len
+        ),
+    };
+    let mut names: Vec<&str> = local
+        .services
+        .iter()
+        .chain(&leader.services)
+        .map(|d| d.name.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let ours = local.services.iter().find(|d| d.name == name);
+        let theirs = leader.services.iter().find(|d| d.name == name);
+        if ours != theirs {
+            out.push(Divergence {
+                index: local.index,
+                what: format!("service {name}"),
+                local: describe(ours),
+                leader: describe(theirs),
+            });
+        }
+    }
+    if local.sessions != leader.sessions {
+        out.push(Divergence {
+            index: local.index,
+            what: "sessions".to_owned(),
+            local: local.sessions.clone(),
+            leader: leader.sessions.clone(),
+        });
+    }
+    out
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -77,6 +168,69 @@ impl SmState {
             services: BTreeMap::new(),
             modules: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            audit: Audit::default(),
+        }
+    }
+
+    /// A digest of the replicated state as of entry `index`.
+    fn digest(&mut self, index: u64) -> io::Result<StateDigest> {
+        let mut services = Vec::with_capacity(self.services.len());
+        for (name, svc) in &mut self.services {
+            let (state, state_len) = match svc.guest.snapshot() {
+                Ok(bytes) => (sha256_hex(&bytes), bytes.len() as u64),
+                Err(e) => (format!("snapshot failed: {e}"), 0),
+            };
+            services.push(ServiceDigest {
+                name: name.clone(),
+                version: svc.history.last().map_or(0, |r| r.version),
+                module: svc.module.hash().to_hex(),
+                state,
+                state_len,
+            });
+        }
+        let sessions: Vec<(&u64, &Session)> = self.sessions.iter().collect();
+        let sessions = crate::storage::log_store::encode(&sessions)?;
+        Ok(StateDigest {
+            index,
+            services,
+            sessions: sha256_hex(&sessions),
+        })
+    }
+
+    /// Records our digest at an audit entry.
+    fn record_digest(&mut self, index: u64) -> io::Result<Response> {
+        let digest = self.digest(index)?;
+        let digests = &mut self.audit.digests;
+        if digests.len() == KEPT_DIGESTS {
+            digests.pop_front();
+        }
+        digests.push_back(digest.clone());
+        Ok(Response::Audited(digest))
+    }
+
+    /// Compares the leader's digest with ours for the same index; a mismatch is logged as an
+    /// error and kept for status.
+    fn check_report(&mut self, leader: &StateDigest) {
+        let audit = &mut self.audit;
+        let Some(ours) = audit.digests.iter().find(|d| d.index == leader.index) else {
+            audit.status.skipped += 1;
+            return;
+        };
+        let found = compare_digests(ours, leader);
+        audit.status.checks += 1;
+        audit.status.last_checked_index = Some(leader.index);
+        for d in found {
+            tracing::error!(
+                index = d.index,
+                what = %d.what,
+                local = %d.local,
+                leader = %d.leader,
+                "STATE DIVERGENCE: this replica's state differs from the leader's at the same log index"
+            );
+            if audit.status.divergences.len() == KEPT_DIVERGENCES {
+                audit.status.divergences.remove(0);
+            }
+            audit.status.divergences.push(d);
         }
     }
 
@@ -165,6 +319,16 @@ impl SmState {
                     self.flush(&batch_service, &mut batch, &mut out);
                     self.advance_clock(timestamp_ms);
                     out.push(self.rollback(&service, to, log_id.index()));
+                }
+                EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.advance_clock(timestamp_ms);
+                    out.push(self.record_digest(log_id.index())?);
+                }
+                EntryPayload::Normal(Request::AuditReport { digest }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.check_report(&digest);
+                    out.push(Response::Empty);
                 }
                 EntryPayload::Membership(m) => {
                     self.flush(&batch_service, &mut batch, &mut out);
@@ -583,6 +747,11 @@ impl StateHandle {
     /// The engine fingerprint of this node's runtime.
     pub fn engine(&self) -> String {
         lock(&self.state).runtime.fingerprint().to_owned()
+    }
+
+    /// What this replica learned from state audits (divergence checks).
+    pub fn audit_status(&self) -> AuditStatus {
+        lock(&self.state).audit.status.clone()
     }
 
     /// The last applied log id.

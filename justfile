@@ -35,3 +35,9 @@ dev:
 # The end-to-end test: three `waft node` processes driven through the CLI.
 e2e:
     cargo test -p waft --test all process::
+
+# Chaos campaigns against real node processes (kills, pauses, partitions, snapshot catch-up,
+# a full disk) with a linearizability check. CI runs them for 12 s each; this runs them longer.
+# Pass a seed to replay a fault schedule: `just chaos 300 0x1234`.
+chaos secs="120" seed="":
+    WAFT_CHAOS_SECS={{secs}} WAFT_CHAOS_SEED={{seed}} cargo test -p waft --test all chaos:: -- --nocapture --test-threads 1

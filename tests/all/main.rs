@@ -5,6 +5,7 @@
 
 mod api;
 mod audit;
+mod chaos;
 mod cli;
 mod cluster;
 mod cluster_support;

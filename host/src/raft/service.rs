@@ -122,6 +122,7 @@ impl RaftService {
         .await
         .map_err(internal)?
         .map_err(|e| Status::data_loss(format!("received snapshot is corrupt: {e}")))?;
+        tracing::info!(last = ?meta.last_log_id, "snapshot received from the leader");
         let response = self
             .raft
             .install_full_snapshot(

@@ -1,0 +1,495 @@
+//! Chaos campaigns: real `waft node` processes under faults while clients write and read, then
+//! a linearizability check of what the clients saw, an exactly-once check, and an audit that
+//! every replica holds byte-identical state.
+//!
+//! Each campaign is seeded (`WAFT_CHAOS_SEED`, default fixed) so its fault schedule is
+//! reproducible; thread and network timing still vary between runs. `WAFT_CHAOS_SECS` sets how
+//! long faults are injected per campaign (default 12 s, the bounded form CI runs; `just chaos`
+//! runs longer). Each prints the operations done, the faults injected and the verdicts.
+
+mod procs;
+mod proxy;
+mod workload;
+
+use procs::ProcCluster;
+use proxy::LinkState;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use waft::pb::api;
+use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_KV};
+use workload::Recorder;
+
+/// SplitMix64: small, seedable, good enough to pick faults.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// A duration between `lo` and `hi` milliseconds.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+
+    pub fn fork(&mut self) -> Rng {
+        Rng::new(self.next())
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| {
+            let v = v.trim();
+            match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                None => v.parse().ok(),
+            }
+        })
+        .unwrap_or(default)
+}
+
+/// The faults injected, with when.
+struct Faults {
+    start: Instant,
+    log: Vec<String>,
+}
+
+impl Faults {
+    fn note(&mut self, what: impl Into<String>) {
+        let line = format!(
+            "{:>6.1}s {}",
+            self.start.elapsed().as_secs_f64(),
+            what.into()
+        );
+        tracing::info!("fault: {line}");
+        self.log.push(line);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Nemesis {
+    /// SIGKILL the leader (restart it a moment later), SIGSTOP/SIGCONT a node, hand
+    /// leadership over.
+    Processes,
+    /// Partitions: the leader alone, a random minority, one-way links, everyone alone;
+    /// links cut or stalled.
+    Partitions,
+    /// A follower killed while the others write and compact their logs, restarted so it must
+    /// catch up from a snapshot.
+    SnapshotCatchUp,
+    /// A node whose disk fills up (writes past a size fail with EFBIG): it must stop, the others
+    /// go on, and it recovers once restarted with space.
+    DiskFull,
+}
+
+const KEYS: usize = 5;
+const KV_CLIENTS: usize = 4;
+const COUNTER_CLIENTS: usize = 2;
+
+async fn sleep(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+impl Nemesis {
+    async fn step(self, c: &mut ProcCluster, rng: &mut Rng, f: &mut Faults) {
+        let n = c.len();
+        match self {
+            Nemesis::Processes => {
+                let roll = rng.below(100);
+                if roll < 60 {
+                    let Some(l) = c.wait_leader(Duration::from_secs(5)).await else {
+                        f.note("no leader to kill");
+                        return;
+                    };
+                    c.kill(l);
+                    f.note(format!("SIGKILL leader node {}", l + 1));
+                    sleep(rng.millis(300, 2000)).await;
+                    c.spawn(l, None);
+                    f.note(format!("restart node {}", l + 1));
+                } else if roll < 80 {
+                    let i = rng.below(n as u64) as usize;
+                    c.pause(i);
+                    f.note(format!("SIGSTOP node {}", i + 1));
+                    sleep(rng.millis(500, 3000)).await;
+                    c.resume(i);
+                    f.note(format!("SIGCONT node {}", i + 1));
+                } else if let Some(l) = c.leader().await {
+                    let to = (l + 1 + rng.below(n as u64 - 1) as usize) % n;
+                    if let Some(mut cl) = c.cluster_client(l).await {
+                        let r = cl
+                            .transfer_leader(api::TransferLeaderRequest { to: to as u64 + 1 })
+                            .await;
+                        f.note(format!(
+                            "transfer leadership {} -> {} ({})",
+                            l + 1,
+                            to + 1,
+                            if r.is_ok() { "requested" } else { "refused" }
+                        ));
+                    }
+                }
+                sleep(rng.millis(1000, 2500)).await;
+            }
+            Nemesis::Partitions => {
+                let how = if rng.below(2) == 0 {
+                    LinkState::Cut
+                } else {
+                    LinkState::Stalled
+                };
+                let leader = c.leader().await.unwrap_or(0);
+                match rng.below(4) {
+                    0 => {
+                        let rest: Vec<usize> = (0..n).filter(|&i| i != leader).collect();
+                        c.net.partition(&[vec![leader], rest], how);
+                        f.note(format!("isolate leader node {} ({how:?})", leader + 1));
+                    }
+                    1 => {
+                        let x = rng.below(n as u64) as usize;
+                        let rest: Vec<usize> = (0..n).filter(|&i| i != x).collect();
+                        c.net.partition(&[vec![x], rest], how);
+                        f.note(format!("isolate node {} ({how:?})", x + 1));
+                    }
+                    2 => {
+                        let to = (leader + 1 + rng.below(n as u64 - 1) as usize) % n;
+                        c.net.one_way(leader, to, how);
+                        f.note(format!(
+                            "one-way: leader node {} cannot reach node {} ({how:?})",
+                            leader + 1,
+                            to + 1
+                        ));
+                    }
+                    _ => {
+                        let groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+                        c.net.partition(&groups, how);
+                        f.note(format!("every node alone, no quorum ({how:?})"));
+                    }
+                }
+                sleep(rng.millis(1000, 4000)).await;
+                c.net.heal();
+                f.note("heal");
+                sleep(rng.millis(1000, 2000)).await;
+            }
+            Nemesis::SnapshotCatchUp => {
+                let Some(l) = c.wait_leader(Duration::from_secs(5)).await else {
+                    f.note("no leader");
+                    return;
+                };
+                let victim = (l + 1 + rng.below(n as u64 - 1) as usize) % n;
+                c.kill(victim);
+                f.note(format!("SIGKILL follower node {}", victim + 1));
+                sleep(rng.millis(1500, 3000)).await;
+                if let Some(mut cl) = c.cluster_client(l).await {
+                    let _ = cl.trigger_snapshot(api::TriggerSnapshotRequest {}).await;
+                    f.note(format!(
+                        "snapshot + log compaction on leader node {}",
+                        l + 1
+                    ));
+                }
+                sleep(rng.millis(500, 1000)).await;
+                c.spawn(victim, None);
+                f.note(format!(
+                    "restart node {} (must catch up by snapshot)",
+                    victim + 1
+                ));
+                sleep(rng.millis(2000, 3000)).await;
+            }
+            Nemesis::DiskFull => {
+                let victim = rng.below(n as u64) as usize;
+                c.kill(victim);
+                let log = c.data_dir(victim).join("log.redb");
+                let size = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+                c.spawn(victim, Some(size));
+                f.note(format!(
+                    "node {} restarted with its disk full (no file may grow past {size} bytes)",
+                    victim + 1
+                ));
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut stopped = None;
+                while Instant::now() < deadline {
+                    if let Some(status) = c.exited(victim) {
+                        stopped = Some(status);
+                        break;
+                    }
+                    sleep(Duration::from_millis(100)).await;
+                }
+                match stopped {
+                    Some(status) => {
+                        assert!(
+                            !status.success(),
+                            "a node that cannot write must not exit 0"
+                        );
+                        let tail = c.log_tail(victim, 20);
+                        f.note(format!(
+                            "node {} stopped on the write error ({status}): {}",
+                            victim + 1,
+                            tail.lines()
+                                .rev()
+                                .find(|l| l.contains("stopped:"))
+                                .or_else(|| tail.lines().rev().find(|l| l.contains("rror")))
+                                .unwrap_or("")
+                                .trim()
+                        ));
+                    }
+                    None => {
+                        f.note(format!(
+                            "node {} kept running (its file never had to grow)",
+                            victim + 1
+                        ));
+                        c.kill(victim);
+                    }
+                }
+                sleep(rng.millis(1000, 2000)).await;
+                c.spawn(victim, None);
+                f.note(format!("node {} restarted with space", victim + 1));
+                sleep(rng.millis(1500, 2500)).await;
+            }
+        }
+    }
+}
+
+/// Runs one campaign and asserts its verdicts.
+async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
+    crate::support::init_tracing();
+    let secs = env_u64("WAFT_CHAOS_SECS", 12);
+    let base_seed = env_u64("WAFT_CHAOS_SEED", 0x5EED);
+    let seed = base_seed
+        ^ name
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    let mut rng = Rng::new(seed);
+    let mut cluster = ProcCluster::start(3, node_args).await;
+    cluster.deploy("kv", EXAMPLE_KV).await;
+    cluster.deploy("counter", EXAMPLE_COUNTER).await;
+
+    let rec = Arc::new(Recorder::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let values = Arc::new(AtomicU64::new(1));
+    let chans = workload::channels(&cluster.addrs, Duration::from_secs(2));
+    let kv: Vec<_> = (0..KV_CLIENTS)
+        .map(|_| {
+            tokio::spawn(workload::kv_client(
+                chans.clone(),
+                rec.clone(),
+                KEYS,
+                values.clone(),
+                rng.fork(),
+                stop.clone(),
+                Duration::from_secs(60),
+            ))
+        })
+        .collect();
+    let counters: Vec<_> = (0..COUNTER_CLIENTS)
+        .map(|_| {
+            tokio::spawn(workload::counter_client(
+                chans.clone(),
+                rec.clone(),
+                rng.fork(),
+                stop.clone(),
+                Duration::from_secs(60),
+            ))
+        })
+        .collect();
+
+    let mut faults = Faults {
+        start: Instant::now(),
+        log: Vec::new(),
+    };
+    while faults.start.elapsed() < Duration::from_secs(secs) {
+        nemesis.step(&mut cluster, &mut rng, &mut faults).await;
+    }
+
+    tracing::info!("heal everything, let the clients finish, check");
+    cluster.net.heal();
+    for i in 0..cluster.len() {
+        if cluster.paused(i) {
+            cluster.resume(i);
+        }
+        if cluster.exited(i).is_some() || !cluster.running(i) {
+            cluster.spawn(i, None);
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in kv {
+        t.await.expect("kv client");
+    }
+    let mut increments = Vec::new();
+    for t in counters {
+        increments.extend(t.await.expect("counter client"));
+    }
+    workload::final_reads(chans.clone(), rec.clone(), KEYS).await;
+
+    let counted = workload::counter_value(&chans).await;
+    let doubled = workload::duplicates(&increments);
+
+    let (agreed, audit_detail) = audit_all(&cluster).await;
+
+    let checker = rec.clone();
+    let (checked, bad_keys) = tokio::task::spawn_blocking(move || checker.check(KEYS))
+        .await
+        .expect("checker");
+    let s = &rec.stats;
+    let received = count_in_logs(&cluster, "snapshot received from the leader");
+    eprintln!(
+        "\n== chaos campaign {name} (seed {base_seed:#x}, {secs} s of faults) ==\n\
+         operations: {checked} kv ({} ok, {} failed compare, {} unknown outcome; {} write retries), \
+         {} reads dropped, {} increments acknowledged ({} retries)\n\
+         faults injected ({}):\n  {}\n\
+         snapshots received by followers: {received}\n\
+         linearizable: {}\n\
+         exactly-once: counter {counted} after {} acknowledged increments, {} duplicate replies\n\
+         replicas byte-identical: {} ({audit_detail})\n",
+        s.ok.load(Ordering::Relaxed),
+        s.failed.load(Ordering::Relaxed),
+        s.unknown.load(Ordering::Relaxed),
+        s.write_retries.load(Ordering::Relaxed),
+        s.reads_dropped.load(Ordering::Relaxed),
+        s.increments.load(Ordering::Relaxed),
+        s.increment_retries.load(Ordering::Relaxed),
+        faults.log.len(),
+        faults.log.join("\n  "),
+        if bad_keys.is_empty() {
+            "yes, every key".to_owned()
+        } else {
+            format!("NO: keys {bad_keys:?}")
+        },
+        increments.len(),
+        doubled.len(),
+        if agreed { "yes" } else { "NO" },
+    );
+    assert!(
+        bad_keys.is_empty(),
+        "history not linearizable for keys {bad_keys:?}"
+    );
+    assert!(doubled.is_empty(), "increments applied twice: {doubled:?}");
+    assert_eq!(
+        counted,
+        increments.len() as i64,
+        "lost or doubled increments"
+    );
+    assert!(agreed, "replicas differ: {audit_detail}");
+    assert!(
+        checked > 50,
+        "the clients made progress ({checked} operations)"
+    );
+    assert!(!faults.log.is_empty(), "faults were injected");
+    if matches!(nemesis, Nemesis::SnapshotCatchUp) {
+        assert!(received > 0, "a restarted follower caught up by snapshot");
+    }
+}
+
+fn count_in_logs(c: &ProcCluster, needle: &str) -> usize {
+    (0..c.len())
+        .map(|i| {
+            std::fs::read_to_string(c.dir.path().join(format!("node{}.log", i + 1)))
+                .unwrap_or_default()
+                .matches(needle)
+                .count()
+        })
+        .sum()
+}
+
+/// Runs an audit and waits for every node's verdict: `true` when all compared and matched.
+async fn audit_all(c: &ProcCluster) -> (bool, String) {
+    for _attempt in 0..5 {
+        let Some(l) = c.wait_leader(Duration::from_secs(20)).await else {
+            return (false, "no leader after healing".to_owned());
+        };
+        let Some(mut cl) = c.cluster_client(l).await else {
+            continue;
+        };
+        let Ok(reply) = cl.audit(api::AuditRequest {}).await else {
+            continue;
+        };
+        let reply = reply.into_inner();
+        let mut verdicts = Vec::new();
+        let mut all_compared = true;
+        for i in 0..c.len() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                match c.status(i).await {
+                    Some(s) if s.applied_index >= reply.report_index => break Some(s),
+                    _ if Instant::now() > deadline => break None,
+                    _ => sleep(Duration::from_millis(100)).await,
+                }
+            };
+            let Some(s) = status else {
+                return (false, format!("node {} never applied the audit", i + 1));
+            };
+            let a = s.audit.unwrap_or_default();
+            if let Some(d) = a.divergences.last() {
+                return (
+                    false,
+                    format!(
+                        "node {} diverged at {}: {} local {} leader {}",
+                        i + 1,
+                        d.index,
+                        d.what,
+                        d.local,
+                        d.leader
+                    ),
+                );
+            }
+            if a.last_checked_index < Some(reply.index) {
+                all_compared = false;
+            }
+            verdicts.push(format!("node {} matched", i + 1));
+        }
+        if all_compared {
+            let states: Vec<String> = reply
+                .services
+                .iter()
+                .map(|d| format!("{} {}", d.service, &d.state_sha256[..12]))
+                .collect();
+            return (
+                true,
+                format!(
+                    "audit at index {}: {}; {}",
+                    reply.index,
+                    verdicts.join(", "),
+                    states.join(", ")
+                ),
+            );
+        }
+    }
+    (false, "the audit never completed on every node".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_process_faults() {
+    campaign("processes", Nemesis::Processes, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_partitions() {
+    campaign("partitions", Nemesis::Partitions, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_snapshot_catch_up() {
+    campaign(
+        "snapshot-catch-up",
+        Nemesis::SnapshotCatchUp,
+        &["--snapshot-every", "300", "--keep-after-snapshot", "20"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_disk_full() {
+    campaign("disk-full", Nemesis::DiskFull, &[]).await;
+}

@@ -1,0 +1,293 @@
+//! A cluster of real `waft node` processes on loopback, each peer link through its own proxy
+//! (see [`super::proxy`]), with the faults a harness needs: SIGKILL and restart, SIGSTOP and
+//! SIGCONT, a file-size limit that makes writes fail like a full disk, and partitions.
+
+use super::proxy::Network;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use waft::pb::api::{self, cluster_client::ClusterClient};
+
+const BIN: &str = env!("CARGO_BIN_EXE_waft");
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+pub struct ProcCluster {
+    pub dir: TempDir,
+    pub addrs: Vec<String>,
+    pub net: Network,
+    children: Vec<Option<Child>>,
+    paused: Vec<bool>,
+    node_args: Vec<String>,
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A gRPC channel to `addr` that fails fast when the node is down.
+pub async fn connect(addr: &str) -> Option<Channel> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .ok()
+}
+
+fn signal(child: &Child, sig: i32) {
+    let pid = child.id() as i32;
+    // SAFETY: sends a signal to a child process we own and have not reaped.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+impl ProcCluster {
+    /// Starts `n` node processes (ids 1..=n) with `node_args` added to each, forms a cluster of
+    /// `n` voters and returns once every node is a voter.
+    pub async fn start(n: usize, node_args: &[&str]) -> ProcCluster {
+        let addrs: Vec<String> = (0..n).map(|_| free_addr()).collect();
+        let net = Network::start(&addrs).await;
+        let mut c = ProcCluster {
+            dir: tempfile::tempdir().expect("tempdir"),
+            addrs,
+            net,
+            children: (0..n).map(|_| None).collect(),
+            paused: vec![false; n],
+            node_args: node_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..n {
+            c.spawn(i, None);
+        }
+        c.form().await;
+        c
+    }
+
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node{}", i + 1))
+    }
+
+    /// Starts node `i` (again) on its address with its data directory. With `max_file_bytes`,
+    /// the process may not grow any file past that size: writes beyond it fail with EFBIG, the
+    /// way they would on a full disk.
+    pub fn spawn(&mut self, i: usize, max_file_bytes: Option<u64>) {
+        assert!(self.children[i].is_none(), "node {i} is running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{}.log", i + 1)))
+            .expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--log", "info,cranelift=warn,wasmtime=warn", "node", "--id"])
+            .arg((i + 1).to_string())
+            .args(["--listen", &self.addrs[i], "--data-dir"])
+            .arg(self.data_dir(i))
+            .args(&self.node_args)
+            .args(self.net.dial_args(i, &self.addrs))
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(limit) = max_file_bytes {
+            // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // Without this, exceeding the limit kills the process with SIGXFSZ instead
+                    // of failing the write.
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        self.children[i] = Some(cmd.spawn().expect("spawn waft node"));
+        self.paused[i] = false;
+    }
+
+    /// SIGKILL: the process dies mid-whatever, without flushing anything.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.paused[i] = false;
+    }
+
+    /// SIGSTOP: the process freezes (its sockets stay open; peers see silence).
+    pub fn pause(&mut self, i: usize) {
+        if let Some(c) = &self.children[i] {
+            signal(c, libc::SIGSTOP);
+            self.paused[i] = true;
+        }
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self, i: usize) {
+        if let Some(c) = &self.children[i] {
+            signal(c, libc::SIGCONT);
+            self.paused[i] = false;
+        }
+    }
+
+    pub fn running(&self, i: usize) -> bool {
+        self.children[i].is_some()
+    }
+
+    pub fn paused(&self, i: usize) -> bool {
+        self.paused[i]
+    }
+
+    /// `Some(status)` if node `i`'s process has exited on its own.
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let status = self.children[i].as_mut()?.try_wait().ok()??;
+        self.children[i] = None;
+        Some(status)
+    }
+
+    /// The tail of node `i`'s log, for messages.
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("node{}.log", i + 1)))
+            .unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub async fn cluster_client(&self, i: usize) -> Option<ClusterClient<Channel>> {
+        if !self.running(i) || self.paused(i) {
+            return None;
+        }
+        connect(&self.addrs[i]).await.map(ClusterClient::new)
+    }
+
+    pub async fn status(&self, i: usize) -> Option<api::StatusReply> {
+        let mut c = self.cluster_client(i).await?;
+        c.status(api::StatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// The node that is leader in its own view, with the highest term among those.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut best: Option<(u64, usize)> = None;
+        for i in 0..self.len() {
+            if let Some(s) = self.status(i).await
+                && s.role == "leader"
+                && best.is_none_or(|(t, _)| s.term > t)
+            {
+                best = Some((s.term, i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// Polls until a leader is known or `within` passes.
+    pub async fn wait_leader(&self, within: Duration) -> Option<usize> {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(l) = self.leader().await {
+                return Some(l);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    async fn form(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut c = loop {
+            if let Some(c) = self.cluster_client(0).await {
+                break c;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node 1 never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        c.init(api::InitRequest { members: vec![] })
+            .await
+            .expect("init");
+        for i in 1..self.len() {
+            let req = api::AddLearnerRequest {
+                id: i as u64 + 1,
+                addr: self.addrs[i].clone(),
+            };
+            retry(|| {
+                let mut c = c.clone();
+                let req = req.clone();
+                async move { c.add_learner(req).await }
+            })
+            .await;
+        }
+        let req = api::ChangeMembershipRequest {
+            voters: (1..=self.len() as u64).collect(),
+            retain: false,
+            add_voters: vec![],
+        };
+        retry(|| {
+            let mut c = c.clone();
+            let req = req.clone();
+            async move { c.change_membership(req).await }
+        })
+        .await;
+    }
+
+    /// Deploys the module at `path` as `service` through any node that answers.
+    pub async fn deploy(&self, service: &str, path: &str) {
+        let module = waft_testkit::wasm(path);
+        for _ in 0..100 {
+            for addr in &self.addrs {
+                let Some(ch) = connect(addr).await else {
+                    continue;
+                };
+                let mut w = waft::pb::api::waft_client::WaftClient::new(ch)
+                    .max_encoding_message_size(usize::MAX);
+                let chunks = waft::pb::deploy_chunks(service, &module, false);
+                if w.deploy(tokio_stream::iter(chunks)).await.is_ok() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("deploy of {service} never succeeded");
+    }
+}
+
+/// Retries an admin call that may race an election or a membership change.
+async fn retry<T, F, Fut>(mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut last = None;
+    for _ in 0..100 {
+        match call().await {
+            Ok(r) => return r.into_inner(),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("admin call kept failing: {last:?}");
+}

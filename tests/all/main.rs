@@ -9,6 +9,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod cluster_support;
+mod hostile;
 mod hotswap;
 mod process;
 mod runtime;

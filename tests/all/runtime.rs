@@ -533,3 +533,34 @@ fn the_fingerprint_names_the_limits_that_change_outcomes() {
     });
     assert_ne!(a.fingerprint(), c.fingerprint());
 }
+
+#[test]
+fn a_guest_whose_snapshot_traps_can_still_be_moved_as_checkpoint_and_journal() {
+    let mut g = hostile(small_limits(), CheckpointPolicy::default());
+    apply_all(&mut g, 1, &["set a 1"]);
+    g.snapshot().expect("a checkpoint");
+    apply_all(
+        &mut g,
+        2,
+        &["set b 2", "set trap-on-snapshot yes", "set c 3"],
+    );
+    assert!(g.snapshot().is_err(), "its snapshot traps");
+    let form = g.replay_form();
+    assert!(form.checkpoint.is_some());
+    assert_eq!(form.journal.len(), 3);
+    let mut copy = hostile(small_limits(), CheckpointPolicy::default());
+    copy.replay(&form).expect("replay");
+    for (k, v) in [
+        ("a", "1"),
+        ("b", "2"),
+        ("c", "3"),
+        ("trap-on-snapshot", "yes"),
+    ] {
+        assert_eq!(query(&mut copy, &format!("get {k}")), ok(v));
+    }
+    assert_eq!(
+        copy.replay_form(),
+        form,
+        "the copy can be moved on the same way"
+    );
+}

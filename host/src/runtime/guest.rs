@@ -12,6 +12,29 @@ use wasmtime::{Engine, Store, Trap};
 /// Deterministic facts about a log entry, passed to the guest with its command.
 pub type ApplyCtx = ApplyContext;
 
+/// A guest's state in replayable form: restore `checkpoint` (or start fresh), then apply
+/// `journal` in order. What a snapshot holds for a guest whose own `snapshot` fails.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplayForm {
+    /// The last snapshot the guest produced or restored, if any.
+    pub checkpoint: Option<Vec<u8>>,
+    /// The commands applied since, with their contexts.
+    pub journal: Vec<ReplayEntry>,
+}
+
+/// One command of a [`ReplayForm`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplayEntry {
+    /// Log index.
+    pub index: u64,
+    /// Term of the leader that proposed it.
+    pub term: u64,
+    /// The entry's timestamp.
+    pub timestamp_ms: u64,
+    /// The command bytes.
+    pub command: Vec<u8>,
+}
+
 /// An applied command kept for replay after a trap.
 struct Journaled {
     ctx: ApplyContext,
@@ -194,6 +217,48 @@ impl Guest {
         let bytes = self.snapshot_inner()?;
         self.set_checkpoint(Arc::from(bytes.as_slice()));
         Ok(bytes)
+    }
+
+    /// The current state as checkpoint + journal, without calling the guest (so it works for a
+    /// guest whose `snapshot` traps). [`Guest::replay`] turns it back into the same state.
+    pub fn replay_form(&self) -> ReplayForm {
+        ReplayForm {
+            checkpoint: self.checkpoint.as_ref().map(|c| c.to_vec()),
+            journal: self
+                .journal
+                .iter()
+                .map(|j| ReplayEntry {
+                    index: j.ctx.index,
+                    term: j.ctx.term,
+                    timestamp_ms: j.ctx.timestamp_ms,
+                    command: j.command.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds the state a [`ReplayForm`] describes: restores its checkpoint, then applies its
+    /// commands (which applied without trapping before, so they do again).
+    pub fn replay(&mut self, form: &ReplayForm) -> Result<(), GuestError> {
+        if let Some(checkpoint) = &form.checkpoint {
+            self.restore(checkpoint)?;
+        }
+        for e in &form.journal {
+            let ctx = ApplyContext {
+                index: e.index,
+                term: e.term,
+                timestamp_ms: e.timestamp_ms,
+            };
+            if let Err(err) = self.apply(ctx, &e.command)
+                && err.is_trap()
+            {
+                return Err(GuestError::Poisoned(format!(
+                    "replaying entry {} trapped, though it applied before: {err}",
+                    e.index
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Replaces the guest's state with a snapshot. On any failure (a rejection or a trap) the

@@ -15,7 +15,7 @@ mod wasi;
 pub use config::{CheckpointPolicy, Limits, RuntimeConfig};
 pub use engine::WASMTIME_VERSION;
 pub use error::{GuestError, LoadError, TrapKind};
-pub use guest::{ApplyCtx, Guest};
+pub use guest::{ApplyCtx, Guest, ReplayEntry, ReplayForm};
 pub use module::{GuestModule, HOST_IMPORT, ModuleHash, ModuleInfo, STATE_MACHINE_EXPORT};
 
 use std::collections::HashMap;

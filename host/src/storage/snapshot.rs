@@ -1,6 +1,6 @@
 //! The snapshot file: everything a node needs to rebuild the replicated state.
 //!
-//! Layout: `WAFTSNP1`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
+//! Layout: `WAFTSNP2`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
 //! of every module in header order, the state of every service (its guest's snapshot) in header
 //! order, and a trailer: the sha256 of everything before it. A reader checks the trailer before
 //! believing anything else, so a truncated or corrupted file (or transfer) is refused whole.
@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"WAFTSNP1";
+const MAGIC: &[u8; 8] = b"WAFTSNP2";
 /// Largest header accepted when reading (it holds names and sessions, not bulk data).
 const MAX_HEADER: u32 = 256 << 20;
 
@@ -40,6 +40,9 @@ pub struct ServiceRecord {
     pub deployed_at: u64,
     /// Length of the guest snapshot that follows in the file.
     pub state_len: u64,
+    /// The state section is a postcard [`crate::runtime::ReplayForm`] (checkpoint + journal)
+    /// rather than the guest's own snapshot, because the guest's `snapshot` failed.
+    pub replay: bool,
     /// The active version number.
     pub version: u32,
     /// Every version kept, oldest first (the active one last).
@@ -213,6 +216,11 @@ impl Reader {
         let mut input = BufReader::with_capacity(1 << 20, file);
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
+        if &magic == b"WAFTSNP1" {
+            return Err(corrupt(
+                "written by an older waft (snapshot format 1); this build reads format 2",
+            ));
+        }
         if &magic != MAGIC {
             return Err(corrupt("not a waft snapshot (bad magic)"));
         }

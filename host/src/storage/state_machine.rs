@@ -533,14 +533,26 @@ impl SmState {
         let mut services = Vec::new();
         let mut states = Vec::new();
         for (name, svc) in &mut self.services {
-            let state = svc.guest.snapshot().map_err(|e| {
-                io::Error::other(format!("service {name} could not snapshot its state: {e}"))
-            })?;
+            // A guest whose `snapshot` fails (a bug, a trap) must not stop the node from taking
+            // snapshots, or every replica would stop at once: its state goes in as checkpoint +
+            // journal instead, which rebuilds it exactly.
+            let (state, replay) = match svc.guest.snapshot() {
+                Ok(state) => (state, false),
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e,
+                        "the guest's snapshot failed; the snapshot keeps its state as checkpoint + journal");
+                    (
+                        crate::storage::log_store::encode(&svc.guest.replay_form())?,
+                        true,
+                    )
+                }
+            };
             services.push(ServiceRecord {
                 name: name.clone(),
                 module: svc.module.hash().to_hex(),
                 deployed_at: svc.deployed_at,
                 state_len: state.len() as u64,
+                replay,
                 version: svc.history.last().map_or(0, |r| r.version),
                 history: svc.history.clone(),
             });
@@ -621,7 +633,14 @@ impl SmState {
                         .apply_to(self.runtime.limits().clone()),
                 )
                 .map_err(|e| io::Error::other(format!("service {}: {e}", record.name)))?;
-            guest.restore(&state).map_err(|e| {
+            let restored = if record.replay {
+                let form: crate::runtime::ReplayForm =
+                    crate::storage::log_store::decode("replayable guest state", &state)?;
+                guest.replay(&form)
+            } else {
+                guest.restore(&state)
+            };
+            restored.map_err(|e| {
                 io::Error::other(format!(
                     "service {} refused its snapshot state: {e}",
                     record.name

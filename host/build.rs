@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // prost's codec answers a malformed message with INTERNAL; ours says INVALID_ARGUMENT.
+        .codec_path("crate::pb::codec::WaftCodec")
         // For gRPC server reflection, so grpcurl can list and call everything.
         .file_descriptor_set_path(out.join("waft_descriptor.bin"))
         .compile_protos(

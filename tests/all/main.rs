@@ -5,10 +5,12 @@
 
 mod api;
 mod audit;
+mod bad_input;
 mod chaos;
 mod cli;
 mod cluster;
 mod cluster_support;
+mod fuzz;
 mod hostile;
 mod hotswap;
 mod process;

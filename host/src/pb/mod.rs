@@ -1,6 +1,8 @@
 //! Generated gRPC code and the conversions between it and waft's types. Prost types stop here:
 //! other modules see the service stubs and our own types.
 
+pub mod codec;
+
 /// `proto/raft.proto`: node-to-node Raft traffic.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]
 pub mod raft {

@@ -276,7 +276,10 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     cluster.deploy("kv", EXAMPLE_KV).await;
     cluster.deploy("counter", EXAMPLE_COUNTER).await;
 
-    let rec = Arc::new(Recorder::default());
+    let rec = Arc::new(Recorder::new(
+        name,
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-histories"),
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let values = Arc::new(AtomicU64::new(1));
     let chans = workload::channels(&cluster.addrs, Duration::from_secs(2));
@@ -373,7 +376,10 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     );
     assert!(
         bad_keys.is_empty(),
-        "history not linearizable for keys {bad_keys:?}"
+        "history not linearizable for keys {bad_keys:?} (histories in {})",
+        rec.dump_dir
+            .as_ref()
+            .map_or(String::new(), |d| d.display().to_string())
     );
     assert!(doubled.is_empty(), "increments applied twice: {doubled:?}");
     assert_eq!(

@@ -41,3 +41,8 @@ e2e:
 # Pass a seed to replay a fault schedule: `just chaos 300 0x1234`.
 chaos secs="120" seed="":
     WAFT_CHAOS_SECS={{secs}} WAFT_CHAOS_SEED={{seed}} cargo test -p waft --test all chaos:: -- --nocapture --test-threads 1
+
+# waft vs etcd on this machine (3 + 3 members, fsync on, 64-byte puts, 1/16/64/256 clients):
+# writes docs/benchmarks/vs-etcd.{jsonl,md,svg}.
+bench-vs-etcd secs="10":
+    scripts/bench-vs-etcd.sh {{secs}}

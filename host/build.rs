@@ -18,5 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["../proto/api.proto", "../proto/raft.proto"],
             &["../proto"],
         )?;
+    // etcd's KV API, for the benchmark's etcd mode: kept out of the reflection descriptors,
+    // since waft does not serve it.
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .codec_path("crate::pb::codec::WaftCodec")
+        .compile_protos(&["../proto/etcd.proto"], &["../proto"])?;
     Ok(())
 }

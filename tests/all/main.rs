@@ -6,6 +6,7 @@
 mod api;
 mod audit;
 mod bad_input;
+mod bench;
 mod chaos;
 mod cli;
 mod cluster;

@@ -3,6 +3,7 @@
 //! This is the only module that reads arguments or the environment; everything else takes
 //! validated values.
 
+mod bench;
 mod client;
 mod guest;
 mod node;
@@ -73,6 +74,12 @@ pub enum Command {
     /// Cluster membership and status.
     #[command(subcommand)]
     Cluster(client::ClusterCommand),
+    /// Load a cluster (waft or etcd, or both side by side) and report throughput and latency.
+    #[command(after_help = "Examples:\n  \
+        waft bench --clients 16 --duration 10\n  \
+        waft bench --endpoints 127.0.0.1:7001,127.0.0.1:7002 --compare-etcd 127.0.0.1:2379 --clients 64\n  \
+        waft bench --read-ratio 0.9 --consistency lease --output json")]
+    Bench(bench::BenchArgs),
 }
 
 /// Resource limits for a guest, as flags.
@@ -142,6 +149,7 @@ async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Res
         Command::Services => client::services(client).await,
         Command::Rollback(args) => client::rollback(client, &args).await,
         Command::Cluster(c) => client::cluster(client, &c).await,
+        Command::Bench(args) => bench::bench(client, &args).await,
         Command::Check(_) | Command::Exec(_) => unreachable!("handled synchronously"),
     }
 }

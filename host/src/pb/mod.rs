@@ -15,6 +15,12 @@ pub mod api {
     tonic::include_proto!("waft.v1");
 }
 
+/// `proto/etcd.proto`: the part of etcd's v3 KV API waft speaks (as a client, for now).
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// A deploy upload: the header, then the module in 1 MiB chunks.
 pub fn deploy_chunks(service: &str, module: &[u8], dry_run: bool) -> Vec<api::DeployChunk> {
     let header = api::DeployHeader {

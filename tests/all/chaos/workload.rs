@@ -551,11 +551,14 @@ mod checker_agrees_with_a_simulation {
     //! every one, at the sizes and concurrency the campaigns produce.
     use super::*;
 
+    /// An open operation: invoked at, takes effect at, kind, value, expected value.
+    type Open = (u64, u64, u8, u32, u32);
+
     fn simulate(seed: u64, processes: usize, ops: usize) -> Recorder {
         let mut rng = Rng::new(seed);
         let rec = Recorder::default();
         // Each process has at most one operation open: (invoked at, takes effect at, op kind).
-        let mut open: Vec<Option<(u64, u64, u8, u32, u32)>> = vec![None; processes];
+        let mut open: Vec<Option<Open>> = vec![None; processes];
         let mut state: Option<u32> = None;
         let mut next_value = 1u32;
         let mut time = 0u64;

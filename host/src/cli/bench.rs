@@ -1,0 +1,436 @@
+//! `waft bench`: a closed-loop load generator for waft and, with the same workload, for etcd.
+//!
+//! N clients share M HTTP/2 connections spread over the endpoints; each client sends one
+//! request, waits for the answer, and sends the next. Latencies go into HDR histograms (µs,
+//! three significant digits), merged at the end. A warm-up runs first and is not measured.
+
+use super::client::{ClientArgs, Consistency, Output};
+use crate::pb::api::{self, waft_client::WaftClient};
+use crate::pb::etcd::{self, kv_client::KvClient};
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+/// Which system to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// A waft cluster (commands to the kv guest's service).
+    Waft,
+    /// An etcd cluster, through etcd's v3 gRPC KV API.
+    Etcd,
+}
+
+/// Arguments of `waft bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The system to load.
+    #[arg(long, value_enum, default_value_t = Target::Waft)]
+    pub target: Target,
+    /// Endpoints (`host:port`, comma-separated); default: `--endpoint`.
+    #[arg(long, value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Also run the same workload against this etcd cluster and print waft/etcd ratios.
+    #[arg(long, value_delimiter = ',', value_name = "ENDPOINTS")]
+    pub compare_etcd: Vec<String>,
+    /// Concurrent clients (each has one request in flight).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// HTTP/2 connections the clients share (0: one per client, up to 64).
+    #[arg(long, default_value_t = 0)]
+    pub connections: usize,
+    /// Measure for this many seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub duration: f64,
+    /// Stop after this many measured operations instead (or after 5 s if every request fails).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Unmeasured warm-up.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub warmup: f64,
+    /// Keys are `key0` .. `key{N-1}`, chosen uniformly.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Bytes per value written.
+    #[arg(long, default_value_t = 64)]
+    pub value_size: usize,
+    /// Fraction of operations that are reads (0.0: all writes).
+    #[arg(long, default_value_t = 0.0)]
+    pub read_ratio: f64,
+    /// Consistency of reads (etcd: linearizable or serializable, which `stale` maps to).
+    #[arg(long, value_enum, default_value_t = Consistency::Linearizable)]
+    pub consistency: Consistency,
+    /// The waft service to load (it must speak kv's `put KEY VALUE` / `get KEY`).
+    #[arg(long, default_value = "kv")]
+    pub service: String,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone)]
+pub struct BenchResult {
+    /// What was loaded.
+    pub target: Target,
+    /// Clients and connections.
+    pub clients: usize,
+    /// Connections used.
+    pub connections: usize,
+    /// Measured operations that succeeded.
+    pub ops: u64,
+    /// Measured operations that failed.
+    pub errors: u64,
+    /// First error seen, for the report.
+    pub first_error: Option<String>,
+    /// Measured time.
+    pub seconds: f64,
+    /// Latencies of successful operations, µs.
+    pub latency: Histogram<u64>,
+}
+
+impl BenchResult {
+    /// Successful operations per second.
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.seconds.max(1e-9)
+    }
+
+    /// A latency percentile in milliseconds.
+    pub fn ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "target": format!("{:?}", self.target).to_lowercase(),
+            "clients": self.clients,
+            "connections": self.connections,
+            "ops": self.ops,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "seconds": self.seconds,
+            "ops_per_sec": self.ops_per_sec(),
+            "latency_ms": {
+                "p50": self.ms(0.5), "p90": self.ms(0.9), "p99": self.ms(0.99),
+                "p999": self.ms(0.999), "max": self.latency.max() as f64 / 1000.0,
+                "mean": self.latency.mean() / 1000.0,
+            },
+        })
+    }
+
+    fn text(&self) -> String {
+        let mut s = format!(
+            "{:<5} {:>4} clients {:>3} conns  {:>9.1} ops/s  p50 {:>7.2} ms  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  max {:>8.2}  ({} ops, {} errors in {:.1} s)",
+            format!("{:?}", self.target).to_lowercase(),
+            self.clients,
+            self.connections,
+            self.ops_per_sec(),
+            self.ms(0.5),
+            self.ms(0.9),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.latency.max() as f64 / 1000.0,
+            self.ops,
+            self.errors,
+            self.seconds
+        );
+        if let Some(e) = &self.first_error {
+            s.push_str(&format!("\n      first error: {e}"));
+        }
+        s
+    }
+}
+
+/// One request kind, ready to send.
+enum Conn {
+    Waft(WaftClient<Channel>),
+    Etcd(KvClient<Channel>),
+}
+
+struct Workload {
+    keys: u64,
+    value: String,
+    read_ratio: f64,
+    consistency: Consistency,
+    service: String,
+}
+
+/// xorshift64*: enough to pick keys and operations.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+impl Workload {
+    async fn one(&self, conn: &mut Conn, rng: &mut u64) -> Result<(), String> {
+        let key = format!("key{}", next(rng) % self.keys.max(1));
+        let read = (next(rng) % 1_000_000) as f64 / 1_000_000.0 < self.read_ratio;
+        match conn {
+            Conn::Waft(c) => {
+                if read {
+                    let consistency = match self.consistency {
+                        Consistency::Linearizable => api::Consistency::Linearizable,
+                        Consistency::Lease => api::Consistency::Lease,
+                        Consistency::Stale => api::Consistency::Stale,
+                    };
+                    c.query(api::QueryRequest {
+                        service: self.service.clone(),
+                        payload: format!("get {key}").into_bytes(),
+                        consistency: consistency as i32,
+                    })
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+                    // "key not found" is an answer, not an error.
+                    Ok(())
+                } else {
+                    let r = c
+                        .submit(api::SubmitRequest {
+                            service: self.service.clone(),
+                            payload: format!("put {key} {}", self.value).into_bytes(),
+                            client_id: 0,
+                            sequence: 0,
+                        })
+                        .await
+                        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                        .into_inner();
+                    match r.outcome {
+                        Some(api::submit_reply::Outcome::Ok(_)) => Ok(()),
+                        other => Err(format!("the guest answered {other:?}")),
+                    }
+                }
+            }
+            Conn::Etcd(c) => {
+                if read {
+                    c.range(etcd::RangeRequest {
+                        key: key.into_bytes(),
+                        serializable: self.consistency == Consistency::Stale,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+                } else {
+                    c.put(etcd::PutRequest {
+                        key: key.into_bytes(),
+                        value: self.value.clone().into_bytes(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    let uri = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {endpoint}"))
+}
+
+/// Runs one measurement against `endpoints`.
+pub async fn run_bench(
+    target: Target,
+    endpoints: &[String],
+    args: &BenchArgs,
+) -> anyhow::Result<BenchResult> {
+    if endpoints.is_empty() {
+        bail!("no endpoints");
+    }
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let connections = match args.connections {
+        0 => args.clients.min(64),
+        n => n.min(args.clients),
+    };
+    let mut channels = Vec::with_capacity(connections);
+    for i in 0..connections {
+        channels.push(connect(&endpoints[i % endpoints.len()]).await?);
+    }
+    let workload = Arc::new(Workload {
+        keys: args.keys,
+        value: "x".repeat(args.value_size),
+        read_ratio: args.read_ratio.clamp(0.0, 1.0),
+        consistency: args.consistency,
+        service: args.service.clone(),
+    });
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failing = Arc::new(AtomicU64::new(0));
+    let limit = args.count;
+    let mut tasks = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let ch = channels[i % connections].clone();
+        let mut conn = match target {
+            Target::Waft => Conn::Waft(
+                WaftClient::new(ch)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20),
+            ),
+            Target::Etcd => Conn::Etcd(KvClient::new(ch)),
+        };
+        let (workload, measuring, stop, done, failing) = (
+            workload.clone(),
+            measuring.clone(),
+            stop.clone(),
+            done.clone(),
+            failing.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("3 significant digits is valid");
+            let (mut errors, mut first_error) = (0u64, None);
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((i as u64 + 1) << 17);
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let r = workload.one(&mut conn, &mut rng).await;
+                let us = start.elapsed().as_micros() as u64;
+                if !measuring.load(Ordering::Relaxed) {
+                    continue;
+                }
+                match r {
+                    Ok(()) => {
+                        let _ = hist.record(us.max(1));
+                        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        if limit.is_some_and(|l| n >= l) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        failing.fetch_add(1, Ordering::Relaxed);
+                        first_error.get_or_insert(e);
+                        // Do not spin on a dead endpoint.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (hist, errors, first_error)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup.max(0.0))).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let progress = std::io::stderr().is_terminal();
+    let deadline = started + Duration::from_secs_f64(args.duration.max(0.1));
+    while !stop.load(Ordering::Relaxed) && (limit.is_some() || Instant::now() < deadline) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if done.load(Ordering::Relaxed) == 0
+            && failing.load(Ordering::Relaxed) > 0
+            && started.elapsed() > Duration::from_secs(5)
+        {
+            // Every request fails: report that instead of waiting for a count never reached.
+            break;
+        }
+        if progress {
+            let t = started.elapsed().as_secs_f64();
+            let n = done.load(Ordering::Relaxed);
+            eprint!(
+                "\r{:?} {:>5.1} s  {n} ops  {:.0} ops/s   ",
+                target,
+                t,
+                n as f64 / t.max(1e-9)
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    if progress {
+        eprint!("\r{:60}\r", "");
+    }
+    let mut latency = Histogram::<u64>::new(3).expect("valid");
+    let (mut errors, mut first_error) = (0, None);
+    for t in tasks {
+        let (h, e, f) = t.await.context("a client task failed")?;
+        latency.add(h).context("merging histograms")?;
+        errors += e;
+        if first_error.is_none() {
+            first_error = f;
+        }
+    }
+    Ok(BenchResult {
+        target,
+        clients: args.clients,
+        connections,
+        ops: latency.len(),
+        errors,
+        first_error,
+        seconds,
+        latency,
+    })
+}
+
+/// `waft bench`.
+pub async fn bench(client: &ClientArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let endpoints = if args.endpoints.is_empty() {
+        vec![client.endpoint.clone()]
+    } else {
+        args.endpoints.clone()
+    };
+    let first = run_bench(args.target, &endpoints, args).await?;
+    let second = if args.compare_etcd.is_empty() {
+        None
+    } else {
+        Some(run_bench(Target::Etcd, &args.compare_etcd, args).await?)
+    };
+    let ratio = second.as_ref().map(|etcd| {
+        (
+            first.ops_per_sec() / etcd.ops_per_sec().max(1e-9),
+            first.ms(0.5) / etcd.ms(0.5).max(1e-9),
+            first.ms(0.99) / etcd.ms(0.99).max(1e-9),
+        )
+    });
+    match client.output {
+        Output::Json => {
+            let mut doc = serde_json::json!({
+                "workload": {
+                    "clients": args.clients, "keys": args.keys, "value_size": args.value_size,
+                    "read_ratio": args.read_ratio, "consistency": format!("{:?}", args.consistency).to_lowercase(),
+                },
+                "results": [first.json()],
+            });
+            if let Some(e) = &second
+                && let Some(results) = doc["results"].as_array_mut()
+            {
+                results.push(e.json());
+            }
+            if let Some((t, p50, p99)) = ratio {
+                doc["ratio"] =
+                    serde_json::json!({"throughput": t, "p50_latency": p50, "p99_latency": p99});
+            }
+            println!("{doc}");
+        }
+        Output::Text => {
+            println!("{}", first.text());
+            if let Some(e) = &second {
+                println!("{}", e.text());
+            }
+            if let Some((t, p50, p99)) = ratio {
+                println!(
+                    "waft/etcd: throughput {t:.2}x, p50 latency {p50:.2}x, p99 latency {p99:.2}x"
+                );
+            }
+        }
+    }
+    let failed = first.ops == 0 || second.as_ref().is_some_and(|e| e.ops == 0);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

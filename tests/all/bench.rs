@@ -1,0 +1,208 @@
+//! `waft bench` against a live in-process cluster, and against a real etcd when one is
+//! installed (the same workload through etcd's v3 KV API).
+
+use crate::cluster_support::{TestCluster, test_settings};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+use waft_testkit::guests::EXAMPLE_KV;
+
+async fn waft(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_waft"))
+            .args(&args)
+            .output()
+            .expect("run waft")
+    })
+    .await
+    .expect("join")
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "waft bench failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_measures_writes_and_reads_on_a_cluster() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let endpoints = cluster.addrs.join(",");
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--output", "json", "bench", "--endpoints", &endpoints]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let d = json(
+        &waft(base(&[
+            "--clients",
+            "4",
+            "--count",
+            "300",
+            "--warmup",
+            "0.2",
+            "--keys",
+            "50",
+        ]))
+        .await,
+    );
+    let r = &d["results"][0];
+    assert_eq!(r["target"], "waft");
+    assert!(r["ops"].as_u64().expect("ops") >= 300, "{d}");
+    assert_eq!(r["errors"], 0, "{d}");
+    let p50 = r["latency_ms"]["p50"].as_f64().expect("p50");
+    let p99 = r["latency_ms"]["p99"].as_f64().expect("p99");
+    assert!(p50 > 0.0 && p99 >= p50, "{d}");
+    let keys = cluster
+        .node(0)
+        .state()
+        .query("kv", b"scan key".to_vec())
+        .await
+        .expect("scan");
+    let written = String::from_utf8_lossy(&keys).lines().count();
+    assert!(
+        written > 0 && written <= 50,
+        "puts landed on at most 50 keys: {written}"
+    );
+
+    tracing::info!("reads, at every consistency level");
+    for consistency in ["linearizable", "lease", "stale"] {
+        let d = json(
+            &waft(base(&[
+                "--clients",
+                "2",
+                "--count",
+                "100",
+                "--warmup",
+                "0",
+                "--read-ratio",
+                "1.0",
+                "--consistency",
+                consistency,
+            ]))
+            .await,
+        );
+        assert_eq!(d["results"][0]["errors"], 0, "{consistency}: {d}");
+    }
+
+    tracing::info!("a service that is not there is an error, not a fast benchmark");
+    let o = waft(base(&[
+        "--clients",
+        "1",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+        "--service",
+        "nope",
+    ]))
+    .await;
+    assert!(!o.status.success());
+    let d: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(d["results"][0]["ops"], 0);
+    assert!(
+        d["results"][0]["first_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("NotFound")),
+        "{d}"
+    );
+    cluster.shutdown().await;
+}
+
+/// A running etcd and its data directory (removed when dropped, after the process).
+struct Etcd(Child, #[allow(dead_code)] tempfile::TempDir);
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_speaks_etcds_kv_api_and_compares() {
+    if Command::new("etcd").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: etcd is not installed (apt-get install etcd-server)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (client, peer) = (free_port(), free_port());
+    let child = Command::new("etcd")
+        .args(["--name", "solo", "--data-dir"])
+        .arg(dir.path().join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{client}"),
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{client}"),
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+            "--initial-cluster",
+            &format!("solo=http://127.0.0.1:{peer}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn etcd");
+    let _etcd = Etcd(child, dir);
+    let etcd_addr = format!("127.0.0.1:{client}");
+    let cluster = TestCluster::start(1, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    // etcd takes a moment to elect itself.
+    let mut last = None;
+    for _ in 0..100 {
+        let o = waft(
+            [
+                "--output",
+                "json",
+                "bench",
+                "--endpoints",
+                &cluster.addrs[0],
+                "--compare-etcd",
+                &etcd_addr,
+                "--clients",
+                "2",
+                "--count",
+                "100",
+                "--warmup",
+                "0",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        )
+        .await;
+        if o.status.success() {
+            last = Some(o);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let d = json(&last.expect("etcd answered within 20 s"));
+    assert_eq!(d["results"][1]["target"], "etcd");
+    assert!(d["results"][1]["ops"].as_u64().expect("ops") >= 100, "{d}");
+    assert_eq!(d["results"][1]["errors"], 0, "{d}");
+    assert!(
+        d["ratio"]["throughput"].as_f64().expect("ratio") > 0.0,
+        "{d}"
+    );
+    cluster.shutdown().await;
+}

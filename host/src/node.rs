@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub snapshots: SnapshotLimits,
     /// Limits on client requests.
     pub api: ApiLimits,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl NodeConfig {
@@ -80,6 +82,7 @@ impl NodeConfig {
             net: NetConfig::default(),
             snapshots: SnapshotLimits::default(),
             api: ApiLimits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -107,6 +110,7 @@ pub struct Node {
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     auditor: Option<JoinHandle<()>>,
+    metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -218,6 +222,15 @@ impl Node {
                     let _ = stop_rx.await;
                 }),
         );
+        let metrics = match config.metrics_listen {
+            None => None,
+            Some(at) => {
+                let l = TcpListener::bind(at).await?;
+                let bound = l.local_addr()?;
+                let task = tokio::spawn(crate::metrics::serve(l, raft.clone(), state.clone()));
+                Some((bound, task))
+            }
+        };
         let auditor = config
             .raft
             .audit_interval
@@ -231,6 +244,7 @@ impl Node {
             stop_server: Some(stop_tx),
             server: Some(server),
             auditor,
+            metrics,
         })
     }
 
@@ -242,6 +256,11 @@ impl Node {
     /// The address peers and clients use.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Where Prometheus metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|(a, _)| *a)
     }
 
     /// The Raft handle (writes, membership, metrics).
@@ -279,6 +298,9 @@ impl Node {
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
         if let Some(auditor) = self.auditor.take() {
             auditor.abort();
+        }
+        if let Some((_, task)) = self.metrics.take() {
+            task.abort();
         }
         let raft = self
             .raft

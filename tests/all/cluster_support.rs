@@ -26,17 +26,29 @@ pub struct TestCluster {
     pub dirs: Vec<TempDir>,
     pub addrs: Vec<String>,
     pub settings: RaftSettings,
+    /// Applied to every node's configuration before it starts.
+    pub configure: fn(&mut NodeConfig),
 }
 
 impl TestCluster {
     /// Starts `n` nodes (not yet a cluster: see [`TestCluster::form`]).
     pub async fn start(n: usize, settings: RaftSettings) -> TestCluster {
+        Self::start_with(n, settings, |_| {}).await
+    }
+
+    /// Like [`TestCluster::start`], with `configure` applied to each node's configuration.
+    pub async fn start_with(
+        n: usize,
+        settings: RaftSettings,
+        configure: fn(&mut NodeConfig),
+    ) -> TestCluster {
         init_tracing();
         let mut cluster = TestCluster {
             nodes: Vec::new(),
             dirs: Vec::new(),
             addrs: Vec::new(),
             settings,
+            configure,
         };
         for _ in 0..n {
             cluster.dirs.push(tempfile::tempdir().expect("tempdir"));
@@ -60,6 +72,7 @@ impl TestCluster {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let mut config = NodeConfig::new(i as NodeId, self.dirs[i].path());
         config.raft = self.settings.clone();
+        (self.configure)(&mut config);
         let node = Node::start(config, listener).await.expect("node starts");
         self.addrs[i] = node.addr().to_owned();
         self.nodes[i] = Some(node);

@@ -14,6 +14,7 @@ mod cluster_support;
 mod fuzz;
 mod hostile;
 mod hotswap;
+mod metrics;
 mod process;
 mod runtime;
 mod storage;

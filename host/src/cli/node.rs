@@ -39,6 +39,9 @@ pub struct NodeArgs {
     /// its own; `waft cluster audit` runs one on demand).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     pub audit_interval: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "WAFT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Reach the peer advertised at ADVERTISED through ADDR instead (NAT, a proxy). Repeatable.
     #[arg(long, value_name = "ADVERTISED=ADDR", value_parser = parse_dial)]
     pub dial: Vec<(String, String)>,
@@ -102,6 +105,7 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<ExitCode> {
         .then(|| Duration::try_from_secs_f64(args.audit_interval).ok())
         .flatten();
     config.net.dial = args.dial.iter().cloned().collect();
+    config.metrics_listen = args.metrics_listen;
     let node = Node::start(config, listener).await?;
     eprintln!(
         "waft node {} serving on {} (data in {})",

@@ -60,6 +60,8 @@ pub struct Guest {
     last_ctx: ApplyContext,
     /// Fuel consumed by the most recent call (for metrics and benchmarks).
     last_fuel: u64,
+    /// Fuel consumed by every call so far (metrics).
+    fuel_total: u64,
     recoveries: u64,
 }
 
@@ -122,6 +124,7 @@ impl Guest {
                 timestamp_ms: 0,
             },
             last_fuel: 0,
+            fuel_total: 0,
             recoveries: 0,
         })
     }
@@ -139,6 +142,11 @@ impl Guest {
     /// Fuel consumed by the most recent call.
     pub fn last_fuel(&self) -> u64 {
         self.last_fuel
+    }
+
+    /// Fuel consumed by every call on this guest so far, replays included.
+    pub fn fuel_total(&self) -> u64 {
+        self.fuel_total
     }
 
     /// How many times this guest was rebuilt after a trap.
@@ -373,6 +381,7 @@ impl Guest {
     fn finish<T>(&mut self, raw: wasmtime::Result<Result<T, String>>) -> Result<T, GuestError> {
         let left = self.store.get_fuel().unwrap_or(0);
         self.last_fuel = self.last_fuel.saturating_sub(left);
+        self.fuel_total = self.fuel_total.saturating_add(self.last_fuel);
         self.store.data().call.finish();
         match raw {
             Ok(Ok(v)) => Ok(v),

@@ -8,5 +8,6 @@ pub mod state_machine;
 pub use log_store::{DeployHook, LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{
-    AuditStatus, Divergence, QueryError, ServiceInfo, StateHandle, StateMachineStore,
+    APPLY_BUCKETS_US, AuditStatus, Divergence, QueryError, ServiceInfo, ServiceStats, StateHandle,
+    StateMachineStore,
 };

@@ -56,6 +56,26 @@ struct SmState {
     /// This replica's own digests and audit results: local observations, never replicated
     /// and never in snapshots.
     audit: Audit,
+    /// Per-service counters for metrics: local observations, never replicated.
+    stats: BTreeMap<String, ServiceStats>,
+}
+
+/// Upper bounds (µs) of the apply-latency histogram buckets.
+pub const APPLY_BUCKETS_US: [u64; 10] = [5, 10, 25, 50, 100, 250, 500, 1000, 5000, 25000];
+
+/// What this node saw a service's guest do (for metrics; not replicated state).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Commands applied with a reply.
+    pub applied: u64,
+    /// Commands the guest rejected.
+    pub rejected: u64,
+    /// Commands that trapped (and were rolled back).
+    pub trapped: u64,
+    /// Apply latency per command: counts per bucket of [`APPLY_BUCKETS_US`], then overflow.
+    pub latency_buckets: [u64; 11],
+    /// Sum of apply latencies, µs.
+    pub latency_sum_us: u64,
 }
 
 /// Digests kept for comparison with a later report (a report arrives one entry after its
@@ -169,6 +189,7 @@ impl SmState {
             modules: BTreeMap::new(),
             sessions: BTreeMap::new(),
             audit: Audit::default(),
+            stats: BTreeMap::new(),
         }
     }
 
@@ -370,11 +391,31 @@ impl SmState {
             Some(svc) => {
                 let calls: Vec<(ApplyCtx, &[u8])> =
                     entries.iter().map(|(c, p, _)| (*c, p.as_slice())).collect();
-                svc.guest
+                let started = std::time::Instant::now();
+                let responses: Vec<Response> = svc
+                    .guest
                     .apply_batch(&calls)
                     .into_iter()
                     .map(guest_response)
-                    .collect()
+                    .collect();
+                // Observation only: the clock never reaches the guest or the replicated state.
+                let per_entry_us =
+                    (started.elapsed().as_micros() as u64) / (responses.len().max(1) as u64);
+                let stats = self.stats.entry(service.to_owned()).or_default();
+                let bucket = APPLY_BUCKETS_US
+                    .iter()
+                    .position(|b| per_entry_us <= *b)
+                    .unwrap_or(APPLY_BUCKETS_US.len());
+                for r in &responses {
+                    match r {
+                        Response::Rejected(_) => stats.rejected += 1,
+                        Response::Trapped(_) => stats.trapped += 1,
+                        _ => stats.applied += 1,
+                    }
+                    stats.latency_buckets[bucket] += 1;
+                    stats.latency_sum_us += per_entry_us;
+                }
+                responses
             }
         };
         for ((ctx, _, client), response) in entries.into_iter().zip(responses) {
@@ -766,6 +807,24 @@ impl StateHandle {
     /// The engine fingerprint of this node's runtime.
     pub fn engine(&self) -> String {
         lock(&self.state).runtime.fingerprint().to_owned()
+    }
+
+    /// Per-service observations for metrics: counters, apply latency, fuel, recoveries,
+    /// version and state-independent facts. `(name, stats, fuel_total, recoveries, version)`.
+    pub fn service_stats(&self) -> Vec<(String, ServiceStats, u64, u64, u32)> {
+        let st = lock(&self.state);
+        st.services
+            .iter()
+            .map(|(name, svc)| {
+                (
+                    name.clone(),
+                    st.stats.get(name).cloned().unwrap_or_default(),
+                    svc.guest.fuel_total(),
+                    svc.guest.recoveries(),
+                    svc.history.last().map_or(0, |r| r.version),
+                )
+            })
+            .collect()
     }
 
     /// What this replica learned from state audits (divergence checks).

@@ -1,0 +1,266 @@
+//! Prometheus metrics: a text exposition of what one node knows, served over plain HTTP on its
+//! own listener (`waft node --metrics-listen ADDR`, path `/metrics`).
+//!
+//! Everything here is a local observation (timings, counters, Raft progress); none of it is
+//! replicated or reaches a guest.
+
+use crate::raft::Raft;
+use crate::raft::types::TypeConfig;
+use crate::storage::{APPLY_BUCKETS_US, StateHandle};
+use std::fmt::Write as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The metrics of one node in Prometheus' text format (version 0.0.4).
+pub fn render(raft: &Raft, state: &StateHandle) -> String {
+    use openraft::async_runtime::WatchReceiver;
+    let m: openraft::RaftMetrics<TypeConfig> = raft.metrics().borrow_watched().clone();
+    let mut out = String::with_capacity(4096);
+    let mut gauge = |name: &str, help: &str, kind: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let role = format!("{:?}", m.state).to_lowercase();
+    gauge(
+        "waft_raft_role",
+        "1 for this node's current Raft role.",
+        "gauge",
+        ["leader", "follower", "candidate", "learner", "shutdown"]
+            .iter()
+            .map(|r| (format!("{{role=\"{r}\"}}"), f64::from(u8::from(role == *r))))
+            .collect(),
+    );
+    gauge(
+        "waft_raft_term",
+        "Current term.",
+        "gauge",
+        vec![(String::new(), m.current_term as f64)],
+    );
+    gauge(
+        "waft_raft_leader_id",
+        "The leader this node knows of (-1: none).",
+        "gauge",
+        vec![(String::new(), m.current_leader.map_or(-1.0, |l| l as f64))],
+    );
+    gauge(
+        "waft_raft_last_log_index",
+        "Index of the last entry in this node's log.",
+        "gauge",
+        vec![(String::new(), m.last_log_index.unwrap_or(0) as f64)],
+    );
+    gauge(
+        "waft_raft_committed_index",
+        "Index this node knows to be committed.",
+        "gauge",
+        vec![(
+            String::new(),
+            m.local_committed.map_or(0, |l| l.index) as f64,
+        )],
+    );
+    gauge(
+        "waft_raft_applied_index",
+        "Index this node's state machine has applied.",
+        "gauge",
+        vec![(String::new(), m.last_applied.map_or(0, |l| l.index) as f64)],
+    );
+    gauge(
+        "waft_raft_snapshot_index",
+        "Index of this node's last snapshot.",
+        "gauge",
+        vec![(String::new(), m.snapshot.map_or(0, |l| l.index) as f64)],
+    );
+    let last = m.last_log_index.unwrap_or(0);
+    let lag: Vec<(String, f64)> = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != m.id)
+                .map(|(id, matched)| {
+                    let matched = matched.as_ref().map_or(0, |l| l.index);
+                    (
+                        format!("{{peer=\"{id}\"}}"),
+                        last.saturating_sub(matched) as f64,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    gauge(
+        "waft_raft_replication_lag_entries",
+        "On the leader: entries each peer is behind this node's log.",
+        "gauge",
+        lag,
+    );
+    let stats = state.service_stats();
+    let per =
+        |f: &dyn Fn(&crate::storage::ServiceStats, u64, u64, u32) -> f64| -> Vec<(String, f64)> {
+            stats
+                .iter()
+                .map(|(n, s, fuel, rec, v)| {
+                    (
+                        format!("{{service=\"{}\"}}", escape(n)),
+                        f(s, *fuel, *rec, *v),
+                    )
+                })
+                .collect()
+        };
+    gauge(
+        "waft_service_version",
+        "Active version of each service.",
+        "gauge",
+        per(&|_, _, _, v| f64::from(v)),
+    );
+    gauge(
+        "waft_service_applied_total",
+        "Commands applied with a reply.",
+        "counter",
+        per(&|s, _, _, _| s.applied as f64),
+    );
+    gauge(
+        "waft_service_rejected_total",
+        "Commands the guest rejected.",
+        "counter",
+        per(&|s, _, _, _| s.rejected as f64),
+    );
+    gauge(
+        "waft_service_trapped_total",
+        "Commands that trapped and were rolled back.",
+        "counter",
+        per(&|s, _, _, _| s.trapped as f64),
+    );
+    gauge(
+        "waft_service_fuel_total",
+        "Fuel the guest consumed (all calls, replays included).",
+        "counter",
+        per(&|_, f, _, _| f as f64),
+    );
+    gauge(
+        "waft_service_recoveries_total",
+        "Times the guest was rebuilt after a trap.",
+        "counter",
+        per(&|_, _, r, _| r as f64),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP waft_service_apply_seconds Time to apply one command in the guest.\n# TYPE waft_service_apply_seconds histogram"
+    );
+    for (name, s, ..) in &stats {
+        let name = escape(name);
+        let mut cumulative = 0;
+        for (i, bound) in APPLY_BUCKETS_US.iter().enumerate() {
+            cumulative += s.latency_buckets[i];
+            let _ = writeln!(
+                out,
+                "waft_service_apply_seconds_bucket{{service=\"{name}\",le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        cumulative += s.latency_buckets[APPLY_BUCKETS_US.len()];
+        let _ = writeln!(
+            out,
+            "waft_service_apply_seconds_bucket{{service=\"{name}\",le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "waft_service_apply_seconds_sum{{service=\"{name}\"}} {}",
+            s.latency_sum_us as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "waft_service_apply_seconds_count{{service=\"{name}\"}} {cumulative}"
+        );
+    }
+    let audit = state.audit_status();
+    let mut gauge = |name: &str, help: &str, kind: &str, v: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    };
+    gauge(
+        "waft_audit_checks_total",
+        "State audits compared with this node's own digest.",
+        "counter",
+        audit.checks as f64,
+    );
+    gauge(
+        "waft_audit_skipped_total",
+        "State audits this node had no digest for.",
+        "counter",
+        audit.skipped as f64,
+    );
+    gauge(
+        "waft_audit_divergences",
+        "State mismatches with the leader seen (the most recent 16 are kept); anything above 0 needs a person.",
+        "gauge",
+        audit.divergences.len() as f64,
+    );
+    gauge(
+        "waft_audit_last_checked_index",
+        "Log index of the last audit compared.",
+        "gauge",
+        audit.last_checked_index.unwrap_or(0) as f64,
+    );
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped. Anything else gets 404; a
+/// request that does not fit in 8 KiB or does not arrive within 5 s is dropped.
+pub async fn serve(listener: TcpListener, raft: Raft, state: StateHandle) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (raft, state) = (raft.clone(), state.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    match conn.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => len += n,
+                    }
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let response = if method == "GET"
+                && (path == "/metrics" || path.starts_with("/metrics?"))
+            {
+                let body = render(&raft, &state);
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                let body = "not found; metrics are at /metrics\n";
+                format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let _ = conn.write_all(response.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,110 @@
+//! The Prometheus endpoint: Raft progress, replication lag, per-service counters and apply
+//! latency, audit results.
+
+use crate::cluster_support::{TestCluster, kv, test_settings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use waft::raft::types::Request;
+use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_show_raft_progress_services_and_audits() {
+    let cluster = TestCluster::start_with(3, test_settings(), |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    cluster
+        .deploy("evil", waft_testkit::wasm(TEST_HOSTILE))
+        .await;
+    for i in 0..20 {
+        cluster.write(kv(format!("put k{i} v"))).await;
+    }
+    cluster.write(kv("get missing")).await;
+    let evil = |cmd: &str| Request::Command {
+        service: "evil".into(),
+        payload: cmd.as_bytes().to_vec(),
+        client: None,
+        timestamp_ms: 1,
+    };
+    cluster.write(evil("panic-after-set a 1")).await;
+    let leader = cluster.wait_leader().await;
+    let audit = waft::audit::audit_now(cluster.node(leader).raft())
+        .await
+        .expect("audit");
+    cluster.wait_applied(audit.report_index).await;
+
+    for node in cluster.nodes.iter().flatten() {
+        let addr = node.metrics_addr().expect("metrics served");
+        let response = get(addr, "/metrics").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains("text/plain; version=0.0.4"));
+        let text = response.split("\r\n\r\n").nth(1).expect("body");
+        let is_leader = node.id() as usize == leader;
+        assert_eq!(
+            value(text, "waft_raft_role{role=\"leader\"}"),
+            if is_leader { 1.0 } else { 0.0 }
+        );
+        assert!(value(text, "waft_raft_term") >= 1.0);
+        assert_eq!(value(text, "waft_raft_leader_id"), leader as f64);
+        assert!(value(text, "waft_raft_applied_index") >= audit.report_index as f64);
+        assert_eq!(
+            value(text, "waft_service_applied_total{service=\"kv\"}"),
+            20.0
+        );
+        assert_eq!(
+            value(text, "waft_service_rejected_total{service=\"kv\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(text, "waft_service_trapped_total{service=\"evil\"}"),
+            1.0
+        );
+        assert!(value(text, "waft_service_recoveries_total{service=\"evil\"}") >= 1.0);
+        assert!(value(text, "waft_service_fuel_total{service=\"kv\"}") > 0.0);
+        assert_eq!(
+            value(text, "waft_service_apply_seconds_count{service=\"kv\"}"),
+            21.0
+        );
+        assert_eq!(
+            value(
+                text,
+                "waft_service_apply_seconds_bucket{service=\"kv\",le=\"+Inf\"}"
+            ),
+            21.0
+        );
+        assert_eq!(value(text, "waft_audit_checks_total"), 1.0);
+        assert_eq!(value(text, "waft_audit_divergences"), 0.0);
+        if is_leader {
+            for peer in (0..3).filter(|p| *p != leader) {
+                assert!(
+                    value(
+                        text,
+                        &format!("waft_raft_replication_lag_entries{{peer=\"{peer}\"}}")
+                    ) >= 0.0
+                );
+            }
+        }
+    }
+    let other = get(cluster.node(0).metrics_addr().expect("addr"), "/").await;
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    cluster.shutdown().await;
+}

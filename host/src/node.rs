@@ -294,8 +294,62 @@ impl Node {
         }
     }
 
-    /// Stops Raft, then the server, and waits for both.
+    /// If this node leads, hands leadership to the voter whose log is most up to date and waits
+    /// (up to `within`) for another node to take over, so clients see a leader change instead
+    /// of an election timeout. Returns the new leader, if one took over.
+    pub async fn step_down(&self, within: Duration) -> Option<NodeId> {
+        let m = self.metrics();
+        if !m.state.is_leader() {
+            return None;
+        }
+        // Only a voter that acknowledged us recently can take over; a down one would just make
+        // the hand-off time out.
+        let alive = |id: &NodeId| {
+            m.heartbeat
+                .as_ref()
+                .and_then(|h| h.get(id))
+                .and_then(|t| t.as_ref())
+                .is_some_and(|t| openraft::Instant::elapsed(&**t) < Duration::from_secs(1))
+        };
+        let voters: Vec<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != self.id && alive(v))
+            .collect();
+        let matched = |id: &NodeId| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(id))
+                .and_then(|l| l.as_ref().map(|l| l.index))
+                .unwrap_or(0)
+        };
+        let to = voters.iter().copied().max_by_key(|v| (matched(v), *v))?;
+        tracing::info!(
+            node = self.id,
+            to,
+            "handing leadership over before stopping"
+        );
+        if self.raft.trigger().transfer_leader(to).await.is_err() {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let m = self.metrics();
+            if let Some(l) = m.current_leader
+                && l != self.id
+            {
+                return Some(l);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Stops Raft, then the server, and waits for both. A leader hands leadership over first
+    /// (see [`Node::step_down`]).
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        self.step_down(Duration::from_secs(3)).await;
         if let Some(auditor) = self.auditor.take() {
             auditor.abort();
         }

@@ -16,6 +16,7 @@ mod hostile;
 mod hotswap;
 mod metrics;
 mod process;
+mod rolling;
 mod runtime;
 mod storage;
 mod support;

@@ -173,7 +173,8 @@ impl Node {
         let raft = Raft::new(config.id, raft_config, network.clone(), log, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let service = RaftService::new(raft.clone(), snapshot_dir, config.snapshots.clone());
+        let service =
+            RaftService::new(raft.clone(), snapshot_dir.clone(), config.snapshots.clone());
         let max = config.net.max_message_bytes;
         let api = Api::new(
             config.id,
@@ -183,7 +184,8 @@ impl Node {
             runtime,
             network,
             config.api.clone(),
-        );
+        )
+        .with_snapshot_dir(snapshot_dir.clone());
         // Client messages: a payload, or a deploy chunk, plus framing.
         let api_max = config.api.max_payload_bytes.max(max_module) + (64 << 10);
         let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -5,6 +5,7 @@
 
 mod api;
 mod audit;
+mod backup;
 mod bad_input;
 mod bench;
 mod chaos;

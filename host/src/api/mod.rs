@@ -25,12 +25,15 @@ const FORWARDED: &str = "waft-forwarded";
 pub struct ApiLimits {
     /// Largest command or query payload, in bytes.
     pub max_payload_bytes: usize,
+    /// Largest backup `Restore` accepts (it travels as one log entry).
+    pub max_backup_bytes: usize,
 }
 
 impl Default for ApiLimits {
     fn default() -> Self {
         ApiLimits {
             max_payload_bytes: 1 << 20,
+            max_backup_bytes: 128 << 20,
         }
     }
 }
@@ -45,6 +48,7 @@ pub struct Api {
     runtime: Runtime,
     peers: NetworkFactory,
     limits: ApiLimits,
+    snapshot_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Api {
@@ -136,7 +140,50 @@ impl Api {
             runtime,
             peers,
             limits,
+            snapshot_dir: std::path::PathBuf::new(),
         }
+    }
+
+    /// Where this node's snapshots live (backups are read from there).
+    pub fn with_snapshot_dir(mut self, dir: std::path::PathBuf) -> Api {
+        self.snapshot_dir = dir;
+        self
+    }
+
+    /// Takes a snapshot now (this node leads) and returns its bytes and index.
+    async fn take_backup(&self) -> Result<(Vec<u8>, u64), Status> {
+        let applied = self.state.last_applied().map_or(0, |l| l.index);
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if self.metrics().snapshot.is_some_and(|s| s.index >= applied) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(
+                    "the snapshot for the backup was not built within 120 s",
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let path = self.snapshot_dir.join("current.snap");
+        tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
+            use std::io::Read;
+            // Read through one open handle: a newer snapshot may replace the file meanwhile.
+            let mut file = std::fs::File::open(&path)?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            let reader = crate::storage::snapshot::Reader::from_bytes(bytes.clone())?;
+            let index = reader.header.meta.last_log_id.map_or(0, |l| l.index);
+            Ok((bytes, index))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("reading the snapshot for the backup: {e}")))
     }
 
     fn waft_client(
@@ -600,8 +647,134 @@ impl waft_server::Waft for Api {
     }
 }
 
+type BackupStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<api::BackupChunk, Status>> + Send>>;
+
+fn backup_chunks(bytes: Vec<u8>, index: u64, force: bool) -> Vec<api::BackupChunk> {
+    use api::backup_chunk::Kind;
+    let header = api::BackupChunk {
+        kind: Some(Kind::Header(api::BackupHeader {
+            size: bytes.len() as u64,
+            index,
+            force,
+        })),
+    };
+    std::iter::once(header)
+        .chain(bytes.chunks(1 << 20).map(|c| api::BackupChunk {
+            kind: Some(Kind::Data(c.to_vec())),
+        }))
+        .collect()
+}
+
+/// Builds the chunks of a backup upload (for `waft restore`).
+pub fn restore_chunks(bytes: &[u8], force: bool) -> Vec<api::BackupChunk> {
+    backup_chunks(bytes.to_vec(), 0, force)
+}
+
 #[tonic::async_trait]
 impl cluster_server::Cluster for Api {
+    type BackupStream = BackupStream;
+
+    async fn backup(
+        &self,
+        request: GrpcRequest<api::BackupRequest>,
+    ) -> Result<GrpcResponse<BackupStream>, Status> {
+        let fwd = forwarded(&request);
+        match self.leader_route(fwd).await? {
+            Route::Here => {
+                let (bytes, index) = self.take_backup().await?;
+                let chunks = backup_chunks(bytes, index, false);
+                Ok(GrpcResponse::new(Box::pin(futures::stream::iter(
+                    chunks.into_iter().map(Ok),
+                ))))
+            }
+            Route::Leader(addr) => {
+                let upstream = self
+                    .cluster_client(&addr)?
+                    .max_decoding_message_size(usize::MAX)
+                    .backup(mark(api::BackupRequest {}))
+                    .await?
+                    .into_inner();
+                Ok(GrpcResponse::new(Box::pin(upstream)))
+            }
+        }
+    }
+
+    async fn restore(
+        &self,
+        request: GrpcRequest<Streaming<api::BackupChunk>>,
+    ) -> Result<GrpcResponse<api::RestoreReply>, Status> {
+        use api::backup_chunk::Kind;
+        let fwd = forwarded(&request);
+        let mut input = request.into_inner();
+        let header = match input.message().await?.and_then(|c| c.kind) {
+            Some(Kind::Header(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a restore stream must start with its header",
+                ));
+            }
+        };
+        if header.size > self.limits.max_backup_bytes as u64 {
+            return Err(Status::resource_exhausted(format!(
+                "backup of {} bytes is over the {}-byte limit",
+                header.size, self.limits.max_backup_bytes
+            )));
+        }
+        let mut bytes = Vec::with_capacity(header.size as usize);
+        while let Some(chunk) = input.message().await? {
+            let Some(Kind::Data(data)) = chunk.kind else {
+                return Err(Status::invalid_argument(
+                    "a restore header may only come first",
+                ));
+            };
+            if bytes.len() + data.len() > header.size as usize {
+                return Err(Status::invalid_argument(format!(
+                    "restore stream is longer than the {} bytes its header announced",
+                    header.size
+                )));
+            }
+            bytes.extend_from_slice(&data);
+        }
+        if bytes.len() as u64 != header.size {
+            return Err(Status::invalid_argument(format!(
+                "restore stream ended after {} of {} bytes",
+                bytes.len(),
+                header.size
+            )));
+        }
+        if let Route::Leader(addr) = self.leader_route(fwd).await? {
+            let chunks = backup_chunks(bytes, header.index, header.force);
+            return self
+                .cluster_client(&addr)?
+                .max_encoding_message_size(usize::MAX)
+                .restore(mark(futures::stream::iter(chunks)))
+                .await;
+        }
+        // Validate before proposing: a backup that does not load never reaches the log.
+        self.state
+            .check_backup(bytes.clone())
+            .await
+            .map_err(|e| Status::invalid_argument(format!("not a usable backup: {e}")))?;
+        let entry = Request::Restore {
+            backup: bytes,
+            force: header.force,
+            timestamp_ms: now_ms(),
+        };
+        match self.write(entry, true).await? {
+            Ok((index, Response::Restored(services))) => {
+                Ok(GrpcResponse::new(api::RestoreReply { index, services }))
+            }
+            Ok((_, Response::DeployFailed(why))) => Err(Status::failed_precondition(why)),
+            Ok((_, other)) => Err(Status::internal(format!(
+                "unexpected response to a restore: {other:?}"
+            ))),
+            Err(_) => Err(Status::unavailable(
+                "leadership moved during the restore; retry",
+            )),
+        }
+    }
+
     async fn init(
         &self,
         request: GrpcRequest<api::InitRequest>,

@@ -765,3 +765,134 @@ fn print_status(out: Output, s: &api::StatusReply) {
         }
     }
 }
+
+/// Arguments of `waft backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Write the backup here (written to FILE.partial, renamed once complete and verified).
+    #[arg(short = 'o', long = "file", id = "backup_file", value_name = "FILE")]
+    pub file: std::path::PathBuf,
+}
+
+/// Arguments of `waft restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A file written by `waft backup`.
+    pub file: std::path::PathBuf,
+    /// Replace the services the cluster runs now.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `waft backup`.
+pub async fn backup(client: &ClientArgs, args: &BackupArgs) -> anyhow::Result<ExitCode> {
+    use api::backup_chunk::Kind;
+    let c =
+        ClusterClient::new(channel(&client.endpoint).await?).max_decoding_message_size(usize::MAX);
+    let mut stream = retrying(|| {
+        let mut c = c.clone();
+        async move { c.backup(api::BackupRequest {}).await }
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner();
+    let header = match stream
+        .message()
+        .await
+        .map_err(status_error)?
+        .and_then(|m| m.kind)
+    {
+        Some(Kind::Header(h)) => h,
+        _ => anyhow::bail!("the node sent a backup without a header"),
+    };
+    let bar = (header.size > (4 << 20)
+        && client.output == Output::Text
+        && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    .then(|| {
+        let bar = indicatif::ProgressBar::new(header.size);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "backup {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut bytes = Vec::with_capacity(header.size as usize);
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        if let Some(Kind::Data(d)) = chunk.kind {
+            bytes.extend_from_slice(&d);
+            if let Some(b) = &bar {
+                b.set_position(bytes.len() as u64);
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    anyhow::ensure!(
+        bytes.len() as u64 == header.size,
+        "the backup stream ended after {} of {} bytes",
+        bytes.len(),
+        header.size
+    );
+    let summary = crate::storage::snapshot::Reader::from_bytes(bytes.clone())
+        .context("the backup received does not verify")?;
+    let partial = args.file.with_extension("partial");
+    std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &args.file)
+        .with_context(|| format!("renaming to {}", args.file.display()))?;
+    let services: Vec<String> = summary
+        .header
+        .services
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    match client.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"file": args.file, "bytes": bytes.len(), "index": header.index, "services": services})
+        ),
+        Output::Text => println!(
+            "backup of {} service(s) [{}] at log index {} written to {} ({} bytes)",
+            services.len(),
+            services.join(", "),
+            header.index,
+            args.file.display(),
+            bytes.len()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waft restore`.
+pub async fn restore(client: &ClientArgs, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    crate::storage::snapshot::Reader::from_bytes(bytes.clone())
+        .with_context(|| format!("{} is not a usable backup", args.file.display()))?;
+    let c =
+        ClusterClient::new(channel(&client.endpoint).await?).max_encoding_message_size(usize::MAX);
+    let chunks = crate::api::restore_chunks(&bytes, args.force);
+    let reply = retrying(|| {
+        let mut c = c.clone();
+        let chunks = chunks.clone();
+        async move { c.restore(futures::stream::iter(chunks)).await }
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner();
+    match client.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"index": reply.index, "services": reply.services})
+        ),
+        Output::Text => println!(
+            "restored {} service(s) [{}] at log index {}",
+            reply.services.len(),
+            reply.services.join(", "),
+            reply.index
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -74,6 +74,12 @@ pub enum Command {
     /// Cluster membership and status.
     #[command(subcommand)]
     Cluster(client::ClusterCommand),
+    /// Write a consistent backup of every service (modules, versions, states) to a file.
+    #[command(after_help = "Example:\n  waft backup -o waft.backup")]
+    Backup(client::BackupArgs),
+    /// Load a backup into a cluster (one that runs no services, unless --force).
+    #[command(after_help = "Example:\n  waft --endpoint 10.0.0.5:7001 restore waft.backup")]
+    Restore(client::RestoreArgs),
     /// Load a cluster (waft or etcd, or both side by side) and report throughput and latency.
     #[command(after_help = "Examples:\n  \
         waft bench --clients 16 --duration 10\n  \
@@ -150,6 +156,8 @@ async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Res
         Command::Rollback(args) => client::rollback(client, &args).await,
         Command::Cluster(c) => client::cluster(client, &c).await,
         Command::Bench(args) => bench::bench(client, &args).await,
+        Command::Backup(args) => client::backup(client, &args).await,
+        Command::Restore(args) => client::restore(client, &args).await,
         Command::Check(_) | Command::Exec(_) => unreachable!("handled synchronously"),
     }
 }

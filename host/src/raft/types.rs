@@ -107,6 +107,16 @@ pub enum Request {
         /// The proposer's digest.
         digest: StateDigest,
     },
+    /// Replace the services (modules, versions, states) and exactly-once sessions with those of
+    /// a backup (a snapshot file's bytes); the log position and membership stay this cluster's.
+    Restore {
+        /// The backup file's bytes (checksummed snapshot format).
+        backup: Vec<u8>,
+        /// Replace existing services; without it a cluster that runs any service refuses.
+        force: bool,
+        /// As for commands.
+        timestamp_ms: u64,
+    },
 }
 
 /// A digest of the replicated state at one log index: what replicas compare to prove they hold
@@ -164,6 +174,11 @@ impl fmt::Debug for Request {
                 .field("to", to)
                 .finish(),
             Request::Audit { .. } => f.write_str("Audit"),
+            Request::Restore { backup, force, .. } => f
+                .debug_struct("Restore")
+                .field("backup_len", &backup.len())
+                .field("force", force)
+                .finish(),
             Request::AuditReport { digest } => f
                 .debug_struct("AuditReport")
                 .field("index", &digest.index)
@@ -205,6 +220,8 @@ pub enum Response {
     Empty,
     /// An audit entry was applied: this replica's digest at it.
     Audited(StateDigest),
+    /// A backup was restored: the services it brought.
+    Restored(Vec<String>),
 }
 
 /// A log id (leader id + index).

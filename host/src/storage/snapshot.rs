@@ -11,7 +11,7 @@ use crate::storage::log_store::{decode, encode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"WAFTSNP2";
@@ -198,13 +198,20 @@ impl Write for HashWriter<'_> {
 }
 
 /// A snapshot being read back, section by section, after its checksum was verified.
-#[derive(Debug)]
 pub struct Reader {
-    input: BufReader<File>,
+    input: Box<dyn BufRead + Send>,
     /// Bytes left before the trailer: no section may claim more.
     remaining: u64,
     /// The header.
     pub header: SnapshotHeader,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Reader {
@@ -213,7 +220,23 @@ impl Reader {
         verify(&mut file)?;
         let size = file.metadata()?.len();
         file.seek(SeekFrom::Start(0))?;
-        let mut input = BufReader::with_capacity(1 << 20, file);
+        Reader::parse(Box::new(BufReader::with_capacity(1 << 20, file)), size)
+    }
+
+    /// Verifies a snapshot held in memory (a backup being restored) and reads its header.
+    pub fn from_bytes(bytes: Vec<u8>) -> io::Result<Reader> {
+        let size = bytes.len() as u64;
+        if size < (MAGIC.len() + 4 + 32) as u64 {
+            return Err(corrupt("too short"));
+        }
+        let (body, trailer) = bytes.split_at(bytes.len() - 32);
+        if Sha256::digest(body).as_slice() != trailer {
+            return Err(corrupt("checksum mismatch (truncated or corrupted)"));
+        }
+        Reader::parse(Box::new(io::Cursor::new(bytes)), size)
+    }
+
+    fn parse(mut input: Box<dyn BufRead + Send>, size: u64) -> io::Result<Reader> {
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
         if &magic == b"WAFTSNP1" {
@@ -227,8 +250,10 @@ impl Reader {
         let mut len = [0u8; 4];
         input.read_exact(&mut len)?;
         let len = u32::from_le_bytes(len);
-        if len > MAX_HEADER {
-            return Err(corrupt(format!("header of {len} bytes is over the limit")));
+        if len > MAX_HEADER || u64::from(len) > size {
+            return Err(corrupt(format!(
+                "header of {len} bytes is over the limit or longer than the file"
+            )));
         }
         let mut head = vec![0u8; len as usize];
         input.read_exact(&mut head)?;

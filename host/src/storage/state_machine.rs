@@ -341,6 +341,15 @@ impl SmState {
                     self.advance_clock(timestamp_ms);
                     out.push(self.rollback(&service, to, log_id.index()));
                 }
+                EntryPayload::Normal(Request::Restore {
+                    backup,
+                    force,
+                    timestamp_ms,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.advance_clock(timestamp_ms);
+                    out.push(self.restore_backup(backup, force));
+                }
                 EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
                     self.advance_clock(timestamp_ms);
@@ -627,76 +636,8 @@ impl SmState {
 
     /// Replaces the whole state with the one in a (verified) snapshot file.
     fn install(&mut self, file: std::fs::File) -> io::Result<()> {
-        let mut reader = snapshot::Reader::open(file)?;
-        let header = reader.header.clone();
-        if header.engine != self.runtime.fingerprint() {
-            tracing::warn!(
-                theirs = %header.engine,
-                ours = %self.runtime.fingerprint(),
-                "installing a snapshot written by a node with a different engine fingerprint"
-            );
-        }
-        let mut modules = BTreeMap::new();
-        let mut loaded = BTreeMap::new();
-        for (hash, len) in &header.modules {
-            let bytes = reader.section(*len)?;
-            let module = self.runtime.load(&bytes).map_err(|e| {
-                io::Error::other(format!("snapshot module {hash} does not load: {e}"))
-            })?;
-            if &module.hash().to_hex() != hash {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("snapshot module {hash} has another hash"),
-                ));
-            }
-            loaded.insert(hash.clone(), module.clone());
-            modules.insert(module.hash(), Arc::new(bytes));
-        }
-        let mut services = BTreeMap::new();
-        for record in &header.services {
-            let state = reader.section(record.state_len)?;
-            let module = loaded.get(&record.module).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("snapshot service {} names a missing module", record.name),
-                )
-            })?;
-            let mut guest = self
-                .runtime
-                .instantiate_with(
-                    module,
-                    &record.name,
-                    record
-                        .history
-                        .last()
-                        .map(|v| v.limits)
-                        .unwrap_or_default()
-                        .apply_to(self.runtime.limits().clone()),
-                )
-                .map_err(|e| io::Error::other(format!("service {}: {e}", record.name)))?;
-            let restored = if record.replay {
-                let form: crate::runtime::ReplayForm =
-                    crate::storage::log_store::decode("replayable guest state", &state)?;
-                guest.replay(&form)
-            } else {
-                guest.restore(&state)
-            };
-            restored.map_err(|e| {
-                io::Error::other(format!(
-                    "service {} refused its snapshot state: {e}",
-                    record.name
-                ))
-            })?;
-            services.insert(
-                record.name.clone(),
-                Service {
-                    module: module.clone(),
-                    guest,
-                    deployed_at: record.deployed_at,
-                    history: record.history.clone(),
-                },
-            );
-        }
+        let reader = snapshot::Reader::open(file)?;
+        let (header, services, modules) = load_services(&self.runtime, reader)?;
         self.last_applied = header.meta.last_log_id;
         self.membership = header.meta.last_membership.clone();
         self.last_timestamp_ms = header.last_timestamp_ms;
@@ -705,6 +646,111 @@ impl SmState {
         self.sessions = header.sessions.into_iter().collect();
         Ok(())
     }
+
+    /// Applies a `Restore` entry: the services, modules and sessions of a backup replace the
+    /// current ones; the log position and membership stay this cluster's. Refused (nothing
+    /// changes) if services exist already and `force` is off, or the backup does not load.
+    fn restore_backup(&mut self, backup: Vec<u8>, force: bool) -> Response {
+        if !force && !self.services.is_empty() {
+            return Response::DeployFailed(format!(
+                "restore refused: this cluster already runs {} service(s); restore into an empty \
+                 cluster, or force it to replace them",
+                self.services.len()
+            ));
+        }
+        let loaded = snapshot::Reader::from_bytes(backup)
+            .and_then(|reader| load_services(&self.runtime, reader));
+        match loaded {
+            Ok((header, services, modules)) => {
+                let names: Vec<String> = services.keys().cloned().collect();
+                self.advance_clock(header.last_timestamp_ms);
+                self.services = services;
+                self.modules = modules;
+                self.sessions = header.sessions.into_iter().collect();
+                Response::Restored(names)
+            }
+            Err(e) => Response::DeployFailed(format!("restore failed: {e}")),
+        }
+    }
+}
+
+type Loaded = (
+    SnapshotHeader,
+    BTreeMap<String, Service>,
+    BTreeMap<ModuleHash, Arc<Vec<u8>>>,
+);
+
+/// Loads every module and service of a (verified) snapshot into fresh guests.
+fn load_services(runtime: &Runtime, mut reader: snapshot::Reader) -> io::Result<Loaded> {
+    let header = reader.header.clone();
+    if header.engine != runtime.fingerprint() {
+        tracing::warn!(
+            theirs = %header.engine,
+            ours = %runtime.fingerprint(),
+            "loading a snapshot written by a node with a different engine fingerprint"
+        );
+    }
+    let mut modules = BTreeMap::new();
+    let mut loaded = BTreeMap::new();
+    for (hash, len) in &header.modules {
+        let bytes = reader.section(*len)?;
+        let module = runtime
+            .load(&bytes)
+            .map_err(|e| io::Error::other(format!("snapshot module {hash} does not load: {e}")))?;
+        if &module.hash().to_hex() != hash {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("snapshot module {hash} has another hash"),
+            ));
+        }
+        loaded.insert(hash.clone(), module.clone());
+        modules.insert(module.hash(), Arc::new(bytes));
+    }
+    let mut services = BTreeMap::new();
+    for record in &header.services {
+        let state = reader.section(record.state_len)?;
+        let module = loaded.get(&record.module).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("snapshot service {} names a missing module", record.name),
+            )
+        })?;
+        let mut guest = runtime
+            .instantiate_with(
+                module,
+                &record.name,
+                record
+                    .history
+                    .last()
+                    .map(|v| v.limits)
+                    .unwrap_or_default()
+                    .apply_to(runtime.limits().clone()),
+            )
+            .map_err(|e| io::Error::other(format!("service {}: {e}", record.name)))?;
+        let restored = if record.replay {
+            let form: crate::runtime::ReplayForm =
+                crate::storage::log_store::decode("replayable guest state", &state)?;
+            guest.replay(&form)
+        } else {
+            guest.restore(&state)
+        };
+        restored.map_err(|e| {
+            io::Error::other(format!(
+                "service {} refused its snapshot state: {e}",
+                record.name
+            ))
+        })?;
+        services.insert(
+            record.name.clone(),
+            Service {
+                module: module.clone(),
+                guest,
+                deployed_at: record.deployed_at,
+                history: record.history.clone(),
+            },
+        );
+    }
+    Ok((header, services, modules))
 }
 
 struct Captured {
@@ -825,6 +871,19 @@ impl StateHandle {
                 )
             })
             .collect()
+    }
+
+    /// Checks that a backup loads (checksum, modules, every service accepts its state) without
+    /// touching the live state. Returns the services it holds.
+    pub async fn check_backup(&self, backup: Vec<u8>) -> io::Result<Vec<String>> {
+        let runtime = lock(&self.state).runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            let reader = snapshot::Reader::from_bytes(backup)?;
+            let (_, services, _) = load_services(&runtime, reader)?;
+            Ok(services.into_keys().collect())
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// What this replica learned from state audits (divergence checks).

@@ -374,6 +374,23 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
         doubled.len(),
         if agreed { "yes" } else { "NO" },
     );
+    let failed = !bad_keys.is_empty()
+        || !doubled.is_empty()
+        || counted != increments.len() as i64
+        || !agreed;
+    if failed && let Some(dir) = &rec.dump_dir {
+        // Keep the nodes' logs: the cluster's directory goes away with it.
+        let _ = std::fs::create_dir_all(dir);
+        for i in 0..cluster.len() {
+            let from = cluster.dir.path().join(format!("node{}.log", i + 1));
+            let _ = std::fs::copy(&from, dir.join(format!("{name}-node{}.log", i + 1)));
+        }
+        let _ = std::fs::write(
+            dir.join(format!("{name}-faults.txt")),
+            faults.log.join("\n"),
+        );
+        eprintln!("node logs and faults kept in {}", dir.display());
+    }
     assert!(
         bad_keys.is_empty(),
         "history not linearizable for keys {bad_keys:?} (histories in {})",

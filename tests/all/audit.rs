@@ -3,7 +3,6 @@
 
 use crate::cluster_support::{TestCluster, kv, test_settings};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 use waft::node::RaftSettings;
 use waft::pb::api::{self, cluster_client::ClusterClient};
@@ -143,14 +142,7 @@ async fn audits_match_on_healthy_replicas_and_flag_a_damaged_one() {
     assert_eq!(audit.divergences.len(), 1);
     assert_eq!(audit.divergences[0].what, "service kv");
     let addr = cluster.addrs[leader].clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_waft"))
-            .args(["--endpoint", &addr, "cluster", "audit"])
-            .output()
-            .expect("run waft")
-    })
-    .await
-    .expect("join");
+    let out = crate::support::waft_cli(&["--endpoint", &addr, "cluster", "audit"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         !out.status.success(),

@@ -2,25 +2,11 @@
 //! cluster with the same services, versions and states; bad backups are refused whole.
 
 use crate::cluster_support::{TestCluster, kv, test_settings};
-use std::process::{Command, Output};
 use waft::pb::api::{self, cluster_client::ClusterClient};
 use waft::raft::types::Request;
 use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_KV, TEST_KV2};
 
-async fn waft(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_waft"))
-            .args(&args)
-            .output()
-            .expect("run waft")
-    })
-    .await
-    .expect("join")
-}
-
-fn args(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
+use crate::support::waft_cli as waft;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_restores_into_a_fresh_cluster_with_the_same_state() {
@@ -45,13 +31,13 @@ async fn a_backup_restores_into_a_fresh_cluster_with_the_same_state() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("waft.backup");
     let follower = a.addrs[(a.wait_leader().await + 1) % 3].clone();
-    let o = waft(args(&[
+    let o = waft(&[
         "--endpoint",
         &follower,
         "backup",
         "-o",
         file.to_str().expect("utf-8"),
-    ]))
+    ])
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let said = String::from_utf8_lossy(&o.stdout);
@@ -70,12 +56,12 @@ async fn a_backup_restores_into_a_fresh_cluster_with_the_same_state() {
     let b = TestCluster::start(3, test_settings()).await;
     b.form().await;
     let follower = b.addrs[(b.wait_leader().await + 1) % 3].clone();
-    let o = waft(args(&[
+    let o = waft(&[
         "--endpoint",
         &follower,
         "restore",
         file.to_str().expect("utf-8"),
-    ]))
+    ])
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("restored 2 service(s)"));
@@ -100,12 +86,12 @@ async fn a_backup_restores_into_a_fresh_cluster_with_the_same_state() {
     assert_eq!(b_services, a_services, "same services at the same versions");
 
     tracing::info!("a second restore is refused without --force, accepted with it");
-    let o = waft(args(&[
+    let o = waft(&[
         "--endpoint",
         &b.addrs[0],
         "restore",
         file.to_str().expect("utf-8"),
-    ]))
+    ])
     .await;
     assert!(!o.status.success());
     assert!(
@@ -113,13 +99,13 @@ async fn a_backup_restores_into_a_fresh_cluster_with_the_same_state() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let o = waft(args(&[
+    let o = waft(&[
         "--endpoint",
         &b.addrs[0],
         "restore",
         "--force",
         file.to_str().expect("utf-8"),
-    ]))
+    ])
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let q = b.node(0).state().query("kv", b"get after".to_vec()).await;
@@ -129,13 +115,13 @@ async fn a_backup_restores_into_a_fresh_cluster_with_the_same_state() {
     let bytes = std::fs::read(&file).expect("read");
     let truncated = dir.path().join("short.backup");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
-    let o = waft(args(&[
+    let o = waft(&[
         "--endpoint",
         &b.addrs[0],
         "restore",
         "--force",
         truncated.to_str().expect("utf-8"),
-    ]))
+    ])
     .await;
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a usable backup"));

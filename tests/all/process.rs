@@ -2,17 +2,13 @@
 //! join, deploy, submit on a follower, query everywhere, SIGKILL the leader, keep writing,
 //! restart it, and check that every node agrees.
 
+use crate::support::free_addr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use waft_testkit::guests::EXAMPLE_KV;
 
 const BIN: &str = env!("CARGO_BIN_EXE_waft");
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
-}
 
 fn cli(endpoint: &str, args: &[&str]) -> Output {
     Command::new(BIN)

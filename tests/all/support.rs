@@ -62,3 +62,22 @@ pub fn text(result: Result<Vec<u8>, waft::runtime::GuestError>) -> Result<String
 pub fn query(guest: &mut Guest, q: &str) -> Result<String, String> {
     text(guest.query(q.as_bytes()))
 }
+
+/// A 127.0.0.1 address with a port that was free a moment ago.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// Runs the real `waft` binary with `args`, off the async runtime.
+pub async fn waft_cli(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_waft"))
+            .args(&args)
+            .output()
+            .expect("run waft")
+    })
+    .await
+    .expect("join")
+}

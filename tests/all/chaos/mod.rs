@@ -49,6 +49,11 @@ impl Rng {
     pub fn fork(&mut self) -> Rng {
         Rng::new(self.next())
     }
+
+    /// A node of `0..n` other than `not`.
+    pub fn other_than(&mut self, not: usize, n: usize) -> usize {
+        (not + 1 + self.below(n as u64 - 1) as usize) % n
+    }
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -130,7 +135,7 @@ impl Nemesis {
                     c.resume(i);
                     f.note(format!("SIGCONT node {}", i + 1));
                 } else if let Some(l) = c.leader().await {
-                    let to = (l + 1 + rng.below(n as u64 - 1) as usize) % n;
+                    let to = rng.other_than(l, n);
                     if let Some(mut cl) = c.cluster_client(l).await {
                         let r = cl
                             .transfer_leader(api::TransferLeaderRequest { to: to as u64 + 1 })
@@ -165,7 +170,7 @@ impl Nemesis {
                         f.note(format!("isolate node {} ({how:?})", x + 1));
                     }
                     2 => {
-                        let to = (leader + 1 + rng.below(n as u64 - 1) as usize) % n;
+                        let to = rng.other_than(leader, n);
                         c.net.one_way(leader, to, how);
                         f.note(format!(
                             "one-way: leader node {} cannot reach node {} ({how:?})",
@@ -189,7 +194,7 @@ impl Nemesis {
                     f.note("no leader");
                     return;
                 };
-                let victim = (l + 1 + rng.below(n as u64 - 1) as usize) % n;
+                let victim = rng.other_than(l, n);
                 c.kill(victim);
                 f.note(format!("SIGKILL follower node {}", victim + 1));
                 sleep(rng.millis(1500, 3000)).await;

@@ -3,6 +3,7 @@
 //! SIGCONT, a file-size limit that makes writes fail like a full disk, and partitions.
 
 use super::proxy::Network;
+use crate::support::free_addr;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,11 +13,6 @@ use tonic::transport::Channel;
 use waft::pb::api::{self, cluster_client::ClusterClient};
 
 const BIN: &str = env!("CARGO_BIN_EXE_waft");
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
-}
 
 pub struct ProcCluster {
     pub dir: TempDir,

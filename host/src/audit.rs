@@ -28,7 +28,15 @@ pub struct AuditOutcome {
 }
 
 /// Why an audit could not run.
-pub type AuditError = RaftError<TypeConfig, ClientWriteError<TypeConfig>>;
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// Writing an audit entry failed (not the leader, leadership moved, Raft stopped).
+    #[error(transparent)]
+    Raft(#[from] RaftError<TypeConfig, ClientWriteError<TypeConfig>>),
+    /// The audit entry was answered with something other than a digest (a bug).
+    #[error("an audit entry was answered with {0}")]
+    Unexpected(String),
+}
 
 /// Runs one audit through this node's Raft (it must be the leader; otherwise the error says
 /// where the leader is).
@@ -39,8 +47,7 @@ pub async fn audit_now(raft: &Raft) -> Result<AuditOutcome, AuditError> {
         })
         .await?;
     let Response::Audited(digest) = written.data else {
-        // Only an audit entry answers `Audited`; anything else is a bug worth seeing.
-        return Err(RaftError::Fatal(openraft::error::Fatal::Panicked));
+        return Err(AuditError::Unexpected(format!("{:?}", written.data)));
     };
     let report = raft
         .client_write(Request::AuditReport {

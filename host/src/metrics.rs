@@ -11,6 +11,9 @@ use std::fmt::Write as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// One number of a service, for a per-service metric.
+type ServiceValue = fn(&crate::storage::ServiceMetrics) -> f64;
+
 fn escape(label: &str) -> String {
     label
         .replace('\\', "\\\\")
@@ -101,61 +104,60 @@ pub fn render(raft: &Raft, state: &StateHandle) -> String {
         "gauge",
         lag,
     );
-    let stats = state.service_stats();
-    let per =
-        |f: &dyn Fn(&crate::storage::ServiceStats, u64, u64, u32) -> f64| -> Vec<(String, f64)> {
-            stats
-                .iter()
-                .map(|(n, s, fuel, rec, v)| {
-                    (
-                        format!("{{service=\"{}\"}}", escape(n)),
-                        f(s, *fuel, *rec, *v),
-                    )
-                })
-                .collect()
-        };
-    gauge(
-        "waft_service_version",
-        "Active version of each service.",
-        "gauge",
-        per(&|_, _, _, v| f64::from(v)),
-    );
-    gauge(
-        "waft_service_applied_total",
-        "Commands applied with a reply.",
-        "counter",
-        per(&|s, _, _, _| s.applied as f64),
-    );
-    gauge(
-        "waft_service_rejected_total",
-        "Commands the guest rejected.",
-        "counter",
-        per(&|s, _, _, _| s.rejected as f64),
-    );
-    gauge(
-        "waft_service_trapped_total",
-        "Commands that trapped and were rolled back.",
-        "counter",
-        per(&|s, _, _, _| s.trapped as f64),
-    );
-    gauge(
-        "waft_service_fuel_total",
-        "Fuel the guest consumed (all calls, replays included).",
-        "counter",
-        per(&|_, f, _, _| f as f64),
-    );
-    gauge(
-        "waft_service_recoveries_total",
-        "Times the guest was rebuilt after a trap.",
-        "counter",
-        per(&|_, _, r, _| r as f64),
-    );
+    let services = state.service_metrics();
+    let per = |f: ServiceValue| -> Vec<(String, f64)> {
+        services
+            .iter()
+            .map(|m| (format!("{{service=\"{}\"}}", escape(&m.name)), f(m)))
+            .collect()
+    };
+    let per_service: [(&str, &str, &str, ServiceValue); 6] = [
+        (
+            "waft_service_version",
+            "Active version of each service.",
+            "gauge",
+            |m| f64::from(m.version),
+        ),
+        (
+            "waft_service_applied_total",
+            "Commands applied with a reply.",
+            "counter",
+            |m| m.stats.applied as f64,
+        ),
+        (
+            "waft_service_rejected_total",
+            "Commands the guest rejected.",
+            "counter",
+            |m| m.stats.rejected as f64,
+        ),
+        (
+            "waft_service_trapped_total",
+            "Commands that trapped and were rolled back.",
+            "counter",
+            |m| m.stats.trapped as f64,
+        ),
+        (
+            "waft_service_fuel_total",
+            "Fuel the guest consumed (all calls, replays included).",
+            "counter",
+            |m| m.fuel as f64,
+        ),
+        (
+            "waft_service_recoveries_total",
+            "Times the guest was rebuilt after a trap.",
+            "counter",
+            |m| m.recoveries as f64,
+        ),
+    ];
+    for (name, help, kind, f) in per_service {
+        gauge(name, help, kind, per(f));
+    }
     let _ = writeln!(
         out,
         "# HELP waft_service_apply_seconds Time to apply one command in the guest.\n# TYPE waft_service_apply_seconds histogram"
     );
-    for (name, s, ..) in &stats {
-        let name = escape(name);
+    for m in &services {
+        let (name, s) = (escape(&m.name), &m.stats);
         let mut cumulative = 0;
         for (i, bound) in APPLY_BUCKETS_US.iter().enumerate() {
             cumulative += s.latency_buckets[i];

@@ -177,8 +177,9 @@ impl Api {
             let mut file = std::fs::File::open(&path)?;
             let mut bytes = Vec::new();
             file.read_to_end(&mut bytes)?;
-            let reader = crate::storage::snapshot::Reader::from_bytes(bytes.clone())?;
+            let reader = crate::storage::snapshot::Reader::from_bytes(&bytes)?;
             let index = reader.header.meta.last_log_id.map_or(0, |l| l.index);
+            drop(reader);
             Ok((bytes, index))
         })
         .await
@@ -752,10 +753,12 @@ impl cluster_server::Cluster for Api {
                 .await;
         }
         // Validate before proposing: a backup that does not load never reaches the log.
+        let bytes = Arc::new(bytes);
         self.state
             .check_backup(bytes.clone())
             .await
             .map_err(|e| Status::invalid_argument(format!("not a usable backup: {e}")))?;
+        let bytes = Arc::try_unwrap(bytes).unwrap_or_else(|shared| shared.to_vec());
         let entry = Request::Restore {
             backup: bytes,
             force: header.force,
@@ -981,15 +984,18 @@ impl cluster_server::Cluster for Api {
                     .collect(),
                 sessions_sha256: o.digest.sessions,
             })),
-            Err(e) if e.forward_to_leader().is_some() => match route_of(&e, fwd)? {
-                Route::Leader(addr) => {
-                    self.cluster_client(&addr)?
-                        .audit(mark(api::AuditRequest {}))
-                        .await
+            Err(crate::audit::AuditError::Raft(e)) if e.forward_to_leader().is_some() => {
+                match route_of(&e, fwd)? {
+                    Route::Leader(addr) => {
+                        self.cluster_client(&addr)?
+                            .audit(mark(api::AuditRequest {}))
+                            .await
+                    }
+                    Route::Here => Err(no_leader()),
                 }
-                Route::Here => Err(no_leader()),
-            },
-            Err(e) => Err(write_error(&e)),
+            }
+            Err(crate::audit::AuditError::Raft(e)) => Err(write_error(&e)),
+            Err(e) => Err(Status::internal(e.to_string())),
         }
     }
 

@@ -157,6 +157,10 @@ struct Workload {
     service: String,
 }
 
+fn status_text(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
 /// xorshift64*: enough to pick keys and operations.
 fn next(state: &mut u64) -> u64 {
     *state ^= *state >> 12;
@@ -183,7 +187,7 @@ impl Workload {
                         consistency: consistency as i32,
                     })
                     .await
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+                    .map_err(status_text)?;
                     // "key not found" is an answer, not an error.
                     Ok(())
                 } else {
@@ -195,7 +199,7 @@ impl Workload {
                             sequence: 0,
                         })
                         .await
-                        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                        .map_err(status_text)?
                         .into_inner();
                     match r.outcome {
                         Some(api::submit_reply::Outcome::Ok(_)) => Ok(()),
@@ -211,7 +215,7 @@ impl Workload {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+                    .map_err(status_text)?;
                 } else {
                     c.put(etcd::PutRequest {
                         key: key.into_bytes(),
@@ -219,7 +223,7 @@ impl Workload {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+                    .map_err(status_text)?;
                 }
                 Ok(())
             }

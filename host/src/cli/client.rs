@@ -836,7 +836,7 @@ pub async fn backup(client: &ClientArgs, args: &BackupArgs) -> anyhow::Result<Ex
         bytes.len(),
         header.size
     );
-    let summary = crate::storage::snapshot::Reader::from_bytes(bytes.clone())
+    let summary = crate::storage::snapshot::Reader::from_bytes(&bytes)
         .context("the backup received does not verify")?;
     let partial = args.file.with_extension("partial");
     std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
@@ -869,7 +869,7 @@ pub async fn backup(client: &ClientArgs, args: &BackupArgs) -> anyhow::Result<Ex
 pub async fn restore(client: &ClientArgs, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    crate::storage::snapshot::Reader::from_bytes(bytes.clone())
+    crate::storage::snapshot::Reader::from_bytes(&bytes)
         .with_context(|| format!("{} is not a usable backup", args.file.display()))?;
     let c =
         ClusterClient::new(channel(&client.endpoint).await?).max_encoding_message_size(usize::MAX);

@@ -8,6 +8,6 @@ pub mod state_machine;
 pub use log_store::{DeployHook, LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{
-    APPLY_BUCKETS_US, AuditStatus, Divergence, QueryError, ServiceInfo, ServiceStats, StateHandle,
-    StateMachineStore,
+    APPLY_BUCKETS_US, AuditStatus, Divergence, QueryError, ServiceInfo, ServiceMetrics,
+    ServiceStats, StateHandle, StateMachineStore,
 };

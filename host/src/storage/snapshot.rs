@@ -198,15 +198,15 @@ impl Write for HashWriter<'_> {
 }
 
 /// A snapshot being read back, section by section, after its checksum was verified.
-pub struct Reader {
-    input: Box<dyn BufRead + Send>,
+pub struct Reader<'a> {
+    input: Box<dyn BufRead + Send + 'a>,
     /// Bytes left before the trailer: no section may claim more.
     remaining: u64,
     /// The header.
     pub header: SnapshotHeader,
 }
 
-impl std::fmt::Debug for Reader {
+impl std::fmt::Debug for Reader<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reader")
             .field("remaining", &self.remaining)
@@ -214,9 +214,9 @@ impl std::fmt::Debug for Reader {
     }
 }
 
-impl Reader {
+impl<'a> Reader<'a> {
     /// Verifies the file and reads its header.
-    pub fn open(mut file: File) -> io::Result<Reader> {
+    pub fn open(mut file: File) -> io::Result<Reader<'static>> {
         verify(&mut file)?;
         let size = file.metadata()?.len();
         file.seek(SeekFrom::Start(0))?;
@@ -224,7 +224,7 @@ impl Reader {
     }
 
     /// Verifies a snapshot held in memory (a backup being restored) and reads its header.
-    pub fn from_bytes(bytes: Vec<u8>) -> io::Result<Reader> {
+    pub fn from_bytes(bytes: &'a [u8]) -> io::Result<Reader<'a>> {
         let size = bytes.len() as u64;
         if size < (MAGIC.len() + 4 + 32) as u64 {
             return Err(corrupt("too short"));
@@ -236,7 +236,7 @@ impl Reader {
         Reader::parse(Box::new(io::Cursor::new(bytes)), size)
     }
 
-    fn parse(mut input: Box<dyn BufRead + Send>, size: u64) -> io::Result<Reader> {
+    fn parse(mut input: Box<dyn BufRead + Send + 'a>, size: u64) -> io::Result<Reader<'a>> {
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
         if &magic == b"WAFTSNP1" {

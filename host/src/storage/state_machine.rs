@@ -63,6 +63,21 @@ struct SmState {
 /// Upper bounds (µs) of the apply-latency histogram buckets.
 pub const APPLY_BUCKETS_US: [u64; 10] = [5, 10, 25, 50, 100, 250, 500, 1000, 5000, 25000];
 
+/// One service as the metrics endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    /// Service name.
+    pub name: String,
+    /// Active version.
+    pub version: u32,
+    /// Fuel its guest consumed, all calls and replays included.
+    pub fuel: u64,
+    /// Times its guest was rebuilt after a trap.
+    pub recoveries: u64,
+    /// Counters and apply latency.
+    pub stats: ServiceStats,
+}
+
 /// What this node saw a service's guest do (for metrics; not replicated state).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceStats {
@@ -658,7 +673,7 @@ impl SmState {
                 self.services.len()
             ));
         }
-        let loaded = snapshot::Reader::from_bytes(backup)
+        let loaded = snapshot::Reader::from_bytes(&backup)
             .and_then(|reader| load_services(&self.runtime, reader));
         match loaded {
             Ok((header, services, modules)) => {
@@ -681,7 +696,7 @@ type Loaded = (
 );
 
 /// Loads every module and service of a (verified) snapshot into fresh guests.
-fn load_services(runtime: &Runtime, mut reader: snapshot::Reader) -> io::Result<Loaded> {
+fn load_services(runtime: &Runtime, mut reader: snapshot::Reader<'_>) -> io::Result<Loaded> {
     let header = reader.header.clone();
     if header.engine != runtime.fingerprint() {
         tracing::warn!(
@@ -855,30 +870,27 @@ impl StateHandle {
         lock(&self.state).runtime.fingerprint().to_owned()
     }
 
-    /// Per-service observations for metrics: counters, apply latency, fuel, recoveries,
-    /// version and state-independent facts. `(name, stats, fuel_total, recoveries, version)`.
-    pub fn service_stats(&self) -> Vec<(String, ServiceStats, u64, u64, u32)> {
+    /// Per-service observations for metrics, in name order.
+    pub fn service_metrics(&self) -> Vec<ServiceMetrics> {
         let st = lock(&self.state);
         st.services
             .iter()
-            .map(|(name, svc)| {
-                (
-                    name.clone(),
-                    st.stats.get(name).cloned().unwrap_or_default(),
-                    svc.guest.fuel_total(),
-                    svc.guest.recoveries(),
-                    svc.history.last().map_or(0, |r| r.version),
-                )
+            .map(|(name, svc)| ServiceMetrics {
+                name: name.clone(),
+                version: svc.history.last().map_or(0, |r| r.version),
+                fuel: svc.guest.fuel_total(),
+                recoveries: svc.guest.recoveries(),
+                stats: st.stats.get(name).cloned().unwrap_or_default(),
             })
             .collect()
     }
 
     /// Checks that a backup loads (checksum, modules, every service accepts its state) without
     /// touching the live state. Returns the services it holds.
-    pub async fn check_backup(&self, backup: Vec<u8>) -> io::Result<Vec<String>> {
+    pub async fn check_backup(&self, backup: Arc<Vec<u8>>) -> io::Result<Vec<String>> {
         let runtime = lock(&self.state).runtime.clone();
         tokio::task::spawn_blocking(move || {
-            let reader = snapshot::Reader::from_bytes(backup)?;
+            let reader = snapshot::Reader::from_bytes(&backup)?;
             let (_, services, _) = load_services(&runtime, reader)?;
             Ok(services.into_keys().collect())
         })

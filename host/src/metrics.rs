@@ -249,7 +249,12 @@ pub async fn serve(listener: TcpListener, raft: Raft, state: StateHandle) {
             let response = if method == "GET"
                 && (path == "/metrics" || path.starts_with("/metrics?"))
             {
-                let body = render(&raft, &state);
+                // Reading the state machine takes its lock, which an apply may hold for a while:
+                // not on an async worker.
+                let Ok(body) = tokio::task::spawn_blocking(move || render(&raft, &state)).await
+                else {
+                    return;
+                };
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()

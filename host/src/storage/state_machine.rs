@@ -425,7 +425,12 @@ impl SmState {
                 // Observation only: the clock never reaches the guest or the replicated state.
                 let per_entry_us =
                     (started.elapsed().as_micros() as u64) / (responses.len().max(1) as u64);
-                let stats = self.stats.entry(service.to_owned()).or_default();
+                // The service's name is copied only the first time (this is the apply hot path).
+                if !self.stats.contains_key(service) {
+                    self.stats
+                        .insert(service.to_owned(), ServiceStats::default());
+                }
+                let stats = self.stats.get_mut(service).expect("inserted above");
                 let bucket = APPLY_BUCKETS_US
                     .iter()
                     .position(|b| per_entry_us <= *b)

@@ -640,10 +640,17 @@ async fn audit(client: &ClientArgs, c: &mut ClusterClient<Channel>) -> anyhow::R
         // Each node compares when it applies the report entry: wait for that, briefly.
         let mut verdict = ("unreachable", String::new());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut node: Option<ClusterClient<Channel>> = None;
         while std::time::Instant::now() < deadline {
-            let status = match channel(&m.addr).await {
-                Ok(ch) => ClusterClient::new(ch).status(api::StatusRequest {}).await,
-                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            if node.is_none() {
+                node = channel(&m.addr).await.ok().map(ClusterClient::new);
+            }
+            let status = match node.as_mut() {
+                Some(c) => c.status(api::StatusRequest {}).await,
+                None => Err(tonic::Status::unavailable(format!(
+                    "cannot reach {}",
+                    m.addr
+                ))),
             };
             match status {
                 Ok(s) if s.get_ref().applied_index >= reply.report_index => {

@@ -50,9 +50,141 @@ fn main() {
             ));
         }
     }
+    for guest in FOREIGN {
+        let built = foreign(&root, guest, &target_dir);
+        constants.push_str(&format!(
+            "/// `examples/guests/{}`, or why it could not be built here.\npub const {}: Result<&str, &str> = {:?};\n",
+            guest.dir, guest.constant, built
+        ));
+    }
     let out =
         PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("guests.rs");
     std::fs::write(&out, constants).expect("write guests.rs");
+}
+
+/// A guest written in another language, built by that language's component tool.
+struct Foreign {
+    /// Its directory under `examples/guests`.
+    dir: &'static str,
+    /// The constant naming its component.
+    constant: &'static str,
+    /// The sources the component is built from (relative to its directory).
+    sources: &'static [&'static str],
+    /// The tool: a command on PATH or a path relative to the guest's directory.
+    tool: &'static str,
+    /// The tool's arguments; `{wit}` and `{out}` are substituted.
+    args: &'static [&'static str],
+    /// How to install the tool, said when it is missing.
+    install: &'static str,
+}
+
+const FOREIGN: &[Foreign] = &[
+    Foreign {
+        dir: "kv-python",
+        constant: "EXAMPLE_KV_PYTHON",
+        sources: &["app.py"],
+        tool: "componentize-py",
+        args: &[
+            "-d",
+            "{wit}",
+            "-w",
+            "guest",
+            "componentize",
+            "app",
+            "-p",
+            ".",
+            "-o",
+            "{out}",
+        ],
+        install: "pip install componentize-py==0.25.1",
+    },
+    Foreign {
+        dir: "kv-js",
+        constant: "EXAMPLE_KV_JS",
+        sources: &["kv.js", "package.json", "package-lock.json"],
+        tool: "node_modules/.bin/componentize-js",
+        args: &[
+            "kv.js",
+            "--wit",
+            "{wit}",
+            "-n",
+            "guest",
+            "-d",
+            "http",
+            "fetch-event",
+            "-o",
+            "{out}",
+        ],
+        install: "npm ci --prefix examples/guests/kv-js",
+    },
+];
+
+/// Builds a foreign guest into `target_dir` unless its component is newer than its sources, the
+/// WIT and the tool. A missing tool is not an error (the tests that need it say they were
+/// skipped and why); a tool that fails is.
+fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, String> {
+    let dir = root.join("examples/guests").join(guest.dir);
+    let wit = root.join("wit");
+    let out = target_dir.join(format!("{}.wasm", guest.dir));
+    let mut inputs: Vec<PathBuf> = guest.sources.iter().map(|s| dir.join(s)).collect();
+    inputs.push(wit.join("fsm.wit"));
+    for input in &inputs {
+        println!("cargo:rerun-if-changed={}", input.display());
+    }
+    let tool = if guest.tool.contains('/') {
+        Some(dir.join(guest.tool)).filter(|p| p.exists())
+    } else {
+        on_path(guest.tool)
+    };
+    let Some(tool) = tool else {
+        // Look again on the next build: the tool may be installed by then.
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join(".tool-missing").display()
+        );
+        return Err(format!(
+            "{} is not installed; run: {}",
+            guest.tool, guest.install
+        ));
+    };
+    println!("cargo:rerun-if-changed={}", tool.display());
+    inputs.push(tool.clone());
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = modified(&out).is_some_and(|built| {
+        inputs
+            .iter()
+            .all(|i| modified(i).is_some_and(|m| m <= built))
+    });
+    if !fresh {
+        let args: Vec<String> = guest
+            .args
+            .iter()
+            .map(|a| {
+                a.replace("{wit}", &wit.display().to_string())
+                    .replace("{out}", &out.display().to_string())
+            })
+            .collect();
+        let status = Command::new(&tool)
+            .current_dir(&dir)
+            .args(&args)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
+        assert!(
+            status.success(),
+            "building examples/guests/{} with {} failed (see the output above)",
+            guest.dir,
+            guest.tool
+        );
+    }
+    Ok(out.display().to_string())
+}
+
+/// The full path of `name` if it is an executable on PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// The members of a guest workspace: its subdirectories holding a Cargo.toml.

@@ -7,7 +7,7 @@ use crate::api::{Api, ApiLimits};
 use crate::pb::api::{cluster_server::ClusterServer, waft_server::WaftServer};
 use crate::pb::raft::raft_server::RaftServer;
 use crate::raft::types::NodeId;
-use crate::raft::{NetConfig, NetworkFactory, Raft, RaftService, SnapshotLimits};
+use crate::raft::{Identity, NetConfig, NetworkFactory, Raft, RaftService, SnapshotLimits};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{LogStore, StateHandle, StateMachineStore};
 use std::path::PathBuf;
@@ -106,6 +106,7 @@ pub struct Node {
     id: NodeId,
     addr: String,
     raft: Raft,
+    identity: Arc<Identity>,
     state: StateHandle,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -120,6 +121,18 @@ impl std::fmt::Debug for Node {
             .field("addr", &self.addr)
             .finish_non_exhaustive()
     }
+}
+
+/// Gives the cluster an id (unless this node has one), then initializes Raft with `members`.
+pub(crate) async fn initialize(
+    raft: &Raft,
+    identity: &Identity,
+    members: std::collections::BTreeMap<NodeId, openraft::BasicNode>,
+) -> Result<(), NodeError> {
+    identity.create()?;
+    raft.initialize(members)
+        .await
+        .map_err(|e| NodeError::Raft(format!("cannot initialize the cluster: {e}")))
 }
 
 impl Node {
@@ -169,12 +182,17 @@ impl Node {
                 .validate()
                 .map_err(|e| NodeError::Raft(e.to_string()))?,
         );
-        let network = NetworkFactory::new(config.net.clone());
+        let identity = Arc::new(Identity::load(config.id, &config.data_dir)?);
+        let network = NetworkFactory::new(config.net.clone(), identity.clone());
         let raft = Raft::new(config.id, raft_config, network.clone(), log, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let service =
-            RaftService::new(raft.clone(), snapshot_dir.clone(), config.snapshots.clone());
+        let service = RaftService::new(
+            raft.clone(),
+            identity.clone(),
+            snapshot_dir.clone(),
+            config.snapshots.clone(),
+        );
         let max = config.net.max_message_bytes;
         let api = Api::new(
             config.id,
@@ -211,12 +229,16 @@ impl Node {
                         .max_decoding_message_size(max)
                         .max_encoding_message_size(max),
                 )
-                .add_service(
+                .add_service(tonic::service::interceptor::InterceptedService::new(
                     WaftServer::new(api.clone())
                         .max_decoding_message_size(api_max)
                         .max_encoding_message_size(api_max),
-                )
-                .add_service(ClusterServer::new(api))
+                    crate::api::forwarding_check(identity.clone()),
+                ))
+                .add_service(tonic::service::interceptor::InterceptedService::new(
+                    ClusterServer::new(api),
+                    crate::api::forwarding_check(identity.clone()),
+                ))
                 .add_service(health)
                 .add_service(reflection)
                 .add_service(reflection_alpha)
@@ -242,12 +264,27 @@ impl Node {
             id: config.id,
             addr,
             raft,
+            identity,
             state,
             stop_server: Some(stop_tx),
             server: Some(server),
             auditor,
             metrics,
         })
+    }
+
+    /// Initializes a new cluster with `members`, after giving it a cluster id (see
+    /// [`Identity`]): the only way a cluster should be started.
+    pub async fn initialize(
+        &self,
+        members: std::collections::BTreeMap<NodeId, openraft::BasicNode>,
+    ) -> Result<(), NodeError> {
+        initialize(&self.raft, &self.identity, members).await
+    }
+
+    /// The id of this node's cluster, once known.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.identity.cluster()
     }
 
     /// This node's id.

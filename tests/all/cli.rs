@@ -93,7 +93,7 @@ fn check_rejects_bad_files_with_one_line_and_a_failure_status() {
             core.to_str().expect("utf-8 path"),
             "core WebAssembly module, not a component",
         ),
-        (TEST_NET, "which waft does not provide"),
+        (TEST_DIAL, "which waft does not provide"),
         (
             TEST_WRONG_WORLD,
             "does not export waft:fsm/state-machine@0.1.0",

@@ -99,7 +99,7 @@ impl TestCluster {
                 addr: self.addrs[0].clone(),
             },
         );
-        n0.raft().initialize(members).await.expect("initialize");
+        n0.initialize(members).await.expect("initialize");
         self.wait_leader().await;
         // Membership changes are refused while the initial membership is uncommitted.
         n0.raft()

@@ -15,6 +15,8 @@ mod cluster_support;
 mod fuzz;
 mod hostile;
 mod hotswap;
+mod identity;
+mod languages;
 mod metrics;
 mod process;
 mod rolling;

@@ -455,10 +455,10 @@ fn bad_modules_fail_to_load_with_one_clear_line() {
             "example:greeter/greet@1.0.0",
         ),
         (
-            "network",
-            waft_testkit::wasm(TEST_NET),
+            "unprovided import",
+            waft_testkit::wasm(TEST_DIAL),
             |e| matches!(e, LoadError::UnsupportedImport(_)),
-            "wasi:sockets/tcp",
+            "test:dial/dialer",
         ),
         (
             "too large",
@@ -477,6 +477,27 @@ fn bad_modules_fail_to_load_with_one_clear_line() {
             "{name}: the message should be one line: {msg}"
         );
     }
+}
+
+#[test]
+fn sockets_are_linked_but_every_connection_and_lookup_is_refused_alike() {
+    // Language runtimes import wasi:sockets whether or not they use it; waft links it so such
+    // guests load, and refuses every use the same way on every replica.
+    let rt = runtime();
+    let mut a = guest(&rt, TEST_NET);
+    let mut b = guest(&rt, TEST_NET);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let open = listener.local_addr().expect("addr").to_string();
+    for target in [open.as_str(), "localhost:80", "example.com:443", "[::1]:22"] {
+        let first = text(a.apply(ctx(1), target.as_bytes()));
+        let second = text(b.apply(ctx(1), target.as_bytes()));
+        assert_eq!(first, second, "{target}");
+        let e = first.expect_err("no connection is ever made");
+        eprintln!("{target}: {e}");
+        assert!(!e.contains("trapped"), "{target}: {e}");
+    }
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_err(), "a guest reached a real socket");
 }
 
 #[test]

@@ -63,10 +63,27 @@ pub fn query(guest: &mut Guest, q: &str) -> Result<String, String> {
     text(guest.query(q.as_bytes()))
 }
 
-/// A 127.0.0.1 address with a port that was free a moment ago.
+/// A 127.0.0.1 address with a port that was free a moment ago, for a process that binds it
+/// later (and again after a restart).
+///
+/// The port comes from below the kernel's ephemeral range (32768+ on Linux), never from
+/// `bind(0)`: an ephemeral port released by a killed node can be handed to anything else in the
+/// meantime (another test's proxy, say), and the node's peers would then talk to a stranger.
+/// Ports here are handed out once per test process, so no two nodes of ours ever share one.
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Concurrent test processes start at different offsets.
+    let offset = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let port = LOW + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return format!("127.0.0.1:{port}");
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 /// Runs the real `waft` binary with `args`, off the async runtime.

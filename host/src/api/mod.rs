@@ -73,6 +73,9 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long a call waits for an election to produce a leader before answering UNAVAILABLE.
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn no_leader() -> Status {
     Status::unavailable("no leader is known yet (an election may be in progress); retry shortly")
 }
@@ -81,11 +84,29 @@ fn forwarded<T>(req: &GrpcRequest<T>) -> bool {
     req.metadata().contains_key(FORWARDED)
 }
 
-fn mark<T>(msg: T) -> GrpcRequest<T> {
-    let mut req = GrpcRequest::new(msg);
-    req.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    req
+/// Refuses a request forwarded by a node of another cluster (its forwarding mark carries the
+/// sender's cluster id): a follower whose idea of the leader's address is stale must not land
+/// a client's write in a stranger's cluster. Installed on the client-facing services.
+#[allow(clippy::result_large_err)]
+pub fn forwarding_check(
+    identity: std::sync::Arc<crate::raft::Identity>,
+) -> impl FnMut(GrpcRequest<()>) -> Result<GrpcRequest<()>, Status> + Clone {
+    move |req: GrpcRequest<()>| {
+        let theirs = req
+            .metadata()
+            .get(FORWARDED)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() == 32);
+        if let (Some(theirs), Some(ours)) = (theirs, identity.cluster())
+            && theirs != ours
+        {
+            return Err(Status::failed_precondition(format!(
+                "this node belongs to cluster {ours}; the request was forwarded by a node of \
+                 cluster {theirs} (its leader address is stale); retry"
+            )));
+        }
+        Ok(req)
+    }
 }
 
 /// Maps openraft errors to statuses; `ForwardToLeader` becomes a route.
@@ -122,6 +143,20 @@ fn write_error(
 }
 
 impl Api {
+    /// Wraps a request this node forwards to the leader: marked as forwarded (so it is not
+    /// forwarded again) with this node's cluster id (so a stranger refuses it).
+    fn mark<T>(&self, msg: T) -> GrpcRequest<T> {
+        let mut req = GrpcRequest::new(msg);
+        let value = self
+            .peers
+            .identity()
+            .cluster()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(tonic::metadata::MetadataValue::from_static("1"));
+        req.metadata_mut().insert(FORWARDED, value);
+        req
+    }
+
     /// The API of the node with this Raft handle and state.
     pub fn new(
         id: NodeId,
@@ -216,7 +251,34 @@ impl Api {
     }
 
     /// The leader's address when it is another node; `Here` when this node leads.
+    /// During an election no node knows a leader for a moment (about one election timeout).
+    /// Rather than fail the call at once, wait up to [`LEADER_WAIT`] for one to be known; a
+    /// request is only proposed after this, so waiting never changes what gets applied.
+    async fn await_leader(&self) {
+        use openraft::async_runtime::WatchReceiver;
+        {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            // An uninitialized node has nobody to wait for.
+            let initialized = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .next()
+                .is_some();
+            if m.current_leader.is_some() || !initialized {
+                return;
+            }
+        }
+        let _ = self
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await;
+    }
+
     async fn leader_route(&self, already_forwarded: bool) -> Result<Route, Status> {
+        self.await_leader().await;
         let leader = self.raft.current_leader().await.ok_or_else(no_leader)?;
         if leader == self.id {
             return Ok(Route::Here);
@@ -246,6 +308,7 @@ impl Api {
         request: Request,
         already_forwarded: bool,
     ) -> Result<Result<(u64, Response), Route>, Status> {
+        self.await_leader().await;
         match self.raft.client_write(request).await {
             Ok(resp) => Ok(Ok((resp.log_id.index, resp.data))),
             Err(e) if e.forward_to_leader().is_some() => route_of(&e, already_forwarded).map(Err),
@@ -441,7 +504,7 @@ impl waft_server::Waft for Api {
         };
         match self.write(entry, fwd).await? {
             Ok((index, response)) => Ok(GrpcResponse::new(submit_reply(index, response)?)),
-            Err(Route::Leader(addr)) => self.waft_client(&addr)?.submit(mark(req)).await,
+            Err(Route::Leader(addr)) => self.waft_client(&addr)?.submit(self.mark(req)).await,
             Err(Route::Here) => Err(no_leader()),
         }
     }
@@ -461,11 +524,14 @@ impl waft_server::Waft for Api {
             api::Consistency::Lease => Some(ReadPolicy::LeaseRead),
             api::Consistency::Stale => None,
         };
+        if policy.is_some() {
+            self.await_leader().await;
+        }
         if let Some(policy) = policy
             && let Err(e) = self.raft.ensure_linearizable(policy).await
         {
             return match route_of(&e, fwd)? {
-                Route::Leader(addr) => self.waft_client(&addr)?.query(mark(req)).await,
+                Route::Leader(addr) => self.waft_client(&addr)?.query(self.mark(req)).await,
                 Route::Here => Err(no_leader()),
             };
         }
@@ -537,7 +603,7 @@ impl waft_server::Waft for Api {
             let chunks = crate::pb::deploy_chunks_with(header, &module);
             return self
                 .waft_client(&addr)?
-                .deploy(mark(futures::stream::iter(chunks)))
+                .deploy(self.mark(futures::stream::iter(chunks)))
                 .await;
         }
         let limits = crate::raft::types::ServiceLimits {
@@ -577,7 +643,7 @@ impl waft_server::Waft for Api {
         let fwd = forwarded(&request);
         let req = request.into_inner();
         if let Route::Leader(addr) = self.leader_route(fwd).await? {
-            return self.waft_client(&addr)?.rollback(mark(req)).await;
+            return self.waft_client(&addr)?.rollback(self.mark(req)).await;
         }
         let to = (req.to_version != 0).then_some(req.to_version);
         if !self.state.services().iter().any(|s| s.name == req.service) {
@@ -693,7 +759,7 @@ impl cluster_server::Cluster for Api {
                 let upstream = self
                     .cluster_client(&addr)?
                     .max_decoding_message_size(usize::MAX)
-                    .backup(mark(api::BackupRequest {}))
+                    .backup(self.mark(api::BackupRequest {}))
                     .await?
                     .into_inner();
                 Ok(GrpcResponse::new(Box::pin(upstream)))
@@ -749,7 +815,7 @@ impl cluster_server::Cluster for Api {
             return self
                 .cluster_client(&addr)?
                 .max_encoding_message_size(usize::MAX)
-                .restore(mark(futures::stream::iter(chunks)))
+                .restore(self.mark(futures::stream::iter(chunks)))
                 .await;
         }
         // Validate before proposing: a backup that does not load never reaches the log.
@@ -796,6 +862,18 @@ impl cluster_server::Cluster for Api {
                 },
             );
         }
+        // A cluster id first (see raft::identity), unless this node is already a member, in
+        // which case initialize refuses below and nothing changes.
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if !initialized {
+            self.peers.identity().create().map_err(|e| {
+                Status::unavailable(format!("cannot record the new cluster's id: {e}"))
+            })?;
+        }
         self.raft.initialize(members).await.map_err(|e| match e {
             RaftError::APIError(e) => Status::failed_precondition(e.to_string()),
             RaftError::Fatal(f) => Status::unavailable(f.to_string()),
@@ -833,7 +911,7 @@ impl cluster_server::Cluster for Api {
             )
             .await;
         self.membership_outcome(result, fwd, |mut c| async move {
-            c.add_learner(mark(req)).await
+            c.add_learner(self.mark(req)).await
         })
         .await
     }
@@ -860,7 +938,7 @@ impl cluster_server::Cluster for Api {
         };
         let result = self.raft.change_membership(change, req.retain).await;
         self.membership_outcome(result, fwd, |mut c| async move {
-            c.change_membership(mark(req)).await
+            c.change_membership(self.mark(req)).await
         })
         .await
     }
@@ -895,7 +973,7 @@ impl cluster_server::Cluster for Api {
         // `retain = false`: a removed voter leaves the cluster, it is not kept as a learner.
         let result = self.raft.change_membership(change, false).await;
         self.membership_outcome(result, fwd, |mut c| async move {
-            c.remove_node(mark(req)).await
+            c.remove_node(self.mark(req)).await
         })
         .await
     }
@@ -927,7 +1005,11 @@ impl cluster_server::Cluster for Api {
                     .map_err(|e| Status::unavailable(e.to_string()))?;
                 Ok(GrpcResponse::new(api::TransferLeaderReply {}))
             }
-            Route::Leader(addr) => self.cluster_client(&addr)?.transfer_leader(mark(req)).await,
+            Route::Leader(addr) => {
+                self.cluster_client(&addr)?
+                    .transfer_leader(self.mark(req))
+                    .await
+            }
         }
     }
 
@@ -958,6 +1040,7 @@ impl cluster_server::Cluster for Api {
             members: members(&m),
             engine: self.runtime.fingerprint().to_owned(),
             audit: Some(audit_status(&self.state.audit_status())),
+            cluster_id: self.peers.identity().cluster().unwrap_or_default(),
         }))
     }
 
@@ -988,7 +1071,7 @@ impl cluster_server::Cluster for Api {
                 match route_of(&e, fwd)? {
                     Route::Leader(addr) => {
                         self.cluster_client(&addr)?
-                            .audit(mark(api::AuditRequest {}))
+                            .audit(self.mark(api::AuditRequest {}))
                             .await
                     }
                     Route::Here => Err(no_leader()),

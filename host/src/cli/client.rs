@@ -718,7 +718,7 @@ fn print_status(out: Output, s: &api::StatusReply) {
                 serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
                     "leader_addr": s.leader_addr, "last_log_index": s.last_log_index, "committed_index": s.committed_index,
                     "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "engine": s.engine, "members": members,
-                    "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
+                    "cluster_id": s.cluster_id, "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
                         "last_checked_index": a.last_checked_index,
                         "divergences": a.divergences.iter().map(|d| serde_json::json!({"index": d.index, "what": d.what,
                             "local": d.local, "leader": d.leader})).collect::<Vec<_>>()}))})
@@ -741,6 +741,9 @@ fn print_status(out: Output, s: &api::StatusReply) {
                 s.snapshot_index.map_or("-".to_owned(), |i| i.to_string())
             );
             println!("engine: {}", s.engine);
+            if !s.cluster_id.is_empty() {
+                println!("cluster: {}", s.cluster_id);
+            }
             let audit = s.audit.clone().unwrap_or_default();
             match audit.divergences.last() {
                 Some(d) => println!(

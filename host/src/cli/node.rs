@@ -298,11 +298,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
     {
-        nodes[0]
-            .raft()
-            .initialize(members)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot initialize the cluster: {e}"))?;
+        nodes[0].initialize(members).await?;
     }
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{first}"))?
         .connect()

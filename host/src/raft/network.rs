@@ -58,6 +58,7 @@ impl Default for NetConfig {
 #[derive(Clone)]
 pub struct NetworkFactory {
     config: NetConfig,
+    identity: Arc<super::Identity>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -68,12 +69,18 @@ impl std::fmt::Debug for NetworkFactory {
 }
 
 impl NetworkFactory {
-    /// A factory with the given settings.
-    pub fn new(config: NetConfig) -> NetworkFactory {
+    /// A factory with the given settings, stamping every message with `identity`'s cluster.
+    pub fn new(config: NetConfig, identity: Arc<super::Identity>) -> NetworkFactory {
         NetworkFactory {
             config,
+            identity,
             channels: Arc::default(),
         }
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &Arc<super::Identity> {
+        &self.identity
     }
 
     /// The channel to the node advertised at `addr`, created (lazily connecting) on first use.
@@ -107,6 +114,7 @@ impl NetworkFactory {
             addr: node.addr.clone(),
             client,
             config: self.config.clone(),
+            identity: self.identity.clone(),
         }
     }
 }
@@ -125,6 +133,7 @@ pub struct PeerClient {
     addr: String,
     client: Result<RaftClient<Channel>, String>,
     config: NetConfig,
+    identity: Arc<super::Identity>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -163,8 +172,15 @@ impl PeerClient {
         rpc_error(self.target, &self.addr, status)
     }
 
-    fn request<T>(&self, msg: T, option: &RPCOption) -> tonic::Request<T> {
+    /// A request for this peer, stamped with our cluster and its node id.
+    fn stamped<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
+        self.identity.stamp(req.metadata_mut(), self.target);
+        req
+    }
+
+    fn request<T>(&self, msg: T, option: &RPCOption) -> tonic::Request<T> {
+        let mut req = self.stamped(msg);
         req.set_timeout(option.hard_ttl());
         req
     }
@@ -261,7 +277,11 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
                 .take_while(|m| futures::future::ready(m.is_some()))
                 .filter_map(futures::future::ready);
             let mut client = self.client()?;
-            let replies = client.append(outgoing).await.map_err(|s| self.err(&s))?.into_inner();
+            let replies = client
+                .append(self.stamped(outgoing))
+                .await
+                .map_err(|s| self.err(&s))?
+                .into_inner();
             let results = replies.map(move |item| {
                 let msg = item.map_err(|s| rpc_error(target, &addr, &s))?;
                 pb::decode::<StreamAppendResult<TypeConfig>>(&msg).map_err(|s| rpc_error(target, &addr, &s))
@@ -330,7 +350,7 @@ impl NetSnapshot<TypeConfig> for PeerClient {
         let mut client = self
             .client()
             .map_err(|e| StreamingError::Network(NetworkError::from_string(e.to_string())))?;
-        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut request = self.stamped(tokio_stream::wrappers::ReceiverStream::new(rx));
         request.set_timeout(self.config.snapshot_deadline);
         let send = client.install_snapshot(request);
         let result = tokio::select! {

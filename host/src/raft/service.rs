@@ -38,6 +38,7 @@ impl Default for SnapshotLimits {
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft,
+    identity: Arc<super::Identity>,
     incoming_dir: PathBuf,
     limits: SnapshotLimits,
 }
@@ -49,10 +50,17 @@ impl std::fmt::Debug for RaftService {
 }
 
 impl RaftService {
-    /// A service feeding `raft`; incoming snapshots are written under `incoming_dir`.
-    pub fn new(raft: Raft, incoming_dir: PathBuf, limits: SnapshotLimits) -> RaftService {
+    /// A service feeding `raft`; incoming snapshots are written under `incoming_dir`. Messages
+    /// for another node or from another cluster than `identity`'s are refused.
+    pub fn new(
+        raft: Raft,
+        identity: Arc<super::Identity>,
+        incoming_dir: PathBuf,
+        limits: SnapshotLimits,
+    ) -> RaftService {
         RaftService {
             raft,
+            identity,
             incoming_dir,
             limits,
         }
@@ -188,6 +196,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        self.identity.admit(request.metadata())?;
         let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let resp = self
             .raft
@@ -201,6 +210,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        self.identity.admit(request.metadata())?;
         let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let resp = self
             .raft
@@ -216,6 +226,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::raft::RaftMessage>>,
     ) -> Result<Response<AppendStream>, Status> {
+        self.identity.admit(request.metadata())?;
         // Decoding failures end the request stream and are reported as the final status of the
         // reply stream: never dropped silently.
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
@@ -259,6 +270,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::raft::SnapshotChunk>>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        self.identity.admit(request.metadata())?;
         let reply = self.receive_snapshot(request.into_inner()).await;
         if let Err(e) = &reply {
             tracing::warn!(error = %e, "snapshot transfer refused");
@@ -270,6 +282,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        self.identity.admit(request.metadata())?;
         let req: TransferLeaderRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let resp = self
             .raft

@@ -19,14 +19,19 @@ pub const HOST_IMPORT: &str = "waft:fsm/host@0.1.0";
 /// The shared types interface (types only; nothing to call).
 pub const TYPES_IMPORT: &str = "waft:fsm/types@0.1.0";
 
-/// WASI interfaces waft links, deterministically (see `wasi.rs`). Sockets, HTTP and anything
-/// else are refused when the module is loaded, not when a guest first calls them.
+/// WASI interfaces waft links, deterministically (see `wasi.rs`). Filesystem and sockets are
+/// linked because language runtimes (CPython, StarlingMonkey, Rust's std with `std::net`) import
+/// them whether or not the guest uses them, but every call fails the same way on every replica:
+/// there is no preopened directory and every socket, connection and name lookup is refused.
+/// HTTP and anything else are refused when the module is loaded, not when a guest first calls
+/// them.
 const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
     "wasi:io/",
     "wasi:clocks/",
     "wasi:random/",
     "wasi:cli/",
     "wasi:filesystem/",
+    "wasi:sockets/",
 ];
 
 /// The sha256 of a module's bytes: its identity everywhere in waft.
@@ -258,9 +263,10 @@ fn check_world(imports: &[String], exports: &[String]) -> Result<(), LoadError> 
         .collect();
     if !refused.is_empty() {
         return Err(LoadError::UnsupportedImport(format!(
-            "the component imports {}, which waft does not provide: guests get no network, \
-             files, environment or other host services beyond waft:fsm/host and deterministic \
-             WASI clocks, randomness and stdio",
+            "the component imports {}, which waft does not provide: guests get no host \
+             services beyond waft:fsm/host and deterministic WASI (clocks, randomness, stdio; \
+             files and sockets are linked but always refused); build without them (for \
+             ComponentizeJS: --disable http)",
             refused.join(", ")
         )));
     }

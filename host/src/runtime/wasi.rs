@@ -2,7 +2,8 @@
 //!
 //! Guests built for `wasm32-wasip2` import WASI even when they never mean to touch the outside
 //! world (Rust's std does). waft links a WASI in which nothing external is observable:
-//! no preopened directories, no sockets, no environment or arguments, an empty stdin; the wall
+//! no preopened directories, sockets that refuse every bind, connect and name lookup
+//! (`access-denied`, identically on every replica), no environment or arguments, an empty stdin; the wall
 //! and monotonic clocks read the timestamp of the entry being applied; randomness is a ChaCha20
 //! stream seeded from the module hash and the log index; stdout and stderr go to the host's logs
 //! with a per-call cap (and the tail of stderr is kept to explain a trap).

@@ -1,5 +1,5 @@
-//! A guest that tries to open a network connection. Rust's std then imports wasi:sockets,
-//! which waft does not provide: loading this guest must fail with a clear message.
+//! A guest that tries to open a network connection. Rust's std then imports wasi:sockets, which
+//! waft links but refuses: the guest loads, and every connect fails the same way on every replica.
 
 use waft_guest::{Context, StateMachine};
 

@@ -1,0 +1,165 @@
+//! Who a Raft message is for: every node-to-node RPC names the cluster it belongs to and the
+//! node it is meant for, and a node refuses messages for another cluster or another node.
+//!
+//! Without this, an address that changes hands (a node replaced by another with a new id, a
+//! pod IP reused by another cluster, a port reused on a test machine) lets a leader append its
+//! entries to a stranger's log, which then diverges from its own cluster silently. etcd checks
+//! a cluster id on every peer request for the same reason.
+//!
+//! The cluster id is 128 random bits, created by the node that initializes the cluster and
+//! kept in `cluster-id` in its data directory. Other nodes adopt it from the first Raft message
+//! they receive (a new member learns it from the leader that adds it) and keep it from then
+//! on. A node that has none (data from an older waft) accepts any cluster until it learns one.
+
+use super::types::NodeId;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+use tonic::Status;
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+/// gRPC metadata naming the sender's cluster.
+pub const CLUSTER_HEADER: &str = "waft-cluster-id";
+/// gRPC metadata naming the node a message is meant for.
+pub const TARGET_HEADER: &str = "waft-target-node";
+const FILE: &str = "cluster-id";
+
+/// This node's identity: its id and (once known) its cluster's.
+#[derive(Debug)]
+pub struct Identity {
+    node: NodeId,
+    file: PathBuf,
+    cluster: Mutex<Option<String>>,
+}
+
+fn valid(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+impl Identity {
+    /// Loads the identity of node `node` from `data_dir` (no cluster id yet if the file is
+    /// missing). A damaged file is an error: guessing could join the wrong cluster.
+    pub fn load(node: NodeId, data_dir: &std::path::Path) -> io::Result<Identity> {
+        let file = data_dir.join(FILE);
+        let cluster = match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let id = text.trim().to_owned();
+                if !valid(&id) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{} does not hold a cluster id: {text:?}", file.display()),
+                    ));
+                }
+                Some(id)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Identity {
+            node,
+            file,
+            cluster: Mutex::new(cluster),
+        })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The cluster id, once known.
+    pub fn cluster(&self) -> Option<String> {
+        self.cluster
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Gives this node a new cluster id unless it has one, for a node about to initialize a
+    /// cluster. Returns the id.
+    pub fn create(&self) -> io::Result<String> {
+        let mut cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = cluster.as_ref() {
+            return Ok(id.clone());
+        }
+        // Two independently seeded std hashers: 128 bits from the OS's randomness.
+        let half = || {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
+        let id = format!("{:016x}{:016x}", half(), half());
+        self.persist(&id)?;
+        *cluster = Some(id.clone());
+        Ok(id)
+    }
+
+    fn persist(&self, id: &str) -> io::Result<()> {
+        let tmp = self.file.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{id}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.file)?;
+        if let Some(dir) = self.file.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Adds this node's cluster id and the target node to an outgoing request.
+    pub fn stamp(&self, metadata: &mut MetadataMap, target: NodeId) {
+        metadata.insert(TARGET_HEADER, MetadataValue::from(target));
+        if let Some(id) = self.cluster()
+            && let Ok(v) = id.parse()
+        {
+            metadata.insert(CLUSTER_HEADER, v);
+        }
+    }
+
+    /// Checks an incoming Raft request: it must be meant for this node and come from this
+    /// node's cluster (adopting the sender's cluster if this node has none yet).
+    #[allow(clippy::result_large_err)]
+    pub fn admit(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        if let Some(target) = metadata.get(TARGET_HEADER) {
+            let target = target.to_str().ok().and_then(|t| t.parse::<NodeId>().ok());
+            if target != Some(self.node) {
+                return Err(Status::failed_precondition(format!(
+                    "this is node {}, not node {}: the address the sender has for that node now \
+                     belongs to another node; refusing the Raft message",
+                    self.node,
+                    target.map_or("(unreadable)".to_owned(), |t| t.to_string())
+                )));
+            }
+        }
+        let Some(theirs) = metadata.get(CLUSTER_HEADER) else {
+            return Ok(());
+        };
+        let theirs = theirs.to_str().unwrap_or("").to_owned();
+        if !valid(&theirs) {
+            return Err(Status::invalid_argument(format!(
+                "malformed cluster id {theirs:?} in a Raft message"
+            )));
+        }
+        let mut cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
+        match cluster.as_ref() {
+            Some(ours) if *ours == theirs => Ok(()),
+            Some(ours) => Err(Status::failed_precondition(format!(
+                "node {} belongs to cluster {ours}, the Raft message came from cluster {theirs}; \
+                 refusing it (an address was reused by another cluster?)",
+                self.node
+            ))),
+            None => {
+                self.persist(&theirs).map_err(|e| {
+                    Status::unavailable(format!("cannot record the cluster id: {e}"))
+                })?;
+                tracing::info!(cluster = %theirs, "this node joined a cluster");
+                *cluster = Some(theirs);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Guests written in Python (componentize-py) and JavaScript (ComponentizeJS) behave exactly like
+//! the Rust kv guest: same replies, same snapshot bytes (so any of them can replace another by
+//! hot-swap), deterministic on every replica of a real cluster.
+//!
+//! The components are built by `tests/build.rs` when the tools are installed (`.ci/run` installs
+//! them); without a tool the test says so and what to run, and checks only the Rust guest.
+
+use crate::cluster_support::{TestCluster, test_settings};
+use crate::support::{apply_all, ctx, guest, query, runtime, text};
+use tonic::transport::Channel;
+use waft::pb::api::{self, waft_client::WaftClient};
+use waft_testkit::guests::{EXAMPLE_KV, EXAMPLE_KV_JS, EXAMPLE_KV_PYTHON};
+
+/// Every kv command shape, with every error the Rust guest gives.
+const SCRIPT: &[&str] = &[
+    "put a 1",
+    "put b two words",
+    "put  c   spaced  value ",
+    "put ü ünïcödé ✓",
+    "put 𝄞 clef",
+    "put \u{e000} private use",
+    "get a",
+    "get b",
+    "get c",
+    "get missing",
+    "get",
+    "put",
+    "put onlykey",
+    "get onlykey",
+    "del a",
+    "del a",
+    "del",
+    "cas b two words x",
+    "cas b two three",
+    "cas nokey x y",
+    "cas b",
+    "cas onlykey  now",
+    "get onlykey",
+    "scan",
+    "scan b",
+    "scan zzz",
+    "",
+    "   ",
+    "frobnicate a",
+    "PUT a 1",
+    "say \"hi\"\\there",
+    "put tab\tkey v",
+];
+
+const QUERIES: &[&str] = &["get b", "get nope", "scan", "scan c", "nope", "", "get"];
+
+/// The guests built here, each with its name; says what was skipped.
+fn foreign() -> Vec<(&'static str, &'static str)> {
+    let mut found = Vec::new();
+    for (name, built) in [("python", EXAMPLE_KV_PYTHON), ("js", EXAMPLE_KV_JS)] {
+        match built {
+            Ok(path) => found.push((name, path)),
+            Err(why) => eprintln!("skipped the {name} kv guest: {why}"),
+        }
+    }
+    found
+}
+
+#[test]
+fn python_and_js_guests_answer_and_snapshot_exactly_like_the_rust_kv() {
+    let rt = runtime();
+    let mut rust = guest(&rt, EXAMPLE_KV);
+    let expected = apply_all(&mut rust, 1, SCRIPT);
+    let mut invalid = rust.apply(ctx(99), b"put \xff\xfe x");
+    assert_eq!(text(invalid), Err("command is not UTF-8".to_owned()));
+    let expected_queries: Vec<_> = QUERIES.iter().map(|q| query(&mut rust, q)).collect();
+    let snapshot = rust.snapshot().expect("snapshot");
+    // The script meant something: successes, rejections, ordered scans.
+    assert!(expected.iter().filter(|r| r.is_ok()).count() > 10);
+    assert!(expected.iter().filter(|r| r.is_err()).count() > 10);
+    assert!(
+        expected_queries[2]
+            .as_ref()
+            .is_ok_and(|s| s.lines().count() == 7)
+    );
+
+    for (name, path) in foreign() {
+        let mut g = guest(&rt, path);
+        let got = apply_all(&mut g, 1, SCRIPT);
+        for ((cmd, want), got) in SCRIPT.iter().zip(&expected).zip(&got) {
+            assert_eq!(want, got, "{name}: {cmd:?}");
+        }
+        invalid = g.apply(ctx(99), b"put \xff\xfe x");
+        assert_eq!(
+            text(invalid),
+            Err("command is not UTF-8".to_owned()),
+            "{name}"
+        );
+        for (q, want) in QUERIES.iter().zip(&expected_queries) {
+            assert_eq!(want, &query(&mut g, q), "{name}: query {q:?}");
+        }
+        assert_eq!(
+            snapshot,
+            g.snapshot().expect("snapshot"),
+            "{name}: snapshot bytes"
+        );
+
+        // Batches give the same replies as single applies.
+        let mut batched = guest(&rt, path);
+        let entries: Vec<_> = SCRIPT
+            .iter()
+            .zip(1u64..)
+            .map(|(c, n)| (ctx(n), c.as_bytes()))
+            .collect();
+        let replies: Vec<_> = batched
+            .apply_batch(&entries)
+            .into_iter()
+            .map(text)
+            .collect();
+        assert_eq!(expected, replies, "{name}: batch");
+
+        // The Rust guest's snapshot restores into this one and back, byte for byte.
+        let mut fresh = guest(&rt, path);
+        fresh.restore(&snapshot).expect("restore the Rust snapshot");
+        assert_eq!(query(&mut fresh, "scan"), expected_queries[2], "{name}");
+        assert_eq!(fresh.snapshot().expect("snapshot"), snapshot, "{name}");
+        let mut back = guest(&rt, EXAMPLE_KV);
+        back.restore(&g.snapshot().expect("snapshot"))
+            .expect("restore into Rust");
+        assert_eq!(back.snapshot().expect("snapshot"), snapshot, "{name}");
+
+        // A damaged snapshot is refused with the Rust guest's words and changes nothing.
+        for (bad, says) in [
+            (b"nope".to_vec(), "bad magic"),
+            (snapshot[..snapshot.len() - 3].to_vec(), "truncated"),
+            ([snapshot.as_slice(), b"x"].concat(), "trailing bytes"),
+        ] {
+            let e = fresh.restore(&bad).expect_err("refused");
+            assert!(e.to_string().contains(says), "{name}: {e}");
+            assert_eq!(fresh.snapshot().expect("snapshot"), snapshot, "{name}");
+        }
+    }
+}
+
+async fn client(addr: &str) -> WaftClient<Channel> {
+    WaftClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+async fn deploy(addr: &str, service: &str, path: &str) -> api::DeployReply {
+    let module = waft_testkit::wasm(path);
+    let header = api::DeployHeader {
+        service: service.to_owned(),
+        size: module.len() as u64,
+        ..Default::default()
+    };
+    let chunks = waft::pb::deploy_chunks_with(header, &module);
+    client(addr)
+        .await
+        .deploy(futures::stream::iter(chunks))
+        .await
+        .unwrap_or_else(|e| panic!("deploy {path} as {service}: {e}"))
+        .into_inner()
+}
+
+async fn submit(c: &mut WaftClient<Channel>, service: &str, cmd: &str) -> Result<String, String> {
+    let reply = c
+        .submit(api::SubmitRequest {
+            service: service.to_owned(),
+            payload: cmd.as_bytes().to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner();
+    match reply.outcome {
+        Some(api::submit_reply::Outcome::Ok(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Some(api::submit_reply::Outcome::Rejected(m)) => Err(m),
+        other => panic!("{service}: {cmd:?}: {other:?}"),
+    }
+}
+
+async fn read(c: &mut WaftClient<Channel>, service: &str, q: &str) -> Result<String, String> {
+    let reply = c
+        .query(api::QueryRequest {
+            service: service.to_owned(),
+            payload: q.as_bytes().to_vec(),
+            consistency: api::Consistency::Linearizable as i32,
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    match reply.outcome {
+        Some(api::query_reply::Outcome::Ok(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Some(api::query_reply::Outcome::Rejected(m)) => Err(m),
+        other => panic!("{service}: {q:?}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_and_js_guests_run_on_a_cluster_like_the_rust_kv_and_swap_with_it() {
+    let foreign = foreign();
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let leader = cluster.wait_leader().await;
+    // Deploy through a follower: an 18 MiB module is streamed, forwarded and replicated.
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    deploy(&follower, "kv", EXAMPLE_KV).await;
+    for (name, path) in &foreign {
+        let reply = deploy(&follower, &format!("kv-{name}"), path).await;
+        assert_eq!(reply.version, 1, "{name}");
+    }
+    let mut c = client(&follower).await;
+    let mut expected = Vec::new();
+    for cmd in SCRIPT {
+        expected.push(submit(&mut c, "kv", cmd).await);
+    }
+    for (name, _) in &foreign {
+        let service = format!("kv-{name}");
+        for (cmd, want) in SCRIPT.iter().zip(&expected) {
+            assert_eq!(
+                want,
+                &submit(&mut c, &service, cmd).await,
+                "{name}: {cmd:?}"
+            );
+        }
+        for q in QUERIES {
+            assert_eq!(
+                read(&mut c, "kv", q).await,
+                read(&mut c, &service, q).await,
+                "{name}: query {q:?}"
+            );
+        }
+    }
+    // Every replica holds the same bytes, and every language the same state.
+    let last = cluster.node(leader).metrics().last_log_index;
+    cluster.wait_applied(last.expect("entries")).await;
+    let states = cluster.assert_identical().await;
+    for (name, _) in &foreign {
+        assert_eq!(states["kv"], states[&format!("kv-{name}")], "{name}");
+    }
+    // Hot-swap the Rust kv for each foreign one and back: the state carries over every time.
+    let mut version = 1;
+    for (name, path) in foreign.iter().copied().chain([("rust", EXAMPLE_KV)]) {
+        let scan = read(&mut c, "kv", "scan").await;
+        let reply = deploy(&follower, "kv", path).await;
+        version += 1;
+        assert_eq!(reply.version, version, "{name}");
+        assert_eq!(read(&mut c, "kv", "scan").await, scan, "{name}");
+        assert_eq!(
+            submit(&mut c, "kv", &format!("put by {name}")).await,
+            Ok("OK".into())
+        );
+        assert_eq!(read(&mut c, "kv", "get by").await, Ok(name.to_owned()));
+    }
+    let last = cluster.node(leader).metrics().last_log_index;
+    cluster.wait_applied(last.expect("entries")).await;
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}

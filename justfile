@@ -20,6 +20,16 @@ guests:
     rustup target add wasm32-wasip2
     cargo build --release --target wasm32-wasip2 --manifest-path examples/guests/Cargo.toml
 
+# The kv guest in Python (componentize-py from PyPI) -> target/guests/kv-python.wasm.
+guest-python:
+    python3 -m pip install componentize-py==0.25.1
+    cd examples/guests/kv-python && componentize-py -d ../../../wit -w guest componentize app -p . -o ../../../target/guests/kv-python.wasm
+
+# The kv guest in JavaScript (ComponentizeJS from npm) -> target/guests/kv-js.wasm.
+guest-js:
+    npm ci --prefix examples/guests/kv-js
+    cd examples/guests/kv-js && node_modules/.bin/componentize-js kv.js --wit ../../../wit -n guest -d http fetch-event -o ../../../target/guests/kv-js.wasm
+
 # The WASM tax benchmark (guest apply vs native BTreeMap).
 bench:
     cargo bench -p waft --bench guest_apply

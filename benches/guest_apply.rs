@@ -96,4 +96,65 @@ fn main() {
         b / n
     );
     println!("  fuel per put: {fuel_per_put} units");
+    other_languages(&runtime, &module, &commands);
+}
+
+/// The same puts through the Python and JavaScript kv guests (when built), against the Rust
+/// guest in the same rounds; plus what loading each component costs.
+fn other_languages(
+    runtime: &Runtime,
+    rust: &std::sync::Arc<waft::runtime::GuestModule>,
+    commands: &[Vec<u8>],
+) {
+    use waft_testkit::guests::{EXAMPLE_KV_JS, EXAMPLE_KV_PYTHON};
+    const FEW: usize = 2_000;
+    let ctx = |i: usize| ApplyCtx {
+        index: i as u64 + 1,
+        term: 1,
+        timestamp_ms: 0,
+    };
+    let per_put = |module: &std::sync::Arc<waft::runtime::GuestModule>| -> (f64, u64) {
+        let mut guest = runtime.instantiate(module, "bench").expect("instance");
+        let t = Instant::now();
+        for (i, c) in commands[..FEW].iter().enumerate() {
+            black_box(guest.apply(ctx(i), c).expect("put"));
+        }
+        let ns = t.elapsed().as_nanos() as f64 / FEW as f64;
+        guest.apply(ctx(FEW), b"put fuel probe").expect("put");
+        (ns, guest.last_fuel())
+    };
+    for (name, built) in [("python", EXAMPLE_KV_PYTHON), ("js", EXAMPLE_KV_JS)] {
+        let path = match built {
+            Ok(path) => path,
+            Err(why) => {
+                println!("kv-{name}: skipped ({why})");
+                continue;
+            }
+        };
+        let bytes = std::fs::read(path).expect("read guest");
+        // A runtime without a disk cache: the first load compiles.
+        let fresh = Runtime::new(RuntimeConfig::default()).expect("runtime");
+        let t = Instant::now();
+        let module = fresh.load(&bytes).expect("loads");
+        let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        drop(fresh.instantiate(&module, "bench").expect("instance"));
+        let instantiate_ms = t.elapsed().as_secs_f64() * 1e3;
+        let module = runtime.load(&bytes).expect("loads");
+        let (mut theirs, mut ours) = (Vec::new(), Vec::new());
+        let mut fuel = 0;
+        for _ in 0..5 {
+            let (ns, f) = per_put(&module);
+            theirs.push(ns);
+            fuel = f;
+            ours.push(per_put(rust).0);
+        }
+        let (t, o) = (median(theirs), median(ours));
+        println!(
+            "kv-{name} ({:.1} MiB): compile {compile_ms:.0} ms, instantiate {instantiate_ms:.1} ms; \
+             put {t:.0} ns/op = {:.1}x the Rust guest ({o:.0} ns/op), {fuel} fuel per put",
+            bytes.len() as f64 / (1 << 20) as f64,
+            t / o
+        );
+    }
 }

@@ -18,10 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["../proto/api.proto", "../proto/raft.proto"],
             &["../proto"],
         )?;
-    // etcd's KV API, for the benchmark's etcd mode: kept out of the reflection descriptors,
-    // since waft does not serve it.
+    // etcd's KV API: served on `--etcd-listen` and used by the benchmark's etcd mode. Kept out
+    // of waft's reflection descriptors (etcd clients do not use reflection).
     tonic_prost_build::configure()
-        .build_server(false)
+        .build_server(true)
         .build_client(true)
         .codec_path("crate::pb::codec::WaftCodec")
         .compile_protos(&["../proto/etcd.proto"], &["../proto"])?;

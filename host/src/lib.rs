@@ -10,6 +10,7 @@
 pub mod api;
 pub mod audit;
 pub mod cli;
+pub mod etcd;
 pub mod metrics;
 pub mod node;
 pub mod pb;

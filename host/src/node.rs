@@ -68,6 +68,10 @@ pub struct NodeConfig {
     pub api: ApiLimits,
     /// Serve Prometheus metrics (`GET /metrics`) on this address.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve etcd's v3 KV API on this address (see [`crate::etcd`]).
+    pub etcd_listen: Option<std::net::SocketAddr>,
+    /// The service behind the etcd API (a deployed `etcd-kv` guest).
+    pub etcd_service: String,
 }
 
 impl NodeConfig {
@@ -83,6 +87,8 @@ impl NodeConfig {
             snapshots: SnapshotLimits::default(),
             api: ApiLimits::default(),
             metrics_listen: None,
+            etcd_listen: None,
+            etcd_service: "etcd".to_owned(),
         }
     }
 }
@@ -112,6 +118,7 @@ pub struct Node {
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     auditor: Option<JoinHandle<()>>,
     metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
+    etcd: Option<(std::net::SocketAddr, JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -220,6 +227,34 @@ impl Node {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| NodeError::Raft(format!("reflection: {e}")))?;
+        let etcd = match config.etcd_listen {
+            None => None,
+            Some(at) => {
+                let l = TcpListener::bind(at).await?;
+                let bound = l.local_addr()?;
+                let kv = crate::etcd::EtcdKv::new(
+                    api.clone(),
+                    raft.clone(),
+                    identity.clone(),
+                    config.etcd_service.clone(),
+                );
+                let task = tokio::spawn(async move {
+                    let served = tonic::transport::Server::builder()
+                        .tcp_nodelay(true)
+                        .add_service(
+                            crate::pb::etcd::kv_server::KvServer::new(kv)
+                                .max_decoding_message_size(api_max)
+                                .max_encoding_message_size(api_max),
+                        )
+                        .serve_with_incoming(incoming(l))
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "the etcd endpoint stopped");
+                    }
+                });
+                Some((bound, task))
+            }
+        };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
@@ -270,6 +305,7 @@ impl Node {
             server: Some(server),
             auditor,
             metrics,
+            etcd,
         })
     }
 
@@ -285,6 +321,11 @@ impl Node {
     /// The id of this node's cluster, once known.
     pub fn cluster_id(&self) -> Option<String> {
         self.identity.cluster()
+    }
+
+    /// Where the etcd endpoint listens, if it was asked for.
+    pub fn etcd_addr(&self) -> Option<std::net::SocketAddr> {
+        self.etcd.as_ref().map(|(a, _)| *a)
     }
 
     /// This node's id.
@@ -393,6 +434,9 @@ impl Node {
             auditor.abort();
         }
         if let Some((_, task)) = self.metrics.take() {
+            task.abort();
+        }
+        if let Some((_, task)) = self.etcd.take() {
             task.abort();
         }
         let raft = self

@@ -2,8 +2,8 @@
 //! installed (the same workload through etcd's v3 KV API).
 
 use crate::cluster_support::{TestCluster, test_settings};
-use crate::support::{free_addr, waft_cli as waft};
-use std::process::{Child, Command, Output, Stdio};
+use crate::support::waft_cli as waft;
+use std::process::Output;
 use std::time::Duration;
 use waft_testkit::guests::EXAMPLE_KV;
 
@@ -106,45 +106,12 @@ async fn bench_measures_writes_and_reads_on_a_cluster() {
     cluster.shutdown().await;
 }
 
-/// A running etcd and its data directory (removed when dropped, after the process).
-struct Etcd(Child, #[allow(dead_code)] tempfile::TempDir);
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bench_speaks_etcds_kv_api_and_compares() {
-    if Command::new("etcd").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: etcd is not installed (apt-get install etcd-server)");
+    let Some(etcd) = crate::support::Etcd::start() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (client, peer) = (free_addr(), free_addr());
-    let child = Command::new("etcd")
-        .args(["--name", "solo", "--data-dir"])
-        .arg(dir.path().join("etcd"))
-        .args([
-            "--listen-client-urls",
-            &format!("http://{client}"),
-            "--advertise-client-urls",
-            &format!("http://{client}"),
-            "--listen-peer-urls",
-            &format!("http://{peer}"),
-            "--initial-advertise-peer-urls",
-            &format!("http://{peer}"),
-            "--initial-cluster",
-            &format!("solo=http://{peer}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn etcd");
-    let _etcd = Etcd(child, dir);
-    let etcd_addr = client;
+    };
+    let etcd_addr = etcd.addr.clone();
     let cluster = TestCluster::start(1, test_settings()).await;
     cluster.form().await;
     cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;

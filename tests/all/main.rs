@@ -12,6 +12,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod cluster_support;
+mod etcd;
 mod fuzz;
 mod hostile;
 mod hotswap;

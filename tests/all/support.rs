@@ -98,3 +98,55 @@ pub async fn waft_cli(args: &[&str]) -> std::process::Output {
     .await
     .expect("join")
 }
+
+/// A single-member etcd (Debian's etcd-server) on fresh ports, stopped and removed on drop.
+pub struct Etcd {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    /// Its client address (host:port).
+    pub addr: String,
+}
+
+impl Etcd {
+    /// Starts etcd, or says why not and returns `None` when it is not installed.
+    pub fn start() -> Option<Etcd> {
+        use std::process::{Command, Stdio};
+        if Command::new("etcd").arg("--version").output().is_err() {
+            eprintln!("SKIPPED: etcd is not installed (apt-get install etcd-server)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_addr(), free_addr());
+        let child = Command::new("etcd")
+            .args(["--name", "solo", "--data-dir"])
+            .arg(dir.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://{client}"),
+                "--advertise-client-urls",
+                &format!("http://{client}"),
+                "--listen-peer-urls",
+                &format!("http://{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://{peer}"),
+                "--initial-cluster",
+                &format!("solo=http://{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd");
+        Some(Etcd {
+            child,
+            _dir: dir,
+            addr: client,
+        })
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

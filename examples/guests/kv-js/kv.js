@@ -1,10 +1,12 @@
 // A replicated key-value store in JavaScript: the same commands, replies and snapshot bytes as
 // the Rust `kv` guest, so either can replace the other with `waft deploy` (hot-swap keeps state).
 //
-// Build (ComponentizeJS from npm; `just guest-js` does this):
+// Build (ComponentizeJS from npm):
 //
 //   npm ci --prefix examples/guests/kv-js
 //   npm run build --prefix examples/guests/kv-js     # -> examples/guests/kv-js/kv-js.wasm
+//
+// (`just guest-js` does both, writing target/guests/kv-js.wasm.)
 //
 // Commands: put KEY VALUE | get KEY | del KEY | cas KEY EXPECTED NEW | scan PREFIX
 // Queries:  get KEY | scan [PREFIX]

@@ -1,7 +1,7 @@
 """A replicated key-value store in Python: the same commands, replies and snapshot bytes as the
 Rust `kv` guest, so either can replace the other with `waft deploy` (hot-swap keeps the state).
 
-Build (componentize-py from PyPI; `just guest-python` does this):
+Build (componentize-py from PyPI; `just guest-python` does this, into target/guests/):
 
     componentize-py -d wit -w guest componentize app -p examples/guests/kv-python -o kv-python.wasm
 

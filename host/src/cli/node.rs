@@ -42,6 +42,13 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "WAFT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve etcd's v3 KV API (Range, Put, DeleteRange, Txn) on ADDR, for etcdctl and etcd
+    /// clients, backed by the service named by --etcd-service (deploy examples/guests/etcd-kv).
+    #[arg(long, env = "WAFT_ETCD_LISTEN", value_name = "ADDR")]
+    pub etcd_listen: Option<std::net::SocketAddr>,
+    /// The service behind --etcd-listen.
+    #[arg(long, default_value = "etcd", value_name = "NAME")]
+    pub etcd_service: String,
     /// Reach the peer advertised at ADVERTISED through ADDR instead (NAT, a proxy). Repeatable.
     #[arg(long, value_name = "ADVERTISED=ADDR", value_parser = parse_dial)]
     pub dial: Vec<(String, String)>,
@@ -106,6 +113,8 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<ExitCode> {
         .flatten();
     config.net.dial = args.dial.iter().cloned().collect();
     config.metrics_listen = args.metrics_listen;
+    config.etcd_listen = args.etcd_listen;
+    config.etcd_service = args.etcd_service.clone();
     let node = Node::start(config, listener).await?;
     eprintln!(
         "waft node {} serving on {} (data in {})",
@@ -113,6 +122,12 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<ExitCode> {
         node.addr(),
         args.data_dir.display()
     );
+    if let Some(at) = node.etcd_addr() {
+        eprintln!(
+            "waft node {} serves the etcd v3 KV API on {at} (service {:?})",
+            args.id, args.etcd_service
+        );
+    }
     if let Some(seed) = &args.join
         && let Err(e) = join(seed, args.id, node.addr()).await
     {

@@ -394,6 +394,15 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
             dir.join(format!("{name}-faults.txt")),
             faults.log.join("\n"),
         );
+        if !agreed {
+            // Did the logs differ, or did the same log apply differently?
+            for i in 0..cluster.len() {
+                cluster.kill(i);
+            }
+            let report = compare_logs(&cluster).await;
+            eprintln!("{}", report.lines().take(20).collect::<Vec<_>>().join("\n"));
+            let _ = std::fs::write(dir.join(format!("{name}-log-diff.txt")), report);
+        }
         eprintln!("node logs and faults kept in {}", dir.display());
     }
     assert!(
@@ -418,6 +427,63 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     if matches!(nemesis, Nemesis::SnapshotCatchUp) {
         assert!(received > 0, "a restarted follower caught up by snapshot");
     }
+}
+
+/// Reads every node's Raft log (the nodes must be stopped) and reports where they differ.
+async fn compare_logs(c: &ProcCluster) -> String {
+    use openraft::storage::RaftLogReader;
+    let mut logs = Vec::new();
+    for i in 0..c.len() {
+        let path = c.data_dir(i).join("log.redb");
+        let entries = match waft::storage::LogStore::open(&path) {
+            Ok(mut store) => store.try_get_log_entries(0..).await.unwrap_or_default(),
+            Err(e) => return format!("cannot open {}: {e}", path.display()),
+        };
+        logs.push(
+            entries
+                .into_iter()
+                .map(|e| (e.log_id.index, format!("{:?} {:?}", e.log_id, e.payload)))
+                .collect::<std::collections::BTreeMap<u64, String>>(),
+        );
+    }
+    let mut out = Vec::new();
+    let indexes: std::collections::BTreeSet<u64> =
+        logs.iter().flat_map(|l| l.keys().copied()).collect();
+    for index in &indexes {
+        let seen: Vec<Option<&String>> = logs.iter().map(|l| l.get(index)).collect();
+        let present: Vec<&String> = seen.iter().flatten().copied().collect();
+        if present.windows(2).any(|w| w[0] != w[1]) {
+            out.push(format!("index {index} differs:"));
+            for (n, e) in seen.iter().enumerate() {
+                out.push(format!(
+                    "  node {}: {}",
+                    n + 1,
+                    e.map_or("-", |s| s.as_str())
+                ));
+            }
+        }
+    }
+    let lens: Vec<String> = logs
+        .iter()
+        .enumerate()
+        .map(|(n, l)| {
+            format!(
+                "node {}: {}..={}",
+                n + 1,
+                l.keys().next().unwrap_or(&0),
+                l.keys().last().unwrap_or(&0)
+            )
+        })
+        .collect();
+    if out.is_empty() {
+        out.push(format!(
+            "the logs agree wherever they overlap ({})",
+            lens.join(", ")
+        ));
+    } else {
+        out.insert(0, format!("logs: {}", lens.join(", ")));
+    }
+    out.join("\n")
 }
 
 fn count_in_logs(c: &ProcCluster, needle: &str) -> usize {

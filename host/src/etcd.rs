@@ -1,0 +1,225 @@
+//! An etcd v3 compatible KV endpoint (`waft node --etcd-listen ADDR`): etcd's `KV` gRPC service
+//! (Range, Put, DeleteRange, Txn) in front of a guest that implements etcd's semantics
+//! (`examples/guests/etcd-kv`, deployed as the service named by `--etcd-service`, "etcd" by
+//! default). `etcdctl` and etcd's client libraries work against it unchanged.
+//!
+//! Each call becomes a waft command or query through this node's own API, so it is replicated,
+//! forwarded to the leader, limited and retried like any other: writes (puts, deletes and
+//! transactions that write) are log entries; a range is a linearizable query, or a stale one
+//! when the client asks for a serializable read; a transaction that only reads is a query.
+//! The guest answers with etcd's response message and revision; this endpoint adds the header's
+//! cluster id, member id and Raft term. Errors keep etcd's gRPC codes and wording.
+//!
+//! Not served: Watch, Lease, Cluster, Maintenance and Auth (UNIMPLEMENTED), reads at an older
+//! revision (no history is kept: OUT_OF_RANGE, "compacted"), puts with a lease (NOT_FOUND).
+
+use crate::api::Api;
+use crate::pb::api::{self as wapi, waft_server::Waft};
+use crate::pb::etcd::kv_server::Kv;
+use crate::pb::etcd::*;
+use crate::raft::Raft;
+use openraft::async_runtime::WatchReceiver;
+use prost::Message;
+use std::sync::Arc;
+use tonic::{Code, Request, Response, Status};
+
+/// The etcd KV service of one node.
+#[derive(Clone)]
+pub struct EtcdKv {
+    api: Api,
+    raft: Raft,
+    identity: Arc<crate::raft::Identity>,
+    service: String,
+}
+
+impl std::fmt::Debug for EtcdKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdKv")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a guest refusal (`CODE|message`) to the status etcd would send.
+fn refusal(text: &str) -> Status {
+    let (code, msg) = text.split_once('|').unwrap_or(("Unknown", text));
+    let code = match code {
+        "InvalidArgument" => Code::InvalidArgument,
+        "NotFound" => Code::NotFound,
+        "OutOfRange" => Code::OutOfRange,
+        "FailedPrecondition" => Code::FailedPrecondition,
+        _ => Code::Unknown,
+    };
+    Status::new(code, msg.to_owned())
+}
+
+impl EtcdKv {
+    /// The endpoint of the node serving `api`, backed by the guest deployed as `service`.
+    pub fn new(
+        api: Api,
+        raft: Raft,
+        identity: Arc<crate::raft::Identity>,
+        service: String,
+    ) -> EtcdKv {
+        EtcdKv {
+            api,
+            raft,
+            identity,
+            service,
+        }
+    }
+
+    fn missing(&self, status: Status) -> Status {
+        if status.code() == Code::NotFound && status.message().starts_with("no service named") {
+            Status::unavailable(format!(
+                "etcdserver: waft has no service {:?} to serve the etcd API; deploy \
+                 examples/guests/etcd-kv under that name",
+                self.service
+            ))
+        } else {
+            status
+        }
+    }
+
+    fn payload(tag: u8, request: &impl Message) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + request.encoded_len());
+        out.push(tag);
+        request
+            .encode(&mut out)
+            .expect("a Vec grows to fit any message");
+        out
+    }
+
+    async fn write(&self, tag: u8, request: &impl Message) -> Result<Vec<u8>, Status> {
+        let reply = self
+            .api
+            .submit(Request::new(wapi::SubmitRequest {
+                service: self.service.clone(),
+                payload: Self::payload(tag, request),
+                client_id: 0,
+                sequence: 0,
+            }))
+            .await
+            .map_err(|s| self.missing(s))?
+            .into_inner();
+        match reply.outcome {
+            Some(wapi::submit_reply::Outcome::Ok(bytes)) => Ok(bytes),
+            Some(wapi::submit_reply::Outcome::Rejected(m)) => Err(refusal(&m)),
+            Some(wapi::submit_reply::Outcome::Trapped(m)) => Err(Status::internal(format!(
+                "etcdserver: the etcd guest trapped: {m}"
+            ))),
+            None => Err(Status::internal("empty reply from waft")),
+        }
+    }
+
+    async fn read(
+        &self,
+        tag: u8,
+        request: &impl Message,
+        serializable: bool,
+    ) -> Result<Vec<u8>, Status> {
+        let consistency = if serializable {
+            wapi::Consistency::Stale
+        } else {
+            wapi::Consistency::Linearizable
+        };
+        let reply = self
+            .api
+            .query(Request::new(wapi::QueryRequest {
+                service: self.service.clone(),
+                payload: Self::payload(tag, request),
+                consistency: consistency as i32,
+            }))
+            .await
+            .map_err(|s| self.missing(s))?
+            .into_inner();
+        match reply.outcome {
+            Some(wapi::query_reply::Outcome::Ok(bytes)) => Ok(bytes),
+            Some(wapi::query_reply::Outcome::Rejected(m)) => Err(refusal(&m)),
+            Some(wapi::query_reply::Outcome::Trapped(m)) => Err(Status::internal(format!(
+                "etcdserver: the etcd guest trapped: {m}"
+            ))),
+            None => Err(Status::internal("empty reply from waft")),
+        }
+    }
+
+    /// The guest's response with the header completed.
+    fn finish<M: Message + Default>(
+        &self,
+        bytes: Vec<u8>,
+        header: impl FnOnce(&mut M) -> &mut Option<ResponseHeader>,
+    ) -> Result<Response<M>, Status> {
+        let mut msg = M::decode(bytes.as_slice())
+            .map_err(|e| Status::internal(format!("the etcd guest's reply is malformed: {e}")))?;
+        let h = header(&mut msg).get_or_insert_with(ResponseHeader::default);
+        // etcd's ids are 64-bit; ours is 128: its first half names the cluster.
+        h.cluster_id = self
+            .identity
+            .cluster()
+            .and_then(|id| u64::from_str_radix(&id[..16], 16).ok())
+            .unwrap_or(0);
+        h.member_id = member_id(self.identity.cluster().as_deref(), self.identity.node());
+        h.raft_term = self.raft.metrics().borrow_watched().current_term;
+        Ok(Response::new(msg))
+    }
+}
+
+/// etcd's member id for a node: never 0 (etcd clients read 0 as "unset"), stable, distinct per
+/// node of a cluster. Like etcd, derived by hashing (here the cluster id and the node id).
+pub fn member_id(cluster: Option<&str>, node: u64) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(cluster.unwrap_or("").as_bytes())
+        .chain_update(node.to_be_bytes())
+        .finalize();
+    let id = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    id.max(1)
+}
+
+/// Whether a transaction only reads (then it is served as a query, off the log).
+fn read_only(t: &TxnRequest) -> bool {
+    use request_op::Request as Op;
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(Op::RequestRange(_)) => true,
+            Some(Op::RequestTxn(nested)) => read_only(nested),
+            _ => false,
+        })
+}
+
+#[tonic::async_trait]
+impl Kv for EtcdKv {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
+        let r = request.into_inner();
+        let bytes = self.read(b'R', &r, r.serializable).await?;
+        self.finish(bytes, |m: &mut RangeResponse| &mut m.header)
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let bytes = self.write(b'P', request.get_ref()).await?;
+        self.finish(bytes, |m: &mut PutResponse| &mut m.header)
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let bytes = self.write(b'D', request.get_ref()).await?;
+        self.finish(bytes, |m: &mut DeleteRangeResponse| &mut m.header)
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let t = request.into_inner();
+        let bytes = if read_only(&t) {
+            self.read(b'T', &t, false).await?
+        } else {
+            self.write(b'T', &t).await?
+        };
+        self.finish(bytes, |m: &mut TxnResponse| &mut m.header)
+    }
+}

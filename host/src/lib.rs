@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod etcd;
 pub mod metrics;

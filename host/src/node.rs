@@ -72,6 +72,8 @@ pub struct NodeConfig {
     pub etcd_listen: Option<std::net::SocketAddr>,
     /// The service behind the etcd API (a deployed `etcd-kv` guest).
     pub etcd_service: String,
+    /// Tokens callers and peers must present (see [`crate::auth`]); none by default.
+    pub tokens: crate::auth::Tokens,
 }
 
 impl NodeConfig {
@@ -89,6 +91,7 @@ impl NodeConfig {
             metrics_listen: None,
             etcd_listen: None,
             etcd_service: "etcd".to_owned(),
+            tokens: crate::auth::Tokens::default(),
         }
     }
 }
@@ -189,7 +192,10 @@ impl Node {
                 .validate()
                 .map_err(|e| NodeError::Raft(e.to_string()))?,
         );
-        let identity = Arc::new(Identity::load(config.id, &config.data_dir)?);
+        let identity = Arc::new(
+            Identity::load(config.id, &config.data_dir)?
+                .with_cluster_token(config.tokens.cluster.clone()),
+        );
         let network = NetworkFactory::new(config.net.clone(), identity.clone());
         let raft = Raft::new(config.id, raft_config, network.clone(), log, sm)
             .await
@@ -210,7 +216,8 @@ impl Node {
             network,
             config.api.clone(),
         )
-        .with_snapshot_dir(snapshot_dir.clone());
+        .with_snapshot_dir(snapshot_dir.clone())
+        .with_tokens(config.tokens.clone());
         // Client messages: a payload, or a deploy chunk, plus framing.
         let api_max = config.api.max_payload_bytes.max(max_module) + (64 << 10);
         let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -5,6 +5,7 @@
 
 mod api;
 mod audit;
+mod auth;
 mod backup;
 mod bad_input;
 mod bench;

@@ -20,6 +20,8 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming}
 
 const FORWARDED: &str = "waft-forwarded";
 
+use crate::auth::{Role, Tokens};
+
 /// Limits on client requests.
 #[derive(Debug, Clone)]
 pub struct ApiLimits {
@@ -49,6 +51,7 @@ pub struct Api {
     peers: NetworkFactory,
     limits: ApiLimits,
     snapshot_dir: std::path::PathBuf,
+    tokens: Arc<Tokens>,
 }
 
 impl std::fmt::Debug for Api {
@@ -145,8 +148,16 @@ fn write_error(
 impl Api {
     /// Wraps a request this node forwards to the leader: marked as forwarded (so it is not
     /// forwarded again) with this node's cluster id (so a stranger refuses it).
-    fn mark<T>(&self, msg: T) -> GrpcRequest<T> {
+    fn mark<T>(
+        &self,
+        auth: &Option<tonic::metadata::AsciiMetadataValue>,
+        msg: T,
+    ) -> GrpcRequest<T> {
         let mut req = GrpcRequest::new(msg);
+        if let Some(token) = auth {
+            req.metadata_mut()
+                .insert(crate::auth::HEADER, token.clone());
+        }
         let value = self
             .peers
             .identity()
@@ -155,6 +166,22 @@ impl Api {
             .unwrap_or(tonic::metadata::MetadataValue::from_static("1"));
         req.metadata_mut().insert(FORWARDED, value);
         req
+    }
+
+    /// Checks the caller's token for a call that needs `role`; returns the header to forward.
+    #[allow(clippy::result_large_err)]
+    fn authorize<T>(
+        &self,
+        request: &GrpcRequest<T>,
+        role: Role,
+    ) -> Result<Option<tonic::metadata::AsciiMetadataValue>, Status> {
+        self.tokens.check(request.metadata(), role)
+    }
+
+    /// Requires tokens (see [`crate::auth`]).
+    pub fn with_tokens(mut self, tokens: Tokens) -> Api {
+        self.tokens = Arc::new(tokens);
+        self
     }
 
     /// The API of the node with this Raft handle and state.
@@ -176,6 +203,7 @@ impl Api {
             peers,
             limits,
             snapshot_dir: std::path::PathBuf::new(),
+            tokens: Arc::default(),
         }
     }
 
@@ -486,6 +514,7 @@ impl waft_server::Waft for Api {
         &self,
         request: GrpcRequest<api::SubmitRequest>,
     ) -> Result<GrpcResponse<api::SubmitReply>, Status> {
+        let auth = self.authorize(&request, Role::Client)?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
         self.check_payload(req.payload.len())?;
@@ -504,7 +533,9 @@ impl waft_server::Waft for Api {
         };
         match self.write(entry, fwd).await? {
             Ok((index, response)) => Ok(GrpcResponse::new(submit_reply(index, response)?)),
-            Err(Route::Leader(addr)) => self.waft_client(&addr)?.submit(self.mark(req)).await,
+            Err(Route::Leader(addr)) => {
+                self.waft_client(&addr)?.submit(self.mark(&auth, req)).await
+            }
             Err(Route::Here) => Err(no_leader()),
         }
     }
@@ -513,6 +544,7 @@ impl waft_server::Waft for Api {
         &self,
         request: GrpcRequest<api::QueryRequest>,
     ) -> Result<GrpcResponse<api::QueryReply>, Status> {
+        let auth = self.authorize(&request, Role::Client)?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
         self.check_payload(req.payload.len())?;
@@ -531,7 +563,7 @@ impl waft_server::Waft for Api {
             && let Err(e) = self.raft.ensure_linearizable(policy).await
         {
             return match route_of(&e, fwd)? {
-                Route::Leader(addr) => self.waft_client(&addr)?.query(self.mark(req)).await,
+                Route::Leader(addr) => self.waft_client(&addr)?.query(self.mark(&auth, req)).await,
                 Route::Here => Err(no_leader()),
             };
         }
@@ -555,6 +587,7 @@ impl waft_server::Waft for Api {
         &self,
         request: GrpcRequest<Streaming<api::DeployChunk>>,
     ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
         let mut input = request.into_inner();
         let max = self.runtime.limits().max_module_bytes;
@@ -603,7 +636,7 @@ impl waft_server::Waft for Api {
             let chunks = crate::pb::deploy_chunks_with(header, &module);
             return self
                 .waft_client(&addr)?
-                .deploy(self.mark(futures::stream::iter(chunks)))
+                .deploy(self.mark(&auth, futures::stream::iter(chunks)))
                 .await;
         }
         let limits = crate::raft::types::ServiceLimits {
@@ -640,10 +673,14 @@ impl waft_server::Waft for Api {
         &self,
         request: GrpcRequest<api::RollbackRequest>,
     ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
         if let Route::Leader(addr) = self.leader_route(fwd).await? {
-            return self.waft_client(&addr)?.rollback(self.mark(req)).await;
+            return self
+                .waft_client(&addr)?
+                .rollback(self.mark(&auth, req))
+                .await;
         }
         let to = (req.to_version != 0).then_some(req.to_version);
         if !self.state.services().iter().any(|s| s.name == req.service) {
@@ -675,8 +712,9 @@ impl waft_server::Waft for Api {
 
     async fn list_services(
         &self,
-        _request: GrpcRequest<api::ListServicesRequest>,
+        request: GrpcRequest<api::ListServicesRequest>,
     ) -> Result<GrpcResponse<api::ListServicesReply>, Status> {
+        self.authorize(&request, Role::Client)?;
         let sizes = self.state.service_states().await.unwrap_or_default();
         let services = self
             .state
@@ -746,6 +784,7 @@ impl cluster_server::Cluster for Api {
         &self,
         request: GrpcRequest<api::BackupRequest>,
     ) -> Result<GrpcResponse<BackupStream>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
         match self.leader_route(fwd).await? {
             Route::Here => {
@@ -759,7 +798,7 @@ impl cluster_server::Cluster for Api {
                 let upstream = self
                     .cluster_client(&addr)?
                     .max_decoding_message_size(usize::MAX)
-                    .backup(self.mark(api::BackupRequest {}))
+                    .backup(self.mark(&auth, api::BackupRequest {}))
                     .await?
                     .into_inner();
                 Ok(GrpcResponse::new(Box::pin(upstream)))
@@ -771,6 +810,7 @@ impl cluster_server::Cluster for Api {
         &self,
         request: GrpcRequest<Streaming<api::BackupChunk>>,
     ) -> Result<GrpcResponse<api::RestoreReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         use api::backup_chunk::Kind;
         let fwd = forwarded(&request);
         let mut input = request.into_inner();
@@ -815,7 +855,7 @@ impl cluster_server::Cluster for Api {
             return self
                 .cluster_client(&addr)?
                 .max_encoding_message_size(usize::MAX)
-                .restore(self.mark(futures::stream::iter(chunks)))
+                .restore(self.mark(&auth, futures::stream::iter(chunks)))
                 .await;
         }
         // Validate before proposing: a backup that does not load never reaches the log.
@@ -848,6 +888,7 @@ impl cluster_server::Cluster for Api {
         &self,
         request: GrpcRequest<api::InitRequest>,
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        self.authorize(&request, Role::Admin)?;
         let req = request.into_inner();
         let mut members: BTreeMap<NodeId, RaftNode> = req
             .members
@@ -893,6 +934,7 @@ impl cluster_server::Cluster for Api {
         &self,
         request: GrpcRequest<api::AddLearnerRequest>,
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
         if req.addr.is_empty() {
@@ -911,7 +953,7 @@ impl cluster_server::Cluster for Api {
             )
             .await;
         self.membership_outcome(result, fwd, |mut c| async move {
-            c.add_learner(self.mark(req)).await
+            c.add_learner(self.mark(&auth, req)).await
         })
         .await
     }
@@ -920,6 +962,7 @@ impl cluster_server::Cluster for Api {
         &self,
         request: GrpcRequest<api::ChangeMembershipRequest>,
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
         let change = match (req.voters.is_empty(), req.add_voters.is_empty()) {
@@ -938,7 +981,7 @@ impl cluster_server::Cluster for Api {
         };
         let result = self.raft.change_membership(change, req.retain).await;
         self.membership_outcome(result, fwd, |mut c| async move {
-            c.change_membership(self.mark(req)).await
+            c.change_membership(self.mark(&auth, req)).await
         })
         .await
     }
@@ -947,6 +990,7 @@ impl cluster_server::Cluster for Api {
         &self,
         request: GrpcRequest<api::RemoveNodeRequest>,
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
         let m = self.metrics();
@@ -973,7 +1017,7 @@ impl cluster_server::Cluster for Api {
         // `retain = false`: a removed voter leaves the cluster, it is not kept as a learner.
         let result = self.raft.change_membership(change, false).await;
         self.membership_outcome(result, fwd, |mut c| async move {
-            c.remove_node(self.mark(req)).await
+            c.remove_node(self.mark(&auth, req)).await
         })
         .await
     }
@@ -982,6 +1026,7 @@ impl cluster_server::Cluster for Api {
         &self,
         request: GrpcRequest<api::TransferLeaderRequest>,
     ) -> Result<GrpcResponse<api::TransferLeaderReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
         let m = self.metrics();
@@ -1007,7 +1052,7 @@ impl cluster_server::Cluster for Api {
             }
             Route::Leader(addr) => {
                 self.cluster_client(&addr)?
-                    .transfer_leader(self.mark(req))
+                    .transfer_leader(self.mark(&auth, req))
                     .await
             }
         }
@@ -1015,8 +1060,9 @@ impl cluster_server::Cluster for Api {
 
     async fn status(
         &self,
-        _request: GrpcRequest<api::StatusRequest>,
+        request: GrpcRequest<api::StatusRequest>,
     ) -> Result<GrpcResponse<api::StatusReply>, Status> {
+        self.authorize(&request, Role::Client)?;
         let m = self.metrics();
         let leader_addr = m
             .current_leader
@@ -1048,6 +1094,7 @@ impl cluster_server::Cluster for Api {
         &self,
         request: GrpcRequest<api::AuditRequest>,
     ) -> Result<GrpcResponse<api::AuditReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
         match crate::audit::audit_now(&self.raft).await {
             Ok(o) => Ok(GrpcResponse::new(api::AuditReply {
@@ -1071,7 +1118,7 @@ impl cluster_server::Cluster for Api {
                 match route_of(&e, fwd)? {
                     Route::Leader(addr) => {
                         self.cluster_client(&addr)?
-                            .audit(self.mark(api::AuditRequest {}))
+                            .audit(self.mark(&auth, api::AuditRequest {}))
                             .await
                     }
                     Route::Here => Err(no_leader()),
@@ -1084,8 +1131,9 @@ impl cluster_server::Cluster for Api {
 
     async fn trigger_snapshot(
         &self,
-        _request: GrpcRequest<api::TriggerSnapshotRequest>,
+        request: GrpcRequest<api::TriggerSnapshotRequest>,
     ) -> Result<GrpcResponse<api::TriggerSnapshotReply>, Status> {
+        self.authorize(&request, Role::Admin)?;
         self.raft
             .trigger()
             .snapshot()

@@ -145,7 +145,7 @@ impl BenchResult {
 
 /// One request kind, ready to send.
 enum Conn {
-    Waft(WaftClient<Channel>),
+    Waft(WaftClient<super::client::Conn>),
     Etcd(KvClient<Channel>),
 }
 
@@ -283,7 +283,7 @@ pub async fn run_bench(
         let ch = channels[i % connections].clone();
         let mut conn = match target {
             Target::Waft => Conn::Waft(
-                WaftClient::new(ch)
+                WaftClient::new(super::client::authorized(ch))
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20),
             ),

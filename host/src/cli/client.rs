@@ -32,6 +32,51 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// The token to present (see `waft node --token`); for `waft node`, the cluster token it
+    /// requires of admin calls and peers.
+    #[arg(long, global = true, env = "WAFT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// The token every connection of this process presents, set once from `--token`.
+static TOKEN: std::sync::OnceLock<Option<tonic::metadata::AsciiMetadataValue>> =
+    std::sync::OnceLock::new();
+
+/// Records the token to present on every call.
+pub fn use_token(token: Option<&str>) -> anyhow::Result<()> {
+    let value = token
+        .map(crate::auth::bearer)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+    let _ = TOKEN.set(value);
+    Ok(())
+}
+
+/// Adds the process's token to every request.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request
+                .metadata_mut()
+                .insert(crate::auth::HEADER, v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to a node that presents the process's token.
+pub type Conn = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// Wraps a channel so it presents the process's token.
+pub fn authorized(channel: Channel) -> Conn {
+    let token = TOKEN.get().cloned().flatten();
+    tonic::service::interceptor::InterceptedService::new(channel, Bearer(token))
 }
 
 /// Arguments of `waft submit`.
@@ -136,7 +181,7 @@ pub enum ClusterCommand {
     Audit,
 }
 
-async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+async fn channel(endpoint: &str) -> anyhow::Result<Conn> {
     let uri = if endpoint.contains("://") {
         endpoint.to_owned()
     } else {
@@ -147,6 +192,7 @@ async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
+        .map(authorized)
         .with_context(|| format!("cannot reach a waft node at {endpoint} (is it running? set --endpoint or WAFT_ENDPOINT)"))
 }
 
@@ -620,7 +666,7 @@ fn audit_verdict(audit: &api::AuditStatus, index: u64) -> (&'static str, String)
     }
 }
 
-async fn audit(client: &ClientArgs, c: &mut ClusterClient<Channel>) -> anyhow::Result<ExitCode> {
+async fn audit(client: &ClientArgs, c: &mut ClusterClient<Conn>) -> anyhow::Result<ExitCode> {
     let reply = retrying(|| {
         let mut c = c.clone();
         async move { c.audit(api::AuditRequest {}).await }
@@ -640,7 +686,7 @@ async fn audit(client: &ClientArgs, c: &mut ClusterClient<Channel>) -> anyhow::R
         // Each node compares when it applies the report entry: wait for that, briefly.
         let mut verdict = ("unreachable", String::new());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut node: Option<ClusterClient<Channel>> = None;
+        let mut node: Option<ClusterClient<Conn>> = None;
         while std::time::Instant::now() < deadline {
             if node.is_none() {
                 node = channel(&m.addr).await.ok().map(ClusterClient::new);

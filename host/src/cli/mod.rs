@@ -146,8 +146,9 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Result<ExitCode> {
+    client::use_token(client.token.as_deref())?;
     match command {
-        Command::Node(args) => node::node(&args).await,
+        Command::Node(args) => node::node(&args, client.token.clone()).await,
         Command::Dev(args) => node::dev(&args).await,
         Command::Deploy(args) => client::deploy(client, &args).await,
         Command::Submit(args) => client::submit(client, &args).await,

@@ -46,6 +46,15 @@ pub struct NodeArgs {
     /// clients, backed by the service named by --etcd-service (deploy examples/guests/etcd-kv).
     #[arg(long, env = "WAFT_ETCD_LISTEN", value_name = "ADDR")]
     pub etcd_listen: Option<std::net::SocketAddr>,
+    /// Require this token of submit, query, services and status (the cluster token, --token,
+    /// is accepted too). Without it those calls are open.
+    #[arg(
+        long,
+        env = "WAFT_CLIENT_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub client_token: Option<String>,
     /// The service behind --etcd-listen.
     #[arg(long, default_value = "etcd", value_name = "NAME")]
     pub etcd_service: String,
@@ -100,7 +109,7 @@ async fn shutdown_signal() {
 }
 
 /// `waft node`.
-pub async fn node(args: &NodeArgs) -> anyhow::Result<ExitCode> {
+pub async fn node(args: &NodeArgs, token: Option<String>) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -115,6 +124,10 @@ pub async fn node(args: &NodeArgs) -> anyhow::Result<ExitCode> {
     config.metrics_listen = args.metrics_listen;
     config.etcd_listen = args.etcd_listen;
     config.etcd_service = args.etcd_service.clone();
+    config.tokens = crate::auth::Tokens {
+        cluster: token,
+        client: args.client_token.clone(),
+    };
     let node = Node::start(config, listener).await?;
     eprintln!(
         "waft node {} serving on {} (data in {})",
@@ -158,7 +171,7 @@ async fn join(seed: &str, id: u64, addr: &str) -> anyhow::Result<()> {
         .connect()
         .await
         .with_context(|| format!("cannot reach {seed}"))?;
-    let mut cluster = ClusterClient::new(channel);
+    let mut cluster = ClusterClient::new(super::client::authorized(channel));
     let status = cluster.status(api::StatusRequest {}).await?.into_inner();
     if status.members.iter().any(|m| m.id == id && m.voter) {
         eprintln!("node {id} is already a voter; nothing to join");

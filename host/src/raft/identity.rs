@@ -31,6 +31,8 @@ pub struct Identity {
     node: NodeId,
     file: PathBuf,
     cluster: Mutex<Option<String>>,
+    /// The cluster token (see [`crate::auth`]): sent with, and required on, Raft messages.
+    tokens: crate::auth::Tokens,
 }
 
 fn valid(id: &str) -> bool {
@@ -63,7 +65,14 @@ impl Identity {
             node,
             file,
             cluster: Mutex::new(cluster),
+            tokens: crate::auth::Tokens::default(),
         })
+    }
+
+    /// Sends `token` with every Raft message and requires it on incoming ones.
+    pub fn with_cluster_token(mut self, token: Option<String>) -> Identity {
+        self.tokens.cluster = token;
+        self
     }
 
     /// This node's id.
@@ -113,6 +122,11 @@ impl Identity {
     /// Adds this node's cluster id and the target node to an outgoing request.
     pub fn stamp(&self, metadata: &mut MetadataMap, target: NodeId) {
         metadata.insert(TARGET_HEADER, MetadataValue::from(target));
+        if let Some(token) = &self.tokens.cluster
+            && let Ok(v) = crate::auth::bearer(token)
+        {
+            metadata.insert(crate::auth::HEADER, v);
+        }
         if let Some(id) = self.cluster()
             && let Ok(v) = id.parse()
         {
@@ -124,6 +138,7 @@ impl Identity {
     /// node's cluster (adopting the sender's cluster if this node has none yet).
     #[allow(clippy::result_large_err)]
     pub fn admit(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        self.tokens.check_peer(metadata)?;
         if let Some(target) = metadata.get(TARGET_HEADER) {
             let target = target.to_str().ok().and_then(|t| t.parse::<NodeId>().ok());
             if target != Some(self.node) {

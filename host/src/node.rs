@@ -185,6 +185,12 @@ impl Node {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every),
             max_in_snapshot_log_to_keep: config.raft.keep_after_snapshot,
             install_snapshot_timeout: config.net.snapshot_deadline.as_millis() as u64,
+            // A leader that restarts must win a new election, in a new term. With openraft's
+            // default (restore leadership at once, same term), a leader killed before its own
+            // log write of entry N flushed, but after followers stored N, comes back without N
+            // and proposes a different entry N under the same log id; followers take it for
+            // the one they have, and replicas diverge silently. Found by the chaos campaigns.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         let raft_config = Arc::new(

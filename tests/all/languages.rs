@@ -150,13 +150,23 @@ async fn deploy(addr: &str, service: &str, path: &str) -> api::DeployReply {
         size: module.len() as u64,
         ..Default::default()
     };
-    let chunks = waft::pb::deploy_chunks_with(header, &module);
-    client(addr)
-        .await
-        .deploy(futures::stream::iter(chunks))
-        .await
-        .unwrap_or_else(|e| panic!("deploy {path} as {service}: {e}"))
-        .into_inner()
+    // Compiling an 18 MiB component on every node of an in-process cluster on two cores can
+    // cost an election; like the CLI, retry what was refused before it was proposed.
+    for _ in 0..10 {
+        let chunks = waft::pb::deploy_chunks_with(header.clone(), &module);
+        match client(addr)
+            .await
+            .deploy(futures::stream::iter(chunks))
+            .await
+        {
+            Ok(reply) => return reply.into_inner(),
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("deploy {path} as {service}: {e}"),
+        }
+    }
+    panic!("deploy {path} as {service}: unavailable ten times");
 }
 
 async fn submit(c: &mut WaftClient<Channel>, service: &str, cmd: &str) -> Result<String, String> {

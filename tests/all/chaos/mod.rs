@@ -587,3 +587,39 @@ async fn chaos_snapshot_catch_up() {
 async fn chaos_disk_full() {
     campaign("disk-full", Nemesis::DiskFull, &[]).await;
 }
+
+/// A leader killed and restarted at once must not resume leadership in its old term: entries it
+/// had sent but not yet flushed are gone from its log, and new ones under the same log ids
+/// would be taken by followers for the ones they hold (silent divergence). The processes
+/// campaign found this; here it is on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_leader_never_reuses_its_term() {
+    let mut c = ProcCluster::start(3, &[]).await;
+    let l = c
+        .wait_leader(Duration::from_secs(20))
+        .await
+        .expect("a leader");
+    let term = c.status(l).await.expect("status").term;
+    c.kill(l);
+    c.spawn(l, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    // Watch the restarted node from its first answer until a leader is elected anew.
+    loop {
+        if let Some(s) = c.status(l).await {
+            seen.push((s.role.clone(), s.term));
+            assert!(
+                !(s.role == "leader" && s.term == term),
+                "node {} came back as leader in its old term {term}",
+                l + 1
+            );
+            if let Some(now) = c.leader().await
+                && c.status(now).await.is_some_and(|s| s.term > term)
+            {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new leader: {seen:?}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -184,9 +184,16 @@ impl TestCluster {
 
     /// Waits until every running node has applied `index`.
     pub async fn wait_applied(&self, index: u64) {
+        self.wait_applied_within(index, Duration::from_secs(30))
+            .await;
+    }
+
+    /// Like [`TestCluster::wait_applied`], with a longer patience (entries that compile big
+    /// modules on a busy machine).
+    pub async fn wait_applied_within(&self, index: u64, patience: Duration) {
         for node in self.nodes.iter().flatten() {
             node.raft()
-                .wait(Some(Duration::from_secs(30)))
+                .wait(Some(patience))
                 .applied_index_at_least(Some(index), "test waits for apply")
                 .await
                 .unwrap_or_else(|e| panic!("node {} did not apply {index}: {e}", node.id()));

@@ -138,6 +138,54 @@ pub(super) fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
     }
 }
 
+/// Lowers the calling thread's CPU priority (nice 10; on Linux it applies to one thread).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only changes the scheduling priority of the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}
+
+/// Compiles a component on a thread of its own at a lower CPU priority, and makes wasmtime's
+/// parallel compile workers (rayon's global pool) low priority as well. A large component
+/// (CPython or a JS engine inside) keeps every core busy for seconds, and on the same machine
+/// Raft's heartbeats must keep winning the CPU, or a deploy costs an election.
+fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
+    static POOL: std::sync::Once = std::sync::Once::new();
+    POOL.call_once(|| {
+        let built = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("waft-compile-{i}"))
+            .spawn_handler(|worker| {
+                let mut b = std::thread::Builder::new();
+                if let Some(name) = worker.name() {
+                    b = b.name(name.to_owned());
+                }
+                b.spawn(move || {
+                    lower_priority();
+                    worker.run();
+                })?;
+                Ok(())
+            })
+            .build_global();
+        if let Err(e) = built {
+            // Someone built the global pool first: compiling still works, at normal priority.
+            tracing::debug!(error = %e, "compiler threads keep their priority");
+        }
+    });
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("waft-compile".into())
+            .spawn_scoped(scope, || {
+                lower_priority();
+                Component::new(engine, bytes)
+            })
+            .map_err(wasmtime::Error::from)?
+            .join()
+            .unwrap_or_else(|_| Err(wasmtime::Error::msg("the compiler panicked")))
+    })
+}
+
 /// Compiles `bytes` or loads them from the disk cache, then validates and links them.
 pub(super) fn load(
     engine: &Engine,
@@ -176,7 +224,7 @@ pub(super) fn load(
     }
     let component = match component {
         Some(c) => c,
-        None => Component::new(engine, bytes).map_err(|e| LoadError::Invalid(root_message(&e)))?,
+        None => compile(engine, bytes).map_err(|e| LoadError::Invalid(root_message(&e)))?,
     };
     let (imports, exports) = inspect(engine, &component);
     check_world(&imports, &exports)?;

@@ -27,7 +27,7 @@ guest-python:
 
 # The kv guest in JavaScript (ComponentizeJS from npm) -> target/guests/kv-js.wasm.
 guest-js:
-    npm ci --prefix examples/guests/kv-js
+    npm install --no-audit --no-fund --prefix examples/guests/kv-js
     cd examples/guests/kv-js && node_modules/.bin/componentize-js kv.js --wit ../../../wit -n guest -d http fetch-event -o ../../../target/guests/kv-js.wasm
 
 # The WASM tax benchmark (guest apply vs native BTreeMap).

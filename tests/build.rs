@@ -115,7 +115,7 @@ const FOREIGN: &[Foreign] = &[
             "-o",
             "{out}",
         ],
-        install: "npm ci --prefix examples/guests/kv-js",
+        install: "npm install --prefix examples/guests/kv-js",
     },
 ];
 

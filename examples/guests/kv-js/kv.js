@@ -3,7 +3,7 @@
 //
 // Build (ComponentizeJS from npm):
 //
-//   npm ci --prefix examples/guests/kv-js
+//   npm install --prefix examples/guests/kv-js       # the versions in package-lock.json
 //   npm run build --prefix examples/guests/kv-js     # -> examples/guests/kv-js/kv-js.wasm
 //
 // (`just guest-js` does both, writing target/guests/kv-js.wasm.)

@@ -139,7 +139,15 @@ pub(crate) async fn initialize(
     identity: &Identity,
     members: std::collections::BTreeMap<NodeId, openraft::BasicNode>,
 ) -> Result<(), NodeError> {
-    identity.create()?;
+    // Only a node with empty Raft state starts a cluster (openraft refuses the others below),
+    // and only then does it get a new id.
+    if !raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?
+    {
+        identity.create()?;
+    }
     raft.initialize(members)
         .await
         .map_err(|e| NodeError::Raft(format!("cannot initialize the cluster: {e}")))

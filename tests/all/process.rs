@@ -186,3 +186,92 @@ fn three_node_processes_survive_a_leader_kill() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Three consecutive free ports, as `waft dev` numbers its nodes from a base port.
+fn consecutive_ports() -> u16 {
+    loop {
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                free_addr()
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("a port")
+            })
+            .collect();
+        if ports[1] == ports[0] + 1 && ports[2] == ports[0] + 2 {
+            return ports[0];
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waft_dev_serves_the_etcd_api_when_asked() {
+    use std::io::BufRead;
+    use waft::pb::etcd::{PutRequest, RangeRequest, kv_client::KvClient};
+    let (base, etcd) = (consecutive_ports(), consecutive_ports());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_waft"))
+        .args(["dev", "--base-port", &base.to_string(), "--etcd-base-port"])
+        .arg(etcd.to_string())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn waft dev");
+    let stdout = dev.stdout.take().expect("stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut seen = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.expect("read");
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.starts_with("Press Ctrl-C") {
+                break;
+            }
+        }
+        seen
+    })
+    .await
+    .expect("join");
+    assert!(
+        ready.contains("service `kv` (and `etcd`) deployed"),
+        "{ready}"
+    );
+    assert!(
+        ready.contains(&format!("etcdctl --endpoints=127.0.0.1:{}", etcd + 1)),
+        "{ready}"
+    );
+    let mut kv = KvClient::connect(format!("http://127.0.0.1:{}", etcd + 1))
+        .await
+        .expect("connect to a follower's etcd API");
+    let put = kv
+        .put(PutRequest {
+            key: b"from-dev".to_vec(),
+            value: b"yes".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("put")
+        .into_inner();
+    assert_eq!(put.header.expect("header").revision, 2);
+    let mut other = KvClient::connect(format!("http://127.0.0.1:{}", etcd + 2))
+        .await
+        .expect("connect");
+    let got = other
+        .range(RangeRequest {
+            key: b"from-dev".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    assert_eq!(got.kvs[0].value, b"yes");
+    // SAFETY: signalling a child process we own.
+    unsafe { libc::kill(dev.id() as i32, libc::SIGINT) };
+    let status = tokio::task::spawn_blocking(move || dev.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert!(status.success(), "waft dev exited with {status}");
+}

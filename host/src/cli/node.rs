@@ -86,6 +86,10 @@ pub struct DevArgs {
     /// The guest to deploy as service `kv` (default: the example kv guest, built if needed).
     #[arg(long)]
     pub guest: Option<PathBuf>,
+    /// Also serve etcd's v3 KV API: node i on 127.0.0.1:(PORT + i), backed by the example
+    /// etcd-kv guest deployed as service `etcd` (try `etcdctl --endpoints=127.0.0.1:PORT put a 1`).
+    #[arg(long, value_name = "PORT")]
+    pub etcd_base_port: Option<u16>,
 }
 
 async fn shutdown_signal() {
@@ -241,17 +245,19 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Finds the example kv guest, building it when it is missing.
-fn example_kv() -> anyhow::Result<Vec<u8>> {
+/// Finds an example guest (`kv`, `etcd_kv`), building the examples when it is missing.
+fn example_guest(name: &str) -> anyhow::Result<Vec<u8>> {
     let root = repo_root();
     let candidates = [
-        root.join("examples/guests/target/wasm32-wasip2/release/kv.wasm"),
-        root.join("target/guests/wasm32-wasip2/release/kv.wasm"),
+        root.join(format!(
+            "examples/guests/target/wasm32-wasip2/release/{name}.wasm"
+        )),
+        root.join(format!("target/guests/wasm32-wasip2/release/{name}.wasm")),
     ];
     if let Some(found) = candidates.iter().find(|p| p.exists()) {
         return std::fs::read(found).with_context(|| format!("cannot read {}", found.display()));
     }
-    eprintln!("building the example kv guest (first run only)...");
+    eprintln!("building the example guests (first run only)...");
     let _ = std::process::Command::new("rustup")
         .current_dir(&root)
         .args(["target", "add", "wasm32-wasip2"])
@@ -278,6 +284,33 @@ fn example_kv() -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("cannot read {}", candidates[0].display()))
 }
 
+/// Deploys `module` as `service` unless a service of that name exists (a restarted dev cluster),
+/// retrying while no leader is elected yet.
+async fn deploy_once(
+    waft: &mut WaftClient<tonic::transport::Channel>,
+    service: &str,
+    module: &[u8],
+) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let existing = waft
+            .list_services(api::ListServicesRequest {})
+            .await?
+            .into_inner();
+        if existing.services.iter().any(|s| s.name == service) {
+            return Ok(());
+        }
+        let chunks = crate::pb::deploy_chunks(service, module, false);
+        match waft.deploy(futures::stream::iter(chunks)).await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => bail!("deploying the {service} guest failed: {}", s.message()),
+        }
+    }
+    bail!("the cluster did not elect a leader in time to deploy the {service} guest")
+}
+
 /// `waft dev`.
 pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
     if args.nodes == 0 {
@@ -287,7 +320,11 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
         Some(path) => {
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
         }
-        None => example_kv()?,
+        None => example_guest("kv")?,
+    };
+    let etcd_module = match args.etcd_base_port {
+        Some(_) => Some(example_guest("etcd_kv")?),
+        None => None,
     };
     let temp = match &args.data_dir {
         Some(_) => None,
@@ -306,11 +343,12 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
         let listener = TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (pick another --base-port?)"))?;
-        let node = Node::start(
-            NodeConfig::new(i + 1, base.join(format!("node{}", i + 1))),
-            listener,
-        )
-        .await?;
+        let mut config = NodeConfig::new(i + 1, base.join(format!("node{}", i + 1)));
+        if let Some(etcd) = args.etcd_base_port {
+            let at = format!("127.0.0.1:{}", etcd as u64 + i);
+            config.etcd_listen = Some(at.parse().with_context(|| format!("bad address {at}"))?);
+        }
+        let node = Node::start(config, listener).await?;
         members.insert(
             i + 1,
             openraft::BasicNode {
@@ -334,34 +372,18 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
     let mut waft = WaftClient::new(channel)
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
-    let mut deployed = false;
-    for _ in 0..100 {
-        let existing = waft
-            .list_services(api::ListServicesRequest {})
-            .await?
-            .into_inner();
-        if existing.services.iter().any(|s| s.name == "kv") {
-            deployed = true;
-            break;
-        }
-        let chunks = crate::pb::deploy_chunks("kv", &module, false);
-        match waft.deploy(futures::stream::iter(chunks)).await {
-            Ok(_) => {
-                deployed = true;
-                break;
-            }
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(s) => bail!("deploying the kv guest failed: {}", s.message()),
-        }
-    }
-    if !deployed {
-        bail!("the cluster did not elect a leader in time to deploy the kv guest");
+    deploy_once(&mut waft, "kv", &module).await?;
+    if let Some(etcd) = &etcd_module {
+        deploy_once(&mut waft, "etcd", etcd).await?;
     }
     println!(
-        "waft dev: {} nodes, service `kv` deployed. Data in {}.",
+        "waft dev: {} nodes, service `kv`{} deployed. Data in {}.",
         nodes.len(),
+        if etcd_module.is_some() {
+            " (and `etcd`)"
+        } else {
+            ""
+        },
         base.display()
     );
     for n in &nodes {
@@ -379,6 +401,14 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
     }
     println!("  waft cluster status");
     println!("  waft services");
+    for n in &nodes {
+        if let Some(at) = n.etcd_addr() {
+            println!(
+                "  etcdctl --endpoints={at} put foo bar    # node {}'s etcd API",
+                n.id()
+            );
+        }
+    }
     println!("Press Ctrl-C to stop.");
     shutdown_signal().await;
     eprintln!("stopping {} nodes", nodes.len());

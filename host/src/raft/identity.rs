@@ -88,13 +88,11 @@ impl Identity {
             .clone()
     }
 
-    /// Gives this node a new cluster id unless it has one, for a node about to initialize a
-    /// cluster. Returns the id.
+    /// Gives this node a new cluster id, for a node about to initialize a new cluster (whose
+    /// Raft state is empty). An id it adopted from a stranger's message before is replaced:
+    /// initializing means starting a cluster of its own. Returns the id.
     pub fn create(&self) -> io::Result<String> {
         let mut cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(id) = cluster.as_ref() {
-            return Ok(id.clone());
-        }
         // Two independently seeded std hashers: 128 bits from the OS's randomness.
         let half = || {
             std::collections::hash_map::RandomState::new()

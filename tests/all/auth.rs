@@ -2,8 +2,8 @@
 //! the cluster token), Raft messages between nodes the cluster token; health stays open.
 
 use crate::cluster_support::{TestCluster, test_settings};
+use crate::support::channel;
 use crate::support::waft_cli;
-use tonic::transport::Channel;
 use waft::node::NodeConfig;
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use waft::raft::types::{TypeConfig, Vote};
@@ -17,14 +17,6 @@ fn with_tokens(c: &mut NodeConfig) {
         cluster: Some(CLUSTER.to_owned()),
         client: Some(CLIENT.to_owned()),
     };
-}
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect")
 }
 
 fn with<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {

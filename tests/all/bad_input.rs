@@ -2,6 +2,7 @@
 //! gets a clear error, the node keeps serving, and nothing changes.
 
 use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::channel;
 use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
@@ -40,14 +41,6 @@ impl Decoder for Raw {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
         Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
     }
-}
-
-async fn channel(addr: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect")
 }
 
 async fn unary(ch: &Channel, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {

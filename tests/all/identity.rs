@@ -4,21 +4,13 @@
 //! entries to a stranger, whose replicas then diverged.
 
 use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::channel;
 use std::time::Duration;
-use tonic::transport::Channel;
 use waft::node::{Node, NodeConfig};
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use waft::pb::raft::raft_client::RaftClient;
 use waft::raft::identity::{CLUSTER_HEADER, TARGET_HEADER};
 use waft::raft::types::{NodeId, TypeConfig, Vote};
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect")
-}
 
 async fn status(addr: &str) -> api::StatusReply {
     ClusterClient::new(channel(addr).await)

@@ -63,6 +63,15 @@ pub fn query(guest: &mut Guest, q: &str) -> Result<String, String> {
     text(guest.query(q.as_bytes()))
 }
 
+/// A connected gRPC channel to the node at `addr` (host:port).
+pub async fn channel(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
 /// A 127.0.0.1 address with a port that was free a moment ago, for a process that binds it
 /// later (and again after a restart).
 ///

@@ -18,3 +18,4 @@ pub mod pb;
 pub mod raft;
 pub mod runtime;
 pub mod storage;
+pub mod tls;

@@ -26,3 +26,4 @@ mod rolling;
 mod runtime;
 mod storage;
 mod support;
+mod tls;

@@ -231,14 +231,16 @@ impl Workload {
     }
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    let uri = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
+/// Connects to a node of `target`: waft endpoints take the process's TLS settings, etcd
+/// endpoints are plain unless given as `https://` URIs.
+async fn connect(target: Target, endpoint: &str) -> anyhow::Result<Channel> {
+    let e = match target {
+        Target::Etcd if !endpoint.contains("://") => {
+            Endpoint::from_shared(format!("http://{endpoint}"))?
+        }
+        _ => super::client::endpoint(endpoint)?,
     };
-    Endpoint::from_shared(uri)?
-        .connect_timeout(Duration::from_secs(3))
+    e.connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .connect()
@@ -264,7 +266,7 @@ pub async fn run_bench(
     };
     let mut channels = Vec::with_capacity(connections);
     for i in 0..connections {
-        channels.push(connect(&endpoints[i % endpoints.len()]).await?);
+        channels.push(connect(target, &endpoints[i % endpoints.len()]).await?);
     }
     let workload = Arc::new(Workload {
         keys: args.keys,

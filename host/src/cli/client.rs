@@ -36,6 +36,87 @@ pub struct ClientArgs {
     /// requires of admin calls and peers.
     #[arg(long, global = true, env = "WAFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster CA certificate (PEM): connect over TLS and trust nodes it signed. For
+    /// `waft node`, also the CA its peers' certificates must be signed by (mutual TLS).
+    #[arg(long, global = true, env = "WAFT_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A certificate (PEM) to present: a node's own (required with --tls-ca for `waft node`),
+    /// or a client's.
+    #[arg(
+        long,
+        global = true,
+        env = "WAFT_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "WAFT_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl ClientArgs {
+    /// The TLS settings these flags describe (None: plain TCP).
+    pub fn tls(&self) -> anyhow::Result<Option<crate::tls::Tls>> {
+        match &self.tls_ca {
+            None if self.tls_cert.is_some() => {
+                bail!("--tls-cert needs --tls-ca (the CA that signed the nodes' certificates)")
+            }
+            None => Ok(None),
+            Some(ca) => {
+                crate::tls::Tls::load(ca, self.tls_cert.as_deref(), self.tls_key.as_deref())
+                    .map(Some)
+                    .map_err(|e| anyhow::anyhow!("TLS: {e}"))
+            }
+        }
+    }
+}
+
+/// The TLS every connection of this process uses, set once from the flags.
+static TLS: std::sync::OnceLock<Option<crate::tls::Tls>> = std::sync::OnceLock::new();
+
+/// Records the TLS settings every connection uses.
+pub fn use_tls(tls: Option<crate::tls::Tls>) {
+    let _ = TLS.set(tls);
+}
+
+/// An endpoint for `addr` (`host:port` or a URI), over TLS when `--tls-ca` was given.
+pub fn endpoint(addr: &str) -> anyhow::Result<tonic::transport::Endpoint> {
+    let tls = TLS.get().cloned().flatten();
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else if tls.is_some() {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(uri)
+        .with_context(|| format!("bad endpoint {addr:?}"))?;
+    match tls {
+        Some(tls) => endpoint
+            .tls_config(tls.client())
+            .with_context(|| format!("TLS settings for {addr}")),
+        None => Ok(endpoint),
+    }
+}
+
+/// Words for a failed connection: the transport error's whole chain (a TLS handshake failure
+/// hides under "transport error").
+pub fn connect_error(e: &tonic::transport::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
 }
 
 /// The token every connection of this process presents, set once from `--token`.
@@ -181,19 +262,17 @@ pub enum ClusterCommand {
     Audit,
 }
 
-async fn channel(endpoint: &str) -> anyhow::Result<Conn> {
-    let uri = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    tonic::transport::Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("bad endpoint {endpoint:?}"))?
+async fn channel(addr: &str) -> anyhow::Result<Conn> {
+    endpoint(addr)?
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
         .map(authorized)
-        .with_context(|| format!("cannot reach a waft node at {endpoint} (is it running? set --endpoint or WAFT_ENDPOINT)"))
+        .map_err(|e| anyhow::anyhow!(
+            "cannot reach a waft node at {addr} (is it running? set --endpoint or WAFT_ENDPOINT; \
+             --tls-ca if it serves TLS): {}",
+            connect_error(&e)
+        ))
 }
 
 fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
@@ -211,7 +290,27 @@ fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+    let mut sources = String::new();
+    let mut next = std::error::Error::source(&s);
+    while let Some(e) = next {
+        sources.push_str(": ");
+        sources.push_str(&e.to_string());
+        next = e.source();
+    }
+    // A plain-text client talking to a TLS node sees HTTP/2 garbage or a dropped connection.
+    let hint = if TLS.get().is_none_or(Option::is_none)
+        && matches!(
+            s.code(),
+            tonic::Code::Internal | tonic::Code::Cancelled | tonic::Code::Unknown
+        )
+        && (s.message().contains("h2 protocol error")
+            || s.message().contains("operation was canceled"))
+    {
+        " (if the node serves TLS, pass --tls-ca or set WAFT_TLS_CA)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("{}{sources} ({:?}){hint}", s.message(), s.code())
 }
 
 /// Retries a call while the cluster says "unavailable" (no leader yet, leader changed).

@@ -86,6 +86,52 @@ pub enum Command {
         waft bench --endpoints 127.0.0.1:7001,127.0.0.1:7002 --compare-etcd 127.0.0.1:2379 --clients 64\n  \
         waft bench --read-ratio 0.9 --consistency lease --output json")]
     Bench(bench::BenchArgs),
+    /// Make TLS certificates: a cluster CA (created in DIR on first use) and a certificate it
+    /// signs for a node or a client, for `--tls-ca`, `--tls-cert` and `--tls-key`.
+    #[command(after_help = "Examples:\n  \
+        waft certs --dir tls --name node1 --host node1.example.com --host 10.0.0.5\n  \
+        waft certs --dir tls --name alice\n  \
+        waft node --id 1 --data-dir data/1 --tls-ca tls/ca.pem --tls-cert tls/node1.pem --tls-key tls/node1-key.pem")]
+    Certs(CertsArgs),
+}
+
+/// Arguments of `waft certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Where the CA (`ca.pem`, `ca-key.pem`) is kept and the new files are written.
+    #[arg(long, value_name = "DIR")]
+    pub dir: std::path::PathBuf,
+    /// The certificate's name: files `NAME.pem` and `NAME-key.pem`, and its common name.
+    #[arg(long)]
+    pub name: String,
+    /// A host name or IP address the certificate is valid for (repeatable; a node needs the
+    /// names peers and clients dial it by). Default: localhost, 127.0.0.1 and ::1.
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// How long the certificate (and a new CA) stays valid.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+}
+
+fn certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
+    let hosts = if args.hosts.is_empty() {
+        vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ]
+    } else {
+        args.hosts.clone()
+    };
+    let files = crate::tls::write_certs(&args.dir, &args.name, &hosts, args.days)?;
+    println!("CA           {}", files.ca.display());
+    println!(
+        "certificate  {} (for {})",
+        files.cert.display(),
+        hosts.join(", ")
+    );
+    println!("key          {}", files.key.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resource limits for a guest, as flags.
@@ -131,6 +177,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => guest::check(&args),
         Command::Exec(args) => guest::exec(&args),
+        Command::Certs(args) => certs(&args),
         command => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(run_async(&cli.client, command)),
             Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
@@ -147,9 +194,14 @@ pub fn run(cli: Cli) -> ExitCode {
 
 async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Result<ExitCode> {
     client::use_token(client.token.as_deref())?;
+    if let Command::Dev(args) = &command {
+        // It makes its own certificates with --tls, and connects with them.
+        return node::dev(args).await;
+    }
+    let tls = client.tls()?;
+    client::use_tls(tls.clone());
     match command {
-        Command::Node(args) => node::node(&args, client.token.clone()).await,
-        Command::Dev(args) => node::dev(&args).await,
+        Command::Node(args) => node::node(&args, client.token.clone(), tls).await,
         Command::Deploy(args) => client::deploy(client, &args).await,
         Command::Submit(args) => client::submit(client, &args).await,
         Command::Query(args) => client::query(client, &args).await,
@@ -159,6 +211,8 @@ async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Res
         Command::Bench(args) => bench::bench(client, &args).await,
         Command::Backup(args) => client::backup(client, &args).await,
         Command::Restore(args) => client::restore(client, &args).await,
-        Command::Check(_) | Command::Exec(_) => unreachable!("handled synchronously"),
+        Command::Check(_) | Command::Exec(_) | Command::Certs(_) | Command::Dev(_) => {
+            unreachable!("handled above")
+        }
     }
 }

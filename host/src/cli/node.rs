@@ -90,6 +90,10 @@ pub struct DevArgs {
     /// etcd-kv guest deployed as service `etcd` (try `etcdctl --endpoints=127.0.0.1:PORT put a 1`).
     #[arg(long, value_name = "PORT")]
     pub etcd_base_port: Option<u16>,
+    /// Serve TLS (mutual TLS between the nodes) with a throwaway CA and certificates made in
+    /// DATA_DIR/tls; clients then need `--tls-ca DATA_DIR/tls/ca.pem` (printed at start).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 async fn shutdown_signal() {
@@ -113,7 +117,14 @@ async fn shutdown_signal() {
 }
 
 /// `waft node`.
-pub async fn node(args: &NodeArgs, token: Option<String>) -> anyhow::Result<ExitCode> {
+pub async fn node(
+    args: &NodeArgs,
+    token: Option<String>,
+    tls: Option<crate::tls::Tls>,
+) -> anyhow::Result<ExitCode> {
+    if tls.as_ref().is_some_and(|t| !t.has_identity()) {
+        bail!("a node serving TLS needs its own certificate: add --tls-cert and --tls-key");
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -125,6 +136,7 @@ pub async fn node(args: &NodeArgs, token: Option<String>) -> anyhow::Result<Exit
         .then(|| Duration::try_from_secs_f64(args.audit_interval).ok())
         .flatten();
     config.net.dial = args.dial.iter().cloned().collect();
+    config.net.tls = tls;
     config.metrics_listen = args.metrics_listen;
     config.etcd_listen = args.etcd_listen;
     config.etcd_service = args.etcd_service.clone();
@@ -170,11 +182,13 @@ pub async fn node(args: &NodeArgs, token: Option<String>) -> anyhow::Result<Exit
 
 /// Adds this node as a learner through `seed`, then makes it a voter.
 async fn join(seed: &str, id: u64, addr: &str) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))?
+    let channel = super::client::endpoint(seed)?
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
-        .with_context(|| format!("cannot reach {seed}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach {seed}: {}", super::client::connect_error(&e))
+        })?;
     let mut cluster = ClusterClient::new(super::client::authorized(channel));
     let status = cluster.status(api::StatusRequest {}).await?.into_inner();
     if status.members.iter().any(|m| m.id == id && m.voter) {
@@ -335,6 +349,15 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
             .map(|t| t.path().to_path_buf())
             .unwrap_or_default()
     });
+    let tls = if args.tls {
+        let hosts = ["localhost", "127.0.0.1", "::1"].map(str::to_owned);
+        let files = crate::tls::write_certs(&base.join("tls"), "node", &hosts, 30)?;
+        let tls = crate::tls::Tls::load(&files.ca, Some(&files.cert), Some(&files.key))?;
+        Some((files, tls))
+    } else {
+        None
+    };
+    super::client::use_tls(tls.as_ref().map(|(_, t)| t.clone()));
     let mut nodes = Vec::new();
     let mut members = BTreeMap::new();
     for i in 0..args.nodes {
@@ -344,6 +367,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {addr} (pick another --base-port?)"))?;
         let mut config = NodeConfig::new(i + 1, base.join(format!("node{}", i + 1)));
+        config.net.tls = tls.as_ref().map(|(_, t)| t.clone());
         if let Some(etcd) = args.etcd_base_port {
             let at = format!("127.0.0.1:{}", etcd as u64 + i);
             config.etcd_listen = Some(at.parse().with_context(|| format!("bad address {at}"))?);
@@ -366,9 +390,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
     {
         nodes[0].initialize(members).await?;
     }
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{first}"))?
-        .connect()
-        .await?;
+    let channel = super::client::endpoint(&first)?.connect().await?;
     let mut waft = WaftClient::new(channel)
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
@@ -390,6 +412,14 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
         println!("  node {}  {}", n.id(), n.addr());
     }
     println!();
+    if let Some((files, _)) = &tls {
+        println!("TLS is on (mutual TLS between the nodes). Clients need the CA:");
+        println!("  export WAFT_TLS_CA={}", files.ca.display());
+        println!(
+            "  (a client certificate, if wanted: waft certs --dir {} --name me)",
+            base.join("tls").display()
+        );
+    }
     println!("Try (from another terminal):");
     println!("  waft submit --service kv 'put greeting hello'");
     println!("  waft query --service kv 'get greeting'");
@@ -403,8 +433,13 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
     println!("  waft services");
     for n in &nodes {
         if let Some(at) = n.etcd_addr() {
+            let cacert = tls
+                .as_ref()
+                .map(|(f, _)| format!(" --cacert={}", f.ca.display()))
+                .unwrap_or_default();
+            let scheme = if tls.is_some() { "https://" } else { "" };
             println!(
-                "  etcdctl --endpoints={at} put foo bar    # node {}'s etcd API",
+                "  etcdctl --endpoints={scheme}{at}{cacert} put foo bar    # node {}'s etcd API",
                 n.id()
             );
         }

@@ -40,6 +40,9 @@ pub struct NetConfig {
     /// Peers reached at another address than the one they advertise (NAT, a proxy, or a
     /// fault-injection harness): advertised address -> address to dial.
     pub dial: BTreeMap<String, String>,
+    /// TLS for every endpoint of the node and every connection it makes (mutual TLS between
+    /// nodes). None: plain TCP.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Default for NetConfig {
@@ -50,6 +53,7 @@ impl Default for NetConfig {
             snapshot_deadline: Duration::from_secs(600),
             max_message_bytes: 160 << 20,
             dial: BTreeMap::new(),
+            tls: None,
         }
     }
 }
@@ -91,8 +95,19 @@ impl NetworkFactory {
             return Ok(c.clone());
         }
         let target = self.config.dial.get(addr).map_or(addr, String::as_str);
-        let endpoint = Endpoint::from_shared(format!("http://{target}"))
-            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{target}"))
+            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+        if let Some(tls) = &self.config.tls {
+            endpoint = endpoint
+                .tls_config(tls.client())
+                .map_err(|e| format!("TLS to {addr:?}: {e}"))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -115,6 +130,7 @@ impl NetworkFactory {
             client,
             config: self.config.clone(),
             identity: self.identity.clone(),
+            failed_streams: 0,
         }
     }
 }
@@ -127,6 +143,9 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     }
 }
 
+/// The longest wait before reopening a replication stream that failed to open.
+const STREAM_RETRY_MAX: Duration = Duration::from_millis(500);
+
 /// The connection to one peer.
 pub struct PeerClient {
     target: NodeId,
@@ -134,6 +153,8 @@ pub struct PeerClient {
     client: Result<RaftClient<Channel>, String>,
     config: NetConfig,
     identity: Arc<super::Identity>,
+    /// Replication streams in a row that could not be opened (see `stream_append`).
+    failed_streams: u32,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -263,6 +284,14 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
             + 'static,
     {
         async move {
+            // openraft backs off only between requests it pulls from `input`; a stream that
+            // fails to open (peer down, connection refused) never pulls one, and openraft would
+            // retry at once, thousands of times a second, for as long as the peer is down.
+            // Wait a little, longer after each failure in a row (at most half a second).
+            if self.failed_streams > 0 {
+                let wait = Duration::from_millis(25 << self.failed_streams.min(5)).min(STREAM_RETRY_MAX);
+                tokio::time::sleep(wait).await;
+            }
             let (target, addr) = (self.target, self.addr.clone());
             // An entry that cannot be encoded ends the stream (openraft then retries); it is
             // logged, never skipped, since skipping would leave a gap in the follower's log.
@@ -276,12 +305,23 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
                 })
                 .take_while(|m| futures::future::ready(m.is_some()))
                 .filter_map(futures::future::ready);
-            let mut client = self.client()?;
-            let replies = client
-                .append(self.stamped(outgoing))
-                .await
-                .map_err(|s| self.err(&s))?
-                .into_inner();
+            let opened = match self.client() {
+                Ok(mut client) => client
+                    .append(self.stamped(outgoing))
+                    .await
+                    .map_err(|s| self.err(&s)),
+                Err(e) => Err(e),
+            };
+            let replies = match opened {
+                Ok(r) => {
+                    self.failed_streams = 0;
+                    r.into_inner()
+                }
+                Err(e) => {
+                    self.failed_streams = self.failed_streams.saturating_add(1);
+                    return Err(e);
+                }
+            };
             let results = replies.map(move |item| {
                 let msg = item.map_err(|s| rpc_error(target, &addr, &s))?;
                 pb::decode::<StreamAppendResult<TypeConfig>>(&msg).map_err(|s| rpc_error(target, &addr, &s))

@@ -41,6 +41,7 @@ pub struct RaftService {
     identity: Arc<super::Identity>,
     incoming_dir: PathBuf,
     limits: SnapshotLimits,
+    require_peer_certificate: bool,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -63,7 +64,26 @@ impl RaftService {
             identity,
             incoming_dir,
             limits,
+            require_peer_certificate: false,
         }
+    }
+
+    /// Refuses Raft messages that come over a connection without a client certificate (which
+    /// the TLS handshake has checked against the cluster CA): mutual TLS between nodes.
+    pub fn require_peer_certificate(mut self, required: bool) -> RaftService {
+        self.require_peer_certificate = required;
+        self
+    }
+
+    /// The checks every Raft message passes before openraft sees it: the peer's certificate
+    /// (under mutual TLS), then the cluster token, cluster id and target node id.
+    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.require_peer_certificate && !crate::tls::has_peer_certificate(request) {
+            return Err(Status::unauthenticated(
+                "Raft messages need mutual TLS: connect with a certificate signed by the cluster CA",
+            ));
+        }
+        self.identity.admit(request.metadata())
     }
 
     async fn receive_snapshot(
@@ -196,7 +216,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        self.identity.admit(request.metadata())?;
+        self.admit(&request)?;
         let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let resp = self
             .raft
@@ -210,7 +230,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        self.identity.admit(request.metadata())?;
+        self.admit(&request)?;
         let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let resp = self
             .raft
@@ -226,7 +246,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::raft::RaftMessage>>,
     ) -> Result<Response<AppendStream>, Status> {
-        self.identity.admit(request.metadata())?;
+        self.admit(&request)?;
         // Decoding failures end the request stream and are reported as the final status of the
         // reply stream: never dropped silently.
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
@@ -270,7 +290,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::raft::SnapshotChunk>>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        self.identity.admit(request.metadata())?;
+        self.admit(&request)?;
         let reply = self.receive_snapshot(request.into_inner()).await;
         if let Err(e) = &reply {
             tracing::warn!(error = %e, "snapshot transfer refused");
@@ -282,7 +302,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        self.identity.admit(request.metadata())?;
+        self.admit(&request)?;
         let req: TransferLeaderRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let resp = self
             .raft

@@ -16,7 +16,11 @@ fn with_etcd(c: &mut NodeConfig) {
 }
 
 /// Runs etcdctl (v3 API) against `endpoint` with `args` and optional stdin.
-async fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+pub(crate) async fn etcdctl(
+    endpoint: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String, String) {
     let mut all = vec![
         format!("--endpoints={endpoint}"),
         "--command-timeout=10s".into(),

@@ -101,7 +101,10 @@ fn three_node_processes_survive_a_leader_kill() {
     );
     eventually("node 1 leads", || leader(&addrs[..1]) == Some(1));
     nodes.0[1] = Some(spawn(2, &addrs[1], dir.path(), Some(&addrs[0])));
-    nodes.0[2] = Some(spawn(3, &addrs[2], dir.path(), Some(&addrs[0])));
+    // A seed list: a dead address first, then a host name (resolved, each address tried).
+    let port0 = addrs[0].rsplit_once(':').expect("port").1;
+    let seeds = format!("127.0.0.1:1,localhost:{port0}");
+    nodes.0[2] = Some(spawn(3, &addrs[2], dir.path(), Some(&seeds)));
     eventually("three voters", || {
         status(&addrs[0]).is_some_and(|s| {
             s["members"]

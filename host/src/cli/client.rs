@@ -86,6 +86,11 @@ pub fn use_tls(tls: Option<crate::tls::Tls>) {
     let _ = TLS.set(tls);
 }
 
+/// The client TLS settings of this process, if any.
+pub fn client_tls() -> Option<tonic::transport::ClientTlsConfig> {
+    TLS.get().cloned().flatten().map(|t| t.client())
+}
+
 /// An endpoint for `addr` (`host:port` or a URI), over TLS when `--tls-ca` was given.
 pub fn endpoint(addr: &str) -> anyhow::Result<tonic::transport::Endpoint> {
     let tls = TLS.get().cloned().flatten();

@@ -26,8 +26,11 @@ pub struct NodeArgs {
     #[arg(long, env = "WAFT_DATA_DIR")]
     pub data_dir: PathBuf,
     /// Join the cluster that the node at this address belongs to: become a learner, catch up,
-    /// then become a voter. Not needed when restarting a node that is already a member.
-    #[arg(long, env = "WAFT_JOIN")]
+    /// then become a voter. Not needed when restarting a node that is already a member. A
+    /// comma-separated list of seeds, and host names that resolve to several addresses (a
+    /// Kubernetes headless service), are tried in turn until one knows a leader (for up to a
+    /// minute: members may still be starting).
+    #[arg(long, env = "WAFT_JOIN", value_name = "HOST:PORT[,HOST:PORT...]")]
     pub join: Option<String>,
     /// Build a snapshot (and compact the log) after this many entries.
     #[arg(long, default_value_t = 10_000, value_name = "ENTRIES")]
@@ -181,16 +184,72 @@ pub async fn node(
 }
 
 /// Adds this node as a learner through `seed`, then makes it a voter.
-async fn join(seed: &str, id: u64, addr: &str) -> anyhow::Result<()> {
-    let channel = super::client::endpoint(seed)?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach {seed}: {}", super::client::connect_error(&e))
-        })?;
-    let mut cluster = ClusterClient::new(super::client::authorized(channel));
-    let status = cluster.status(api::StatusRequest {}).await?.into_inner();
+/// Every address the seeds name: each `host:port`, resolved to all its addresses (a headless
+/// service name gives every pod), paired with the host name (the TLS server name to check).
+async fn seed_addrs(seeds: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    for seed in seeds.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let host = seed
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']));
+        let named = host.filter(|h| h.parse::<std::net::IpAddr>().is_err());
+        match tokio::net::lookup_host(seed).await {
+            Ok(found) => {
+                let mut found: Vec<String> = found.map(|a| a.to_string()).collect();
+                found.sort();
+                found.dedup();
+                if found.is_empty() {
+                    out.push((seed.to_owned(), None));
+                }
+                for a in found {
+                    out.push((a, named.map(str::to_owned)));
+                }
+            }
+            Err(_) => out.push((seed.to_owned(), None)),
+        }
+    }
+    out
+}
+
+/// A connection to a member of the cluster that knows a leader, through the first of `seeds`
+/// that answers with one; retried for a minute while seeds are unreachable or leaderless.
+async fn find_member(
+    seeds: &str,
+) -> anyhow::Result<(ClusterClient<super::client::Conn>, api::StatusReply)> {
+    let mut last = String::from("no seed address given");
+    for _ in 0..60 {
+        for (addr, name) in seed_addrs(seeds).await {
+            let mut e = super::client::endpoint(&addr)?.connect_timeout(Duration::from_secs(3));
+            if let Some(name) = &name
+                && let Some(tls) = super::client::client_tls()
+            {
+                e = e.tls_config(tls.domain_name(name.clone()))?;
+            }
+            let channel = match e.connect().await {
+                Ok(c) => c,
+                Err(err) => {
+                    last = format!(
+                        "cannot reach {addr}: {}",
+                        super::client::connect_error(&err)
+                    );
+                    continue;
+                }
+            };
+            let mut cluster = ClusterClient::new(super::client::authorized(channel));
+            match cluster.status(api::StatusRequest {}).await {
+                Ok(s) if s.get_ref().leader_id.is_some() => return Ok((cluster, s.into_inner())),
+                Ok(_) => last = format!("{addr} knows no leader (not initialized yet?)"),
+                Err(s) => last = format!("{addr}: {}", s.message()),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    bail!("no seed led to a cluster with a leader; last: {last}")
+}
+
+/// Adds this node as a learner through one of `seeds`, then makes it a voter.
+async fn join(seeds: &str, id: u64, addr: &str) -> anyhow::Result<()> {
+    let (cluster, status) = find_member(seeds).await?;
     if status.members.iter().any(|m| m.id == id && m.voter) {
         eprintln!("node {id} is already a voter; nothing to join");
         return Ok(());
@@ -224,7 +283,10 @@ async fn join(seed: &str, id: u64, addr: &str) -> anyhow::Result<()> {
         async move { c.change_membership(req).await.map(drop) }
     })
     .await?;
-    eprintln!("node {id} joined the cluster through {seed} and is a voter");
+    eprintln!(
+        "node {id} joined the cluster (leader {}) and is a voter",
+        status.leader_addr
+    );
     Ok(())
 }
 

@@ -241,7 +241,8 @@ async fn a_mutual_tls_cluster_serves_clients_and_keeps_strangers_out() {
         .await
         .expect("status");
     assert_eq!(after.term, term, "refused votes changed no term");
-    cluster.write(kv("put c 3")).await;
+    let (index, _) = cluster.write(kv("put c 3")).await;
+    cluster.wait_applied(index).await;
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }

@@ -309,7 +309,8 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
             tonic::Code::Internal | tonic::Code::Cancelled | tonic::Code::Unknown
         )
         && (s.message().contains("h2 protocol error")
-            || s.message().contains("operation was canceled"))
+            || s.message().contains("operation was canceled")
+            || s.message().contains("transport error"))
     {
         " (if the node serves TLS, pass --tls-ca or set WAFT_TLS_CA)"
     } else {

@@ -120,6 +120,12 @@ async fn hostile_guests_on_a_live_cluster_get_clear_errors_and_change_nothing() 
     tracing::info!("a chatty guest is fine (its output is capped, never fatal)");
     assert_eq!(submit(&a[1], "evil", "log 20000").await, Ok("OK".into()));
     tracing::info!("a query that loops runs out of fuel; the node keeps answering");
+    // The query is a stale read on node 2: wait until it has applied everything so far (it
+    // may still be compiling the deploy on a busy machine, and answer "no service").
+    let (caught_up, _) = cluster
+        .write(crate::cluster_support::kv("put k before"))
+        .await;
+    cluster.wait_applied(caught_up).await;
     expect_err(query(&a[2], "evil", "loop").await, &["trapped", "fuel"]);
 
     tracing::info!("after all that, every node has a=1 (b=3) and kv is untouched");

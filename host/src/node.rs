@@ -508,7 +508,7 @@ fn server_builder(tls: Option<&crate::tls::Tls>) -> Result<tonic::transport::Ser
 }
 
 /// An error and its sources, in words (tonic's transport error alone says little).
-fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(s) = next {

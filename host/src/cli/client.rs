@@ -114,14 +114,7 @@ pub fn endpoint(addr: &str) -> anyhow::Result<tonic::transport::Endpoint> {
 /// Words for a failed connection: the transport error's whole chain (a TLS handshake failure
 /// hides under "transport error").
 pub fn connect_error(e: &tonic::transport::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = std::error::Error::source(e);
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
+    crate::node::source_chain(e)
 }
 
 /// The token every connection of this process presents, set once from `--token`.
@@ -295,13 +288,9 @@ fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    let mut sources = String::new();
-    let mut next = std::error::Error::source(&s);
-    while let Some(e) = next {
-        sources.push_str(": ");
-        sources.push_str(&e.to_string());
-        next = e.source();
-    }
+    let sources = std::error::Error::source(&s)
+        .map(|e| format!(": {}", crate::node::source_chain(e)))
+        .unwrap_or_default();
     // A plain-text client talking to a TLS node sees HTTP/2 garbage or a dropped connection.
     let hint = if TLS.get().is_none_or(Option::is_none)
         && matches!(

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod autoremove;
 pub mod cli;
 pub mod etcd;
 pub mod metrics;

@@ -153,3 +153,127 @@ async fn a_backup_restores_into_a_fresh_cluster_with_the_same_state() {
     );
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_seeds_an_empty_data_dir_offline() {
+    use std::time::Duration;
+    use waft::node::{Node, NodeConfig};
+    let a = TestCluster::start(1, test_settings()).await;
+    a.form().await;
+    a.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let mut last = 0;
+    for i in 0..50 {
+        last = a.write(kv(format!("put k{i:02} v{i}"))).await.0;
+    }
+    a.wait_applied(last).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("waft.backup");
+    let file_s = file.to_str().expect("utf-8");
+    let o = waft(&["--endpoint", &a.addrs[0], "backup", "-o", file_s]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let expected = a.assert_identical().await;
+    a.shutdown().await;
+
+    let seeded = tempfile::tempdir().expect("tempdir");
+    let seeded_s = seeded.path().to_str().expect("utf-8");
+    let addr = crate::support::free_addr();
+    let o = waft(&[
+        "restore",
+        file_s,
+        "--data-dir",
+        seeded_s,
+        "--id",
+        "7",
+        "--advertise",
+        &addr,
+    ])
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("seeded") && said.contains("[kv]"), "{said}");
+
+    tracing::info!("a directory that holds a node is refused, and so is a damaged backup");
+    let o = waft(&["restore", file_s, "--data-dir", seeded_s, "--id", "7"]).await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already holds a node's data"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let bytes = std::fs::read(&file).expect("read");
+    let short = dir.path().join("short.backup");
+    std::fs::write(&short, &bytes[..bytes.len() - 100]).expect("write");
+    let empty = tempfile::tempdir().expect("tempdir");
+    let o = waft(&[
+        "restore",
+        short.to_str().expect("utf-8"),
+        "--data-dir",
+        empty.path().to_str().expect("utf-8"),
+        "--id",
+        "1",
+    ])
+    .await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a usable backup"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!empty.path().join("log.redb").exists(), "nothing written");
+
+    tracing::info!("the seeded node starts as a one-node cluster with the state; a joiner gets it");
+    let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
+    let mut config = NodeConfig::new(7, seeded.path());
+    config.raft = test_settings();
+    let seed = Node::start(config, listener)
+        .await
+        .expect("seeded node starts");
+    seed.raft()
+        .wait(Some(Duration::from_secs(30)))
+        .state(openraft::ServerState::Leader, "the seeded node leads")
+        .await
+        .expect("leads");
+    let q = seed.state().query("kv", b"get k42".to_vec()).await;
+    assert_eq!(q.expect("get"), b"v42");
+    assert_eq!(
+        seed.state().service_states().await.expect("states"),
+        expected,
+        "the seeded node holds the backup's state, byte for byte"
+    );
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let mut config = NodeConfig::new(8, other_dir.path());
+    config.raft = test_settings();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let other = Node::start(config, listener).await.expect("starts");
+    seed.raft()
+        .add_learner(
+            8,
+            openraft::BasicNode {
+                addr: other.addr().to_owned(),
+            },
+            true,
+        )
+        .await
+        .expect("add learner");
+    let written = seed
+        .raft()
+        .client_write(kv("put after seeding"))
+        .await
+        .expect("write");
+    other
+        .raft()
+        .wait(Some(Duration::from_secs(30)))
+        .applied_index_at_least(Some(written.log_id.index), "joiner caught up")
+        .await
+        .expect("caught up");
+    let got = other.state().service_states().await.expect("states");
+    assert_eq!(got, seed.state().service_states().await.expect("states"));
+    assert_ne!(
+        got["kv"], expected["kv"],
+        "the write after seeding is there"
+    );
+    other.shutdown().await.expect("stop");
+    seed.shutdown().await.expect("stop");
+}

@@ -17,6 +17,7 @@ pub fn test_settings() -> RaftSettings {
         snapshot_every: 10_000,
         keep_after_snapshot: 1_000,
         audit_interval: None,
+        remove_unreachable: None,
     }
 }
 

@@ -6,6 +6,7 @@
 mod api;
 mod audit;
 mod auth;
+mod autoremove;
 mod backup;
 mod bad_input;
 mod bench;

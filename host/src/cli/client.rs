@@ -930,8 +930,24 @@ pub struct RestoreArgs {
     /// A file written by `waft backup`.
     pub file: std::path::PathBuf,
     /// Replace the services the cluster runs now.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "data_dir")]
     pub force: bool,
+    /// Offline: seed this empty data directory with the backup instead, as node --id of a new
+    /// one-node cluster; start `waft node` on it, then add nodes with --join.
+    #[arg(long, value_name = "DIR", requires = "id")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// With --data-dir: the node id the directory is for.
+    #[arg(long, requires = "data_dir")]
+    pub id: Option<u64>,
+    /// With --data-dir: the address the node will be reached at (its --advertise, or its
+    /// --listen address).
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:7001",
+        requires = "data_dir"
+    )]
+    pub advertise: String,
 }
 
 /// `waft backup`.
@@ -1015,12 +1031,50 @@ pub async fn backup(client: &ClientArgs, args: &BackupArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// `waft restore --data-dir`: seeds a data directory offline.
+async fn seed(
+    client: &ClientArgs,
+    args: &RestoreArgs,
+    dir: &std::path::Path,
+    id: u64,
+    bytes: Vec<u8>,
+) -> anyhow::Result<ExitCode> {
+    let config = crate::node::NodeConfig::new(id, dir);
+    let (index, services) =
+        crate::node::Node::seed_from_backup(config, args.advertise.clone(), bytes).await?;
+    match client.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"index": index, "services": services, "data_dir": dir, "id": id})
+        ),
+        Output::Text => {
+            println!(
+                "seeded {} as node {id} of a new cluster: {} service(s) [{}] at log index {index}",
+                dir.display(),
+                services.len(),
+                services.join(", "),
+            );
+            println!(
+                "start it with `waft node --id {id} --data-dir {} --listen {}`, then add nodes \
+                 with `--join {}`",
+                dir.display(),
+                args.advertise,
+                args.advertise
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `waft restore`.
 pub async fn restore(client: &ClientArgs, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     crate::storage::snapshot::Reader::from_bytes(&bytes)
         .with_context(|| format!("{} is not a usable backup", args.file.display()))?;
+    if let (Some(dir), Some(id)) = (&args.data_dir, args.id) {
+        return seed(client, args, dir, id, bytes).await;
+    }
     let c =
         ClusterClient::new(channel(&client.endpoint).await?).max_encoding_message_size(usize::MAX);
     let chunks = crate::api::restore_chunks(&bytes, args.force);

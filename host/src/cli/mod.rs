@@ -77,8 +77,11 @@ pub enum Command {
     /// Write a consistent backup of every service (modules, versions, states) to a file.
     #[command(after_help = "Example:\n  waft backup -o waft.backup")]
     Backup(client::BackupArgs),
-    /// Load a backup into a cluster (one that runs no services, unless --force).
-    #[command(after_help = "Example:\n  waft --endpoint 10.0.0.5:7001 restore waft.backup")]
+    /// Load a backup into a cluster (one that runs no services, unless --force), or seed a new
+    /// node's data directory with it offline (--data-dir).
+    #[command(after_help = "Examples:\n  \
+        waft --endpoint 10.0.0.5:7001 restore waft.backup\n  \
+        waft restore waft.backup --data-dir data/1 --id 1 --advertise 10.0.0.5:7001")]
     Restore(client::RestoreArgs),
     /// Load a cluster (waft or etcd, or both side by side) and report throughput and latency.
     #[command(after_help = "Examples:\n  \

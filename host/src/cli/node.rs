@@ -42,6 +42,14 @@ pub struct NodeArgs {
     /// its own; `waft cluster audit` runs one on demand).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     pub audit_interval: f64,
+    /// While leading, remove a voter that has acknowledged nothing for this long (off unless
+    /// set). Never below --min-voters voters, one at a time, and only while the leader hears
+    /// from a majority. A removed node rejoins with --join.
+    #[arg(long, env = "WAFT_REMOVE_UNREACHABLE_AFTER", value_name = "SECONDS")]
+    pub remove_unreachable_after: Option<f64>,
+    /// The fewest voters --remove-unreachable-after may leave.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_voters: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "WAFT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -138,6 +146,16 @@ pub async fn node(
     config.raft.audit_interval = (args.audit_interval > 0.0)
         .then(|| Duration::try_from_secs_f64(args.audit_interval).ok())
         .flatten();
+    if let Some(after) = args.remove_unreachable_after {
+        let after = Duration::try_from_secs_f64(after)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--remove-unreachable-after must be a positive number of seconds")?;
+        config.raft.remove_unreachable = Some(crate::autoremove::RemovalPolicy {
+            after,
+            min_voters: args.min_voters as usize,
+        });
+    }
     config.net.dial = args.dial.iter().cloned().collect();
     config.net.tls = tls;
     config.metrics_listen = args.metrics_listen;

@@ -127,10 +127,7 @@ async fn single(dir: &std::path::Path) -> Node {
         .await
         .expect("deploy");
     assert!(
-        matches!(
-            deployed.data,
-            waft::raft::types::Response::Deployed { .. }
-        ),
+        matches!(deployed.data, waft::raft::types::Response::Deployed { .. }),
         "{:?}",
         deployed.data
     );

@@ -4,6 +4,8 @@
 # 64-byte puts from 1, 16, 64 and 256 clients and writes a table and a plot to docs/benchmarks/.
 #
 # Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_POINT] [CLIENTS...]
+# WAFT_BENCH_TO_LEADER=1 sends waft's requests to its leader (a leader-aware client) instead of
+# spreading them over the three nodes like etcd's; results then go to vs-etcd-to-leader.*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -55,14 +57,20 @@ done
 "$WAFT" --endpoint 127.0.0.1:17001 deploy "$KV" --service kv >/dev/null
 for _ in $(seq 50); do ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:23791 put warmup 1 >/dev/null 2>&1 && break; sleep 0.2; done
 
-OUT=docs/benchmarks/vs-etcd.jsonl
+NAME=vs-etcd
+ROUTE=()
+if [ -n "${WAFT_BENCH_TO_LEADER:-}" ]; then
+  NAME=vs-etcd-to-leader
+  ROUTE=(--to-leader)
+fi
+OUT=docs/benchmarks/$NAME.jsonl
 : >"$OUT"
 for c in $CLIENTS; do
   echo "== $c clients" >&2
   "$WAFT" --output json bench --endpoints 127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003 \
     --compare-etcd 127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793 \
-    --clients "$c" --duration "$SECS" --warmup 2 --value-size 64 >>"$OUT"
+    --clients "$c" --duration "$SECS" --warmup 2 --value-size 64 "${ROUTE[@]}" >>"$OUT"
   tail -n1 "$OUT" | python3 scripts/bench_report.py --summary
 done
-python3 scripts/bench_report.py "$OUT" docs/benchmarks/vs-etcd.md docs/benchmarks/vs-etcd.svg
-echo "wrote docs/benchmarks/vs-etcd.{jsonl,md,svg}" >&2
+python3 scripts/bench_report.py "$OUT" "docs/benchmarks/$NAME.md" "docs/benchmarks/$NAME.svg"
+echo "wrote docs/benchmarks/$NAME.{jsonl,md,svg}" >&2

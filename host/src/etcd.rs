@@ -92,12 +92,13 @@ impl EtcdKv {
         out
     }
 
-    /// A request to this node's API carrying the caller's token, if it sent one.
+    /// A request to this node's API carrying the caller's token and request id.
     fn inner<T>(caller: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        if let Some(token) = caller.get(crate::auth::HEADER) {
-            req.metadata_mut()
-                .insert(crate::auth::HEADER, token.clone());
+        for header in [crate::auth::HEADER, crate::api::trace::REQUEST_ID] {
+            if let Some(value) = caller.get(header) {
+                req.metadata_mut().insert(header, value.clone());
+            }
         }
         req
     }

@@ -271,7 +271,8 @@ impl Node {
                     identity.clone(),
                     config.etcd_service.clone(),
                 );
-                let mut builder = server_builder(config.net.tls.as_ref())?;
+                let mut builder = server_builder(config.net.tls.as_ref())?
+                    .layer(crate::api::trace::TraceLayer::new(config.id));
                 let task = tokio::spawn(async move {
                     let served = builder
                         .add_service(
@@ -291,6 +292,7 @@ impl Node {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(
             server_builder(config.net.tls.as_ref())?
+                .layer(crate::api::trace::TraceLayer::new(config.id))
                 .add_service(
                     RaftServer::new(service)
                         .max_decoding_message_size(max)

@@ -129,12 +129,30 @@ async fn every_call_works_from_any_node() {
 
     tracing::info!("submit on a follower; read it back with each consistency level");
     let mut f = waft(&follower).await;
-    let r = f
-        .submit(submit("kv", "put greeting hello-there", 0, 0))
-        .await
-        .expect("submit")
-        .into_inner();
+    let mut req = tonic::Request::new(submit("kv", "put greeting hello-there", 0, 0));
+    req.metadata_mut()
+        .insert("x-request-id", "trace-me-42".parse().expect("ascii"));
+    let r = f.submit(req).await.expect("submit");
+    // The request id went along to the leader, which served the write and says so.
+    fn header(m: &tonic::metadata::MetadataMap, name: &str) -> Option<String> {
+        m.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    }
+    let m = r.metadata();
+    assert_eq!(header(m, "x-request-id").as_deref(), Some("trace-me-42"));
+    assert_eq!(header(m, "waft-served-by"), Some(leader.to_string()));
+    let r = r.into_inner();
     assert_eq!(ok(&r), b"OK");
+    // Without one, the node makes one up; a stale read is served where it lands.
+    let q = f
+        .query(query("kv", "get greeting", api::Consistency::Stale))
+        .await
+        .expect("query");
+    let id = header(q.metadata(), "x-request-id").expect("a request id");
+    assert!(id.starts_with(&format!("{}-", (leader + 1) % 3)), "{id}");
+    assert_eq!(
+        header(q.metadata(), "waft-served-by"),
+        Some(((leader + 1) % 3).to_string())
+    );
     for (addr, level) in [
         (&follower, api::Consistency::Linearizable),
         (&other, api::Consistency::Linearizable),

@@ -4,7 +4,10 @@
 //! that is not the leader forwards the call to it over a reused channel, unchanged (a command
 //! keeps its client id and sequence, so a retry after a leader change is still applied once).
 //! A forwarded call carries the `waft-forwarded` header and is never forwarded again: if the
-//! leadership moved in between, the client gets `UNAVAILABLE` and retries.
+//! leadership moved in between, the client gets `UNAVAILABLE` and retries. It also carries the
+//! caller's request id, so the call's tracing spans on both nodes share it (see [`trace`]).
+
+pub mod trace;
 
 use crate::pb::api::{self, cluster_server, waft_server};
 use crate::raft::types::{ClientSeq, Node as RaftNode, NodeId, Request, Response};
@@ -83,6 +86,12 @@ fn no_leader() -> Status {
     Status::unavailable("no leader is known yet (an election may be in progress); retry shortly")
 }
 
+/// What a call forwarded to the leader carries of the caller's: its token and request id.
+struct Caller {
+    token: Option<tonic::metadata::AsciiMetadataValue>,
+    request_id: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
 fn forwarded<T>(req: &GrpcRequest<T>) -> bool {
     req.metadata().contains_key(FORWARDED)
 }
@@ -148,15 +157,14 @@ fn write_error(
 impl Api {
     /// Wraps a request this node forwards to the leader: marked as forwarded (so it is not
     /// forwarded again) with this node's cluster id (so a stranger refuses it).
-    fn mark<T>(
-        &self,
-        auth: &Option<tonic::metadata::AsciiMetadataValue>,
-        msg: T,
-    ) -> GrpcRequest<T> {
+    fn mark<T>(&self, caller: &Caller, msg: T) -> GrpcRequest<T> {
         let mut req = GrpcRequest::new(msg);
-        if let Some(token) = auth {
+        if let Some(token) = &caller.token {
             req.metadata_mut()
                 .insert(crate::auth::HEADER, token.clone());
+        }
+        if let Some(id) = &caller.request_id {
+            req.metadata_mut().insert(trace::REQUEST_ID, id.clone());
         }
         let value = self
             .peers
@@ -168,14 +176,14 @@ impl Api {
         req
     }
 
-    /// Checks the caller's token for a call that needs `role`; returns the header to forward.
+    /// Checks the caller's token for a call that needs `role`; returns what a forwarded call
+    /// carries on (the token, the request id).
     #[allow(clippy::result_large_err)]
-    fn authorize<T>(
-        &self,
-        request: &GrpcRequest<T>,
-        role: Role,
-    ) -> Result<Option<tonic::metadata::AsciiMetadataValue>, Status> {
-        self.tokens.check(request.metadata(), role)
+    fn authorize<T>(&self, request: &GrpcRequest<T>, role: Role) -> Result<Caller, Status> {
+        Ok(Caller {
+            token: self.tokens.check(request.metadata(), role)?,
+            request_id: request.metadata().get(trace::REQUEST_ID).cloned(),
+        })
     }
 
     /// Requires tokens (see [`crate::auth`]).

@@ -5,7 +5,7 @@
 //! three significant digits), merged at the end. A warm-up runs first and is not measured.
 
 use super::client::{ClientArgs, Consistency, Output};
-use crate::pb::api::{self, waft_client::WaftClient};
+use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use crate::pb::etcd::{self, kv_client::KvClient};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// The waft service to load (it must speak kv's `put KEY VALUE` / `get KEY`).
     #[arg(long, default_value = "kv")]
     pub service: String,
+    /// Send every waft request to the leader (asked of the endpoints once, at the start), as a
+    /// leader-aware client does, instead of spreading them over the endpoints (followers then
+    /// forward writes and linearizable reads). etcd runs are always spread.
+    #[arg(long)]
+    pub to_leader: bool,
 }
 
 /// The outcome of one run.
@@ -381,12 +386,43 @@ pub async fn run_bench(
     })
 }
 
+/// The leader's address, from the first of `endpoints` that knows it.
+async fn leader_of(endpoints: &[String]) -> anyhow::Result<String> {
+    let mut last = anyhow::anyhow!("no endpoints");
+    for e in endpoints {
+        let asked = async {
+            let ch = connect(Target::Waft, e).await?;
+            let mut c = ClusterClient::new(super::client::authorized(ch));
+            let s = c
+                .status(api::StatusRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", status_text(s)))?
+                .into_inner();
+            anyhow::ensure!(
+                s.leader_id.is_some() && !s.leader_addr.is_empty(),
+                "{e} knows no leader"
+            );
+            Ok(s.leader_addr)
+        };
+        match asked.await {
+            Ok(addr) => return Ok(addr),
+            Err(err) => last = err,
+        }
+    }
+    Err(last.context("--to-leader: cannot learn the leader"))
+}
+
 /// `waft bench`.
 pub async fn bench(client: &ClientArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let endpoints = if args.endpoints.is_empty() {
         vec![client.endpoint.clone()]
     } else {
         args.endpoints.clone()
+    };
+    let endpoints = if args.to_leader && args.target == Target::Waft {
+        vec![leader_of(&endpoints).await?]
+    } else {
+        endpoints
     };
     let first = run_bench(args.target, &endpoints, args).await?;
     let second = if args.compare_etcd.is_empty() {
@@ -407,6 +443,7 @@ pub async fn bench(client: &ClientArgs, args: &BenchArgs) -> anyhow::Result<Exit
                 "workload": {
                     "clients": args.clients, "keys": args.keys, "value_size": args.value_size,
                     "read_ratio": args.read_ratio, "consistency": format!("{:?}", args.consistency).to_lowercase(),
+                    "to_leader": args.to_leader,
                 },
                 "results": [first.json()],
             });

@@ -1,0 +1,137 @@
+//! Request ids and tracing spans that follow a request across forwarding.
+//!
+//! Every call to the client API (and the etcd endpoint) runs inside a `rpc` span carrying the
+//! node, the method, whether a peer forwarded it, and a request id: the caller's `x-request-id`
+//! header when it sends one (a printable ASCII string of up to 128 bytes), otherwise one this
+//! node makes up. A follower that forwards the call to the leader passes the same id along
+//! (see `Api::mark`), so grepping one id in the logs of all nodes shows the request's whole
+//! path. The reply carries the id in `x-request-id` and the node that served it (the leader,
+//! for a forwarded write) in `waft-served-by`.
+//!
+//! Raft traffic between nodes gets no span: it is not a client's request, and there is a lot
+//! of it. Ids are local observations: they never reach the log or a guest.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use tonic::codegen::http;
+use tracing::Instrument;
+
+/// The request id header, in requests and replies.
+pub const REQUEST_ID: &str = "x-request-id";
+/// The reply header naming the node whose handler served the call.
+pub const SERVED_BY: &str = "waft-served-by";
+
+/// The longest request id taken from a caller.
+const MAX_ID: usize = 128;
+
+/// The caller's request id, if it is one we keep.
+pub(crate) fn request_id(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= MAX_ID)
+}
+
+/// Wraps a gRPC server's services (see [`TraceLayer::new`]).
+#[derive(Debug, Clone)]
+pub struct TraceLayer {
+    node: u64,
+    ids: std::sync::Arc<IdSource>,
+}
+
+#[derive(Debug)]
+struct IdSource {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl TraceLayer {
+    /// Spans and ids for node `node`'s server. Made-up ids are `NODE-PREFIX-COUNTER` (the prefix
+    /// differs between runs of the node, so ids do not repeat after a restart).
+    pub fn new(node: u64) -> TraceLayer {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        TraceLayer {
+            node,
+            ids: std::sync::Arc::new(IdSource {
+                prefix: started ^ (u64::from(std::process::id()) << 32),
+                next: AtomicU64::new(1),
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = Traced<S>;
+
+    fn layer(&self, inner: S) -> Traced<S> {
+        Traced {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// A service wrapped by [`TraceLayer`].
+#[derive(Debug, Clone)]
+pub struct Traced<S> {
+    inner: S,
+    layer: TraceLayer,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for Traced<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    R: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        if path.starts_with("/waft.raft.") {
+            return Box::pin(self.inner.call(req));
+        }
+        let method = path.rsplit('/').next().unwrap_or(path).to_owned();
+        let id = match request_id(req.headers()) {
+            Some(id) => id.to_owned(),
+            None => {
+                let n = self.layer.ids.next.fetch_add(1, Ordering::Relaxed);
+                let id = format!("{}-{:x}-{n}", self.layer.node, self.layer.ids.prefix);
+                if let Ok(v) = http::HeaderValue::from_str(&id) {
+                    req.headers_mut().insert(REQUEST_ID, v);
+                }
+                id
+            }
+        };
+        let forwarded = req.headers().contains_key(super::FORWARDED);
+        let node = self.layer.node;
+        let span = tracing::info_span!("rpc", node, %method, request_id = %id, forwarded);
+        let fut = self.inner.call(req).instrument(span);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            let headers = resp.headers_mut();
+            // A forwarded call's reply already names the leader and carries its id.
+            if !headers.contains_key(REQUEST_ID)
+                && let Ok(v) = http::HeaderValue::from_str(&id)
+            {
+                headers.insert(REQUEST_ID, v);
+            }
+            if !headers.contains_key(SERVED_BY) {
+                headers.insert(SERVED_BY, http::HeaderValue::from(node));
+            }
+            Ok(resp)
+        })
+    }
+}

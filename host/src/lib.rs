@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod autoremove;
 pub mod cli;
+pub mod discovery;
 pub mod etcd;
 pub mod metrics;
 pub mod node;

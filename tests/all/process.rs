@@ -278,3 +278,66 @@ async fn waft_dev_serves_the_etcd_api_when_asked() {
         .expect("join");
     assert!(status.success(), "waft dev exited with {status}");
 }
+
+#[test]
+fn nodes_find_each_other_with_mdns() {
+    crate::support::init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addrs: Vec<String> = (0..2).map(|_| free_addr()).collect();
+    // Our own mDNS port and cluster name, so no other test or host on the network answers.
+    let mdns_port = free_addr().rsplit_once(':').expect("port").1.to_owned();
+    let name = format!("t{}", std::process::id());
+    let spawn_mdns = |id: u64, addr: &str, join: Option<&str>| {
+        let log = std::fs::File::create(dir.path().join(format!("node{id}.log"))).expect("log");
+        let mut cmd = Command::new(BIN);
+        cmd.env("WAFT_MDNS_PORT", &mdns_port)
+            .args([
+                "--log",
+                "info",
+                "node",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                addr,
+            ])
+            .args(["--mdns", &name, "--data-dir"])
+            .arg(dir.path().join(format!("node{id}")))
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(seed) = join {
+            cmd.args(["--join", seed]);
+        }
+        cmd.spawn().expect("spawn waft node")
+    };
+    let mut nodes = Nodes(vec![Some(spawn_mdns(1, &addrs[0], None))]);
+    eventually("node 1 answers", || status(&addrs[0]).is_some());
+    let o = cli(&addrs[0], &["cluster", "init"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eventually("node 1 leads", || leader(&addrs[..1]) == Some(1));
+    // A dead seed first: the node goes on to the nodes mDNS finds.
+    let seeds = format!("127.0.0.1:1,mdns:{name}");
+    nodes.0.push(Some(spawn_mdns(2, &addrs[1], Some(&seeds))));
+    eventually("node 2 joined through mDNS and is a voter", || {
+        status(&addrs[0]).is_some_and(|s| {
+            s["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|x| x["id"] == 2 && x["voter"] == true && x["addr"] == addrs[1].as_str())
+            })
+        })
+    });
+    // A name mDNS cannot carry is refused before the node starts.
+    let o = Command::new(BIN)
+        .env("WAFT_MDNS_PORT", &mdns_port)
+        .args(["node", "--id", "9", "--listen", &free_addr(), "--data-dir"])
+        .arg(dir.path().join("node9"))
+        .args(["--mdns", "bad.name"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a usable cluster name"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!dir.path().join("node9").exists(), "nothing was created");
+}

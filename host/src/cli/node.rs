@@ -29,8 +29,9 @@ pub struct NodeArgs {
     /// then become a voter. Not needed when restarting a node that is already a member. A
     /// comma-separated list of seeds, and host names that resolve to several addresses (a
     /// Kubernetes headless service), are tried in turn until one knows a leader (for up to a
-    /// minute: members may still be starting).
-    #[arg(long, env = "WAFT_JOIN", value_name = "HOST:PORT[,HOST:PORT...]")]
+    /// minute: members may still be starting). `mdns:NAME` stands for the nodes announcing
+    /// cluster NAME on the local network (see --mdns).
+    #[arg(long, env = "WAFT_JOIN", value_name = "HOST:PORT|mdns:NAME[,...]")]
     pub join: Option<String>,
     /// Build a snapshot (and compact the log) after this many entries.
     #[arg(long, default_value_t = 10_000, value_name = "ENTRIES")]
@@ -47,6 +48,10 @@ pub struct NodeArgs {
     /// from a majority. A removed node rejoins with --join.
     #[arg(long, env = "WAFT_REMOVE_UNREACHABLE_AFTER", value_name = "SECONDS")]
     pub remove_unreachable_after: Option<f64>,
+    /// Announce this node on the local network with mDNS as a member of cluster NAME, so
+    /// that nodes started with `--join mdns:NAME` find it.
+    #[arg(long, env = "WAFT_MDNS", value_name = "NAME")]
+    pub mdns: Option<String>,
     /// The fewest voters --remove-unreachable-after may leave.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub min_voters: u64,
@@ -136,6 +141,9 @@ pub async fn node(
     if tls.as_ref().is_some_and(|t| !t.has_identity()) {
         bail!("a node serving TLS needs its own certificate: add --tls-cert and --tls-key");
     }
+    if let Some(name) = &args.mdns {
+        crate::discovery::check_name(name)?;
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -178,6 +186,17 @@ pub async fn node(
             args.id, args.etcd_service
         );
     }
+    let _announced = match &args.mdns {
+        None => None,
+        Some(name) => match crate::discovery::announce(name, args.id, node.addr()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("error: {e}");
+                node.shutdown().await?;
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+    };
     if let Some(seed) = &args.join
         && let Err(e) = join(seed, args.id, node.addr()).await
     {
@@ -207,6 +226,21 @@ pub async fn node(
 async fn seed_addrs(seeds: &str) -> Vec<(String, Option<String>)> {
     let mut out = Vec::new();
     for seed in seeds.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if let Some(cluster) = seed.strip_prefix("mdns:") {
+            match crate::discovery::discover(cluster, Duration::from_secs(3)).await {
+                Ok(found) => {
+                    for addr in found {
+                        let host = addr
+                            .rsplit_once(':')
+                            .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+                            .filter(|h| h.parse::<std::net::IpAddr>().is_err());
+                        out.push((addr, host));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "mDNS discovery failed"),
+            }
+            continue;
+        }
         let host = seed
             .rsplit_once(':')
             .map(|(h, _)| h.trim_matches(['[', ']']));

@@ -4,6 +4,7 @@
 //! Everything here is a local observation (timings, counters, Raft progress); none of it is
 //! replicated or reaches a guest.
 
+use crate::api::trace::{RPC_BUCKETS_S, RpcMetrics};
 use crate::raft::Raft;
 use crate::raft::types::TypeConfig;
 use crate::storage::{APPLY_BUCKETS_US, StateHandle};
@@ -22,7 +23,7 @@ fn escape(label: &str) -> String {
 }
 
 /// The metrics of one node in Prometheus' text format (version 0.0.4).
-pub fn render(raft: &Raft, state: &StateHandle) -> String {
+pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics) -> String {
     use openraft::async_runtime::WatchReceiver;
     let m: openraft::RaftMetrics<TypeConfig> = raft.metrics().borrow_watched().clone();
     let mut out = String::with_capacity(4096);
@@ -182,6 +183,43 @@ pub fn render(raft: &Raft, state: &StateHandle) -> String {
             "waft_service_apply_seconds_count{{service=\"{name}\"}} {cumulative}"
         );
     }
+    let calls = rpc.snapshot();
+    let _ = writeln!(
+        out,
+        "# HELP waft_grpc_requests_total Client calls served by this node, by method and status code.\n# TYPE waft_grpc_requests_total counter"
+    );
+    for (method, m) in &calls {
+        for (code, n) in &m.codes {
+            let _ = writeln!(
+                out,
+                "waft_grpc_requests_total{{method=\"{}\",code=\"{code}\"}} {n}",
+                escape(method)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP waft_grpc_request_seconds Time to answer a client call (to the reply's headers).\n# TYPE waft_grpc_request_seconds histogram"
+    );
+    for (method, m) in &calls {
+        let method = escape(method);
+        let mut cumulative = 0;
+        for (i, bound) in RPC_BUCKETS_S.iter().enumerate() {
+            cumulative += m.buckets[i];
+            let _ = writeln!(
+                out,
+                "waft_grpc_request_seconds_bucket{{method=\"{method}\",le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += m.buckets[RPC_BUCKETS_S.len()];
+        let _ = writeln!(
+            out,
+            "waft_grpc_request_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {cumulative}\n\
+             waft_grpc_request_seconds_sum{{method=\"{method}\"}} {}\n\
+             waft_grpc_request_seconds_count{{method=\"{method}\"}} {cumulative}",
+            m.sum_seconds
+        );
+    }
     let audit = state.audit_status();
     let mut gauge = |name: &str, help: &str, kind: &str, v: f64| {
         let _ = writeln!(
@@ -189,6 +227,47 @@ pub fn render(raft: &Raft, state: &StateHandle) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
         );
     };
+    let snaps = state.snapshot_stats();
+    for (name, help, kind, v) in [
+        (
+            "waft_snapshot_built_total",
+            "Snapshots this node built.",
+            "counter",
+            snaps.built as f64,
+        ),
+        (
+            "waft_snapshot_last_built_bytes",
+            "Size of the last snapshot built.",
+            "gauge",
+            snaps.last_built_bytes as f64,
+        ),
+        (
+            "waft_snapshot_last_build_seconds",
+            "Time the last snapshot build took.",
+            "gauge",
+            snaps.last_build_seconds,
+        ),
+        (
+            "waft_snapshot_installed_total",
+            "Snapshots this node installed (sent by a leader).",
+            "counter",
+            snaps.installed as f64,
+        ),
+        (
+            "waft_snapshot_last_installed_bytes",
+            "Size of the last snapshot installed.",
+            "gauge",
+            snaps.last_installed_bytes as f64,
+        ),
+        (
+            "waft_snapshot_last_install_seconds",
+            "Time the last snapshot install took.",
+            "gauge",
+            snaps.last_install_seconds,
+        ),
+    ] {
+        gauge(name, help, kind, v);
+    }
     gauge(
         "waft_audit_checks_total",
         "State audits compared with this node's own digest.",
@@ -218,12 +297,17 @@ pub fn render(raft: &Raft, state: &StateHandle) -> String {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped. Anything else gets 404; a
 /// request that does not fit in 8 KiB or does not arrive within 5 s is dropped.
-pub async fn serve(listener: TcpListener, raft: Raft, state: StateHandle) {
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft,
+    state: StateHandle,
+    rpc: std::sync::Arc<RpcMetrics>,
+) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
         };
-        let (raft, state) = (raft.clone(), state.clone());
+        let (raft, state, rpc) = (raft.clone(), state.clone(), rpc.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut len = 0;
@@ -251,7 +335,8 @@ pub async fn serve(listener: TcpListener, raft: Raft, state: StateHandle) {
             {
                 // Reading the state machine takes its lock, which an apply may hold for a while:
                 // not on an async worker.
-                let Ok(body) = tokio::task::spawn_blocking(move || render(&raft, &state)).await
+                let Ok(body) =
+                    tokio::task::spawn_blocking(move || render(&raft, &state, &rpc)).await
                 else {
                     return;
                 };

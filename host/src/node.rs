@@ -260,6 +260,8 @@ impl Node {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| NodeError::Raft(format!("reflection: {e}")))?;
+        // Shared by the client API and the etcd endpoint: one set of call counters.
+        let trace = crate::api::trace::TraceLayer::new(config.id);
         let etcd = match config.etcd_listen {
             None => None,
             Some(at) => {
@@ -271,8 +273,7 @@ impl Node {
                     identity.clone(),
                     config.etcd_service.clone(),
                 );
-                let mut builder = server_builder(config.net.tls.as_ref())?
-                    .layer(crate::api::trace::TraceLayer::new(config.id));
+                let mut builder = server_builder(config.net.tls.as_ref())?.layer(trace.clone());
                 let task = tokio::spawn(async move {
                     let served = builder
                         .add_service(
@@ -292,7 +293,7 @@ impl Node {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(
             server_builder(config.net.tls.as_ref())?
-                .layer(crate::api::trace::TraceLayer::new(config.id))
+                .layer(trace.clone())
                 .add_service(
                     RaftServer::new(service)
                         .max_decoding_message_size(max)
@@ -320,7 +321,12 @@ impl Node {
             Some(at) => {
                 let l = TcpListener::bind(at).await?;
                 let bound = l.local_addr()?;
-                let task = tokio::spawn(crate::metrics::serve(l, raft.clone(), state.clone()));
+                let task = tokio::spawn(crate::metrics::serve(
+                    l,
+                    raft.clone(),
+                    state.clone(),
+                    trace.metrics(),
+                ));
                 Some((bound, task))
             }
         };

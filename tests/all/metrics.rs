@@ -51,6 +51,47 @@ async fn metrics_show_raft_progress_services_and_audits() {
         .await
         .expect("audit");
     cluster.wait_applied(audit.report_index).await;
+    // Client calls through a follower: a forwarded submit (counted there and on the leader)
+    // and a query for a service that does not exist (NOT_FOUND, answered there).
+    let follower = (leader + 1) % 3;
+    let mut c = waft::pb::api::waft_client::WaftClient::connect(format!(
+        "http://{}",
+        cluster.addrs[follower]
+    ))
+    .await
+    .expect("connect");
+    c.submit(waft::pb::api::SubmitRequest {
+        service: "kv".into(),
+        payload: b"put via grpc".to_vec(),
+        client_id: 0,
+        sequence: 0,
+    })
+    .await
+    .expect("submit");
+    let missing = c
+        .query(waft::pb::api::QueryRequest {
+            service: "nope".into(),
+            payload: b"get a".to_vec(),
+            consistency: waft::pb::api::Consistency::Stale as i32,
+        })
+        .await
+        .expect_err("no such service");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let raft = cluster.node(leader).raft();
+    raft.trigger().snapshot().await.expect("snapshot");
+    let applied = cluster
+        .node(leader)
+        .metrics()
+        .last_applied
+        .map_or(0, |l| l.index);
+    raft.wait(Some(std::time::Duration::from_secs(30)))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= applied),
+            "snapshot built",
+        )
+        .await
+        .expect("snapshot built");
+    cluster.wait_applied(applied).await;
 
     for node in cluster.nodes.iter().flatten() {
         let addr = node.metrics_addr().expect("metrics served");
@@ -68,8 +109,26 @@ async fn metrics_show_raft_progress_services_and_audits() {
         assert!(value(text, "waft_raft_applied_index") >= audit.report_index as f64);
         assert_eq!(
             value(text, "waft_service_applied_total{service=\"kv\"}"),
-            20.0
+            21.0
         );
+        let submits = "waft_grpc_requests_total{method=\"waft.v1.Waft/Submit\",code=\"OK\"}";
+        let not_found =
+            "waft_grpc_requests_total{method=\"waft.v1.Waft/Query\",code=\"NOT_FOUND\"}";
+        let submit_count = "waft_grpc_request_seconds_count{method=\"waft.v1.Waft/Submit\"}";
+        if is_leader || node.id() as usize == follower {
+            assert_eq!(value(text, submits), 1.0, "node {}", node.id());
+            assert_eq!(value(text, submit_count), 1.0);
+        } else {
+            assert!(!text.contains(submits), "node {}", node.id());
+        }
+        if node.id() as usize == follower {
+            assert_eq!(value(text, not_found), 1.0);
+        }
+        if is_leader {
+            assert!(value(text, "waft_snapshot_built_total") >= 1.0);
+            assert!(value(text, "waft_snapshot_last_built_bytes") > 0.0);
+            assert!(value(text, "waft_snapshot_last_build_seconds") > 0.0);
+        }
         assert_eq!(
             value(text, "waft_service_rejected_total{service=\"kv\"}"),
             1.0
@@ -82,14 +141,14 @@ async fn metrics_show_raft_progress_services_and_audits() {
         assert!(value(text, "waft_service_fuel_total{service=\"kv\"}") > 0.0);
         assert_eq!(
             value(text, "waft_service_apply_seconds_count{service=\"kv\"}"),
-            21.0
+            22.0
         );
         assert_eq!(
             value(
                 text,
                 "waft_service_apply_seconds_bucket{service=\"kv\",le=\"+Inf\"}"
             ),
-            21.0
+            22.0
         );
         assert_eq!(value(text, "waft_audit_checks_total"), 1.0);
         assert_eq!(value(text, "waft_audit_divergences"), 0.0);

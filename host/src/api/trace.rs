@@ -11,6 +11,7 @@
 //! Raft traffic between nodes gets no span: it is not a client's request, and there is a lot
 //! of it. Ids are local observations: they never reach the log or a guest.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -33,11 +34,93 @@ pub(crate) fn request_id(headers: &http::HeaderMap) -> Option<&str> {
         .filter(|v| !v.is_empty() && v.len() <= MAX_ID)
 }
 
+/// Upper bounds (seconds) of the request-latency histogram buckets.
+pub const RPC_BUCKETS_S: [f64; 11] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// Different methods counted at most; calls to others (garbage paths) count as `other`.
+const MAX_METHODS: usize = 128;
+
+/// Calls of one method.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MethodStats {
+    /// Calls by gRPC status code name (`OK`, `UNAVAILABLE`...).
+    pub codes: BTreeMap<String, u64>,
+    /// Latency counts per bucket of [`RPC_BUCKETS_S`], then overflow.
+    pub buckets: [u64; RPC_BUCKETS_S.len() + 1],
+    /// Sum of latencies, seconds.
+    pub sum_seconds: f64,
+}
+
+/// Client calls served by one node, by method (`waft.v1.Waft/Submit`...): local observations
+/// for the metrics endpoint. A call's latency runs until its response headers (for a unary
+/// call, the whole handler; for a streamed reply, until it starts).
+#[derive(Debug, Default)]
+pub struct RpcMetrics {
+    methods: std::sync::Mutex<BTreeMap<String, MethodStats>>,
+}
+
+impl RpcMetrics {
+    fn record(&self, method: &str, code: &str, took: std::time::Duration) {
+        let mut methods = self
+            .methods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = if methods.contains_key(method) || methods.len() < MAX_METHODS {
+            method
+        } else {
+            "other"
+        };
+        let m = methods.entry(key.to_owned()).or_default();
+        *m.codes.entry(code.to_owned()).or_default() += 1;
+        let secs = took.as_secs_f64();
+        let bucket = RPC_BUCKETS_S
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(RPC_BUCKETS_S.len());
+        m.buckets[bucket] += 1;
+        m.sum_seconds += secs;
+    }
+
+    /// Every method's counters so far.
+    pub fn snapshot(&self) -> BTreeMap<String, MethodStats> {
+        self.methods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The name of a gRPC status code, as in the gRPC spec.
+fn code_name(code: &str) -> &'static str {
+    match code.parse::<i32>().map(tonic::Code::from) {
+        Ok(tonic::Code::Ok) => "OK",
+        Ok(tonic::Code::Cancelled) => "CANCELLED",
+        Ok(tonic::Code::InvalidArgument) => "INVALID_ARGUMENT",
+        Ok(tonic::Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
+        Ok(tonic::Code::NotFound) => "NOT_FOUND",
+        Ok(tonic::Code::AlreadyExists) => "ALREADY_EXISTS",
+        Ok(tonic::Code::PermissionDenied) => "PERMISSION_DENIED",
+        Ok(tonic::Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
+        Ok(tonic::Code::FailedPrecondition) => "FAILED_PRECONDITION",
+        Ok(tonic::Code::Aborted) => "ABORTED",
+        Ok(tonic::Code::OutOfRange) => "OUT_OF_RANGE",
+        Ok(tonic::Code::Unimplemented) => "UNIMPLEMENTED",
+        Ok(tonic::Code::Internal) => "INTERNAL",
+        Ok(tonic::Code::Unavailable) => "UNAVAILABLE",
+        Ok(tonic::Code::DataLoss) => "DATA_LOSS",
+        Ok(tonic::Code::Unauthenticated) => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
+    }
+}
+
 /// Wraps a gRPC server's services (see [`TraceLayer::new`]).
 #[derive(Debug, Clone)]
 pub struct TraceLayer {
     node: u64,
     ids: std::sync::Arc<IdSource>,
+    metrics: std::sync::Arc<RpcMetrics>,
 }
 
 #[derive(Debug)]
@@ -59,7 +142,13 @@ impl TraceLayer {
                 prefix: started ^ (u64::from(std::process::id()) << 32),
                 next: AtomicU64::new(1),
             }),
+            metrics: std::sync::Arc::default(),
         }
+    }
+
+    /// The call counters of every server this layer wraps.
+    pub fn metrics(&self) -> std::sync::Arc<RpcMetrics> {
+        self.metrics.clone()
     }
 }
 
@@ -104,6 +193,9 @@ where
             return Box::pin(self.inner.call(req));
         }
         let method = path.rsplit('/').next().unwrap_or(path).to_owned();
+        let full = path.trim_start_matches('/').to_owned();
+        let metrics = self.layer.metrics.clone();
+        let started = std::time::Instant::now();
         let id = match request_id(req.headers()) {
             Some(id) => id.to_owned(),
             None => {
@@ -122,6 +214,12 @@ where
         Box::pin(async move {
             let mut resp = fut.await?;
             let headers = resp.headers_mut();
+            // A handler's error comes back as a trailers-only reply: the status is a header.
+            let code = headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map_or("OK", code_name);
+            metrics.record(&full, code, started.elapsed());
             // A forwarded call's reply already names the leader and carries its id.
             if !headers.contains_key(REQUEST_ID)
                 && let Ok(v) = http::HeaderValue::from_str(&id)

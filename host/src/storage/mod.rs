@@ -9,5 +9,5 @@ pub use log_store::{DeployHook, LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{
     APPLY_BUCKETS_US, AuditStatus, Divergence, QueryError, ServiceInfo, ServiceMetrics,
-    ServiceStats, StateHandle, StateMachineStore,
+    ServiceStats, SnapshotStats, StateHandle, StateMachineStore,
 };

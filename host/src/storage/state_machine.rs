@@ -58,6 +58,25 @@ struct SmState {
     audit: Audit,
     /// Per-service counters for metrics: local observations, never replicated.
     stats: BTreeMap<String, ServiceStats>,
+    /// Snapshots built and installed here, for metrics.
+    snapshots: SnapshotStats,
+}
+
+/// Snapshots this node built and installed (local observations, for metrics).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotStats {
+    /// Snapshots built.
+    pub built: u64,
+    /// Size of the last one built, bytes.
+    pub last_built_bytes: u64,
+    /// Time the last build took (capture and file), seconds.
+    pub last_build_seconds: f64,
+    /// Snapshots installed (received from a leader, or loaded at start).
+    pub installed: u64,
+    /// Size of the last one installed, bytes.
+    pub last_installed_bytes: u64,
+    /// Time the last install took (loading every service's state), seconds.
+    pub last_install_seconds: f64,
 }
 
 /// Upper bounds (µs) of the apply-latency histogram buckets.
@@ -205,6 +224,7 @@ impl SmState {
             sessions: BTreeMap::new(),
             audit: Audit::default(),
             stats: BTreeMap::new(),
+            snapshots: SnapshotStats::default(),
         }
     }
 
@@ -656,6 +676,17 @@ impl SmState {
 
     /// Replaces the whole state with the one in a (verified) snapshot file.
     fn install(&mut self, file: std::fs::File) -> io::Result<()> {
+        let started = std::time::Instant::now();
+        let bytes = file.metadata().map_or(0, |m| m.len());
+        self.install_file(file)?;
+        let s = &mut self.snapshots;
+        s.installed += 1;
+        s.last_installed_bytes = bytes;
+        s.last_install_seconds = started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn install_file(&mut self, file: std::fs::File) -> io::Result<()> {
         let reader = snapshot::Reader::open(file)?;
         let (header, services, modules) = load_services(&self.runtime, reader)?;
         self.last_applied = header.meta.last_log_id;
@@ -903,6 +934,11 @@ impl StateHandle {
         .map_err(io::Error::other)?
     }
 
+    /// Snapshots built and installed by this node.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        lock(&self.state).snapshots.clone()
+    }
+
     /// What this replica learned from state audits (divergence checks).
     pub fn audit_status(&self) -> AuditStatus {
         lock(&self.state).audit.status.clone()
@@ -1086,11 +1122,18 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         tokio::task::spawn_blocking(move || {
             // Capture under the lock (guest snapshots are in-memory copies), write outside it so
             // applies continue while the file is written.
+            let started = std::time::Instant::now();
             let captured = lock(&state).capture()?;
             let modules: Vec<&[u8]> = captured.modules.iter().map(|m| m.as_slice()).collect();
             let states: Vec<&[u8]> = captured.states.iter().map(Vec::as_slice).collect();
             snapshot::write(&path, &captured.header, &modules, &states)?;
             let file = SnapshotFile::open(&path)?;
+            {
+                let s = &mut lock(&state).snapshots;
+                s.built += 1;
+                s.last_built_bytes = file.size;
+                s.last_build_seconds = started.elapsed().as_secs_f64();
+            }
             tracing::info!(
                 last = ?captured.header.meta.last_log_id,
                 bytes = file.size,

@@ -305,7 +305,20 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     } else {
         ""
     };
-    anyhow::anyhow!("{}{sources} ({:?}){hint}", s.message(), s.code())
+    // For a fault on the server's side, the id to look for in the nodes' logs.
+    let id = s
+        .metadata()
+        .get(crate::api::trace::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| {
+            matches!(
+                s.code(),
+                tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss
+            )
+        })
+        .map(|id| format!(" [request id {id}: look for it in the nodes' logs]"))
+        .unwrap_or_default();
+    anyhow::anyhow!("{}{sources} ({:?}){hint}{id}", s.message(), s.code())
 }
 
 /// Retries a call while the cluster says "unavailable" (no leader yet, leader changed).

@@ -38,6 +38,10 @@ bench:
 bench-hotswap:
     cargo bench -p waft --bench hotswap
 
+# Storage figures: log append per batch size, snapshot throughput, restart with 1M log entries.
+bench-storage entries="1000000":
+    WAFT_BENCH_LOG_ENTRIES={{entries}} cargo bench -p waft --bench storage
+
 # A local 3-node cluster with the kv guest deployed (Ctrl-C stops it).
 dev:
     cargo run --release -- dev
@@ -53,6 +57,10 @@ chaos secs="120" seed="":
     WAFT_CHAOS_SECS={{secs}} WAFT_CHAOS_SEED={{seed}} cargo test -p waft --test all chaos:: -- --nocapture --test-threads 1
 
 # waft vs etcd on this machine (3 + 3 members, fsync on, 64-byte puts, 1/16/64/256 clients):
-# writes docs/benchmarks/vs-etcd.{jsonl,md,svg}.
+# writes docs/benchmarks/vs-etcd.{jsonl,md,svg}. `just bench-vs-etcd-to-leader` sends waft's
+# load to its leader (a leader-aware client) and writes vs-etcd-to-leader.*.
 bench-vs-etcd secs="10":
     scripts/bench-vs-etcd.sh {{secs}}
+
+bench-vs-etcd-to-leader secs="10":
+    WAFT_BENCH_TO_LEADER=1 scripts/bench-vs-etcd.sh {{secs}}

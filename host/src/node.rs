@@ -78,6 +78,19 @@ pub struct NodeConfig {
     pub etcd_service: String,
     /// Tokens callers and peers must present (see [`crate::auth`]); none by default.
     pub tokens: crate::auth::Tokens,
+    /// How the Raft log is stored.
+    pub log_engine: LogEngine,
+}
+
+/// How a node stores its Raft log. A data directory keeps the engine it was created with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogEngine {
+    /// A redb database (`log.redb`): one B-tree commit per batch of writes.
+    #[default]
+    Redb,
+    /// An append-only file (`log.wal`, see [`crate::storage::wal`]): one write and one
+    /// `fdatasync` per batch.
+    Wal,
 }
 
 impl NodeConfig {
@@ -96,6 +109,7 @@ impl NodeConfig {
             etcd_listen: None,
             etcd_service: "etcd".to_owned(),
             tokens: crate::auth::Tokens::default(),
+            log_engine: LogEngine::default(),
         }
     }
 }
@@ -181,19 +195,32 @@ impl Node {
         let runtime = Runtime::new(config.runtime.clone())?;
         let max_module = runtime.limits().max_module_bytes;
         let precompile = runtime.clone();
-        let log = LogStore::open(&config.data_dir.join("log.redb"))?.on_deploy(Arc::new(
-            move |module: &[u8]| {
-                // Compile ahead of the commit, off every hot path; a failure here is reported when
-                // the entry is applied, identically on every node.
-                let runtime = precompile.clone();
-                let module = module.to_vec();
-                let _ = std::thread::Builder::new()
-                    .name("waft-precompile".into())
-                    .spawn(move || {
-                        let _ = runtime.load(&module);
-                    });
-            },
-        ));
+        let deploy_hook: crate::storage::DeployHook = Arc::new(move |module: &[u8]| {
+            // Compile ahead of the commit, off every hot path; a failure here is reported when
+            // the entry is applied, identically on every node.
+            let runtime = precompile.clone();
+            let module = module.to_vec();
+            let _ = std::thread::Builder::new()
+                .name("waft-precompile".into())
+                .spawn(move || {
+                    let _ = runtime.load(&module);
+                });
+        });
+        let (redb_path, wal_path) = (
+            config.data_dir.join("log.redb"),
+            config.data_dir.join("log.wal"),
+        );
+        let other = match config.log_engine {
+            LogEngine::Redb => &wal_path,
+            LogEngine::Wal => &redb_path,
+        };
+        if other.exists() {
+            return Err(NodeError::Storage(std::io::Error::other(format!(
+                "{} holds a log in the other engine ({}); start with the engine it was made with",
+                config.data_dir.display(),
+                other.display()
+            ))));
+        }
         let sm = StateMachineStore::new(runtime.clone(), &snapshot_dir)?;
         let state = sm.handle();
         let raft_config = openraft::Config {
@@ -222,9 +249,17 @@ impl Node {
                 .with_cluster_token(config.tokens.cluster.clone()),
         );
         let network = NetworkFactory::new(config.net.clone(), identity.clone());
-        let raft = Raft::new(config.id, raft_config, network.clone(), log, sm)
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let raft = match config.log_engine {
+            LogEngine::Redb => {
+                let log = LogStore::open(&redb_path)?.on_deploy(deploy_hook);
+                Raft::new(config.id, raft_config, network.clone(), log, sm).await
+            }
+            LogEngine::Wal => {
+                let log = crate::storage::WalLog::open(&wal_path)?.on_deploy(deploy_hook);
+                Raft::new(config.id, raft_config, network.clone(), log, sm).await
+            }
+        }
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
         let service = RaftService::new(
             raft.clone(),
             identity.clone(),
@@ -370,8 +405,11 @@ impl Node {
     ) -> Result<(u64, Vec<String>), NodeError> {
         use crate::raft::types::{Request, Response};
         let dir = config.data_dir.clone();
-        let log = dir.join("log.redb");
-        if log.exists() {
+        let log = match config.log_engine {
+            LogEngine::Redb => dir.join("log.redb"),
+            LogEngine::Wal => dir.join("log.wal"),
+        };
+        if dir.join("log.redb").exists() || dir.join("log.wal").exists() {
             return Err(NodeError::Restore(format!(
                 "{} already holds a node's data; seed an empty directory, or restore into the \
                  running cluster with `waft restore FILE`",

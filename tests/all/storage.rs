@@ -7,7 +7,7 @@ use openraft::testing::log::{StoreBuilder, Suite};
 use tempfile::TempDir;
 use waft::raft::types::TypeConfig;
 use waft::runtime::{Runtime, RuntimeConfig};
-use waft::storage::{LogStore, StateMachineStore};
+use waft::storage::{LogStore, StateMachineStore, WalLog};
 
 struct Builder;
 
@@ -28,6 +28,29 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder 
 async fn openraft_storage_conformance_suite_passes() {
     init_tracing();
     Suite::test_all(Builder)
+        .await
+        .expect("openraft's storage suite");
+}
+
+struct WalBuilder;
+
+impl StoreBuilder<TypeConfig, WalLog, StateMachineStore, TempDir> for WalBuilder {
+    async fn build(
+        &self,
+    ) -> Result<(TempDir, WalLog, StateMachineStore), StorageError<TypeConfig>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = WalLog::open(&dir.path().join("log.wal")).expect("open log");
+        let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+        let sm =
+            StateMachineStore::new(runtime, &dir.path().join("snapshots")).expect("state machine");
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_log_passes_openraft_storage_conformance_suite() {
+    init_tracing();
+    Suite::test_all(WalBuilder)
         .await
         .expect("openraft's storage suite");
 }
@@ -135,14 +158,22 @@ fn a_corrupt_or_foreign_log_file_is_a_clear_startup_error() {
 }
 
 /// The child side of the crash test: appends without waiting and prints each flushed index.
-/// Runs only when the parent test starts it with WAFT_CRASH_DIR set.
+/// Runs only when the parent test starts it with WAFT_CRASH_DIR set (and WAFT_CRASH_ENGINE).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_child_log_writer() {
     let Ok(dir) = std::env::var("WAFT_CRASH_DIR") else {
         return;
     };
+    let dir = std::path::Path::new(&dir);
+    if std::env::var("WAFT_CRASH_ENGINE").as_deref() == Ok("wal") {
+        write_forever(WalLog::open(&dir.join("log.wal")).expect("open")).await;
+    } else {
+        write_forever(LogStore::open(&dir.join("log.redb")).expect("open")).await;
+    }
+}
+
+async fn write_forever<L: RaftLogStorage<TypeConfig>>(mut log: L) {
     use std::io::Write;
-    let mut log = LogStore::open(&std::path::Path::new(&dir).join("log.redb")).expect("open");
     let (report, mut flushed) =
         tokio::sync::mpsc::unbounded_channel::<(u64, tokio::sync::oneshot::Receiver<_>)>();
     tokio::spawn(async move {
@@ -169,6 +200,27 @@ async fn crash_child_log_writer() {
 
 #[test]
 fn a_process_killed_during_heavy_writes_loses_no_flushed_entry() {
+    let (dir, max_flushed) = crash_a_writer("redb");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(check_flushed(
+        LogStore::open(&dir.path().join("log.redb")).expect("reopen after the crash"),
+        max_flushed,
+    ));
+}
+
+#[test]
+fn a_wal_writer_killed_during_heavy_writes_loses_no_flushed_entry() {
+    let (dir, max_flushed) = crash_a_writer("wal");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(check_flushed(
+        WalLog::open(&dir.path().join("log.wal")).expect("reopen after the crash"),
+        max_flushed,
+    ));
+}
+
+/// Runs the child writer with `engine`, SIGKILLs it past 20,000 flushed entries; returns its
+/// directory and the highest index it reported flushed.
+fn crash_a_writer(engine: &str) -> (TempDir, u64) {
     use std::io::BufRead;
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -181,6 +233,7 @@ fn a_process_killed_during_heavy_writes_loses_no_flushed_entry() {
             "1",
         ])
         .env("WAFT_CRASH_DIR", dir.path())
+        .env("WAFT_CRASH_ENGINE", engine)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -197,6 +250,7 @@ fn a_process_killed_during_heavy_writes_loses_no_flushed_entry() {
         }
     }
     tracing::info!(
+        engine,
         max_flushed,
         "SIGKILL the writer in the middle of its writes"
     );
@@ -209,26 +263,72 @@ fn a_process_killed_during_heavy_writes_loses_no_flushed_entry() {
     }
     let _ = child.wait();
     assert!(max_flushed >= 20_000, "the child reported flushes");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let mut log = LogStore::open(&dir.path().join("log.redb")).expect("reopen after the crash");
-        let state = log.get_log_state().await.expect("state");
-        let last = state.last_log_id.map(|l| l.index).unwrap_or(0);
-        assert!(
-            last >= max_flushed,
-            "reported flushed up to {max_flushed}, but the log ends at {last}"
-        );
-        let entries = log
-            .try_get_log_entries(1..=max_flushed)
-            .await
-            .expect("read");
-        assert_eq!(
-            entries.len() as u64,
-            max_flushed,
-            "every flushed entry is there"
-        );
-        for (e, i) in entries.iter().zip(1..) {
-            assert_eq!(e, &entry(i, 512));
-        }
-    });
+    (dir, max_flushed)
+}
+
+async fn check_flushed<L: RaftLogStorage<TypeConfig> + RaftLogReader<TypeConfig>>(
+    mut log: L,
+    max_flushed: u64,
+) {
+    let state = log.get_log_state().await.expect("state");
+    let last = state.last_log_id.map(|l| l.index).unwrap_or(0);
+    assert!(
+        last >= max_flushed,
+        "reported flushed up to {max_flushed}, but the log ends at {last}"
+    );
+    let entries = log
+        .try_get_log_entries(1..=max_flushed)
+        .await
+        .expect("read");
+    assert_eq!(
+        entries.len() as u64,
+        max_flushed,
+        "every flushed entry is there"
+    );
+    for (e, i) in entries.iter().zip(1..) {
+        assert_eq!(e, &entry(i, 512));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_on_the_wal_engine_replicates_restarts_and_agrees() {
+    use crate::cluster_support::{TestCluster, kv, test_settings};
+    use waft::node::{LogEngine, Node, NodeConfig};
+    let mut cluster = TestCluster::start_with(3, test_settings(), |c| {
+        c.log_engine = LogEngine::Wal;
+    })
+    .await;
+    cluster.form().await;
+    cluster
+        .deploy("kv", waft_testkit::wasm(waft_testkit::guests::EXAMPLE_KV))
+        .await;
+    for i in 0..200 {
+        cluster.write(kv(format!("put a{i} {i}"))).await;
+    }
+    let follower = (cluster.wait_leader().await + 1) % 3;
+    cluster.stop(follower).await;
+    for i in 0..200 {
+        cluster.write(kv(format!("put b{i} {i}"))).await;
+    }
+    cluster.restart(follower).await;
+    let (last, _) = cluster.write(kv("put end 1")).await;
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
+    let dir = cluster.dirs[follower].path().to_owned();
+    assert!(dir.join("log.wal").exists() && !dir.join("log.redb").exists());
+
+    // A directory keeps its engine: starting it with the other one is refused, in words.
+    cluster.stop(follower).await;
+    let mut config = NodeConfig::new(follower as u64, &dir);
+    config.log_engine = LogEngine::Redb;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let e = Node::start(config, listener)
+        .await
+        .err()
+        .expect("the other engine is refused");
+    assert!(e.to_string().contains("other engine"), "{e}");
+    assert!(!dir.join("log.redb").exists(), "nothing created");
+    cluster.shutdown().await;
 }

@@ -48,6 +48,10 @@ pub struct NodeArgs {
     /// from a majority. A removed node rejoins with --join.
     #[arg(long, env = "WAFT_REMOVE_UNREACHABLE_AFTER", value_name = "SECONDS")]
     pub remove_unreachable_after: Option<f64>,
+    /// How to store the Raft log: `redb` (a database) or `wal` (an append-only file, one
+    /// fdatasync per batch). A data directory keeps the engine it was created with.
+    #[arg(long, value_enum, default_value_t = crate::node::LogEngine::Redb, env = "WAFT_LOG_ENGINE")]
+    pub log_engine: crate::node::LogEngine,
     /// Announce this node on the local network with mDNS as a member of cluster NAME, so
     /// that nodes started with `--join mdns:NAME` find it.
     #[arg(long, env = "WAFT_MDNS", value_name = "NAME")]
@@ -164,6 +168,7 @@ pub async fn node(
             min_voters: args.min_voters as usize,
         });
     }
+    config.log_engine = args.log_engine;
     config.net.dial = args.dial.iter().cloned().collect();
     config.net.tls = tls;
     config.metrics_listen = args.metrics_listen;

@@ -5,9 +5,11 @@ pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;
 
+pub mod wal;
 pub use log_store::{DeployHook, LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{
     APPLY_BUCKETS_US, AuditStatus, Divergence, QueryError, ServiceInfo, ServiceMetrics,
     ServiceStats, SnapshotStats, StateHandle, StateMachineStore,
 };
+pub use wal::WalLog;

@@ -1,0 +1,577 @@
+//! The Raft log as an append-only file (`waft node --log-engine wal`): a write-ahead log in the
+//! manner of etcd's, where appending a batch costs one `write` and one `fdatasync` instead of a
+//! B-tree commit.
+//!
+//! The file is a sequence of records, each `[length u32][crc32 u32][postcard body]` (little
+//! endian; the checksum covers the body). A body is an entry, a truncation, a purge point, a
+//! vote or the committed index. Opening the file replays the records in order (a later record
+//! for an index replaces an earlier one; a truncation drops what follows it) into memory, where
+//! every read is served from. The in-memory log is updated when a write is submitted, so entries
+//! are readable at once; the writer thread appends the records and fsyncs, and only then fires
+//! the callbacks, in order (group commit, as in [`super::LogStore`]).
+//!
+//! A torn tail (a crash in the middle of a write: a short record, or zeros) is cut off when the
+//! file is opened. A record with a bad checksum that is not at the tail is corruption: the
+//! store refuses to open rather than lose acknowledged entries silently.
+//!
+//! When a purge leaves the file mostly dead (over 64 MiB, less than a quarter of it live), the
+//! writer rewrites it with only the live state (to a new file, fsynced, renamed over the old).
+
+use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::{self, Read, Write};
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use super::log_store::{DeployHook, decode, encode};
+
+/// A file over this size, mostly dead after a purge, is rewritten.
+const COMPACT_ABOVE: u64 = 64 << 20;
+/// The longest record accepted when reading (an entry carries at most a module or a backup).
+const MAX_RECORD: usize = 1 << 30;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Record {
+    Entry(Entry),
+    /// Entries with index >= this are gone.
+    Truncate(u64),
+    /// Entries up to this log id are gone (it is the last purged).
+    Purge(LogId),
+    Vote(Vote),
+    Committed(Option<LogId>),
+}
+
+#[derive(Default)]
+struct Mem {
+    entries: BTreeMap<u64, Entry>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    purged: Option<LogId>,
+}
+
+impl Mem {
+    fn apply(&mut self, r: Record) {
+        match r {
+            Record::Entry(e) => {
+                self.entries.insert(e.index(), e);
+            }
+            Record::Truncate(from) => {
+                self.entries.split_off(&from);
+            }
+            Record::Purge(upto) => {
+                self.entries = self.entries.split_off(&(upto.index() + 1));
+                self.purged = Some(upto);
+            }
+            Record::Vote(v) => self.vote = Some(v),
+            Record::Committed(c) => self.committed = c,
+        }
+    }
+
+    /// Records that rebuild this state.
+    fn records(&self) -> Vec<Record> {
+        let mut out = Vec::with_capacity(self.entries.len() + 3);
+        if let Some(v) = &self.vote {
+            out.push(Record::Vote(v.clone()));
+        }
+        out.push(Record::Committed(self.committed));
+        if let Some(p) = self.purged {
+            out.push(Record::Purge(p));
+        }
+        out.extend(self.entries.values().cloned().map(Record::Entry));
+        out
+    }
+}
+
+type Shared = Arc<Mutex<Mem>>;
+
+fn lock(m: &Mutex<Mem>) -> std::sync::MutexGuard<'_, Mem> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
+}
+
+fn frame(record: &Record, out: &mut Vec<u8>) -> io::Result<()> {
+    let body = encode(record)?;
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+enum Op {
+    Write {
+        bytes: Vec<u8>,
+        callback: Option<IOFlushed<TypeConfig>>,
+        done: Option<mpsc::SyncSender<io::Result<()>>>,
+        /// A purge: see whether the file should be compacted afterwards.
+        purged: bool,
+    },
+}
+
+/// The append-only-file Raft log. See the module docs.
+pub struct WalLog {
+    mem: Shared,
+    writer: mpsc::Sender<Op>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    on_deploy: Option<DeployHook>,
+}
+
+impl Debug for WalLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalLog").finish_non_exhaustive()
+    }
+}
+
+impl Drop for WalLog {
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel();
+        self.writer = closed;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads every record of `bytes`; returns them and the length of the valid prefix.
+fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<Record>, usize)> {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let torn = || rest.iter().all(|b| *b == 0);
+        if rest.len() < 8 {
+            break; // a short header: torn
+        }
+        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_RECORD {
+            if torn() {
+                break;
+            }
+            return Err(corrupt(path, at, "impossible record length"));
+        }
+        if rest.len() < 8 + len {
+            break; // the last record was not written whole
+        }
+        let body = &rest[8..8 + len];
+        if crc32fast::hash(body) != crc {
+            if rest.len() == 8 + len || torn() {
+                break; // the last record, torn
+            }
+            return Err(corrupt(path, at, "checksum mismatch"));
+        }
+        records.push(decode::<Record>("log record", body).map_err(|e| corrupt(path, at, e))?);
+        at += 8 + len;
+    }
+    Ok((records, at))
+}
+
+fn corrupt(path: &Path, at: usize, why: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "the log {} is corrupt at byte {at} ({why}), not at its end: refusing to start \
+             with entries missing",
+            path.display()
+        ),
+    )
+}
+
+impl WalLog {
+    /// Opens (or creates) the log file at `path`, replays it and starts the writer thread.
+    pub fn open(path: &Path) -> io::Result<WalLog> {
+        Self::open_compacting_above(path, COMPACT_ABOVE)
+    }
+
+    fn open_compacting_above(path: &Path, compact_above: u64) -> io::Result<WalLog> {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| io_err(&format!("cannot open the log {}", path.display()), e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let (records, valid) = replay(&bytes, path)?;
+        if valid < bytes.len() {
+            tracing::warn!(
+                path = %path.display(),
+                cut = bytes.len() - valid,
+                "the log ended in a torn write; cutting it off"
+            );
+            file.set_len(valid as u64)?;
+            file.sync_all()?;
+        }
+        let mut mem = Mem::default();
+        for r in records {
+            mem.apply(r);
+        }
+        let mem: Shared = Arc::new(Mutex::new(mem));
+        let (tx, rx) = mpsc::channel();
+        let (wmem, wpath) = (mem.clone(), path.to_owned());
+        let size = valid as u64;
+        let thread = std::thread::Builder::new()
+            .name("waft-wal-writer".into())
+            .spawn(move || writer_loop(file, size, compact_above, &wpath, &wmem, &rx))
+            .map_err(|e| io_err("cannot start the log writer thread", e))?;
+        Ok(WalLog {
+            mem,
+            writer: tx,
+            thread: Some(thread),
+            on_deploy: None,
+        })
+    }
+
+    /// Sets the hook called with the module of each appended deploy entry.
+    pub fn on_deploy(mut self, hook: DeployHook) -> WalLog {
+        self.on_deploy = Some(hook);
+        self
+    }
+
+    fn send(&self, op: Op) -> io::Result<()> {
+        self.writer.send(op).map_err(|_| {
+            io_err(
+                "log writer",
+                "the writer thread has stopped after an earlier error",
+            )
+        })
+    }
+
+    async fn write_and_wait(&self, record: Record, purged: bool) -> io::Result<()> {
+        let mut bytes = Vec::new();
+        frame(&record, &mut bytes)?;
+        let (done, wait) = mpsc::sync_channel(1);
+        self.send(Op::Write {
+            bytes,
+            callback: None,
+            done: Some(done),
+            purged,
+        })?;
+        tokio::task::spawn_blocking(move || wait.recv())
+            .await
+            .map_err(|e| io_err("log writer wait", e))?
+            .map_err(|_| io_err("log writer", "the writer thread stopped before answering"))?
+    }
+}
+
+fn writer_loop(
+    mut file: std::fs::File,
+    mut size: u64,
+    compact_above: u64,
+    path: &Path,
+    mem: &Shared,
+    rx: &mpsc::Receiver<Op>,
+) {
+    const MAX_OPS: usize = 4096;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_OPS {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut buf = Vec::new();
+        let mut purged = false;
+        for Op::Write {
+            bytes, purged: p, ..
+        } in &batch
+        {
+            buf.extend_from_slice(bytes);
+            purged |= *p;
+        }
+        let result = file.write_all(&buf).and_then(|()| file.sync_data());
+        size += buf.len() as u64;
+        let result = match result {
+            Ok(()) if purged && size >= compact_above => {
+                compact_if_dead(&mut file, &mut size, path, mem)
+            }
+            other => other,
+        };
+        let failed = result.is_err();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "log write failed; this node stops accepting log writes");
+        }
+        for Op::Write { callback, done, .. } in batch {
+            let r = result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| io::Error::new(e.kind(), e.to_string()));
+            if let Some(cb) = callback {
+                cb.io_completed(r);
+            } else if let Some(done) = done {
+                let _ = done.send(r);
+            }
+        }
+        if failed {
+            return;
+        }
+    }
+}
+
+/// Rewrites the file with only the live state when it is big and mostly dead.
+fn compact_if_dead(
+    file: &mut std::fs::File,
+    size: &mut u64,
+    path: &Path,
+    mem: &Shared,
+) -> io::Result<()> {
+    // The in-memory log may be ahead of the file (writes queued behind this one): rewriting
+    // from it is still right, since replay is "later record wins" and the queued records are
+    // appended after this snapshot of the state.
+    let mut buf = Vec::new();
+    for r in lock(mem).records() {
+        frame(&r, &mut buf)?;
+    }
+    if (buf.len() as u64) * 4 > *size {
+        return Ok(());
+    }
+    let tmp: PathBuf = path.with_extension("wal.compacting");
+    {
+        let mut t = std::fs::File::create(&tmp)?;
+        t.write_all(&buf)?;
+        t.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    *file = std::fs::OpenOptions::new().append(true).open(path)?;
+    tracing::info!(from = *size, to = buf.len(), "log file compacted");
+    *size = buf.len() as u64;
+    Ok(())
+}
+
+/// Reads the in-memory log.
+#[derive(Clone)]
+pub struct WalReader {
+    mem: Shared,
+}
+
+impl Debug for WalReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalReader").finish_non_exhaustive()
+    }
+}
+
+impl RaftLogReader<TypeConfig> for WalReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        Ok(lock(&self.mem)
+            .entries
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(lock(&self.mem).vote.clone())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for WalLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        WalReader {
+            mem: self.mem.clone(),
+        }
+        .try_get_log_entries(range)
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(lock(&self.mem).vote.clone())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for WalLog {
+    type LogReader = WalReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let m = lock(&self.mem);
+        let last = m
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id())
+            .or(m.purged);
+        Ok(LogState {
+            last_purged_log_id: m.purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        WalReader {
+            mem: self.mem.clone(),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        lock(&self.mem).vote = Some(vote.clone());
+        self.write_and_wait(Record::Vote(vote.clone()), false).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Behind the appends it covers; nobody waits for it (losing it means a longer replay).
+        lock(&self.mem).committed = committed;
+        let mut bytes = Vec::new();
+        frame(&Record::Committed(committed), &mut bytes)?;
+        self.send(Op::Write {
+            bytes,
+            callback: None,
+            done: None,
+            purged: false,
+        })
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(lock(&self.mem).committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut bytes = Vec::new();
+        {
+            let mut m = lock(&self.mem);
+            for entry in entries {
+                if let (
+                    Some(hook),
+                    openraft::EntryPayload::Normal(crate::raft::types::Request::Deploy {
+                        module,
+                        ..
+                    }),
+                ) = (&self.on_deploy, &entry.payload)
+                {
+                    hook(module);
+                }
+                let record = Record::Entry(entry);
+                frame(&record, &mut bytes)?;
+                let Record::Entry(entry) = record else {
+                    unreachable!("built above")
+                };
+                m.entries.insert(entry.index(), entry);
+            }
+        }
+        self.send(Op::Write {
+            bytes,
+            callback: Some(callback),
+            done: None,
+            purged: false,
+        })
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index() + 1);
+        lock(&self.mem).apply(Record::Truncate(from));
+        self.write_and_wait(Record::Truncate(from), false).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        lock(&self.mem).apply(Record::Purge(log_id));
+        self.write_and_wait(Record::Purge(log_id), true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::type_config::TypeConfigExt;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(
+                openraft::impls::leader_id_adv::LeaderId {
+                    term: 1,
+                    node_id: 0,
+                },
+                index,
+            ),
+            payload: openraft::EntryPayload::Normal(crate::raft::types::Request::Command {
+                service: "kv".into(),
+                payload: vec![7; 200],
+                client: None,
+                timestamp_ms: index,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mostly_purged_file_is_compacted_and_reopens_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.wal");
+        let mut log = WalLog::open_compacting_above(&path, 64 << 10).expect("open");
+        let vote = Vote::new(3, 1);
+        log.save_vote(&vote).await.expect("vote");
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append((1..=1000).map(entry), IOFlushed::signal(tx))
+            .await
+            .expect("append");
+        let flushed: Result<(), io::Error> = rx.await.expect("callback");
+        flushed.expect("flushed");
+        let before = std::fs::metadata(&path).expect("meta").len();
+        log.purge(entry(950).log_id).await.expect("purge");
+        let after = std::fs::metadata(&path).expect("meta").len();
+        assert!(after * 4 < before, "{before} -> {after} bytes");
+        drop(log);
+        let mut log = WalLog::open(&path).expect("reopen");
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(entry(950).log_id));
+        assert_eq!(state.last_log_id, Some(entry(1000).log_id));
+        assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
+        let kept = log.try_get_log_entries(0..).await.expect("read");
+        assert_eq!(kept, (951..=1000).map(entry).collect::<Vec<_>>());
+    }
+
+    fn framed(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            frame(r, &mut out).expect("frame");
+        }
+        out
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_corruption_before_it_is_refused() {
+        let p = Path::new("test.wal");
+        let good = framed(&[Record::Truncate(5), Record::Committed(None)]);
+        let (r, valid) = replay(&good, p).expect("replay");
+        assert_eq!((r.len(), valid), (2, good.len()));
+        // A short last record, or zeros after the last one: torn.
+        for tail in [
+            &good[..good.len() - 3],
+            &[good.as_slice(), &[0u8; 64]].concat()[..],
+        ] {
+            let (r, valid) = replay(tail, p).expect("torn tails are cut");
+            assert!(r.len() < 2 || valid == good.len());
+        }
+        // A bad checksum on the last record: torn; on an earlier one: corruption.
+        let mut last_bad = good.clone();
+        let n = last_bad.len();
+        last_bad[n - 1] ^= 1;
+        let (r, _) = replay(&last_bad, p).expect("torn");
+        assert_eq!(r.len(), 1);
+        let mut first_bad = good.clone();
+        first_bad[9] ^= 1;
+        let e = replay(&first_bad, p).err().expect("corrupt");
+        assert!(e.to_string().contains("corrupt at byte 0"), "{e}");
+    }
+}

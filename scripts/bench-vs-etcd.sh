@@ -6,6 +6,7 @@
 # Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_POINT] [CLIENTS...]
 # WAFT_BENCH_TO_LEADER=1 sends waft's requests to its leader (a leader-aware client) instead of
 # spreading them over the three nodes like etcd's; results then go to vs-etcd-to-leader.*.
+# WAFT_LOG_ENGINE=wal runs waft's nodes on the WAL log engine (results: vs-etcd[-to-leader]-wal.*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -60,8 +61,12 @@ for _ in $(seq 50); do ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:23791 put war
 NAME=vs-etcd
 ROUTE=()
 if [ -n "${WAFT_BENCH_TO_LEADER:-}" ]; then
-  NAME=vs-etcd-to-leader
+  NAME=$NAME-to-leader
   ROUTE=(--to-leader)
+fi
+# WAFT_LOG_ENGINE=wal (read by `waft node`) runs waft on the append-only-file log.
+if [ "${WAFT_LOG_ENGINE:-redb}" = wal ]; then
+  NAME=$NAME-wal
 fi
 OUT=docs/benchmarks/$NAME.jsonl
 : >"$OUT"

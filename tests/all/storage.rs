@@ -326,8 +326,7 @@ async fn a_cluster_on_the_wal_engine_replicates_restarts_and_agrees() {
         .expect("bind");
     let e = Node::start(config, listener)
         .await
-        .err()
-        .expect("the other engine is refused");
+        .expect_err("the other engine is refused");
     assert!(e.to_string().contains("other engine"), "{e}");
     assert!(!dir.join("log.redb").exists(), "nothing created");
     cluster.shutdown().await;

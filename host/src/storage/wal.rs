@@ -76,7 +76,7 @@ impl Mem {
     fn records(&self) -> Vec<Record> {
         let mut out = Vec::with_capacity(self.entries.len() + 3);
         if let Some(v) = &self.vote {
-            out.push(Record::Vote(v.clone()));
+            out.push(Record::Vote(*v));
         }
         out.push(Record::Committed(self.committed));
         if let Some(p) = self.purged {
@@ -374,7 +374,7 @@ impl RaftLogReader<TypeConfig> for WalReader {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(lock(&self.mem).vote.clone())
+        Ok(lock(&self.mem).vote)
     }
 }
 
@@ -391,7 +391,7 @@ impl RaftLogReader<TypeConfig> for WalLog {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(lock(&self.mem).vote.clone())
+        Ok(lock(&self.mem).vote)
     }
 }
 
@@ -419,8 +419,8 @@ impl RaftLogStorage<TypeConfig> for WalLog {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        lock(&self.mem).vote = Some(vote.clone());
-        self.write_and_wait(Record::Vote(vote.clone()), false).await
+        lock(&self.mem).vote = Some(*vote);
+        self.write_and_wait(Record::Vote(*vote), false).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {

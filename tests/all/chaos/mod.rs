@@ -216,7 +216,13 @@ impl Nemesis {
             Nemesis::DiskFull => {
                 let victim = rng.below(n as u64) as usize;
                 c.kill(victim);
-                let log = c.data_dir(victim).join("log.redb");
+                // Whichever engine the nodes run on (WAFT_LOG_ENGINE).
+                let wal = c.data_dir(victim).join("log.wal");
+                let log = if wal.exists() {
+                    wal
+                } else {
+                    c.data_dir(victim).join("log.redb")
+                };
                 let size = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 c.spawn(victim, Some(size));
                 f.note(format!(
@@ -434,10 +440,18 @@ async fn compare_logs(c: &ProcCluster) -> String {
     use openraft::storage::RaftLogReader;
     let mut logs = Vec::new();
     for i in 0..c.len() {
-        let path = c.data_dir(i).join("log.redb");
-        let entries = match waft::storage::LogStore::open(&path) {
-            Ok(mut store) => store.try_get_log_entries(0..).await.unwrap_or_default(),
-            Err(e) => return format!("cannot open {}: {e}", path.display()),
+        let wal = c.data_dir(i).join("log.wal");
+        let entries = if wal.exists() {
+            match waft::storage::WalLog::open(&wal) {
+                Ok(mut store) => store.try_get_log_entries(0..).await.unwrap_or_default(),
+                Err(e) => return format!("cannot open {}: {e}", wal.display()),
+            }
+        } else {
+            let path = c.data_dir(i).join("log.redb");
+            match waft::storage::LogStore::open(&path) {
+                Ok(mut store) => store.try_get_log_entries(0..).await.unwrap_or_default(),
+                Err(e) => return format!("cannot open {}: {e}", path.display()),
+            }
         };
         logs.push(
             entries

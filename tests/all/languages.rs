@@ -163,22 +163,71 @@ async fn deploy(addr: &str, service: &str, path: &str) -> api::DeployReply {
             Err(e) if e.code() == tonic::Code::Unavailable => {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
+            // The connection dropped mid-call (a loaded machine): the deploy may have gone
+            // through. Look before deploying again, so a retry does not add a version.
+            Err(e) if e.message().contains("transport error") => {
+                if let Some(done) = deployed(addr, service, &module).await {
+                    return done;
+                }
+            }
             Err(e) => panic!("deploy {path} as {service}: {e}"),
         }
     }
     panic!("deploy {path} as {service}: unavailable ten times");
 }
 
+/// The service's deploy of `module`, if it takes effect within 20 s.
+async fn deployed(addr: &str, service: &str, module: &[u8]) -> Option<api::DeployReply> {
+    let sha = waft::runtime::ModuleHash::of(module).to_hex();
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let Ok(reply) = client(addr)
+            .await
+            .list_services(api::ListServicesRequest {})
+            .await
+        else {
+            continue;
+        };
+        if let Some(s) = reply
+            .into_inner()
+            .services
+            .into_iter()
+            .find(|s| s.name == service && s.module_sha256 == sha)
+        {
+            return Some(api::DeployReply {
+                module_sha256: s.module_sha256,
+                index: s.deployed_at_index,
+                dry_run: false,
+                version: s.version,
+            });
+        }
+    }
+    None
+}
+
+/// Submits `cmd` once: as one client session (exactly-once), retrying while the cluster says
+/// UNAVAILABLE (an election while every node compiles a big component).
 async fn submit(c: &mut WaftClient<Channel>, service: &str, cmd: &str) -> Result<String, String> {
-    let reply = c
-        .submit(api::SubmitRequest {
-            service: service.to_owned(),
-            payload: cmd.as_bytes().to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner();
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let sequence = SEQUENCE.fetch_add(1, Ordering::SeqCst) + 1;
+    let request = api::SubmitRequest {
+        service: service.to_owned(),
+        payload: cmd.as_bytes().to_vec(),
+        client_id: 0x1a2b_3c4d,
+        sequence,
+    };
+    let mut tries = 0;
+    let reply = loop {
+        match c.submit(request.clone()).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(e) if e.code() == tonic::Code::Unavailable && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("submit {cmd:?} to {service}: {e}"),
+        }
+    };
     match reply.outcome {
         Some(api::submit_reply::Outcome::Ok(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
         Some(api::submit_reply::Outcome::Rejected(m)) => Err(m),

@@ -64,7 +64,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
+pub(crate) fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
 }
 
@@ -92,6 +92,17 @@ pub struct LogStore {
 /// compiles the module in the background, so that applying the deploy (the swap itself) finds
 /// it compiled.
 pub type DeployHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Calls `hook` with the module when `entry` is a deploy (both log engines do on append).
+pub(crate) fn notify_deploy(hook: Option<&DeployHook>, entry: &Entry) {
+    if let (
+        Some(hook),
+        openraft::EntryPayload::Normal(crate::raft::types::Request::Deploy { module, .. }),
+    ) = (hook, &entry.payload)
+    {
+        hook(module);
+    }
+}
 
 impl Drop for LogStore {
     fn drop(&mut self) {
@@ -468,16 +479,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             for entry in entries {
                 let bytes = encode(&entry)?;
                 encoded.push((entry.index(), entry.log_id(), bytes));
-                if let (
-                    Some(hook),
-                    openraft::EntryPayload::Normal(crate::raft::types::Request::Deploy {
-                        module,
-                        ..
-                    }),
-                ) = (&self.on_deploy, &entry.payload)
-                {
-                    hook(module);
-                }
+                notify_deploy(self.on_deploy.as_ref(), &entry);
                 p.insert(entry.index(), entry);
             }
         }

@@ -28,7 +28,7 @@ use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
-use super::log_store::{DeployHook, decode, encode};
+use super::log_store::{DeployHook, decode, encode, io_err, notify_deploy};
 
 /// A file over this size, mostly dead after a purge, is rewritten.
 const COMPACT_ABOVE: u64 = 64 << 20;
@@ -91,10 +91,6 @@ type Shared = Arc<Mutex<Mem>>;
 
 fn lock(m: &Mutex<Mem>) -> std::sync::MutexGuard<'_, Mem> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(format!("{what}: {e}"))
 }
 
 fn frame(record: &Record, out: &mut Vec<u8>) -> io::Result<()> {
@@ -453,16 +449,7 @@ impl RaftLogStorage<TypeConfig> for WalLog {
         {
             let mut m = lock(&self.mem);
             for entry in entries {
-                if let (
-                    Some(hook),
-                    openraft::EntryPayload::Normal(crate::raft::types::Request::Deploy {
-                        module,
-                        ..
-                    }),
-                ) = (&self.on_deploy, &entry.payload)
-                {
-                    hook(module);
-                }
+                notify_deploy(self.on_deploy.as_ref(), &entry);
                 let record = Record::Entry(entry);
                 frame(&record, &mut bytes)?;
                 let Record::Entry(entry) = record else {

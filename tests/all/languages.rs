@@ -8,6 +8,7 @@
 use crate::cluster_support::{TestCluster, test_settings};
 use crate::support::{apply_all, ctx, guest, query, runtime, text};
 use tonic::transport::Channel;
+use waft::node::RaftSettings;
 use waft::pb::api::{self, waft_client::WaftClient};
 use waft_testkit::guests::{EXAMPLE_KV, EXAMPLE_KV_JS, EXAMPLE_KV_PYTHON};
 
@@ -235,16 +236,24 @@ async fn submit(c: &mut WaftClient<Channel>, service: &str, cmd: &str) -> Result
     }
 }
 
+/// A linearizable query, retried while the cluster says UNAVAILABLE (as [`submit`]).
 async fn read(c: &mut WaftClient<Channel>, service: &str, q: &str) -> Result<String, String> {
-    let reply = c
-        .query(api::QueryRequest {
-            service: service.to_owned(),
-            payload: q.as_bytes().to_vec(),
-            consistency: api::Consistency::Linearizable as i32,
-        })
-        .await
-        .expect("query")
-        .into_inner();
+    let request = api::QueryRequest {
+        service: service.to_owned(),
+        payload: q.as_bytes().to_vec(),
+        consistency: api::Consistency::Linearizable as i32,
+    };
+    let mut tries = 0;
+    let reply = loop {
+        match c.query(request.clone()).await {
+            Ok(reply) => break reply.into_inner(),
+            Err(e) if e.code() == tonic::Code::Unavailable && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("query {q:?} on {service}: {e}"),
+        }
+    };
     match reply.outcome {
         Some(api::query_reply::Outcome::Ok(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
         Some(api::query_reply::Outcome::Rejected(m)) => Err(m),
@@ -255,7 +264,19 @@ async fn read(c: &mut WaftClient<Channel>, service: &str, q: &str) -> Result<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn python_and_js_guests_run_on_a_cluster_like_the_rust_kv_and_swap_with_it() {
     let foreign = foreign();
-    let cluster = TestCluster::start(3, test_settings()).await;
+    // Three nodes in one process each compile two 18 MiB components while other tests run on
+    // the same two cores: use the timeouts an operator would pick for a loaded machine (as
+    // etcd's defaults: heartbeat 100 ms, election 1 s and up), so a slow heartbeat is not an
+    // election every few seconds.
+    let settings = RaftSettings {
+        heartbeat: std::time::Duration::from_millis(150),
+        election_timeout: (
+            std::time::Duration::from_millis(1500),
+            std::time::Duration::from_millis(3000),
+        ),
+        ..test_settings()
+    };
+    let cluster = TestCluster::start(3, settings).await;
     cluster.form().await;
     let leader = cluster.wait_leader().await;
     // Deploy through a follower: an 18 MiB module is streamed, forwarded and replicated.

@@ -6,7 +6,8 @@
 # Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_POINT] [CLIENTS...]
 # WAFT_BENCH_TO_LEADER=1 sends waft's requests to its leader (a leader-aware client) instead of
 # spreading them over the three nodes like etcd's; results then go to vs-etcd-to-leader.*.
-# WAFT_LOG_ENGINE=wal runs waft's nodes on the WAL log engine (results: vs-etcd[-to-leader]-wal.*).
+# WAFT_LOG_ENGINE=redb runs waft's nodes on the redb log engine instead of the default WAL
+# (results: vs-etcd[-to-leader]-redb.*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -64,9 +65,9 @@ if [ -n "${WAFT_BENCH_TO_LEADER:-}" ]; then
   NAME=$NAME-to-leader
   ROUTE=(--to-leader)
 fi
-# WAFT_LOG_ENGINE=wal (read by `waft node`) runs waft on the append-only-file log.
-if [ "${WAFT_LOG_ENGINE:-redb}" = wal ]; then
-  NAME=$NAME-wal
+# WAFT_LOG_ENGINE (read by `waft node`) picks the log engine; the WAL is the default.
+if [ "${WAFT_LOG_ENGINE:-wal}" = redb ]; then
+  NAME=$NAME-redb
 fi
 OUT=docs/benchmarks/$NAME.jsonl
 : >"$OUT"

@@ -10,7 +10,7 @@ self="${HOSTNAME}.${domain}:7001"
 seed="${HOSTNAME%-*}-0.${domain}:7001"
 set -- node --id "$id" --listen 0.0.0.0:7001 --advertise "$self" --data-dir /data \
   --metrics-listen 0.0.0.0:9101
-if [ -e /data/log.redb ]; then
+if [ -e /data/log.wal ] || [ -e /data/log.redb ]; then
   exec waft "$@"
 elif [ "$ordinal" = 0 ]; then
   waft "$@" &

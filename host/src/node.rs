@@ -10,7 +10,7 @@ use crate::raft::types::NodeId;
 use crate::raft::{Identity, NetConfig, NetworkFactory, Raft, RaftService, SnapshotLimits};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{LogStore, StateHandle, StateMachineStore};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -78,19 +78,73 @@ pub struct NodeConfig {
     pub etcd_service: String,
     /// Tokens callers and peers must present (see [`crate::auth`]); none by default.
     pub tokens: crate::auth::Tokens,
-    /// How the Raft log is stored.
-    pub log_engine: LogEngine,
+    /// How the Raft log is stored. `None`: the engine the data directory already holds, and
+    /// [`LogEngine::default`] (the WAL) for a new directory.
+    pub log_engine: Option<LogEngine>,
 }
 
 /// How a node stores its Raft log. A data directory keeps the engine it was created with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogEngine {
     /// A redb database (`log.redb`): one B-tree commit per batch of writes.
-    #[default]
     Redb,
     /// An append-only file (`log.wal`, see [`crate::storage::wal`]): one write and one
-    /// `fdatasync` per batch.
+    /// `fdatasync` per batch. The default for new data directories: about a quarter more
+    /// writes per second than redb on the same machine (docs/benchmarks.md).
+    #[default]
     Wal,
+}
+
+impl LogEngine {
+    /// The log's file in `dir`.
+    pub fn path(self, dir: &Path) -> PathBuf {
+        match self {
+            LogEngine::Redb => dir.join("log.redb"),
+            LogEngine::Wal => dir.join("log.wal"),
+        }
+    }
+
+    /// The engine of the log `dir` holds, if any; an error if it holds both.
+    pub fn found_in(dir: &Path) -> std::io::Result<Option<LogEngine>> {
+        let (redb, wal) = (LogEngine::Redb.path(dir), LogEngine::Wal.path(dir));
+        match (redb.exists(), wal.exists()) {
+            (true, true) => Err(std::io::Error::other(format!(
+                "{} holds a log in both engines ({} and {}); move the one that is not this \
+                 node's away",
+                dir.display(),
+                redb.display(),
+                wal.display()
+            ))),
+            (true, false) => Ok(Some(LogEngine::Redb)),
+            (false, true) => Ok(Some(LogEngine::Wal)),
+            (false, false) => Ok(None),
+        }
+    }
+
+    /// The engine to open `dir` with: the one asked for, which must be the one the directory
+    /// holds if it holds a log; without a wish, the directory's, or the default for a new one.
+    pub fn resolve(wanted: Option<LogEngine>, dir: &Path) -> std::io::Result<LogEngine> {
+        match (wanted, LogEngine::found_in(dir)?) {
+            (Some(w), Some(found)) if w != found => Err(std::io::Error::other(format!(
+                "{} holds a log in the other engine ({}); start with the engine it was made \
+                 with (--log-engine {}), or leave the option out",
+                dir.display(),
+                found.path(dir).display(),
+                found.name()
+            ))),
+            (Some(w), _) => Ok(w),
+            (None, Some(found)) => Ok(found),
+            (None, None) => Ok(LogEngine::default()),
+        }
+    }
+
+    /// The engine's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogEngine::Redb => "redb",
+            LogEngine::Wal => "wal",
+        }
+    }
 }
 
 impl NodeConfig {
@@ -109,7 +163,7 @@ impl NodeConfig {
             etcd_listen: None,
             etcd_service: "etcd".to_owned(),
             tokens: crate::auth::Tokens::default(),
-            log_engine: LogEngine::default(),
+            log_engine: None,
         }
     }
 }
@@ -206,21 +260,7 @@ impl Node {
                     let _ = runtime.load(&module);
                 });
         });
-        let (redb_path, wal_path) = (
-            config.data_dir.join("log.redb"),
-            config.data_dir.join("log.wal"),
-        );
-        let other = match config.log_engine {
-            LogEngine::Redb => &wal_path,
-            LogEngine::Wal => &redb_path,
-        };
-        if other.exists() {
-            return Err(NodeError::Storage(std::io::Error::other(format!(
-                "{} holds a log in the other engine ({}); start with the engine it was made with",
-                config.data_dir.display(),
-                other.display()
-            ))));
-        }
+        let engine = LogEngine::resolve(config.log_engine, &config.data_dir)?;
         let sm = StateMachineStore::new(runtime.clone(), &snapshot_dir)?;
         let state = sm.handle();
         let raft_config = openraft::Config {
@@ -249,13 +289,14 @@ impl Node {
                 .with_cluster_token(config.tokens.cluster.clone()),
         );
         let network = NetworkFactory::new(config.net.clone(), identity.clone());
-        let raft = match config.log_engine {
+        let log_path = engine.path(&config.data_dir);
+        let raft = match engine {
             LogEngine::Redb => {
-                let log = LogStore::open(&redb_path)?.on_deploy(deploy_hook);
+                let log = LogStore::open(&log_path)?.on_deploy(deploy_hook);
                 Raft::new(config.id, raft_config, network.clone(), log, sm).await
             }
             LogEngine::Wal => {
-                let log = crate::storage::WalLog::open(&wal_path)?.on_deploy(deploy_hook);
+                let log = crate::storage::WalLog::open(&log_path)?.on_deploy(deploy_hook);
                 Raft::new(config.id, raft_config, network.clone(), log, sm).await
             }
         }
@@ -405,11 +446,8 @@ impl Node {
     ) -> Result<(u64, Vec<String>), NodeError> {
         use crate::raft::types::{Request, Response};
         let dir = config.data_dir.clone();
-        let log = match config.log_engine {
-            LogEngine::Redb => dir.join("log.redb"),
-            LogEngine::Wal => dir.join("log.wal"),
-        };
-        if dir.join("log.redb").exists() || dir.join("log.wal").exists() {
+        let log = config.log_engine.unwrap_or_default().path(&dir);
+        if LogEngine::found_in(&dir)?.is_some() {
             return Err(NodeError::Restore(format!(
                 "{} already holds a node's data; seed an empty directory, or restore into the \
                  running cluster with `waft restore FILE`",

@@ -219,7 +219,10 @@ async fn a_backup_seeds_an_empty_data_dir_offline() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(!empty.path().join("log.redb").exists(), "nothing written");
+    assert!(
+        !empty.path().join("log.redb").exists() && !empty.path().join("log.wal").exists(),
+        "nothing written"
+    );
 
     tracing::info!("the seeded node starts as a one-node cluster with the state; a joiner gets it");
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");

@@ -291,11 +291,12 @@ async fn check_flushed<L: RaftLogStorage<TypeConfig> + RaftLogReader<TypeConfig>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_on_the_wal_engine_replicates_restarts_and_agrees() {
+async fn a_cluster_on_the_redb_engine_replicates_restarts_and_agrees() {
     use crate::cluster_support::{TestCluster, kv, test_settings};
     use waft::node::{LogEngine, Node, NodeConfig};
+    // Every other cluster test runs on the default engine (the WAL); this one on redb.
     let mut cluster = TestCluster::start_with(3, test_settings(), |c| {
-        c.log_engine = LogEngine::Wal;
+        c.log_engine = Some(LogEngine::Redb);
     })
     .await;
     cluster.form().await;
@@ -315,12 +316,12 @@ async fn a_cluster_on_the_wal_engine_replicates_restarts_and_agrees() {
     cluster.wait_applied(last).await;
     cluster.assert_identical().await;
     let dir = cluster.dirs[follower].path().to_owned();
-    assert!(dir.join("log.wal").exists() && !dir.join("log.redb").exists());
+    assert!(dir.join("log.redb").exists() && !dir.join("log.wal").exists());
 
-    // A directory keeps its engine: starting it with the other one is refused, in words.
+    // A directory keeps its engine: starting it with the other one is refused, in words...
     cluster.stop(follower).await;
     let mut config = NodeConfig::new(follower as u64, &dir);
-    config.log_engine = LogEngine::Redb;
+    config.log_engine = Some(LogEngine::Wal);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -328,6 +329,13 @@ async fn a_cluster_on_the_wal_engine_replicates_restarts_and_agrees() {
         .await
         .expect_err("the other engine is refused");
     assert!(e.to_string().contains("other engine"), "{e}");
-    assert!(!dir.join("log.redb").exists(), "nothing created");
+    assert!(!dir.join("log.wal").exists(), "nothing created");
+    // ...and without a wish, it opens with the engine it holds (the defaults say WAL).
+    cluster.configure = |_| {};
+    cluster.restart(follower).await;
+    let (last, _) = cluster.write(kv("put after 1")).await;
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
+    assert!(!dir.join("log.wal").exists(), "still on redb");
     cluster.shutdown().await;
 }

@@ -82,6 +82,22 @@ pub(crate) fn now_ms() -> u64 {
 /// How long a call waits for an election to produce a leader before answering UNAVAILABLE.
 const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// A forwarded call that failed here, in the connection to the leader (it went away, the
+/// connection dropped), rather than with a status the leader sent: UNAVAILABLE, which clients
+/// retry, instead of the INTERNAL or UNKNOWN the transport reports. A write may or may not have
+/// been applied; a retry with the same client session applies it at most once.
+fn relay_failure(leader: &str, status: Status) -> Status {
+    // Statuses that came over the wire have no source; ones made from a local error do.
+    if std::error::Error::source(&status).is_none() {
+        return status;
+    }
+    Status::unavailable(format!(
+        "lost the connection to the leader at {leader} while forwarding ({}); a write may or \
+         may not have been applied: retry (with the same client session, it applies once)",
+        status.message()
+    ))
+}
+
 fn no_leader() -> Status {
     Status::unavailable("no leader is known yet (an election may be in progress); retry shortly")
 }
@@ -437,7 +453,9 @@ impl Api {
         match result {
             Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
             Err(e) if e.forward_to_leader().is_some() => match route_of(&e, already_forwarded)? {
-                Route::Leader(addr) => forward(self.cluster_client(&addr)?).await,
+                Route::Leader(addr) => forward(self.cluster_client(&addr)?)
+                    .await
+                    .map_err(|s| relay_failure(&addr, s)),
                 Route::Here => Err(no_leader()),
             },
             Err(e) => Err(write_error(&e)),
@@ -541,9 +559,11 @@ impl waft_server::Waft for Api {
         };
         match self.write(entry, fwd).await? {
             Ok((index, response)) => Ok(GrpcResponse::new(submit_reply(index, response)?)),
-            Err(Route::Leader(addr)) => {
-                self.waft_client(&addr)?.submit(self.mark(&auth, req)).await
-            }
+            Err(Route::Leader(addr)) => self
+                .waft_client(&addr)?
+                .submit(self.mark(&auth, req))
+                .await
+                .map_err(|s| relay_failure(&addr, s)),
             Err(Route::Here) => Err(no_leader()),
         }
     }
@@ -571,7 +591,11 @@ impl waft_server::Waft for Api {
             && let Err(e) = self.raft.ensure_linearizable(policy).await
         {
             return match route_of(&e, fwd)? {
-                Route::Leader(addr) => self.waft_client(&addr)?.query(self.mark(&auth, req)).await,
+                Route::Leader(addr) => self
+                    .waft_client(&addr)?
+                    .query(self.mark(&auth, req))
+                    .await
+                    .map_err(|s| relay_failure(&addr, s)),
                 Route::Here => Err(no_leader()),
             };
         }
@@ -645,7 +669,8 @@ impl waft_server::Waft for Api {
             return self
                 .waft_client(&addr)?
                 .deploy(self.mark(&auth, futures::stream::iter(chunks)))
-                .await;
+                .await
+                .map_err(|s| relay_failure(&addr, s));
         }
         let limits = crate::raft::types::ServiceLimits {
             fuel_per_apply: (header.fuel_per_apply != 0).then_some(header.fuel_per_apply),
@@ -688,7 +713,8 @@ impl waft_server::Waft for Api {
             return self
                 .waft_client(&addr)?
                 .rollback(self.mark(&auth, req))
-                .await;
+                .await
+                .map_err(|s| relay_failure(&addr, s));
         }
         let to = (req.to_version != 0).then_some(req.to_version);
         if !self.state.services().iter().any(|s| s.name == req.service) {
@@ -807,7 +833,8 @@ impl cluster_server::Cluster for Api {
                     .cluster_client(&addr)?
                     .max_decoding_message_size(usize::MAX)
                     .backup(self.mark(&auth, api::BackupRequest {}))
-                    .await?
+                    .await
+                    .map_err(|s| relay_failure(&addr, s))?
                     .into_inner();
                 Ok(GrpcResponse::new(Box::pin(upstream)))
             }
@@ -864,7 +891,8 @@ impl cluster_server::Cluster for Api {
                 .cluster_client(&addr)?
                 .max_encoding_message_size(usize::MAX)
                 .restore(self.mark(&auth, futures::stream::iter(chunks)))
-                .await;
+                .await
+                .map_err(|s| relay_failure(&addr, s));
         }
         // Validate before proposing: a backup that does not load never reaches the log.
         let bytes = Arc::new(bytes);
@@ -1058,11 +1086,11 @@ impl cluster_server::Cluster for Api {
                     .map_err(|e| Status::unavailable(e.to_string()))?;
                 Ok(GrpcResponse::new(api::TransferLeaderReply {}))
             }
-            Route::Leader(addr) => {
-                self.cluster_client(&addr)?
-                    .transfer_leader(self.mark(&auth, req))
-                    .await
-            }
+            Route::Leader(addr) => self
+                .cluster_client(&addr)?
+                .transfer_leader(self.mark(&auth, req))
+                .await
+                .map_err(|s| relay_failure(&addr, s)),
         }
     }
 
@@ -1124,11 +1152,11 @@ impl cluster_server::Cluster for Api {
             })),
             Err(crate::audit::AuditError::Raft(e)) if e.forward_to_leader().is_some() => {
                 match route_of(&e, fwd)? {
-                    Route::Leader(addr) => {
-                        self.cluster_client(&addr)?
-                            .audit(self.mark(&auth, api::AuditRequest {}))
-                            .await
-                    }
+                    Route::Leader(addr) => self
+                        .cluster_client(&addr)?
+                        .audit(self.mark(&auth, api::AuditRequest {}))
+                        .await
+                        .map_err(|s| relay_failure(&addr, s)),
                     Route::Here => Err(no_leader()),
                 }
             }
@@ -1148,5 +1176,24 @@ impl cluster_server::Cluster for Api {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(GrpcResponse::new(api::TriggerSnapshotReply {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_connection_to_the_leader_is_retryable_and_a_leaders_status_is_kept() {
+        let dropped = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        let relayed = relay_failure("10.0.0.1:7000", dropped);
+        assert_eq!(relayed.code(), tonic::Code::Unavailable);
+        assert!(relayed.message().contains("10.0.0.1:7000"), "{relayed}");
+        assert!(relayed.message().contains("connection reset"), "{relayed}");
+        // What the leader itself answered (no local source) goes back as it is.
+        let theirs = Status::internal("the leader's own fault");
+        let kept = relay_failure("10.0.0.1:7000", theirs);
+        assert_eq!(kept.code(), tonic::Code::Internal);
+        assert_eq!(kept.message(), "the leader's own fault");
     }
 }

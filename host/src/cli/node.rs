@@ -48,10 +48,11 @@ pub struct NodeArgs {
     /// from a majority. A removed node rejoins with --join.
     #[arg(long, env = "WAFT_REMOVE_UNREACHABLE_AFTER", value_name = "SECONDS")]
     pub remove_unreachable_after: Option<f64>,
-    /// How to store the Raft log: `redb` (a database) or `wal` (an append-only file, one
-    /// fdatasync per batch). A data directory keeps the engine it was created with.
-    #[arg(long, value_enum, default_value_t = crate::node::LogEngine::Redb, env = "WAFT_LOG_ENGINE")]
-    pub log_engine: crate::node::LogEngine,
+    /// How to store the Raft log: `wal` (an append-only file, one fdatasync per batch) or
+    /// `redb` (a database). A data directory keeps the engine it was created with; without
+    /// this option a node uses its directory's engine, and `wal` for a new directory.
+    #[arg(long, value_enum, env = "WAFT_LOG_ENGINE")]
+    pub log_engine: Option<crate::node::LogEngine>,
     /// Announce this node on the local network with mDNS as a member of cluster NAME, so
     /// that nodes started with `--join mdns:NAME` find it.
     #[arg(long, env = "WAFT_MDNS", value_name = "NAME")]

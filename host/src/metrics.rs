@@ -220,6 +220,12 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics) -> String {
             m.sum_seconds
         );
     }
+    let (batches, commands) = rpc.forwarded_counts();
+    let _ = writeln!(
+        out,
+        "# HELP waft_forwarded_batches_total Batches of Submits this follower forwarded to the leader.\n# TYPE waft_forwarded_batches_total counter\nwaft_forwarded_batches_total {batches}\n\
+         # HELP waft_forwarded_commands_total Submits this follower forwarded to the leader.\n# TYPE waft_forwarded_commands_total counter\nwaft_forwarded_commands_total {commands}"
+    );
     let audit = state.audit_status();
     let mut gauge = |name: &str, help: &str, kind: &str, v: f64| {
         let _ = writeln!(

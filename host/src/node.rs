@@ -309,6 +309,8 @@ impl Node {
         )
         .require_peer_certificate(config.net.tls.is_some());
         let max = config.net.max_message_bytes;
+        // Shared by the client API and the etcd endpoint: one set of call counters.
+        let trace = crate::api::trace::TraceLayer::new(config.id);
         let api = Api::new(
             config.id,
             addr.clone(),
@@ -319,7 +321,8 @@ impl Node {
             config.api.clone(),
         )
         .with_snapshot_dir(snapshot_dir.clone())
-        .with_tokens(config.tokens.clone());
+        .with_tokens(config.tokens.clone())
+        .with_rpc_metrics(trace.metrics());
         // Client messages: a payload, or a deploy chunk, plus framing.
         let api_max = config.api.max_payload_bytes.max(max_module) + (64 << 10);
         let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -336,8 +339,6 @@ impl Node {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| NodeError::Raft(format!("reflection: {e}")))?;
-        // Shared by the client API and the etcd endpoint: one set of call counters.
-        let trace = crate::api::trace::TraceLayer::new(config.id);
         let etcd = match config.etcd_listen {
             None => None,
             Some(at) => {

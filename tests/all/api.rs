@@ -460,3 +460,175 @@ async fn health_and_reflection_are_served() {
     }
     cluster.shutdown().await;
 }
+
+fn outcome(r: &api::SubmitResult) -> Result<&api::SubmitReply, (tonic::Code, &str)> {
+    match &r.result {
+        Some(api::submit_result::Result::Reply(reply)) => Ok(reply),
+        Some(api::submit_result::Result::Failure(f)) => {
+            Err((tonic::Code::from(f.code), f.message.as_str()))
+        }
+        None => panic!("an empty result"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submit_batch_proposes_in_order_and_answers_each_command_like_a_submit() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    form_via_api(&cluster).await;
+    let leader = cluster.wait_leader().await;
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    let module = waft_testkit::wasm(EXAMPLE_KV);
+    let size = module.len() as u64;
+    waft(&follower)
+        .await
+        .deploy(deploy_stream("kv", module, size))
+        .await
+        .expect("deploy");
+
+    for (round, addr) in [&cluster.addrs[leader], &follower].into_iter().enumerate() {
+        tracing::info!(%addr, "a batch with good and bad commands, sent to the leader and a follower");
+        let big = "x".repeat(2 << 20);
+        let commands = vec![
+            submit("kv", "put a 1", 0, 0),
+            submit("kv", "cas a 1 2", 0, 0),
+            submit("kv", "frobnicate", 0, 0),
+            submit("", "put a 3", 0, 0),
+            submit("nope", "put a 4", 0, 0),
+            submit("kv", &format!("put big {big}"), 0, 0),
+            submit("kv", "get a", 0, 0),
+            // The same session command twice: applied once (applied again, the cas would
+            // fail), the retry gets the first reply.
+            submit("kv", "cas a 2 3", 77 + round as u64, 1),
+            submit("kv", "cas a 2 3", 77 + round as u64, 1),
+            submit("kv", "get a", 0, 0),
+        ];
+        let results = waft(addr)
+            .await
+            .submit_batch(api::SubmitBatchRequest { commands })
+            .await
+            .expect("batch")
+            .into_inner()
+            .results;
+        assert_eq!(results.len(), 10);
+        assert_eq!(ok(outcome(&results[0]).expect("put")), b"OK");
+        assert_eq!(ok(outcome(&results[1]).expect("cas")), b"OK");
+        assert!(matches!(
+            outcome(&results[2]).expect("proposed").outcome,
+            Some(api::submit_reply::Outcome::Rejected(_))
+        ));
+        assert_eq!(
+            outcome(&results[3]).expect_err("no service").0,
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            outcome(&results[4]).expect_err("unknown").0,
+            tonic::Code::NotFound
+        );
+        let (code, message) = outcome(&results[5]).expect_err("too big");
+        assert_eq!(code, tonic::Code::ResourceExhausted, "{message}");
+        // Applied in order: the get sees the cas before it.
+        assert_eq!(ok(outcome(&results[6]).expect("get")), b"2");
+        assert_eq!(ok(outcome(&results[7]).expect("session")), b"OK");
+        assert_eq!(ok(outcome(&results[8]).expect("session retry")), b"OK");
+        assert_eq!(ok(outcome(&results[9]).expect("get")), b"3");
+        // The proposed commands sit at consecutive indexes, in the order given (the one for
+        // the unknown service too: it was proposed, and refused when applied).
+        let index = |i: usize| outcome(&results[i]).expect("proposed").index;
+        assert_eq!(index(1), index(0) + 1);
+        assert_eq!(index(2), index(0) + 2);
+        assert_eq!(index(6), index(0) + 4);
+        assert_eq!(index(9), index(0) + 7);
+    }
+
+    tracing::info!("a batch over the limits is refused whole, before anything is proposed");
+    let before = cluster.node(leader).metrics().last_log_index;
+    let many = (0..1025)
+        .map(|i| submit("kv", &format!("put k{i} v"), 0, 0))
+        .collect();
+    let e = waft(&follower)
+        .await
+        .submit_batch(api::SubmitBatchRequest { commands: many })
+        .await
+        .expect_err("too many");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    let heavy = (0..20)
+        .map(|i| submit("kv", &format!("put h{i} {}", "y".repeat(1 << 20)), 0, 0))
+        .collect();
+    let e = waft(&follower)
+        .await
+        .submit_batch(api::SubmitBatchRequest { commands: heavy })
+        .await
+        .expect_err("too heavy");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert_eq!(cluster.node(leader).metrics().last_log_index, before);
+    let (last, _) = cluster.write(crate::cluster_support::kv("put end 1")).await;
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submits_through_a_follower_each_get_their_own_answer() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    form_via_api(&cluster).await;
+    let leader = cluster.wait_leader().await;
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    let module = waft_testkit::wasm(EXAMPLE_KV);
+    let size = module.len() as u64;
+    waft(&follower)
+        .await
+        .deploy(deploy_stream("kv", module, size))
+        .await
+        .expect("deploy");
+    // 32 clients on the follower at once: their submits share forwarded batches, and each
+    // still gets the reply to its own command (a cas that only succeeds for the right value).
+    let mut tasks = Vec::new();
+    for w in 0..32u64 {
+        let follower = follower.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = waft(&follower).await;
+            let mut indexes = Vec::new();
+            for seq in 1..=20u64 {
+                let cmd = if seq == 1 {
+                    format!("put w{w} 1")
+                } else {
+                    format!("cas w{w} {} {seq}", seq - 1)
+                };
+                let r = c
+                    .submit(submit("kv", &cmd, 500 + w, seq))
+                    .await
+                    .expect("submit")
+                    .into_inner();
+                assert_eq!(ok(&r), b"OK", "{cmd}");
+                indexes.push(r.index);
+            }
+            indexes
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let indexes = t.await.expect("client");
+        assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
+        all.extend(indexes);
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 32 * 20, "every command has an index of its own");
+    let mut q = waft(&cluster.addrs[leader]).await;
+    for w in 0..32 {
+        let r = q
+            .query(query(
+                "kv",
+                &format!("get w{w}"),
+                api::Consistency::Linearizable,
+            ))
+            .await
+            .expect("query")
+            .into_inner();
+        assert_eq!(query_ok(&r), b"20");
+    }
+    let (last, _) = cluster.write(crate::cluster_support::kv("put end 1")).await;
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}

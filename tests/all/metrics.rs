@@ -115,11 +115,21 @@ async fn metrics_show_raft_progress_services_and_audits() {
         let not_found =
             "waft_grpc_requests_total{method=\"waft.v1.Waft/Query\",code=\"NOT_FOUND\"}";
         let submit_count = "waft_grpc_request_seconds_count{method=\"waft.v1.Waft/Submit\"}";
-        if is_leader || node.id() as usize == follower {
+        // The follower forwarded the submit to the leader in a batch (of one).
+        let batches = "waft_grpc_requests_total{method=\"waft.v1.Waft/SubmitBatch\",code=\"OK\"}";
+        if node.id() as usize == follower {
             assert_eq!(value(text, submits), 1.0, "node {}", node.id());
             assert_eq!(value(text, submit_count), 1.0);
+            assert_eq!(value(text, "waft_forwarded_batches_total"), 1.0);
+            assert_eq!(value(text, "waft_forwarded_commands_total"), 1.0);
         } else {
             assert!(!text.contains(submits), "node {}", node.id());
+            assert_eq!(value(text, "waft_forwarded_commands_total"), 0.0);
+        }
+        if is_leader {
+            assert_eq!(value(text, batches), 1.0);
+        } else {
+            assert!(!text.contains(batches), "node {}", node.id());
         }
         if node.id() as usize == follower {
             assert_eq!(value(text, not_found), 1.0);

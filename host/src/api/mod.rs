@@ -7,6 +7,7 @@
 //! leadership moved in between, the client gets `UNAVAILABLE` and retries. It also carries the
 //! caller's request id, so the call's tracing spans on both nodes share it (see [`trace`]).
 
+mod forward;
 pub mod trace;
 
 use crate::pb::api::{self, cluster_server, waft_server};
@@ -55,6 +56,8 @@ pub struct Api {
     limits: ApiLimits,
     snapshot_dir: std::path::PathBuf,
     tokens: Arc<Tokens>,
+    forwarder: Arc<forward::Forwarder>,
+    rpc: Arc<trace::RpcMetrics>,
 }
 
 impl std::fmt::Debug for Api {
@@ -78,6 +81,10 @@ pub(crate) fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A `SubmitBatch` may always carry this many payload bytes (more if single payloads may be
+/// larger).
+const MIN_BATCH_BYTES: usize = 16 << 20;
 
 /// How long a call waits for an election to produce a leader before answering UNAVAILABLE.
 const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -228,7 +235,15 @@ impl Api {
             limits,
             snapshot_dir: std::path::PathBuf::new(),
             tokens: Arc::default(),
+            forwarder: Arc::default(),
+            rpc: Arc::default(),
         }
+    }
+
+    /// Where this node counts its calls (shared with the metrics endpoint).
+    pub fn with_rpc_metrics(mut self, rpc: Arc<trace::RpcMetrics>) -> Api {
+        self.rpc = rpc;
+        self
     }
 
     /// Where this node's snapshots live (backups are read from there).
@@ -353,6 +368,25 @@ impl Api {
     fn metrics(&self) -> openraft::RaftMetrics<crate::raft::types::TypeConfig> {
         use openraft::async_runtime::WatchReceiver;
         self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// The log entry for a Submit, or why it cannot be one.
+    #[allow(clippy::result_large_err)]
+    fn command(&self, req: &api::SubmitRequest) -> Result<Request, Status> {
+        self.check_payload(req.payload.len())?;
+        if req.service.is_empty() {
+            return Err(Status::invalid_argument("a service name is required"));
+        }
+        let client = (req.client_id != 0).then_some(ClientSeq {
+            client_id: req.client_id,
+            seq: req.sequence,
+        });
+        Ok(Request::Command {
+            service: req.service.clone(),
+            payload: req.payload.clone(),
+            client,
+            timestamp_ms: now_ms(),
+        })
     }
 
     async fn write(
@@ -543,29 +577,90 @@ impl waft_server::Waft for Api {
         let auth = self.authorize(&request, Role::Client)?;
         let fwd = forwarded(&request);
         let req = request.into_inner();
-        self.check_payload(req.payload.len())?;
-        if req.service.is_empty() {
-            return Err(Status::invalid_argument("a service name is required"));
-        }
-        let client = (req.client_id != 0).then_some(ClientSeq {
-            client_id: req.client_id,
-            seq: req.sequence,
-        });
-        let entry = Request::Command {
-            service: req.service.clone(),
-            payload: req.payload.clone(),
-            client,
-            timestamp_ms: now_ms(),
-        };
+        let entry = self.command(&req)?;
         match self.write(entry, fwd).await? {
             Ok((index, response)) => Ok(GrpcResponse::new(submit_reply(index, response)?)),
-            Err(Route::Leader(addr)) => self
-                .waft_client(&addr)?
-                .submit(self.mark(&auth, req))
-                .await
-                .map_err(|s| relay_failure(&addr, s)),
+            // Joins the follower's batch for the leader (see `forward`).
+            Err(Route::Leader(addr)) => {
+                let (reply, served_by) = self.forwarder.submit(self, &addr, &auth, req).await?;
+                let mut reply = GrpcResponse::new(reply);
+                if let Some(leader) = served_by {
+                    reply.metadata_mut().insert(trace::SERVED_BY, leader);
+                }
+                Ok(reply)
+            }
             Err(Route::Here) => Err(no_leader()),
         }
+    }
+
+    async fn submit_batch(
+        &self,
+        request: GrpcRequest<api::SubmitBatchRequest>,
+    ) -> Result<GrpcResponse<api::SubmitBatchReply>, Status> {
+        let auth = self.authorize(&request, Role::Client)?;
+        let fwd = forwarded(&request);
+        let req = request.into_inner();
+        let n = req.commands.len();
+        if n > forward::MAX_COMMANDS {
+            return Err(Status::resource_exhausted(format!(
+                "a batch of {n} commands is over the limit of {}; split it",
+                forward::MAX_COMMANDS
+            )));
+        }
+        let bytes: usize = req.commands.iter().map(|c| c.payload.len()).sum();
+        let max_bytes = self.limits.max_payload_bytes.max(MIN_BATCH_BYTES);
+        if bytes > max_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "a batch of {bytes} payload bytes is over the limit of {max_bytes}; split it"
+            )));
+        }
+        if let Route::Leader(addr) = self.leader_route(fwd).await? {
+            return self
+                .waft_client(&addr)?
+                .submit_batch(self.mark(&auth, req))
+                .await
+                .map_err(|s| relay_failure(&addr, s));
+        }
+        // Each command is checked as its own Submit would be; the valid ones are proposed
+        // together, in order, in one message to Raft.
+        let mut results: Vec<Option<api::SubmitResult>> = vec![None; n];
+        let mut entries = Vec::with_capacity(n);
+        let mut slots = Vec::with_capacity(n);
+        for (i, c) in req.commands.iter().enumerate() {
+            match self.command(c) {
+                Ok(entry) => {
+                    entries.push(entry);
+                    slots.push(i);
+                }
+                Err(s) => results[i] = Some(forward::to_result(Err(s))),
+            }
+        }
+        if !entries.is_empty() {
+            use futures::StreamExt;
+            let mut answers = self
+                .raft
+                .client_write_many(entries)
+                .await
+                .map_err(|e| Status::unavailable(format!("raft stopped: {e}")))?;
+            for slot in slots {
+                let answer = match answers.next().await {
+                    Some(Ok(Ok(written))) => submit_reply(written.log_id.index, written.response),
+                    // Not proposed: leadership moved while the batch waited.
+                    Some(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => {
+                        Err(Status::unavailable(
+                            "this node stopped leading before the command was proposed; retry",
+                        ))
+                    }
+                    Some(Ok(Err(e))) => Err(write_error(&RaftError::APIError(e))),
+                    Some(Err(fatal)) => Err(Status::unavailable(format!("raft stopped: {fatal}"))),
+                    None => Err(Status::unavailable("raft stopped; retry")),
+                };
+                results[slot] = Some(forward::to_result(answer));
+            }
+        }
+        Ok(GrpcResponse::new(api::SubmitBatchReply {
+            results: results.into_iter().flatten().collect(),
+        }))
     }
 
     async fn query(

@@ -59,9 +59,26 @@ pub struct MethodStats {
 #[derive(Debug, Default)]
 pub struct RpcMetrics {
     methods: std::sync::Mutex<BTreeMap<String, MethodStats>>,
+    forwarded_batches: AtomicU64,
+    forwarded_commands: AtomicU64,
 }
 
 impl RpcMetrics {
+    /// Counts one batch of `commands` Submits forwarded to the leader.
+    pub(crate) fn forwarded(&self, commands: usize) {
+        self.forwarded_batches.fetch_add(1, Ordering::Relaxed);
+        self.forwarded_commands
+            .fetch_add(commands as u64, Ordering::Relaxed);
+    }
+
+    /// (batch calls, commands) this node forwarded to a leader so far.
+    pub fn forwarded_counts(&self) -> (u64, u64) {
+        (
+            self.forwarded_batches.load(Ordering::Relaxed),
+            self.forwarded_commands.load(Ordering::Relaxed),
+        )
+    }
+
     fn record(&self, method: &str, code: &str, took: std::time::Duration) {
         let mut methods = self
             .methods

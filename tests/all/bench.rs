@@ -59,6 +59,28 @@ async fn bench_measures_writes_and_reads_on_a_cluster() {
         "puts landed on at most 50 keys: {written}"
     );
 
+    tracing::info!("batched writes: a SubmitBatch of 8 per request, every write counted");
+    let d = json(
+        &waft(&base(&[
+            "--clients",
+            "2",
+            "--count",
+            "400",
+            "--warmup",
+            "0",
+            "--keys",
+            "1000",
+            "--batch",
+            "8",
+        ]))
+        .await,
+    );
+    let r = &d["results"][0];
+    assert_eq!(r["errors"], 0, "{d}");
+    assert_eq!(r["batch"], 8, "{d}");
+    let ops = r["ops"].as_u64().expect("ops");
+    assert!(ops >= 400 && ops % 8 == 0, "{d}");
+
     tracing::info!("reads, at every consistency level");
     for consistency in ["linearizable", "lease", "stale"] {
         let d = json(
@@ -148,5 +170,30 @@ async fn bench_speaks_etcds_kv_api_and_compares() {
         d["ratio"]["throughput"].as_f64().expect("ratio") > 0.0,
         "{d}"
     );
+    // Batched: waft's SubmitBatch against etcd's Txn of as many puts (distinct keys).
+    let d = json(
+        &waft(&[
+            "--output",
+            "json",
+            "bench",
+            "--endpoints",
+            &cluster.addrs[0],
+            "--compare-etcd",
+            &etcd_addr,
+            "--clients",
+            "2",
+            "--count",
+            "160",
+            "--warmup",
+            "0",
+            "--batch",
+            "16",
+        ])
+        .await,
+    );
+    for r in d["results"].as_array().expect("results") {
+        assert_eq!(r["errors"], 0, "{d}");
+        assert!(r["ops"].as_u64().expect("ops") >= 160, "{d}");
+    }
     cluster.shutdown().await;
 }

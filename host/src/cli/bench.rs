@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// forward writes and linearizable reads). etcd runs are always spread.
     #[arg(long)]
     pub to_leader: bool,
+    /// Writes per request: waft gets a SubmitBatch of N commands, etcd a Txn of N puts (to N
+    /// different keys). Throughput counts writes; latency is per request. Reads are single.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub batch: u64,
 }
 
 /// The outcome of one run.
@@ -84,8 +88,10 @@ pub struct BenchResult {
     pub clients: usize,
     /// Connections used.
     pub connections: usize,
-    /// Measured operations that succeeded.
+    /// Measured operations (writes or reads) that succeeded.
     pub ops: u64,
+    /// Writes per request.
+    pub batch: u64,
     /// Measured operations that failed.
     pub errors: u64,
     /// First error seen, for the report.
@@ -112,6 +118,7 @@ impl BenchResult {
             "target": format!("{:?}", self.target).to_lowercase(),
             "clients": self.clients,
             "connections": self.connections,
+            "batch": self.batch,
             "ops": self.ops,
             "errors": self.errors,
             "first_error": self.first_error,
@@ -160,6 +167,7 @@ struct Workload {
     read_ratio: f64,
     consistency: Consistency,
     service: String,
+    batch: u64,
 }
 
 fn status_text(s: tonic::Status) -> String {
@@ -175,9 +183,18 @@ fn next(state: &mut u64) -> u64 {
 }
 
 impl Workload {
-    async fn one(&self, conn: &mut Conn, rng: &mut u64) -> Result<(), String> {
-        let key = format!("key{}", next(rng) % self.keys.max(1));
+    /// One request; the operations it did.
+    async fn one(&self, conn: &mut Conn, rng: &mut u64) -> Result<u64, String> {
+        let first = next(rng) % self.keys.max(1);
+        let key = format!("key{first}");
         let read = (next(rng) % 1_000_000) as f64 / 1_000_000.0 < self.read_ratio;
+        if !read && self.batch > 1 {
+            // Consecutive keys: distinct within the request (etcd refuses a Txn that writes a
+            // key twice).
+            let keys = (0..self.batch).map(|j| format!("key{}", (first + j) % self.keys.max(1)));
+            self.write_batch(conn, keys).await?;
+            return Ok(self.batch);
+        }
         match conn {
             Conn::Waft(c) => {
                 if read {
@@ -194,7 +211,7 @@ impl Workload {
                     .await
                     .map_err(status_text)?;
                     // "key not found" is an answer, not an error.
-                    Ok(())
+                    Ok(1)
                 } else {
                     let r = c
                         .submit(api::SubmitRequest {
@@ -207,7 +224,7 @@ impl Workload {
                         .map_err(status_text)?
                         .into_inner();
                     match r.outcome {
-                        Some(api::submit_reply::Outcome::Ok(_)) => Ok(()),
+                        Some(api::submit_reply::Outcome::Ok(_)) => Ok(1),
                         other => Err(format!("the guest answered {other:?}")),
                     }
                 }
@@ -230,6 +247,59 @@ impl Workload {
                     .await
                     .map_err(status_text)?;
                 }
+                Ok(1)
+            }
+        }
+    }
+
+    async fn write_batch(
+        &self,
+        conn: &mut Conn,
+        keys: impl Iterator<Item = String>,
+    ) -> Result<(), String> {
+        match conn {
+            Conn::Waft(c) => {
+                let commands = keys
+                    .map(|key| api::SubmitRequest {
+                        service: self.service.clone(),
+                        payload: format!("put {key} {}", self.value).into_bytes(),
+                        client_id: 0,
+                        sequence: 0,
+                    })
+                    .collect();
+                let results = c
+                    .submit_batch(api::SubmitBatchRequest { commands })
+                    .await
+                    .map_err(status_text)?
+                    .into_inner()
+                    .results;
+                for r in results {
+                    match r.result {
+                        Some(api::submit_result::Result::Reply(api::SubmitReply {
+                            outcome: Some(api::submit_reply::Outcome::Ok(_)),
+                            ..
+                        })) => {}
+                        other => return Err(format!("a batched write got {other:?}")),
+                    }
+                }
+                Ok(())
+            }
+            Conn::Etcd(c) => {
+                let success = keys
+                    .map(|key| etcd::RequestOp {
+                        request: Some(etcd::request_op::Request::RequestPut(etcd::PutRequest {
+                            key: key.into_bytes(),
+                            value: self.value.clone().into_bytes(),
+                            ..Default::default()
+                        })),
+                    })
+                    .collect();
+                c.txn(etcd::TxnRequest {
+                    success,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_text)?;
                 Ok(())
             }
         }
@@ -279,6 +349,7 @@ pub async fn run_bench(
         read_ratio: args.read_ratio.clamp(0.0, 1.0),
         consistency: args.consistency,
         service: args.service.clone(),
+        batch: args.batch,
     });
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -305,7 +376,7 @@ pub async fn run_bench(
         );
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("3 significant digits is valid");
-            let (mut errors, mut first_error) = (0u64, None);
+            let (mut errors, mut first_error, mut ops) = (0u64, None, 0u64);
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((i as u64 + 1) << 17);
             while !stop.load(Ordering::Relaxed) {
                 let start = Instant::now();
@@ -315,9 +386,10 @@ pub async fn run_bench(
                     continue;
                 }
                 match r {
-                    Ok(()) => {
+                    Ok(n) => {
                         let _ = hist.record(us.max(1));
-                        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                        ops += n;
+                        let n = done.fetch_add(n, Ordering::Relaxed) + n;
                         if limit.is_some_and(|l| n >= l) {
                             stop.store(true, Ordering::Relaxed);
                         }
@@ -331,7 +403,7 @@ pub async fn run_bench(
                     }
                 }
             }
-            (hist, errors, first_error)
+            (hist, errors, first_error, ops)
         }));
     }
     tokio::time::sleep(Duration::from_secs_f64(args.warmup.max(0.0))).await;
@@ -365,11 +437,12 @@ pub async fn run_bench(
         eprint!("\r{:60}\r", "");
     }
     let mut latency = Histogram::<u64>::new(3).expect("valid");
-    let (mut errors, mut first_error) = (0, None);
+    let (mut errors, mut first_error, mut ops) = (0, None, 0);
     for t in tasks {
-        let (h, e, f) = t.await.context("a client task failed")?;
+        let (h, e, f, n) = t.await.context("a client task failed")?;
         latency.add(h).context("merging histograms")?;
         errors += e;
+        ops += n;
         if first_error.is_none() {
             first_error = f;
         }
@@ -378,7 +451,8 @@ pub async fn run_bench(
         target,
         clients: args.clients,
         connections,
-        ops: latency.len(),
+        ops,
+        batch: args.batch,
         errors,
         first_error,
         seconds,
@@ -443,7 +517,7 @@ pub async fn bench(client: &ClientArgs, args: &BenchArgs) -> anyhow::Result<Exit
                 "workload": {
                     "clients": args.clients, "keys": args.keys, "value_size": args.value_size,
                     "read_ratio": args.read_ratio, "consistency": format!("{:?}", args.consistency).to_lowercase(),
-                    "to_leader": args.to_leader,
+                    "to_leader": args.to_leader, "batch": args.batch,
                 },
                 "results": [first.json()],
             });

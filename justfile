@@ -58,9 +58,13 @@ chaos secs="120" seed="":
 
 # waft vs etcd on this machine (3 + 3 members, fsync on, 64-byte puts, 1/16/64/256 clients):
 # writes docs/benchmarks/vs-etcd.{jsonl,md,svg}. `just bench-vs-etcd-to-leader` sends waft's
-# load to its leader (a leader-aware client) and writes vs-etcd-to-leader.*.
+# load to its leader (a leader-aware client) and writes vs-etcd-to-leader.*;
+# `just bench-vs-etcd-batch 16` sends 16 writes per request (SubmitBatch vs etcd's Txn).
 bench-vs-etcd secs="10":
     scripts/bench-vs-etcd.sh {{secs}}
 
 bench-vs-etcd-to-leader secs="10":
     WAFT_BENCH_TO_LEADER=1 scripts/bench-vs-etcd.sh {{secs}}
+
+bench-vs-etcd-batch n="16" secs="10":
+    WAFT_BENCH_BATCH={{n}} scripts/bench-vs-etcd.sh {{secs}}

@@ -8,6 +8,8 @@
 # spreading them over the three nodes like etcd's; results then go to vs-etcd-to-leader.*.
 # WAFT_LOG_ENGINE=redb runs waft's nodes on the redb log engine instead of the default WAL
 # (results: vs-etcd[-to-leader]-redb.*).
+# WAFT_BENCH_BATCH=N sends N writes per request: a SubmitBatch to waft, a Txn of N puts to etcd
+# (results: vs-etcd[...]-batchN.*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -68,6 +70,10 @@ fi
 # WAFT_LOG_ENGINE (read by `waft node`) picks the log engine; the WAL is the default.
 if [ "${WAFT_LOG_ENGINE:-wal}" = redb ]; then
   NAME=$NAME-redb
+fi
+if [ "${WAFT_BENCH_BATCH:-1}" != 1 ]; then
+  NAME=$NAME-batch$WAFT_BENCH_BATCH
+  ROUTE+=(--batch "$WAFT_BENCH_BATCH")
 fi
 OUT=docs/benchmarks/$NAME.jsonl
 : >"$OUT"

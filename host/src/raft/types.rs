@@ -60,6 +60,7 @@ pub enum Request {
         /// The service (named guest) the command is for.
         service: String,
         /// The command bytes, passed to the guest's `apply` as they are.
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         /// For exactly-once retries; `None` applies unconditionally.
         client: Option<ClientSeq>,
@@ -73,6 +74,7 @@ pub enum Request {
         /// The service name.
         service: String,
         /// The component bytes.
+        #[serde(with = "serde_bytes")]
         module: Vec<u8>,
         /// The engine fingerprint of the leader that validated the module. A node whose own
         /// fingerprint differs refuses to apply the entry (and stops) rather than risk running
@@ -111,6 +113,7 @@ pub enum Request {
     /// a backup (a snapshot file's bytes); the log position and membership stay this cluster's.
     Restore {
         /// The backup file's bytes (checksummed snapshot format).
+        #[serde(with = "serde_bytes")]
         backup: Vec<u8>,
         /// Replace existing services; without it a cluster that runs any service refuses.
         force: bool,
@@ -197,7 +200,7 @@ impl fmt::Display for Request {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// The guest's reply.
-    Reply(Vec<u8>),
+    Reply(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The guest rejected the command (its `err`); nothing changed.
     Rejected(String),
     /// The guest trapped; the host rolled the call back, nothing changed.
@@ -234,3 +237,53 @@ pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 /// The membership as stored by the state machine.
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The entry types as they were before their byte fields were marked `serde_bytes`.
+    #[derive(Serialize, Deserialize)]
+    enum OldRequest {
+        Command {
+            service: String,
+            payload: Vec<u8>,
+            client: Option<ClientSeq>,
+            timestamp_ms: u64,
+        },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    enum OldResponse {
+        Reply(Vec<u8>),
+    }
+
+    #[test]
+    fn byte_fields_encode_as_before_so_old_logs_and_snapshots_read() {
+        let payload: Vec<u8> = (0..=255u8).chain(0..40).collect();
+        let client = Some(ClientSeq {
+            client_id: 7,
+            seq: 300,
+        });
+        let new = postcard::to_allocvec(&Request::Command {
+            service: "kv".into(),
+            payload: payload.clone(),
+            client,
+            timestamp_ms: 1_700_000_000_000,
+        })
+        .expect("encode");
+        let old = postcard::to_allocvec(&OldRequest::Command {
+            service: "kv".into(),
+            payload: payload.clone(),
+            client,
+            timestamp_ms: 1_700_000_000_000,
+        })
+        .expect("encode");
+        assert_eq!(new, old);
+        let back: Request = postcard::from_bytes(&old).expect("an old entry decodes");
+        assert!(matches!(back, Request::Command { payload: p, .. } if p == payload));
+        let new = postcard::to_allocvec(&Response::Reply(payload.clone())).expect("encode");
+        let old = postcard::to_allocvec(&OldResponse::Reply(payload.clone())).expect("encode");
+        assert_eq!(new, old);
+    }
+}

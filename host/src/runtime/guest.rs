@@ -17,6 +17,7 @@ pub type ApplyCtx = ApplyContext;
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplayForm {
     /// The last snapshot the guest produced or restored, if any.
+    #[serde(with = "serde_bytes")]
     pub checkpoint: Option<Vec<u8>>,
     /// The commands applied since, with their contexts.
     pub journal: Vec<ReplayEntry>,
@@ -32,6 +33,7 @@ pub struct ReplayEntry {
     /// The entry's timestamp.
     pub timestamp_ms: u64,
     /// The command bytes.
+    #[serde(with = "serde_bytes")]
     pub command: Vec<u8>,
 }
 

@@ -336,6 +336,48 @@ fn hostile_guests_trap_with_a_clear_cause_and_their_effects_are_rolled_back() {
 }
 
 #[test]
+fn a_large_state_is_checkpointed_less_often_and_recovery_still_replays_it() {
+    let policy = CheckpointPolicy {
+        entries: 4,
+        bytes: 1 << 30,
+    };
+    let mut g = hostile(small_limits(), policy);
+    let big = "b".repeat(64 << 10);
+    g.apply(ctx(1), format!("set big {big}").as_bytes())
+        .expect("set");
+    for i in 2..=4u64 {
+        g.apply(ctx(i), format!("set k{i} v").as_bytes())
+            .expect("set");
+    }
+    assert!(
+        g.replay_form().journal.is_empty(),
+        "a small state: checkpointed after 4 entries"
+    );
+    let checkpoint = g.replay_form().checkpoint.expect("a checkpoint").len();
+    assert!(checkpoint >= 64 << 10);
+    // The next checkpoint waits for one entry per 64 bytes of this one, not for 4 entries.
+    let wait = checkpoint / waft::runtime::CHECKPOINT_BYTES_PER_ENTRY;
+    let mut index = 5u64;
+    for _ in 0..wait - 1 {
+        g.apply(ctx(index), format!("set k{index} v").as_bytes())
+            .expect("set");
+        index += 1;
+    }
+    assert_eq!(g.replay_form().journal.len(), wait - 1);
+    // A trap now replays the whole journal on top of the checkpoint: nothing is lost.
+    g.apply(ctx(index), b"panic-after-set big gone")
+        .expect_err("panics");
+    index += 1;
+    assert_eq!(query(&mut g, "get big"), ok(&big));
+    assert_eq!(query(&mut g, &format!("get k{}", index - 2)), ok("v"));
+    g.apply(ctx(index), b"set last v").expect("set");
+    assert!(
+        g.replay_form().journal.len() < 2,
+        "checkpointed once the journal was long enough"
+    );
+}
+
+#[test]
 fn recovery_replays_from_the_latest_checkpoint() {
     let policy = CheckpointPolicy {
         entries: 4,

@@ -53,12 +53,34 @@ impl Default for Limits {
 /// checkpoint (a guest snapshot) and replays the entries applied since. A checkpoint is taken
 /// after `entries` applied entries or `bytes` of applied commands, whichever comes first; a
 /// snapshot taken for any other reason also serves as one.
+///
+/// A checkpoint costs as much as the state is large, so a large state is checkpointed less
+/// often: the entry count that triggers one is at least one entry per
+/// [`CHECKPOINT_BYTES_PER_ENTRY`] bytes of the last checkpoint. Checkpointing then costs a
+/// bounded amount per applied entry whatever the state's size (a 100 MiB state is not copied
+/// every 10,000 entries), and replaying the journal after a trap costs about what restoring
+/// the checkpoint does. `bytes` still bounds the journal's memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointPolicy {
-    /// Entries applied since the last checkpoint that trigger a new one.
+    /// Entries applied since the last checkpoint that trigger a new one (at least; see above).
     pub entries: usize,
     /// Bytes of commands applied since the last checkpoint that trigger a new one.
     pub bytes: usize,
+}
+
+/// Checkpoint bytes per journal entry a checkpoint may wait for (see [`CheckpointPolicy`]).
+pub const CHECKPOINT_BYTES_PER_ENTRY: usize = 64;
+
+impl CheckpointPolicy {
+    /// Whether a journal of `entries` entries and `bytes` command bytes, after a checkpoint of
+    /// `checkpoint_bytes`, calls for a new checkpoint.
+    pub fn due(&self, entries: usize, bytes: usize, checkpoint_bytes: usize) -> bool {
+        entries
+            >= self
+                .entries
+                .max(checkpoint_bytes / CHECKPOINT_BYTES_PER_ENTRY)
+            || bytes >= self.bytes
+    }
 }
 
 impl Default for CheckpointPolicy {

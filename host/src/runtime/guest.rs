@@ -445,7 +445,11 @@ impl Guest {
             ctx,
             command: command.to_vec(),
         });
-        if self.journal.len() >= self.policy.entries || self.journal_bytes >= self.policy.bytes {
+        let checkpoint = self.checkpoint.as_ref().map_or(0, |c| c.len());
+        if self
+            .policy
+            .due(self.journal.len(), self.journal_bytes, checkpoint)
+        {
             match self.snapshot_inner() {
                 Ok(bytes) => self.set_checkpoint(Arc::from(bytes)),
                 Err(e) => tracing::warn!(

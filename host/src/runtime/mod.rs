@@ -12,7 +12,7 @@ mod guest;
 mod module;
 mod wasi;
 
-pub use config::{CheckpointPolicy, Limits, RuntimeConfig};
+pub use config::{CHECKPOINT_BYTES_PER_ENTRY, CheckpointPolicy, Limits, RuntimeConfig};
 pub use engine::WASMTIME_VERSION;
 pub use error::{GuestError, LoadError, TrapKind};
 pub use guest::{ApplyCtx, Guest, ReplayEntry, ReplayForm};

@@ -632,3 +632,76 @@ async fn concurrent_submits_through_a_follower_each_get_their_own_answer() {
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waft_submit_lines_bulk_loads_a_file_in_batches_with_a_result_per_command() {
+    use crate::support::waft_cli;
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let leader = cluster.wait_leader().await;
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("commands.txt");
+    std::fs::write(
+        &file,
+        "put a 1\nput b 2\n\n   \ndel nothing\r\nput c 3\ncas a 1 10\nget a\nput d 4\n",
+    )
+    .expect("write");
+    let at = format!("@{}", file.display());
+    let o = waft_cli(&[
+        "--endpoint",
+        &follower,
+        "submit",
+        "--service",
+        "kv",
+        "--lines",
+        &at,
+        "--batch",
+        "3",
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        stdout,
+        "OK\nOK\nerror: command 3: rejected: key not found: nothing\nOK\nOK\n10\nOK\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "a rejected command fails the run");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1 of 7 commands failed"));
+
+    tracing::info!("JSON: one object per command, with its number and log index");
+    let o = waft_cli(&[
+        "--endpoint",
+        &follower,
+        "--output",
+        "json",
+        "submit",
+        "--service",
+        "kv",
+        "--lines",
+        &at,
+    ])
+    .await;
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 7);
+    assert_eq!(lines[0]["command"], 1);
+    assert_eq!(lines[2]["rejected"], "key not found: nothing");
+    // The second run applied everything again, in order (a new session).
+    assert_eq!(lines[4]["ok"], "OK", "{}", lines[4]);
+    assert_eq!(lines[5]["ok"], "10", "{}", lines[5]);
+    let indexes: Vec<u64> = lines
+        .iter()
+        .map(|l| l["index"].as_u64().expect("index"))
+        .collect();
+    assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
+    let (last, _) = cluster.write(crate::cluster_support::kv("put end 1")).await;
+    cluster.wait_applied(last).await;
+    let states = cluster.assert_identical().await;
+    assert!(!states["kv"].is_empty());
+    cluster.shutdown().await;
+}

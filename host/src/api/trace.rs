@@ -89,8 +89,19 @@ impl RpcMetrics {
         } else {
             "other"
         };
-        let m = methods.entry(key.to_owned()).or_default();
-        *m.codes.entry(code.to_owned()).or_default() += 1;
+        // Allocate names only the first time they are seen (not on every call).
+        if !methods.contains_key(key) {
+            methods.insert(key.to_owned(), MethodStats::default());
+        }
+        let Some(m) = methods.get_mut(key) else {
+            return;
+        };
+        match m.codes.get_mut(code) {
+            Some(n) => *n += 1,
+            None => {
+                m.codes.insert(code.to_owned(), 1);
+            }
+        }
         let secs = took.as_secs_f64();
         let bucket = RPC_BUCKETS_S
             .iter()

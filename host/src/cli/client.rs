@@ -166,6 +166,14 @@ pub struct SubmitArgs {
     pub service: String,
     /// The command: literal text, `@FILE` for a file's bytes, or `-` for stdin.
     pub payload: String,
+    /// Treat the input as one command per line (empty lines skipped) and submit them all, in
+    /// order, in batches (`SubmitBatch`): a bulk load. Prints one result per command; exits
+    /// non-zero if any was rejected or trapped.
+    #[arg(long)]
+    pub lines: bool,
+    /// With --lines: commands per batch.
+    #[arg(long, default_value_t = 256, requires = "lines", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub batch: u64,
 }
 
 /// Read consistency.
@@ -400,6 +408,9 @@ fn client_id() -> u64 {
 pub async fn submit(client: &ClientArgs, args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let payload = read_payload(&args.payload)?;
     let waft = WaftClient::new(channel(&client.endpoint).await?);
+    if args.lines {
+        return submit_lines(client, args, waft, &payload).await;
+    }
     // One client id and sequence for every retry: the command is applied at most once.
     let request = api::SubmitRequest {
         service: args.service.clone(),
@@ -434,6 +445,132 @@ pub async fn submit(client: &ClientArgs, args: &SubmitArgs) -> anyhow::Result<Ex
         ),
         None => bail!("the node sent an empty reply"),
     })
+}
+
+/// `waft submit --lines`: every line a command, sent in batches. Each command has its own
+/// sequence number in one client session, so a batch retried after an unknown outcome (the
+/// leader changed, a connection dropped) applies each of its commands at most once; commands
+/// a batch reply says to retry (UNAVAILABLE) are sent again with their numbers.
+async fn submit_lines(
+    client: &ClientArgs,
+    args: &SubmitArgs,
+    waft: WaftClient<Conn>,
+    input: &[u8],
+) -> anyhow::Result<ExitCode> {
+    let session = client_id();
+    let commands: Vec<api::SubmitRequest> = input
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .zip(1..)
+        .map(|(line, sequence)| api::SubmitRequest {
+            service: args.service.clone(),
+            payload: line.to_vec(),
+            client_id: session,
+            sequence,
+        })
+        .collect();
+    let mut failed = 0usize;
+    for chunk in commands.chunks(args.batch as usize) {
+        let mut todo: Vec<api::SubmitRequest> = chunk.to_vec();
+        let mut done = std::collections::BTreeMap::new();
+        let mut delay = Duration::from_millis(100);
+        for attempt in 0.. {
+            let sent = todo.clone();
+            let results = retrying(|| {
+                let mut w = waft.clone();
+                let r = api::SubmitBatchRequest {
+                    commands: sent.clone(),
+                };
+                async move { w.submit_batch(r).await }
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .results;
+            anyhow::ensure!(
+                results.len() == sent.len(),
+                "the node answered {} results for {} commands",
+                results.len(),
+                sent.len()
+            );
+            todo.clear();
+            for (command, result) in sent.into_iter().zip(results) {
+                let answer = match result.result {
+                    Some(api::submit_result::Result::Reply(r)) => Ok(r),
+                    Some(api::submit_result::Result::Failure(f)) => {
+                        Err(tonic::Status::new(tonic::Code::from(f.code), f.message))
+                    }
+                    None => Err(tonic::Status::internal("an empty result")),
+                };
+                match answer {
+                    Err(s) if s.code() == tonic::Code::Unavailable && attempt < 8 => {
+                        todo.push(command)
+                    }
+                    other => {
+                        done.insert(command.sequence, other);
+                    }
+                }
+            }
+            if todo.is_empty() {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        for (sequence, answer) in done {
+            failed += usize::from(print_line_result(client.output, sequence, answer));
+        }
+    }
+    if client.output == Output::Text && failed > 0 {
+        eprintln!("{failed} of {} commands failed", commands.len());
+    }
+    Ok(if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Prints one command's result of `submit --lines`; true if it failed.
+fn print_line_result(
+    out: Output,
+    line: u64,
+    answer: Result<api::SubmitReply, tonic::Status>,
+) -> bool {
+    use api::submit_reply::Outcome;
+    let (index, ok, err) = match answer {
+        Ok(r) => match r.outcome {
+            Some(Outcome::Ok(b)) => (r.index, Some(show_bytes(&b)), None),
+            Some(Outcome::Rejected(m)) => (r.index, None, Some(("rejected", m))),
+            Some(Outcome::Trapped(m)) => (r.index, None, Some(("trapped", m))),
+            None => (r.index, None, Some(("error", "an empty reply".to_owned()))),
+        },
+        Err(s) => (0, None, Some(("error", status_error(s).to_string()))),
+    };
+    match out {
+        Output::Json => {
+            let mut doc = serde_json::Map::new();
+            doc.insert("command".into(), line.into());
+            doc.insert("index".into(), index.into());
+            if let Some(ok) = &ok {
+                doc.insert("ok".into(), ok.clone().into());
+            }
+            if let Some((kind, msg)) = &err {
+                doc.insert((*kind).into(), msg.clone().into());
+            }
+            println!("{}", serde_json::Value::Object(doc));
+        }
+        Output::Text => {
+            if let Some(ok) = ok {
+                println!("{}", ok.trim_end_matches('\n'));
+            }
+            if let Some((kind, msg)) = &err {
+                println!("error: command {line}: {kind}: {msg}");
+            }
+        }
+    }
+    err.is_some()
 }
 
 /// `waft query`.

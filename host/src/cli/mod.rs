@@ -56,7 +56,7 @@ pub enum Command {
     Deploy(client::DeployArgs),
     /// Submit a command to a service (replicated; returns once applied).
     #[command(
-        after_help = "Examples:\n  waft submit --service kv 'put a 1'\n  waft submit --service kv @command.bin\n  echo 'get a' | waft submit --service kv -"
+        after_help = "Examples:\n  waft submit --service kv 'put a 1'\n  waft submit --service kv @command.bin\n  echo 'get a' | waft submit --service kv -\n  waft submit --service kv --lines @commands.txt   (one command per line, in batches)"
     )]
     Submit(client::SubmitArgs),
     /// Run a read-only query against a service.

@@ -92,6 +92,32 @@ async fn the_python_client_deploys_submits_and_queries() {
         "{:?}",
         text(&o)
     );
+    // Told to, the client finds the leader through a follower and talks to it directly.
+    let o = py(&follower, &["--to-leader", "status"]).await;
+    assert!(
+        text(&o).0.starts_with(&format!("node {leader} is leader")),
+        "{:?}",
+        text(&o)
+    );
+
+    // A file of commands in SubmitBatch calls: in order, a result each, exit 2 on a rejection.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("commands.txt");
+    std::fs::write(&file, "put n 1\n\ndel nothing\ncas n 1 2\nget n\n").expect("write");
+    let path = file.display().to_string();
+    for args in [
+        vec!["submit-lines", "kv", path.as_str()],
+        vec!["--to-leader", "submit-lines", "kv", path.as_str()],
+    ] {
+        let o = py(&other, &args).await;
+        assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+        let out = text(&o).0;
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert_eq!(lines[0], "OK");
+        assert!(lines[1].starts_with("rejected: key not found: nothing"), "{out}");
+        assert_eq!(&lines[2..], ["OK", "2"]);
+    }
     cluster.shutdown().await;
 }
 

@@ -5,12 +5,16 @@
     python3 examples/clients/python/waft_client.py --endpoint 127.0.0.1:7001 deploy kv kv.wasm
     python3 examples/clients/python/waft_client.py --endpoint 127.0.0.1:7001 submit kv 'put a 1'
     python3 examples/clients/python/waft_client.py --endpoint 127.0.0.1:7001 query kv 'get a'
+    python3 examples/clients/python/waft_client.py --to-leader submit-lines kv commands.txt
 
 The stubs are generated on first use into a cache directory next to this file (or run
 `python3 -m grpc_tools.protoc -I proto --python_out=OUT --grpc_python_out=OUT proto/api.proto`
 yourself). Commands are submitted exactly once: the client picks a random id and numbers its
 commands, and retries a command with the same number after a retryable error (UNAVAILABLE:
-an election, a node going away), so a retry never applies twice.
+an election, a node going away), so a retry never applies twice. `submit_many` sends many
+commands in SubmitBatch calls (in order, one result each). With `to_leader`, the client asks
+the node it was given for the leader and talks to the leader directly, so nothing is forwarded
+(it asks again after an error).
 """
 
 import argparse
@@ -27,7 +31,12 @@ GENERATED = os.environ.get("WAFT_PY_STUBS") or os.path.join(HERE, ".generated")
 
 def stubs():
     """Imports (generating first if needed) the api_pb2 and api_pb2_grpc modules."""
-    if not os.path.exists(os.path.join(GENERATED, "api_pb2_grpc.py")):
+    generated = os.path.join(GENERATED, "api_pb2_grpc.py")
+    proto = os.path.join(PROTO, "api.proto")
+    stale = not os.path.exists(generated) or (
+        os.path.exists(proto) and os.path.getmtime(proto) > os.path.getmtime(generated)
+    )
+    if stale:
         from grpc_tools import protoc
 
         os.makedirs(GENERATED, exist_ok=True)
@@ -49,27 +58,48 @@ def stubs():
 class Waft:
     """One connection to a waft node (any node: followers forward to the leader)."""
 
-    def __init__(self, endpoint, timeout=10.0, retries=20):
+    def __init__(self, endpoint, timeout=10.0, retries=20, to_leader=False):
         import grpc
 
         self.grpc = grpc
-        self.pb, rpc = stubs()
-        self.channel = grpc.insecure_channel(endpoint)
-        self.waft = rpc.WaftStub(self.channel)
-        self.cluster = rpc.ClusterStub(self.channel)
+        self.pb, self.rpc = stubs()
+        self.endpoint = endpoint
+        self.to_leader = to_leader
         self.timeout = timeout
         self.retries = retries
         self.client_id = random.getrandbits(63) | 1
         self.sequence = 0
+        self._connect(endpoint)
+        if to_leader:
+            self._find_leader()
 
-    def _call(self, method, request):
+    def _connect(self, endpoint):
+        self.channel = self.grpc.insecure_channel(endpoint)
+        self.waft = self.rpc.WaftStub(self.channel)
+        self.cluster = self.rpc.ClusterStub(self.channel)
+
+    def _find_leader(self):
+        """Talks to the leader from now on, if the given node knows one."""
+        try:
+            s = self.rpc.ClusterStub(self.grpc.insecure_channel(self.endpoint)).Status(
+                self.pb.StatusRequest(), timeout=self.timeout
+            )
+        except self.grpc.RpcError:
+            return
+        if s.HasField("leader_id") and s.leader_addr:
+            self._connect(s.leader_addr)
+
+    def _call(self, method_name, request, stub="waft"):
         for attempt in range(self.retries):
             try:
-                return method(request, timeout=self.timeout)
+                return getattr(getattr(self, stub), method_name)(request, timeout=self.timeout)
             except self.grpc.RpcError as e:
                 if e.code() != self.grpc.StatusCode.UNAVAILABLE or attempt + 1 == self.retries:
                     raise
                 time.sleep(min(0.05 * 2**attempt, 1.0))
+                if self.to_leader:
+                    # The leader may have moved (or gone): ask the given node again.
+                    self._find_leader()
 
     def submit(self, service, payload):
         """Applies a command exactly once; returns (outcome, value, log index)."""
@@ -80,9 +110,50 @@ class Waft:
             client_id=self.client_id,
             sequence=self.sequence,
         )
-        reply = self._call(self.waft.Submit, request)
+        reply = self._call("Submit", request)
         outcome = reply.WhichOneof("outcome")
         return outcome, getattr(reply, outcome), reply.index
+
+    def submit_many(self, service, payloads, batch=256):
+        """Applies many commands in order, exactly once each, in SubmitBatch calls.
+
+        Returns one (outcome, value, log index) per command; outcome is "ok", "rejected",
+        "trapped" or "error" (a gRPC status the command got, e.g. NOT_FOUND)."""
+        results = []
+        for at in range(0, len(payloads), batch):
+            todo = []
+            for payload in payloads[at : at + batch]:
+                self.sequence += 1
+                todo.append(
+                    self.pb.SubmitRequest(
+                        service=service,
+                        payload=payload,
+                        client_id=self.client_id,
+                        sequence=self.sequence,
+                    )
+                )
+            done = {}
+            for attempt in range(self.retries):
+                reply = self._call("SubmitBatch", self.pb.SubmitBatchRequest(commands=todo))
+                retry = []
+                for command, result in zip(todo, reply.results):
+                    if result.WhichOneof("result") == "reply":
+                        r = result.reply
+                        outcome = r.WhichOneof("outcome")
+                        done[command.sequence] = (outcome, getattr(r, outcome), r.index)
+                    elif (
+                        result.failure.code == self.grpc.StatusCode.UNAVAILABLE.value[0]
+                        and attempt + 1 < self.retries
+                    ):
+                        retry.append(command)
+                    else:
+                        done[command.sequence] = ("error", result.failure.message, 0)
+                if not retry:
+                    break
+                todo = retry
+                time.sleep(min(0.05 * 2**attempt, 1.0))
+            results.extend(done[s] for s in sorted(done))
+        return results
 
     def query(self, service, payload, consistency="LINEARIZABLE"):
         request = self.pb.QueryRequest(
@@ -90,7 +161,7 @@ class Waft:
             payload=payload,
             consistency=self.pb.Consistency.Value(consistency),
         )
-        reply = self._call(self.waft.Query, request)
+        reply = self._call("Query", request)
         outcome = reply.WhichOneof("outcome")
         return outcome, getattr(reply, outcome), reply.applied_index
 
@@ -107,16 +178,20 @@ class Waft:
         return self.waft.Deploy(chunks(), timeout=max(self.timeout, 300)).version
 
     def status(self):
-        return self._call(self.cluster.Status, self.pb.StatusRequest())
+        return self._call("Status", self.pb.StatusRequest(), stub="cluster")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", default="127.0.0.1:7001")
+    parser.add_argument("--to-leader", action="store_true", help="talk to the leader directly")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit")
     s.add_argument("service")
     s.add_argument("payload")
+    sl = sub.add_parser("submit-lines", help="one command per line of FILE (- for stdin)")
+    sl.add_argument("service")
+    sl.add_argument("file")
     q = sub.add_parser("query")
     q.add_argument("service")
     q.add_argument("payload")
@@ -129,8 +204,21 @@ def main():
 
     import grpc
 
-    client = Waft(args.endpoint)
+    client = Waft(args.endpoint, to_leader=args.to_leader)
     try:
+        if args.command == "submit-lines":
+            f = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+            with f:
+                lines = [l.rstrip(b"\r\n") for l in f if l.strip()]
+            failed = 0
+            for outcome, value, index in client.submit_many(args.service, lines):
+                text = value.decode(errors="replace") if isinstance(value, bytes) else value
+                if outcome == "ok":
+                    print(text)
+                else:
+                    failed += 1
+                    print(f"{outcome}: {text} (index {index})")
+            return 2 if failed else 0
         if args.command == "submit":
             outcome, value, index = client.submit(args.service, args.payload.encode())
         elif args.command == "query":

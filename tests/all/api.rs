@@ -705,3 +705,62 @@ async fn waft_submit_lines_bulk_loads_a_file_in_batches_with_a_result_per_comman
     assert!(!states["kv"].is_empty());
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deploying_what_a_service_already_runs_changes_nothing() {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let leader = cluster.wait_leader().await;
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    let module = waft_testkit::wasm(EXAMPLE_KV);
+    let size = module.len() as u64;
+    let first = waft(&follower)
+        .await
+        .deploy(deploy_stream("kv", module.clone(), size))
+        .await
+        .expect("deploy")
+        .into_inner();
+    assert!(!first.unchanged);
+    let before = cluster.node(leader).metrics().last_log_index;
+    // A retry of a deploy that went through (say, its connection dropped): same answer, no
+    // entry, no new version.
+    let again = waft(&follower)
+        .await
+        .deploy(deploy_stream("kv", module.clone(), size))
+        .await
+        .expect("again")
+        .into_inner();
+    assert!(again.unchanged);
+    assert_eq!(
+        (again.version, again.index, &again.module_sha256),
+        (first.version, first.index, &first.module_sha256)
+    );
+    assert_eq!(
+        cluster.node(leader).metrics().last_log_index,
+        before,
+        "nothing was proposed"
+    );
+    // The same module under other limits is a new version.
+    let limited = waft(&follower)
+        .await
+        .deploy(futures::stream::iter(vec![
+            api::DeployChunk {
+                kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
+                    service: "kv".into(),
+                    size,
+                    dry_run: false,
+                    fuel_per_apply: 50_000_000,
+                    max_memory_bytes: 0,
+                })),
+            },
+            api::DeployChunk {
+                kind: Some(api::deploy_chunk::Kind::Data(module)),
+            },
+        ]))
+        .await
+        .expect("limited")
+        .into_inner();
+    assert!(!limited.unchanged);
+    assert_eq!(limited.version, first.version + 1);
+    cluster.shutdown().await;
+}

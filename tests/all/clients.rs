@@ -115,7 +115,10 @@ async fn the_python_client_deploys_submits_and_queries() {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 4, "{out}");
         assert_eq!(lines[0], "OK");
-        assert!(lines[1].starts_with("rejected: key not found: nothing"), "{out}");
+        assert!(
+            lines[1].starts_with("rejected: key not found: nothing"),
+            "{out}"
+        );
         assert_eq!(&lines[2..], ["OK", "2"]);
     }
     cluster.shutdown().await;

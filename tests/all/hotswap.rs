@@ -22,6 +22,17 @@ async fn deploy(
     path: &str,
     dry_run: bool,
 ) -> Result<api::DeployReply, tonic::Status> {
+    deploy_with_fuel(addr, service, path, dry_run, 0).await
+}
+
+/// A deploy with the service's own fuel limit (0: the node's).
+async fn deploy_with_fuel(
+    addr: &str,
+    service: &str,
+    path: &str,
+    dry_run: bool,
+    fuel_per_apply: u64,
+) -> Result<api::DeployReply, tonic::Status> {
     let module = waft_testkit::wasm(path);
     let chunks = vec![
         api::DeployChunk {
@@ -29,7 +40,7 @@ async fn deploy(
                 service: service.to_owned(),
                 size: module.len() as u64,
                 dry_run,
-                fuel_per_apply: 0,
+                fuel_per_apply,
                 max_memory_bytes: 0,
             })),
         },
@@ -407,7 +418,9 @@ async fn concurrent_deploys_of_one_service_apply_in_log_order_everywhere() {
     let cluster = TestCluster::start(3, test_settings()).await;
     cluster.form().await;
     let addrs = cluster.addrs.clone();
-    deploy(&addrs[0], "kv", EXAMPLE_KV, false)
+    // Version 1 runs under a fuel limit of its own, so neither racing deploy below is the
+    // module-and-limits the service already runs (which would change nothing).
+    deploy_with_fuel(&addrs[0], "kv", EXAMPLE_KV, false, 50_000_000)
         .await
         .expect("v1");
     cluster.write(kv("put a 1")).await;

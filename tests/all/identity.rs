@@ -124,6 +124,15 @@ async fn a_stranger_at_a_members_address_is_never_written_to() {
     let addr = a.addrs[2].clone();
     a.stop(2).await;
     let b_dir = tempfile::tempdir().expect("tempdir");
+    // B starts with a cluster id of its own already (as if it had been initialized before):
+    // a node with none adopts the cluster of the first Raft message it gets, and A's leader,
+    // still replicating to this address, could otherwise reach B between its start and its
+    // initialization (seen under load in CI). Initializing B below makes a new id.
+    std::fs::write(
+        b_dir.path().join("cluster-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .expect("write B's id");
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .expect("bind A's old address");

@@ -200,6 +200,7 @@ async fn deployed(addr: &str, service: &str, module: &[u8]) -> Option<api::Deplo
                 index: s.deployed_at_index,
                 dry_run: false,
                 version: s.version,
+                unchanged: false,
             });
         }
     }

@@ -449,6 +449,7 @@ impl Api {
                     index,
                     dry_run: false,
                     version,
+                    unchanged: false,
                 }))
             }
             Ok((_, Response::DeployFailed(why))) => {
@@ -771,6 +772,28 @@ impl waft_server::Waft for Api {
             fuel_per_apply: (header.fuel_per_apply != 0).then_some(header.fuel_per_apply),
             max_memory_bytes: (header.max_memory_bytes != 0).then_some(header.max_memory_bytes),
         };
+        // Deploying what the service already runs, as it runs it, changes nothing: no entry,
+        // no new version (a deploy retried after its connection dropped, though the first
+        // attempt went through, must not add one).
+        if !header.dry_run {
+            let sha = crate::runtime::ModuleHash::of(&module).to_hex();
+            let active = self
+                .state
+                .services()
+                .into_iter()
+                .find(|s| s.name == header.service)
+                .and_then(|s| s.history.last().cloned())
+                .filter(|v| v.module == sha && v.limits == limits);
+            if let Some(active) = active {
+                return Ok(GrpcResponse::new(api::DeployReply {
+                    module_sha256: sha,
+                    index: active.deployed_at,
+                    dry_run: false,
+                    version: active.version,
+                    unchanged: true,
+                }));
+            }
+        }
         let hash = self
             .validate(
                 &header.service,
@@ -785,6 +808,7 @@ impl waft_server::Waft for Api {
                 index: 0,
                 dry_run: true,
                 version: 0,
+                unchanged: false,
             }));
         }
         let entry = Request::Deploy {

@@ -682,7 +682,8 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
         Output::Json => println!(
             "{}",
             serde_json::json!({"service": args.service, "module_sha256": reply.module_sha256,
-                "index": reply.index, "dry_run": reply.dry_run, "version": reply.version})
+                "index": reply.index, "dry_run": reply.dry_run, "version": reply.version,
+                "unchanged": reply.unchanged})
         ),
         Output::Text if reply.dry_run => println!(
             "dry run: {} ({} bytes, sha256 {}) would be accepted as service {:?}; nothing was deployed",
@@ -690,6 +691,14 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
             size,
             reply.module_sha256,
             args.service
+        ),
+        Output::Text if reply.unchanged => println!(
+            "{:?} already runs {} (sha256 {}) as version {} since index {}; nothing changed",
+            args.service,
+            args.file.display(),
+            reply.module_sha256,
+            reply.version,
+            reply.index
         ),
         Output::Text => println!(
             "deployed {} ({} bytes, sha256 {}) as service {:?} version {} at index {}",

@@ -461,6 +461,16 @@ async fn health_and_reflection_are_served() {
     cluster.shutdown().await;
 }
 
+/// A formed 3-node cluster running the kv example; its leader's index and a follower's address.
+async fn kv_cluster() -> (TestCluster, usize, String) {
+    let cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let leader = cluster.wait_leader().await;
+    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    (cluster, leader, follower)
+}
+
 fn outcome(r: &api::SubmitResult) -> Result<&api::SubmitReply, (tonic::Code, &str)> {
     match &r.result {
         Some(api::submit_result::Result::Reply(reply)) => Ok(reply),
@@ -473,17 +483,7 @@ fn outcome(r: &api::SubmitResult) -> Result<&api::SubmitReply, (tonic::Code, &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_submit_batch_proposes_in_order_and_answers_each_command_like_a_submit() {
-    let cluster = TestCluster::start(3, test_settings()).await;
-    form_via_api(&cluster).await;
-    let leader = cluster.wait_leader().await;
-    let follower = cluster.addrs[(leader + 1) % 3].clone();
-    let module = waft_testkit::wasm(EXAMPLE_KV);
-    let size = module.len() as u64;
-    waft(&follower)
-        .await
-        .deploy(deploy_stream("kv", module, size))
-        .await
-        .expect("deploy");
+    let (cluster, leader, follower) = kv_cluster().await;
 
     for (round, addr) in [&cluster.addrs[leader], &follower].into_iter().enumerate() {
         tracing::info!(%addr, "a batch with good and bad commands, sent to the leader and a follower");
@@ -569,17 +569,7 @@ async fn a_submit_batch_proposes_in_order_and_answers_each_command_like_a_submit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_submits_through_a_follower_each_get_their_own_answer() {
-    let cluster = TestCluster::start(3, test_settings()).await;
-    form_via_api(&cluster).await;
-    let leader = cluster.wait_leader().await;
-    let follower = cluster.addrs[(leader + 1) % 3].clone();
-    let module = waft_testkit::wasm(EXAMPLE_KV);
-    let size = module.len() as u64;
-    waft(&follower)
-        .await
-        .deploy(deploy_stream("kv", module, size))
-        .await
-        .expect("deploy");
+    let (cluster, leader, follower) = kv_cluster().await;
     // 32 clients on the follower at once: their submits share forwarded batches, and each
     // still gets the reply to its own command (a cas that only succeeds for the right value).
     let mut tasks = Vec::new();
@@ -636,11 +626,7 @@ async fn concurrent_submits_through_a_follower_each_get_their_own_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waft_submit_lines_bulk_loads_a_file_in_batches_with_a_result_per_command() {
     use crate::support::waft_cli;
-    let cluster = TestCluster::start(3, test_settings()).await;
-    cluster.form().await;
-    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
-    let leader = cluster.wait_leader().await;
-    let follower = cluster.addrs[(leader + 1) % 3].clone();
+    let (cluster, _, follower) = kv_cluster().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("commands.txt");
     std::fs::write(

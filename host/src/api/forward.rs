@@ -226,7 +226,7 @@ async fn send(api: &Api, key: &Key, batch: Vec<Pending>) {
 }
 
 /// A command's result as its own Submit would have answered.
-pub(super) fn from_result(result: api::SubmitResult) -> Result<api::SubmitReply, Status> {
+pub(crate) fn from_result(result: api::SubmitResult) -> Result<api::SubmitReply, Status> {
     match result.result {
         Some(api::submit_result::Result::Reply(r)) => Ok(r),
         Some(api::submit_result::Result::Failure(f)) => {

@@ -7,7 +7,7 @@
 //! leadership moved in between, the client gets `UNAVAILABLE` and retries. It also carries the
 //! caller's request id, so the call's tracing spans on both nodes share it (see [`trace`]).
 
-mod forward;
+pub(crate) mod forward;
 pub mod trace;
 
 use crate::pb::api::{self, cluster_server, waft_server};

@@ -186,7 +186,6 @@ impl Workload {
     /// One request; the operations it did.
     async fn one(&self, conn: &mut Conn, rng: &mut u64) -> Result<u64, String> {
         let first = next(rng) % self.keys.max(1);
-        let key = format!("key{first}");
         let read = (next(rng) % 1_000_000) as f64 / 1_000_000.0 < self.read_ratio;
         if !read && self.batch > 1 {
             // Consecutive keys: distinct within the request (etcd refuses a Txn that writes a
@@ -195,6 +194,7 @@ impl Workload {
             self.write_batch(conn, keys).await?;
             return Ok(self.batch);
         }
+        let key = format!("key{first}");
         match conn {
             Conn::Waft(c) => {
                 if read {

@@ -496,14 +496,7 @@ async fn submit_lines(
             );
             todo.clear();
             for (command, result) in sent.into_iter().zip(results) {
-                let answer = match result.result {
-                    Some(api::submit_result::Result::Reply(r)) => Ok(r),
-                    Some(api::submit_result::Result::Failure(f)) => {
-                        Err(tonic::Status::new(tonic::Code::from(f.code), f.message))
-                    }
-                    None => Err(tonic::Status::internal("an empty result")),
-                };
-                match answer {
+                match crate::api::forward::from_result(result) {
                     Err(s) if s.code() == tonic::Code::Unavailable && attempt < 8 => {
                         todo.push(command)
                     }

@@ -301,6 +301,7 @@ impl Node {
             }
         }
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+        identity.watch(raft.metrics());
         let service = RaftService::new(
             raft.clone(),
             identity.clone(),

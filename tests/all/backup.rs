@@ -223,6 +223,33 @@ async fn a_backup_seeds_an_empty_data_dir_offline() {
         !empty.path().join("log.redb").exists() && !empty.path().join("log.wal").exists(),
         "nothing written"
     );
+    // A backup from a later waft (a format this build does not know, checksum intact).
+    let mut newer = bytes.clone();
+    newer[7] = b'3';
+    let body = newer.len() - 32;
+    let sum = <sha2::Sha256 as sha2::Digest>::digest(&newer[..body]);
+    newer[body..].copy_from_slice(&sum);
+    let newer_file = dir.path().join("newer.backup");
+    std::fs::write(&newer_file, &newer).expect("write");
+    let o = waft(&[
+        "restore",
+        newer_file.to_str().expect("utf-8"),
+        "--data-dir",
+        empty.path().to_str().expect("utf-8"),
+        "--id",
+        "1",
+    ])
+    .await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("written by a newer waft (snapshot format 3)"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !empty.path().join("log.redb").exists() && !empty.path().join("log.wal").exists(),
+        "nothing written"
+    );
 
     tracing::info!("the seeded node starts as a one-node cluster with the state; a joiner gets it");
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");

@@ -124,21 +124,18 @@ async fn a_stranger_at_a_members_address_is_never_written_to() {
     let addr = a.addrs[2].clone();
     a.stop(2).await;
     let b_dir = tempfile::tempdir().expect("tempdir");
-    // B starts with a cluster id of its own already (as if it had been initialized before):
-    // a node with none adopts the cluster of the first Raft message it gets, and A's leader,
-    // still replicating to this address, could otherwise reach B between its start and its
-    // initialization (seen under load in CI). Initializing B below makes a new id.
-    std::fs::write(
-        b_dir.path().join("cluster-id"),
-        "0123456789abcdef0123456789abcdef\n",
-    )
-    .expect("write B's id");
+    // B has no cluster id until it initializes, and A's leader reaches it before that: B
+    // holds no log, while A's leader knows node 2 acknowledged its entries, so B refuses
+    // them (it does not adopt A's cluster).
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .expect("bind A's old address");
     let mut config = NodeConfig::new(2, b_dir.path());
     config.raft = test_settings();
     let b = Node::start(config, listener).await.expect("B starts");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(b.cluster_id(), None, "B adopted A's cluster");
+    assert_eq!(b.metrics().last_log_index, None, "B took A's entries");
     let mut members = std::collections::BTreeMap::new();
     members.insert(2, openraft::BasicNode { addr: addr.clone() });
     b.initialize(members).await.expect("B initializes");
@@ -169,4 +166,100 @@ async fn a_stranger_at_a_members_address_is_never_written_to() {
     assert_eq!(b.cluster_id(), Some(b_id));
     b.shutdown().await.expect("B stops");
     a.shutdown().await;
+}
+
+/// A vote request for node `target` of `cluster` from a candidate whose log ends at `last`.
+async fn vote_with_log(addr: &str, target: NodeId, last: Option<u64>) -> Result<(), tonic::Status> {
+    let last = last.map(|index| {
+        openraft::LogId::new(
+            openraft::impls::leader_id_adv::LeaderId {
+                term: 1,
+                node_id: 0,
+            },
+            index,
+        )
+    });
+    let rpc = openraft::raft::VoteRequest::<TypeConfig>::new(Vote::new(1_000, 0), last);
+    let mut req = tonic::Request::new(waft::pb::encode(&rpc).expect("encode"));
+    req.metadata_mut()
+        .insert(TARGET_HEADER, target.to_string().parse().expect("header"));
+    RaftClient::new(channel(addr).await)
+        .vote(req)
+        .await
+        .map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_lost_its_data_is_refused_until_it_is_added_back() {
+    // Node 2's data directory is wiped and it starts again at its address with its id. It has
+    // no log and no cluster id: it must not answer the leader as if it had never held entries
+    // (openraft's leader asserts a follower never loses entries it acknowledged), and must not
+    // vote as a member. The cluster goes on with two of three; removing node 2 and adding it
+    // back brings it in again.
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    for i in 0..20 {
+        cluster.write(kv(format!("put a{i} {i}"))).await;
+    }
+    let id = cluster.node(0).cluster_id().expect("cluster id");
+    cluster.stop(2).await;
+    cluster.dirs[2] = tempfile::tempdir().expect("tempdir");
+    cluster.restart(2).await;
+
+    for i in 0..20 {
+        cluster.write(kv(format!("put b{i} {i}"))).await;
+    }
+    // Long enough for the leader to reopen its stream to node 2 several times.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (index, _) = cluster.write(kv("put c 1")).await;
+    let wiped = cluster.node(2).metrics();
+    assert_eq!(wiped.last_log_index, None, "the wiped node took entries");
+    assert_eq!(cluster.node(2).cluster_id(), None);
+    for i in 0..2 {
+        let m = cluster.node(i).metrics();
+        assert!(m.running_state.is_ok(), "node {i} stopped: {m:?}");
+    }
+
+    // It refuses to vote for a candidate with a log: it cannot tell what it has lost.
+    let e = vote_with_log(&cluster.addrs[2], 2, Some(5))
+        .await
+        .expect_err("a wiped member votes");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("remove node 2"), "{e}");
+    assert_eq!(
+        cluster.node(2).metrics().vote.leader_id().term,
+        0,
+        "a refused vote changed nothing"
+    );
+    assert_eq!(cluster.node(2).cluster_id(), None);
+
+    // Remove it and add it back: it catches up and joins the cluster.
+    let leader = cluster.node(cluster.wait_leader().await);
+    leader
+        .raft()
+        .change_membership([0, 1], false)
+        .await
+        .expect("remove node 2");
+    leader
+        .raft()
+        .add_learner(
+            2,
+            openraft::BasicNode {
+                addr: cluster.addrs[2].clone(),
+            },
+            true,
+        )
+        .await
+        .expect("add node 2 back");
+    leader
+        .raft()
+        .change_membership([0, 1, 2], false)
+        .await
+        .expect("node 2 votes again");
+    let (last, _) = cluster.write(kv("put d 1")).await;
+    assert!(last > index);
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
+    assert_eq!(cluster.node(2).cluster_id(), Some(id));
+    cluster.shutdown().await;
 }

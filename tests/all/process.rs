@@ -179,6 +179,52 @@ fn three_node_processes_survive_a_leader_kill() {
         "{table}"
     );
 
+    tracing::info!("a follower loses its data directory and comes back with --join");
+    let leader_id = leader(&addrs).expect("a leader") as usize;
+    let wiped = leader_id % 3 + 1;
+    let victim = nodes.0[wiped - 1].as_mut().expect("running");
+    victim.kill().expect("kill");
+    victim.wait().expect("reap");
+    nodes.0[wiped - 1] = None;
+    std::fs::remove_dir_all(dir.path().join(format!("node{wiped}"))).expect("wipe");
+    let o = cli(
+        &addrs[leader_id - 1],
+        &["submit", "--service", "kv", "put k7 v7"],
+    );
+    assert_eq!(text(&o), "OK\n", "{}", String::from_utf8_lossy(&o.stderr));
+    nodes.0[wiped - 1] = Some(spawn(
+        wiped as u64,
+        &addrs[wiped - 1],
+        dir.path(),
+        Some(&addrs[leader_id - 1]),
+    ));
+    let expected = format!("{expected}k7 v7\n");
+    eventually("the wiped node copied the log again", || {
+        text(&cli(
+            &addrs[wiped - 1],
+            &[
+                "query",
+                "--service",
+                "kv",
+                "scan k",
+                "--consistency",
+                "stale",
+            ],
+        )) == expected
+    });
+    eventually("three voters again", || {
+        status(&addrs[leader_id - 1]).is_some_and(|s| {
+            s["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().filter(|x| x["voter"] == true).count() == 3)
+        })
+    });
+    let log = std::fs::read_to_string(dir.path().join(format!("node{wiped}.log"))).expect("log");
+    assert!(
+        log.contains(&format!("node {wiped} lost its data")),
+        "the node says what happened: {log}"
+    );
+
     tracing::info!("a down endpoint is a clear error and a failure status");
     let down = free_addr();
     let o = cli(&down, &["submit", "--service", "kv", "put a 1"]);

@@ -204,7 +204,7 @@ pub async fn node(
         },
     };
     if let Some(seed) = &args.join
-        && let Err(e) = join(seed, args.id, node.addr()).await
+        && let Err(e) = join(seed, args.id, node.addr(), fresh(&node)).await
     {
         eprintln!("error: joining through {seed} failed: {e:#}");
         node.shutdown().await?;
@@ -305,18 +305,49 @@ async fn find_member(
     bail!("no seed led to a cluster with a leader; last: {last}")
 }
 
-/// Adds this node as a learner through one of `seeds`, then makes it a voter.
-async fn join(seeds: &str, id: u64, addr: &str) -> anyhow::Result<()> {
+/// Whether `node` has never been part of a cluster: no cluster id, nothing in its log.
+fn fresh(node: &Node) -> bool {
+    node.cluster_id().is_none() && node.metrics().last_log_index.is_none()
+}
+
+/// Adds this node as a learner through one of `seeds`, then makes it a voter. A `fresh` node
+/// (empty data directory) that the cluster lists already is a member that lost its data: it
+/// is removed first, then added back and copies the log again.
+async fn join(seeds: &str, id: u64, addr: &str, fresh: bool) -> anyhow::Result<()> {
     let (cluster, status) = find_member(seeds).await?;
-    if status.members.iter().any(|m| m.id == id && m.voter) {
-        eprintln!("node {id} is already a voter; nothing to join");
-        return Ok(());
-    }
     if let Some(m) = status.members.iter().find(|m| m.id == id && m.addr != addr) {
         bail!(
             "node id {id} is already taken by {} in that cluster",
             m.addr
         );
+    }
+    let listed = status.members.iter().find(|m| m.id == id);
+    match listed {
+        Some(m) if fresh => {
+            eprintln!(
+                "node {id} is a {} of that cluster, but this data directory is new: node {id} \
+                 lost its data. Removing node {id} from the cluster and adding it back.",
+                if m.voter { "voter" } else { "learner" }
+            );
+            let remove = api::RemoveNodeRequest { id };
+            retry_admin(|| {
+                let mut c = cluster.clone();
+                async move {
+                    match c.remove_node(remove).await {
+                        // Removed already (a retry after a lost reply).
+                        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+                        other => other.map(drop),
+                    }
+                }
+            })
+            .await
+            .with_context(|| format!("cannot remove node {id}"))?;
+        }
+        Some(m) if m.voter => {
+            eprintln!("node {id} is already a voter; nothing to join");
+            return Ok(());
+        }
+        _ => {}
     }
     let learner = api::AddLearnerRequest {
         id,

@@ -10,12 +10,20 @@
 //! kept in `cluster-id` in its data directory. Other nodes adopt it from the first Raft message
 //! they receive (a new member learns it from the leader that adds it) and keep it from then
 //! on. A node that has none (data from an older waft) accepts any cluster until it learns one.
+//!
+//! A node with no cluster id and an empty log is new, or it is a member that lost its data
+//! (a wiped disk, a replaced volume) and came back at its address with its id. It cannot tell
+//! which; its peers can. A leader stamps the index it last knew a follower to hold
+//! ([`MATCHED_HEADER`]), and a candidate's vote request names its last log index. An empty
+//! node refuses both: taking the leader's entries would contradict what it acknowledged
+//! before (openraft's leader stops on that), and voting would count a member that no longer
+//! holds what it promised to keep. It is refused until it is removed and added back.
 
-use super::types::NodeId;
+use super::types::{NodeId, TypeConfig};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -23,16 +31,47 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 pub const CLUSTER_HEADER: &str = "waft-cluster-id";
 /// gRPC metadata naming the node a message is meant for.
 pub const TARGET_HEADER: &str = "waft-target-node";
+/// gRPC metadata on a leader's messages: the last log index the target acknowledged holding.
+pub const MATCHED_HEADER: &str = "waft-matched-index";
 const FILE: &str = "cluster-id";
 
 /// This node's identity: its id and (once known) its cluster's.
-#[derive(Debug)]
 pub struct Identity {
     node: NodeId,
     file: PathBuf,
     cluster: Mutex<Option<String>>,
     /// The cluster token (see [`crate::auth`]): sent with, and required on, Raft messages.
     tokens: crate::auth::Tokens,
+    /// This node's Raft metrics, once Raft runs: its own log state, and (as leader) what each
+    /// follower acknowledged.
+    metrics: OnceLock<MetricsWatch>,
+    /// Messages refused because this node lost its data (to log only some of them).
+    refusals: std::sync::atomic::AtomicU64,
+}
+
+type MetricsWatch = openraft::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>;
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("node", &self.node)
+            .field("cluster", &self.cluster())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an incoming Raft message asks of this node, for [`Identity::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// A vote or pre-vote from a candidate whose log ends at this index.
+    Vote {
+        /// The candidate's last log index.
+        candidate_last: Option<u64>,
+    },
+    /// Entries, heartbeats or a snapshot from a leader.
+    Replication,
+    /// A leader handing over its leadership.
+    TransferLeader,
 }
 
 fn valid(id: &str) -> bool {
@@ -66,6 +105,30 @@ impl Identity {
             file,
             cluster: Mutex::new(cluster),
             tokens: crate::auth::Tokens::default(),
+            metrics: OnceLock::new(),
+            refusals: Default::default(),
+        })
+    }
+
+    /// Follows this node's Raft metrics (set once, when Raft starts).
+    pub fn watch(&self, metrics: MetricsWatch) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// As leader, the last log index node `target` acknowledged holding, if it did.
+    fn matched(&self, target: NodeId) -> Option<u64> {
+        use openraft::async_runtime::WatchReceiver;
+        let metrics = self.metrics.get()?.borrow_watched();
+        let index = metrics.replication.as_ref()?.get(&target)?.as_ref()?.index;
+        Some(index)
+    }
+
+    /// Whether this node's Raft log is known to be empty: no entries, no snapshot.
+    fn empty(&self) -> bool {
+        use openraft::async_runtime::WatchReceiver;
+        self.metrics.get().is_some_and(|m| {
+            let m = m.borrow_watched();
+            m.last_log_index.is_none() && m.snapshot.is_none() && m.purged.is_none()
         })
     }
 
@@ -130,12 +193,16 @@ impl Identity {
         {
             metadata.insert(CLUSTER_HEADER, v);
         }
+        if let Some(index) = self.matched(target) {
+            metadata.insert(MATCHED_HEADER, MetadataValue::from(index));
+        }
     }
 
     /// Checks an incoming Raft request: it must be meant for this node and come from this
-    /// node's cluster (adopting the sender's cluster if this node has none yet).
+    /// node's cluster (adopting the sender's cluster if this node has none yet, unless the
+    /// message shows this node lost its data: see the module documentation).
     #[allow(clippy::result_large_err)]
-    pub fn admit(&self, metadata: &MetadataMap) -> Result<(), Status> {
+    pub fn admit(&self, metadata: &MetadataMap, message: Message) -> Result<(), Status> {
         self.tokens.check_peer(metadata)?;
         if let Some(target) = metadata.get(TARGET_HEADER) {
             let target = target.to_str().ok().and_then(|t| t.parse::<NodeId>().ok());
@@ -148,16 +215,25 @@ impl Identity {
                 )));
             }
         }
-        let Some(theirs) = metadata.get(CLUSTER_HEADER) else {
+        let theirs = match metadata.get(CLUSTER_HEADER) {
+            None => None,
+            Some(theirs) => {
+                let theirs = theirs.to_str().unwrap_or("").to_owned();
+                if !valid(&theirs) {
+                    return Err(Status::invalid_argument(format!(
+                        "malformed cluster id {theirs:?} in a Raft message"
+                    )));
+                }
+                Some(theirs)
+            }
+        };
+        let mut cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
+        if cluster.is_none() {
+            self.check_not_lost(metadata, message)?;
+        }
+        let Some(theirs) = theirs else {
             return Ok(());
         };
-        let theirs = theirs.to_str().unwrap_or("").to_owned();
-        if !valid(&theirs) {
-            return Err(Status::invalid_argument(format!(
-                "malformed cluster id {theirs:?} in a Raft message"
-            )));
-        }
-        let mut cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
         match cluster.as_ref() {
             Some(ours) if *ours == theirs => Ok(()),
             Some(ours) => Err(Status::failed_precondition(format!(
@@ -174,5 +250,50 @@ impl Identity {
                 Ok(())
             }
         }
+    }
+
+    /// Refuses a message that shows this node, which has no cluster id and an empty log, was
+    /// a member before and lost its data.
+    #[allow(clippy::result_large_err)]
+    fn check_not_lost(&self, metadata: &MetadataMap, message: Message) -> Result<(), Status> {
+        if !self.empty() {
+            // Data from before cluster ids: it adopts the first cluster it hears from.
+            return Ok(());
+        }
+        let matched = metadata
+            .get(MATCHED_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let evidence = match message {
+            // Index 0 is the initial membership: a cluster's first election asks every initial
+            // member, all of them empty but the one that initialized it.
+            Message::Vote {
+                candidate_last: Some(last),
+            } if last > 0 => format!("a candidate's log reaches index {last}"),
+            Message::Vote { .. } => return Ok(()),
+            Message::Replication => match matched {
+                Some(index) => {
+                    format!("the leader had it acknowledged as holding the log up to index {index}")
+                }
+                None => return Ok(()),
+            },
+            Message::TransferLeader => "the leader asked it to take over".to_owned(),
+        };
+        let node = self.node;
+        let why = format!(
+            "node {node} holds no Raft log and belongs to no cluster, but {evidence}: its data \
+             directory was lost or replaced. A member that lost its data must not vote or take \
+             entries as if it were new; remove node {node} from the cluster (waft cluster remove \
+             {node}) and add it back (waft node --join), and it will copy the log again"
+        );
+        // Said once, then every 64th refusal (the leader retries about twice a second).
+        if self
+            .refusals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(64)
+        {
+            tracing::warn!("{why}");
+        }
+        Err(Status::failed_precondition(why))
     }
 }

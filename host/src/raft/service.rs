@@ -1,5 +1,6 @@
 //! The Raft network, server side: the gRPC service peers call.
 
+use super::identity::Message;
 use super::types::{SnapshotMeta, TypeConfig, Vote};
 use crate::pb::{self, raft::raft_server, raft::snapshot_chunk::Kind};
 use crate::storage::snapshot;
@@ -77,13 +78,13 @@ impl RaftService {
 
     /// The checks every Raft message passes before openraft sees it: the peer's certificate
     /// (under mutual TLS), then the cluster token, cluster id and target node id.
-    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    fn admit<T>(&self, request: &Request<T>, message: Message) -> Result<(), Status> {
         if self.require_peer_certificate && !crate::tls::has_peer_certificate(request) {
             return Err(Status::unauthenticated(
                 "Raft messages need mutual TLS: connect with a certificate signed by the cluster CA",
             ));
         }
-        self.identity.admit(request.metadata())
+        self.identity.admit(request.metadata(), message)
     }
 
     async fn receive_snapshot(
@@ -216,8 +217,9 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        self.admit(&request)?;
         let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
+        let candidate_last = req.last_log_id.map(|l| l.index);
+        self.admit(&request, Message::Vote { candidate_last })?;
         let resp = self
             .raft
             .vote(req)
@@ -230,8 +232,9 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        self.admit(&request)?;
         let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
+        let candidate_last = req.last_log_id.map(|l| l.index);
+        self.admit(&request, Message::Vote { candidate_last })?;
         let resp = self
             .raft
             .pre_vote(req)
@@ -246,7 +249,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::raft::RaftMessage>>,
     ) -> Result<Response<AppendStream>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, Message::Replication)?;
         // Decoding failures end the request stream and are reported as the final status of the
         // reply stream: never dropped silently.
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
@@ -290,7 +293,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::raft::SnapshotChunk>>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, Message::Replication)?;
         let reply = self.receive_snapshot(request.into_inner()).await;
         if let Err(e) = &reply {
             tracing::warn!(error = %e, "snapshot transfer refused");
@@ -302,7 +305,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::RaftMessage>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, Message::TransferLeader)?;
         let req: TransferLeaderRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let resp = self
             .raft

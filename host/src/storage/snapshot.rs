@@ -245,6 +245,15 @@ impl<'a> Reader<'a> {
             ));
         }
         if &magic != MAGIC {
+            if let Some(format) = magic.strip_prefix(b"WAFTSNP")
+                && format[0].is_ascii_digit()
+            {
+                return Err(corrupt(format!(
+                    "written by a newer waft (snapshot format {}); this build reads format 2: \
+                     use that waft version or a later one",
+                    format[0] as char
+                )));
+            }
             return Err(corrupt("not a waft snapshot (bad magic)"));
         }
         let mut len = [0u8; 4];

@@ -81,6 +81,8 @@ pub struct NodeConfig {
     /// How the Raft log is stored. `None`: the engine the data directory already holds, and
     /// [`LogEngine::default`] (the WAL) for a new directory.
     pub log_engine: Option<LogEngine>,
+    /// How much of what it applied a node keeps for watchers starting from an earlier index.
+    pub watch_history: crate::storage::events::HistoryLimits,
 }
 
 /// How a node stores its Raft log. A data directory keeps the engine it was created with.
@@ -164,6 +166,7 @@ impl NodeConfig {
             etcd_service: "etcd".to_owned(),
             tokens: crate::auth::Tokens::default(),
             log_engine: None,
+            watch_history: Default::default(),
         }
     }
 }
@@ -261,7 +264,8 @@ impl Node {
                 });
         });
         let engine = LogEngine::resolve(config.log_engine, &config.data_dir)?;
-        let sm = StateMachineStore::new(runtime.clone(), &snapshot_dir)?;
+        let sm =
+            StateMachineStore::with_history(runtime.clone(), &snapshot_dir, config.watch_history)?;
         let state = sm.handle();
         let raft_config = openraft::Config {
             cluster_name: "waft".to_owned(),

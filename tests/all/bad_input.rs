@@ -77,7 +77,11 @@ async fn streaming(ch: &Channel, path: &'static str, body: Vec<u8>) -> Result<()
 
 const UNARY: &[&str] = &[
     "/waft.v1.Waft/Submit",
+    "/waft.v1.Waft/SubmitBatch",
     "/waft.v1.Waft/Query",
+    // Server streams: a request that does not decode is refused before any reply.
+    "/waft.v1.Waft/Watch",
+    "/waft.v1.Cluster/Backup",
     "/waft.v1.Waft/ListServices",
     "/waft.v1.Waft/Rollback",
     "/waft.v1.Cluster/Init",
@@ -95,6 +99,7 @@ const UNARY: &[&str] = &[
 
 const STREAMING: &[&str] = &[
     "/waft.v1.Waft/Deploy",
+    "/waft.v1.Cluster/Restore",
     "/waft.raft.v1.Raft/Append",
     "/waft.raft.v1.Raft/InstallSnapshot",
 ];

@@ -69,6 +69,14 @@ async fn the_python_client_deploys_submits_and_queries() {
     assert_eq!(text(&o).0, "OK\n", "{:?}", text(&o));
     let o = py(&other, &["query", "kv", "get greeting"]).await;
     assert_eq!(text(&o).0, "hello from python\n", "{:?}", text(&o));
+    // (A follower answers a linearizable query through the leader; a stale one is its own,
+    // so let it catch up first.)
+    let applied = cluster
+        .node(leader)
+        .metrics()
+        .last_log_index
+        .expect("a log");
+    cluster.wait_applied(applied).await;
     let o = py(
         &other,
         &["query", "kv", "get greeting", "--consistency", "STALE"],
@@ -121,6 +129,20 @@ async fn the_python_client_deploys_submits_and_queries() {
         );
         assert_eq!(&lines[2..], ["OK", "2"]);
     }
+
+    // A watch replays kv's history from its first command: the deploy, then the submits.
+    let o = py(&other, &["watch", "kv", "--from", "1", "--count", "3"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let out = text(&o).0;
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0][1..], ["kv", "", "version: 1"], "{out}");
+    assert_eq!(
+        lines[1][1..],
+        ["kv", "put greeting hello from python", "reply: OK"],
+        "{out}"
+    );
+    assert!(lines[2][3].starts_with("rejected: key not found"), "{out}");
     cluster.shutdown().await;
 }
 

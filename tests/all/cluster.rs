@@ -368,3 +368,58 @@ mod snapshot_transfer {
         node.shutdown().await.expect("shutdown");
     }
 }
+
+/// A TCP proxy to `target` that counts the connections it is given.
+async fn counting_proxy(target: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_to_a_peer_take_the_connections_of_its_pool_in_turn() {
+    use waft::pb::api::{StatusRequest, cluster_client::ClusterClient};
+    use waft::raft::{Identity, NetConfig, NetworkFactory};
+    let cluster = TestCluster::start(1, test_settings()).await;
+    cluster.form().await;
+    for (connections, expected) in [(3, 3), (1, 1)] {
+        let (proxy, count) = counting_proxy(cluster.addrs[0].clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = std::sync::Arc::new(Identity::load(9, dir.path()).expect("identity"));
+        let factory = NetworkFactory::new(
+            NetConfig {
+                connections,
+                ..NetConfig::default()
+            },
+            identity,
+        );
+        for _ in 0..6 {
+            let channel = factory.channel(&proxy).expect("channel");
+            ClusterClient::new(channel)
+                .status(StatusRequest {})
+                .await
+                .expect("status through the pool");
+        }
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::Relaxed),
+            expected,
+            "six calls over a pool of {connections}"
+        );
+    }
+    cluster.shutdown().await;
+}

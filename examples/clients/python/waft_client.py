@@ -6,6 +6,7 @@
     python3 examples/clients/python/waft_client.py --endpoint 127.0.0.1:7001 submit kv 'put a 1'
     python3 examples/clients/python/waft_client.py --endpoint 127.0.0.1:7001 query kv 'get a'
     python3 examples/clients/python/waft_client.py --to-leader submit-lines kv commands.txt
+    python3 examples/clients/python/waft_client.py watch kv --from 1 --count 10
 
 The stubs are generated on first use into a cache directory next to this file (or run
 `python3 -m grpc_tools.protoc -I proto --python_out=OUT --grpc_python_out=OUT proto/api.proto`
@@ -180,6 +181,29 @@ class Waft:
     def status(self):
         return self._call("Status", self.pb.StatusRequest(), stub="cluster")
 
+    def watch(self, service="", start_index=0):
+        """Yields (index, service, payload, outcome, value) for what the node applies, in log
+        order, from start_index (0: from now). After UNAVAILABLE (the node stopping, a broken
+        connection) it reconnects and resumes from the next index; OUT_OF_RANGE (events no
+        longer kept) is raised: read the state afresh, then watch again."""
+        next_index = start_index
+        failures = 0
+        while True:
+            request = self.pb.WatchRequest(service=service, start_index=next_index)
+            try:
+                for e in self.waft.Watch(request):
+                    failures = 0
+                    next_index = e.index + 1
+                    outcome = e.WhichOneof("outcome")
+                    yield e.index, e.service, e.payload, outcome, getattr(e, outcome)
+                return
+            except self.grpc.RpcError as err:
+                if err.code() != self.grpc.StatusCode.UNAVAILABLE or failures + 1 >= self.retries:
+                    raise
+                failures += 1
+                time.sleep(min(0.05 * 2**failures, 1.0))
+                self._connect(self.endpoint)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -200,6 +224,10 @@ def main():
     d.add_argument("service")
     d.add_argument("file")
     sub.add_parser("status")
+    w = sub.add_parser("watch", help="print what the node applies, one line per event")
+    w.add_argument("service", nargs="?", default="")
+    w.add_argument("--from", dest="start", type=int, default=0, help="first log index (default: from now)")
+    w.add_argument("--count", type=int, default=0, help="stop after this many events")
     args = parser.parse_args()
 
     import grpc
@@ -219,6 +247,15 @@ def main():
                     failed += 1
                     print(f"{outcome}: {text} (index {index})")
             return 2 if failed else 0
+        if args.command == "watch":
+            seen = 0
+            for index, service, payload, outcome, value in client.watch(args.service, args.start):
+                text = value.decode(errors="replace") if isinstance(value, bytes) else value
+                print(f"{index}\t{service}\t{payload.decode(errors='replace')}\t{outcome}: {text}", flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+            return 0
         if args.command == "submit":
             outcome, value, index = client.submit(args.service, args.payload.encode())
         elif args.command == "query":

@@ -14,11 +14,12 @@ use crate::pb::api::{self, cluster_server, waft_server};
 use crate::raft::types::{ClientSeq, Node as RaftNode, NodeId, Request, Response};
 use crate::raft::{NetworkFactory, Raft};
 use crate::runtime::Runtime;
+use crate::storage::events::Since;
 use crate::storage::{QueryError, StateHandle};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{ChangeMembers, ReadPolicy};
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
@@ -58,6 +59,10 @@ pub struct Api {
     tokens: Arc<Tokens>,
     forwarder: Arc<forward::Forwarder>,
     rpc: Arc<trace::RpcMetrics>,
+    /// One deploy at a time per service on this node, from the look at what the service runs
+    /// to the new version's apply: an identical deploy that arrives meanwhile (a retry) then
+    /// finds it running and changes nothing.
+    deploying: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -236,6 +241,7 @@ impl Api {
             snapshot_dir: std::path::PathBuf::new(),
             tokens: Arc::default(),
             forwarder: Arc::default(),
+            deploying: Arc::default(),
             rpc: Arc::default(),
         }
     }
@@ -437,6 +443,22 @@ impl Api {
     }
 
     /// Proposes a deploy or rollback entry on this (leader) node and maps the outcome.
+    /// Waits for this node's turn to deploy to `service` (see `Api::deploying`).
+    async fn deploy_turn(&self, service: &str) -> DeployTurn {
+        let lock = self
+            .deploying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(service.to_owned())
+            .or_default()
+            .clone();
+        DeployTurn {
+            guard: Some(lock.lock_owned().await),
+            service: service.to_owned(),
+            all: self.deploying.clone(),
+        }
+    }
+
     async fn propose_swap(
         &self,
         entry: Request,
@@ -772,6 +794,11 @@ impl waft_server::Waft for Api {
             fuel_per_apply: (header.fuel_per_apply != 0).then_some(header.fuel_per_apply),
             max_memory_bytes: (header.max_memory_bytes != 0).then_some(header.max_memory_bytes),
         };
+        let _turn = if header.dry_run {
+            None
+        } else {
+            Some(self.deploy_turn(&header.service).await)
+        };
         // Deploying what the service already runs, as it runs it, changes nothing: no entry,
         // no new version (a deploy retried after its connection dropped, though the first
         // attempt went through, must not add one).
@@ -819,6 +846,67 @@ impl waft_server::Waft for Api {
             timestamp_ms: now_ms(),
         };
         self.propose_swap(entry, "deploy").await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: GrpcRequest<api::WatchRequest>,
+    ) -> Result<GrpcResponse<WatchStream>, Status> {
+        self.authorize(&request, Role::Client)?;
+        let req = request.into_inner();
+        let events = self.state.events();
+        let start = match req.start_index {
+            0 => events.last() + 1,
+            i => i,
+        };
+        if let Since::Gone { first } = events.since(start, &req.service, 0) {
+            return Err(history_gone(start, first));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let stopped = self.raft.clone();
+        tokio::spawn(async move {
+            let mut grew = events.subscribe();
+            let mut next = start;
+            loop {
+                grew.borrow_and_update();
+                match events.since(next, &req.service, WATCH_BUFFER) {
+                    Since::Gone { first } => {
+                        let _ = tx.send(Err(history_gone(next, first))).await;
+                        return;
+                    }
+                    Since::Events {
+                        events: found,
+                        upto,
+                    } => {
+                        let more = found.len() == WATCH_BUFFER;
+                        for e in found {
+                            if tx.send(Ok(watch_event(&e))).await.is_err() {
+                                return;
+                            }
+                        }
+                        next = next.max(upto + 1);
+                        if more {
+                            continue;
+                        }
+                    }
+                }
+                tokio::select! {
+                    changed = grew.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                    () = raft_stopped(&stopped) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the node is stopping; watch another node from the next index")))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(GrpcResponse::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn rollback(
@@ -902,6 +990,45 @@ impl waft_server::Waft for Api {
             })
             .collect();
         Ok(GrpcResponse::new(api::ListServicesReply { services }))
+    }
+}
+
+type WatchStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<api::WatchEvent, Status>> + Send>>;
+
+/// Events a watch sends ahead of its client before it waits for the client to read.
+const WATCH_BUFFER: usize = 256;
+
+/// A watch asked for events the node's history no longer holds.
+fn history_gone(from: u64, first: u64) -> Status {
+    Status::out_of_range(format!(
+        "events from index {from} are no longer kept on this node (its history starts at index \
+         {first}; it starts afresh when the node restarts or installs a snapshot): read the \
+         current state with a query, then watch from index {first} or from now"
+    ))
+}
+
+/// Resolves once `raft` has stopped.
+async fn raft_stopped(raft: &Raft) {
+    use openraft::async_runtime::WatchReceiver;
+    let mut metrics = raft.metrics();
+    while metrics.changed().await.is_ok() {}
+}
+
+fn watch_event(e: &crate::storage::events::Event) -> api::WatchEvent {
+    use crate::storage::events::Outcome;
+    use api::watch_event::Outcome as Pb;
+    api::WatchEvent {
+        index: e.index,
+        service: e.service.to_string(),
+        timestamp_ms: e.timestamp_ms,
+        payload: e.payload.clone(),
+        outcome: Some(match &e.outcome {
+            Outcome::Reply(r) => Pb::Reply(r.clone()),
+            Outcome::Rejected(m) => Pb::Rejected(m.clone()),
+            Outcome::Failed(m) => Pb::Failed(m.clone()),
+            Outcome::Version(v) => Pb::Version(*v),
+        }),
     }
 }
 
@@ -1295,6 +1422,27 @@ impl cluster_server::Cluster for Api {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(GrpcResponse::new(api::TriggerSnapshotReply {}))
+    }
+}
+
+/// A deploy's turn on its service; the service's lock is forgotten once nobody holds or waits
+/// for it.
+struct DeployTurn {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    service: String,
+    all: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Drop for DeployTurn {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut all = self.all.lock().unwrap_or_else(PoisonError::into_inner);
+        if all
+            .get(&self.service)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            all.remove(&self.service);
+        }
     }
 }
 

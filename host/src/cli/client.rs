@@ -200,6 +200,20 @@ pub struct QueryArgs {
     pub consistency: Consistency,
 }
 
+/// Arguments of `waft watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The service to watch (every service if left out).
+    #[arg(long, short)]
+    pub service: Option<String>,
+    /// Start at this log index, replaying what the node still keeps of it (default: from now).
+    #[arg(long, value_name = "INDEX", value_parser = clap::value_parser!(u64).range(1..))]
+    pub from: Option<u64>,
+    /// Stop after this many events (default: follow until interrupted).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
 /// Arguments of `waft deploy`.
 #[derive(Debug, Args)]
 pub struct DeployArgs {
@@ -613,6 +627,70 @@ pub async fn query(client: &ClientArgs, args: &QueryArgs) -> anyhow::Result<Exit
         ),
         None => bail!("the node sent an empty reply"),
     })
+}
+
+/// `waft watch`: one line (or JSON object) per event, until `--count` events or the stream
+/// ends; an interrupted watch says where to resume.
+pub async fn watch(client: &ClientArgs, args: &WatchArgs) -> anyhow::Result<ExitCode> {
+    use api::watch_event::Outcome;
+    let mut waft = WaftClient::new(channel(&client.endpoint).await?);
+    let request = api::WatchRequest {
+        service: args.service.clone().unwrap_or_default(),
+        start_index: args.from.unwrap_or(0),
+    };
+    let mut stream = waft
+        .watch(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut seen = 0u64;
+    let mut next = args.from;
+    while args.count.is_none_or(|c| seen < c) {
+        let event = match stream.message().await {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(s) => {
+                let resume = next.map_or(String::new(), |n| format!(" (resume with --from {n})"));
+                return Err(status_error(s).context(format!("the watch ended{resume}")));
+            }
+        };
+        seen += 1;
+        next = Some(event.index + 1);
+        let (kind, detail) = match &event.outcome {
+            Some(Outcome::Reply(r)) => ("reply", show_bytes(r)),
+            Some(Outcome::Rejected(m)) => ("rejected", m.clone()),
+            Some(Outcome::Failed(m)) => ("failed", m.clone()),
+            Some(Outcome::Version(v)) => ("version", v.to_string()),
+            None => ("unknown", String::new()),
+        };
+        match client.output {
+            Output::Json => {
+                let mut doc = serde_json::Map::new();
+                doc.insert("index".into(), event.index.into());
+                doc.insert("service".into(), event.service.clone().into());
+                doc.insert("timestamp_ms".into(), event.timestamp_ms.into());
+                if !event.payload.is_empty() {
+                    doc.insert("payload".into(), show_bytes(&event.payload).into());
+                }
+                doc.insert(kind.into(), detail.into());
+                println!("{}", serde_json::Value::Object(doc));
+            }
+            Output::Text => {
+                let payload = show_bytes(&event.payload);
+                let line = format!(
+                    "{}\t{}\t{}\t{kind}: {}",
+                    event.index,
+                    event.service,
+                    payload.trim_end(),
+                    detail.trim_end()
+                );
+                println!("{}", line.replace('\n', "\\n"));
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `waft deploy`.

@@ -64,6 +64,11 @@ pub enum Command {
         after_help = "Examples:\n  waft query --service kv 'get a'\n  waft query --service kv 'scan' --consistency stale"
     )]
     Query(client::QueryArgs),
+    /// Follow what a node applies: each command with its outcome, and each version change.
+    #[command(
+        after_help = "Examples:\n  waft watch --service kv\n  waft watch --service kv --from 120 --count 10\n  waft --output json watch"
+    )]
+    Watch(client::WatchArgs),
     /// List the services: version, module, where it took over, state size.
     Services,
     /// Make an earlier version of a service serve again (its state carries over).
@@ -208,6 +213,7 @@ async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Res
         Command::Deploy(args) => client::deploy(client, &args).await,
         Command::Submit(args) => client::submit(client, &args).await,
         Command::Query(args) => client::query(client, &args).await,
+        Command::Watch(args) => client::watch(client, &args).await,
         Command::Services => client::services(client).await,
         Command::Rollback(args) => client::rollback(client, &args).await,
         Command::Cluster(c) => client::cluster(client, &c).await,

@@ -82,6 +82,16 @@ pub struct NodeArgs {
     /// Reach the peer advertised at ADVERTISED through ADDR instead (NAT, a proxy). Repeatable.
     #[arg(long, value_name = "ADVERTISED=ADDR", value_parser = parse_dial)]
     pub dial: Vec<(String, String)>,
+    /// HTTP/2 connections kept to each peer and used in turn (Raft messages, snapshots and
+    /// forwarded client requests), so that one busy stream does not hold up the others.
+    #[arg(long, env = "WAFT_PEER_CONNECTIONS", default_value_t = 3, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=crate::raft::network::MAX_CONNECTIONS as u64))]
+    pub peer_connections: u64,
+    /// Applied commands kept in memory for `waft watch --from INDEX` (at most 64 MiB of
+    /// payloads and replies); a watcher that asks for older ones is told to read afresh.
+    #[arg(long, env = "WAFT_WATCH_HISTORY", default_value_t = 10_000, value_name = "EVENTS",
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub watch_history: u64,
 }
 
 fn parse_dial(s: &str) -> Result<(String, String), String> {
@@ -171,6 +181,8 @@ pub async fn node(
     }
     config.log_engine = args.log_engine;
     config.net.dial = args.dial.iter().cloned().collect();
+    config.net.connections = args.peer_connections as usize;
+    config.watch_history.events = args.watch_history as usize;
     config.net.tls = tls;
     config.metrics_listen = args.metrics_listen;
     config.etcd_listen = args.etcd_listen;

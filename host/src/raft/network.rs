@@ -1,8 +1,12 @@
 //! The Raft network, client side: how this node sends votes, appends, snapshots and leader
 //! transfers to its peers over gRPC.
 //!
-//! One HTTP/2 channel per peer address, created once and reused by every RPC (tonic multiplexes
-//! requests over it). Appends use one bidirectional stream per replication session, so the
+//! A small pool of HTTP/2 connections per peer address ([`NetConfig::connections`], 3 by
+//! default), created once and shared by every RPC: each call (a vote, a replication stream, a
+//! snapshot, a forwarded client request) takes the next connection in turn. One connection
+//! multiplexes everything too, but its frames go through one connection task and one TCP
+//! window: a snapshot transfer or a burst of forwarded requests then queues behind (or in
+//! front of) the replication stream. Appends use one bidirectional stream per replication session, so the
 //! leader pipelines requests instead of waiting for each reply. Snapshots are sent in chunks
 //! from a reader task while the receiver consumes them: the sender never waits for a reply
 //! before sending the next chunk.
@@ -43,7 +47,12 @@ pub struct NetConfig {
     /// TLS for every endpoint of the node and every connection it makes (mutual TLS between
     /// nodes). None: plain TCP.
     pub tls: Option<crate::tls::Tls>,
+    /// Connections kept to each peer, used in turn (at least 1).
+    pub connections: usize,
 }
+
+/// Most connections a node keeps to one peer.
+pub const MAX_CONNECTIONS: usize = 16;
 
 impl Default for NetConfig {
     fn default() -> Self {
@@ -54,16 +63,31 @@ impl Default for NetConfig {
             max_message_bytes: 160 << 20,
             dial: BTreeMap::new(),
             tls: None,
+            connections: 3,
         }
     }
 }
 
-/// Creates [`PeerClient`]s, sharing one channel per peer address.
+/// The connections to one peer address, taken in turn.
+#[derive(Debug)]
+struct Pool {
+    channels: Vec<Channel>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    fn take(&self) -> Channel {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.channels[i % self.channels.len()].clone()
+    }
+}
+
+/// Creates [`PeerClient`]s, sharing one pool of connections per peer address.
 #[derive(Clone)]
 pub struct NetworkFactory {
     config: NetConfig,
     identity: Arc<super::Identity>,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    pools: Arc<Mutex<HashMap<String, Arc<Pool>>>>,
 }
 
 impl std::fmt::Debug for NetworkFactory {
@@ -78,7 +102,7 @@ impl NetworkFactory {
         NetworkFactory {
             config,
             identity,
-            channels: Arc::default(),
+            pools: Arc::default(),
         }
     }
 
@@ -87,12 +111,16 @@ impl NetworkFactory {
         &self.identity
     }
 
-    /// The channel to the node advertised at `addr`, created (lazily connecting) on first use.
-    /// A [`NetConfig::dial`] entry for `addr` redirects it.
+    /// A channel to the node advertised at `addr`: the next connection of its pool, created
+    /// (lazily connecting) on first use. A [`NetConfig::dial`] entry for `addr` redirects it.
     pub fn channel(&self, addr: &str) -> Result<Channel, String> {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
+        Ok(self.pool(addr)?.take())
+    }
+
+    fn pool(&self, addr: &str) -> Result<Arc<Pool>, String> {
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = pools.get(addr) {
+            return Ok(p.clone());
         }
         let target = self.config.dial.get(addr).map_or(addr, String::as_str);
         let scheme = if self.config.tls.is_some() {
@@ -113,21 +141,21 @@ impl NetworkFactory {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
-        channels.insert(addr.to_owned(), channel.clone());
-        Ok(channel)
+        // Each lazily connected channel is a connection of its own.
+        let n = self.config.connections.clamp(1, MAX_CONNECTIONS);
+        let pool = Arc::new(Pool {
+            channels: (0..n).map(|_| endpoint.connect_lazy()).collect(),
+            next: Default::default(),
+        });
+        pools.insert(addr.to_owned(), pool.clone());
+        Ok(pool)
     }
 
     fn client(&self, target: NodeId, node: &Node) -> PeerClient {
-        let client = self.channel(&node.addr).map(|ch| {
-            RaftClient::new(ch)
-                .max_decoding_message_size(self.config.max_message_bytes)
-                .max_encoding_message_size(self.config.max_message_bytes)
-        });
         PeerClient {
             target,
             addr: node.addr.clone(),
-            client,
+            pool: self.pool(&node.addr),
             config: self.config.clone(),
             identity: self.identity.clone(),
             failed_streams: 0,
@@ -150,7 +178,7 @@ const STREAM_RETRY_MAX: Duration = Duration::from_millis(500);
 pub struct PeerClient {
     target: NodeId,
     addr: String,
-    client: Result<RaftClient<Channel>, String>,
+    pool: Result<Arc<Pool>, String>,
     config: NetConfig,
     identity: Arc<super::Identity>,
     /// Replication streams in a row that could not be opened (see `stream_append`).
@@ -183,10 +211,14 @@ fn rpc_error(target: NodeId, addr: &str, status: &tonic::Status) -> RPCError<Typ
 }
 
 impl PeerClient {
+    /// A client on the next connection to this peer.
     fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
-        self.client
-            .clone()
-            .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
+        match &self.pool {
+            Ok(pool) => Ok(RaftClient::new(pool.take())
+                .max_decoding_message_size(self.config.max_message_bytes)
+                .max_encoding_message_size(self.config.max_message_bytes)),
+            Err(e) => Err(RPCError::Unreachable(Unreachable::from_string(e.clone()))),
+        }
     }
 
     fn err(&self, status: &tonic::Status) -> RPCError<TypeConfig> {

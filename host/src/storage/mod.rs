@@ -1,6 +1,7 @@
 //! Durable state: the Raft log in redb, the state machine and its snapshot files.
 //! The only module that touches redb.
 
+pub mod events;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;

@@ -11,6 +11,7 @@ use crate::raft::types::{
     StateDigest, StoredMembership, TypeConfig,
 };
 use crate::runtime::{ApplyCtx, Guest, GuestError, GuestModule, ModuleHash, Runtime};
+use crate::storage::events::{Event, Events, HistoryLimits, Outcome};
 use crate::storage::snapshot::{
     self, ServiceRecord, Session, SnapshotFile, SnapshotHeader, VersionRecord,
 };
@@ -60,6 +61,10 @@ struct SmState {
     stats: BTreeMap<String, ServiceStats>,
     /// Snapshots built and installed here, for metrics.
     snapshots: SnapshotStats,
+    /// What was applied, for watchers: local observations, never replicated.
+    events: Arc<Events>,
+    /// Events of the entries being applied, recorded when the batch is done.
+    pending_events: Vec<Event>,
 }
 
 /// Snapshots this node built and installed (local observations, for metrics).
@@ -204,6 +209,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Why an entry did not produce a reply, in words (for watchers).
+fn failure(response: &Response) -> String {
+    match response {
+        Response::Trapped(m) | Response::DeployFailed(m) | Response::Rejected(m) => m.clone(),
+        Response::NoSuchService(s) => format!("no service named {s:?}"),
+        other => format!("{other:?}"),
+    }
+}
+
 fn guest_response(result: Result<Vec<u8>, GuestError>) -> Response {
     match result {
         Ok(reply) => Response::Reply(reply),
@@ -213,8 +227,10 @@ fn guest_response(result: Result<Vec<u8>, GuestError>) -> Response {
 }
 
 impl SmState {
-    fn new(runtime: Runtime) -> SmState {
+    fn new(runtime: Runtime, events: Arc<Events>) -> SmState {
         SmState {
+            events,
+            pending_events: Vec::new(),
             runtime,
             last_applied: None,
             membership: StoredMembership::default(),
@@ -296,6 +312,17 @@ impl SmState {
     /// could make this replica diverge, so the node must stop instead (openraft treats the
     /// error as fatal).
     fn apply_entries(&mut self, entries: Vec<Entry>) -> io::Result<Vec<Response>> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(Vec::new());
+        };
+        let applied = first.log_id().index()..=last.log_id().index();
+        let out = self.apply_all(entries)?;
+        let events = std::mem::take(&mut self.pending_events);
+        self.events.record(applied, events);
+        Ok(out)
+    }
+
+    fn apply_all(&mut self, entries: Vec<Entry>) -> io::Result<Vec<Response>> {
         let mut out = Vec::with_capacity(entries.len());
         // Consecutive commands for one service are applied as a batch (same outcome, fewer
         // calls into the guest); anything else flushes the batch first.
@@ -364,8 +391,10 @@ impl SmState {
                         tracing::error!("{msg}");
                         return Err(io::Error::other(msg));
                     }
-                    self.advance_clock(timestamp_ms);
-                    out.push(self.deploy(&service, module, limits, log_id.index()));
+                    let at = self.advance_clock(timestamp_ms);
+                    let response = self.deploy(&service, module, limits, log_id.index());
+                    self.version_event(log_id.index(), &service, at, &response);
+                    out.push(response);
                 }
                 EntryPayload::Normal(Request::Rollback {
                     service,
@@ -373,8 +402,10 @@ impl SmState {
                     timestamp_ms,
                 }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
-                    self.advance_clock(timestamp_ms);
-                    out.push(self.rollback(&service, to, log_id.index()));
+                    let at = self.advance_clock(timestamp_ms);
+                    let response = self.rollback(&service, to, log_id.index());
+                    self.version_event(log_id.index(), &service, at, &response);
+                    out.push(response);
                 }
                 EntryPayload::Normal(Request::Restore {
                     backup,
@@ -383,7 +414,13 @@ impl SmState {
                 }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
                     self.advance_clock(timestamp_ms);
-                    out.push(self.restore_backup(backup, force));
+                    let response = self.restore_backup(backup, force);
+                    if matches!(response, Response::Restored(_)) {
+                        // Every service's state was replaced: watchers read it afresh.
+                        self.pending_events.clear();
+                        self.events.reset(log_id.index());
+                    }
+                    out.push(response);
                 }
                 EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
@@ -467,12 +504,39 @@ impl SmState {
                 responses
             }
         };
-        for ((ctx, _, client), response) in entries.into_iter().zip(responses) {
+        let name: Arc<str> = Arc::from(service);
+        for ((ctx, payload, client), response) in entries.into_iter().zip(responses) {
             if let Some(c) = client {
                 self.remember(c, ctx.index, &response);
             }
+            self.pending_events.push(Event {
+                index: ctx.index,
+                service: name.clone(),
+                timestamp_ms: ctx.timestamp_ms,
+                payload,
+                outcome: match &response {
+                    Response::Reply(r) => Outcome::Reply(r.clone()),
+                    Response::Rejected(m) => Outcome::Rejected(m.clone()),
+                    other => Outcome::Failed(failure(other)),
+                },
+            });
             out.push(response);
         }
+    }
+
+    /// Records the outcome of a deploy or rollback for watchers.
+    fn version_event(&mut self, index: u64, service: &str, timestamp_ms: u64, response: &Response) {
+        let outcome = match response {
+            Response::Deployed { version, .. } => Outcome::Version(*version),
+            other => Outcome::Failed(failure(other)),
+        };
+        self.pending_events.push(Event {
+            index,
+            service: Arc::from(service),
+            timestamp_ms,
+            payload: Vec::new(),
+            outcome,
+        });
     }
 
     fn remember(&mut self, c: ClientSeq, index: u64, response: &Response) {
@@ -695,6 +759,9 @@ impl SmState {
         self.services = services;
         self.modules = modules;
         self.sessions = header.sessions.into_iter().collect();
+        // The state jumped to the snapshot's: what came before it cannot be told.
+        self.events
+            .reset(header.meta.last_log_id.map_or(0, |l| l.index()));
         Ok(())
     }
 
@@ -830,6 +897,7 @@ pub struct ServiceInfo {
 #[derive(Clone)]
 pub struct StateHandle {
     state: Arc<Mutex<SmState>>,
+    events: Arc<Events>,
 }
 
 impl std::fmt::Debug for StateHandle {
@@ -850,6 +918,11 @@ pub enum QueryError {
 }
 
 impl StateHandle {
+    /// What this replica applied, for watchers.
+    pub fn events(&self) -> Arc<Events> {
+        self.events.clone()
+    }
+
     /// Runs a read-only query against the service's guest, on a blocking thread.
     pub async fn query(&self, service: &str, request: Vec<u8>) -> Result<Vec<u8>, QueryError> {
         let state = self.state.clone();
@@ -1001,12 +1074,24 @@ impl std::fmt::Debug for StateMachineStore {
 const CURRENT: &str = "current.snap";
 
 impl StateMachineStore {
-    /// A state machine whose snapshots live in `dir`.
+    /// A state machine whose snapshots live in `dir`, keeping the default history for
+    /// watchers.
     pub fn new(runtime: Runtime, dir: &Path) -> io::Result<StateMachineStore> {
+        Self::with_history(runtime, dir, HistoryLimits::default())
+    }
+
+    /// A state machine whose snapshots live in `dir`, keeping `history` for watchers.
+    pub fn with_history(
+        runtime: Runtime,
+        dir: &Path,
+        history: HistoryLimits,
+    ) -> io::Result<StateMachineStore> {
         std::fs::create_dir_all(dir)?;
+        let events = Arc::new(Events::new(history));
         Ok(StateMachineStore {
             handle: StateHandle {
-                state: Arc::new(Mutex::new(SmState::new(runtime))),
+                state: Arc::new(Mutex::new(SmState::new(runtime, events.clone()))),
+                events,
             },
             dir: dir.to_path_buf(),
         })

@@ -1,0 +1,265 @@
+//! What each replica applied, for watchers: a bounded in-memory history of applied commands and
+//! version changes, and a signal when it grows.
+//!
+//! Events are observations of the apply path, never part of the replicated state: every
+//! replica records the same events (apply is deterministic) as far as it has applied. The
+//! history is bounded by a count and a byte budget; the oldest events go first. It starts
+//! empty when a node starts (entries replayed from the log after its snapshot are recorded
+//! again), and it is cleared when the state is replaced wholesale (a snapshot installed from
+//! the leader, a backup restored): a watcher that needs events from before that gets
+//! [`Since::Gone`] and reads the state afresh, like an etcd watcher whose revision was
+//! compacted.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// How an applied entry ended, for watchers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest's reply.
+    Reply(Vec<u8>),
+    /// The guest rejected the command (no state change).
+    Rejected(String),
+    /// The command did not run to the end: the guest trapped, or the service does not exist.
+    Failed(String),
+    /// The service now runs this version (a deploy or a rollback).
+    Version(u32),
+}
+
+/// One applied entry of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The log index of the entry.
+    pub index: u64,
+    /// The service it was for (shared by the events of one apply batch).
+    pub service: Arc<str>,
+    /// The entry's timestamp (the one the guest saw).
+    pub timestamp_ms: u64,
+    /// The command's payload (empty for a version change).
+    pub payload: Vec<u8>,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl Event {
+    fn bytes(&self) -> usize {
+        let outcome = match &self.outcome {
+            Outcome::Reply(b) => b.len(),
+            Outcome::Rejected(s) | Outcome::Failed(s) => s.len(),
+            Outcome::Version(_) => 4,
+        };
+        64 + self.service.len() + self.payload.len() + outcome
+    }
+}
+
+/// Bounds of the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Most events kept (0: none, watchers only see what comes after they start).
+    pub events: usize,
+    /// Most bytes of payloads and replies kept.
+    pub bytes: usize,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        HistoryLimits {
+            events: 10_000,
+            bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct History {
+    events: VecDeque<Arc<Event>>,
+    bytes: usize,
+    /// Events at indexes below this are no longer kept (or never were).
+    first: u64,
+    /// The last index applied and recorded (events or not).
+    last: u64,
+}
+
+/// What [`Events::since`] found.
+#[derive(Debug)]
+pub enum Since {
+    /// Events at `from` or later, oldest first (maybe none yet).
+    Events {
+        /// The events found.
+        events: Vec<Arc<Event>>,
+        /// Every event up to this index has been looked at: the next look starts after it.
+        upto: u64,
+    },
+    /// Events at `from` are no longer kept: the history starts at `first`.
+    Gone {
+        /// The oldest index the history still covers.
+        first: u64,
+    },
+}
+
+/// The history of one replica, shared by its state machine and its watchers.
+#[derive(Debug)]
+pub struct Events {
+    limits: HistoryLimits,
+    history: Mutex<History>,
+    grew: tokio::sync::watch::Sender<u64>,
+}
+
+impl Events {
+    /// An empty history with the given bounds.
+    pub fn new(limits: HistoryLimits) -> Events {
+        Events {
+            limits,
+            history: Mutex::new(History {
+                events: VecDeque::new(),
+                bytes: 0,
+                first: 0,
+                last: 0,
+            }),
+            grew: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a batch of applied entries (indexes `applied`) and the events among them,
+    /// oldest first.
+    pub fn record(&self, applied: std::ops::RangeInclusive<u64>, events: Vec<Event>) {
+        let last = *applied.end();
+        {
+            let mut h = self.lock();
+            if h.first == 0 && h.last == 0 {
+                // The first entries applied since this node started: what came before them was
+                // not seen here.
+                h.first = *applied.start();
+            }
+            for e in events {
+                h.bytes += e.bytes();
+                h.events.push_back(Arc::new(e));
+            }
+            while h.events.len() > self.limits.events || h.bytes > self.limits.bytes {
+                let Some(old) = h.events.pop_front() else {
+                    break;
+                };
+                h.bytes -= old.bytes();
+                h.first = old.index + 1;
+            }
+            h.last = h.last.max(last);
+        }
+        self.grew.send_replace(last);
+    }
+
+    /// Forgets the history: the state was replaced as of index `last` (a snapshot installed, a
+    /// backup restored), so no event before `last + 1` can be told.
+    pub fn reset(&self, last: u64) {
+        {
+            let mut h = self.lock();
+            h.events.clear();
+            h.bytes = 0;
+            h.first = last + 1;
+            h.last = h.last.max(last);
+        }
+        self.grew.send_replace(last);
+    }
+
+    /// The last index applied here.
+    pub fn last(&self) -> u64 {
+        self.lock().last
+    }
+
+    /// Up to `max` events at index `from` or later, of `service` (all services if empty).
+    pub fn since(&self, from: u64, service: &str, max: usize) -> Since {
+        let h = self.lock();
+        if from < h.first {
+            return Since::Gone { first: h.first };
+        }
+        let start = h.events.partition_point(|e| e.index < from);
+        let mut events = Vec::new();
+        for e in h.events.range(start..) {
+            if service.is_empty() || &*e.service == service {
+                if events.len() == max {
+                    // Stopped early: the next look starts after the last event taken.
+                    let upto = events
+                        .last()
+                        .map_or(from.saturating_sub(1), |e: &Arc<Event>| e.index);
+                    return Since::Events { events, upto };
+                }
+                events.push(e.clone());
+            }
+        }
+        Since::Events {
+            events,
+            upto: h.last.max(from.saturating_sub(1)),
+        }
+    }
+
+    /// A receiver told whenever the history grows.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.grew.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(index: u64, service: &str, payload: usize) -> Event {
+        Event {
+            index,
+            service: Arc::from(service),
+            timestamp_ms: 1,
+            payload: vec![0; payload],
+            outcome: Outcome::Reply(b"ok".to_vec()),
+        }
+    }
+
+    fn indexes(s: Since) -> Vec<u64> {
+        match s {
+            Since::Events { events, .. } => events.iter().map(|e| e.index).collect(),
+            Since::Gone { first } => panic!("gone, first {first}"),
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_filtered_and_reset() {
+        let events = Events::new(HistoryLimits {
+            events: 3,
+            bytes: 1 << 20,
+        });
+        // The first record after a start: nothing before it was seen here.
+        events.record(5..=7, vec![event(5, "a", 1), event(6, "b", 1)]);
+        assert!(matches!(events.since(4, "", 10), Since::Gone { first: 5 }));
+        assert_eq!(indexes(events.since(5, "", 10)), vec![5, 6]);
+        assert_eq!(indexes(events.since(5, "b", 10)), vec![6]);
+        events.record(8..=9, vec![event(8, "a", 1), event(9, "a", 1)]);
+        // Four events over a bound of three: the oldest went.
+        assert!(matches!(events.since(5, "", 10), Since::Gone { first: 6 }));
+        assert_eq!(indexes(events.since(6, "a", 10)), vec![8, 9]);
+        assert_eq!(indexes(events.since(7, "", 1)), vec![8]);
+        assert!(matches!(
+            events.since(7, "", 1),
+            Since::Events { upto: 8, .. }
+        ));
+        // Nothing of service "b" after 7, but the look covered up to 9.
+        assert!(matches!(
+            events.since(7, "b", 10),
+            Since::Events { upto: 9, .. }
+        ));
+        assert_eq!(indexes(events.since(10, "", 10)), Vec::<u64>::new());
+        assert_eq!(events.last(), 9);
+        events.reset(20);
+        assert!(matches!(events.since(9, "", 10), Since::Gone { first: 21 }));
+        assert_eq!(indexes(events.since(21, "", 10)), Vec::<u64>::new());
+
+        // The byte budget bounds too.
+        let events = Events::new(HistoryLimits {
+            events: 100,
+            bytes: 300,
+        });
+        events.record(1..=5, (1..=5).map(|i| event(i, "a", 100)).collect());
+        assert!(matches!(events.since(1, "", 10), Since::Gone { .. }));
+        assert_eq!(indexes(events.since(5, "", 10)), vec![5]);
+    }
+}

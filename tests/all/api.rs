@@ -88,6 +88,26 @@ async fn form_via_api(cluster: &TestCluster) {
         .await
         .expect("add learner");
     }
+    // Adding a member again at its own address is fine; its id from another address is not.
+    c0.add_learner(api::AddLearnerRequest {
+        id: 1,
+        addr: cluster.addrs[1].clone(),
+    })
+    .await
+    .expect("the same learner again");
+    let e = c0
+        .add_learner(api::AddLearnerRequest {
+            id: 1,
+            addr: "127.0.0.1:1".into(),
+        })
+        .await
+        .expect_err("a conflicting id");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    assert!(
+        e.message()
+            .contains(&format!("already a member, at {}", cluster.addrs[1])),
+        "{e}"
+    );
     let reply = c0
         .change_membership(api::ChangeMembershipRequest {
             voters: vec![0, 1, 2],
@@ -915,6 +935,7 @@ async fn a_watch_from_before_the_kept_history_is_out_of_range_and_the_cli_follow
     use crate::support::waft_cli;
     fn small_history(c: &mut waft::node::NodeConfig) {
         c.watch_history.events = 5;
+        c.api.max_watches = 2;
     }
     let cluster = TestCluster::start_with(1, test_settings(), small_history).await;
     cluster.form().await;
@@ -978,5 +999,28 @@ async fn a_watch_from_before_the_kept_history_is_out_of_range_and_the_cli_follow
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+
+    // Two watches at most on this node: a third is refused until one ends.
+    let open = || async { waft(&addr).await.watch(api::WatchRequest::default()).await };
+    let one = open().await.expect("first watch");
+    let _two = open().await.expect("second watch");
+    let e = open().await.expect_err("over the limit");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    drop(one);
+    let mut again = None;
+    for _ in 0..100 {
+        // The ended watch gives its place back once its task sees the client gone.
+        match open().await {
+            Ok(w) => {
+                again = Some(w);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(again.is_some(), "a place was given back");
     cluster.shutdown().await;
 }

@@ -34,6 +34,8 @@ pub struct ApiLimits {
     pub max_payload_bytes: usize,
     /// Largest backup `Restore` accepts (it travels as one log entry).
     pub max_backup_bytes: usize,
+    /// Most `Watch` streams open at once on this node.
+    pub max_watches: usize,
 }
 
 impl Default for ApiLimits {
@@ -41,6 +43,7 @@ impl Default for ApiLimits {
         ApiLimits {
             max_payload_bytes: 1 << 20,
             max_backup_bytes: 128 << 20,
+            max_watches: 1024,
         }
     }
 }
@@ -63,6 +66,8 @@ pub struct Api {
     /// to the new version's apply: an identical deploy that arrives meanwhile (a retry) then
     /// finds it running and changes nothing.
     deploying: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Open `Watch` streams, at most `limits.max_watches`.
+    watches: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Api {
@@ -230,6 +235,7 @@ impl Api {
         peers: NetworkFactory,
         limits: ApiLimits,
     ) -> Api {
+        let watches = Arc::new(tokio::sync::Semaphore::new(limits.max_watches));
         Api {
             id,
             addr,
@@ -242,6 +248,7 @@ impl Api {
             tokens: Arc::default(),
             forwarder: Arc::default(),
             deploying: Arc::default(),
+            watches,
             rpc: Arc::default(),
         }
     }
@@ -856,6 +863,13 @@ impl waft_server::Waft for Api {
     ) -> Result<GrpcResponse<WatchStream>, Status> {
         self.authorize(&request, Role::Client)?;
         let req = request.into_inner();
+        let Ok(permit) = self.watches.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "this node already serves {} watches, its limit; watch through another node or \
+                 end a watch first",
+                self.limits.max_watches
+            )));
+        };
         let events = self.state.events();
         let start = match req.start_index {
             0 => events.last() + 1,
@@ -867,6 +881,7 @@ impl waft_server::Waft for Api {
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let stopped = self.raft.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut grew = events.subscribe();
             let mut next = start;
             loop {
@@ -1223,6 +1238,22 @@ impl cluster_server::Cluster for Api {
             return Err(Status::invalid_argument(
                 "the learner's address is required",
             ));
+        }
+        // openraft keeps a member's old address when it is added again: a node that reuses a
+        // member's id from another address would be told yes and never hear from the leader.
+        if let Some(at) = self
+            .metrics()
+            .membership_config
+            .membership()
+            .get_node(&req.id)
+            .map(|n| n.addr.clone())
+            .filter(|at| *at != req.addr)
+        {
+            return Err(Status::already_exists(format!(
+                "node id {} is already a member, at {at}; choose another id, or remove node {} \
+                 first (waft cluster remove {})",
+                req.id, req.id, req.id
+            )));
         }
         let result = self
             .raft

@@ -658,6 +658,8 @@ impl Node {
     /// (see [`Node::step_down`]).
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
         self.step_down(Duration::from_secs(3)).await;
+        // Watches end, saying where to resume, before the server stops.
+        self.state.events().close();
         if let Some(auditor) = self.auditor.take() {
             auditor.abort();
         }

@@ -879,7 +879,6 @@ impl waft_server::Waft for Api {
             return Err(history_gone(start, first));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
-        let stopped = self.raft.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut grew = events.subscribe();
@@ -907,15 +906,17 @@ impl waft_server::Waft for Api {
                         }
                     }
                 }
+                if events.is_closed() {
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "the node is stopping; watch another node from index {next}"
+                        ))))
+                        .await;
+                    return;
+                }
                 tokio::select! {
                     changed = grew.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
-                    () = raft_stopped(&stopped) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable("the node is stopping; watch another node from the next index")))
-                            .await;
-                        return;
-                    }
                 }
             }
         });
@@ -1021,13 +1022,6 @@ fn history_gone(from: u64, first: u64) -> Status {
          {first}; it starts afresh when the node restarts or installs a snapshot): read the \
          current state with a query, then watch from index {first} or from now"
     ))
-}
-
-/// Resolves once `raft` has stopped.
-async fn raft_stopped(raft: &Raft) {
-    use openraft::async_runtime::WatchReceiver;
-    let mut metrics = raft.metrics();
-    while metrics.changed().await.is_ok() {}
 }
 
 fn watch_event(e: &crate::storage::events::Event) -> api::WatchEvent {

@@ -103,6 +103,7 @@ pub struct Events {
     limits: HistoryLimits,
     history: Mutex<History>,
     grew: tokio::sync::watch::Sender<u64>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Events {
@@ -117,6 +118,7 @@ impl Events {
                 last: 0,
             }),
             grew: tokio::sync::watch::channel(0).0,
+            closed: Default::default(),
         }
     }
 
@@ -195,7 +197,18 @@ impl Events {
         }
     }
 
-    /// A receiver told whenever the history grows.
+    /// Marks the history closed (the node is stopping) and wakes every watcher.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.grew.send_modify(|_| {});
+    }
+
+    /// Whether [`Events::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A receiver told whenever the history grows, and when it closes.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.grew.subscribe()
     }

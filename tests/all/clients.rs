@@ -19,6 +19,25 @@ async fn run(program: &str, args: Vec<String>, env: Vec<(&'static str, String)>)
     .expect("join")
 }
 
+/// Whether grpcio and grpcio-tools are installed (the Python client needs both).
+fn python_grpc() -> bool {
+    let has = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        eprintln!(
+            "SKIPPED: grpcio and grpcio-tools are not installed (pip install grpcio grpcio-tools)"
+        );
+    }
+    has
+}
+
+const PY_CLIENT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../examples/clients/python/waft_client.py"
+);
+
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -28,14 +47,7 @@ fn text(o: &Output) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_python_client_deploys_submits_and_queries() {
-    let has_grpc = Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_grpc {
-        eprintln!(
-            "SKIPPED: grpcio and grpcio-tools are not installed (pip install grpcio grpcio-tools)"
-        );
+    if !python_grpc() {
         return;
     }
     let cluster = TestCluster::start(3, test_settings()).await;
@@ -44,12 +56,12 @@ async fn the_python_client_deploys_submits_and_queries() {
     let follower = cluster.addrs[(leader + 1) % 3].clone();
     let other = cluster.addrs[(leader + 2) % 3].clone();
     let stubs = tempfile::tempdir().expect("tempdir");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/clients/python/waft_client.py"
-    );
     let py = |endpoint: &str, args: &[&str]| {
-        let mut all = vec![script.to_owned(), "--endpoint".into(), endpoint.to_owned()];
+        let mut all = vec![
+            PY_CLIENT.to_owned(),
+            "--endpoint".into(),
+            endpoint.to_owned(),
+        ];
         all.extend(args.iter().map(|a| a.to_string()));
         run(
             "python3",
@@ -143,6 +155,65 @@ async fn the_python_client_deploys_submits_and_queries() {
         "{out}"
     );
     assert!(lines[2][3].starts_with("rejected: key not found"), "{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_client_speaks_tls_and_presents_its_token() {
+    if !python_grpc() {
+        return;
+    }
+    fn secured(c: &mut waft::node::NodeConfig) {
+        c.net.tls = Some(crate::tls::node_tls());
+        c.tokens = waft::auth::Tokens {
+            cluster: Some("cluster-secret-py".into()),
+            client: Some("client-secret-py".into()),
+        };
+    }
+    let cluster = TestCluster::start_with(1, test_settings(), secured).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &crate::tls::pki().ca.cert).expect("write CA");
+    let port = cluster.addrs[0].rsplit_once(':').expect("port").1;
+    // The node's certificate names localhost and 127.0.0.1.
+    let endpoint = format!("localhost:{port}");
+    let stubs = dir.path().join("stubs");
+    let py = |args: &[&str]| {
+        let mut all = vec![PY_CLIENT.to_owned(), "--endpoint".into(), endpoint.clone()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        run(
+            "python3",
+            all,
+            vec![("WAFT_PY_STUBS", stubs.display().to_string())],
+        )
+    };
+    let ca = ca.display().to_string();
+    let secure = ["--tls-ca", ca.as_str(), "--token", "client-secret-py"];
+    let with = |args: &[&'static str]| {
+        let mut all: Vec<&str> = secure.to_vec();
+        all.extend(args);
+        all
+    };
+    let o = py(&with(&["submit", "kv", "put secret 42"])).await;
+    assert_eq!(text(&o).0, "OK\n", "{:?}", text(&o));
+    let o = py(&with(&["query", "kv", "get secret"])).await;
+    assert_eq!(text(&o).0, "42\n", "{:?}", text(&o));
+    let o = py(&with(&["watch", "kv", "--from", "1", "--count", "2"])).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        text(&o).0.contains("put secret 42\treply: OK"),
+        "{:?}",
+        text(&o)
+    );
+    // Without the token: refused in words. Without TLS: no connection.
+    let o = py(&["--tls-ca", ca.as_str(), "submit", "kv", "put x 1"]).await;
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    assert!(text(&o).1.contains("UNAUTHENTICATED"), "{:?}", text(&o));
+    let o = py(&["--token", "client-secret-py", "status"]).await;
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    assert!(text(&o).1.contains("UNAVAILABLE"), "{:?}", text(&o));
     cluster.shutdown().await;
 }
 

@@ -11,8 +11,8 @@ use waft::raft::types::{TypeConfig, Vote};
 use waft::tls::{Pem, Tls, issue, issue_between, new_ca};
 use waft_testkit::guests::EXAMPLE_KV;
 
-struct Pki {
-    ca: Pem,
+pub(crate) struct Pki {
+    pub(crate) ca: Pem,
     node: Pem,
     /// Another CA and a certificate it signed: a stranger's.
     foreign_ca: Pem,
@@ -21,7 +21,7 @@ struct Pki {
     expired: Pem,
 }
 
-fn pki() -> &'static Pki {
+pub(crate) fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
         let hosts = ["127.0.0.1".to_owned(), "localhost".to_owned()];
@@ -47,7 +47,7 @@ fn pki() -> &'static Pki {
     })
 }
 
-fn node_tls() -> Tls {
+pub(crate) fn node_tls() -> Tls {
     let p = pki();
     Tls::from_pem(
         p.ca.cert.clone().into_bytes(),

@@ -16,6 +16,9 @@ an election, a node going away), so a retry never applies twice. `submit_many` s
 commands in SubmitBatch calls (in order, one result each). With `to_leader`, the client asks
 the node it was given for the leader and talks to the leader directly, so nothing is forwarded
 (it asks again after an error).
+
+Secured clusters: `--tls-ca FILE` (or WAFT_TLS_CA) connects over TLS trusting that CA, and
+`--token` (or WAFT_TOKEN) sends `authorization: Bearer TOKEN` with every call, like the waft CLI.
 """
 
 import argparse
@@ -59,10 +62,15 @@ def stubs():
 class Waft:
     """One connection to a waft node (any node: followers forward to the leader)."""
 
-    def __init__(self, endpoint, timeout=10.0, retries=20, to_leader=False):
+    def __init__(self, endpoint, timeout=10.0, retries=20, to_leader=False, tls_ca=None, token=None):
         import grpc
 
         self.grpc = grpc
+        self.credentials = None
+        if tls_ca:
+            with open(tls_ca, "rb") as f:
+                self.credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.pb, self.rpc = stubs()
         self.endpoint = endpoint
         self.to_leader = to_leader
@@ -74,16 +82,21 @@ class Waft:
         if to_leader:
             self._find_leader()
 
+    def _open(self, endpoint):
+        if self.credentials is not None:
+            return self.grpc.secure_channel(endpoint, self.credentials)
+        return self.grpc.insecure_channel(endpoint)
+
     def _connect(self, endpoint):
-        self.channel = self.grpc.insecure_channel(endpoint)
+        self.channel = self._open(endpoint)
         self.waft = self.rpc.WaftStub(self.channel)
         self.cluster = self.rpc.ClusterStub(self.channel)
 
     def _find_leader(self):
         """Talks to the leader from now on, if the given node knows one."""
         try:
-            s = self.rpc.ClusterStub(self.grpc.insecure_channel(self.endpoint)).Status(
-                self.pb.StatusRequest(), timeout=self.timeout
+            s = self.rpc.ClusterStub(self._open(self.endpoint)).Status(
+                self.pb.StatusRequest(), timeout=self.timeout, metadata=self.metadata
             )
         except self.grpc.RpcError:
             return
@@ -93,7 +106,9 @@ class Waft:
     def _call(self, method_name, request, stub="waft"):
         for attempt in range(self.retries):
             try:
-                return getattr(getattr(self, stub), method_name)(request, timeout=self.timeout)
+                return getattr(getattr(self, stub), method_name)(
+                    request, timeout=self.timeout, metadata=self.metadata
+                )
             except self.grpc.RpcError as e:
                 if e.code() != self.grpc.StatusCode.UNAVAILABLE or attempt + 1 == self.retries:
                     raise
@@ -176,7 +191,7 @@ class Waft:
                 yield self.pb.DeployChunk(data=module[at : at + (1 << 20)])
 
         # A stream cannot be replayed by _call: a deploy is retried by calling deploy again.
-        return self.waft.Deploy(chunks(), timeout=max(self.timeout, 300)).version
+        return self.waft.Deploy(chunks(), timeout=max(self.timeout, 300), metadata=self.metadata).version
 
     def status(self):
         return self._call("Status", self.pb.StatusRequest(), stub="cluster")
@@ -191,7 +206,7 @@ class Waft:
         while True:
             request = self.pb.WatchRequest(service=service, start_index=next_index)
             try:
-                for e in self.waft.Watch(request):
+                for e in self.waft.Watch(request, metadata=self.metadata):
                     failures = 0
                     next_index = e.index + 1
                     outcome = e.WhichOneof("outcome")
@@ -209,6 +224,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", default="127.0.0.1:7001")
     parser.add_argument("--to-leader", action="store_true", help="talk to the leader directly")
+    parser.add_argument("--tls-ca", default=os.environ.get("WAFT_TLS_CA"), help="connect over TLS, trusting this CA")
+    parser.add_argument("--token", default=os.environ.get("WAFT_TOKEN"), help="bearer token sent with every call")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit")
     s.add_argument("service")
@@ -232,7 +249,7 @@ def main():
 
     import grpc
 
-    client = Waft(args.endpoint, to_leader=args.to_leader)
+    client = Waft(args.endpoint, to_leader=args.to_leader, tls_ca=args.tls_ca, token=args.token)
     try:
         if args.command == "submit-lines":
             f = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")

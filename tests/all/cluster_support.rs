@@ -21,6 +21,17 @@ pub fn test_settings() -> RaftSettings {
     }
 }
 
+/// The timeouts an operator would pick for a loaded machine (like etcd's defaults: heartbeat
+/// 100 ms, election 1 s and up), for tests that must not see a leader change while other
+/// tests load the same two cores.
+pub fn loaded_settings() -> RaftSettings {
+    RaftSettings {
+        heartbeat: Duration::from_millis(150),
+        election_timeout: (Duration::from_millis(1500), Duration::from_millis(3000)),
+        ..test_settings()
+    }
+}
+
 /// Nodes 0..n, each with its own data directory that outlives restarts.
 pub struct TestCluster {
     pub nodes: Vec<Option<Node>>,

@@ -118,7 +118,8 @@ async fn every_member_shares_one_cluster_id_and_refuses_strangers() {
 async fn a_stranger_at_a_members_address_is_never_written_to() {
     // Cluster A loses node 2; a one-node cluster B starts on node 2's address, with the same
     // node id. A's leader keeps replicating to that address: B must refuse every message.
-    let mut a = TestCluster::start(3, test_settings()).await;
+    // (Steady timings: a new leader of A would not know what node 2 acknowledged.)
+    let mut a = TestCluster::start(3, crate::cluster_support::loaded_settings()).await;
     a.form().await;
     a.write(kv("put before 1")).await;
     let addr = a.addrs[2].clone();
@@ -195,8 +196,9 @@ async fn a_member_that_lost_its_data_is_refused_until_it_is_added_back() {
     // no log and no cluster id: it must not answer the leader as if it had never held entries
     // (openraft's leader asserts a follower never loses entries it acknowledged), and must not
     // vote as a member. The cluster goes on with two of three; removing node 2 and adding it
-    // back brings it in again.
-    let mut cluster = TestCluster::start(3, test_settings()).await;
+    // back brings it in again. (A new leader would not know what node 2 acknowledged to the
+    // old one and would copy it the log from scratch, safely: steady timings keep one leader.)
+    let mut cluster = TestCluster::start(3, crate::cluster_support::loaded_settings()).await;
     cluster.form().await;
     for i in 0..20 {
         cluster.write(kv(format!("put a{i} {i}"))).await;

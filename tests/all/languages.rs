@@ -5,10 +5,9 @@
 //! The components are built by `tests/build.rs` when the tools are installed (`.ci/run` installs
 //! them); without a tool the test says so and what to run, and checks only the Rust guest.
 
-use crate::cluster_support::{TestCluster, test_settings};
+use crate::cluster_support::{TestCluster, loaded_settings};
 use crate::support::{apply_all, ctx, guest, query, runtime, text};
 use tonic::transport::Channel;
-use waft::node::RaftSettings;
 use waft::pb::api::{self, waft_client::WaftClient};
 use waft_testkit::guests::{EXAMPLE_KV, EXAMPLE_KV_JS, EXAMPLE_KV_PYTHON};
 
@@ -269,15 +268,7 @@ async fn python_and_js_guests_run_on_a_cluster_like_the_rust_kv_and_swap_with_it
     // the same two cores: use the timeouts an operator would pick for a loaded machine (as
     // etcd's defaults: heartbeat 100 ms, election 1 s and up), so a slow heartbeat is not an
     // election every few seconds.
-    let settings = RaftSettings {
-        heartbeat: std::time::Duration::from_millis(150),
-        election_timeout: (
-            std::time::Duration::from_millis(1500),
-            std::time::Duration::from_millis(3000),
-        ),
-        ..test_settings()
-    };
-    let cluster = TestCluster::start(3, settings).await;
+    let cluster = TestCluster::start(3, loaded_settings()).await;
     cluster.form().await;
     let leader = cluster.wait_leader().await;
     // Deploy through a follower: an 18 MiB module is streamed, forwarded and replicated.

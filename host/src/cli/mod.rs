@@ -179,9 +179,24 @@ pub fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// A client command whose output goes to a reader that stops early (`waft watch | head`)
+/// ends quietly, as other command-line tools do: SIGPIPE gets its default action back. (Rust
+/// ignores it, and the first print after the reader is gone would panic.) Nodes keep ignoring
+/// it: a closed log pipe must not kill a server.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     init_logging(&cli.log);
+    if !matches!(cli.command, Command::Node(_) | Command::Dev(_)) {
+        quiet_on_closed_pipe();
+    }
     let result = match cli.command {
         Command::Check(args) => guest::check(&args),
         Command::Exec(args) => guest::exec(&args),

@@ -15,7 +15,8 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "waft", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
-    /// Log filter (tracing's env-filter syntax), e.g. `info` or `waft=debug`.
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `waft=debug`. openraft's
+    /// warning at every failed heartbeat is turned down unless the filter names openraft.
     #[arg(long, global = true, env = "WAFT_LOG", default_value = "warn")]
     pub log: String,
 
@@ -170,13 +171,24 @@ impl LimitArgs {
 
 /// Sets up logging to stderr with the given filter.
 pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// The log filter asked for, with openraft's heartbeat warnings turned down unless it names
+/// openraft itself: while a peer is down, openraft warns at every heartbeat (several lines a
+/// second per peer), and its replication errors already say the peer is unreachable.
+fn log_filter(asked: &str) -> String {
+    if asked.contains("openraft") {
+        asked.to_owned()
+    } else {
+        format!("{asked},openraft::core::heartbeat=error")
+    }
 }
 
 /// A client command whose output goes to a reader that stops early (`waft watch | head`)
@@ -237,6 +249,27 @@ async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Res
         Command::Restore(args) => client::restore(client, &args).await,
         Command::Check(_) | Command::Exec(_) | Command::Certs(_) | Command::Dev(_) => {
             unreachable!("handled above")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn heartbeat_warnings_are_turned_down_unless_openraft_is_named() {
+        assert_eq!(log_filter("warn"), "warn,openraft::core::heartbeat=error");
+        assert_eq!(
+            log_filter("info,waft=debug"),
+            "info,waft=debug,openraft::core::heartbeat=error"
+        );
+        assert_eq!(log_filter("openraft=debug"), "openraft=debug");
+        for f in ["warn", "info,waft=debug"] {
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(log_filter(f)).is_ok(),
+                "{f}"
+            );
         }
     }
 }

@@ -192,15 +192,23 @@ fn log_filter(asked: &str) -> String {
 }
 
 /// A client command whose output goes to a reader that stops early (`waft watch | head`)
-/// ends quietly, as other command-line tools do: SIGPIPE gets its default action back. (Rust
-/// ignores it, and the first print after the reader is gone would panic.) Nodes keep ignoring
-/// it: a closed log pipe must not kill a server.
+/// ends quietly with status 141 (128 + SIGPIPE, as a shell reports it), as other command-line
+/// tools do, instead of panicking on the next print. SIGPIPE itself stays ignored: network
+/// writes (hyper writes with `writev`) would raise it when a server drops the connection.
 fn quiet_on_closed_pipe() {
-    #[cfg(unix)]
-    // SAFETY: restores the default disposition of one signal, before any thread is started.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// Runs a parsed command line.
@@ -209,6 +217,7 @@ pub fn run(cli: Cli) -> ExitCode {
     if !matches!(cli.command, Command::Node(_) | Command::Dev(_)) {
         quiet_on_closed_pipe();
     }
+    let local_output = matches!(cli.command, Command::Check(_) | Command::Exec(_));
     let result = match cli.command {
         Command::Check(args) => guest::check(&args),
         Command::Exec(args) => guest::exec(&args),
@@ -220,6 +229,18 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of their output went away (see `quiet_on_closed_pipe`): `check` and
+        // `exec` write with `writeln!` and return the error. (Not for network commands: a
+        // broken pipe there is a connection's, and must be reported.)
+        Err(e)
+            if local_output
+                && e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                }) =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -57,6 +57,21 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     panic!("timed out waiting for: {what}");
 }
 
+/// What node `addr` holds under kv's keys `k...`, read from its own state.
+fn stale_scan(addr: &str) -> String {
+    text(&cli(
+        addr,
+        &[
+            "query",
+            "--service",
+            "kv",
+            "scan k",
+            "--consistency",
+            "stale",
+        ],
+    ))
+}
+
 fn status(addr: &str) -> Option<serde_json::Value> {
     let o = cli(addr, &["--output", "json", "cluster", "status"]);
     o.status
@@ -152,17 +167,7 @@ fn three_node_processes_survive_a_leader_kill() {
     let expected = "k1 v1\nk2 v2\nk3 v3\nk4 v4\nk5 v5\nk6 v6\n";
     for a in &addrs {
         eventually(&format!("{a} has every write"), || {
-            text(&cli(
-                a,
-                &[
-                    "query",
-                    "--service",
-                    "kv",
-                    "scan k",
-                    "--consistency",
-                    "stale",
-                ],
-            )) == expected
+            stale_scan(a) == expected
         });
     }
     let o = cli(&addrs[killed - 1], &["services"]);
@@ -200,17 +205,7 @@ fn three_node_processes_survive_a_leader_kill() {
     ));
     let expected = format!("{expected}k7 v7\n");
     eventually("the wiped node copied the log again", || {
-        text(&cli(
-            &addrs[wiped - 1],
-            &[
-                "query",
-                "--service",
-                "kv",
-                "scan k",
-                "--consistency",
-                "stale",
-            ],
-        )) == expected
+        stale_scan(&addrs[wiped - 1]) == expected
     });
     eventually("three voters again", || {
         status(&addrs[leader_id - 1]).is_some_and(|s| {

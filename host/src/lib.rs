@@ -5,6 +5,7 @@
 //! - [`runtime`]: the guest runtime, the only module that touches wasmtime. Loads and validates
 //!   components, runs them deterministically under fuel and memory limits, and rolls back any
 //!   call that traps.
+//! - [`verify`]: the determinism verifier behind `waft exec --verify`.
 //! - [`cli`]: the `waft` command line (parsed arguments become calls into the library).
 
 pub mod api;
@@ -21,3 +22,4 @@ pub mod raft;
 pub mod runtime;
 pub mod storage;
 pub mod tls;
+pub mod verify;

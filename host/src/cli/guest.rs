@@ -35,6 +35,16 @@ pub struct ExecArgs {
     /// Apply all commands in one `apply-batch` call instead of one `apply` each.
     #[arg(long)]
     pub batch: bool,
+    /// Read more commands from this file, one per line (after those given as arguments).
+    #[arg(long, value_name = "FILE")]
+    pub commands_file: Option<PathBuf>,
+    /// Check determinism: run the commands through several histories of the guest (one
+    /// instance throughout; fresh instances restored from snapshots taken at several points; a
+    /// fresh instance per entry; a trap-recovery replay; the queries run after every entry;
+    /// one apply-batch call) and compare every reply and the final snapshot. Names the first
+    /// entry and history that differ; exits non-zero if any does.
+    #[arg(long)]
+    pub verify: bool,
     /// The leader timestamp the commands carry (milliseconds since the Unix epoch).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub timestamp_ms: u64,
@@ -144,9 +154,79 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The commands of `waft exec`: the arguments, then the lines of `--commands-file`.
+fn exec_commands(args: &ExecArgs) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut commands: Vec<Vec<u8>> = args
+        .commands
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    if let Some(path) = &args.commands_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        commands.extend(
+            text.lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| l.as_bytes().to_vec()),
+        );
+    }
+    Ok(commands)
+}
+
+/// `waft exec FILE --verify`: the determinism verifier.
+fn exec_verify(args: &ExecArgs, bytes: &[u8]) -> anyhow::Result<ExitCode> {
+    // Instances never rebase by themselves here: "one instance throughout" must be one.
+    let runtime = Runtime::new(RuntimeConfig {
+        limits: args.limits.limits(),
+        checkpoints: crate::runtime::CheckpointPolicy {
+            entries: usize::MAX,
+            bytes: usize::MAX,
+        },
+        ..RuntimeConfig::default()
+    })?;
+    let name = args.file.display();
+    let module = runtime
+        .load(bytes)
+        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let plan = crate::verify::Plan {
+        commands: exec_commands(args)?,
+        queries: args.queries.iter().map(|q| q.as_bytes().to_vec()).collect(),
+        timestamp_ms: args.timestamp_ms,
+    };
+    if plan.commands.is_empty() {
+        bail!("--verify needs commands (as arguments or with --commands-file)");
+    }
+    let report = crate::verify::verify(&runtime, &module, &plan)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "verified {} command(s) through {} histories:",
+        plan.commands.len(),
+        report.histories.len()
+    )?;
+    for h in &report.histories {
+        writeln!(out, "  - {h}")?;
+    }
+    if report.ok() {
+        writeln!(
+            out,
+            "deterministic: every history gave the same replies and snapshot"
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "NOT DETERMINISTIC:")?;
+    for f in &report.findings {
+        writeln!(out, "  {f}")?;
+    }
+    Ok(ExitCode::FAILURE)
+}
+
 /// `waft exec FILE CMD...`.
 pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let bytes = read_module(&args.file)?;
+    if args.verify {
+        return exec_verify(args, &bytes);
+    }
     let runtime = runtime(&args.limits)?;
     let name = args.file.display();
     let module = runtime
@@ -155,6 +235,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let mut guest = runtime
         .instantiate(&module, "exec")
         .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let commands = exec_commands(args)?;
     let mut out = std::io::stdout().lock();
     let mut failures = 0usize;
     let mut report = |out: &mut std::io::StdoutLock<'_>,
@@ -176,8 +257,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    let entries: Vec<(ApplyCtx, &[u8])> = args
-        .commands
+    let entries: Vec<(ApplyCtx, &[u8])> = commands
         .iter()
         .enumerate()
         .map(|(i, cmd)| {
@@ -186,7 +266,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
                 term: 1,
                 timestamp_ms: args.timestamp_ms,
             };
-            (ctx, cmd.as_bytes())
+            (ctx, cmd.as_slice())
         })
         .collect();
     if args.batch {

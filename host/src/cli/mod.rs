@@ -40,7 +40,8 @@ pub enum Command {
     /// reply. For trying and testing guests.
     #[command(after_help = "Examples:\n  \
         waft exec kv.wasm 'put a 1' 'get a'\n  \
-        waft exec kv.wasm 'put a 1' 'put b 2' --query 'scan' --snapshot-roundtrip")]
+        waft exec kv.wasm 'put a 1' 'put b 2' --query 'scan' --snapshot-roundtrip\n  \
+        waft exec kv.wasm --commands-file cmds.txt --query 'scan' --verify")]
     Exec(guest::ExecArgs),
     /// Run one node of a cluster.
     #[command(after_help = "Examples:\n  \

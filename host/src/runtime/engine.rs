@@ -1,6 +1,6 @@
 //! The wasmtime engine, configured for deterministic execution, and its fingerprint.
 
-use super::config::Limits;
+use super::config::{CheckpointPolicy, Limits};
 use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use wasmtime::{Config, Engine, OptLevel};
@@ -34,9 +34,11 @@ pub fn build() -> wasmtime::Result<Engine> {
 /// Names the configuration that decides what a guest call does: the wasmtime release, the
 /// determinism settings above and the limits that can make a call trap. Two nodes whose
 /// fingerprints differ may disagree on the outcome of an entry, so they must not share a log.
-pub fn fingerprint(limits: &Limits) -> String {
+/// The checkpoint policy is in it too: it decides at which entries a guest's instance is
+/// replaced by a fresh one, which is part of every instance's history (see `Guest`).
+pub fn fingerprint(limits: &Limits, checkpoints: &CheckpointPolicy) -> String {
     let mut h = Sha256::new();
-    h.update(b"waft-engine-v1\0");
+    h.update(b"waft-engine-v2\0instance-history\0");
     h.update(WASMTIME_VERSION.as_bytes());
     h.update(b"\0nan-canonical,relaxed-simd-deterministic,no-threads,fuel\0");
     for n in [
@@ -46,6 +48,9 @@ pub fn fingerprint(limits: &Limits) -> String {
         limits.fuel_per_query,
         limits.fuel_per_snapshot,
         limits.max_reply_bytes as u64,
+        checkpoints.entries as u64,
+        checkpoints.bytes as u64,
+        super::config::CHECKPOINT_BYTES_PER_ENTRY as u64,
     ] {
         h.update(n.to_le_bytes());
     }

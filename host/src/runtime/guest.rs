@@ -12,41 +12,91 @@ use wasmtime::{Engine, Store, Trap};
 /// Deterministic facts about a log entry, passed to the guest with its command.
 pub type ApplyCtx = ApplyContext;
 
-/// A guest's state in replayable form: restore `checkpoint` (or start fresh), then apply
-/// `journal` in order. What a snapshot holds for a guest whose own `snapshot` fails.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ReplayForm {
-    /// The last snapshot the guest produced or restored, if any.
-    #[serde(with = "serde_bytes")]
-    pub checkpoint: Option<Vec<u8>>,
-    /// The commands applied since, with their contexts.
-    pub journal: Vec<ReplayEntry>,
-}
-
-/// One command of a [`ReplayForm`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ReplayEntry {
+/// Where an instance's history starts: the context of its opening call, and the state it
+/// was opened with (`None`: a fresh module, opened by a warm-up `snapshot` call instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct ReplayPoint {
     /// Log index.
     pub index: u64,
     /// Term of the leader that proposed it.
     pub term: u64,
     /// The entry's timestamp.
     pub timestamp_ms: u64,
-    /// The command bytes.
+}
+
+impl From<ApplyContext> for ReplayPoint {
+    fn from(c: ApplyContext) -> Self {
+        ReplayPoint {
+            index: c.index,
+            term: c.term,
+            timestamp_ms: c.timestamp_ms,
+        }
+    }
+}
+
+impl From<ReplayPoint> for ApplyContext {
+    fn from(p: ReplayPoint) -> Self {
+        ApplyContext {
+            index: p.index,
+            term: p.term,
+            timestamp_ms: p.timestamp_ms,
+        }
+    }
+}
+
+/// A guest's state as the history of its instance: open a fresh instance at `opened_at`
+/// (restoring `base`, or with the warm-up call when there is none), then make the calls of
+/// `journal` in order. This is what snapshots, backups and trap recovery carry: replaying it
+/// rebuilds not only the state the guest serializes but every byte of its instance, including
+/// state hidden in a language runtime (a generator seeded once, a hash map's keys), because
+/// the instance goes through exactly the calls the live one went through.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplayForm {
+    /// The context of the opening call.
+    pub opened_at: ReplayPoint,
+    /// The snapshot the instance was opened with, if any.
     #[serde(with = "serde_bytes")]
-    pub command: Vec<u8>,
+    pub base: Option<Vec<u8>>,
+    /// The calls made on the instance since, in order.
+    pub journal: Vec<ReplayEntry>,
 }
 
-/// An applied command kept for replay after a trap.
-struct Journaled {
-    ctx: ApplyContext,
-    command: Vec<u8>,
+/// One call of a [`ReplayForm`]'s journal.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplayEntry {
+    /// The context the call ran with.
+    pub at: ReplayPoint,
+    /// What was called.
+    pub call: ReplayCall,
 }
 
-/// One instance of a guest module together with what it needs to undo a trapped call.
+/// A replicated call on a guest instance.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ReplayCall {
+    /// `apply` with these command bytes (applied or rejected; trapped calls are not kept).
+    Apply(serde_bytes::ByteBuf),
+    /// `snapshot` (an audit, a deploy reading the state): its bytes are not kept, only the fact
+    /// that the instance was asked.
+    Snapshot,
+}
+
+/// A call made on the live instance, kept for replay.
+#[derive(Debug, Clone)]
+enum Journaled {
+    Apply { ctx: ApplyContext, command: Vec<u8> },
+    Snapshot { ctx: ApplyContext },
+}
+
+/// One instance of a guest module together with its history.
 ///
-/// Invariant: restoring `checkpoint` (or starting fresh when it is `None`) into a new instance
-/// and applying `journal` in order gives exactly the state of the live instance.
+/// Invariant (the *instance history*): the live instance is exactly a fresh instance opened at
+/// `opened_at` with `base` (see [`ReplayForm`]) on which the calls of `journal` were made, in
+/// order. Every replica makes the same replicated calls at the same log indexes and opens a new
+/// instance at the same points (deploys, rebases chosen by [`CheckpointPolicy`] from the journal
+/// alone), so every replica's instance has the same history and reaches the same bytes, whatever
+/// the guest keeps outside its snapshot. Calls that are not replicated ([`Guest::query`]) run on
+/// the live instance and must change nothing; [`Guest::state`] and [`Guest::replay_form`] read
+/// the state without calling the live instance at all.
 pub struct Guest {
     module: Arc<GuestModule>,
     engine: Engine,
@@ -55,7 +105,8 @@ pub struct Guest {
     label: Arc<str>,
     store: Store<HostState>,
     bindings: Bindings,
-    checkpoint: Option<Arc<[u8]>>,
+    opened_at: ApplyContext,
+    base: Option<Arc<[u8]>>,
     journal: Vec<Journaled>,
     journal_bytes: usize,
     /// The last context applied: queries and snapshots see its time and index.
@@ -65,6 +116,7 @@ pub struct Guest {
     /// Fuel consumed by every call so far (metrics).
     fuel_total: u64,
     recoveries: u64,
+    rebases: u64,
 }
 
 impl std::fmt::Debug for Guest {
@@ -77,15 +129,31 @@ impl std::fmt::Debug for Guest {
     }
 }
 
+/// The context of an instance opened outside any log entry (`waft exec`, tests).
+pub(super) const ZERO_CTX: ApplyContext = ApplyContext {
+    index: 0,
+    term: 0,
+    timestamp_ms: 0,
+};
+
+/// A fresh instance whose start-up code sees the clock and randomness of `ctx`.
 fn instantiate(
     engine: &Engine,
     module: &GuestModule,
     limits: &Limits,
     label: &Arc<str>,
+    ctx: ApplyContext,
 ) -> Result<(Store<HostState>, Bindings), LoadError> {
     let mut store = Store::new(
         engine,
         HostState::new(limits, module.hash().0, label.clone()),
+    );
+    store.data().call.begin(
+        CallKind::Instantiate,
+        ctx.index,
+        ctx.timestamp_ms,
+        module.info.uses_random,
+        limits,
     );
     store.limiter(|s| &mut s.limiter);
     // Start-up code (component initializers, cabi_realloc set-up) runs on this fuel too.
@@ -96,20 +164,48 @@ fn instantiate(
         .pre
         .instantiate(&mut store)
         .map_err(|e| LoadError::Instantiate(root_message(&e)))?;
+    store.data().call.finish();
     Ok((store, bindings))
 }
 
+/// Why a guest could not be opened with a state.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The module could not be instantiated.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The guest refused or trapped on the state.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+impl From<OpenError> for GuestError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Load(l) => GuestError::Poisoned(l.to_string()),
+            OpenError::Guest(g) => g,
+        }
+    }
+}
+
 impl Guest {
-    pub(super) fn new(
+    /// Opens a fresh instance at `ctx`: its start-up code, then `restore(base)` or, without a
+    /// base, a warm-up `snapshot` call, run with `ctx`'s clock and randomness. The opening call
+    /// is the instance's first: a language runtime that seeds something on its first call
+    /// (componentize-py reseeds `random` there) seeds it identically on every replica, never
+    /// from whichever local call (a query) happened to come first.
+    pub(super) fn open(
         engine: Engine,
         module: Arc<GuestModule>,
         limits: Limits,
         policy: CheckpointPolicy,
         label: &str,
-    ) -> Result<Guest, LoadError> {
+        ctx: ApplyContext,
+        base: Option<Arc<[u8]>>,
+    ) -> Result<Guest, OpenError> {
         let label: Arc<str> = Arc::from(label);
-        let (store, bindings) = instantiate(&engine, &module, &limits, &label)?;
-        Ok(Guest {
+        let (store, bindings) = instantiate(&engine, &module, &limits, &label, ctx)?;
+        let mut guest = Guest {
             module,
             engine,
             limits,
@@ -117,18 +213,83 @@ impl Guest {
             label,
             store,
             bindings,
-            checkpoint: None,
+            opened_at: ctx,
+            base: None,
             journal: Vec::new(),
             journal_bytes: 0,
-            last_ctx: ApplyContext {
-                index: 0,
-                term: 0,
-                timestamp_ms: 0,
-            },
+            last_ctx: ctx,
             last_fuel: 0,
             fuel_total: 0,
             recoveries: 0,
-        })
+            rebases: 0,
+        };
+        guest.open_call(base.as_deref())?;
+        guest.base = base;
+        Ok(guest)
+    }
+
+    /// Rebuilds the guest a [`ReplayForm`] describes: opens it, then makes its calls verbatim
+    /// (no checkpoint decisions: the form already records what happened).
+    pub(super) fn from_replay(
+        engine: Engine,
+        module: Arc<GuestModule>,
+        limits: Limits,
+        policy: CheckpointPolicy,
+        label: &str,
+        form: &ReplayForm,
+    ) -> Result<Guest, OpenError> {
+        let base = form.base.as_deref().map(Arc::from);
+        let mut guest = Guest::open(
+            engine,
+            module,
+            limits,
+            policy,
+            label,
+            form.opened_at.into(),
+            base,
+        )?;
+        for e in &form.journal {
+            let entry = match &e.call {
+                ReplayCall::Apply(cmd) => Journaled::Apply {
+                    ctx: e.at.into(),
+                    command: cmd.to_vec(),
+                },
+                ReplayCall::Snapshot => Journaled::Snapshot { ctx: e.at.into() },
+            };
+            guest.replay_one(&entry)?;
+            guest.push(entry);
+        }
+        Ok(guest)
+    }
+
+    /// The opening call on a fresh instance (see [`Guest::open`]). A warm-up that traps leaves
+    /// a new instance with no opening call, the same way on every replica.
+    fn open_call(&mut self, base: Option<&[u8]>) -> Result<(), OpenError> {
+        let ctx = self.opened_at;
+        match base {
+            Some(bytes) => {
+                self.begin(CallKind::Restore, ctx, self.limits.fuel_per_snapshot);
+                let raw = self
+                    .bindings
+                    .waft_fsm_state_machine()
+                    .call_restore(&mut self.store, bytes);
+                self.finish(raw)?;
+            }
+            None => {
+                self.begin(CallKind::Snapshot, ctx, self.limits.fuel_per_snapshot);
+                let raw = self
+                    .bindings
+                    .waft_fsm_state_machine()
+                    .call_snapshot(&mut self.store);
+                if self.finish(raw.map(Ok)).is_err() {
+                    let (store, bindings) =
+                        instantiate(&self.engine, &self.module, &self.limits, &self.label, ctx)?;
+                    self.store = store;
+                    self.bindings = bindings;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The module this instance runs.
@@ -154,6 +315,12 @@ impl Guest {
     /// How many times this guest was rebuilt after a trap.
     pub fn recoveries(&self) -> u64 {
         self.recoveries
+    }
+
+    /// How many times the instance was replaced by a fresh one restored from its own snapshot
+    /// (see [`CheckpointPolicy`]).
+    pub fn rebases(&self) -> u64 {
+        self.rebases
     }
 
     /// Applies one command. `Ok` is the guest's reply; see [`GuestError`] for the failures.
@@ -206,7 +373,9 @@ impl Guest {
         }
     }
 
-    /// Answers a read-only query against the current state.
+    /// Answers a read-only query against the current state. Queries are not replicated: the
+    /// guest must not change anything, not even state it never serializes (the verifier,
+    /// `waft exec --verify`, checks it).
     pub fn query(&mut self, request: &[u8]) -> Result<Vec<u8>, GuestError> {
         let ctx = self.last_ctx;
         self.begin(CallKind::Query, ctx, self.limits.fuel_per_query);
@@ -221,74 +390,88 @@ impl Guest {
         result
     }
 
-    /// Serializes the guest's state. A successful snapshot also becomes the recovery
-    /// checkpoint, since it describes the state exactly.
+    /// Serializes the guest's state by asking the live instance: a replicated call (every
+    /// replica makes it at the same index: an audit, a deploy), recorded in the history.
+    /// To read the state for a local purpose use [`Guest::state`].
     pub fn snapshot(&mut self) -> Result<Vec<u8>, GuestError> {
-        let bytes = self.snapshot_inner()?;
-        self.set_checkpoint(Arc::from(bytes.as_slice()));
+        let bytes = self.call_snapshot()?;
+        self.push(Journaled::Snapshot { ctx: self.last_ctx });
         Ok(bytes)
     }
 
-    /// The current state as checkpoint + journal, without calling the guest (so it works for a
-    /// guest whose `snapshot` traps). [`Guest::replay`] turns it back into the same state.
+    /// The current state as the guest serializes it, without calling the live instance (so
+    /// reading it on one replica changes nothing there): the base when nothing happened since
+    /// the instance was opened, else a throwaway copy rebuilt from the history.
+    pub fn state(&self) -> Result<Vec<u8>, GuestError> {
+        if self.journal.is_empty()
+            && let Some(base) = &self.base
+        {
+            return Ok(base.to_vec());
+        }
+        let mut copy = Guest::from_replay(
+            self.engine.clone(),
+            self.module.clone(),
+            self.limits.clone(),
+            self.policy.clone(),
+            &self.label,
+            &self.replay_form(),
+        )?;
+        copy.call_snapshot()
+    }
+
+    /// The guest's history (see [`ReplayForm`]), without calling the guest: what snapshots and
+    /// backups carry.
     pub fn replay_form(&self) -> ReplayForm {
         ReplayForm {
-            checkpoint: self.checkpoint.as_ref().map(|c| c.to_vec()),
+            opened_at: self.opened_at.into(),
+            base: self.base.as_ref().map(|c| c.to_vec()),
             journal: self
                 .journal
                 .iter()
-                .map(|j| ReplayEntry {
-                    index: j.ctx.index,
-                    term: j.ctx.term,
-                    timestamp_ms: j.ctx.timestamp_ms,
-                    command: j.command.clone(),
+                .map(|j| match j {
+                    Journaled::Apply { ctx, command } => ReplayEntry {
+                        at: (*ctx).into(),
+                        call: ReplayCall::Apply(serde_bytes::ByteBuf::from(command.clone())),
+                    },
+                    Journaled::Snapshot { ctx } => ReplayEntry {
+                        at: (*ctx).into(),
+                        call: ReplayCall::Snapshot,
+                    },
                 })
                 .collect(),
         }
     }
 
-    /// Rebuilds the state a [`ReplayForm`] describes: restores its checkpoint, then applies its
-    /// commands (which applied without trapping before, so they do again).
-    pub fn replay(&mut self, form: &ReplayForm) -> Result<(), GuestError> {
-        if let Some(checkpoint) = &form.checkpoint {
-            self.restore(checkpoint)?;
-        }
-        for e in &form.journal {
-            let ctx = ApplyContext {
-                index: e.index,
-                term: e.term,
-                timestamp_ms: e.timestamp_ms,
-            };
-            if let Err(err) = self.apply(ctx, &e.command)
-                && err.is_trap()
-            {
-                return Err(GuestError::Poisoned(format!(
-                    "replaying entry {} trapped, though it applied before: {err}",
-                    e.index
-                )));
-            }
-        }
+    /// Replaces the guest's state with a snapshot, in a fresh instance opened at the last
+    /// applied context (so nothing of the old instance survives). On any failure (a rejection
+    /// or a trap) the old instance stays, exactly as it was.
+    pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), GuestError> {
+        let fresh = Guest::open(
+            self.engine.clone(),
+            self.module.clone(),
+            self.limits.clone(),
+            self.policy.clone(),
+            &self.label,
+            self.last_ctx,
+            Some(Arc::from(snapshot)),
+        )?;
+        self.take_instance(fresh);
         Ok(())
     }
 
-    /// Replaces the guest's state with a snapshot. On any failure (a rejection or a trap) the
-    /// state is exactly as before.
-    pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), GuestError> {
-        match self.call_restore(snapshot) {
-            Ok(()) => {
-                self.set_checkpoint(Arc::from(snapshot));
-                Ok(())
-            }
-            Err(e) => {
-                // Even a guest that answered `err` may have changed something before it gave
-                // up: rebuild it so the old state is guaranteed, not merely promised.
-                self.recover()?;
-                Err(e)
-            }
-        }
+    /// Moves `fresh`'s instance and history into `self`, keeping counters.
+    fn take_instance(&mut self, fresh: Guest) {
+        self.store = fresh.store;
+        self.bindings = fresh.bindings;
+        self.opened_at = fresh.opened_at;
+        self.base = fresh.base;
+        self.journal = fresh.journal;
+        self.journal_bytes = fresh.journal_bytes;
+        self.last_ctx = fresh.last_ctx;
+        self.fuel_total = self.fuel_total.saturating_add(fresh.fuel_total);
     }
 
-    fn snapshot_inner(&mut self) -> Result<Vec<u8>, GuestError> {
+    fn call_snapshot(&mut self) -> Result<Vec<u8>, GuestError> {
         let ctx = self.last_ctx;
         self.begin(CallKind::Snapshot, ctx, self.limits.fuel_per_snapshot);
         let raw = self
@@ -302,16 +485,6 @@ impl Guest {
                 Err(e)
             }
         }
-    }
-
-    fn call_restore(&mut self, snapshot: &[u8]) -> Result<(), GuestError> {
-        let ctx = self.last_ctx;
-        self.begin(CallKind::Restore, ctx, self.limits.fuel_per_snapshot);
-        let raw = self
-            .bindings
-            .waft_fsm_state_machine()
-            .call_restore(&mut self.store, snapshot);
-        self.finish(raw)
     }
 
     fn call_apply(&mut self, ctx: ApplyContext, command: &[u8]) -> Result<Vec<u8>, GuestError> {
@@ -438,64 +611,122 @@ impl Guest {
         Ok(reply)
     }
 
-    /// Remembers an applied entry for replay, and checkpoints when the journal is long.
+    fn push(&mut self, entry: Journaled) {
+        if let Journaled::Apply { command, .. } = &entry {
+            self.journal_bytes += command.len();
+        }
+        self.journal.push(entry);
+    }
+
+    /// Remembers an applied entry, and rebases when the policy says the journal is long.
     fn record(&mut self, ctx: ApplyContext, command: &[u8]) {
-        self.journal_bytes += command.len();
-        self.journal.push(Journaled {
+        self.push(Journaled::Apply {
             ctx,
             command: command.to_vec(),
         });
-        let checkpoint = self.checkpoint.as_ref().map_or(0, |c| c.len());
+        let base = self.base.as_ref().map_or(0, |c| c.len());
         if self
             .policy
-            .due(self.journal.len(), self.journal_bytes, checkpoint)
+            .due(self.journal.len(), self.journal_bytes, base)
         {
-            match self.snapshot_inner() {
-                Ok(bytes) => self.set_checkpoint(Arc::from(bytes)),
-                Err(e) => tracing::warn!(
-                    service = %self.label,
-                    error = %e,
-                    "could not checkpoint the guest; will retry after the next entry"
-                ),
+            self.rebase();
+        }
+    }
+
+    /// Replaces the instance with a fresh one restored from its own snapshot, at the context
+    /// of the entry just applied. Every replica does it at the same entry (the decision reads
+    /// only the journal), so instance histories stay equal; it also bounds the journal.
+    /// If the guest cannot snapshot or restore, the old instance carries on (the same way
+    /// everywhere) and the next entry tries again.
+    fn rebase(&mut self) {
+        let bytes = match self.call_snapshot() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(service = %self.label, error = %e,
+                    "could not snapshot the guest to rebase it; will retry after the next entry");
+                return;
+            }
+        };
+        let opened = Guest::open(
+            self.engine.clone(),
+            self.module.clone(),
+            self.limits.clone(),
+            self.policy.clone(),
+            &self.label,
+            self.last_ctx,
+            Some(Arc::from(bytes)),
+        );
+        match opened {
+            Ok(fresh) => {
+                self.take_instance(fresh);
+                self.rebases += 1;
+            }
+            Err(e) => {
+                self.push(Journaled::Snapshot { ctx: self.last_ctx });
+                tracing::warn!(service = %self.label, error = %e,
+                    "a fresh instance refused the guest's own snapshot; the old instance carries on");
             }
         }
     }
 
-    fn set_checkpoint(&mut self, bytes: Arc<[u8]>) {
-        self.checkpoint = Some(bytes);
-        self.journal.clear();
-        self.journal_bytes = 0;
+    /// Makes one journaled call again (recovery, replay). A trap here means the history does
+    /// not rebuild, which only a nondeterministic host could cause.
+    fn replay_one(&mut self, entry: &Journaled) -> Result<(), GuestError> {
+        let poisoned = |what: String| {
+            tracing::error!(what, "guest recovery failed");
+            GuestError::Poisoned(what)
+        };
+        match entry {
+            Journaled::Apply { ctx, command } => match self.call_apply(*ctx, command) {
+                Err(e) if e.is_trap() => Err(poisoned(format!(
+                    "replaying entry {} trapped, though it applied before: {e}",
+                    ctx.index
+                ))),
+                _ => Ok(()),
+            },
+            Journaled::Snapshot { ctx } => {
+                self.last_ctx = *ctx;
+                self.begin(CallKind::Snapshot, *ctx, self.limits.fuel_per_snapshot);
+                let raw = self
+                    .bindings
+                    .waft_fsm_state_machine()
+                    .call_snapshot(&mut self.store);
+                self.finish(raw.map(Ok)).map(drop).map_err(|e| {
+                    poisoned(format!(
+                        "replaying the snapshot call at entry {} trapped, though it worked before: {e}",
+                        ctx.index
+                    ))
+                })
+            }
+        }
     }
 
-    /// Replaces the (possibly trapped) instance with a fresh one holding the state described by
-    /// the checkpoint and the journal.
+    /// Replaces the (possibly trapped) instance with a fresh one with the same history.
     fn recover(&mut self) -> Result<(), GuestError> {
         self.recoveries += 1;
         let poisoned = |what: String| {
             tracing::error!(what, "guest recovery failed");
             GuestError::Poisoned(what)
         };
-        let (store, bindings) = instantiate(&self.engine, &self.module, &self.limits, &self.label)
-            .map_err(|e| poisoned(format!("cannot re-instantiate: {e}")))?;
+        let (store, bindings) = instantiate(
+            &self.engine,
+            &self.module,
+            &self.limits,
+            &self.label,
+            self.opened_at,
+        )
+        .map_err(|e| poisoned(format!("cannot re-instantiate: {e}")))?;
         self.store = store;
         self.bindings = bindings;
-        if let Some(checkpoint) = self.checkpoint.clone() {
-            self.call_restore(&checkpoint)
-                .map_err(|e| poisoned(format!("cannot restore the checkpoint: {e}")))?;
-        }
+        let base = self.base.clone();
+        self.open_call(base.as_deref())
+            .map_err(|e| poisoned(format!("cannot reopen the instance: {e}")))?;
         let journal = std::mem::take(&mut self.journal);
-        let replayed =
-            journal
-                .iter()
-                .try_for_each(|entry| match self.call_apply(entry.ctx, &entry.command) {
-                    Err(e) if e.is_trap() => Err(poisoned(format!(
-                        "replaying entry {} trapped, though it applied before: {e}",
-                        entry.ctx.index
-                    ))),
-                    _ => Ok(()),
-                });
-        if let Some(last) = journal.last() {
-            self.last_ctx = last.ctx;
+        let replayed = journal.iter().try_for_each(|entry| self.replay_one(entry));
+        if let Some(Journaled::Apply { ctx, .. } | Journaled::Snapshot { ctx }) = journal.last() {
+            self.last_ctx = *ctx;
+        } else {
+            self.last_ctx = self.opened_at;
         }
         self.journal = journal;
         replayed

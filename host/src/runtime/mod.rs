@@ -15,7 +15,7 @@ mod wasi;
 pub use config::{CHECKPOINT_BYTES_PER_ENTRY, CheckpointPolicy, Limits, RuntimeConfig};
 pub use engine::WASMTIME_VERSION;
 pub use error::{GuestError, LoadError, TrapKind};
-pub use guest::{ApplyCtx, Guest, ReplayEntry, ReplayForm};
+pub use guest::{ApplyCtx, Guest, OpenError, ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
 pub use module::{GuestModule, HOST_IMPORT, ModuleHash, ModuleInfo, STATE_MACHINE_EXPORT};
 
 use std::collections::HashMap;
@@ -73,7 +73,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link)?;
         bindings::Guest::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(link)?;
-        let fingerprint = engine::fingerprint(&config.limits);
+        let fingerprint = engine::fingerprint(&config.limits, &config.checkpoints);
         let artifact_key = engine::artifact_key(&engine);
         Ok(Runtime {
             inner: Arc::new(Inner {
@@ -142,8 +142,8 @@ impl Runtime {
         Ok(module)
     }
 
-    /// Creates a fresh instance (empty state) of a loaded module. `label` names it in logs,
-    /// usually the service name.
+    /// Creates a fresh instance (empty state) of a loaded module, opened outside any log entry
+    /// (index 0). `label` names it in logs, usually the service name.
     pub fn instantiate(&self, module: &Arc<GuestModule>, label: &str) -> Result<Guest, LoadError> {
         self.instantiate_with(module, label, self.inner.config.limits.clone())
     }
@@ -155,12 +155,52 @@ impl Runtime {
         label: &str,
         limits: Limits,
     ) -> Result<Guest, LoadError> {
-        Guest::new(
+        self.open(module, label, limits, guest::ZERO_CTX, None)
+            .map_err(|e| match e {
+                OpenError::Load(l) => l,
+                OpenError::Guest(g) => LoadError::Instantiate(g.to_string()),
+            })
+    }
+
+    /// Opens a fresh instance at the entry `ctx`: the module's start-up code and then
+    /// `restore(base)` (or, without a base, a warm-up `snapshot` call) run with that entry's
+    /// clock and randomness. Every replica opens a service's instances at the same entries, so
+    /// their histories are equal (see [`Guest`]).
+    pub fn open(
+        &self,
+        module: &Arc<GuestModule>,
+        label: &str,
+        limits: Limits,
+        ctx: ApplyCtx,
+        base: Option<Arc<[u8]>>,
+    ) -> Result<Guest, OpenError> {
+        Guest::open(
             self.inner.engine.clone(),
             module.clone(),
             limits,
             self.inner.config.checkpoints.clone(),
             label,
+            ctx,
+            base,
+        )
+    }
+
+    /// Rebuilds the guest a [`ReplayForm`] describes (a snapshot's, a backup's): the same
+    /// instance history, so the same bytes as the instance it was taken from.
+    pub fn from_replay(
+        &self,
+        module: &Arc<GuestModule>,
+        label: &str,
+        limits: Limits,
+        form: &ReplayForm,
+    ) -> Result<Guest, OpenError> {
+        Guest::from_replay(
+            self.inner.engine.clone(),
+            module.clone(),
+            limits,
+            self.inner.config.checkpoints.clone(),
+            label,
+            form,
         )
     }
 

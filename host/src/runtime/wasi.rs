@@ -116,6 +116,8 @@ pub enum CallKind {
     Query = 2,
     Snapshot = 3,
     Restore = 4,
+    /// The module's start-up code, when an instance is created.
+    Instantiate = 5,
 }
 
 impl CallState {

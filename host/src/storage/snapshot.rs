@@ -1,12 +1,15 @@
 //! The snapshot file: everything a node needs to rebuild the replicated state.
 //!
-//! Layout: `WAFTSNP2`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
-//! of every module in header order, the state of every service (its guest's snapshot) in header
-//! order, and a trailer: the sha256 of everything before it. A reader checks the trailer before
+//! Layout: `WAFTSNP3`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
+//! of every module in header order, the state of every service in header order (a postcard
+//! [`ReplayForm`]: the history of its guest's instance), and a trailer: the sha256 of
+//! everything before it. Format 2 files (a service's state was its guest's snapshot, or a
+//! checkpoint + journal of commands) are still read: see [`service_form`]. A reader checks the trailer before
 //! believing anything else, so a truncated or corrupted file (or transfer) is refused whole.
 //! Sections are written and read one at a time: the file is never one buffer.
 
 use crate::raft::types::{Response, SnapshotMeta};
+use crate::runtime::{ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
 use crate::storage::log_store::{decode, encode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -14,7 +17,11 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"WAFTSNP2";
+const MAGIC: &[u8; 8] = b"WAFTSNP3";
+/// The format this build writes.
+pub const FORMAT: u8 = 3;
+/// The oldest format this build reads.
+const OLDEST_FORMAT: u8 = 2;
 /// Largest header accepted when reading (it holds names and sessions, not bulk data).
 const MAX_HEADER: u32 = 256 << 20;
 
@@ -40,8 +47,8 @@ pub struct ServiceRecord {
     pub deployed_at: u64,
     /// Length of the guest snapshot that follows in the file.
     pub state_len: u64,
-    /// The state section is a postcard [`crate::runtime::ReplayForm`] (checkpoint + journal)
-    /// rather than the guest's own snapshot, because the guest's `snapshot` failed.
+    /// The state section is a postcard replay form (always, from format 3 on); in format 2,
+    /// `false` meant the guest's own snapshot and `true` a checkpoint + journal of commands.
     pub replay: bool,
     /// The active version number.
     pub version: u32,
@@ -204,6 +211,8 @@ pub struct Reader<'a> {
     remaining: u64,
     /// The header.
     pub header: SnapshotHeader,
+    /// The file's format (2 or 3).
+    pub format: u8,
 }
 
 impl std::fmt::Debug for Reader<'_> {
@@ -239,22 +248,24 @@ impl<'a> Reader<'a> {
     fn parse(mut input: Box<dyn BufRead + Send + 'a>, size: u64) -> io::Result<Reader<'a>> {
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
-        if &magic == b"WAFTSNP1" {
-            return Err(corrupt(
-                "written by an older waft (snapshot format 1); this build reads format 2",
-            ));
-        }
-        if &magic != MAGIC {
-            if let Some(format) = magic.strip_prefix(b"WAFTSNP")
-                && format[0].is_ascii_digit()
-            {
-                return Err(corrupt(format!(
-                    "written by a newer waft (snapshot format {}); this build reads format 2: \
-                     use that waft version or a later one",
-                    format[0] as char
-                )));
-            }
+        let Some(format) = magic
+            .strip_prefix(b"WAFTSNP")
+            .filter(|f| f[0].is_ascii_digit())
+            .map(|f| f[0] - b'0')
+        else {
             return Err(corrupt("not a waft snapshot (bad magic)"));
+        };
+        if format < OLDEST_FORMAT {
+            return Err(corrupt(format!(
+                "written by an older waft (snapshot format {format}); this build reads formats \
+                 {OLDEST_FORMAT} to {FORMAT}"
+            )));
+        }
+        if format > FORMAT {
+            return Err(corrupt(format!(
+                "written by a newer waft (snapshot format {format}); this build reads formats \
+                 {OLDEST_FORMAT} to {FORMAT}: use that waft version or a later one"
+            )));
         }
         let mut len = [0u8; 4];
         input.read_exact(&mut len)?;
@@ -274,6 +285,7 @@ impl<'a> Reader<'a> {
             input,
             remaining,
             header,
+            format,
         })
     }
 
@@ -288,4 +300,57 @@ impl<'a> Reader<'a> {
         self.input.read_exact(&mut buf)?;
         Ok(buf)
     }
+}
+
+/// A service's state section as the history of its guest's instance.
+///
+/// Format 3 stores exactly that. Format 2 stored the guest's own snapshot (or, for a guest
+/// whose `snapshot` failed, a checkpoint and the commands applied since): it becomes an instance
+/// opened at index 0 with that snapshot (and those commands). Nodes that load format 2 files
+/// share instance histories again from the first rebase after the upgrade.
+pub fn service_form(format: u8, record: &ServiceRecord, state: Vec<u8>) -> io::Result<ReplayForm> {
+    if format >= 3 {
+        return decode("replayable guest state", &state);
+    }
+    if !record.replay {
+        return Ok(ReplayForm {
+            opened_at: ReplayPoint::default(),
+            base: Some(state),
+            journal: Vec::new(),
+        });
+    }
+    let old: ReplayFormV2 = decode("replayable guest state (format 2)", &state)?;
+    Ok(ReplayForm {
+        opened_at: ReplayPoint::default(),
+        base: old.checkpoint,
+        journal: old
+            .journal
+            .into_iter()
+            .map(|e| ReplayEntry {
+                at: ReplayPoint {
+                    index: e.index,
+                    term: e.term,
+                    timestamp_ms: e.timestamp_ms,
+                },
+                call: ReplayCall::Apply(serde_bytes::ByteBuf::from(e.command)),
+            })
+            .collect(),
+    })
+}
+
+/// Format 2's replay form: a checkpoint and the commands applied since.
+#[derive(Deserialize)]
+struct ReplayFormV2 {
+    #[serde(with = "serde_bytes")]
+    checkpoint: Option<Vec<u8>>,
+    journal: Vec<ReplayEntryV2>,
+}
+
+#[derive(Deserialize)]
+struct ReplayEntryV2 {
+    index: u64,
+    term: u64,
+    timestamp_ms: u64,
+    #[serde(with = "serde_bytes")]
+    command: Vec<u8>,
 }

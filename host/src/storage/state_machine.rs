@@ -392,7 +392,12 @@ impl SmState {
                         return Err(io::Error::other(msg));
                     }
                     let at = self.advance_clock(timestamp_ms);
-                    let response = self.deploy(&service, module, limits, log_id.index());
+                    let ctx = ApplyCtx {
+                        index: log_id.index(),
+                        term,
+                        timestamp_ms: at,
+                    };
+                    let response = self.deploy(&service, module, limits, ctx);
                     self.version_event(log_id.index(), &service, at, &response);
                     out.push(response);
                 }
@@ -403,7 +408,12 @@ impl SmState {
                 }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
                     let at = self.advance_clock(timestamp_ms);
-                    let response = self.rollback(&service, to, log_id.index());
+                    let ctx = ApplyCtx {
+                        index: log_id.index(),
+                        term,
+                        timestamp_ms: at,
+                    };
+                    let response = self.rollback(&service, to, ctx);
                     self.version_event(log_id.index(), &service, at, &response);
                     out.push(response);
                 }
@@ -562,7 +572,7 @@ impl SmState {
         service: &str,
         module: Vec<u8>,
         limits: ServiceLimits,
-        index: u64,
+        ctx: ApplyCtx,
     ) -> Response {
         let hash = ModuleHash::of(&module);
         let bytes = self
@@ -570,11 +580,11 @@ impl SmState {
             .get(&hash)
             .cloned()
             .unwrap_or_else(|| Arc::new(module));
-        self.activate(service, bytes, limits, index)
+        self.activate(service, bytes, limits, ctx)
     }
 
     /// Makes an earlier version serve again (as a new version, so history only grows).
-    fn rollback(&mut self, service: &str, to: Option<u32>, index: u64) -> Response {
+    fn rollback(&mut self, service: &str, to: Option<u32>, ctx: ApplyCtx) -> Response {
         let Some(svc) = self.services.get(service) else {
             return Response::NoSuchService(service.to_owned());
         };
@@ -601,48 +611,50 @@ impl SmState {
             ));
         };
         let limits = target.limits;
-        self.activate(service, bytes, limits, index)
+        self.activate(service, bytes, limits, ctx)
     }
 
     /// Installs `module` as the next version of `service`, carrying the old module's state over
     /// through snapshot → restore. Any failure leaves the old version serving, on every replica
-    /// alike.
+    /// alike. The new instance is opened at the deploy entry (its start-up code and `restore`
+    /// see that entry's clock and randomness).
     fn activate(
         &mut self,
         service: &str,
         module: Arc<Vec<u8>>,
         limits: ServiceLimits,
-        index: u64,
+        ctx: ApplyCtx,
     ) -> Response {
+        let index = ctx.index;
         let loaded = match self.runtime.load(&module) {
             Ok(m) => m,
             Err(e) => return Response::DeployFailed(e.to_string()),
         };
-        let mut guest = match self.runtime.instantiate_with(
-            &loaded,
-            service,
-            limits.apply_to(self.runtime.limits().clone()),
-        ) {
-            Ok(g) => g,
-            Err(e) => return Response::DeployFailed(e.to_string()),
-        };
+        let limits_now = limits.apply_to(self.runtime.limits().clone());
         let mut history = Vec::new();
+        let mut state = None;
         if let Some(old) = self.services.get_mut(service) {
-            let state = match old.guest.snapshot() {
-                Ok(s) => s,
+            // A replicated call on the old instance (every replica makes it here).
+            match old.guest.snapshot() {
+                Ok(s) => state = Some(Arc::from(s)),
                 Err(e) => {
                     return Response::DeployFailed(format!(
                         "the running version could not snapshot its state: {e}"
                     ));
                 }
             };
-            if let Err(e) = guest.restore(&state) {
+            history = old.history.clone();
+        }
+        let had_state = state.is_some();
+        let guest = match self.runtime.open(&loaded, service, limits_now, ctx, state) {
+            Ok(g) => g,
+            Err(crate::runtime::OpenError::Guest(e)) if had_state => {
                 return Response::DeployFailed(format!(
                     "the new version refused the current state: {e}"
                 ));
             }
-            history = old.history.clone();
-        }
+            Err(e) => return Response::DeployFailed(e.to_string()),
+        };
         let hash = loaded.hash();
         let version = history.last().map_or(1, |r| r.version + 1);
         history.push(VersionRecord {
@@ -683,24 +695,17 @@ impl SmState {
 
     /// Takes everything a snapshot needs; the guests' states are copied now, so later entries
     /// do not leak into this snapshot.
-    fn capture(&mut self) -> io::Result<Captured> {
+    fn capture(&self) -> io::Result<Captured> {
         let mut services = Vec::new();
         let mut states = Vec::new();
-        for (name, svc) in &mut self.services {
-            // A guest whose `snapshot` fails (a bug, a trap) must not stop the node from taking
-            // snapshots, or every replica would stop at once: its state goes in as checkpoint +
-            // journal instead, which rebuilds it exactly.
-            let (state, replay) = match svc.guest.snapshot() {
-                Ok(state) => (state, false),
-                Err(e) => {
-                    tracing::warn!(service = %name, error = %e,
-                        "the guest's snapshot failed; the snapshot keeps its state as checkpoint + journal");
-                    (
-                        crate::storage::log_store::encode(&svc.guest.replay_form())?,
-                        true,
-                    )
-                }
-            };
+        for (name, svc) in &self.services {
+            // The guest's history, not a call on the live instance: taking a snapshot is a
+            // local event (each node picks its own moment), so it must change nothing there.
+            // Replaying the history rebuilds the instance byte for byte, which a fresh instance
+            // restored from the guest's own snapshot would not (state hidden in a language
+            // runtime), and it works for a guest whose `snapshot` traps.
+            let state = crate::storage::log_store::encode(&svc.guest.replay_form())?;
+            let replay = true;
             services.push(ServiceRecord {
                 name: name.clone(),
                 module: svc.module.hash().to_hex(),
@@ -833,31 +838,21 @@ fn load_services(runtime: &Runtime, mut reader: snapshot::Reader<'_>) -> io::Res
                 format!("snapshot service {} names a missing module", record.name),
             )
         })?;
-        let mut guest = runtime
-            .instantiate_with(
-                module,
-                &record.name,
-                record
-                    .history
-                    .last()
-                    .map(|v| v.limits)
-                    .unwrap_or_default()
-                    .apply_to(runtime.limits().clone()),
-            )
-            .map_err(|e| io::Error::other(format!("service {}: {e}", record.name)))?;
-        let restored = if record.replay {
-            let form: crate::runtime::ReplayForm =
-                crate::storage::log_store::decode("replayable guest state", &state)?;
-            guest.replay(&form)
-        } else {
-            guest.restore(&state)
-        };
-        restored.map_err(|e| {
-            io::Error::other(format!(
-                "service {} refused its snapshot state: {e}",
-                record.name
-            ))
-        })?;
+        let limits = record
+            .history
+            .last()
+            .map(|v| v.limits)
+            .unwrap_or_default()
+            .apply_to(runtime.limits().clone());
+        let form = snapshot::service_form(reader.format, record, state)?;
+        let guest = runtime
+            .from_replay(module, &record.name, limits, &form)
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "service {} refused its snapshot state: {e}",
+                    record.name
+                ))
+            })?;
         services.insert(
             record.name.clone(),
             Service {
@@ -967,7 +962,7 @@ impl StateHandle {
         let state = self.state.clone();
         let service = service.to_owned();
         tokio::task::spawn_blocking(move || match lock(&state).services.get_mut(&service) {
-            Some(svc) => svc.guest.snapshot().map(Some),
+            Some(svc) => svc.guest.state().map(Some),
             None => Ok(None),
         })
         .await
@@ -1026,12 +1021,12 @@ impl StateHandle {
     pub async fn service_states(&self) -> io::Result<BTreeMap<String, Vec<u8>>> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut st = lock(&state);
+            let st = lock(&state);
             let mut out = BTreeMap::new();
-            for (name, svc) in &mut st.services {
+            for (name, svc) in &st.services {
                 let bytes = svc
                     .guest
-                    .snapshot()
+                    .state()
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 out.insert(name.clone(), bytes);
             }

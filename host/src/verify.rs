@@ -126,6 +126,31 @@ pub fn show(bytes: &[u8]) -> String {
     }
 }
 
+/// Two different replies, shown around their first difference when they are long.
+fn show_pair(a: &Result<Vec<u8>, GuestError>, b: &Result<Vec<u8>, GuestError>) -> (String, String) {
+    const BEFORE: usize = 40;
+    match (a, b) {
+        (Ok(x), Ok(y)) if x.len().max(y.len()) > 160 => {
+            let at = x
+                .iter()
+                .zip(y.iter())
+                .position(|(p, q)| p != q)
+                .unwrap_or(x.len().min(y.len()));
+            let from = at.saturating_sub(BEFORE);
+            let window = |v: &[u8]| {
+                let end = (at + 80).min(v.len());
+                format!(
+                    "(from byte {from} of {}) {}",
+                    v.len(),
+                    show(&v[from.min(v.len())..end])
+                )
+            };
+            (window(x), window(y))
+        }
+        _ => (show_result(a), show_result(b)),
+    }
+}
+
 fn show_result(r: &Result<Vec<u8>, GuestError>) -> String {
     match r {
         Ok(b) => show(b),
@@ -218,11 +243,12 @@ pub fn verify(runtime: &Runtime, module: &Arc<GuestModule>, plan: &Plan) -> anyh
         };
         let differs = (first..n).find(|&i| reference.replies[i] != got.replies[i]);
         if let Some(i) = differs {
+            let (expected, got) = show_pair(&reference.replies[i], &got.replies[i]);
             report.findings.push(Finding {
                 history: history.to_string(),
                 entry: Some(i + 1),
-                expected: show_result(&reference.replies[i]),
-                got: show_result(&got.replies[i]),
+                expected,
+                got,
             });
         } else if reference.snapshot != got.snapshot {
             report.findings.push(Finding {

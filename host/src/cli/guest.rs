@@ -132,6 +132,9 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
             "no (reads WASI clocks or randomness, so entries are applied one at a time)"
         }
     )?;
+    for line in determinism_notes(&bytes) {
+        writeln!(out, "{line}")?;
+    }
     // Prove the guest runs: instantiate, snapshot the empty state, restore it, snapshot again.
     let started = Instant::now();
     let mut guest = runtime
@@ -171,6 +174,44 @@ fn exec_commands(args: &ExecArgs) -> anyhow::Result<Vec<Vec<u8>>> {
         );
     }
     Ok(commands)
+}
+
+/// The marker `examples/guests/helpers/python/waft_det.py` leaves in a component.
+const PYTHON_HELPER_MARKER: &[u8] = b"waft-determinism-helper:python:1";
+
+/// What `waft check` says about determinism, by the language runtime found in the component.
+fn determinism_notes(bytes: &[u8]) -> Vec<String> {
+    let has = |needle: &[u8]| memchr::memmem::find(bytes, needle).is_some();
+    if has(b"componentize_py_runtime") {
+        let mut notes = vec!["language:  Python (componentize-py)".to_owned()];
+        if has(PYTHON_HELPER_MARKER) {
+            notes.push(
+                "determinism: waft_det helper found: `random` and unseeded random.Random() are \
+                 reseeded for every call; clocks, os.urandom, secrets, uuid4 and hash() are \
+                 deterministic"
+                    .to_owned(),
+            );
+        } else {
+            notes.push(
+                "determinism: WARNING: no waft_det helper: `random`'s own generator (and a \
+                 random.Random() made at import time) is seeded once per instance, so the \
+                 values it gives depend on when the instance was opened. Replicas still agree, \
+                 but `waft exec --verify` will report it. Decorate the exported class with \
+                 waft_det.deterministic (examples/guests/helpers/python, docs/guests.md)"
+                    .to_owned(),
+            );
+        }
+        notes
+    } else if has(b"StarlingMonkey") {
+        vec![
+            "language:  JavaScript (ComponentizeJS / StarlingMonkey)".to_owned(),
+            "determinism: Math.random, crypto.getRandomValues, Date.now and performance.now \
+             are deterministic per entry without a helper"
+                .to_owned(),
+        ]
+    } else {
+        Vec::new()
+    }
 }
 
 /// `waft exec FILE --verify`: the determinism verifier.

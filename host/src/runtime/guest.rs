@@ -268,7 +268,7 @@ impl Guest {
         let ctx = self.opened_at;
         match base {
             Some(bytes) => {
-                self.begin(CallKind::Restore, ctx, self.limits.fuel_per_snapshot);
+                self.begin(CallKind::Open, ctx, self.limits.fuel_per_snapshot);
                 let raw = self
                     .bindings
                     .waft_fsm_state_machine()
@@ -276,7 +276,7 @@ impl Guest {
                 self.finish(raw)?;
             }
             None => {
-                self.begin(CallKind::Snapshot, ctx, self.limits.fuel_per_snapshot);
+                self.begin(CallKind::Open, ctx, self.limits.fuel_per_snapshot);
                 let raw = self
                     .bindings
                     .waft_fsm_state_machine()

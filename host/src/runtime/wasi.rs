@@ -16,7 +16,7 @@ use rand_core::{SeedableRng, TryRng};
 use sha2::{Digest, Sha256};
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -54,6 +54,7 @@ impl HostState {
             module_hash,
             timestamp_ms: AtomicU64::new(0),
             index: AtomicU64::new(0),
+            opening: AtomicBool::new(true),
             rng: Mutex::new(ChaCha20Rng::from_seed([0; 32])),
             insecure_rng: Mutex::new(ChaCha20Rng::from_seed([0; 32])),
             output: Mutex::new(OutputBudget::new(limits)),
@@ -103,6 +104,9 @@ pub struct CallState {
     module_hash: [u8; 32],
     timestamp_ms: AtomicU64,
     index: AtomicU64,
+    /// True while the instance is being opened: its monotonic clock then reads 0 (see
+    /// [`DeterministicClock`]).
+    opening: AtomicBool,
     rng: Mutex<ChaCha20Rng>,
     insecure_rng: Mutex<ChaCha20Rng>,
     output: Mutex<OutputBudget>,
@@ -115,9 +119,10 @@ pub enum CallKind {
     Apply = 1,
     Query = 2,
     Snapshot = 3,
-    Restore = 4,
     /// The module's start-up code, when an instance is created.
     Instantiate = 5,
+    /// The first call on a new instance (`restore`, or the warm-up `snapshot`).
+    Open = 6,
 }
 
 impl CallState {
@@ -133,6 +138,10 @@ impl CallState {
     ) {
         self.index.store(index, Ordering::Relaxed);
         self.timestamp_ms.store(timestamp_ms, Ordering::Relaxed);
+        self.opening.store(
+            matches!(kind, CallKind::Instantiate | CallKind::Open),
+            Ordering::Relaxed,
+        );
         if reseed {
             for (stream, rng) in [(0u8, &self.rng), (1u8, &self.insecure_rng)] {
                 let mut h = Sha256::new();
@@ -297,6 +306,11 @@ impl Host for HostState {
 }
 
 /// Wall and monotonic clock that read the timestamp of the entry being applied.
+///
+/// While an instance is being opened (its start-up code and its first call) the monotonic
+/// clock reads 0: a runtime that takes its time origin then (JavaScript's `performance.now()`
+/// counts from it) gets the same origin whenever the instance was opened, so what it measures
+/// later does not depend on the instance's history.
 struct DeterministicClock(Arc<CallState>);
 
 impl HostWallClock for DeterministicClock {
@@ -313,6 +327,9 @@ impl HostMonotonicClock for DeterministicClock {
         1_000_000
     }
     fn now(&self) -> u64 {
+        if self.0.opening.load(Ordering::Relaxed) {
+            return 0;
+        }
         self.0
             .timestamp_ms
             .load(Ordering::Relaxed)

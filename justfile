@@ -23,7 +23,7 @@ guests:
 # The kv guest in Python (componentize-py from PyPI) -> target/guests/kv-python.wasm.
 guest-python:
     python3 -m pip install componentize-py==0.25.1
-    cd examples/guests/kv-python && componentize-py -d ../../../wit -w guest componentize app -p . -o ../../../target/guests/kv-python.wasm
+    cd examples/guests/kv-python && componentize-py -d ../../../wit -w guest componentize app -p . -p ../helpers/python -o ../../../target/guests/kv-python.wasm
 
 # The kv guest in JavaScript (ComponentizeJS from npm) -> target/guests/kv-js.wasm.
 guest-js:

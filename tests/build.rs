@@ -53,7 +53,7 @@ fn main() {
     for guest in FOREIGN {
         let built = foreign(&root, guest, &target_dir);
         constants.push_str(&format!(
-            "/// `examples/guests/{}`, or why it could not be built here.\npub const {}: Result<&str, &str> = {:?};\n",
+            "/// `{}`, or why it could not be built here.\npub const {}: Result<&str, &str> = {:?};\n",
             guest.dir, guest.constant, built
         ));
     }
@@ -64,7 +64,7 @@ fn main() {
 
 /// A guest written in another language, built by that language's component tool.
 struct Foreign {
-    /// Its directory under `examples/guests`.
+    /// Its directory, relative to the repository root.
     dir: &'static str,
     /// The constant naming its component.
     constant: &'static str,
@@ -80,26 +80,34 @@ struct Foreign {
 
 const FOREIGN: &[Foreign] = &[
     Foreign {
-        dir: "kv-python",
+        dir: "examples/guests/kv-python",
         constant: "EXAMPLE_KV_PYTHON",
-        sources: &["app.py"],
+        sources: &["app.py", "../helpers/python/waft_det.py"],
         tool: "componentize-py",
-        args: &[
-            "-d",
-            "{wit}",
-            "-w",
-            "guest",
-            "componentize",
-            "app",
-            "-p",
-            ".",
-            "-o",
-            "{out}",
-        ],
+        args: PYTHON_ARGS,
         install: "pip install componentize-py==0.25.1",
     },
     Foreign {
-        dir: "kv-js",
+        dir: "tests/guests/det-python",
+        constant: "TEST_DET_PYTHON",
+        sources: &[
+            "app.py",
+            "../../../examples/guests/helpers/python/waft_det.py",
+        ],
+        tool: "componentize-py",
+        args: PYTHON_ARGS,
+        install: "pip install componentize-py==0.25.1",
+    },
+    Foreign {
+        dir: "tests/guests/flawed-python",
+        constant: "TEST_FLAWED_PYTHON",
+        sources: &["app.py"],
+        tool: "componentize-py",
+        args: PYTHON_ARGS,
+        install: "pip install componentize-py==0.25.1",
+    },
+    Foreign {
+        dir: "examples/guests/kv-js",
         constant: "EXAMPLE_KV_JS",
         sources: &["kv.js", "package.json", "package-lock.json"],
         tool: "node_modules/.bin/componentize-js",
@@ -117,15 +125,53 @@ const FOREIGN: &[Foreign] = &[
         ],
         install: "npm install --prefix examples/guests/kv-js",
     },
+    Foreign {
+        dir: "tests/guests/det-js",
+        constant: "TEST_DET_JS",
+        sources: &["det.js"],
+        tool: "../../../examples/guests/kv-js/node_modules/.bin/componentize-js",
+        args: &[
+            "det.js",
+            "--wit",
+            "{wit}",
+            "-n",
+            "guest",
+            "-d",
+            "http",
+            "fetch-event",
+            "-o",
+            "{out}",
+        ],
+        install: "npm install --prefix examples/guests/kv-js",
+    },
+];
+
+/// componentize-py's arguments for a guest whose module is `app.py`, with the determinism
+/// helper (examples/guests/helpers/python) on the path.
+const PYTHON_ARGS: &[&str] = &[
+    "-d",
+    "{wit}",
+    "-w",
+    "guest",
+    "componentize",
+    "app",
+    "-p",
+    ".",
+    "-p",
+    "{helpers}/python",
+    "-o",
+    "{out}",
 ];
 
 /// Builds a foreign guest into `target_dir` unless its component is newer than its sources, the
 /// WIT and the tool. A missing tool is not an error (the tests that need it say they were
 /// skipped and why); a tool that fails is.
 fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, String> {
-    let dir = root.join("examples/guests").join(guest.dir);
+    let dir = root.join(guest.dir);
     let wit = root.join("wit");
-    let out = target_dir.join(format!("{}.wasm", guest.dir));
+    let helpers = root.join("examples/guests/helpers");
+    let name = guest.dir.rsplit('/').next().unwrap_or(guest.dir);
+    let out = target_dir.join(format!("{name}.wasm"));
     let mut inputs: Vec<PathBuf> = guest.sources.iter().map(|s| dir.join(s)).collect();
     inputs.push(wit.join("fsm.wit"));
     for input in &inputs {
@@ -161,6 +207,7 @@ fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, St
             .iter()
             .map(|a| {
                 a.replace("{wit}", &wit.display().to_string())
+                    .replace("{helpers}", &helpers.display().to_string())
                     .replace("{out}", &out.display().to_string())
             })
             .collect();
@@ -171,7 +218,7 @@ fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, St
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
         assert!(
             status.success(),
-            "building examples/guests/{} with {} failed (see the output above)",
+            "building {} with {} failed (see the output above)",
             guest.dir,
             guest.tool
         );

@@ -30,13 +30,20 @@ fn tamper_with_snapshot(path: &Path, service: &str) {
         .iter()
         .position(|s| s.name == service)
         .expect("service in snapshot");
-    let runtime = crate::support::runtime();
-    let mut guest = crate::support::guest(&runtime, EXAMPLE_KV);
-    guest.restore(&states[i]).expect("restore");
-    guest
-        .apply(crate::support::ctx(1), b"put tampered yes")
-        .expect("apply");
-    states[i] = guest.snapshot().expect("snapshot");
+    // A state section is the guest's instance history: add a command nobody applied.
+    let mut form: waft::runtime::ReplayForm =
+        postcard::from_bytes(&states[i]).expect("a replay form");
+    let last = form.journal.last().map_or(form.opened_at, |e| e.at);
+    form.journal.push(waft::runtime::ReplayEntry {
+        at: waft::runtime::ReplayPoint {
+            index: last.index,
+            ..last
+        },
+        call: waft::runtime::ReplayCall::Apply(serde_bytes::ByteBuf::from(
+            b"put tampered yes".to_vec(),
+        )),
+    });
+    states[i] = postcard::to_allocvec(&form).expect("encode");
     header.services[i].state_len = states[i].len() as u64;
     let modules: Vec<&[u8]> = modules.iter().map(Vec::as_slice).collect();
     let states: Vec<&[u8]> = states.iter().map(Vec::as_slice).collect();

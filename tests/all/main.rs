@@ -15,6 +15,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod cluster_support;
+mod determinism;
 mod etcd;
 mod fuzz;
 mod hostile;

@@ -3,7 +3,8 @@ Rust `kv` guest, so either can replace the other with `waft deploy` (hot-swap ke
 
 Build (componentize-py from PyPI; `just guest-python` does this, into target/guests/):
 
-    componentize-py -d wit -w guest componentize app -p examples/guests/kv-python -o kv-python.wasm
+    componentize-py -d wit -w guest componentize app -p examples/guests/kv-python \
+        -p examples/guests/helpers/python -o kv-python.wasm
 
 Commands: put KEY VALUE | get KEY | del KEY | cas KEY EXPECTED NEW | scan PREFIX
 Queries:  get KEY | scan [PREFIX]
@@ -12,6 +13,8 @@ Determinism: state lives in a dict, but every ordered output (scan, snapshot) is
 so nothing depends on insertion or hash order. Python's str order is code-point order, which is
 the UTF-8 byte order the Rust guest's BTreeMap uses.
 """
+
+from waft_det import deterministic  # first: it must see every random.Random() made after it
 
 import struct
 
@@ -156,6 +159,7 @@ class Kv:
 STATE = Kv()
 
 
+@deterministic  # reseeds `random` before every call (this guest draws none; the pattern to copy)
 class StateMachine(exports.StateMachine):
     def apply(self, context, command):
         return STATE.apply(command)

@@ -47,19 +47,19 @@ impl Default for Limits {
     }
 }
 
-/// How a guest keeps the state it can roll back to after a trap.
+/// When a guest's instance is *rebased*: replaced by a fresh instance restored from its own
+/// snapshot, which bounds the journal that trap recovery and snapshot files replay.
 ///
-/// A trapped instance cannot be re-entered, so the host rebuilds it: it restores the last
-/// checkpoint (a guest snapshot) and replays the entries applied since. A checkpoint is taken
-/// after `entries` applied entries or `bytes` of applied commands, whichever comes first; a
-/// snapshot taken for any other reason also serves as one.
+/// A rebase is taken after `entries` journaled calls or `bytes` of applied commands, whichever
+/// comes first. The decision reads only the journal, so every replica rebases at the same entry
+/// and instance histories stay equal (see `Guest`); the policy is part of the engine
+/// fingerprint.
 ///
-/// A checkpoint costs as much as the state is large, so a large state is checkpointed less
-/// often: the entry count that triggers one is at least one entry per
-/// [`CHECKPOINT_BYTES_PER_ENTRY`] bytes of the last checkpoint. Checkpointing then costs a
-/// bounded amount per applied entry whatever the state's size (a 100 MiB state is not copied
-/// every 10,000 entries), and replaying the journal after a trap costs about what restoring
-/// the checkpoint does. `bytes` still bounds the journal's memory.
+/// A rebase costs as much as the state is large, so a large state is rebased less often: the
+/// entry count that triggers one is at least one entry per [`CHECKPOINT_BYTES_PER_ENTRY`] bytes
+/// of the last base. Rebasing then costs a bounded amount per applied entry whatever the state's
+/// size, and replaying the journal costs about what restoring the base does. `bytes` still
+/// bounds the journal's memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointPolicy {
     /// Entries applied since the last checkpoint that trigger a new one (at least; see above).
@@ -97,7 +97,7 @@ impl Default for CheckpointPolicy {
 pub struct RuntimeConfig {
     /// Resource limits per call.
     pub limits: Limits,
-    /// Checkpointing for trap recovery.
+    /// When guest instances are rebased (see [`CheckpointPolicy`]).
     pub checkpoints: CheckpointPolicy,
     /// Where compiled components are kept between runs (`None`: compile on every start).
     pub cache_dir: Option<PathBuf>,

@@ -446,17 +446,22 @@ impl Guest {
     /// applied context (so nothing of the old instance survives). On any failure (a rejection
     /// or a trap) the old instance stays, exactly as it was.
     pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), GuestError> {
-        let fresh = Guest::open(
+        let fresh = self.reopen(Arc::from(snapshot))?;
+        self.take_instance(fresh);
+        Ok(())
+    }
+
+    /// A fresh instance of this guest's module opened with `base` at the last applied context.
+    fn reopen(&self, base: Arc<[u8]>) -> Result<Guest, OpenError> {
+        Guest::open(
             self.engine.clone(),
             self.module.clone(),
             self.limits.clone(),
             self.policy.clone(),
             &self.label,
             self.last_ctx,
-            Some(Arc::from(snapshot)),
-        )?;
-        self.take_instance(fresh);
-        Ok(())
+            Some(base),
+        )
     }
 
     /// Moves `fresh`'s instance and history into `self`, keeping counters.
@@ -647,16 +652,7 @@ impl Guest {
                 return;
             }
         };
-        let opened = Guest::open(
-            self.engine.clone(),
-            self.module.clone(),
-            self.limits.clone(),
-            self.policy.clone(),
-            &self.label,
-            self.last_ctx,
-            Some(Arc::from(bytes)),
-        );
-        match opened {
+        match self.reopen(Arc::from(bytes)) {
             Ok(fresh) => {
                 self.take_instance(fresh);
                 self.rebases += 1;

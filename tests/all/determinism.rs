@@ -260,12 +260,12 @@ fn the_verifier_names_the_entry_and_history_of_each_flaw() {
     let keys: Vec<String> = (0..12).map(|i| format!("map k{i}")).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let found = findings(&rt, TEST_FLAWED, &keys, &["count"]);
-    assert!(!found.is_empty(), "a HashMap in iteration order");
-    assert!(
-        found.iter().any(|f| f.starts_with("final snapshot")
-            || f.contains("map=")
-            || f.starts_with("entry")),
-        "{found:#?}"
+    // Its order comes apart once the map holds enough keys (entry 9 with this build).
+    assert_found(
+        &found,
+        "a fresh instance per entry",
+        "entry ",
+        "a HashMap in iteration order",
     );
 }
 

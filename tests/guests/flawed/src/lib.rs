@@ -2,7 +2,8 @@
 //!
 //! - `gen`: the next value of a generator seeded when the instance starts, not in the snapshot;
 //! - `global`: a counter kept in a global that `snapshot` leaves out;
-//! - `map KEY`: KEY put in a `HashMap` that `snapshot` writes in iteration order (not canonical);
+//! - `map KEY`: KEY put in a `HashMap` that `snapshot` writes in iteration order (not canonical:
+//!   `restore` reserves room up front, so a restored map has more buckets and another order);
 //! - `keep X`: X kept in a `BTreeSet` (deterministic), for contrast.
 //!
 //! The query `bump` changes the hidden counter (a query that mutates); any other query reads.
@@ -67,13 +68,16 @@ impl StateMachine for Flawed {
     fn restore(snapshot: &[u8]) -> Result<Self, String> {
         let text = std::str::from_utf8(snapshot).map_err(|_| "not UTF-8")?;
         let (kept, map) = text.split_once('\n').unwrap_or((text, ""));
+        // Room for growth, as real guests often reserve: the order now depends on history.
+        let mut restored = HashMap::with_capacity(256);
+        restored.extend(
+            map.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(0))),
+        );
         Ok(Flawed {
             kept: kept.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
-            map: map
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(0)))
-                .collect(),
+            map: restored,
         })
     }
 }

@@ -288,9 +288,33 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics) -> String {
     );
     gauge(
         "waft_audit_divergences",
-        "State mismatches with the leader seen (the most recent 16 are kept); anything above 0 needs a person.",
+        "State mismatches with the majority (or the leader) kept for status (the most recent 16).",
         "gauge",
         audit.divergences.len() as f64,
+    );
+    gauge(
+        "waft_audit_divergences_total",
+        "State mismatches with the majority (or the leader) found since the node started.",
+        "counter",
+        audit.divergences_total as f64,
+    );
+    gauge(
+        "waft_heals_total",
+        "Diverged state rebuilt from a majority replica since the node started.",
+        "counter",
+        audit.heals_total as f64,
+    );
+    gauge(
+        "waft_heal_failures_total",
+        "Heals that could not complete (no majority replica gave the state in time).",
+        "counter",
+        audit.heal_failures_total as f64,
+    );
+    gauge(
+        "waft_services_unavailable",
+        "Services this node refuses to read from: diverged and not rebuilt yet. Above 0 for long needs a person.",
+        "gauge",
+        audit.unavailable.len() as f64,
     );
     gauge(
         "waft_audit_last_checked_index",

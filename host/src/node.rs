@@ -201,6 +201,8 @@ pub struct Node {
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     auditor: Option<JoinHandle<()>>,
+    /// The network audits collect members' digests through.
+    audit_net: NetworkFactory,
     remover: Option<JoinHandle<()>>,
     metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
     etcd: Option<(std::net::SocketAddr, JoinHandle<()>)>,
@@ -312,10 +314,15 @@ impl Node {
             snapshot_dir.clone(),
             config.snapshots.clone(),
         )
+        .with_state(state.clone())
         .require_peer_certificate(config.net.tls.is_some());
+        state.set_healer(Some(std::sync::Arc::new(
+            crate::raft::peer_audit::PeerHealer::new(raft.clone(), network.clone()),
+        )));
         let max = config.net.max_message_bytes;
         // Shared by the client API and the etcd endpoint: one set of call counters.
         let trace = crate::api::trace::TraceLayer::new(config.id);
+        let audit_net = network.clone();
         let api = Api::new(
             config.id,
             addr.clone(),
@@ -412,10 +419,9 @@ impl Node {
                 Some((bound, task))
             }
         };
-        let auditor = config
-            .raft
-            .audit_interval
-            .map(|every| crate::audit::spawn_auditor(raft.clone(), state.clone(), every));
+        let auditor = config.raft.audit_interval.map(|every| {
+            crate::audit::spawn_auditor(raft.clone(), audit_net.clone(), state.clone(), every)
+        });
         let remover = config
             .raft
             .remove_unreachable
@@ -430,6 +436,7 @@ impl Node {
             stop_server: Some(stop_tx),
             server: Some(server),
             auditor,
+            audit_net,
             remover,
             metrics,
             etcd,
@@ -576,6 +583,17 @@ impl Node {
         &self.raft
     }
 
+    /// The node-to-node network (audits and heals reach peers through it).
+    pub fn network(&self) -> &NetworkFactory {
+        &self.audit_net
+    }
+
+    /// Runs one state audit (this node must lead): every member's digest is collected and
+    /// judged, and replicas in the minority heal (see [`crate::audit`]).
+    pub async fn audit(&self) -> Result<crate::audit::AuditOutcome, crate::audit::AuditError> {
+        crate::audit::audit_now(&self.raft, &self.audit_net).await
+    }
+
     /// A copy of the node's current Raft metrics (role, term, leader, log and apply progress).
     pub fn metrics(&self) -> openraft::RaftMetrics<crate::raft::types::TypeConfig> {
         use openraft::async_runtime::WatchReceiver;
@@ -658,6 +676,8 @@ impl Node {
     /// (see [`Node::step_down`]).
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
         self.step_down(Duration::from_secs(3)).await;
+        // A heal in progress gives up; the healer's Raft handle is released.
+        self.state.set_healer(None);
         // Watches end, saying where to resume, before the server stops.
         self.state.events().close();
         if let Some(auditor) = self.auditor.take() {

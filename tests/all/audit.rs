@@ -5,13 +5,13 @@ use crate::cluster_support::{TestCluster, kv, test_settings};
 use std::path::Path;
 use std::time::Duration;
 use waft::node::RaftSettings;
-use waft::pb::api::{self, cluster_client::ClusterClient};
+use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use waft::storage::snapshot;
 use waft_testkit::guests::EXAMPLE_KV;
 
 /// Rewrites one service's state inside a snapshot file, with a valid checksum: the damage a
 /// bug, a bit flip under the checksum, or a nondeterministic guest would leave.
-fn tamper_with_snapshot(path: &Path, service: &str) {
+fn tamper_with_snapshot(path: &Path, service: &str, command: &str) {
     let file = std::fs::File::open(path).expect("open snapshot");
     let mut reader = snapshot::Reader::open(file).expect("read snapshot");
     let mut header = reader.header.clone();
@@ -40,7 +40,7 @@ fn tamper_with_snapshot(path: &Path, service: &str) {
             ..last
         },
         call: waft::runtime::ReplayCall::Apply(serde_bytes::ByteBuf::from(
-            b"put tampered yes".to_vec(),
+            command.as_bytes().to_vec(),
         )),
     });
     states[i] = postcard::to_allocvec(&form).expect("encode");
@@ -60,8 +60,109 @@ async fn status(addr: &str) -> api::StatusReply {
         .into_inner()
 }
 
+/// Damages node `victim`'s kv state behind Raft's back: snapshot, stop, add `command` to the
+/// service's history in the snapshot file, restart.
+async fn damage(cluster: &mut TestCluster, victim: usize, command: &str) {
+    let node = cluster.node(victim);
+    let applied = node.metrics().last_applied.expect("applied").index;
+    node.raft()
+        .trigger()
+        .snapshot()
+        .await
+        .expect("trigger snapshot");
+    node.raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= applied),
+            "snapshot built",
+        )
+        .await
+        .expect("snapshot built");
+    cluster.stop(victim).await;
+    tamper_with_snapshot(
+        &cluster.dirs[victim].path().join("snapshots/current.snap"),
+        "kv",
+        command,
+    );
+    cluster.restart(victim).await;
+}
+
+/// Writes `put wN N` through the nodes in turn until `stop`, retrying a failed write (same
+/// client sequence: applied once) on the next node; returns the keys acknowledged.
+async fn write_until(
+    addrs: &[String],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(String, String)> {
+    let mut acknowledged = Vec::new();
+    let client_id = 0x5eed_u64;
+    let mut seq = 0u64;
+    let mut turn = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        seq += 1;
+        let key = format!("w{seq}");
+        for _attempt in 0..50 {
+            turn += 1;
+            let Ok(mut c) =
+                WaftClient::connect(format!("http://{}", addrs[turn % addrs.len()])).await
+            else {
+                continue;
+            };
+            let r = c
+                .submit(api::SubmitRequest {
+                    service: "kv".into(),
+                    payload: format!("put {key} {seq}").into_bytes(),
+                    client_id,
+                    sequence: seq,
+                })
+                .await;
+            match r.map(tonic::Response::into_inner).map(|r| r.outcome) {
+                Ok(Some(api::submit_reply::Outcome::Ok(_))) => {
+                    acknowledged.push((key.clone(), seq.to_string()));
+                    break;
+                }
+                Ok(other) => panic!("write {key} answered {other:?}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+    acknowledged
+}
+
+/// A stale read of `key` on node `i`, over gRPC.
+async fn stale_get(
+    cluster: &TestCluster,
+    i: usize,
+    key: &str,
+) -> Result<api::QueryReply, tonic::Status> {
+    WaftClient::connect(format!("http://{}", cluster.addrs[i]))
+        .await
+        .expect("connect")
+        .query(api::QueryRequest {
+            service: "kv".into(),
+            payload: format!("get {key}").into_bytes(),
+            consistency: api::Consistency::Stale as i32,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn reply_text(r: &api::QueryReply) -> String {
+    match &r.outcome {
+        Some(api::query_reply::Outcome::Ok(b)) => String::from_utf8_lossy(b).into_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Writes and an audit until every running node has applied the votes entry.
+async fn audit_and_wait(cluster: &TestCluster) -> waft::audit::AuditOutcome {
+    let leader = cluster.wait_leader().await;
+    let outcome = cluster.node(leader).audit().await.expect("audit");
+    cluster.wait_applied(outcome.report_index).await;
+    outcome
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn audits_match_on_healthy_replicas_and_flag_a_damaged_one() {
+async fn a_damaged_follower_is_found_and_rebuilt_from_the_majority() {
     let mut cluster = TestCluster::start(3, test_settings()).await;
     cluster.form().await;
     cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
@@ -70,65 +171,37 @@ async fn audits_match_on_healthy_replicas_and_flag_a_damaged_one() {
     }
 
     tracing::info!("an audit on a healthy cluster: every replica compares and matches");
-    let leader = cluster.wait_leader().await;
-    let outcome = waft::audit::audit_now(cluster.node(leader).raft())
-        .await
-        .expect("audit");
+    let outcome = audit_and_wait(&cluster).await;
     assert_eq!(outcome.digest.services.len(), 1);
     assert_eq!(outcome.digest.services[0].name, "kv");
-    cluster.wait_applied(outcome.report_index).await;
+    assert_eq!(
+        outcome.votes.len(),
+        3,
+        "every member voted: {:?}",
+        outcome.missing
+    );
     for node in cluster.nodes.iter().flatten() {
         let a = node.state().audit_status();
         assert_eq!(a.checks, 1, "node {}", node.id());
         assert_eq!(a.last_checked_index, Some(outcome.digest.index));
         assert!(a.divergences.is_empty(), "node {}: {a:?}", node.id());
+        assert!(a.heals.is_empty(), "node {}: {a:?}", node.id());
     }
 
-    tracing::info!("damage node 2's state behind Raft's back: tamper with its snapshot, restart");
+    let leader = cluster.wait_leader().await;
     let victim = (leader + 1) % 3;
-    cluster
-        .node(victim)
-        .raft()
-        .trigger()
-        .snapshot()
-        .await
-        .expect("trigger snapshot");
-    let applied = cluster
-        .node(victim)
-        .metrics()
-        .last_applied
-        .expect("applied")
-        .index;
-    cluster
-        .node(victim)
-        .raft()
-        .wait(Some(Duration::from_secs(10)))
-        .snapshot(
-            cluster
-                .node(victim)
-                .metrics()
-                .last_applied
-                .expect("applied"),
-            "snapshot built",
-        )
-        .await
-        .expect("snapshot built");
-    assert!(applied > 100);
-    cluster.stop(victim).await;
-    tamper_with_snapshot(
-        &cluster.dirs[victim].path().join("snapshots/current.snap"),
-        "kv",
-    );
-    cluster.restart(victim).await;
+    tracing::info!("damage node {victim}'s state behind Raft's back");
+    damage(&mut cluster, victim, "put tampered yes").await;
     let (last, _) = cluster.write(kv("put after restart")).await;
     cluster.wait_applied(last).await;
+    assert_eq!(
+        reply_text(&stale_get(&cluster, victim, "tampered").await.expect("read")),
+        "yes",
+        "the damage is there before the audit"
+    );
 
-    tracing::info!("the next audit flags node {victim} and only it");
-    let leader = cluster.wait_leader().await;
-    let outcome = waft::audit::audit_now(cluster.node(leader).raft())
-        .await
-        .expect("audit");
-    cluster.wait_applied(outcome.report_index).await;
+    tracing::info!("the next audit finds node {victim} in the minority, and it heals");
+    let outcome = audit_and_wait(&cluster).await;
     for node in cluster.nodes.iter().flatten() {
         let a = node.state().audit_status();
         if node.id() as usize == victim {
@@ -136,31 +209,236 @@ async fn audits_match_on_healthy_replicas_and_flag_a_damaged_one() {
             let d = &a.divergences[0];
             assert_eq!(d.index, outcome.digest.index);
             assert_eq!(d.what, "service kv");
-            assert_ne!(d.local, d.leader);
+            assert!(d.majority, "{d:?}");
+            assert_ne!(d.local, d.expected);
+            assert_eq!(a.heals.len(), 1, "{a:?}");
+            let h = &a.heals[0];
+            assert_eq!(h.error, None, "{h:?}");
+            assert_eq!(h.items, vec!["service kv".to_owned()]);
+            assert_eq!(h.audit_index, outcome.digest.index);
+            assert_eq!(h.at_index, outcome.report_index);
+            assert!(h.source.is_some_and(|s| s as usize != victim), "{h:?}");
+            assert!(a.unavailable.is_empty(), "{a:?}");
+            assert_eq!((a.divergences_total, a.heals_total), (1, 1));
         } else {
             assert!(a.divergences.is_empty(), "node {}: {a:?}", node.id());
+            assert!(a.heals.is_empty(), "node {}: {a:?}", node.id());
             assert_eq!(a.last_checked_index, Some(outcome.digest.index));
         }
     }
+    let read = stale_get(&cluster, victim, "tampered").await.expect("read");
+    assert_ne!(reply_text(&read), "yes", "the damage is gone");
+    let (last, _) = cluster.write(kv("put after heal")).await;
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
 
-    tracing::info!("status over gRPC and `waft cluster audit` show it");
+    tracing::info!("status over gRPC and `waft cluster audit` show the divergence and the heal");
     let s = status(&cluster.addrs[victim]).await;
     let audit = s.audit.expect("audit status");
     assert_eq!(audit.divergences.len(), 1);
     assert_eq!(audit.divergences[0].what, "service kv");
-    let addr = cluster.addrs[leader].clone();
+    assert_eq!(audit.heals.len(), 1);
+    assert!(audit.heals[0].error.is_empty());
+    let out =
+        crate::support::waft_cli(&["--endpoint", &cluster.addrs[victim], "cluster", "status"])
+            .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("healed service kv from node"), "{text}");
+
+    tracing::info!("and the audit after that matches everywhere");
+    let outcome = audit_and_wait(&cluster).await;
+    let addr = cluster.addrs[cluster.wait_leader().await].clone();
+    for node in cluster.nodes.iter().flatten() {
+        let a = node.state().audit_status();
+        assert_eq!(a.last_checked_index, Some(outcome.digest.index));
+        assert_eq!(
+            a.divergences.len(),
+            usize::from(node.id() as usize == victim)
+        );
+    }
     let out = crate::support::waft_cli(&["--endpoint", &addr, "cluster", "audit"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !out.status.success(),
-        "a divergence fails the command: {text}"
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(" match ").count(), 3, "{text}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_leader_hands_over_and_heals_while_writes_continue() {
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    for i in 0..30 {
+        cluster.write(kv(format!("put k{i} v{i}"))).await;
+    }
+    let leader = cluster.wait_leader().await;
+    let victim = (leader + 2) % 3;
+    damage(&mut cluster, victim, "put tampered yes").await;
+    tracing::info!("make the damaged node {victim} the leader");
+    for attempt in 0..200 {
+        let current = cluster.wait_leader().await;
+        if current == victim {
+            break;
+        }
+        if attempt % 20 == 0 {
+            let _ = cluster
+                .node(current)
+                .raft()
+                .trigger()
+                .transfer_leader(victim as u64)
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cluster.wait_leader().await,
+        victim,
+        "the damaged node leads"
     );
-    let victim_line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{victim} ")))
-        .unwrap_or_else(|| panic!("a line for node {victim}: {text}"));
-    assert!(victim_line.contains("DIVERGED"), "{text}");
-    assert_eq!(text.matches(" match ").count(), 2, "{text}");
+
+    tracing::info!("writes continue while the damaged leader audits, hands over and heals");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addrs = cluster.addrs.clone();
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move { write_until(&addrs, stop).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outcome = cluster.node(victim).audit().await.expect("audit");
+    cluster.wait_applied(outcome.report_index).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acknowledged = writer.await.expect("writer");
+    assert!(!acknowledged.is_empty());
+
+    let a = cluster.node(victim).state().audit_status();
+    assert_eq!(a.heals.len(), 1, "{a:?}");
+    assert_eq!(a.heals[0].error, None, "{a:?}");
+    assert_ne!(
+        cluster.wait_leader().await,
+        victim,
+        "the damaged leader handed over"
+    );
+    let (last, _) = cluster.write(kv("put final yes")).await;
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
+    for node in cluster.nodes.iter().flatten() {
+        let get = |key: &str| {
+            let q = node.state().query("kv", format!("get {key}").into_bytes());
+            async move { q.await.map(|r| String::from_utf8_lossy(&r).into_owned()) }
+        };
+        assert_ne!(
+            get("tampered").await,
+            Ok("yes".to_owned()),
+            "node {}",
+            node.id()
+        );
+        for (key, value) in &acknowledged {
+            assert_eq!(
+                get(key).await.as_ref(),
+                Ok(value),
+                "node {}: acknowledged {key} lost",
+                node.id()
+            );
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_cannot_heal_refuses_reads_until_a_later_audit_heals_it() {
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    cluster.write(kv("put k v")).await;
+    let leader = cluster.wait_leader().await;
+    let victim = (leader + 1) % 3;
+    damage(&mut cluster, victim, "put tampered yes").await;
+    tracing::info!("node {victim} cannot reach anyone to heal from");
+    cluster.node(victim).state().set_healer(None);
+    let outcome = audit_and_wait(&cluster).await;
+    let a = cluster.node(victim).state().audit_status();
+    assert_eq!(a.heals.len(), 1, "{a:?}");
+    assert!(
+        a.heals[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("no network")),
+        "{a:?}"
+    );
+    assert!(a.unavailable.contains_key("kv"), "{a:?}");
+    let refused = stale_get(&cluster, victim, "k").await.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused.message().contains("diverged at audit index")
+            && refused
+                .message()
+                .contains(&outcome.digest.index.to_string()),
+        "{}",
+        refused.message()
+    );
+    let other = (victim + 1) % 3;
+    assert_eq!(
+        reply_text(&stale_get(&cluster, other, "k").await.expect("read")),
+        "v"
+    );
+    let s = status(&cluster.addrs[victim]).await.audit.expect("audit");
+    assert_eq!(s.unavailable.len(), 1);
+    assert!(!s.heals[0].error.is_empty());
+
+    tracing::info!("with its network back, the next audit heals it");
+    let node = cluster.node(victim);
+    node.state().set_healer(Some(std::sync::Arc::new(
+        waft::raft::peer_audit::PeerHealer::new(node.raft().clone(), node.network().clone()),
+    )));
+    audit_and_wait(&cluster).await;
+    let a = cluster.node(victim).state().audit_status();
+    assert_eq!(a.heals.len(), 2, "{a:?}");
+    assert_eq!(a.heals[1].error, None, "{a:?}");
+    assert!(a.unavailable.is_empty(), "{a:?}");
+    assert_eq!(
+        reply_text(&stale_get(&cluster, victim, "k").await.expect("read")),
+        "v"
+    );
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_majority_a_divergence_is_reported_and_nothing_changes() {
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    cluster.write(kv("put k v")).await;
+    let leader = cluster.wait_leader().await;
+    let (a, b) = ((leader + 1) % 3, (leader + 2) % 3);
+    tracing::info!("damage both followers, differently: three values, none with a majority");
+    damage(&mut cluster, a, "put tampered a").await;
+    damage(&mut cluster, b, "put tampered b").await;
+    let (last, _) = cluster.write(kv("put more v")).await;
+    cluster.wait_applied(last).await;
+    audit_and_wait(&cluster).await;
+    for node in cluster.nodes.iter().flatten() {
+        let s = node.state().audit_status();
+        assert!(s.heals.is_empty(), "node {}: {s:?}", node.id());
+        assert!(s.unavailable.is_empty(), "node {}: {s:?}", node.id());
+        assert!(
+            s.divergences.iter().all(|d| !d.majority),
+            "node {}: {s:?}",
+            node.id()
+        );
+    }
+    let current = cluster.wait_leader().await;
+    for i in [a, b] {
+        let s = cluster.node(i).state().audit_status();
+        if i != current {
+            assert_eq!(s.divergences.len(), 1, "node {i}: {s:?}");
+        }
+    }
+    let text = reply_text(&stale_get(&cluster, a, "tampered").await.expect("read"));
+    assert_eq!(text, "a", "nothing changed on node {a}");
+    let text = reply_text(&stale_get(&cluster, b, "tampered").await.expect("read"));
+    assert_eq!(text, "b", "nothing changed on node {b}");
     cluster.shutdown().await;
 }
 

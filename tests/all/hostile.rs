@@ -187,7 +187,9 @@ async fn hostile_guests_on_a_live_cluster_get_clear_errors_and_change_nothing() 
         Ok("yes".into())
     );
     assert_eq!(query(&f, "kv", "get n100").await, Ok("100".into()));
-    let audit = waft::audit::audit_now(cluster.node(cluster.wait_leader().await).raft())
+    let audit = cluster
+        .node(cluster.wait_leader().await)
+        .audit()
         .await
         .expect("audit");
     cluster.wait_applied(audit.report_index).await;
@@ -217,7 +219,9 @@ async fn a_guest_reading_clocks_and_randomness_stays_identical_on_every_node() {
     let record = String::from_utf8_lossy(&states["nondet"]).into_owned();
     assert_eq!(record.lines().count(), 20);
     assert_eq!(record.lines().last(), replies.last().map(String::as_str));
-    let audit = waft::audit::audit_now(cluster.node(cluster.wait_leader().await).raft())
+    let audit = cluster
+        .node(cluster.wait_leader().await)
+        .audit()
         .await
         .expect("audit");
     cluster.wait_applied(audit.report_index).await;

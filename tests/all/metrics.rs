@@ -47,9 +47,7 @@ async fn metrics_show_raft_progress_services_and_audits() {
     };
     cluster.write(evil("panic-after-set a 1")).await;
     let leader = cluster.wait_leader().await;
-    let audit = waft::audit::audit_now(cluster.node(leader).raft())
-        .await
-        .expect("audit");
+    let audit = cluster.node(leader).audit().await.expect("audit");
     cluster.wait_applied(audit.report_index).await;
     // Client calls through a follower: a forwarded submit (counted there and on the leader)
     // and a query for a service that does not exist (NOT_FOUND, answered there).

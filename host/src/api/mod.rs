@@ -569,7 +569,27 @@ fn audit_status(a: &crate::storage::AuditStatus) -> api::AuditStatus {
                 index: d.index,
                 what: d.what.clone(),
                 local: d.local.clone(),
-                leader: d.leader.clone(),
+                expected: d.expected.clone(),
+                majority: d.majority,
+            })
+            .collect(),
+        heals: a
+            .heals
+            .iter()
+            .map(|h| api::Heal {
+                audit_index: h.audit_index,
+                at_index: h.at_index,
+                items: h.items.clone(),
+                source: h.source,
+                error: h.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        unavailable: a
+            .unavailable
+            .iter()
+            .map(|(service, reason)| api::UnavailableService {
+                service: service.clone(),
+                reason: reason.clone(),
             })
             .collect(),
     }
@@ -730,6 +750,12 @@ impl waft_server::Waft for Api {
             Ok(r) => Outcome::Ok(r),
             Err(QueryError::NoSuchService(s)) => {
                 return Err(Status::not_found(format!("no service named {s:?}")));
+            }
+            Err(QueryError::Diverged(why)) => {
+                return Err(Status::unavailable(format!(
+                    "node {} cannot serve this read: {why}; read from another node",
+                    self.id
+                )));
             }
             Err(QueryError::Guest(crate::runtime::GuestError::Rejected(m))) => Outcome::Rejected(m),
             Err(QueryError::Guest(e)) => Outcome::Trapped(e.to_string()),
@@ -1403,7 +1429,7 @@ impl cluster_server::Cluster for Api {
     ) -> Result<GrpcResponse<api::AuditReply>, Status> {
         let auth = self.authorize(&request, Role::Admin)?;
         let fwd = forwarded(&request);
-        match crate::audit::audit_now(&self.raft).await {
+        match crate::audit::audit_now(&self.raft, &self.peers).await {
             Ok(o) => Ok(GrpcResponse::new(api::AuditReply {
                 index: o.digest.index,
                 report_index: o.report_index,

@@ -970,13 +970,44 @@ pub async fn cluster(client: &ClientArgs, command: &ClusterCommand) -> anyhow::R
     Ok(ExitCode::SUCCESS)
 }
 
+/// A divergence in words: what differs, this node's value and the reference.
+fn divergence_text(d: &api::Divergence) -> String {
+    if d.majority {
+        format!("{}: local {} / majority {}", d.what, d.local, d.expected)
+    } else {
+        format!(
+            "{}: local {} / leader {} (no majority: reported only)",
+            d.what, d.local, d.expected
+        )
+    }
+}
+
+/// A heal in words.
+fn heal_text(h: &api::Heal) -> String {
+    match (&h.source, h.error.is_empty()) {
+        (Some(source), true) => format!(
+            "healed {} from node {source} as of index {}",
+            h.items.join(", "),
+            h.at_index
+        ),
+        _ => format!("heal of {} FAILED: {}", h.items.join(", "), h.error),
+    }
+}
+
 /// One node's verdict on an audit.
 fn audit_verdict(audit: &api::AuditStatus, index: u64) -> (&'static str, String) {
     let diverged: Vec<String> = audit
         .divergences
         .iter()
         .filter(|d| d.index == index)
-        .map(|d| format!("{}: local {} / leader {}", d.what, d.local, d.leader))
+        .map(|d| divergence_text(d))
+        .chain(
+            audit
+                .heals
+                .iter()
+                .filter(|h| h.audit_index == index)
+                .map(heal_text),
+        )
         .collect();
     if !diverged.is_empty() {
         ("DIVERGED", diverged.join("; "))
@@ -1091,7 +1122,11 @@ fn print_status(out: Output, s: &api::StatusReply) {
                     "cluster_id": s.cluster_id, "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
                         "last_checked_index": a.last_checked_index,
                         "divergences": a.divergences.iter().map(|d| serde_json::json!({"index": d.index, "what": d.what,
-                            "local": d.local, "leader": d.leader})).collect::<Vec<_>>()}))})
+                            "local": d.local, "expected": d.expected, "majority": d.majority})).collect::<Vec<_>>(),
+                        "heals": a.heals.iter().map(|h| serde_json::json!({"audit_index": h.audit_index, "at_index": h.at_index,
+                            "items": h.items, "source": h.source, "error": h.error})).collect::<Vec<_>>(),
+                        "unavailable": a.unavailable.iter().map(|u| serde_json::json!({"service": u.service,
+                            "reason": u.reason})).collect::<Vec<_>>()}))})
             );
         }
         Output::Text => {
@@ -1117,8 +1152,10 @@ fn print_status(out: Output, s: &api::StatusReply) {
             let audit = s.audit.clone().unwrap_or_default();
             match audit.divergences.last() {
                 Some(d) => println!(
-                    "state audit: DIVERGED at index {} ({}: local {} / leader {}); {} checks",
-                    d.index, d.what, d.local, d.leader, audit.checks
+                    "state audit: DIVERGED at index {} ({}); {} checks",
+                    d.index,
+                    divergence_text(d),
+                    audit.checks
                 ),
                 None => println!(
                     "state audit: {} checks, all matched{}",
@@ -1127,6 +1164,17 @@ fn print_status(out: Output, s: &api::StatusReply) {
                         .last_checked_index
                         .map_or(String::new(), |i| format!(" (last at index {i})"))
                 ),
+            }
+            if let Some(h) = audit.heals.last() {
+                println!(
+                    "heals: {} (last: {}, found at audit index {})",
+                    audit.heals.len(),
+                    heal_text(h),
+                    h.audit_index
+                );
+            }
+            for u in &audit.unavailable {
+                println!("UNAVAILABLE for reads: {}: {}", u.service, u.reason);
             }
             println!(
                 "{:>4}  {:<22} {:<8} {:>8} {:>6}",

@@ -72,6 +72,8 @@ pub enum Message {
     Replication,
     /// A leader handing over its leadership.
     TransferLeader,
+    /// A state audit's digest collection, or a diverged member asking for state: reads only.
+    Audit,
 }
 
 fn valid(id: &str) -> bool {
@@ -278,6 +280,7 @@ impl Identity {
                 None => return Ok(()),
             },
             Message::TransferLeader => "the leader asked it to take over".to_owned(),
+            Message::Audit => return Ok(()),
         };
         let node = self.node;
         let why = format!(

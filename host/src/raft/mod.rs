@@ -2,6 +2,7 @@
 
 pub mod identity;
 pub mod network;
+pub mod peer_audit;
 pub mod service;
 pub mod types;
 

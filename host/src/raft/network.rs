@@ -117,6 +117,34 @@ impl NetworkFactory {
         Ok(self.pool(addr)?.take())
     }
 
+    /// Calls a unary node-to-node RPC (audits, heals) on node `target` at `addr`: `request`
+    /// postcard-encoded, stamped with our cluster, answered within `timeout`.
+    pub async fn call<Req, Resp, F, Fut>(
+        &self,
+        target: NodeId,
+        addr: &str,
+        request: &Req,
+        timeout: Duration,
+        rpc: F,
+    ) -> Result<Resp, String>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(RaftClient<Channel>, tonic::Request<pb::raft::RaftMessage>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<pb::raft::RaftMessage>, tonic::Status>>,
+    {
+        let client = RaftClient::new(self.channel(addr)?)
+            .max_decoding_message_size(self.config.max_message_bytes)
+            .max_encoding_message_size(self.config.max_message_bytes);
+        let mut req = tonic::Request::new(pb::encode(request).map_err(|s| s.message().to_owned())?);
+        self.identity.stamp(req.metadata_mut(), target);
+        req.set_timeout(timeout);
+        let reply = rpc(client, req)
+            .await
+            .map_err(|s| format!("node {target} at {addr}: {}: {}", s.code(), s.message()))?;
+        pb::decode(reply.get_ref()).map_err(|s| s.message().to_owned())
+    }
+
     fn pool(&self, addr: &str) -> Result<Arc<Pool>, String> {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(p) = pools.get(addr) {

@@ -43,6 +43,8 @@ pub struct RaftService {
     incoming_dir: PathBuf,
     limits: SnapshotLimits,
     require_peer_certificate: bool,
+    /// The state audits and heals read (`None`: those RPCs answer UNAVAILABLE).
+    state: Option<crate::storage::StateHandle>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -66,7 +68,20 @@ impl RaftService {
             incoming_dir,
             limits,
             require_peer_certificate: false,
+            state: None,
         }
+    }
+
+    /// Answers audit digest and heal requests from this state.
+    pub fn with_state(mut self, state: crate::storage::StateHandle) -> RaftService {
+        self.state = Some(state);
+        self
+    }
+
+    fn state(&self) -> Result<&crate::storage::StateHandle, Status> {
+        self.state
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("this node serves no state audits"))
     }
 
     /// Refuses Raft messages that come over a connection without a client certificate (which
@@ -313,5 +328,28 @@ impl raft_server::Raft for RaftService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(pb::encode(&resp)?))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<pb::raft::RaftMessage>,
+    ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        self.admit(&request, Message::Audit)?;
+        let index: u64 = pb::decode(request.get_ref())?;
+        Ok(Response::new(pb::encode(&self.state()?.digest_at(index))?))
+    }
+
+    async fn heal_state(
+        &self,
+        request: Request<pb::raft::RaftMessage>,
+    ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        self.admit(&request, Message::Audit)?;
+        let req: crate::storage::HealRequest = pb::decode(request.get_ref())?;
+        let state = self.state()?.clone();
+        // Copying a service's history can take a while for a big state: off the async threads.
+        let reply = tokio::task::spawn_blocking(move || state.heal_source(&req))
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::encode(&reply)?))
     }
 }

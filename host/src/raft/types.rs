@@ -102,7 +102,8 @@ pub enum Request {
         /// As for commands.
         timestamp_ms: u64,
     },
-    /// The proposer's digest at an earlier [`Request::Audit`] entry (second half): every replica
+    /// Written by earlier releases (still applied): the proposer's digest at an earlier
+    /// [`Request::Audit`] entry (second half): every replica
     /// that recorded its own digest at that index compares the two and reports a mismatch
     /// loudly. Changes nothing.
     AuditReport {
@@ -119,6 +120,22 @@ pub enum Request {
         force: bool,
         /// As for commands.
         timestamp_ms: u64,
+    },
+    // New variants go last: entries are postcard-encoded by variant index.
+    /// Every voter's digest at an earlier [`Request::Audit`] entry, as the proposer collected
+    /// them (second half of an audit; replaces [`Request::AuditReport`]). Every replica that
+    /// recorded its own digest at that index compares it with the majority's: a replica in the
+    /// minority for a service stops serving reads of it and rebuilds it from a replica in the
+    /// majority (see `crate::storage::state_machine::heal`). Changes no replicated state on a
+    /// replica that agrees with the majority.
+    AuditVotes {
+        /// The audit entry's index.
+        index: u64,
+        /// The node that collected the votes (the leader when it proposed this entry).
+        proposer: NodeId,
+        /// Each voter's digest at `index`, by node id; voters that did not answer in time are
+        /// absent.
+        votes: Vec<(NodeId, StateDigest)>,
     },
 }
 
@@ -185,6 +202,16 @@ impl fmt::Debug for Request {
             Request::AuditReport { digest } => f
                 .debug_struct("AuditReport")
                 .field("index", &digest.index)
+                .finish(),
+            Request::AuditVotes {
+                index,
+                proposer,
+                votes,
+            } => f
+                .debug_struct("AuditVotes")
+                .field("index", index)
+                .field("proposer", proposer)
+                .field("voters", &votes.iter().map(|(n, _)| *n).collect::<Vec<_>>())
                 .finish(),
         }
     }

@@ -10,7 +10,8 @@ pub mod wal;
 pub use log_store::{DeployHook, LogReader, LogStore};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{
-    APPLY_BUCKETS_US, AuditStatus, Divergence, QueryError, ServiceInfo, ServiceMetrics,
-    ServiceStats, SnapshotStats, StateHandle, StateMachineStore,
+    APPLY_BUCKETS_US, AuditStatus, DigestReply, Divergence, HealRecord, HealReply, HealRequest,
+    Healer, QueryError, ServiceInfo, ServiceMetrics, ServiceStats, SnapshotStats, StateHandle,
+    StateMachineStore,
 };
 pub use wal::WalLog;

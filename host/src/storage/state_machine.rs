@@ -7,8 +7,8 @@
 //! blocking thread, with the state behind a mutex that queries share.
 
 use crate::raft::types::{
-    ClientSeq, Entry, LogId, Request, Response, ServiceDigest, ServiceLimits, SnapshotMeta,
-    StateDigest, StoredMembership, TypeConfig,
+    ClientSeq, Entry, LogId, Request, Response, ServiceLimits, SnapshotMeta, StoredMembership,
+    TypeConfig,
 };
 use crate::runtime::{ApplyCtx, Guest, GuestError, GuestModule, ModuleHash, Runtime};
 use crate::storage::events::{Event, Events, HistoryLimits, Outcome};
@@ -24,6 +24,14 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+
+mod audit;
+mod heal;
+pub use audit::{AuditStatus, DigestReply, Divergence, HealRecord};
+pub use heal::{HEAL_DEADLINE, HealPlan, HealReply, HealRequest, HealService, HealSource, Healer};
+
+/// Responses to the entries applied, and the heal to run before the rest (returned) are.
+type Applied = (Vec<Response>, Option<(HealPlan, Vec<Entry>)>);
 
 /// A snapshot as openraft sees it.
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>;
@@ -56,7 +64,9 @@ struct SmState {
     sessions: BTreeMap<u64, Session>,
     /// This replica's own digests and audit results: local observations, never replicated
     /// and never in snapshots.
-    audit: Audit,
+    audit: audit::Audit,
+    /// What dissenting replicas need to heal, kept at recent audits: local, never replicated.
+    heal_sources: heal::HealSources,
     /// Per-service counters for metrics: local observations, never replicated.
     stats: BTreeMap<String, ServiceStats>,
     /// Snapshots built and installed here, for metrics.
@@ -117,94 +127,6 @@ pub struct ServiceStats {
     pub latency_sum_us: u64,
 }
 
-/// Digests kept for comparison with a later report (a report arrives one entry after its
-/// audit unless leadership changes in between).
-const KEPT_DIGESTS: usize = 16;
-/// Divergences kept for status.
-const KEPT_DIVERGENCES: usize = 16;
-
-#[derive(Debug, Default)]
-struct Audit {
-    digests: std::collections::VecDeque<StateDigest>,
-    status: AuditStatus,
-}
-
-/// What this replica learned from comparing its state with the leader's.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditStatus {
-    /// Reports compared with a digest of our own.
-    pub checks: u64,
-    /// Reports for an index this replica has no digest of (it got there by a snapshot, or
-    /// restarted in between): nothing to compare.
-    pub skipped: u64,
-    /// The audit index of the last report compared.
-    pub last_checked_index: Option<u64>,
-    /// Every mismatch seen (the most recent [`KEPT_DIVERGENCES`]), oldest first.
-    pub divergences: Vec<Divergence>,
-}
-
-/// One mismatch between this replica's state and the leader's at the same index.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Divergence {
-    /// The audit index.
-    pub index: u64,
-    /// What differs: `service NAME`, or `sessions`.
-    pub what: String,
-    /// This replica's value.
-    pub local: String,
-    /// The leader's value.
-    pub leader: String,
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
-/// Every difference between two digests of the same index.
-fn compare_digests(local: &StateDigest, leader: &StateDigest) -> Vec<Divergence> {
-    let describe = |d: Option<&ServiceDigest>| match d {
-        None => "absent".to_owned(),
-        Some(d) => format!(
-            "version {} module {} state {} ({} bytes)",
-            d.version,
-            &d.module[..d.module.len().min(12)],
-            d.state,
-            d.state_len
-        ),
-    };
-    let mut names: Vec<&str> = local
-        .services
-        .iter()
-        .chain(&leader.services)
-        .map(|d| d.name.as_str())
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    let mut out = Vec::new();
-    for name in names {
-        let ours = local.services.iter().find(|d| d.name == name);
-        let theirs = leader.services.iter().find(|d| d.name == name);
-        if ours != theirs {
-            out.push(Divergence {
-                index: local.index,
-                what: format!("service {name}"),
-                local: describe(ours),
-                leader: describe(theirs),
-            });
-        }
-    }
-    if local.sessions != leader.sessions {
-        out.push(Divergence {
-            index: local.index,
-            what: "sessions".to_owned(),
-            local: local.sessions.clone(),
-            leader: leader.sessions.clone(),
-        });
-    }
-    out
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -238,71 +160,10 @@ impl SmState {
             services: BTreeMap::new(),
             modules: BTreeMap::new(),
             sessions: BTreeMap::new(),
-            audit: Audit::default(),
+            audit: audit::Audit::default(),
+            heal_sources: heal::HealSources::default(),
             stats: BTreeMap::new(),
             snapshots: SnapshotStats::default(),
-        }
-    }
-
-    /// A digest of the replicated state as of entry `index`.
-    fn digest(&mut self, index: u64) -> io::Result<StateDigest> {
-        let mut services = Vec::with_capacity(self.services.len());
-        for (name, svc) in &mut self.services {
-            let (state, state_len) = match svc.guest.snapshot() {
-                Ok(bytes) => (sha256_hex(&bytes), bytes.len() as u64),
-                Err(e) => (format!("snapshot failed: {e}"), 0),
-            };
-            services.push(ServiceDigest {
-                name: name.clone(),
-                version: svc.history.last().map_or(0, |r| r.version),
-                module: svc.module.hash().to_hex(),
-                state,
-                state_len,
-            });
-        }
-        let sessions: Vec<(&u64, &Session)> = self.sessions.iter().collect();
-        let sessions = crate::storage::log_store::encode(&sessions)?;
-        Ok(StateDigest {
-            index,
-            services,
-            sessions: sha256_hex(&sessions),
-        })
-    }
-
-    /// Records our digest at an audit entry.
-    fn record_digest(&mut self, index: u64) -> io::Result<Response> {
-        let digest = self.digest(index)?;
-        let digests = &mut self.audit.digests;
-        if digests.len() == KEPT_DIGESTS {
-            digests.pop_front();
-        }
-        digests.push_back(digest.clone());
-        Ok(Response::Audited(digest))
-    }
-
-    /// Compares the leader's digest with ours for the same index; a mismatch is logged as an
-    /// error and kept for status.
-    fn check_report(&mut self, leader: &StateDigest) {
-        let audit = &mut self.audit;
-        let Some(ours) = audit.digests.iter().find(|d| d.index == leader.index) else {
-            audit.status.skipped += 1;
-            return;
-        };
-        let found = compare_digests(ours, leader);
-        audit.status.checks += 1;
-        audit.status.last_checked_index = Some(leader.index);
-        for d in found {
-            tracing::error!(
-                index = d.index,
-                what = %d.what,
-                local = %d.local,
-                leader = %d.leader,
-                "STATE DIVERGENCE: this replica's state differs from the leader's at the same log index"
-            );
-            if audit.status.divergences.len() == KEPT_DIVERGENCES {
-                audit.status.divergences.remove(0);
-            }
-            audit.status.divergences.push(d);
         }
     }
 
@@ -311,24 +172,29 @@ impl SmState {
     /// Fails only when a deploy was validated by an engine with another fingerprint: applying it
     /// could make this replica diverge, so the node must stop instead (openraft treats the
     /// error as fatal).
-    fn apply_entries(&mut self, entries: Vec<Entry>) -> io::Result<Vec<Response>> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Ok(Vec::new());
+    ///
+    /// Stops after an audit's votes entry that leaves this replica in the minority: the
+    /// entries after it are returned with the heal to run first (see [`heal`]).
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> io::Result<Applied> {
+        let Some(first) = entries.first() else {
+            return Ok((Vec::new(), None));
         };
-        let applied = first.log_id().index()..=last.log_id().index();
-        let out = self.apply_all(entries)?;
+        let first = first.log_id().index();
+        let (out, heal) = self.apply_all(entries)?;
+        let last = self.last_applied.map_or(first, |l| l.index());
         let events = std::mem::take(&mut self.pending_events);
-        self.events.record(applied, events);
-        Ok(out)
+        self.events.record(first..=last, events);
+        Ok((out, heal))
     }
 
-    fn apply_all(&mut self, entries: Vec<Entry>) -> io::Result<Vec<Response>> {
+    fn apply_all(&mut self, entries: Vec<Entry>) -> io::Result<Applied> {
         let mut out = Vec::with_capacity(entries.len());
         // Consecutive commands for one service are applied as a batch (same outcome, fewer
         // calls into the guest); anything else flushes the batch first.
         let mut batch: Vec<(ApplyCtx, Vec<u8>, Option<ClientSeq>)> = Vec::new();
         let mut batch_service = String::new();
-        for entry in entries {
+        let mut entries = entries.into_iter();
+        while let Some(entry) = entries.next() {
             let log_id = entry.log_id();
             let term = log_id.committed_leader_id().term();
             match entry.payload {
@@ -435,12 +301,24 @@ impl SmState {
                 EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
                     self.advance_clock(timestamp_ms);
-                    out.push(self.record_digest(log_id.index())?);
+                    out.push(Response::Audited(self.record_digest(log_id.index())?));
                 }
                 EntryPayload::Normal(Request::AuditReport { digest }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
                     self.check_report(&digest);
                     out.push(Response::Empty);
+                }
+                EntryPayload::Normal(Request::AuditVotes {
+                    index,
+                    proposer,
+                    votes,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    out.push(Response::Empty);
+                    self.last_applied = Some(log_id);
+                    if let Some(plan) = self.check_votes(log_id.index(), index, proposer, &votes) {
+                        return Ok((out, Some((plan, entries.collect()))));
+                    }
                 }
                 EntryPayload::Membership(m) => {
                     self.flush(&batch_service, &mut batch, &mut out);
@@ -455,7 +333,7 @@ impl SmState {
             self.last_applied = Some(log_id);
         }
         self.flush(&batch_service, &mut batch, &mut out);
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Time never goes backwards: a new leader with a slower clock gets the previous time.
@@ -893,6 +771,8 @@ pub struct ServiceInfo {
 pub struct StateHandle {
     state: Arc<Mutex<SmState>>,
     events: Arc<Events>,
+    /// How a diverged replica reaches its peers (set by the node once its network exists).
+    healer: Arc<Mutex<Option<Arc<dyn Healer>>>>,
 }
 
 impl std::fmt::Debug for StateHandle {
@@ -910,6 +790,10 @@ pub enum QueryError {
     /// The guest's error (a rejection or a trap).
     #[error(transparent)]
     Guest(#[from] GuestError),
+    /// This replica's copy of the service diverged from the majority's and is not rebuilt
+    /// yet: reading it here could return what no other replica holds.
+    #[error("{0}")]
+    Diverged(String),
 }
 
 impl StateHandle {
@@ -924,6 +808,9 @@ impl StateHandle {
         let service = service.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut st = lock(&state);
+            if let Some(why) = st.audit.status.unavailable.get(&service) {
+                return Err(QueryError::Diverged(why.clone()));
+            }
             let svc = st
                 .services
                 .get_mut(&service)
@@ -1012,6 +899,29 @@ impl StateHandle {
         lock(&self.state).audit.status.clone()
     }
 
+    /// Lets a diverged replica heal through `healer` (the node's network); `None` stops it
+    /// (the node is shutting down).
+    pub fn set_healer(&self, healer: Option<Arc<dyn Healer>>) {
+        *lock(&self.healer) = healer;
+    }
+
+    /// This replica's digest at an audit index, for the leader collecting votes.
+    pub fn digest_at(&self, index: u64) -> DigestReply {
+        let st = lock(&self.state);
+        match st.digest_at(index) {
+            Some(d) => DigestReply::Ready(d.clone()),
+            None if st.last_applied.is_none_or(|l| l.index() < index) => DigestReply::NotYet {
+                applied: st.last_applied.map_or(0, |l| l.index()),
+            },
+            None => DigestReply::Gone,
+        }
+    }
+
+    /// Answers a diverged replica's request for the state it must rebuild.
+    pub fn heal_source(&self, request: &HealRequest) -> HealReply {
+        lock(&self.state).answer_heal(request)
+    }
+
     /// The last applied log id.
     pub fn last_applied(&self) -> Option<LogId> {
         lock(&self.state).last_applied
@@ -1087,6 +997,7 @@ impl StateMachineStore {
             handle: StateHandle {
                 state: Arc::new(Mutex::new(SmState::new(runtime, events.clone()))),
                 events,
+                healer: Arc::default(),
             },
             dir: dir.to_path_buf(),
         })
@@ -1130,7 +1041,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.push(entry);
             responders.push(responder);
         }
-        let responses = self.blocking(move |st| st.apply_entries(batch)).await?;
+        let mut responses = Vec::with_capacity(batch.len());
+        let mut pending = batch;
+        loop {
+            let (out, heal) = self.blocking(move |st| st.apply_entries(pending)).await?;
+            responses.extend(out);
+            let Some((plan, rest)) = heal else { break };
+            self.heal(plan).await;
+            pending = rest;
+        }
         for (responder, response) in responders.into_iter().zip(responses) {
             if let Some(r) = responder {
                 r.send(response);

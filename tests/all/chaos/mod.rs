@@ -543,12 +543,12 @@ async fn audit_all(c: &ProcCluster) -> (bool, String) {
                 return (
                     false,
                     format!(
-                        "node {} diverged at {}: {} local {} leader {}",
+                        "node {} diverged at {}: {} local {} expected {}",
                         i + 1,
                         d.index,
                         d.what,
                         d.local,
-                        d.leader
+                        d.expected
                     ),
                 );
             }

@@ -1,0 +1,410 @@
+//! Healing a diverged replica: rebuild what it got wrong from a replica in the majority.
+//!
+//! An `AuditVotes` entry at index R tells every replica which items (services, the session
+//! table) a majority of voters agree on. A replica whose item differs stops serving reads of
+//! it and, before applying the entry after R, fetches the item as of R from a majority
+//! replica: every replica that agrees and saw dissent kept the item's instance history
+//! ([`Kept`]) when it applied R. The fetched history is replayed into a fresh instance, exactly
+//! as a snapshot install does, so the healed replica continues from the majority's bytes at
+//! the same index. A leader in the minority first hands leadership to a majority replica.
+//!
+//! Nothing here is replicated: a heal changes only the replica that was wrong. If no majority
+//! replica can give the item within [`HEAL_DEADLINE`], the heal fails, the item stays
+//! unavailable (for services), and the next audit tries again.
+
+use super::audit::{HealRecord, Item};
+use super::{Service, SmState, lock};
+use crate::raft::types::NodeId;
+use crate::runtime::{ModuleHash, ReplayForm};
+use crate::storage::snapshot::{Session, VersionRecord};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a diverged replica tries to fetch the majority's state before giving up (and
+/// leaving the item unavailable until the next audit).
+pub const HEAL_DEADLINE: Duration = Duration::from_secs(20);
+/// Pause between attempts while the majority replicas have not reached the votes entry.
+const HEAL_RETRY: Duration = Duration::from_millis(100);
+/// Audits whose heal sources a replica keeps.
+const KEPT_SOURCES: usize = 2;
+
+/// What a diverged replica must rebuild, decided by applying an `AuditVotes` entry.
+#[derive(Debug, Clone)]
+pub struct HealPlan {
+    /// The audit index the divergence was found at.
+    pub audit_index: u64,
+    /// The votes entry's index: the state is rebuilt as of this entry.
+    pub at_index: u64,
+    pub(super) items: Vec<Item>,
+    /// Majority replicas, with their addresses, in the order to ask them.
+    pub sources: Vec<(NodeId, String)>,
+}
+
+impl HealPlan {
+    fn request(&self, have_modules: Vec<String>) -> HealRequest {
+        HealRequest {
+            index: self.at_index,
+            services: self
+                .items
+                .iter()
+                .filter_map(|i| match i {
+                    Item::Service(n) => Some(n.clone()),
+                    Item::Sessions => None,
+                })
+                .collect(),
+            sessions: self.items.contains(&Item::Sessions),
+            have_modules,
+        }
+    }
+
+    fn labels(&self) -> Vec<String> {
+        self.items.iter().map(Item::label).collect()
+    }
+}
+
+/// A diverged replica's request to a majority replica (node-to-node `HealState` RPC).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealRequest {
+    /// The votes entry's index.
+    pub index: u64,
+    /// Services to send.
+    pub services: Vec<String>,
+    /// Whether to send the session table.
+    pub sessions: bool,
+    /// Module hashes the asker holds already (not sent again).
+    pub have_modules: Vec<String>,
+}
+
+/// The answer to a [`HealRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum HealReply {
+    /// This replica has not applied the votes entry yet (it has applied up to `applied`).
+    NotYet {
+        /// Its last applied index.
+        applied: u64,
+    },
+    /// This replica does not hold that audit's state (it disagreed itself, saw no dissent, or
+    /// has moved on past the audits it keeps).
+    Gone,
+    /// The items as of the votes entry.
+    Ready(HealSource),
+}
+
+/// Items as of a votes entry, from a majority replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealSource {
+    /// Each requested service; `None`: the majority has no such service.
+    pub services: Vec<(String, Option<HealService>)>,
+    /// The session table, when requested.
+    pub sessions: Option<Vec<(u64, Session)>>,
+    /// Module bytes the asker lacks, by hash.
+    pub modules: Vec<(String, serde_bytes::ByteBuf)>,
+}
+
+/// One service as a majority replica holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealService {
+    /// sha256 (hex) of the active module.
+    pub module: String,
+    /// Log index of the deploy that made it active.
+    pub deployed_at: u64,
+    /// Versions kept, oldest first.
+    pub history: Vec<VersionRecord>,
+    /// The guest's instance history.
+    pub form: ReplayForm,
+}
+
+/// What a replica that agreed with the majority kept for dissenting members.
+#[derive(Debug)]
+pub(super) struct Kept {
+    index: u64,
+    services: BTreeMap<String, Option<HealService>>,
+    sessions: Option<Vec<(u64, Session)>>,
+    modules: BTreeMap<String, Arc<Vec<u8>>>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct HealSources(VecDeque<Kept>);
+
+/// How a diverged replica reaches its peers; the node provides it (the Raft network).
+pub trait Healer: Send + Sync {
+    /// Called before a heal: if this node leads, hand leadership to one of `to`.
+    fn step_down(&self, to: Vec<NodeId>) -> BoxFuture<'static, ()>;
+    /// Asks node `node` at `addr` for the state in `request`.
+    fn fetch(
+        &self,
+        node: NodeId,
+        addr: String,
+        request: HealRequest,
+    ) -> BoxFuture<'static, Result<HealReply, String>>;
+}
+
+impl SmState {
+    /// Keeps, as of entry `at_index`, what a dissenting member needs to rebuild `items`.
+    pub(super) fn keep_heal_source(&mut self, at_index: u64, items: &[Item]) {
+        let mut kept = Kept {
+            index: at_index,
+            services: BTreeMap::new(),
+            sessions: None,
+            modules: BTreeMap::new(),
+        };
+        for item in items {
+            match item {
+                Item::Sessions => {
+                    kept.sessions =
+                        Some(self.sessions.iter().map(|(k, v)| (*k, v.clone())).collect());
+                }
+                Item::Service(name) => {
+                    let svc = self.services.get(name).map(|svc| {
+                        for r in &svc.history {
+                            if let Some(bytes) =
+                                ModuleHash::from_hex(&r.module).and_then(|h| self.modules.get(&h))
+                            {
+                                kept.modules.insert(r.module.clone(), bytes.clone());
+                            }
+                        }
+                        HealService {
+                            module: svc.module.hash().to_hex(),
+                            deployed_at: svc.deployed_at,
+                            history: svc.history.clone(),
+                            form: svc.guest.replay_form(),
+                        }
+                    });
+                    kept.services.insert(name.clone(), svc);
+                }
+            }
+        }
+        let sources = &mut self.heal_sources.0;
+        if sources.len() == KEPT_SOURCES {
+            sources.pop_front();
+        }
+        sources.push_back(kept);
+    }
+
+    /// Answers a diverged replica's request.
+    pub(super) fn answer_heal(&self, request: &HealRequest) -> HealReply {
+        let applied = self.last_applied.map_or(0, |l| l.index);
+        if applied < request.index {
+            return HealReply::NotYet { applied };
+        }
+        let Some(kept) = self
+            .heal_sources
+            .0
+            .iter()
+            .find(|k| k.index == request.index)
+        else {
+            return HealReply::Gone;
+        };
+        let mut services = Vec::new();
+        for name in &request.services {
+            let Some(svc) = kept.services.get(name) else {
+                return HealReply::Gone;
+            };
+            services.push((name.clone(), svc.clone()));
+        }
+        let sessions = if request.sessions {
+            match &kept.sessions {
+                Some(s) => Some(s.clone()),
+                None => return HealReply::Gone,
+            }
+        } else {
+            None
+        };
+        let modules = services
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .flat_map(|s| s.history.iter().map(|r| &r.module))
+            .filter(|m| !request.have_modules.contains(m))
+            .filter_map(|m| {
+                kept.modules
+                    .get(m)
+                    .map(|b| (m.clone(), serde_bytes::ByteBuf::from(b.as_ref().clone())))
+            })
+            .collect();
+        HealReply::Ready(HealSource {
+            services,
+            sessions,
+            modules,
+        })
+    }
+
+    /// Replaces the planned items with the majority's, as of the votes entry (which is this
+    /// replica's last applied entry while it heals).
+    pub(super) fn install_heal(
+        &mut self,
+        plan: &HealPlan,
+        source: HealSource,
+    ) -> Result<(), String> {
+        let mut new_modules: BTreeMap<String, Arc<Vec<u8>>> = BTreeMap::new();
+        for (hash, bytes) in source.modules {
+            new_modules.insert(hash, Arc::new(bytes.into_vec()));
+        }
+        // Build everything first, so a failure changes nothing.
+        let mut rebuilt: Vec<(String, Option<Service>)> = Vec::new();
+        for (name, svc) in source.services {
+            let Some(svc) = svc else {
+                rebuilt.push((name, None));
+                continue;
+            };
+            let bytes = match ModuleHash::from_hex(&svc.module).and_then(|h| self.modules.get(&h)) {
+                Some(b) => b.clone(),
+                None => new_modules
+                    .get(&svc.module)
+                    .cloned()
+                    .ok_or_else(|| format!("the source did not send module {}", svc.module))?,
+            };
+            let module = self
+                .runtime
+                .load(&bytes)
+                .map_err(|e| format!("module {} does not load: {e}", svc.module))?;
+            if module.hash().to_hex() != svc.module {
+                return Err(format!("module {} arrived with another hash", svc.module));
+            }
+            let limits = svc
+                .history
+                .last()
+                .map(|v| v.limits)
+                .unwrap_or_default()
+                .apply_to(self.runtime.limits().clone());
+            let guest = self
+                .runtime
+                .from_replay(&module, &name, limits, &svc.form)
+                .map_err(|e| format!("service {name} refused the majority's state: {e}"))?;
+            rebuilt.push((
+                name,
+                Some(Service {
+                    module,
+                    guest,
+                    deployed_at: svc.deployed_at,
+                    history: svc.history,
+                }),
+            ));
+        }
+        for (hash, bytes) in new_modules {
+            if let Some(h) = ModuleHash::from_hex(&hash) {
+                self.modules.entry(h).or_insert(bytes);
+            }
+        }
+        for (name, svc) in rebuilt {
+            match svc {
+                Some(s) => {
+                    self.services.insert(name.clone(), s);
+                }
+                None => {
+                    self.services.remove(&name);
+                }
+            }
+            self.audit.status.unavailable.remove(&name);
+        }
+        if let Some(sessions) = source.sessions {
+            self.sessions = sessions.into_iter().collect();
+        }
+        self.prune_modules();
+        // The healed items' state jumped: watchers read it afresh.
+        self.events.reset(plan.at_index);
+        Ok(())
+    }
+}
+
+impl super::StateMachineStore {
+    /// Rebuilds the planned items from a majority replica; never fails the apply (a heal that
+    /// cannot complete is recorded, and the items stay unavailable).
+    pub(super) async fn heal(&self, plan: HealPlan) {
+        let healer = lock(&self.handle.healer).clone();
+        let record = |source: Option<NodeId>, error: Option<String>| HealRecord {
+            audit_index: plan.audit_index,
+            at_index: plan.at_index,
+            items: plan.labels(),
+            source,
+            error,
+        };
+        let outcome = match healer {
+            None => Err("this node has no network to heal through".to_owned()),
+            Some(healer) => self.fetch_and_install(&plan, healer).await,
+        };
+        let rec = match outcome {
+            Ok(source) => {
+                tracing::warn!(
+                    items = ?plan.labels(),
+                    audit_index = plan.audit_index,
+                    at_index = plan.at_index,
+                    source,
+                    "HEALED: rebuilt the diverged state from a majority replica"
+                );
+                record(Some(source), None)
+            }
+            Err(e) => {
+                tracing::error!(
+                    items = ?plan.labels(),
+                    audit_index = plan.audit_index,
+                    error = %e,
+                    "heal failed: the diverged state stays unavailable until the next audit"
+                );
+                record(None, Some(e))
+            }
+        };
+        lock(&self.handle.state).note_heal(rec);
+    }
+
+    async fn fetch_and_install(
+        &self,
+        plan: &HealPlan,
+        healer: Arc<dyn Healer>,
+    ) -> Result<NodeId, String> {
+        if plan.sources.is_empty() {
+            return Err("no majority replica has an address in the membership".into());
+        }
+        healer
+            .step_down(plan.sources.iter().map(|(n, _)| *n).collect())
+            .await;
+        let have: Vec<String> = lock(&self.handle.state)
+            .modules
+            .keys()
+            .map(ModuleHash::to_hex)
+            .collect();
+        let request = plan.request(have);
+        let deadline = tokio::time::Instant::now() + HEAL_DEADLINE;
+        let mut gone = vec![false; plan.sources.len()];
+        let mut last_error = String::from("no majority replica answered");
+        for attempt in 0usize.. {
+            let i = attempt % plan.sources.len();
+            if gone.iter().all(|g| *g) {
+                return Err(format!(
+                    "no majority replica still holds the state as of index {}",
+                    plan.at_index
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("gave up after {HEAL_DEADLINE:?}: {last_error}"));
+            }
+            if gone[i] {
+                continue;
+            }
+            let (node, addr) = plan.sources[i].clone();
+            match healer.fetch(node, addr, request.clone()).await {
+                Ok(HealReply::Ready(source)) => {
+                    let state = self.handle.state.clone();
+                    let plan = plan.clone();
+                    return tokio::task::spawn_blocking(move || {
+                        lock(&state).install_heal(&plan, source)
+                    })
+                    .await
+                    .map_err(|e| format!("heal task failed: {e}"))?
+                    .map(|()| node);
+                }
+                Ok(HealReply::Gone) => gone[i] = true,
+                Ok(HealReply::NotYet { applied }) => {
+                    last_error = format!("node {node} has applied up to {applied} only");
+                }
+                Err(e) => last_error = format!("node {node}: {e}"),
+            }
+            if i + 1 == plan.sources.len() {
+                tokio::time::sleep(HEAL_RETRY).await;
+            }
+        }
+        unreachable!("the loop returns")
+    }
+}

@@ -11,7 +11,7 @@ use waft_testkit::guests::EXAMPLE_KV;
 
 /// Rewrites one service's state inside a snapshot file, with a valid checksum: the damage a
 /// bug, a bit flip under the checksum, or a nondeterministic guest would leave.
-fn tamper_with_snapshot(path: &Path, service: &str, command: &str) {
+pub fn tamper_with_snapshot(path: &Path, service: &str, command: &str) {
     let file = std::fs::File::open(path).expect("open snapshot");
     let mut reader = snapshot::Reader::open(file).expect("read snapshot");
     let mut header = reader.header.clone();

@@ -75,6 +75,26 @@ fn request() -> impl Strategy<Value = Request> {
                 },
             }
         }),
+        (any::<u64>(), any::<u64>(), name(), any::<u32>()).prop_map(|(index, node, n, version)| {
+            Request::AuditVotes {
+                index,
+                proposer: node,
+                votes: vec![(
+                    node,
+                    StateDigest {
+                        index,
+                        services: vec![ServiceDigest {
+                            name: n.clone(),
+                            version,
+                            module: n.clone(),
+                            state: n,
+                            state_len: index,
+                        }],
+                        sessions: String::new(),
+                    },
+                )],
+            }
+        }),
     ]
 }
 

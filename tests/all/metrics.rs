@@ -160,6 +160,14 @@ async fn metrics_show_raft_progress_services_and_audits() {
         );
         assert_eq!(value(text, "waft_audit_checks_total"), 1.0);
         assert_eq!(value(text, "waft_audit_divergences"), 0.0);
+        for healthy in [
+            "waft_audit_divergences_total",
+            "waft_heals_total",
+            "waft_heal_failures_total",
+            "waft_services_unavailable",
+        ] {
+            assert_eq!(value(text, healthy), 0.0, "{healthy}");
+        }
         if is_leader {
             // Every follower has applied the audit report: none lags by more than what came
             // after it (nothing did).

@@ -772,7 +772,7 @@ pub struct StateHandle {
     state: Arc<Mutex<SmState>>,
     events: Arc<Events>,
     /// How a diverged replica reaches its peers (set by the node once its network exists).
-    healer: Arc<Mutex<Option<Arc<dyn Healer>>>>,
+    healer: Arc<Mutex<heal::HealerSlot>>,
 }
 
 impl std::fmt::Debug for StateHandle {
@@ -902,7 +902,10 @@ impl StateHandle {
     /// Lets a diverged replica heal through `healer` (the node's network); `None` stops it
     /// (the node is shutting down).
     pub fn set_healer(&self, healer: Option<Arc<dyn Healer>>) {
-        *lock(&self.healer) = healer;
+        *lock(&self.healer) = match healer {
+            Some(h) => heal::HealerSlot::Ready(h),
+            None => heal::HealerSlot::Closed,
+        };
     }
 
     /// This replica's digest at an audit index, for the leader collecting votes.

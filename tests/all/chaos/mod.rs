@@ -101,6 +101,10 @@ enum Nemesis {
     /// A node whose disk fills up (writes past a size fail with EFBIG): it must stop, the others
     /// go on, and it recovers once restarted with space.
     DiskFull,
+    /// A node whose state is damaged behind Raft's back (its snapshot file rewritten with a
+    /// command nobody applied, then restarted), sometimes made leader: the audits must find it
+    /// and heal it from the majority while the clients go on.
+    Divergence,
 }
 
 const KEYS: usize = 5;
@@ -269,6 +273,56 @@ impl Nemesis {
                 f.note(format!("node {} restarted with space", victim + 1));
                 sleep(rng.millis(1500, 2500)).await;
             }
+            Nemesis::Divergence => {
+                let victim = rng.below(n as u64) as usize;
+                let Some(mut cl) = c.cluster_client(victim).await else {
+                    f.note(format!("node {} unreachable", victim + 1));
+                    return;
+                };
+                if cl
+                    .trigger_snapshot(api::TriggerSnapshotRequest {})
+                    .await
+                    .is_err()
+                {
+                    f.note(format!("node {} refused a snapshot", victim + 1));
+                    return;
+                }
+                sleep(Duration::from_millis(500)).await;
+                c.kill(victim);
+                let file = c.data_dir(victim).join("snapshots/current.snap");
+                if !file.exists() {
+                    c.spawn(victim, None);
+                    f.note(format!("node {} had no snapshot yet", victim + 1));
+                    return;
+                }
+                let command = format!("put tampered {}", rng.below(1_000_000));
+                crate::audit::tamper_with_snapshot(&file, "kv", &command);
+                c.spawn(victim, None);
+                f.note(format!(
+                    "node {} restarted with its kv state damaged ({command:?} that nobody applied)",
+                    victim + 1
+                ));
+                if rng.below(2) == 0 {
+                    sleep(Duration::from_millis(1500)).await;
+                    if let Some(l) = c.leader().await
+                        && l != victim
+                        && let Some(mut cl) = c.cluster_client(l).await
+                    {
+                        let r = cl
+                            .transfer_leader(api::TransferLeaderRequest {
+                                to: victim as u64 + 1,
+                            })
+                            .await;
+                        f.note(format!(
+                            "transfer leadership to the damaged node {} ({})",
+                            victim + 1,
+                            if r.is_ok() { "requested" } else { "refused" }
+                        ));
+                    }
+                }
+                // Audits run every second: one finds the damage and the node heals.
+                sleep(rng.millis(3000, 4000)).await;
+            }
         }
     }
 }
@@ -350,7 +404,8 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     let counted = workload::counter_value(&chans).await;
     let doubled = workload::duplicates(&increments);
 
-    let (agreed, audit_detail) = audit_all(&cluster).await;
+    let damaged = matches!(nemesis, Nemesis::Divergence);
+    let (agreed, audit_detail) = audit_all(&cluster, damaged).await;
 
     let checker = rec.clone();
     let (checked, bad_keys) = tokio::task::spawn_blocking(move || checker.check(KEYS))
@@ -433,6 +488,11 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     if matches!(nemesis, Nemesis::SnapshotCatchUp) {
         assert!(received > 0, "a restarted follower caught up by snapshot");
     }
+    if damaged {
+        let healed = count_in_logs(&cluster, "HEALED");
+        eprintln!("heals in the nodes' logs: {healed}");
+        assert!(healed > 0, "a damaged node was healed");
+    }
 }
 
 /// Reads every node's Raft log (the nodes must be stopped) and reports where they differ.
@@ -512,7 +572,9 @@ fn count_in_logs(c: &ProcCluster, needle: &str) -> usize {
 }
 
 /// Runs an audit and waits for every node's verdict: `true` when all compared and matched.
-async fn audit_all(c: &ProcCluster) -> (bool, String) {
+/// With `healed_ok`, earlier divergences are fine if each was healed; the final audit must
+/// match everywhere regardless.
+async fn audit_all(c: &ProcCluster, healed_ok: bool) -> (bool, String) {
     for _attempt in 0..5 {
         let Some(l) = c.wait_leader(Duration::from_secs(20)).await else {
             return (false, "no leader after healing".to_owned());
@@ -539,7 +601,17 @@ async fn audit_all(c: &ProcCluster) -> (bool, String) {
                 return (false, format!("node {} never applied the audit", i + 1));
             };
             let a = s.audit.unwrap_or_default();
-            if let Some(d) = a.divergences.last() {
+            // Healed: a heal completed at that audit or a later one.
+            let healed = |d: &api::Divergence| {
+                a.heals
+                    .iter()
+                    .any(|h| h.audit_index >= d.index && h.error.is_empty())
+            };
+            if let Some(d) = a
+                .divergences
+                .iter()
+                .find(|d| !healed_ok || d.index >= reply.index || !healed(d))
+            {
                 return (
                     false,
                     format!(
@@ -555,7 +627,7 @@ async fn audit_all(c: &ProcCluster) -> (bool, String) {
             if a.last_checked_index < Some(reply.index) {
                 all_compared = false;
             }
-            verdicts.push(format!("node {} matched", i + 1));
+            verdicts.push(format!("node {} matched ({} heals)", i + 1, a.heals.len()));
         }
         if all_compared {
             let states: Vec<String> = reply
@@ -593,6 +665,16 @@ async fn chaos_snapshot_catch_up() {
         "snapshot-catch-up",
         Nemesis::SnapshotCatchUp,
         &["--snapshot-every", "300", "--keep-after-snapshot", "20"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_divergence_heals() {
+    campaign(
+        "divergence",
+        Nemesis::Divergence,
+        &["--audit-interval", "1"],
     )
     .await;
 }

@@ -129,6 +129,18 @@ pub(super) struct Kept {
 #[derive(Debug, Default)]
 pub(super) struct HealSources(VecDeque<Kept>);
 
+/// The node's way to its peers, as the state machine sees it.
+#[derive(Default)]
+pub(super) enum HealerSlot {
+    /// The node is starting (entries after the last snapshot are re-applied before its network
+    /// is up): a heal waits for it.
+    #[default]
+    Starting,
+    Ready(Arc<dyn Healer>),
+    /// The node is stopping, or healing was turned off.
+    Closed,
+}
+
 /// How a diverged replica reaches its peers; the node provides it (the Raft network).
 pub trait Healer: Send + Sync {
     /// Called before a heal: if this node leads, hand leadership to one of `to`.
@@ -313,7 +325,7 @@ impl super::StateMachineStore {
     /// Rebuilds the planned items from a majority replica; never fails the apply (a heal that
     /// cannot complete is recorded, and the items stay unavailable).
     pub(super) async fn heal(&self, plan: HealPlan) {
-        let healer = lock(&self.handle.healer).clone();
+        let healer = self.wait_for_healer().await;
         let record = |source: Option<NodeId>, error: Option<String>| HealRecord {
             audit_index: plan.audit_index,
             at_index: plan.at_index,
@@ -347,6 +359,20 @@ impl super::StateMachineStore {
             }
         };
         lock(&self.handle.state).note_heal(rec);
+    }
+
+    /// The healer, waiting (up to [`HEAL_DEADLINE`]) while the node is still starting.
+    async fn wait_for_healer(&self) -> Option<Arc<dyn Healer>> {
+        let deadline = tokio::time::Instant::now() + HEAL_DEADLINE;
+        loop {
+            match &*lock(&self.handle.healer) {
+                HealerSlot::Ready(h) => return Some(h.clone()),
+                HealerSlot::Closed => return None,
+                HealerSlot::Starting if tokio::time::Instant::now() >= deadline => return None,
+                HealerSlot::Starting => {}
+            }
+            tokio::time::sleep(HEAL_RETRY).await;
+        }
     }
 
     async fn fetch_and_install(

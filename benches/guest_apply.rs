@@ -97,6 +97,158 @@ fn main() {
     );
     println!("  fuel per put: {fuel_per_put} units");
     other_languages(&runtime, &module, &commands);
+    history_costs(&bytes, &commands);
+}
+
+/// What instance histories cost (issue 17): the same puts under the default rebase policy and
+/// under rebases every 1,000 entries, against a policy that never rebases (journal only), in
+/// the same interleaved rounds; then, per language, opening an instance from a base state
+/// (restore) and rebuilding one from a history (base + journal replay), against applying the
+/// same commands.
+fn history_costs(rust_kv: &[u8], commands: &[Vec<u8>]) {
+    use waft::runtime::{CheckpointPolicy, ReplayForm};
+    use waft_testkit::guests::{EXAMPLE_KV_JS, EXAMPLE_KV_PYTHON};
+    let with_policy = |entries: usize| {
+        Runtime::new(RuntimeConfig {
+            checkpoints: CheckpointPolicy {
+                entries,
+                bytes: usize::MAX,
+            },
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime")
+    };
+    let ctx = |i: usize| ApplyCtx {
+        index: i as u64 + 1,
+        term: 1,
+        timestamp_ms: 1_700_000_000_000,
+    };
+    let mut guests: Vec<(&str, Vec<u8>, usize)> = vec![("rust", rust_kv.to_vec(), OPS)];
+    for (name, built) in [("python", EXAMPLE_KV_PYTHON), ("js", EXAMPLE_KV_JS)] {
+        match built {
+            Ok(path) => guests.push((name, std::fs::read(path).expect("read guest"), 2_000)),
+            Err(why) => println!("kv-{name}: history costs skipped ({why})"),
+        }
+    }
+    let policies = [
+        ("never", usize::MAX),
+        ("default", 10_000),
+        ("every 1,000", 1_000),
+    ];
+    let runtimes: Vec<Runtime> = policies.iter().map(|(_, e)| with_policy(*e)).collect();
+    println!("instance histories: ns per put by rebase policy (same interleaved rounds), vs never");
+    for (name, bytes, ops) in &guests {
+        let modules: Vec<_> = runtimes
+            .iter()
+            .map(|rt| rt.load(bytes).expect("loads"))
+            .collect();
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); policies.len()];
+        let mut halves: Vec<Vec<(f64, f64)>> = vec![Vec::new(); policies.len()];
+        let mut rebases = vec![0u64; policies.len()];
+        let rounds = if *name == "rust" { ROUNDS } else { 3 };
+        for _ in 0..rounds {
+            for (p, (rt, module)) in runtimes.iter().zip(&modules).enumerate() {
+                let mut guest = rt.instantiate(module, "bench").expect("instance");
+                let t = Instant::now();
+                let mut half = 0.0;
+                for (i, c) in commands[..*ops].iter().enumerate() {
+                    if i == ops / 2 {
+                        half = t.elapsed().as_nanos() as f64;
+                    }
+                    black_box(guest.apply(ctx(i), c).expect("put"));
+                }
+                let all = t.elapsed().as_nanos() as f64;
+                times[p].push(all / *ops as f64);
+                let n2 = (*ops / 2) as f64;
+                halves[p].push((half / n2, (all - half) / n2));
+                rebases[p] = guest.rebases();
+            }
+        }
+        let never = median(times[0].clone());
+        let row: Vec<String> = policies
+            .iter()
+            .zip(&times)
+            .zip(&rebases)
+            .map(|(((label, _), t), r)| {
+                let m = median(t.clone());
+                format!("{label}: {m:.0} ns ({:.2}x, {r} rebases)", m / never)
+            })
+            .collect();
+        println!("  kv-{name} ({ops} puts): {}", row.join("; "));
+        let split: Vec<String> = policies
+            .iter()
+            .zip(&halves)
+            .map(|((label, _), h)| {
+                let first = median(h.iter().map(|x| x.0).collect());
+                let second = median(h.iter().map(|x| x.1).collect());
+                format!("{label}: {first:.0} then {second:.0} ns")
+            })
+            .collect();
+        println!(
+            "    first half, then second half of the puts: {}",
+            split.join("; ")
+        );
+
+        // Restore and replay, against applying the same commands, in the same rounds.
+        let rt = &runtimes[0];
+        let module = &modules[0];
+        let n = (*ops).min(2_000);
+        let mut source = rt.instantiate(module, "bench").expect("instance");
+        for (i, c) in commands[..n].iter().enumerate() {
+            source.apply(ctx(i), c).expect("put");
+        }
+        let base: std::sync::Arc<[u8]> = source.snapshot().expect("snapshot").into();
+        // A history: the state after n puts as its base, then n more puts journaled.
+        let mut from_base = rt
+            .open(
+                module,
+                "bench",
+                rt.limits().clone(),
+                ctx(n),
+                Some(base.clone()),
+            )
+            .expect("open");
+        for (i, c) in commands[..n].iter().enumerate() {
+            from_base.apply(ctx(n + 1 + i), c).expect("put");
+        }
+        let form: ReplayForm = from_base.replay_form();
+        let (mut applies, mut restores, mut replays) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let mut fresh = rt.instantiate(module, "bench").expect("instance");
+            let t = Instant::now();
+            for (i, c) in commands[..n].iter().enumerate() {
+                black_box(fresh.apply(ctx(i), c).expect("put"));
+            }
+            applies.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            black_box(
+                rt.open(
+                    module,
+                    "bench",
+                    rt.limits().clone(),
+                    ctx(n),
+                    Some(base.clone()),
+                )
+                .expect("open"),
+            );
+            restores.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            black_box(
+                rt.from_replay(module, "bench", rt.limits().clone(), &form)
+                    .expect("replay"),
+            );
+            replays.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let (a, r, p) = (median(applies), median(restores), median(replays));
+        println!(
+            "  kv-{name}, state of {n} keys ({} bytes): {n} puts {a:.1} ms; open from the base \
+             (instantiate + restore) {r:.1} ms = {:.2}x; rebuild from base + {n}-entry journal \
+             {p:.1} ms = {:.2}x",
+            base.len(),
+            r / a,
+            p / a
+        );
+    }
 }
 
 /// The same puts through the Python and JavaScript kv guests (when built), against the Rust

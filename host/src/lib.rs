@@ -22,4 +22,5 @@ pub mod raft;
 pub mod runtime;
 pub mod storage;
 pub mod tls;
+pub mod trial;
 pub mod verify;

@@ -191,6 +191,30 @@ impl Plan {
     }
 }
 
+/// Verifies `module` (bytes) on `commands` in a runtime of its own that never rebases on its
+/// own (as `waft exec --verify` does), with `limits`.
+pub fn verify_fresh(
+    limits: crate::runtime::Limits,
+    module: &[u8],
+    commands: Vec<Vec<u8>>,
+) -> anyhow::Result<Report> {
+    let runtime = Runtime::new(crate::runtime::RuntimeConfig {
+        limits,
+        checkpoints: crate::runtime::CheckpointPolicy {
+            entries: usize::MAX,
+            bytes: usize::MAX,
+        },
+        ..crate::runtime::RuntimeConfig::default()
+    })?;
+    let module = runtime.load(module)?;
+    let plan = Plan {
+        commands,
+        queries: Vec::new(),
+        timestamp_ms: 1_700_000_000_000,
+    };
+    verify(&runtime, &module, &plan)
+}
+
 /// Runs the plan through every history and compares each with the reference.
 ///
 /// `runtime` should never rebase on its own (a checkpoint policy that is never due), so that

@@ -33,6 +33,7 @@ fn deploy_stream(
                 dry_run: false,
                 fuel_per_apply: 0,
                 max_memory_bytes: 0,
+                ..Default::default()
             })),
         },
         api::DeployChunk {
@@ -757,6 +758,7 @@ async fn deploying_what_a_service_already_runs_changes_nothing() {
                     dry_run: false,
                     fuel_per_apply: 50_000_000,
                     max_memory_bytes: 0,
+                    ..Default::default()
                 })),
             },
             api::DeployChunk {

@@ -307,3 +307,139 @@ async fn a_backup_in_snapshot_format_2_restores() {
     assert_eq!(String::from_utf8_lossy(&record).lines().count(), 6);
     cluster.shutdown().await;
 }
+
+/// Runs `waft deploy` against `addr`; returns (success, stdout + stderr).
+async fn deploy_cli(addr: &str, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["--endpoint", addr, "deploy"];
+    all.extend_from_slice(args);
+    let out = crate::support::waft_cli(&all).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dry_run_replays_the_service_history_through_the_new_module_and_verifies_it() {
+    use waft_testkit::guests::TEST_KV2;
+    let cluster = TestCluster::start(1, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let first = cluster.write(crate::cluster_support::kv("put a 1")).await.0;
+    for c in ["put b 2", "del a", "version", "put c 3"] {
+        cluster.write(crate::cluster_support::kv(c)).await;
+    }
+    let addr = cluster.addrs[0].clone();
+
+    tracing::info!("the same module answers every command as the running one does");
+    let (ok, text) = deploy_cli(&addr, &["--dry-run", "-s", "kv", EXAMPLE_KV]).await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "replayed the 5 command(s) applied at indexes {first}..="
+        )) && text.contains(": 0 replies differ"),
+        "{text}"
+    );
+    tracing::info!("kv2 answers some differently: the dry run says which");
+    let (ok, text) = deploy_cli(&addr, &["--dry-run", "-s", "kv", TEST_KV2]).await;
+    assert!(ok, "{text}");
+    let kv_module = |c: &TestCluster| {
+        let services = c.node(0).state().services();
+        services
+            .iter()
+            .find(|s| s.name == "kv")
+            .expect("kv")
+            .module
+            .hash
+            .to_hex()
+    };
+    let same_module = kv_module(&cluster);
+    assert!(
+        text.contains("replayed the 5 command(s)") && text.contains(": 1 reply differs"),
+        "{text}"
+    );
+    assert!(text.contains("\"version\": running \"error: "), "{text}");
+
+    tracing::info!("--replay FILE runs the file's commands from the state now");
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), "get b\nput d 4\nget d\n").expect("write");
+    let path = file.path().to_str().expect("utf-8 path");
+    let (ok, text) = deploy_cli(
+        &addr,
+        &["--dry-run", "--replay", path, "-s", "kv", EXAMPLE_KV],
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("3 command(s) from the file, from the state now")
+            && text.contains(": 0 replies differ"),
+        "{text}"
+    );
+    assert_eq!(
+        kv_module(&cluster),
+        same_module,
+        "a dry run deploys nothing"
+    );
+
+    tracing::info!("--verify on a guest whose answers depend on its history");
+    cluster.deploy("f", waft_testkit::wasm(TEST_FLAWED)).await;
+    for _ in 0..4 {
+        cluster
+            .write(Request::Command {
+                service: "f".into(),
+                payload: b"gen".to_vec(),
+                client: None,
+                timestamp_ms: 1,
+            })
+            .await;
+    }
+    let (ok, text) = deploy_cli(&addr, &["--dry-run", "--verify", "-s", "f", TEST_FLAWED]).await;
+    assert!(!ok, "findings fail the dry run: {text}");
+    assert!(
+        text.contains("NOT DETERMINISTIC") && text.contains("a fresh instance per entry"),
+        "{text}"
+    );
+    // A real deploy (new limits, so not "unchanged") is refused without --force...
+    let args = ["--verify", "--fuel", "2000000000", "-s", "f", TEST_FLAWED];
+    let (ok, text) = deploy_cli(&addr, &args).await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("the determinism verifier found") && text.contains("--force"),
+        "{text}"
+    );
+    let versions = |c: &TestCluster| {
+        let services = c.node(0).state().services();
+        services
+            .iter()
+            .find(|s| s.name == "f")
+            .expect("f")
+            .history
+            .len()
+    };
+    assert_eq!(versions(&cluster), 1, "nothing was deployed");
+    // ...and goes through with it.
+    let (ok, text) = deploy_cli(
+        &addr,
+        &[
+            "--verify",
+            "--force",
+            "--fuel",
+            "2000000000",
+            "-s",
+            "f",
+            TEST_FLAWED,
+        ],
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert_eq!(versions(&cluster), 2);
+    tracing::info!("a deterministic guest passes --verify with no findings");
+    let (ok, text) = deploy_cli(&addr, &["--dry-run", "--verify", "-s", "kv", EXAMPLE_KV]).await;
+    assert!(
+        ok && text.contains("determinism verifier: no findings"),
+        "{text}"
+    );
+    cluster.shutdown().await;
+}

@@ -23,6 +23,7 @@ async fn deploy(addr: &str, service: &str, path: &str, fuel: u64, memory: u64) {
         dry_run: false,
         fuel_per_apply: fuel,
         max_memory_bytes: memory,
+        ..Default::default()
     };
     client(addr)
         .await

@@ -42,6 +42,7 @@ async fn deploy_with_fuel(
                 dry_run,
                 fuel_per_apply,
                 max_memory_bytes: 0,
+                ..Default::default()
             })),
         },
         api::DeployChunk {
@@ -534,6 +535,7 @@ async fn each_service_runs_under_its_own_limits() {
         dry_run: false,
         fuel_per_apply: fuel,
         max_memory_bytes: 0,
+        ..Default::default()
     };
     let mut c = client(&addrs[1]).await;
     for (service, fuel) in [("tight", 1_000_000), ("loose", 0)] {

@@ -200,6 +200,7 @@ async fn deployed(addr: &str, service: &str, module: &[u8]) -> Option<api::Deplo
                 dry_run: false,
                 version: s.version,
                 unchanged: false,
+                ..Default::default()
             });
         }
     }

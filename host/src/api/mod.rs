@@ -449,6 +449,79 @@ impl Api {
         .map_err(|e| Status::internal(e.to_string()))?
     }
 
+    /// Runs the new module beside the running one on the service's history (or the header's
+    /// commands) and, if asked, the determinism verifier on those commands.
+    async fn try_module(
+        &self,
+        header: &api::DeployHeader,
+        module: &[u8],
+        limits: crate::raft::types::ServiceLimits,
+    ) -> Result<(Option<api::TrialReport>, Vec<String>), Status> {
+        let running = self.state.running(&header.service);
+        let runtime = self.runtime.clone();
+        let (service, bytes) = (header.service.clone(), module.to_vec());
+        let file = (!header.replay.is_empty()).then(|| header.replay.clone());
+        let verify = header.verify;
+        tokio::task::spawn_blocking(move || {
+            let loaded = runtime
+                .load(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
+            let new_limits = limits.apply_to(runtime.limits().clone());
+            let trial = match &running {
+                None => None,
+                Some(r) => Some(
+                    crate::trial::trial(
+                        &runtime,
+                        &service,
+                        r,
+                        &loaded,
+                        new_limits,
+                        file.as_deref(),
+                    )
+                    .map_err(Status::failed_precondition)?,
+                ),
+            };
+            let mut findings = Vec::new();
+            if verify {
+                let commands = match (&trial, &file) {
+                    (Some(t), _) => t.replayed.clone(),
+                    (None, Some(f)) => f.clone(),
+                    (None, None) => Vec::new(),
+                };
+                if commands.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "--verify needs commands: the service has applied none since its last \
+                         rebase; give some with --replay FILE",
+                    ));
+                }
+                let report =
+                    crate::verify::verify_fresh(runtime.limits().clone(), &bytes, commands)
+                        .map_err(|e| Status::internal(format!("the verifier failed: {e}")))?;
+                findings = report.findings.iter().map(ToString::to_string).collect();
+            }
+            let trial = trial.map(|t| api::TrialReport {
+                source: t.source,
+                commands: t.commands,
+                differing: t.differing,
+                first: t
+                    .first
+                    .into_iter()
+                    .map(|d| api::ReplyDifference {
+                        at: d.at,
+                        command: d.command,
+                        running: d.running,
+                        new: d.new,
+                    })
+                    .collect(),
+                from_index: t.from_index,
+                to_index: t.to_index,
+            });
+            Ok((trial, findings))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
     /// Proposes a deploy or rollback entry on this (leader) node and maps the outcome.
     /// Waits for this node's turn to deploy to `service` (see `Api::deploying`).
     async fn deploy_turn(&self, service: &str) -> DeployTurn {
@@ -479,6 +552,7 @@ impl Api {
                     dry_run: false,
                     version,
                     unchanged: false,
+                    ..Default::default()
                 }))
             }
             Ok((_, Response::DeployFailed(why))) => {
@@ -851,6 +925,7 @@ impl waft_server::Waft for Api {
                     dry_run: false,
                     version: active.version,
                     unchanged: true,
+                    ..Default::default()
                 }));
             }
         }
@@ -862,6 +937,11 @@ impl waft_server::Waft for Api {
                 "the new module",
             )
             .await?;
+        let (trial, findings) = if header.dry_run || header.verify {
+            self.try_module(&header, &module, limits).await?
+        } else {
+            (None, Vec::new())
+        };
         if header.dry_run {
             return Ok(GrpcResponse::new(api::DeployReply {
                 module_sha256: hash,
@@ -869,7 +949,24 @@ impl waft_server::Waft for Api {
                 dry_run: true,
                 version: 0,
                 unchanged: false,
+                trial,
+                findings,
             }));
+        }
+        if !findings.is_empty() && !header.force {
+            return Err(Status::failed_precondition(format!(
+                "the determinism verifier found {} problem(s) with the new module, so it was not \
+                 deployed (deploy with --force to override):\n{}",
+                findings.len(),
+                findings.join("\n")
+            )));
+        }
+        if !findings.is_empty() {
+            tracing::warn!(
+                service = %header.service,
+                findings = findings.len(),
+                "deploying a module the determinism verifier flagged (forced)"
+            );
         }
         let entry = Request::Deploy {
             service: header.service.clone(),

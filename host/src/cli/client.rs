@@ -222,10 +222,22 @@ pub struct DeployArgs {
     /// The service it will serve.
     #[arg(long, short)]
     pub service: String,
-    /// Validate only: compile, check the world, and check that the module accepts the
-    /// service's current state. Nothing is deployed.
+    /// Validate only: compile, check the world, check that the module accepts the service's
+    /// current state, and replay the commands the service applied since its last rebase through
+    /// the running module and the new one, reporting the replies that differ. Nothing is
+    /// deployed.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: replay the commands in FILE (one per line) from the state now instead.
+    #[arg(long, value_name = "FILE", requires = "dry_run")]
+    pub replay: Option<std::path::PathBuf>,
+    /// Also run the determinism verifier (as `waft exec --verify`) on the new module with the
+    /// replayed commands; a finding refuses the deploy unless --force.
+    #[arg(long)]
+    pub verify: bool,
+    /// Deploy even if the verifier found something (the deploy is logged as forced).
+    #[arg(long, requires = "verify")]
+    pub force: bool,
     /// Fuel per apply for this service (default: the nodes' default).
     #[arg(long, value_name = "UNITS")]
     pub fuel: Option<u64>,
@@ -701,6 +713,23 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
     let size = module.len() as u64;
+    let replay: Vec<Vec<u8>> = match &args.replay {
+        None => Vec::new(),
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.as_bytes().to_vec())
+            .collect(),
+    };
+    if args.replay.is_some() && replay.is_empty() {
+        anyhow::bail!(
+            "{} holds no commands",
+            args.replay
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string())
+        );
+    }
     // A progress bar for uploads worth watching, on a terminal, in text mode.
     let bar = (size > (4 << 20)
         && client.output == Output::Text
@@ -724,6 +753,9 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
                 dry_run: args.dry_run,
                 fuel_per_apply: args.fuel.unwrap_or(0),
                 max_memory_bytes: args.max_memory_mib.map_or(0, |m| m.saturating_mul(1 << 20)),
+                verify: args.verify,
+                force: args.force,
+                replay: replay.clone(),
             })),
         };
         let bar = bar.clone();
@@ -749,20 +781,34 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    let trial = reply.trial.as_ref().map(|t| {
+        serde_json::json!({"source": t.source, "commands": t.commands, "differing": t.differing,
+            "from_index": t.from_index, "to_index": t.to_index,
+            "first": t.first.iter().map(|d| serde_json::json!({"at": d.at, "command": d.command,
+                "running": d.running, "new": d.new})).collect::<Vec<_>>()})
+    });
     match client.output {
         Output::Json => println!(
             "{}",
             serde_json::json!({"service": args.service, "module_sha256": reply.module_sha256,
                 "index": reply.index, "dry_run": reply.dry_run, "version": reply.version,
-                "unchanged": reply.unchanged})
+                "unchanged": reply.unchanged, "trial": trial, "findings": reply.findings})
         ),
-        Output::Text if reply.dry_run => println!(
-            "dry run: {} ({} bytes, sha256 {}) would be accepted as service {:?}; nothing was deployed",
-            args.file.display(),
-            size,
-            reply.module_sha256,
-            args.service
-        ),
+        Output::Text if reply.dry_run => {
+            println!(
+                "dry run: {} ({} bytes, sha256 {}) would be accepted as service {:?}; nothing was deployed",
+                args.file.display(),
+                size,
+                reply.module_sha256,
+                args.service
+            );
+            if let Some(t) = &reply.trial {
+                print_trial(t);
+            }
+            if args.verify {
+                print_findings(&reply.findings);
+            }
+        }
         Output::Text if reply.unchanged => println!(
             "{:?} already runs {} (sha256 {}) as version {} since index {}; nothing changed",
             args.service,
@@ -781,7 +827,61 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
             reply.index
         ),
     }
+    if !reply.findings.is_empty() {
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_trial(t: &api::TrialReport) {
+    let what = if t.source == "history" {
+        format!(
+            "the {} command(s) applied at indexes {}..={} (since the service's last rebase)",
+            t.commands, t.from_index, t.to_index
+        )
+    } else {
+        format!(
+            "{} command(s) from the file, from the state now",
+            t.commands
+        )
+    };
+    println!(
+        "replayed {what} through the running module and the new one: {} {}",
+        t.differing,
+        if t.differing == 1 {
+            "reply differs"
+        } else {
+            "replies differ"
+        }
+    );
+    for d in &t.first {
+        println!(
+            "  {} {} {:?}: running {:?}, new {:?}",
+            if t.source == "history" {
+                "index"
+            } else {
+                "command"
+            },
+            d.at,
+            d.command,
+            d.running,
+            d.new
+        );
+    }
+}
+
+fn print_findings(findings: &[String]) {
+    if findings.is_empty() {
+        println!("determinism verifier: no findings");
+    } else {
+        println!(
+            "determinism verifier: NOT DETERMINISTIC ({} finding(s)); a deploy needs --force:",
+            findings.len()
+        );
+        for f in findings {
+            println!("  {f}");
+        }
+    }
 }
 
 /// `waft rollback`.

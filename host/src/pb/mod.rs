@@ -29,6 +29,7 @@ pub fn deploy_chunks(service: &str, module: &[u8], dry_run: bool) -> Vec<api::De
         dry_run,
         fuel_per_apply: 0,
         max_memory_bytes: 0,
+        ..Default::default()
     };
     deploy_chunks_with(header, module)
 }

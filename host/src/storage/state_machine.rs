@@ -856,6 +856,22 @@ impl StateHandle {
         .unwrap_or_else(|e| Err(GuestError::Poisoned(format!("snapshot task failed: {e}"))))
     }
 
+    /// A service's module, limits and instance history, for a trial (see [`crate::trial`]).
+    pub fn running(&self, service: &str) -> Option<crate::trial::Running> {
+        let st = lock(&self.state);
+        let svc = st.services.get(service)?;
+        Some(crate::trial::Running {
+            module: svc.module.clone(),
+            limits: svc
+                .history
+                .last()
+                .map(|v| v.limits)
+                .unwrap_or_default()
+                .apply_to(st.runtime.limits().clone()),
+            form: svc.guest.replay_form(),
+        })
+    }
+
     /// The engine fingerprint of this node's runtime.
     pub fn engine(&self) -> String {
         lock(&self.state).runtime.fingerprint().to_owned()

@@ -1100,7 +1100,7 @@ fn audit_verdict(audit: &api::AuditStatus, index: u64) -> (&'static str, String)
         .divergences
         .iter()
         .filter(|d| d.index == index)
-        .map(|d| divergence_text(d))
+        .map(divergence_text)
         .chain(
             audit
                 .heals

@@ -295,6 +295,12 @@ impl Node {
                 .with_cluster_token(config.tokens.cluster.clone()),
         );
         let network = NetworkFactory::new(config.net.clone(), identity.clone());
+        // Before Raft starts: entries re-applied at start may heal (see `PeerHealer`).
+        let healer = Arc::new(crate::raft::peer_audit::PeerHealer::new(
+            config.id,
+            network.clone(),
+        ));
+        state.set_healer(Some(healer.clone()));
         let log_path = engine.path(&config.data_dir);
         let raft = match engine {
             LogEngine::Redb => {
@@ -316,9 +322,7 @@ impl Node {
         )
         .with_state(state.clone())
         .require_peer_certificate(config.net.tls.is_some());
-        state.set_healer(Some(std::sync::Arc::new(
-            crate::raft::peer_audit::PeerHealer::new(raft.clone(), network.clone()),
-        )));
+        healer.attach(raft.clone());
         let max = config.net.max_message_bytes;
         // Shared by the client API and the etcd endpoint: one set of call counters.
         let trace = crate::api::trace::TraceLayer::new(config.id);

@@ -389,7 +389,7 @@ async fn a_replica_that_cannot_heal_refuses_reads_until_a_later_audit_heals_it()
     tracing::info!("with its network back, the next audit heals it");
     let node = cluster.node(victim);
     node.state().set_healer(Some(std::sync::Arc::new(
-        waft::raft::peer_audit::PeerHealer::new(node.raft().clone(), node.network().clone()),
+        waft::raft::peer_audit::PeerHealer::with_raft(node.raft().clone(), node.network().clone()),
     )));
     audit_and_wait(&cluster).await;
     let a = cluster.node(victim).state().audit_status();

@@ -7,6 +7,7 @@ use super::types::NodeId;
 use crate::storage::{DigestReply, HealReply, HealRequest, Healer};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// How long one audit or heal RPC may take.
@@ -26,9 +27,15 @@ pub async fn fetch_digest(
 }
 
 /// Heals through the Raft network; steps down first if this node leads.
+///
+/// It exists before the node's Raft does: a node that restarts re-applies the entries after its
+/// last snapshot while openraft starts, and a heal among them must not wait for the start to
+/// finish (which waits for it). Until [`PeerHealer::attach`], the node is not leader and has
+/// nothing to hand over.
 #[derive(Clone)]
 pub struct PeerHealer {
-    raft: Raft,
+    me: NodeId,
+    raft: Arc<OnceLock<Raft>>,
     net: NetworkFactory,
 }
 
@@ -39,16 +46,37 @@ impl std::fmt::Debug for PeerHealer {
 }
 
 impl PeerHealer {
+    /// A healer reaching peers through `net`; see [`PeerHealer::attach`].
+    pub fn new(me: NodeId, net: NetworkFactory) -> PeerHealer {
+        PeerHealer {
+            me,
+            raft: Arc::default(),
+            net,
+        }
+    }
+
     /// A healer for the node behind `raft`, reaching peers through `net`.
-    pub fn new(raft: Raft, net: NetworkFactory) -> PeerHealer {
-        PeerHealer { raft, net }
+    pub fn with_raft(raft: Raft, net: NetworkFactory) -> PeerHealer {
+        let healer = PeerHealer::new(*raft.node_id(), net);
+        healer.attach(raft);
+        healer
+    }
+
+    /// Gives the healer the node's Raft, once it exists (for the hand-over before a heal).
+    pub fn attach(&self, raft: Raft) {
+        let _ = self.raft.set(raft);
     }
 }
 
 impl Healer for PeerHealer {
+    fn me(&self) -> NodeId {
+        self.me
+    }
+
     fn step_down(&self, to: Vec<NodeId>) -> BoxFuture<'static, ()> {
-        let raft = self.raft.clone();
+        let raft = self.raft.get().cloned();
         async move {
+            let Some(raft) = raft else { return };
             let me = *raft.node_id();
             if raft.current_leader().await != Some(me) {
                 return;

@@ -143,6 +143,9 @@ pub(super) enum HealerSlot {
 
 /// How a diverged replica reaches its peers; the node provides it (the Raft network).
 pub trait Healer: Send + Sync {
+    /// This node's id: never a source for its own heal (its vote may be from before it was
+    /// damaged and restarted, and agree with the majority).
+    fn me(&self) -> NodeId;
     /// Called before a heal: if this node leads, hand leadership to one of `to`.
     fn step_down(&self, to: Vec<NodeId>) -> BoxFuture<'static, ()>;
     /// Asks node `node` at `addr` for the state in `request`.
@@ -380,8 +383,12 @@ impl super::StateMachineStore {
         plan: &HealPlan,
         healer: Arc<dyn Healer>,
     ) -> Result<NodeId, String> {
+        let me = healer.me();
+        let mut plan = plan.clone();
+        plan.sources.retain(|(n, _)| *n != me);
+        let plan = &plan;
         if plan.sources.is_empty() {
-            return Err("no majority replica has an address in the membership".into());
+            return Err("no other majority replica has an address in the membership".into());
         }
         healer
             .step_down(plan.sources.iter().map(|(n, _)| *n).collect())

@@ -146,8 +146,11 @@ fn history_costs(rust_kv: &[u8], commands: &[Vec<u8>]) {
         let mut halves: Vec<Vec<(f64, f64)>> = vec![Vec::new(); policies.len()];
         let mut rebases = vec![0u64; policies.len()];
         let rounds = if *name == "rust" { ROUNDS } else { 3 };
-        for _ in 0..rounds {
-            for (p, (rt, module)) in runtimes.iter().zip(&modules).enumerate() {
+        for round in 0..rounds {
+            // Each round starts with another policy, so that no variant always runs first.
+            for k in 0..policies.len() {
+                let p = (round + k) % policies.len();
+                let (rt, module) = (&runtimes[p], &modules[p]);
                 let mut guest = rt.instantiate(module, "bench").expect("instance");
                 let t = Instant::now();
                 let mut half = 0.0;

@@ -324,7 +324,7 @@ async fn deploy_cli(addr: &str, args: &[&str]) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dry_run_replays_the_service_history_through_the_new_module_and_verifies_it() {
     use waft_testkit::guests::TEST_KV2;
-    let cluster = TestCluster::start(1, test_settings()).await;
+    let mut cluster = TestCluster::start(1, test_settings()).await;
     cluster.form().await;
     cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
     let first = cluster.write(crate::cluster_support::kv("put a 1")).await.0;
@@ -435,6 +435,39 @@ async fn a_dry_run_replays_the_service_history_through_the_new_module_and_verifi
     .await;
     assert!(ok, "{text}");
     assert_eq!(versions(&cluster), 2);
+    tracing::info!("the forced deploy is recorded with its version, in snapshots too");
+    let forced = |c: &TestCluster| {
+        let services = c.node(0).state().services();
+        let f = services.iter().find(|s| s.name == "f").expect("f");
+        f.history.last().and_then(|v| v.forced.clone())
+    };
+    let findings = forced(&cluster).expect("the findings are kept with version 2");
+    assert!(
+        findings.contains("a fresh instance per entry"),
+        "{findings}"
+    );
+    let out = crate::support::waft_cli(&["--endpoint", &addr, "services"]).await;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("FORCED: version 2 was deployed with --force"),
+        "{listed}"
+    );
+    let node = cluster.node(0);
+    let applied = node.metrics().last_applied.expect("applied").index;
+    node.raft().trigger().snapshot().await.expect("snapshot");
+    node.raft()
+        .wait(Some(std::time::Duration::from_secs(10)))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= applied),
+            "snapshot",
+        )
+        .await
+        .expect("snapshot built");
+    cluster.stop(0).await;
+    cluster.restart(0).await;
+    cluster.wait_leader().await;
+    assert_eq!(forced(&cluster), Some(findings));
+    let addr = cluster.addrs[0].clone();
     tracing::info!("a deterministic guest passes --verify with no findings");
     let (ok, text) = deploy_cli(&addr, &["--dry-run", "--verify", "-s", "kv", EXAMPLE_KV]).await;
     assert!(

@@ -967,6 +967,15 @@ impl waft_server::Waft for Api {
                 findings = findings.len(),
                 "deploying a module the determinism verifier flagged (forced)"
             );
+            let entry = Request::ForcedDeploy {
+                service: header.service.clone(),
+                module,
+                engine: self.runtime.fingerprint().to_owned(),
+                limits,
+                timestamp_ms: now_ms(),
+                findings: findings.join("\n"),
+            };
+            return self.propose_swap(entry, "deploy").await;
         }
         let entry = Request::Deploy {
             service: header.service.clone(),
@@ -1123,6 +1132,7 @@ impl waft_server::Waft for Api {
                         version: r.version,
                         module_sha256: r.module.clone(),
                         deployed_at_index: r.deployed_at,
+                        forced: r.forced.clone().unwrap_or_default(),
                     })
                     .collect(),
                 name: s.name,

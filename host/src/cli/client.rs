@@ -931,7 +931,7 @@ pub async fn services(client: &ClientArgs) -> anyhow::Result<ExitCode> {
                         .history
                         .iter()
                         .map(|v| serde_json::json!({"version": v.version, "module_sha256": v.module_sha256,
-                            "deployed_at_index": v.deployed_at_index}))
+                            "deployed_at_index": v.deployed_at_index, "forced": v.forced}))
                         .collect();
                     serde_json::json!({"name": s.name, "version": s.version, "module_sha256": s.module_sha256,
                         "module_size": s.module_size, "deployed_at_index": s.deployed_at_index,
@@ -962,6 +962,15 @@ pub async fn services(client: &ClientArgs) -> anyhow::Result<ExitCode> {
                     s.state_bytes,
                     fuel
                 );
+                let active = s.history.iter().find(|v| v.version == s.version);
+                if let Some(v) = active.filter(|v| !v.forced.is_empty()) {
+                    println!(
+                        "  FORCED: version {} was deployed with --force although the determinism verifier found {} problem(s); first: {}",
+                        v.version,
+                        v.forced.lines().count(),
+                        v.forced.lines().next().unwrap_or("")
+                    );
+                }
             }
         }
     }

@@ -137,6 +137,24 @@ pub enum Request {
         /// absent.
         votes: Vec<(NodeId, StateDigest)>,
     },
+    /// A deploy the determinism verifier flagged, forced by the operator (`waft deploy --verify
+    /// --force`): applied exactly as [`Request::Deploy`], and the findings are kept with the new
+    /// version (`waft services` shows them).
+    ForcedDeploy {
+        /// As for [`Request::Deploy`].
+        service: String,
+        /// As for [`Request::Deploy`].
+        #[serde(with = "serde_bytes")]
+        module: Vec<u8>,
+        /// As for [`Request::Deploy`].
+        engine: String,
+        /// As for [`Request::Deploy`].
+        limits: ServiceLimits,
+        /// As for [`Request::Deploy`].
+        timestamp_ms: u64,
+        /// What the verifier found, one finding per line.
+        findings: String,
+    },
 }
 
 /// A digest of the replicated state at one log index: what replicas compare to prove they hold
@@ -185,6 +203,13 @@ impl fmt::Debug for Request {
                 service, module, ..
             } => f
                 .debug_struct("Deploy")
+                .field("service", service)
+                .field("module_len", &module.len())
+                .finish(),
+            Request::ForcedDeploy {
+                service, module, ..
+            } => f
+                .debug_struct("ForcedDeploy")
                 .field("service", service)
                 .field("module_len", &module.len())
                 .finish(),

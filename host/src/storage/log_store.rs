@@ -95,9 +95,12 @@ pub type DeployHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Calls `hook` with the module when `entry` is a deploy (both log engines do on append).
 pub(crate) fn notify_deploy(hook: Option<&DeployHook>, entry: &Entry) {
+    use crate::raft::types::Request;
     if let (
         Some(hook),
-        openraft::EntryPayload::Normal(crate::raft::types::Request::Deploy { module, .. }),
+        openraft::EntryPayload::Normal(
+            Request::Deploy { module, .. } | Request::ForcedDeploy { module, .. },
+        ),
     ) = (hook, &entry.payload)
     {
         hook(module);

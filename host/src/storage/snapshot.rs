@@ -1,10 +1,11 @@
 //! The snapshot file: everything a node needs to rebuild the replicated state.
 //!
-//! Layout: `WAFTSNP3`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
+//! Layout: `WAFTSNP4`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
 //! of every module in header order, the state of every service in header order (a postcard
 //! [`ReplayForm`]: the history of its guest's instance), and a trailer: the sha256 of
 //! everything before it. Format 2 files (a service's state was its guest's snapshot, or a
-//! checkpoint + journal of commands) are still read: see [`service_form`]. A reader checks the trailer before
+//! checkpoint + journal of commands) are still read: see [`service_form`]; formats 2 and 3
+//! kept no verifier findings with each version ([`VersionRecord::forced`]). A reader checks the trailer before
 //! believing anything else, so a truncated or corrupted file (or transfer) is refused whole.
 //! Sections are written and read one at a time: the file is never one buffer.
 
@@ -17,9 +18,9 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"WAFTSNP3";
+const MAGIC: &[u8; 8] = b"WAFTSNP4";
 /// The format this build writes.
-pub const FORMAT: u8 = 3;
+pub const FORMAT: u8 = 4;
 /// The oldest format this build reads.
 const OLDEST_FORMAT: u8 = 2;
 /// Largest header accepted when reading (it holds names and sessions, not bulk data).
@@ -37,8 +38,12 @@ pub struct Session {
 }
 
 /// A service as recorded in a snapshot.
+pub type ServiceRecord = ServiceRecordOf<VersionRecord>;
+
+/// A service as recorded in a snapshot, with versions recorded as `V` (the layout of the
+/// format being read).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceRecord {
+pub struct ServiceRecordOf<V> {
     /// Service name.
     pub name: String,
     /// sha256 (hex) of the module serving it.
@@ -53,7 +58,7 @@ pub struct ServiceRecord {
     /// The active version number.
     pub version: u32,
     /// Every version kept, oldest first (the active one last).
-    pub history: Vec<VersionRecord>,
+    pub history: Vec<V>,
 }
 
 /// One version of a service: which module, since which index.
@@ -67,11 +72,37 @@ pub struct VersionRecord {
     pub deployed_at: u64,
     /// The limits its guest runs under.
     pub limits: crate::raft::types::ServiceLimits,
+    /// Deployed with `--force` although the determinism verifier found these problems.
+    pub forced: Option<String>,
+}
+
+/// A version as formats 2 and 3 recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecordV3 {
+    version: u32,
+    module: String,
+    deployed_at: u64,
+    limits: crate::raft::types::ServiceLimits,
+}
+
+impl From<VersionRecordV3> for VersionRecord {
+    fn from(v: VersionRecordV3) -> VersionRecord {
+        VersionRecord {
+            version: v.version,
+            module: v.module,
+            deployed_at: v.deployed_at,
+            limits: v.limits,
+            forced: None,
+        }
+    }
 }
 
 /// Everything in a snapshot except the bulk bytes.
+pub type SnapshotHeader = SnapshotHeaderOf<VersionRecord>;
+
+/// A snapshot header with versions recorded as `V` (the layout of the format being read).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SnapshotHeader {
+pub struct SnapshotHeaderOf<V> {
     /// openraft's metadata: last log id, membership, snapshot id.
     pub meta: SnapshotMeta,
     /// Time of the last applied entry (time never goes backwards across a snapshot either).
@@ -83,7 +114,32 @@ pub struct SnapshotHeader {
     /// Modules: sha256 (hex) and length, in file order.
     pub modules: Vec<(String, u64)>,
     /// Services in file order.
-    pub services: Vec<ServiceRecord>,
+    pub services: Vec<ServiceRecordOf<V>>,
+}
+
+impl SnapshotHeaderOf<VersionRecordV3> {
+    fn upgrade(self) -> SnapshotHeader {
+        SnapshotHeader {
+            meta: self.meta,
+            last_timestamp_ms: self.last_timestamp_ms,
+            engine: self.engine,
+            sessions: self.sessions,
+            modules: self.modules,
+            services: self
+                .services
+                .into_iter()
+                .map(|s| ServiceRecord {
+                    name: s.name,
+                    module: s.module,
+                    deployed_at: s.deployed_at,
+                    state_len: s.state_len,
+                    replay: s.replay,
+                    version: s.version,
+                    history: s.history.into_iter().map(Into::into).collect(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The snapshot data openraft passes around: an open snapshot file.
@@ -277,7 +333,11 @@ impl<'a> Reader<'a> {
         }
         let mut head = vec![0u8; len as usize];
         input.read_exact(&mut head)?;
-        let header: SnapshotHeader = decode("snapshot header", &head)?;
+        let header: SnapshotHeader = if format >= 4 {
+            decode("snapshot header", &head)?
+        } else {
+            decode::<SnapshotHeaderOf<VersionRecordV3>>("snapshot header", &head)?.upgrade()
+        };
         let remaining = (size - 32 - 12)
             .checked_sub(u64::from(len))
             .ok_or_else(|| corrupt("header is longer than the file"))?;

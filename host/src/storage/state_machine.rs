@@ -197,7 +197,28 @@ impl SmState {
         while let Some(entry) = entries.next() {
             let log_id = entry.log_id();
             let term = log_id.committed_leader_id().term();
-            match entry.payload {
+            // A forced deploy applies as a deploy; its findings go with the new version.
+            let (payload, forced) = match entry.payload {
+                EntryPayload::Normal(Request::ForcedDeploy {
+                    service,
+                    module,
+                    engine,
+                    limits,
+                    timestamp_ms,
+                    findings,
+                }) => (
+                    EntryPayload::Normal(Request::Deploy {
+                        service,
+                        module,
+                        engine,
+                        limits,
+                        timestamp_ms,
+                    }),
+                    Some(findings),
+                ),
+                other => (other, None),
+            };
+            match payload {
                 EntryPayload::Normal(Request::Command {
                     service,
                     payload,
@@ -263,7 +284,7 @@ impl SmState {
                         term,
                         timestamp_ms: at,
                     };
-                    let response = self.deploy(&service, module, limits, ctx);
+                    let response = self.deploy(&service, module, limits, ctx, forced);
                     self.version_event(log_id.index(), &service, at, &response);
                     out.push(response);
                 }
@@ -319,6 +340,9 @@ impl SmState {
                     if let Some(plan) = self.check_votes(log_id.index(), index, proposer, &votes) {
                         return Ok((out, Some((plan, entries.collect()))));
                     }
+                }
+                EntryPayload::Normal(Request::ForcedDeploy { .. }) => {
+                    unreachable!("a forced deploy is applied as a deploy (see above)")
                 }
                 EntryPayload::Membership(m) => {
                     self.flush(&batch_service, &mut batch, &mut out);
@@ -451,6 +475,7 @@ impl SmState {
         module: Vec<u8>,
         limits: ServiceLimits,
         ctx: ApplyCtx,
+        forced: Option<String>,
     ) -> Response {
         let hash = ModuleHash::of(&module);
         let bytes = self
@@ -458,7 +483,7 @@ impl SmState {
             .get(&hash)
             .cloned()
             .unwrap_or_else(|| Arc::new(module));
-        self.activate(service, bytes, limits, ctx)
+        self.activate(service, bytes, limits, ctx, forced)
     }
 
     /// Makes an earlier version serve again (as a new version, so history only grows).
@@ -488,8 +513,8 @@ impl SmState {
                 target.version
             ));
         };
-        let limits = target.limits;
-        self.activate(service, bytes, limits, ctx)
+        let (limits, forced) = (target.limits, target.forced.clone());
+        self.activate(service, bytes, limits, ctx, forced)
     }
 
     /// Installs `module` as the next version of `service`, carrying the old module's state over
@@ -502,6 +527,7 @@ impl SmState {
         module: Arc<Vec<u8>>,
         limits: ServiceLimits,
         ctx: ApplyCtx,
+        forced: Option<String>,
     ) -> Response {
         let index = ctx.index;
         let loaded = match self.runtime.load(&module) {
@@ -540,6 +566,7 @@ impl SmState {
             module: hash.to_hex(),
             deployed_at: index,
             limits,
+            forced,
         });
         if history.len() > MAX_VERSIONS {
             history.drain(..history.len() - MAX_VERSIONS);

@@ -2,7 +2,8 @@
 //! nondeterminism their language offers (clocks, randomness, hash seeds, hash-map order), on
 //! three `waft node` processes, through every lifecycle event a replica's instance goes
 //! through: continuous writes, a follower stopped across a snapshot and log purge (it catches up
-//! by snapshot), trap recovery, a hot-swap, a rollback, and a restart of every node. At the end
+//! by snapshot), a node that lost its data joining again as a learner (by snapshot), trap
+//! recovery, a hot-swap, a rollback, and a restart of every node. At the end
 //! every replica's audit matches with nothing healed, and the replies each node's `Watch`
 //! reports for the same entries are equal.
 
@@ -57,13 +58,16 @@ async fn writer(addrs: Vec<String>, stop: Arc<AtomicBool>) -> u64 {
             matches!(outcome, Some(api::submit_reply::Outcome::Ok(_))),
             "write {seq} to {service}: {outcome:?}"
         );
+        // Paced: the point is the lifecycle events, not load (other tests share the cores).
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     seq
 }
 
 /// Waits until node `i` has applied `index`.
 async fn wait_applied(c: &ProcCluster, i: usize, index: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Generous: a node that starts loads three big components, and CI runs other tests beside.
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         if c.status(i).await.is_some_and(|s| s.applied_index >= index) {
             return;
@@ -141,6 +145,7 @@ async fn events(c: &ProcCluster, i: usize, until: u64) -> BTreeMap<u64, String> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn determinism_campaign_every_source_every_lifecycle_event() {
     crate::support::init_tracing();
+    let started = Instant::now();
     let built = |g: Result<&'static str, &'static str>| {
         g.unwrap_or_else(|why| panic!("a guest this campaign needs was not built: {why}"))
     };
@@ -163,6 +168,10 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
     let writes = tokio::spawn(writer(c.addrs.clone(), stop.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    eprintln!(
+        "[{:>5.1}s] determinism campaign step",
+        started.elapsed().as_secs_f64()
+    );
     tracing::info!("a follower stopped across a snapshot and log purge");
     let (l, _) = last_index(&c).await;
     let f = (l + 1) % 3;
@@ -182,6 +191,40 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         "the stopped follower caught up by snapshot"
     );
 
+    eprintln!(
+        "[{:>5.1}s] determinism campaign step",
+        started.elapsed().as_secs_f64()
+    );
+    tracing::info!("a node that lost its data joins again as a learner, by snapshot");
+    let (l, _) = last_index(&c).await;
+    let lost = (l + 2) % 3;
+    c.kill(lost);
+    std::fs::remove_dir_all(c.data_dir(lost)).expect("wipe the data directory");
+    let seed = c.addrs[l].clone();
+    c.spawn_with(lost, None, &["--join", &seed]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let member = match c.status(l).await {
+            Some(s) => s.members.into_iter().find(|m| m.id == lost as u64 + 1),
+            None => None,
+        };
+        if member.is_some_and(|m| m.voter) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never became a voter again",
+            lost + 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, last) = last_index(&c).await;
+    wait_applied(&c, lost, last).await;
+
+    eprintln!(
+        "[{:>5.1}s] determinism campaign step",
+        started.elapsed().as_secs_f64()
+    );
     tracing::info!("trap recovery: a command the Python guest cannot decode traps everywhere");
     let trapped = submit(&c.addrs, "python", &[0xff, 0xfe], 0xbad, 1).await;
     assert!(
@@ -192,6 +235,10 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         "{trapped:?}"
     );
 
+    eprintln!(
+        "[{:>5.1}s] determinism campaign step",
+        started.elapsed().as_secs_f64()
+    );
     tracing::info!("hot-swap (new limits make a new version) and rollback");
     let module = waft_testkit::wasm(TEST_NONDET);
     let header = api::DeployHeader {
@@ -217,6 +264,10 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
     .expect("rollback");
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    eprintln!(
+        "[{:>5.1}s] determinism campaign step",
+        started.elapsed().as_secs_f64()
+    );
     tracing::info!("restart every node, one at a time");
     for i in 0..3 {
         c.kill(i);
@@ -233,6 +284,10 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         "the writer made progress ({acknowledged})"
     );
 
+    eprintln!(
+        "[{:>5.1}s] determinism campaign step",
+        started.elapsed().as_secs_f64()
+    );
     tracing::info!("every audit matches, nothing was healed");
     let (l, _) = last_index(&c).await;
     let mut cl = c.cluster_client(l).await.expect("leader");
@@ -250,6 +305,10 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
     }
     assert_eq!(audit.services.len(), 3);
 
+    eprintln!(
+        "[{:>5.1}s] determinism campaign step",
+        started.elapsed().as_secs_f64()
+    );
     tracing::info!("the replies each node reports through Watch are equal");
     let mut per_node = Vec::new();
     for i in 0..3 {

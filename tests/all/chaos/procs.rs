@@ -84,6 +84,11 @@ impl ProcCluster {
     /// the process may not grow any file past that size: writes beyond it fail with EFBIG, the
     /// way they would on a full disk.
     pub fn spawn(&mut self, i: usize, max_file_bytes: Option<u64>) {
+        self.spawn_with(i, max_file_bytes, &[]);
+    }
+
+    /// Like [`ProcCluster::spawn`], with `extra` arguments for this start only.
+    pub fn spawn_with(&mut self, i: usize, max_file_bytes: Option<u64>, extra: &[&str]) {
         assert!(self.children[i].is_none(), "node {i} is running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -96,6 +101,7 @@ impl ProcCluster {
             .args(["--listen", &self.addrs[i], "--data-dir"])
             .arg(self.data_dir(i))
             .args(&self.node_args)
+            .args(extra)
             .args(self.net.dial_args(i, &self.addrs))
             .stdout(Stdio::null())
             .stderr(log);

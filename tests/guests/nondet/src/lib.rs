@@ -1,5 +1,6 @@
 //! A guest that reads everything that could differ between replicas: the wall clock, the
-//! monotonic clock, random bytes and HashMap iteration order. waft must make all of it
+//! monotonic clock, random bytes (`getrandom` directly, and `rand`'s thread-local generator,
+//! seeded once per instance) and HashMap iteration order. waft must make all of it
 //! deterministic, so two instances fed the same entries end with identical snapshots.
 //!
 //! Every command records what the guest observed; `snapshot` returns the whole record.
@@ -30,9 +31,11 @@ impl StateMachine for Observer {
             scratch.insert(i, i * i);
         }
         let order: Vec<String> = scratch.keys().map(|k| k.to_string()).collect();
+        let drawn: u64 = rand::Rng::random(&mut rand::rng());
+        let direct = getrandom::u64().map_err(|e| e.to_string())?;
         let map_order: Vec<String> = self.map.keys().cloned().collect();
         let line = format!(
-            "index={} ctx_ms={} wall_ms={wall} mono_ms={since_first} scratch=[{}] map=[{}]",
+            "index={} ctx_ms={} wall_ms={wall} mono_ms={since_first} rng={drawn} getrandom={direct} scratch=[{}] map=[{}]",
             ctx.index,
             ctx.timestamp_ms,
             order.join(","),

@@ -2,6 +2,8 @@
 
 - `gen`:    a value from `random`'s own generator, seeded once per instance (no waft_det helper)
 - `global`: a counter kept in a global that `snapshot` leaves out
+- `map K`:  K put in a dict whose snapshot is written in insertion order, while `restore`
+            rebuilds it sorted: its order (and the snapshot's bytes) depend on the history
 - `keep X`: X kept in the state (a sorted list: deterministic), for contrast
 Queries: `bump` changes the hidden counter (a query that mutates); anything else reads.
 
@@ -16,6 +18,7 @@ from wit_world import exports
 from componentize_py_types import Err, Ok
 
 KEPT = []
+MAP = {}
 HIDDEN = {"count": 0}
 
 
@@ -27,6 +30,9 @@ class StateMachine(exports.StateMachine):
         if text == "global":
             HIDDEN["count"] += 1
             return str(HIDDEN["count"]).encode()
+        if text.startswith("map "):
+            MAP[text[4:]] = context.index
+            return ",".join(MAP).encode()
         if text.startswith("keep "):
             KEPT.append(text[5:])
             KEPT.sort()
@@ -48,8 +54,10 @@ class StateMachine(exports.StateMachine):
         return json.dumps({"kept": KEPT, "count": HIDDEN["count"]}).encode()
 
     def snapshot(self):
-        return json.dumps(KEPT).encode()
+        return json.dumps({"kept": KEPT, "map": MAP}).encode()
 
     def restore(self, snapshot):
-        global KEPT
-        KEPT = json.loads(bytes(snapshot)) if snapshot else []
+        global KEPT, MAP
+        state = json.loads(bytes(snapshot)) if snapshot else {"kept": [], "map": {}}
+        KEPT = state["kept"]
+        MAP = dict(sorted(state["map"].items()))

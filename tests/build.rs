@@ -164,8 +164,8 @@ const PYTHON_ARGS: &[&str] = &[
 ];
 
 /// Builds a foreign guest into `target_dir` unless its component is newer than its sources, the
-/// WIT and the tool. A missing tool is not an error (the tests that need it say they were
-/// skipped and why); a tool that fails is.
+/// WIT and the tool. A missing tool does not stop the build (tests that do not need the guest
+/// still run); the tests that need it fail, saying why; a tool that fails is an error.
 fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, String> {
     let dir = root.join(guest.dir);
     let wit = root.join("wit");

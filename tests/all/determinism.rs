@@ -259,8 +259,18 @@ fn the_verifier_names_the_entry_and_history_of_each_flaw() {
     // Python: a dict written in insertion order and restored sorted: the replies depend on
     // where the instance started, and the snapshot is not canonical.
     let py = built(TEST_FLAWED_PYTHON);
-    let found = findings(&rt, py, &["map k2", "map k0", "map k1", "map k3"], &["count"]);
-    assert_found(&found, "a fresh instance per entry", "entry 3", "a Python dict");
+    let found = findings(
+        &rt,
+        py,
+        &["map k2", "map k0", "map k1", "map k3"],
+        &["count"],
+    );
+    assert_found(
+        &found,
+        "a fresh instance per entry",
+        "entry 3",
+        "a Python dict",
+    );
     assert!(
         found.iter().any(|f| f.starts_with("final snapshot")),
         "a Python dict: the snapshot is not canonical: {found:#?}"

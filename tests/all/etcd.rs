@@ -138,10 +138,7 @@ async fn run_session(endpoint: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
-    if Command::new("etcdctl").arg("version").output().is_err() {
-        eprintln!("SKIPPED: etcdctl is not installed (apt-get install etcd-client)");
-        return;
-    }
+    crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
     let cluster = TestCluster::start_with(3, test_settings(), with_etcd).await;
     cluster.form().await;
     let leader = cluster.wait_leader().await;
@@ -190,10 +187,7 @@ async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
     // A real etcd, when installed: the same session must print the same things, revisions
     // included. Both stores start at revision 1, so waft's must first be fresh: redeploying
     // replaces it, and the revision counts from the redeploy's snapshot.
-    let Some(real) = Etcd::start() else {
-        cluster.shutdown().await;
-        return;
-    };
+    let real = Etcd::start();
     let fresh = TestCluster::start_with(1, test_settings(), with_etcd).await;
     fresh.form().await;
     fresh

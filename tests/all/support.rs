@@ -117,13 +117,10 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd, or says why not and returns `None` when it is not installed.
-    pub fn start() -> Option<Etcd> {
+    /// Starts etcd. A missing etcd fails the test (the test command installs it).
+    pub fn start() -> Etcd {
         use std::process::{Command, Stdio};
-        if Command::new("etcd").arg("--version").output().is_err() {
-            eprintln!("SKIPPED: etcd is not installed (apt-get install etcd-server)");
-            return None;
-        }
+        require_tool("etcd", &["--version"], "apt-get install etcd-server");
         let dir = tempfile::tempdir().expect("tempdir");
         let (client, peer) = (free_addr(), free_addr());
         let child = Command::new("etcd")
@@ -145,11 +142,11 @@ impl Etcd {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn etcd");
-        Some(Etcd {
+        Etcd {
             child,
             _dir: dir,
             addr: client,
-        })
+        }
     }
 }
 
@@ -158,4 +155,16 @@ impl Drop for Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Fails the test, saying what to install, when `program` cannot run: a test whose tool is
+/// missing must fail, never pass by skipping (the test command, `.ci/run`, installs every tool).
+pub fn require_tool(program: &str, args: &[&str], install: &str) {
+    let ran = std::process::Command::new(program).args(args).output();
+    assert!(
+        ran.is_ok(),
+        "{program} is not installed, and this test needs it: run the test command (.ci/run), \
+         which installs it, or install it yourself ({install}); {}",
+        ran.err().map(|e| e.to_string()).unwrap_or_default()
+    );
 }

@@ -399,14 +399,7 @@ async fn a_peer_that_is_down_is_retried_with_pauses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcdctl_works_over_tls() {
-    if std::process::Command::new("etcdctl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: etcdctl is not installed (apt-get install etcd-client)");
-        return;
-    }
+    crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
     let cluster = TestCluster::start_with(1, test_settings(), |c| {
         c.net.tls = Some(node_tls());
         c.etcd_listen = Some("127.0.0.1:0".parse().expect("addr"));

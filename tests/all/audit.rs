@@ -9,9 +9,13 @@ use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient
 use waft::storage::snapshot;
 use waft_testkit::guests::EXAMPLE_KV;
 
-/// Rewrites one service's state inside a snapshot file, with a valid checksum: the damage a
-/// bug, a bit flip under the checksum, or a nondeterministic guest would leave.
-pub fn tamper_with_snapshot(path: &Path, service: &str, command: &str) {
+/// Rewrites a snapshot file with `change` applied to its header and service states (postcard
+/// replay forms), with a valid checksum: the damage a bug, a bit flip under the checksum, or a
+/// nondeterministic guest would leave.
+fn rewrite_snapshot(
+    path: &Path,
+    change: impl FnOnce(&mut snapshot::SnapshotHeader, &mut Vec<Vec<u8>>),
+) {
     let file = std::fs::File::open(path).expect("open snapshot");
     let mut reader = snapshot::Reader::open(file).expect("read snapshot");
     let mut header = reader.header.clone();
@@ -25,29 +29,37 @@ pub fn tamper_with_snapshot(path: &Path, service: &str, command: &str) {
         .iter()
         .map(|s| reader.section(s.state_len).expect("state section"))
         .collect();
-    let i = header
-        .services
-        .iter()
-        .position(|s| s.name == service)
-        .expect("service in snapshot");
-    // A state section is the guest's instance history: add a command nobody applied.
-    let mut form: waft::runtime::ReplayForm =
-        postcard::from_bytes(&states[i]).expect("a replay form");
-    let last = form.journal.last().map_or(form.opened_at, |e| e.at);
-    form.journal.push(waft::runtime::ReplayEntry {
-        at: waft::runtime::ReplayPoint {
-            index: last.index,
-            ..last
-        },
-        call: waft::runtime::ReplayCall::Apply(serde_bytes::ByteBuf::from(
-            command.as_bytes().to_vec(),
-        )),
-    });
-    states[i] = postcard::to_allocvec(&form).expect("encode");
-    header.services[i].state_len = states[i].len() as u64;
+    change(&mut header, &mut states);
+    for (record, state) in header.services.iter_mut().zip(&states) {
+        record.state_len = state.len() as u64;
+    }
     let modules: Vec<&[u8]> = modules.iter().map(Vec::as_slice).collect();
     let states: Vec<&[u8]> = states.iter().map(Vec::as_slice).collect();
     snapshot::write(path, &header, &modules, &states).expect("write snapshot");
+}
+
+/// Adds `command`, which nobody applied, to one service's history inside a snapshot file.
+pub fn tamper_with_snapshot(path: &Path, service: &str, command: &str) {
+    rewrite_snapshot(path, |header, states| {
+        let i = header
+            .services
+            .iter()
+            .position(|s| s.name == service)
+            .expect("service in snapshot");
+        let mut form: waft::runtime::ReplayForm =
+            postcard::from_bytes(&states[i]).expect("a replay form");
+        let last = form.journal.last().map_or(form.opened_at, |e| e.at);
+        form.journal.push(waft::runtime::ReplayEntry {
+            at: waft::runtime::ReplayPoint {
+                index: last.index,
+                ..last
+            },
+            call: waft::runtime::ReplayCall::Apply(serde_bytes::ByteBuf::from(
+                command.as_bytes().to_vec(),
+            )),
+        });
+        states[i] = postcard::to_allocvec(&form).expect("encode");
+    });
 }
 
 async fn status(addr: &str) -> api::StatusReply {
@@ -63,6 +75,14 @@ async fn status(addr: &str) -> api::StatusReply {
 /// Damages node `victim`'s kv state behind Raft's back: snapshot, stop, add `command` to the
 /// service's history in the snapshot file, restart.
 async fn damage(cluster: &mut TestCluster, victim: usize, command: &str) {
+    damage_with(cluster, victim, |path| {
+        tamper_with_snapshot(path, "kv", command)
+    })
+    .await;
+}
+
+/// Snapshots node `victim`, stops it, applies `tamper` to its snapshot file, restarts it.
+async fn damage_with(cluster: &mut TestCluster, victim: usize, tamper: impl FnOnce(&Path)) {
     let node = cluster.node(victim);
     let applied = node.metrics().last_applied.expect("applied").index;
     node.raft()
@@ -79,11 +99,7 @@ async fn damage(cluster: &mut TestCluster, victim: usize, command: &str) {
         .await
         .expect("snapshot built");
     cluster.stop(victim).await;
-    tamper_with_snapshot(
-        &cluster.dirs[victim].path().join("snapshots/current.snap"),
-        "kv",
-        command,
-    );
+    tamper(&cluster.dirs[victim].path().join("snapshots/current.snap"));
     cluster.restart(victim).await;
 }
 
@@ -479,5 +495,78 @@ async fn the_leader_audits_on_its_own_while_entries_arrive() {
     let before = cluster.node(0).metrics().last_log_index;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(cluster.node(0).metrics().last_log_index, before);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_session_table_and_a_service_the_majority_lacks_are_healed_too() {
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    for seq in 1..=5 {
+        cluster
+            .write(waft::raft::types::Request::Command {
+                service: "kv".into(),
+                payload: format!("put s{seq} {seq}").into_bytes(),
+                client: Some(waft::raft::types::ClientSeq { client_id: 42, seq }),
+                timestamp_ms: 1,
+            })
+            .await;
+    }
+    let leader = cluster.wait_leader().await;
+    let victim = (leader + 1) % 3;
+    tracing::info!("node {victim} forgets a client's session and gains a service nobody deployed");
+    damage_with(&mut cluster, victim, |path| {
+        rewrite_snapshot(path, |header, states| {
+            assert!(!header.sessions.is_empty(), "sessions to damage");
+            header.sessions.clear();
+            let mut extra = header.services[0].clone();
+            extra.name = "stray".into();
+            header.services.push(extra);
+            states.push(states[0].clone());
+        })
+    })
+    .await;
+    let (last, _) = cluster.write(kv("put after damage")).await;
+    cluster.wait_applied(last).await;
+    assert_eq!(
+        cluster.node(victim).state().services().len(),
+        2,
+        "the stray service is there"
+    );
+
+    let outcome = audit_and_wait(&cluster).await;
+    let a = cluster.node(victim).state().audit_status();
+    let what: Vec<&str> = a.divergences.iter().map(|d| d.what.as_str()).collect();
+    assert!(
+        what.contains(&"sessions") && what.contains(&"service stray"),
+        "{a:?}"
+    );
+    assert_eq!(a.heals.len(), 1, "{a:?}");
+    assert_eq!(a.heals[0].error, None, "{a:?}");
+    let mut items = a.heals[0].items.clone();
+    items.sort();
+    assert_eq!(
+        items,
+        vec!["service stray".to_owned(), "sessions".to_owned()]
+    );
+    assert_eq!(
+        cluster.node(victim).state().services().len(),
+        1,
+        "the stray service is gone"
+    );
+    let (last, _) = cluster.write(kv("put after heal")).await;
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
+    let again = audit_and_wait(&cluster).await;
+    assert!(again.digest.index > outcome.digest.index);
+    for node in cluster.nodes.iter().flatten() {
+        let s = node.state().audit_status();
+        assert!(
+            s.divergences.iter().all(|d| d.index < again.digest.index),
+            "node {}: {s:?}",
+            node.id()
+        );
+    }
     cluster.shutdown().await;
 }

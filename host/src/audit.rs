@@ -59,7 +59,7 @@ pub enum AuditError {
 pub async fn audit_now(raft: &Raft, net: &NetworkFactory) -> Result<AuditOutcome, AuditError> {
     let written = raft
         .client_write(Request::Audit {
-            timestamp_ms: crate::api::now_ms(),
+            timestamp_ms: crate::raft::types::now_ms(),
         })
         .await?;
     let Response::Audited(digest) = written.data else {

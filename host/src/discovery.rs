@@ -23,11 +23,10 @@ pub const SERVICE_TYPE: &str = "_waft._tcp.local.";
 #[error("mDNS: {0}")]
 pub struct DiscoveryError(String);
 
-fn daemon() -> Result<ServiceDaemon, DiscoveryError> {
-    let port = std::env::var("WAFT_MDNS_PORT")
-        .ok()
-        .and_then(|p| p.parse::<u16>().ok())
-        .unwrap_or(5353);
+/// The standard mDNS port.
+pub const MDNS_PORT: u16 = 5353;
+
+fn daemon(port: u16) -> Result<ServiceDaemon, DiscoveryError> {
     ServiceDaemon::new_with_port(port).map_err(|e| DiscoveryError(e.to_string()))
 }
 
@@ -61,14 +60,20 @@ pub fn check_name(name: &str) -> Result<(), DiscoveryError> {
     }
 }
 
-/// Announces node `id` of cluster `cluster`, reached at `advertise` (`HOST:PORT`).
-pub fn announce(cluster: &str, id: u64, advertise: &str) -> Result<Announcement, DiscoveryError> {
+/// Announces node `id` of cluster `cluster`, reached at `advertise` (`HOST:PORT`), on mDNS port
+/// `mdns_port` ([`MDNS_PORT`] but in tests).
+pub fn announce(
+    mdns_port: u16,
+    cluster: &str,
+    id: u64,
+    advertise: &str,
+) -> Result<Announcement, DiscoveryError> {
     check_name(cluster)?;
     let (host, port) = advertise
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
         .ok_or_else(|| DiscoveryError(format!("{advertise:?} is not HOST:PORT")))?;
-    let daemon = daemon()?;
+    let daemon = daemon(mdns_port)?;
     let instance = format!("{cluster}-node-{id}");
     let properties = [
         ("cluster", cluster.to_owned()),
@@ -112,9 +117,13 @@ impl Drop for Announcement {
 
 /// The addresses announced by nodes of `cluster`, gathered for up to `wait` (returning as soon
 /// as some were found and nothing new came for half a second). Sorted, without duplicates.
-pub async fn discover(cluster: &str, wait: Duration) -> Result<Vec<String>, DiscoveryError> {
+pub async fn discover(
+    mdns_port: u16,
+    cluster: &str,
+    wait: Duration,
+) -> Result<Vec<String>, DiscoveryError> {
     check_name(cluster)?;
-    let daemon = daemon()?;
+    let daemon = daemon(mdns_port)?;
     let events = daemon
         .browse(SERVICE_TYPE)
         .map_err(|e| DiscoveryError(e.to_string()))?;

@@ -21,7 +21,6 @@ use crate::pb::etcd::kv_server::Kv;
 use crate::pb::etcd::*;
 use crate::raft::Raft;
 use openraft::async_runtime::WatchReceiver;
-use prost::Message;
 use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
 
@@ -83,15 +82,6 @@ impl EtcdKv {
         }
     }
 
-    fn payload(tag: u8, request: &impl Message) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + request.encoded_len());
-        out.push(tag);
-        request
-            .encode(&mut out)
-            .expect("a Vec grows to fit any message");
-        out
-    }
-
     /// A request to this node's API carrying the caller's token and request id.
     fn inner<T>(caller: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
@@ -107,7 +97,7 @@ impl EtcdKv {
         &self,
         caller: &tonic::metadata::MetadataMap,
         tag: u8,
-        request: &impl Message,
+        request: &impl crate::pb::Message,
     ) -> Result<Vec<u8>, Status> {
         let reply = self
             .api
@@ -115,7 +105,7 @@ impl EtcdKv {
                 caller,
                 wapi::SubmitRequest {
                     service: self.service.clone(),
-                    payload: Self::payload(tag, request),
+                    payload: crate::pb::tagged(tag, request),
                     client_id: 0,
                     sequence: 0,
                 },
@@ -137,7 +127,7 @@ impl EtcdKv {
         &self,
         caller: &tonic::metadata::MetadataMap,
         tag: u8,
-        request: &impl Message,
+        request: &impl crate::pb::Message,
         serializable: bool,
     ) -> Result<Vec<u8>, Status> {
         let consistency = if serializable {
@@ -151,7 +141,7 @@ impl EtcdKv {
                 caller,
                 wapi::QueryRequest {
                     service: self.service.clone(),
-                    payload: Self::payload(tag, request),
+                    payload: crate::pb::tagged(tag, request),
                     consistency: consistency as i32,
                 },
             ))
@@ -169,7 +159,7 @@ impl EtcdKv {
     }
 
     /// The guest's response with the header completed.
-    fn finish<M: Message + Default>(
+    fn finish<M: crate::pb::Message + Default>(
         &self,
         bytes: Vec<u8>,
         header: impl FnOnce(&mut M) -> &mut Option<ResponseHeader>,

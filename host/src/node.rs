@@ -505,7 +505,7 @@ impl Node {
                 .client_write(Request::Restore {
                     backup,
                     force: false,
-                    timestamp_ms: crate::api::now_ms(),
+                    timestamp_ms: crate::raft::types::now_ms(),
                 })
                 .await
                 .map_err(|e| NodeError::Raft(e.to_string()))?;

@@ -28,4 +28,5 @@ mod rolling;
 mod runtime;
 mod storage;
 mod support;
+mod tidy;
 mod tls;

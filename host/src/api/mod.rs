@@ -11,7 +11,7 @@ pub(crate) mod forward;
 pub mod trace;
 
 use crate::pb::api::{self, cluster_server, waft_server};
-use crate::raft::types::{ClientSeq, Node as RaftNode, NodeId, Request, Response};
+use crate::raft::types::{ClientSeq, Node as RaftNode, NodeId, Request, Response, now_ms};
 use crate::raft::{NetworkFactory, Raft};
 use crate::runtime::Runtime;
 use crate::storage::events::Since;
@@ -20,7 +20,6 @@ use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{ChangeMembers, ReadPolicy};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
 const FORWARDED: &str = "waft-forwarded";
@@ -82,14 +81,6 @@ impl std::fmt::Debug for Api {
 enum Route {
     Here,
     Leader(String),
-}
-
-/// Milliseconds since the Unix epoch on this node's clock (what a proposed entry carries).
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A `SubmitBatch` may always carry this many payload bytes (more if single payloads may be

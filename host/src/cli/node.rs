@@ -206,7 +206,7 @@ pub async fn node(
     }
     let _announced = match &args.mdns {
         None => None,
-        Some(name) => match crate::discovery::announce(name, args.id, node.addr()) {
+        Some(name) => match crate::discovery::announce(mdns_port(), name, args.id, node.addr()) {
             Ok(a) => Some(a),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -245,7 +245,7 @@ async fn seed_addrs(seeds: &str) -> Vec<(String, Option<String>)> {
     let mut out = Vec::new();
     for seed in seeds.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if let Some(cluster) = seed.strip_prefix("mdns:") {
-            match crate::discovery::discover(cluster, Duration::from_secs(3)).await {
+            match crate::discovery::discover(mdns_port(), cluster, Duration::from_secs(3)).await {
                 Ok(found) => {
                     for addr in found {
                         let host = addr
@@ -615,4 +615,12 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
     }
     drop(temp);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The mDNS port: `WAFT_MDNS_PORT` (tests run their own), or the standard one.
+fn mdns_port() -> u16 {
+    std::env::var("WAFT_MDNS_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(crate::discovery::MDNS_PORT)
 }

@@ -21,6 +21,20 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// The protobuf message trait, for code outside `pb/` that is generic over messages.
+pub use prost::Message;
+
+/// `tag` followed by `message`'s protobuf encoding (how the etcd endpoint hands an etcd request
+/// to the etcd-kv guest).
+pub fn tagged(tag: u8, message: &impl prost::Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + message.encoded_len());
+    out.push(tag);
+    message
+        .encode(&mut out)
+        .expect("a Vec grows to fit any message");
+    out
+}
+
 /// A deploy upload: the header, then the module in 1 MiB chunks.
 pub fn deploy_chunks(service: &str, module: &[u8], dry_run: bool) -> Vec<api::DeployChunk> {
     let header = api::DeployHeader {

@@ -3,6 +3,15 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The leader clock: milliseconds since the Unix epoch on this node's clock, what an entry this
+/// node proposes carries as its timestamp (the state machine never lets it go backwards).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A Raft node id.
 pub type NodeId = u64;
 /// A node's address book entry: its gRPC address (`host:port`).

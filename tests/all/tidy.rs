@@ -1,0 +1,148 @@
+//! The architecture invariants ARCHITECTURE.md states, checked on the source so they cannot go
+//! false again: which modules may use wasmtime, redb, tonic, prost and the environment, and one
+//! bindgen per side.
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every `.rs` file under `dir`, relative to `base`, with its code: comments removed (line
+/// comments, doc comments), so that words in prose do not count.
+fn sources(base: &Path, dir: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![base.join(dir)];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("read source");
+                let code: String = text
+                    .lines()
+                    .map(|l| match l.find("//") {
+                        // A `//` inside a string literal ("http://...") is rare in this code;
+                        // cutting there only shortens the line.
+                        Some(i) => &l[..i],
+                        None => l,
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let rel = path
+                    .strip_prefix(base)
+                    .expect("under base")
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                out.push((rel, code));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Files whose code names one of `crates` (a path starting `crate::`, so `use crate::...`
+/// too), or reads the environment (`env`: `std::env`, `env::var`, `env::args`).
+fn users(files: &[(String, String)], crates: &[&str]) -> Vec<String> {
+    let uses = |code: &str, c: &str| {
+        if c == "env" {
+            return ["std::env", "env::var", "env::args"]
+                .iter()
+                .any(|n| code.contains(n));
+        }
+        code.match_indices(&format!("{c}::"))
+            .any(|(i, _)| i == 0 || !is_ident(code.as_bytes()[i - 1]))
+    };
+    files
+        .iter()
+        .filter(|(_, code)| crates.iter().any(|c| uses(code, c)))
+        .map(|(f, _)| f.clone())
+        .collect()
+}
+
+fn is_ident(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b':'
+}
+
+fn assert_only(files: &[(String, String)], crates: &[&str], allowed: &[&str], rule: &str) {
+    let offenders: Vec<String> = users(files, crates)
+        .into_iter()
+        .filter(|f| !allowed.iter().any(|a| f.starts_with(a)))
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "ARCHITECTURE.md says {rule}; these files break it: {offenders:?}"
+    );
+}
+
+#[test]
+fn the_architecture_invariants_hold() {
+    let base = root().join("host");
+    let files = sources(&base, "src");
+    assert!(files.len() > 40, "found the host's sources");
+    assert_only(
+        &files,
+        &["wasmtime", "wasmtime_wasi"],
+        &["src/runtime/"],
+        "only host/src/runtime/ imports wasmtime or wasmtime-wasi",
+    );
+    assert_only(
+        &files,
+        &["redb"],
+        &["src/storage/"],
+        "only storage/ imports redb",
+    );
+    assert_only(
+        &files,
+        &["tonic"],
+        &[
+            "src/raft/",
+            "src/api/",
+            "src/pb/",
+            "src/cli/",
+            "src/node.rs",
+            "src/etcd.rs",
+            "src/auth.rs",
+            "src/tls.rs",
+        ],
+        "tonic is used only by the gRPC layers (raft/, api/, pb/, cli/, etcd.rs, the node's \
+         server assembly in node.rs, auth.rs and tls.rs), never by runtime/ or storage/",
+    );
+    assert_only(&files, &["prost"], &["src/pb/"], "prost types stay in pb/");
+    assert_only(
+        &files,
+        &["env"],
+        &["src/cli/"],
+        "only cli/ reads arguments or the environment",
+    );
+    let count = |files: &[(String, String)], needle: &str| -> usize {
+        files.iter().map(|(_, c)| c.matches(needle).count()).sum()
+    };
+    assert_eq!(
+        count(&files, "bindgen!("),
+        1,
+        "exactly one bindgen! in the host"
+    );
+    let sdk = sources(&root().join("guest-sdk"), "src");
+    assert_eq!(
+        count(&sdk, "generate!("),
+        1,
+        "exactly one generate! in the SDK"
+    );
+}
+
+#[test]
+fn the_checker_sees_what_it_checks() {
+    let files = vec![
+        ("src/a.rs".to_owned(), "use tonic::Status;".to_owned()),
+        (
+            "src/b.rs".to_owned(),
+            "let x = monotonic::now();".to_owned(),
+        ),
+        ("src/c.rs".to_owned(), "std::env::var(\"X\")".to_owned()),
+    ];
+    assert_eq!(users(&files, &["tonic"]), vec!["src/a.rs".to_owned()]);
+    assert_eq!(users(&files, &["env"]), vec!["src/c.rs".to_owned()]);
+}

@@ -41,7 +41,7 @@ pub struct AuditOutcome {
 }
 
 /// How long the leader waits for a member to apply the audit entry and answer.
-const COLLECT_TIMEOUT: Duration = Duration::from_secs(3);
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an audit could not run.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,6 @@ use crate::raft::Raft;
 use crate::raft::types::TypeConfig;
 use crate::storage::{APPLY_BUCKETS_US, StateHandle};
 use std::fmt::Write as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// One number of a service, for a per-service metric.
@@ -325,64 +324,71 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. Anything else gets 404; a
-/// request that does not fit in 8 KiB or does not arrive within 5 s is dropped.
+/// Serves `GET /metrics` on `listener` (HTTP/1.1, hyper) until the task is dropped. Anything
+/// else gets 404. A request whose head does not arrive within 5 s is dropped, and a connection
+/// lasts at most a minute.
 pub async fn serve(
     listener: TcpListener,
     raft: Raft,
     state: StateHandle,
     rpc: std::sync::Arc<RpcMetrics>,
 ) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let (raft, state, rpc) = (raft.clone(), state.clone(), rpc.clone());
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut len = 0;
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while len < buf.len() {
-                    match conn.read(&mut buf[len..]).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => len += n,
-                    }
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        return true;
-                    }
-                }
-                false
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let mut parts = head.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let response = if method == "GET"
-                && (path == "/metrics" || path.starts_with("/metrics?"))
-            {
-                // Reading the state machine takes its lock, which an apply may hold for a while:
-                // not on an async worker.
-                let Ok(body) =
-                    tokio::task::spawn_blocking(move || render(&raft, &state, &rpc)).await
-                else {
-                    return;
-                };
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                let body = "not found; metrics are at /metrics\n";
-                format!(
-                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            };
-            let _ = conn.write_all(response.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let service = hyper::service::service_fn(move |req| {
+                let (raft, state, rpc) = (raft.clone(), state.clone(), rpc.clone());
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, raft, state, rpc).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
         });
+    }
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+async fn respond<B>(
+    req: &hyper::Request<B>,
+    raft: Raft,
+    state: StateHandle,
+    rpc: std::sync::Arc<RpcMetrics>,
+) -> hyper::Response<Body> {
+    let reply = |status: u16, content_type: &str, body: String| {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .body(Body::new(body.into()))
+            .unwrap_or_else(|_| hyper::Response::new(Body::default()))
+    };
+    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
+        return reply(
+            404,
+            "text/plain",
+            "not found; metrics are at /metrics\n".to_owned(),
+        );
+    }
+    // Reading the state machine takes its lock, which an apply may hold for a while: not on an
+    // async worker.
+    match tokio::task::spawn_blocking(move || render(&raft, &state, &rpc)).await {
+        Ok(body) => reply(200, "text/plain; version=0.0.4; charset=utf-8", body),
+        Err(e) => reply(
+            500,
+            "text/plain",
+            format!("rendering the metrics failed: {e}\n"),
+        ),
     }
 }

@@ -536,6 +536,12 @@ async fn a_damaged_session_table_and_a_service_the_majority_lacks_are_healed_too
     );
 
     let outcome = audit_and_wait(&cluster).await;
+    assert_eq!(
+        outcome.votes.len(),
+        3,
+        "every member voted: {:?}",
+        outcome.missing
+    );
     let a = cluster.node(victim).state().audit_status();
     let what: Vec<&str> = a.divergences.iter().map(|d| d.what.as_str()).collect();
     assert!(

@@ -8,7 +8,7 @@ use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE};
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .expect("write");
     let mut out = String::new();

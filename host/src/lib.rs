@@ -7,6 +7,8 @@
 //!   call that traps.
 //! - [`verify`]: the determinism verifier behind `waft exec --verify`.
 //! - [`cli`]: the `waft` command line (parsed arguments become calls into the library).
+//!
+//! ARCHITECTURE.md has the full code map and the invariants.
 
 pub mod api;
 pub mod audit;
@@ -21,6 +23,7 @@ pub mod pb;
 pub mod raft;
 pub mod runtime;
 pub mod storage;
+mod sync;
 pub mod tls;
 pub mod trial;
 pub mod verify;

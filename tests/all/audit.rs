@@ -83,6 +83,16 @@ async fn damage(cluster: &mut TestCluster, victim: usize, command: &str) {
 
 /// Snapshots node `victim`, stops it, applies `tamper` to its snapshot file, restarts it.
 async fn damage_with(cluster: &mut TestCluster, victim: usize, tamper: impl FnOnce(&Path)) {
+    // The victim's snapshot must hold everything written so far: entries it re-applies after
+    // the snapshot would repair part of the damage (a session re-created by a later write).
+    let leader = cluster.wait_leader().await;
+    let written = cluster
+        .node(leader)
+        .metrics()
+        .last_applied
+        .expect("applied")
+        .index;
+    cluster.wait_applied(written).await;
     let node = cluster.node(victim);
     let applied = node.metrics().last_applied.expect("applied").index;
     node.raft()
@@ -515,11 +525,17 @@ async fn a_damaged_session_table_and_a_service_the_majority_lacks_are_healed_too
     }
     let leader = cluster.wait_leader().await;
     let victim = (leader + 1) % 3;
-    tracing::info!("node {victim} forgets a client's session and gains a service nobody deployed");
+    tracing::info!(
+        "node {victim} misremembers a client's session and gains a service nobody deployed"
+    );
     damage_with(&mut cluster, victim, |path| {
         rewrite_snapshot(path, |header, states| {
-            assert!(!header.sessions.is_empty(), "sessions to damage");
-            header.sessions.clear();
+            // A session for a client that never wrote: nothing in the log touches it, so the
+            // damage stays whatever this node re-applies after its snapshot.
+            assert!(!header.sessions.is_empty(), "client 42's session is there");
+            let mut fake = header.sessions[0].1.clone();
+            fake.seq = 7;
+            header.sessions.push((999, fake));
             let mut extra = header.services[0].clone();
             extra.name = "stray".into();
             header.services.push(extra);
@@ -546,7 +562,8 @@ async fn a_damaged_session_table_and_a_service_the_majority_lacks_are_healed_too
     let what: Vec<&str> = a.divergences.iter().map(|d| d.what.as_str()).collect();
     assert!(
         what.contains(&"sessions") && what.contains(&"service stray"),
-        "{a:?}"
+        "{a:?}\nvotes: {:#?}",
+        outcome.votes
     );
     assert_eq!(a.heals.len(), 1, "{a:?}");
     assert_eq!(a.heals[0].error, None, "{a:?}");
@@ -554,7 +571,9 @@ async fn a_damaged_session_table_and_a_service_the_majority_lacks_are_healed_too
     items.sort();
     assert_eq!(
         items,
-        vec!["service stray".to_owned(), "sessions".to_owned()]
+        vec!["service stray".to_owned(), "sessions".to_owned()],
+        "{a:#?}\nvotes: {:#?}",
+        outcome.votes
     );
     assert_eq!(
         cluster.node(victim).state().services().len(),

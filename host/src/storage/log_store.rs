@@ -21,7 +21,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 /// Entries by index, postcard-encoded.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -60,9 +60,7 @@ enum Op {
 
 type Pending = Arc<Mutex<BTreeMap<u64, Entry>>>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use crate::sync::lock_or_stop as lock;
 
 pub(crate) fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))

@@ -23,7 +23,7 @@ use openraft::{EntryPayload, OptionalSend};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 mod audit;
 mod heal;
@@ -127,9 +127,7 @@ pub struct ServiceStats {
     pub latency_sum_us: u64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use crate::sync::lock_or_stop as lock;
 
 /// Why an entry did not produce a reply, in words (for watchers).
 fn failure(response: &Response) -> String {

@@ -89,9 +89,7 @@ impl Mem {
 
 type Shared = Arc<Mutex<Mem>>;
 
-fn lock(m: &Mutex<Mem>) -> std::sync::MutexGuard<'_, Mem> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use crate::sync::lock_or_stop as lock;
 
 fn frame(record: &Record, out: &mut Vec<u8>) -> io::Result<()> {
     let body = encode(record)?;

@@ -289,13 +289,20 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         started.elapsed().as_secs_f64()
     );
     tracing::info!("every audit matches, nothing was healed");
-    let (l, _) = last_index(&c).await;
-    let mut cl = c.cluster_client(l).await.expect("leader");
-    let audit = cl
-        .audit(api::AuditRequest {})
-        .await
-        .expect("audit")
-        .into_inner();
+    // An audit can meet a leader change (the restarts just happened): try again.
+    let mut attempts = Vec::new();
+    let audit = loop {
+        let (l, _) = last_index(&c).await;
+        let mut cl = c.cluster_client(l).await.expect("leader");
+        match cl.audit(api::AuditRequest {}).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) if attempts.len() < 10 => {
+                attempts.push(e.message().to_owned());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("the audit kept failing: {e}; before: {attempts:?}"),
+        }
+    };
     for i in 0..3 {
         wait_applied(&c, i, audit.report_index).await;
         let a = c.status(i).await.expect("status").audit.unwrap_or_default();

@@ -85,13 +85,15 @@ async fn damage(cluster: &mut TestCluster, victim: usize, command: &str) {
 async fn damage_with(cluster: &mut TestCluster, victim: usize, tamper: impl FnOnce(&Path)) {
     // The victim's snapshot must hold everything written so far: entries it re-applies after
     // the snapshot would repair part of the damage (a session re-created by a later write).
-    let leader = cluster.wait_leader().await;
+    // (The highest index in any node's log: after a leader change, the new leader may not
+    // have applied the last writes yet.)
     let written = cluster
-        .node(leader)
-        .metrics()
-        .last_applied
-        .expect("applied")
-        .index;
+        .nodes
+        .iter()
+        .flatten()
+        .filter_map(|n| n.metrics().last_log_index)
+        .max()
+        .expect("a log");
     cluster.wait_applied(written).await;
     let node = cluster.node(victim);
     let applied = node.metrics().last_applied.expect("applied").index;
@@ -525,9 +527,7 @@ async fn a_damaged_session_table_and_a_service_the_majority_lacks_are_healed_too
     }
     let leader = cluster.wait_leader().await;
     let victim = (leader + 1) % 3;
-    tracing::info!(
-        "node {victim} misremembers a client's session and gains a service nobody deployed"
-    );
+    tracing::info!("node {victim} gains a session and a service nobody made");
     damage_with(&mut cluster, victim, |path| {
         rewrite_snapshot(path, |header, states| {
             // A session for a client that never wrote: nothing in the log touches it, so the

@@ -1,6 +1,6 @@
 //! Stock clients: the Python example client (stubs generated from proto/ by grpcio-tools) and
 //! the README's grpcurl commands (server reflection), run against a real cluster. A missing tool
-//! fails the test, saying what to install (`.ci/run` installs both).
+//! fails the test, saying what to install (`scripts/test` installs both).
 
 use crate::cluster_support::{TestCluster, test_settings};
 use std::process::{Command, Output};
@@ -28,7 +28,7 @@ fn require_python_grpc() {
     assert!(
         has,
         "grpcio and grpcio-tools are not installed, and this test needs them: run the test \
-         command (.ci/run), which installs them, or pip install grpcio==1.85.1 grpcio-tools==1.85.1"
+         command (scripts/test), which installs them, or pip install grpcio==1.85.1 grpcio-tools==1.85.1"
     );
 }
 

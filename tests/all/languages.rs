@@ -2,8 +2,8 @@
 //! the Rust kv guest: same replies, same snapshot bytes (so any of them can replace another by
 //! hot-swap), deterministic on every replica of a real cluster.
 //!
-//! The components are built by `tests/build.rs` when the tools are installed (`.ci/run` installs
-//! them); without a tool the test says so and what to run, and checks only the Rust guest.
+//! The components are built by `tests/build.rs` (`scripts/test` installs the tools); a guest
+//! that could not be built fails these tests, saying why.
 
 use crate::cluster_support::{TestCluster, loaded_settings};
 use crate::support::{apply_all, ctx, guest, query, runtime, text};
@@ -50,7 +50,7 @@ const SCRIPT: &[&str] = &[
 const QUERIES: &[&str] = &["get b", "get nope", "scan", "scan c", "nope", "", "get"];
 
 /// The Python and JavaScript kv guests, each with its name. A guest that was not built fails
-/// the test: its build tool is installed by the test command (`.ci/run`).
+/// the test: its build tool is installed by the test command (`scripts/test`).
 fn foreign() -> Vec<(&'static str, &'static str)> {
     [("python", EXAMPLE_KV_PYTHON), ("js", EXAMPLE_KV_JS)]
         .into_iter()

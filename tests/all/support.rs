@@ -158,12 +158,12 @@ impl Drop for Etcd {
 }
 
 /// Fails the test, saying what to install, when `program` cannot run: a test whose tool is
-/// missing must fail, never pass by skipping (the test command, `.ci/run`, installs every tool).
+/// missing must fail, never pass by skipping (the test command, `scripts/test`, installs every tool).
 pub fn require_tool(program: &str, args: &[&str], install: &str) {
     let ran = std::process::Command::new(program).args(args).output();
     assert!(
         ran.is_ok(),
-        "{program} is not installed, and this test needs it: run the test command (.ci/run), \
+        "{program} is not installed, and this test needs it: run the test command (scripts/test), \
          which installs it, or install it yourself ({install}); {}",
         ran.err().map(|e| e.to_string()).unwrap_or_default()
     );

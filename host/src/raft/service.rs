@@ -336,7 +336,12 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
         self.admit(&request, Message::Audit)?;
         let index: u64 = pb::decode(request.get_ref())?;
-        Ok(Response::new(pb::encode(&self.state()?.digest_at(index))?))
+        let state = self.state()?.clone();
+        // The state machine's lock can be held by an apply batch: not on an async worker.
+        let reply = tokio::task::spawn_blocking(move || state.digest_at(index))
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::encode(&reply)?))
     }
 
     async fn heal_state(

@@ -12,7 +12,7 @@ use openraft::type_config::TypeConfigExt;
 use openraft::{EntryPayload, LogId};
 use std::time::{Duration, Instant};
 use waft::node::{Node, NodeConfig, RaftSettings};
-use waft::raft::types::{Entry, Request, TypeConfig};
+use waft::types::{Entry, Request, TypeConfig};
 use waft::runtime::{Runtime, RuntimeConfig};
 use waft::storage::LogStore;
 
@@ -127,7 +127,7 @@ async fn single(dir: &std::path::Path) -> Node {
         .await
         .expect("deploy");
     assert!(
-        matches!(deployed.data, waft::raft::types::Response::Deployed { .. }),
+        matches!(deployed.data, waft::types::Response::Deployed { .. }),
         "{:?}",
         deployed.data
     );

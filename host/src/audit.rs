@@ -19,8 +19,9 @@
 //! index, and audits keep working across leader changes (a report whose index a replica has no
 //! digest of, because it caught up by snapshot, is counted as skipped).
 
-use crate::raft::types::{NodeId, Request, Response, StateDigest, TypeConfig};
-use crate::raft::{NetworkFactory, Raft};
+use crate::types::{NodeId, Request, Response, StateDigest, TypeConfig};
+use crate::Raft;
+use crate::raft::NetworkFactory;
 use crate::storage::{DigestReply, StateHandle};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
@@ -59,7 +60,7 @@ pub enum AuditError {
 pub async fn audit_now(raft: &Raft, net: &NetworkFactory) -> Result<AuditOutcome, AuditError> {
     let written = raft
         .client_write(Request::Audit {
-            timestamp_ms: crate::raft::types::now_ms(),
+            timestamp_ms: crate::types::now_ms(),
         })
         .await?;
     let Response::Audited(digest) = written.data else {

@@ -14,8 +14,8 @@
 //! Everything here is the leader's local observation of time; what reaches the log is an ordinary
 //! membership change, so replicas stay identical.
 
-use crate::raft::Raft;
-use crate::raft::types::{NodeId, TypeConfig};
+use crate::Raft;
+use crate::types::{NodeId, TypeConfig};
 use openraft::ChangeMembers;
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -19,7 +19,7 @@ use crate::api::Api;
 use crate::pb::api::{self as wapi, waft_server::Waft};
 use crate::pb::etcd::kv_server::Kv;
 use crate::pb::etcd::*;
-use crate::raft::Raft;
+use crate::Raft;
 use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};

@@ -2,11 +2,21 @@
 //!
 //! # Layout
 //!
-//! - [`runtime`]: the guest runtime, the only module that touches wasmtime. Loads and validates
-//!   components, runs them deterministically under fuel and memory limits, and rolls back any
-//!   call that traps.
-//! - [`verify`]: the determinism verifier behind `waft exec --verify`.
-//! - [`cli`]: the `waft` command line (parsed arguments become calls into the library).
+//! Layers, lowest first; a module uses only modules of lower layers (`tests/all/tidy.rs`
+//! checks it):
+//!
+//! 1. [`sync`], [`pb`], [`auth`], [`tls`], [`discovery`]: leaves (lock helpers, generated gRPC
+//!    code and codecs, tokens, TLS settings, mDNS).
+//! 2. [`runtime`]: the guest runtime, the only module that touches wasmtime.
+//! 3. [`verify`], [`trial`]: the determinism verifier and try-before-deploy, on the runtime.
+//! 4. [`types`]: the Raft vocabulary (type config, requests, responses, the leader clock).
+//! 5. [`storage`]: the Raft log (WAL or redb), the state machine, snapshots.
+//! 6. [`raft`]: the Raft transport between nodes (gRPC client and server).
+//! 7. [`audit`], [`autoremove`]: leader-side policies (divergence audits, removing dead voters).
+//! 8. [`api`]: the client API (`waft.v1`).
+//! 9. [`etcd`], [`metrics`]: the etcd endpoint and the Prometheus endpoint, on the API.
+//! 10. [`node`]: one node, assembled.
+//! 11. [`cli`]: the `waft` command line.
 //!
 //! ARCHITECTURE.md has the full code map and the invariants.
 
@@ -26,4 +36,8 @@ pub mod storage;
 mod sync;
 pub mod tls;
 pub mod trial;
+pub mod types;
 pub mod verify;
+
+/// The node's Raft handle: openraft over waft's [`types`] and [`storage`].
+pub type Raft = openraft::Raft<types::TypeConfig, storage::StateMachineStore>;

@@ -5,8 +5,8 @@
 //! replicated or reaches a guest.
 
 use crate::api::trace::{RPC_BUCKETS_S, RpcMetrics};
-use crate::raft::Raft;
-use crate::raft::types::TypeConfig;
+use crate::Raft;
+use crate::types::TypeConfig;
 use crate::storage::{APPLY_BUCKETS_US, StateHandle};
 use std::fmt::Write as _;
 use tokio::net::TcpListener;

@@ -6,8 +6,9 @@
 use crate::api::{Api, ApiLimits};
 use crate::pb::api::{cluster_server::ClusterServer, waft_server::WaftServer};
 use crate::pb::raft::raft_server::RaftServer;
-use crate::raft::types::NodeId;
-use crate::raft::{Identity, NetConfig, NetworkFactory, Raft, RaftService, SnapshotLimits};
+use crate::types::NodeId;
+use crate::Raft;
+use crate::raft::{Identity, NetConfig, NetworkFactory, RaftService, SnapshotLimits};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{LogStore, StateHandle, StateMachineStore};
 use std::path::{Path, PathBuf};
@@ -461,7 +462,7 @@ impl Node {
         advertise: String,
         backup: Vec<u8>,
     ) -> Result<(u64, Vec<String>), NodeError> {
-        use crate::raft::types::{Request, Response};
+        use crate::types::{Request, Response};
         let dir = config.data_dir.clone();
         let log = config.log_engine.unwrap_or_default().path(&dir);
         if LogEngine::found_in(&dir)?.is_some() {
@@ -505,7 +506,7 @@ impl Node {
                 .client_write(Request::Restore {
                     backup,
                     force: false,
-                    timestamp_ms: crate::raft::types::now_ms(),
+                    timestamp_ms: crate::types::now_ms(),
                 })
                 .await
                 .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -599,7 +600,7 @@ impl Node {
     }
 
     /// A copy of the node's current Raft metrics (role, term, leader, log and apply progress).
-    pub fn metrics(&self) -> openraft::RaftMetrics<crate::raft::types::TypeConfig> {
+    pub fn metrics(&self) -> openraft::RaftMetrics<crate::types::TypeConfig> {
         use openraft::async_runtime::WatchReceiver;
         self.raft.metrics().borrow_watched().clone()
     }

@@ -517,10 +517,10 @@ async fn a_damaged_session_table_and_a_service_the_majority_lacks_are_healed_too
     cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
     for seq in 1..=5 {
         cluster
-            .write(waft::raft::types::Request::Command {
+            .write(waft::types::Request::Command {
                 service: "kv".into(),
                 payload: format!("put s{seq} {seq}").into_bytes(),
-                client: Some(waft::raft::types::ClientSeq { client_id: 42, seq }),
+                client: Some(waft::types::ClientSeq { client_id: 42, seq }),
                 timestamp_ms: 1,
             })
             .await;

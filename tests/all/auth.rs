@@ -6,7 +6,7 @@ use crate::support::channel;
 use crate::support::waft_cli;
 use waft::node::NodeConfig;
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
-use waft::raft::types::{TypeConfig, Vote};
+use waft::types::{TypeConfig, Vote};
 use waft_testkit::guests::EXAMPLE_KV;
 
 const CLUSTER: &str = "cluster-secret-0123";

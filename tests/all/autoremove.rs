@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use waft::autoremove::RemovalPolicy;
 use waft::node::Node;
-use waft::raft::types::NodeId;
+use waft::types::NodeId;
 use waft_testkit::guests::EXAMPLE_KV;
 
 fn voters(node: &Node) -> BTreeSet<NodeId> {

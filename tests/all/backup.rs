@@ -3,7 +3,7 @@
 
 use crate::cluster_support::{TestCluster, kv, test_settings};
 use waft::pb::api::{self, cluster_client::ClusterClient};
-use waft::raft::types::Request;
+use waft::types::Request;
 use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_KV, TEST_KV2};
 
 use crate::support::waft_cli as waft;

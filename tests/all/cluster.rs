@@ -3,7 +3,7 @@
 use crate::cluster_support::{TestCluster, kv, test_settings};
 use std::time::Duration;
 use waft::node::RaftSettings;
-use waft::raft::types::Response;
+use waft::types::Response;
 use waft_testkit::guests::EXAMPLE_KV;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -34,10 +34,10 @@ async fn three_nodes_apply_1000_writes_and_agree_byte_for_byte() {
     assert_eq!(answer, b"value-899");
 
     tracing::info!("a retried command (same client id and sequence) is not applied twice");
-    let with_client = |payload: &str, seq: u64| waft::raft::types::Request::Command {
+    let with_client = |payload: &str, seq: u64| waft::types::Request::Command {
         service: "kv".to_owned(),
         payload: payload.as_bytes().to_vec(),
-        client: Some(waft::raft::types::ClientSeq {
+        client: Some(waft::types::ClientSeq {
             client_id: 0xC0FFEE,
             seq,
         }),
@@ -59,7 +59,7 @@ async fn three_nodes_apply_1000_writes_and_agree_byte_for_byte() {
     let (last, put) = cluster.write(kv("put x 1")).await;
     assert_eq!(put, Response::Reply(b"OK".to_vec()));
     let (last2, no_service) = cluster
-        .write(waft::raft::types::Request::Command {
+        .write(waft::types::Request::Command {
             service: "nope".to_owned(),
             payload: b"put x 1".to_vec(),
             client: None,
@@ -239,7 +239,7 @@ mod snapshot_transfer {
         SnapshotChunk, SnapshotHeader, raft_client::RaftClient, snapshot_chunk::Kind,
     };
     use waft::raft::SnapshotLimits;
-    use waft::raft::types::{SnapshotMeta, Vote};
+    use waft::types::{SnapshotMeta, Vote};
 
     fn header(size: u64) -> SnapshotChunk {
         let meta = SnapshotMeta::default();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use waft::node::{Node, NodeConfig, RaftSettings};
-use waft::raft::types::{NodeId, Request, Response};
+use waft::types::{NodeId, Request, Response};
 
 /// Fast timings so tests elect and replicate quickly.
 pub fn test_settings() -> RaftSettings {

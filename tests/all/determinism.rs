@@ -6,7 +6,7 @@
 use crate::cluster_support::{TestCluster, test_settings};
 use crate::support::{ctx, runtime_with};
 use std::sync::Arc;
-use waft::raft::types::{Request, Response};
+use waft::types::{Request, Response};
 use waft::runtime::{CheckpointPolicy, Guest, GuestModule, Runtime, RuntimeConfig};
 use waft::verify::{Plan, verify};
 use waft_testkit::guests::{

@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use waft::pb;
-use waft::raft::types::{
+use waft::types::{
     ClientSeq, Request, ServiceDigest, ServiceLimits, StateDigest, TypeConfig,
 };
 
@@ -110,8 +110,8 @@ proptest! {
         let _ = pb::decode::<openraft::raft::TransferLeaderRequest<TypeConfig>>(&m);
         let _ = pb::decode::<openraft::raft::StreamAppendResult<TypeConfig>>(&m);
         let _ = pb::decode::<openraft::raft::SnapshotResponse<TypeConfig>>(&m);
-        let _ = pb::decode::<(waft::raft::types::Vote, waft::raft::types::SnapshotMeta)>(&m);
-        let _ = pb::decode::<waft::raft::types::Entry>(&m);
+        let _ = pb::decode::<(waft::types::Vote, waft::types::SnapshotMeta)>(&m);
+        let _ = pb::decode::<waft::types::Entry>(&m);
         let _ = pb::decode::<waft::runtime::ReplayForm>(&m);
     }
 

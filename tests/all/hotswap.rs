@@ -6,7 +6,7 @@ use crate::cluster_support::{TestCluster, kv, test_settings};
 use std::time::Duration;
 use tonic::transport::Channel;
 use waft::pb::api::{self, waft_client::WaftClient};
-use waft::raft::types::{Request, Response};
+use waft::types::{Request, Response};
 use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE, TEST_KV2};
 
 async fn client(addr: &str) -> WaftClient<Channel> {

@@ -10,7 +10,7 @@ use waft::node::{Node, NodeConfig};
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use waft::pb::raft::raft_client::RaftClient;
 use waft::raft::identity::{CLUSTER_HEADER, TARGET_HEADER};
-use waft::raft::types::{NodeId, TypeConfig, Vote};
+use waft::types::{NodeId, TypeConfig, Vote};
 
 async fn status(addr: &str) -> api::StatusReply {
     ClusterClient::new(channel(addr).await)

@@ -3,7 +3,7 @@
 
 use crate::cluster_support::{TestCluster, kv, test_settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use waft::raft::types::Request;
+use waft::types::Request;
 use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE};
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -5,7 +5,7 @@ use crate::support::init_tracing;
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 use tempfile::TempDir;
-use waft::raft::types::TypeConfig;
+use waft::types::TypeConfig;
 use waft::runtime::{Runtime, RuntimeConfig};
 use waft::storage::{LogStore, StateMachineStore, WalLog};
 
@@ -58,9 +58,9 @@ async fn the_wal_log_passes_openraft_storage_conformance_suite() {
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
 use openraft::type_config::TypeConfigExt;
 use openraft::{EntryPayload, LogId, RaftLogReader};
-use waft::raft::types::{Entry, Request, Vote};
+use waft::types::{Entry, Request, Vote};
 
-fn log_id(index: u64) -> waft::raft::types::LogId {
+fn log_id(index: u64) -> waft::types::LogId {
     LogId::new(
         openraft::impls::leader_id_adv::LeaderId {
             term: 1,

@@ -133,8 +133,98 @@ fn the_architecture_invariants_hold() {
     );
 }
 
+/// The layers of host/src, lowest first (lib.rs and ARCHITECTURE.md list them): a module may
+/// use only modules of lower layers, so there is no import cycle between them. `Raft` is the
+/// handle lib.rs declares over `types` and `storage`.
+const LAYERS: &[&[&str]] = &[
+    &["sync", "pb", "auth", "tls", "discovery"],
+    &["runtime"],
+    &["verify", "trial"],
+    &["types"],
+    &["storage"],
+    &["Raft"],
+    &["raft"],
+    &["audit", "autoremove"],
+    &["api"],
+    &["etcd", "metrics"],
+    &["node"],
+    &["cli"],
+];
+
+fn layer(module: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&module))
+}
+
+/// The top-level module a file of host/src belongs to (`src/raft/network.rs` → `raft`).
+fn module_of(file: &str) -> &str {
+    let rest = file.strip_prefix("src/").expect("under src/");
+    let first = rest.split('/').next().expect("a component");
+    first.strip_suffix(".rs").unwrap_or(first)
+}
+
+/// Every `(user, used)` pair of top-level modules where `used` is not in a lower layer.
+fn layer_violations(files: &[(String, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (file, code) in files {
+        let user = module_of(file);
+        if matches!(user, "lib" | "main") {
+            continue;
+        }
+        let Some(from) = layer(user) else {
+            out.push(format!("{file}: module `{user}` is in no layer (add it to LAYERS)"));
+            continue;
+        };
+        for (i, _) in code.match_indices("crate::") {
+            let name: String = code[i + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name == user || name.is_empty() {
+                continue;
+            }
+            match layer(&name) {
+                Some(to) if to < from => {}
+                _ => out.push(format!("{file}: `{user}` uses `crate::{name}`")),
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn modules_use_only_lower_layers() {
+    let files = sources(&root().join("host"), "src");
+    let violations = layer_violations(&files);
+    assert!(
+        violations.is_empty(),
+        "the layers in lib.rs are broken (an import cycle or a use upwards): {violations:#?}"
+    );
+    // Every module lib.rs declares is in a layer.
+    let lib = std::fs::read_to_string(root().join("host/src/lib.rs")).expect("lib.rs");
+    for line in lib.lines() {
+        if let Some(m) = line
+            .trim_start_matches("pub ")
+            .strip_prefix("mod ")
+            .and_then(|m| m.strip_suffix(';'))
+        {
+            assert!(layer(m).is_some(), "module `{m}` is in no layer");
+        }
+    }
+}
+
 #[test]
 fn the_checker_sees_what_it_checks() {
+    let layered = vec![
+        ("src/storage/wal.rs".to_owned(), "use crate::types::Entry;".to_owned()),
+        ("src/types.rs".to_owned(), "use crate::storage::X;".to_owned()),
+        ("src/raft/a.rs".to_owned(), "crate::Raft; crate::raft::x".to_owned()),
+    ];
+    assert_eq!(
+        layer_violations(&layered),
+        vec!["src/types.rs: `types` uses `crate::storage`".to_owned()]
+    );
     let files = vec![
         ("src/a.rs".to_owned(), "use tonic::Status;".to_owned()),
         (

@@ -11,8 +11,9 @@ pub(crate) mod forward;
 pub mod trace;
 
 use crate::pb::api::{self, cluster_server, waft_server};
-use crate::raft::types::{ClientSeq, Node as RaftNode, NodeId, Request, Response, now_ms};
-use crate::raft::{NetworkFactory, Raft};
+use crate::types::{ClientSeq, Node as RaftNode, NodeId, Request, Response, now_ms};
+use crate::Raft;
+use crate::raft::NetworkFactory;
 use crate::runtime::Runtime;
 use crate::storage::events::Since;
 use crate::storage::{QueryError, StateHandle};
@@ -147,11 +148,11 @@ pub fn forwarding_check(
 
 /// Maps openraft errors to statuses; `ForwardToLeader` becomes a route.
 fn route_of<E>(
-    e: &RaftError<crate::raft::types::TypeConfig, E>,
+    e: &RaftError<crate::types::TypeConfig, E>,
     already_forwarded: bool,
 ) -> Result<Route, Status>
 where
-    E: openraft::TryAsRef<ForwardToLeader<crate::raft::types::TypeConfig>> + std::error::Error,
+    E: openraft::TryAsRef<ForwardToLeader<crate::types::TypeConfig>> + std::error::Error,
 {
     match e.forward_to_leader() {
         Some(f) if already_forwarded => Err(Status::unavailable(format!(
@@ -168,7 +169,7 @@ where
 }
 
 fn write_error(
-    e: &RaftError<crate::raft::types::TypeConfig, ClientWriteError<crate::raft::types::TypeConfig>>,
+    e: &RaftError<crate::types::TypeConfig, ClientWriteError<crate::types::TypeConfig>>,
 ) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
@@ -369,7 +370,7 @@ impl Api {
         Ok(Route::Leader(addr))
     }
 
-    fn metrics(&self) -> openraft::RaftMetrics<crate::raft::types::TypeConfig> {
+    fn metrics(&self) -> openraft::RaftMetrics<crate::types::TypeConfig> {
         use openraft::async_runtime::WatchReceiver;
         self.raft.metrics().borrow_watched().clone()
     }
@@ -413,7 +414,7 @@ impl Api {
         &self,
         service: &str,
         module: Arc<Vec<u8>>,
-        limits: crate::raft::types::ServiceLimits,
+        limits: crate::types::ServiceLimits,
         what: &str,
     ) -> Result<String, Status> {
         let current = self.state.service_state(service).await.map_err(|e| {
@@ -446,7 +447,7 @@ impl Api {
         &self,
         header: &api::DeployHeader,
         module: &[u8],
-        limits: crate::raft::types::ServiceLimits,
+        limits: crate::types::ServiceLimits,
     ) -> Result<(Option<api::TrialReport>, Vec<String>), Status> {
         let running = self.state.running(&header.service);
         let runtime = self.runtime.clone();
@@ -566,10 +567,10 @@ impl Api {
     async fn membership_outcome<F, Fut>(
         &self,
         result: Result<
-            openraft::raft::ClientWriteResponse<crate::raft::types::TypeConfig>,
+            openraft::raft::ClientWriteResponse<crate::types::TypeConfig>,
             RaftError<
-                crate::raft::types::TypeConfig,
-                ClientWriteError<crate::raft::types::TypeConfig>,
+                crate::types::TypeConfig,
+                ClientWriteError<crate::types::TypeConfig>,
             >,
         >,
         already_forwarded: bool,
@@ -599,7 +600,7 @@ impl Api {
     }
 }
 
-fn members(m: &openraft::RaftMetrics<crate::raft::types::TypeConfig>) -> Vec<api::MemberStatus> {
+fn members(m: &openraft::RaftMetrics<crate::types::TypeConfig>) -> Vec<api::MemberStatus> {
     let membership = m.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     let last = m.last_log_index.unwrap_or(0);
@@ -888,7 +889,7 @@ impl waft_server::Waft for Api {
                 .await
                 .map_err(|s| relay_failure(&addr, s));
         }
-        let limits = crate::raft::types::ServiceLimits {
+        let limits = crate::types::ServiceLimits {
             fuel_per_apply: (header.fuel_per_apply != 0).then_some(header.fuel_per_apply),
             max_memory_bytes: (header.max_memory_bytes != 0).then_some(header.max_memory_bytes),
         };

@@ -19,7 +19,7 @@
 //! before (openraft's leader stops on that), and voting would count a member that no longer
 //! holds what it promised to keep. It is refused until it is removed and added back.
 
-use super::types::{NodeId, TypeConfig};
+use crate::types::{NodeId, TypeConfig};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::path::PathBuf;

@@ -1,11 +1,12 @@
-//! Raft: the type configuration, the gRPC network between nodes and its server side.
+//! The Raft transport: the gRPC network between nodes (client side), its server side, the
+//! identity checks on every Raft message and the audit/heal RPCs between nodes. The vocabulary
+//! (type config, requests, responses) is [`crate::types`].
 
 pub mod identity;
 pub mod network;
 pub mod peer_audit;
 pub mod service;
-pub mod types;
 
 pub use identity::Identity;
 pub use network::{NetConfig, NetworkFactory};
-pub use service::{Raft, RaftService, SnapshotLimits};
+pub use service::{RaftService, SnapshotLimits};

@@ -11,7 +11,7 @@
 //! from a reader task while the receiver consumes them: the sender never waits for a reply
 //! before sending the next chunk.
 
-use super::types::{Node, NodeId, TypeConfig, Vote};
+use crate::types::{Node, NodeId, TypeConfig, Vote};
 use crate::pb::{self, raft::raft_client::RaftClient};
 use crate::storage::state_machine::Snapshot;
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};

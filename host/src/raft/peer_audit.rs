@@ -2,8 +2,8 @@
 //! member's digest, and a diverged replica fetching state from a majority replica.
 
 use super::network::NetworkFactory;
-use super::service::Raft;
-use super::types::NodeId;
+use crate::Raft;
+use crate::types::NodeId;
 use crate::storage::{DigestReply, HealReply, HealRequest, Healer};
 use futures::FutureExt;
 use futures::future::BoxFuture;

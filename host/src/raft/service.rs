@@ -1,7 +1,7 @@
 //! The Raft network, server side: the gRPC service peers call.
 
 use super::identity::Message;
-use super::types::{SnapshotMeta, TypeConfig, Vote};
+use crate::types::{SnapshotMeta, TypeConfig, Vote};
 use crate::pb::{self, raft::raft_server, raft::snapshot_chunk::Kind};
 use crate::storage::snapshot;
 use crate::storage::{SnapshotFile, state_machine::Snapshot};
@@ -14,8 +14,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-/// The node's Raft handle.
-pub type Raft = openraft::Raft<TypeConfig, crate::storage::StateMachineStore>;
+use crate::Raft;
 
 /// Limits on incoming snapshots.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@
 //! and the writer empties after each commit. Truncation, purge and vote writes wait for the
 //! writer, so no reader can see an entry that a queued truncation has already removed.
 
-use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
+use crate::types::{Entry, LogId, TypeConfig, Vote};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -93,7 +93,7 @@ pub type DeployHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Calls `hook` with the module when `entry` is a deploy (both log engines do on append).
 pub(crate) fn notify_deploy(hook: Option<&DeployHook>, entry: &Entry) {
-    use crate::raft::types::Request;
+    use crate::types::Request;
     if let (
         Some(hook),
         openraft::EntryPayload::Normal(

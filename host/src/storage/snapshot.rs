@@ -9,7 +9,7 @@
 //! believing anything else, so a truncated or corrupted file (or transfer) is refused whole.
 //! Sections are written and read one at a time: the file is never one buffer.
 
-use crate::raft::types::{Response, SnapshotMeta};
+use crate::types::{Response, SnapshotMeta};
 use crate::runtime::{ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
 use crate::storage::log_store::{decode, encode};
 use serde::{Deserialize, Serialize};
@@ -71,7 +71,7 @@ pub struct VersionRecord {
     /// Log index of the deploy (or rollback) that made it active.
     pub deployed_at: u64,
     /// The limits its guest runs under.
-    pub limits: crate::raft::types::ServiceLimits,
+    pub limits: crate::types::ServiceLimits,
     /// Deployed with `--force` although the determinism verifier found these problems.
     pub forced: Option<String>,
 }
@@ -82,7 +82,7 @@ pub struct VersionRecordV3 {
     version: u32,
     module: String,
     deployed_at: u64,
-    limits: crate::raft::types::ServiceLimits,
+    limits: crate::types::ServiceLimits,
 }
 
 impl From<VersionRecordV3> for VersionRecord {

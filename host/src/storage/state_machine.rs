@@ -6,7 +6,7 @@
 //! calls are CPU work and never run on the async runtime: each batch of entries is applied on a
 //! blocking thread, with the state behind a mutex that queries share.
 
-use crate::raft::types::{
+use crate::types::{
     ClientSeq, Entry, LogId, Request, Response, ServiceLimits, SnapshotMeta, StoredMembership,
     TypeConfig,
 };

@@ -17,7 +17,7 @@
 //! When a purge leaves the file mostly dead (over 64 MiB, less than a quarter of it live), the
 //! writer rewrites it with only the live state (to a new file, fsynced, renamed over the old).
 
-use crate::raft::types::{Entry, LogId, TypeConfig, Vote};
+use crate::types::{Entry, LogId, TypeConfig, Vote};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -490,7 +490,7 @@ mod tests {
                 },
                 index,
             ),
-            payload: openraft::EntryPayload::Normal(crate::raft::types::Request::Command {
+            payload: openraft::EntryPayload::Normal(crate::types::Request::Command {
                 service: "kv".into(),
                 payload: vec![7; 200],
                 client: None,

@@ -1,6 +1,6 @@
 //! The replica side of state audits: digests, and the verdict on each audit's votes.
 //!
-//! At an [`Request::Audit`](crate::raft::types::Request::Audit) entry every replica records a
+//! At an [`Request::Audit`](crate::types::Request::Audit) entry every replica records a
 //! digest of its replicated state. The leader then collects every member's digest and proposes
 //! them in an `AuditVotes` entry. Applying it, each replica compares its own digest with the
 //! value a majority of voters reported, item by item (each service, and the session table):
@@ -15,7 +15,7 @@
 
 use super::SmState;
 use super::heal::HealPlan;
-use crate::raft::types::{NodeId, ServiceDigest, StateDigest};
+use crate::types::{NodeId, ServiceDigest, StateDigest};
 use crate::storage::snapshot::Session;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;

@@ -14,7 +14,7 @@
 
 use super::audit::{HealRecord, Item};
 use super::{Service, SmState, lock};
-use crate::raft::types::NodeId;
+use crate::types::NodeId;
 use crate::runtime::{ModuleHash, ReplayForm};
 use crate::storage::snapshot::{Session, VersionRecord};
 use futures::future::BoxFuture;

@@ -1,4 +1,6 @@
-//! The Raft type configuration: what a log entry carries and what applying one returns.
+//! The Raft vocabulary every layer above the runtime shares: the openraft type configuration,
+//! what a log entry carries ([`Request`]), what applying one returns ([`Response`]), and the
+//! leader clock. The `Raft` handle over our storage is [`crate::Raft`].
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -12,9 +12,9 @@ use openraft::type_config::TypeConfigExt;
 use openraft::{EntryPayload, LogId};
 use std::time::{Duration, Instant};
 use waft::node::{Node, NodeConfig, RaftSettings};
-use waft::types::{Entry, Request, TypeConfig};
 use waft::runtime::{Runtime, RuntimeConfig};
 use waft::storage::LogStore;
+use waft::types::{Entry, Request, TypeConfig};
 
 fn entry(index: u64, payload_len: usize) -> Entry {
     Entry {

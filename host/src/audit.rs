@@ -19,10 +19,10 @@
 //! index, and audits keep working across leader changes (a report whose index a replica has no
 //! digest of, because it caught up by snapshot, is counted as skipped).
 
-use crate::types::{NodeId, Request, Response, StateDigest, TypeConfig};
 use crate::Raft;
 use crate::raft::NetworkFactory;
 use crate::storage::{DigestReply, StateHandle};
+use crate::types::{NodeId, Request, Response, StateDigest, TypeConfig};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use std::time::Duration;

@@ -15,11 +15,11 @@
 //! A caller's `authorization` header is passed on, so with `--client-token` the endpoint
 //! requires the token as waft's own API does (etcd's own auth is not implemented).
 
+use crate::Raft;
 use crate::api::Api;
 use crate::pb::api::{self as wapi, waft_server::Waft};
 use crate::pb::etcd::kv_server::Kv;
 use crate::pb::etcd::*;
-use crate::Raft;
 use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};

@@ -4,10 +4,10 @@
 //! Everything here is a local observation (timings, counters, Raft progress); none of it is
 //! replicated or reaches a guest.
 
-use crate::api::trace::{RPC_BUCKETS_S, RpcMetrics};
 use crate::Raft;
-use crate::types::TypeConfig;
+use crate::api::trace::{RPC_BUCKETS_S, RpcMetrics};
 use crate::storage::{APPLY_BUCKETS_US, StateHandle};
+use crate::types::TypeConfig;
 use std::fmt::Write as _;
 use tokio::net::TcpListener;
 

@@ -3,14 +3,14 @@
 //! [`Node::start`] takes an already bound listener, so tests bind `127.0.0.1:0` and learn the
 //! port; [`run`] is the same with a shutdown future, for the binary.
 
+use crate::Raft;
 use crate::api::{Api, ApiLimits};
 use crate::pb::api::{cluster_server::ClusterServer, waft_server::WaftServer};
 use crate::pb::raft::raft_server::RaftServer;
-use crate::types::NodeId;
-use crate::Raft;
 use crate::raft::{Identity, NetConfig, NetworkFactory, RaftService, SnapshotLimits};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{LogStore, StateHandle, StateMachineStore};
+use crate::types::NodeId;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,8 +6,8 @@
 use crate::cluster_support::{TestCluster, test_settings};
 use crate::support::{ctx, runtime_with};
 use std::sync::Arc;
-use waft::types::{Request, Response};
 use waft::runtime::{CheckpointPolicy, Guest, GuestModule, Runtime, RuntimeConfig};
+use waft::types::{Request, Response};
 use waft::verify::{Plan, verify};
 use waft_testkit::guests::{
     EXAMPLE_KV, TEST_DET_JS, TEST_DET_PYTHON, TEST_FLAWED, TEST_FLAWED_PYTHON, TEST_NONDET,

@@ -4,9 +4,7 @@
 
 use proptest::prelude::*;
 use waft::pb;
-use waft::types::{
-    ClientSeq, Request, ServiceDigest, ServiceLimits, StateDigest, TypeConfig,
-};
+use waft::types::{ClientSeq, Request, ServiceDigest, ServiceLimits, StateDigest, TypeConfig};
 
 fn message(payload: Vec<u8>) -> pb::raft::RaftMessage {
     pb::raft::RaftMessage {

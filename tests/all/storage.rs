@@ -5,9 +5,9 @@ use crate::support::init_tracing;
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 use tempfile::TempDir;
-use waft::types::TypeConfig;
 use waft::runtime::{Runtime, RuntimeConfig};
 use waft::storage::{LogStore, StateMachineStore, WalLog};
+use waft::types::TypeConfig;
 
 struct Builder;
 

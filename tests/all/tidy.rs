@@ -171,7 +171,9 @@ fn layer_violations(files: &[(String, String)]) -> Vec<String> {
             continue;
         }
         let Some(from) = layer(user) else {
-            out.push(format!("{file}: module `{user}` is in no layer (add it to LAYERS)"));
+            out.push(format!(
+                "{file}: module `{user}` is in no layer (add it to LAYERS)"
+            ));
             continue;
         };
         for (i, _) in code.match_indices("crate::") {
@@ -217,9 +219,18 @@ fn modules_use_only_lower_layers() {
 #[test]
 fn the_checker_sees_what_it_checks() {
     let layered = vec![
-        ("src/storage/wal.rs".to_owned(), "use crate::types::Entry;".to_owned()),
-        ("src/types.rs".to_owned(), "use crate::storage::X;".to_owned()),
-        ("src/raft/a.rs".to_owned(), "crate::Raft; crate::raft::x".to_owned()),
+        (
+            "src/storage/wal.rs".to_owned(),
+            "use crate::types::Entry;".to_owned(),
+        ),
+        (
+            "src/types.rs".to_owned(),
+            "use crate::storage::X;".to_owned(),
+        ),
+        (
+            "src/raft/a.rs".to_owned(),
+            "crate::Raft; crate::raft::x".to_owned(),
+        ),
     ];
     assert_eq!(
         layer_violations(&layered),

@@ -7,8 +7,8 @@ use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use waft::pb::raft::raft_client::RaftClient;
-use waft::types::{TypeConfig, Vote};
 use waft::tls::{Pem, Tls, issue, issue_between, new_ca};
+use waft::types::{TypeConfig, Vote};
 use waft_testkit::guests::EXAMPLE_KV;
 
 pub(crate) struct Pki {

@@ -13,7 +13,8 @@
 //! the connection (the leader went away) fails each of its commands with UNAVAILABLE: their
 //! outcome is unknown, and a retry with the same client session applies each at most once.
 
-use super::{Api, Caller, relay_failure};
+use super::Api;
+use super::route::{Caller, relay_failure};
 use crate::pb::api;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -178,6 +179,7 @@ async fn send(api: &Api, key: &Key, batch: Vec<Pending>) {
             [one] => one.request_id.clone(),
             _ => None,
         },
+        forwarded: false,
     };
     let (commands, waiting): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -186,7 +188,11 @@ async fn send(api: &Api, key: &Key, batch: Vec<Pending>) {
     let n = commands.len();
     let call = async {
         api.waft_client(&key.leader)?
-            .submit_batch(api.mark(&caller, api::SubmitBatchRequest { commands }))
+            .submit_batch({
+                let mut req = tonic::Request::new(api::SubmitBatchRequest { commands });
+                *req.metadata_mut() = api.mark(&caller);
+                req
+            })
             .await
     };
     let outcome = match call.await {

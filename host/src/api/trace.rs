@@ -235,7 +235,7 @@ where
                 id
             }
         };
-        let forwarded = req.headers().contains_key(super::FORWARDED);
+        let forwarded = req.headers().contains_key(super::route::FORWARDED);
         let node = self.layer.node;
         let span = tracing::info_span!("rpc", node, %method, request_id = %id, forwarded);
         let fut = self.inner.call(req).instrument(span);

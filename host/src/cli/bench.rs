@@ -4,7 +4,8 @@
 //! request, waits for the answer, and sends the next. Latencies go into HDR histograms (µs,
 //! three significant digits), merged at the end. A warm-up runs first and is not measured.
 
-use super::client::{ClientArgs, Consistency, Output};
+use super::client::Consistency;
+use super::connect::{Client, Connector, Output};
 use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use crate::pb::etcd::{self, kv_client::KvClient};
 use anyhow::{Context, bail};
@@ -157,7 +158,7 @@ impl BenchResult {
 
 /// One request kind, ready to send.
 enum Conn {
-    Waft(WaftClient<super::client::Conn>),
+    Waft(WaftClient<super::connect::Conn>),
     Etcd(KvClient<Channel>),
 }
 
@@ -308,12 +309,12 @@ impl Workload {
 
 /// Connects to a node of `target`: waft endpoints take the process's TLS settings, etcd
 /// endpoints are plain unless given as `https://` URIs.
-async fn connect(target: Target, endpoint: &str) -> anyhow::Result<Channel> {
+async fn connect(connector: &Connector, target: Target, endpoint: &str) -> anyhow::Result<Channel> {
     let e = match target {
         Target::Etcd if !endpoint.contains("://") => {
             Endpoint::from_shared(format!("http://{endpoint}"))?
         }
-        _ => super::client::endpoint(endpoint)?,
+        _ => connector.endpoint(endpoint)?,
     };
     e.connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
@@ -325,6 +326,7 @@ async fn connect(target: Target, endpoint: &str) -> anyhow::Result<Channel> {
 
 /// Runs one measurement against `endpoints`.
 pub async fn run_bench(
+    connector: &Connector,
     target: Target,
     endpoints: &[String],
     args: &BenchArgs,
@@ -341,7 +343,7 @@ pub async fn run_bench(
     };
     let mut channels = Vec::with_capacity(connections);
     for i in 0..connections {
-        channels.push(connect(target, &endpoints[i % endpoints.len()]).await?);
+        channels.push(connect(connector, target, &endpoints[i % endpoints.len()]).await?);
     }
     let workload = Arc::new(Workload {
         keys: args.keys,
@@ -361,7 +363,7 @@ pub async fn run_bench(
         let ch = channels[i % connections].clone();
         let mut conn = match target {
             Target::Waft => Conn::Waft(
-                WaftClient::new(super::client::authorized(ch))
+                WaftClient::new(connector.authorized(ch))
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20),
             ),
@@ -461,12 +463,12 @@ pub async fn run_bench(
 }
 
 /// The leader's address, from the first of `endpoints` that knows it.
-async fn leader_of(endpoints: &[String]) -> anyhow::Result<String> {
+async fn leader_of(connector: &Connector, endpoints: &[String]) -> anyhow::Result<String> {
     let mut last = anyhow::anyhow!("no endpoints");
     for e in endpoints {
         let asked = async {
-            let ch = connect(Target::Waft, e).await?;
-            let mut c = ClusterClient::new(super::client::authorized(ch));
+            let ch = connect(connector, Target::Waft, e).await?;
+            let mut c = ClusterClient::new(connector.authorized(ch));
             let s = c
                 .status(api::StatusRequest {})
                 .await
@@ -487,22 +489,22 @@ async fn leader_of(endpoints: &[String]) -> anyhow::Result<String> {
 }
 
 /// `waft bench`.
-pub async fn bench(client: &ClientArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+pub async fn bench(client: &Client, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let endpoints = if args.endpoints.is_empty() {
         vec![client.endpoint.clone()]
     } else {
         args.endpoints.clone()
     };
     let endpoints = if args.to_leader && args.target == Target::Waft {
-        vec![leader_of(&endpoints).await?]
+        vec![leader_of(&client.connector, &endpoints).await?]
     } else {
         endpoints
     };
-    let first = run_bench(args.target, &endpoints, args).await?;
+    let first = run_bench(&client.connector, args.target, &endpoints, args).await?;
     let second = if args.compare_etcd.is_empty() {
         None
     } else {
-        Some(run_bench(Target::Etcd, &args.compare_etcd, args).await?)
+        Some(run_bench(&client.connector, Target::Etcd, &args.compare_etcd, args).await?)
     };
     let ratio = second.as_ref().map(|etcd| {
         (

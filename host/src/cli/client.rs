@@ -1,162 +1,14 @@
-//! Client commands: submit, query, deploy, services and cluster administration.
+//! Client commands on services: submit, query, watch, deploy, rollback, services.
 
-use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
+use super::connect::{Client, Conn, Output, retrying};
+use super::output;
+use crate::pb::api::{self, waft_client::WaftClient};
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use std::io::Read;
 use std::process::ExitCode;
 use std::time::Duration;
-use tonic::transport::Channel;
-
-/// How results are printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    /// For people.
-    Text,
-    /// One JSON document, for scripts.
-    Json,
-}
-
-/// Where the client connects and how it prints.
-#[derive(Debug, Clone, Args)]
-pub struct ClientArgs {
-    /// Address of any node (`host:port`). Followers forward to the leader.
-    #[arg(
-        long,
-        global = true,
-        env = "WAFT_ENDPOINT",
-        default_value = "127.0.0.1:7001"
-    )]
-    pub endpoint: String,
-    /// Output format.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
-    pub output: Output,
-    /// The token to present (see `waft node --token`); for `waft node`, the cluster token it
-    /// requires of admin calls and peers.
-    #[arg(long, global = true, env = "WAFT_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// The cluster CA certificate (PEM): connect over TLS and trust nodes it signed. For
-    /// `waft node`, also the CA its peers' certificates must be signed by (mutual TLS).
-    #[arg(long, global = true, env = "WAFT_TLS_CA", value_name = "FILE")]
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// A certificate (PEM) to present: a node's own (required with --tls-ca for `waft node`),
-    /// or a client's.
-    #[arg(
-        long,
-        global = true,
-        env = "WAFT_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// The private key (PEM) of --tls-cert.
-    #[arg(
-        long,
-        global = true,
-        env = "WAFT_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
-    pub tls_key: Option<std::path::PathBuf>,
-}
-
-impl ClientArgs {
-    /// The TLS settings these flags describe (None: plain TCP).
-    pub fn tls(&self) -> anyhow::Result<Option<crate::tls::Tls>> {
-        match &self.tls_ca {
-            None if self.tls_cert.is_some() => {
-                bail!("--tls-cert needs --tls-ca (the CA that signed the nodes' certificates)")
-            }
-            None => Ok(None),
-            Some(ca) => {
-                crate::tls::Tls::load(ca, self.tls_cert.as_deref(), self.tls_key.as_deref())
-                    .map(Some)
-                    .map_err(|e| anyhow::anyhow!("TLS: {e}"))
-            }
-        }
-    }
-}
-
-/// The TLS every connection of this process uses, set once from the flags.
-static TLS: std::sync::OnceLock<Option<crate::tls::Tls>> = std::sync::OnceLock::new();
-
-/// Records the TLS settings every connection uses.
-pub fn use_tls(tls: Option<crate::tls::Tls>) {
-    let _ = TLS.set(tls);
-}
-
-/// The client TLS settings of this process, if any.
-pub fn client_tls() -> Option<tonic::transport::ClientTlsConfig> {
-    TLS.get().cloned().flatten().map(|t| t.client())
-}
-
-/// An endpoint for `addr` (`host:port` or a URI), over TLS when `--tls-ca` was given.
-pub fn endpoint(addr: &str) -> anyhow::Result<tonic::transport::Endpoint> {
-    let tls = TLS.get().cloned().flatten();
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else if tls.is_some() {
-        format!("https://{addr}")
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(uri)
-        .with_context(|| format!("bad endpoint {addr:?}"))?;
-    match tls {
-        Some(tls) => endpoint
-            .tls_config(tls.client())
-            .with_context(|| format!("TLS settings for {addr}")),
-        None => Ok(endpoint),
-    }
-}
-
-/// Words for a failed connection: the transport error's whole chain (a TLS handshake failure
-/// hides under "transport error").
-pub fn connect_error(e: &tonic::transport::Error) -> String {
-    crate::node::source_chain(e)
-}
-
-/// The token every connection of this process presents, set once from `--token`.
-static TOKEN: std::sync::OnceLock<Option<tonic::metadata::AsciiMetadataValue>> =
-    std::sync::OnceLock::new();
-
-/// Records the token to present on every call.
-pub fn use_token(token: Option<&str>) -> anyhow::Result<()> {
-    let value = token
-        .map(crate::auth::bearer)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--token: {e}"))?;
-    let _ = TOKEN.set(value);
-    Ok(())
-}
-
-/// Adds the process's token to every request.
-#[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request
-                .metadata_mut()
-                .insert(crate::auth::HEADER, v.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// A connection to a node that presents the process's token.
-pub type Conn = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
-
-/// Wraps a channel so it presents the process's token.
-pub fn authorized(channel: Channel) -> Conn {
-    let token = TOKEN.get().cloned().flatten();
-    tonic::service::interceptor::InterceptedService::new(channel, Bearer(token))
-}
 
 /// Arguments of `waft submit`.
 #[derive(Debug, Args)]
@@ -257,56 +109,6 @@ pub struct RollbackArgs {
     pub to: Option<u32>,
 }
 
-/// `waft cluster ...`.
-#[derive(Debug, Subcommand)]
-pub enum ClusterCommand {
-    /// Make the contacted node the first member of a new cluster.
-    Init,
-    /// Add a node as a learner; it catches up before the call returns.
-    AddLearner {
-        /// The new node's id.
-        id: u64,
-        /// The new node's address (`host:port`).
-        addr: String,
-    },
-    /// Set the voters (learners listed here are promoted).
-    ChangeMembership {
-        /// Node ids of the voters.
-        #[arg(required = true)]
-        voters: Vec<u64>,
-    },
-    /// Remove a node from the cluster.
-    Remove {
-        /// The node's id.
-        id: u64,
-    },
-    /// Hand leadership to another voter.
-    TransferLeader {
-        /// The voter to lead.
-        to: u64,
-    },
-    /// Show roles, terms, log and apply progress, and member lag.
-    Status,
-    /// Build a snapshot now.
-    Snapshot,
-    /// Check now that every replica holds byte-identical state, and show each node's verdict
-    /// (exits non-zero on a divergence or an unreachable node).
-    Audit,
-}
-
-async fn channel(addr: &str) -> anyhow::Result<Conn> {
-    endpoint(addr)?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map(authorized)
-        .map_err(|e| anyhow::anyhow!(
-            "cannot reach a waft node at {addr} (is it running? set --endpoint or WAFT_ENDPOINT; \
-             --tls-ca if it serves TLS): {}",
-            connect_error(&e)
-        ))
-}
-
 fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
     if arg == "-" {
         let mut buf = Vec::new();
@@ -321,106 +123,6 @@ fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
-    let sources = std::error::Error::source(&s)
-        .map(|e| format!(": {}", crate::node::source_chain(e)))
-        .unwrap_or_default();
-    // A plain-text client talking to a TLS node sees HTTP/2 garbage or a dropped connection.
-    let hint = if TLS.get().is_none_or(Option::is_none)
-        && matches!(
-            s.code(),
-            tonic::Code::Internal | tonic::Code::Cancelled | tonic::Code::Unknown
-        )
-        && (s.message().contains("h2 protocol error")
-            || s.message().contains("operation was canceled")
-            || s.message().contains("transport error"))
-    {
-        " (if the node serves TLS, pass --tls-ca or set WAFT_TLS_CA)"
-    } else {
-        ""
-    };
-    // For a fault on the server's side, the id to look for in the nodes' logs.
-    let id = s
-        .metadata()
-        .get(crate::api::trace::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|_| {
-            matches!(
-                s.code(),
-                tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss
-            )
-        })
-        .map(|id| format!(" [request id {id}: look for it in the nodes' logs]"))
-        .unwrap_or_default();
-    anyhow::anyhow!("{}{sources} ({:?}){hint}{id}", s.message(), s.code())
-}
-
-/// Retries a call while the cluster says "unavailable" (no leader yet, leader changed).
-async fn retrying<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>>,
-{
-    let mut delay = Duration::from_millis(100);
-    for _ in 0..8 {
-        match call().await {
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            other => return other,
-        }
-    }
-    call().await
-}
-
-fn show_bytes(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(t) => t.to_owned(),
-        Err(_) => format!("0x{}", hex::encode(bytes)),
-    }
-}
-
-fn print_outcome(
-    out: Output,
-    index_name: &str,
-    index: u64,
-    ok: Option<&[u8]>,
-    err: Option<(&str, &str)>,
-) -> ExitCode {
-    match out {
-        Output::Json => {
-            let mut doc = serde_json::Map::new();
-            doc.insert(index_name.to_owned(), index.into());
-            if let Some(ok) = ok {
-                doc.insert("ok".into(), show_bytes(ok).into());
-            }
-            if let Some((kind, msg)) = err {
-                doc.insert(kind.into(), msg.into());
-            }
-            println!("{}", serde_json::Value::Object(doc));
-        }
-        Output::Text => {
-            if let Some(ok) = ok {
-                let text = show_bytes(ok);
-                if text.ends_with('\n') {
-                    print!("{text}");
-                } else {
-                    println!("{text}");
-                }
-            }
-            if let Some((kind, msg)) = err {
-                eprintln!("error: {kind}: {msg}");
-            }
-        }
-    }
-    if err.is_some() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
 /// A client id for exactly-once retries of this invocation's command.
 fn client_id() -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -431,9 +133,9 @@ fn client_id() -> u64 {
 }
 
 /// `waft submit`.
-pub async fn submit(client: &ClientArgs, args: &SubmitArgs) -> anyhow::Result<ExitCode> {
+pub async fn submit(client: &Client, args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let payload = read_payload(&args.payload)?;
-    let waft = WaftClient::new(channel(&client.endpoint).await?);
+    let waft = WaftClient::new(client.connect().await?);
     if args.lines {
         return submit_lines(client, args, waft, &payload).await;
     }
@@ -450,19 +152,21 @@ pub async fn submit(client: &ClientArgs, args: &SubmitArgs) -> anyhow::Result<Ex
         async move { w.submit(r).await }
     })
     .await
-    .map_err(status_error)?
+    .map_err(|s| client.status_error(s))?
     .into_inner();
     use api::submit_reply::Outcome;
     Ok(match reply.outcome {
-        Some(Outcome::Ok(r)) => print_outcome(client.output, "index", reply.index, Some(&r), None),
-        Some(Outcome::Rejected(m)) => print_outcome(
+        Some(Outcome::Ok(r)) => {
+            output::print_outcome(client.output, "index", reply.index, Some(&r), None)
+        }
+        Some(Outcome::Rejected(m)) => output::print_outcome(
             client.output,
             "index",
             reply.index,
             None,
             Some(("rejected", &m)),
         ),
-        Some(Outcome::Trapped(m)) => print_outcome(
+        Some(Outcome::Trapped(m)) => output::print_outcome(
             client.output,
             "index",
             reply.index,
@@ -478,7 +182,7 @@ pub async fn submit(client: &ClientArgs, args: &SubmitArgs) -> anyhow::Result<Ex
 /// leader changed, a connection dropped) applies each of its commands at most once; commands
 /// a batch reply says to retry (UNAVAILABLE) are sent again with their numbers.
 async fn submit_lines(
-    client: &ClientArgs,
+    client: &Client,
     args: &SubmitArgs,
     waft: WaftClient<Conn>,
     input: &[u8],
@@ -511,7 +215,7 @@ async fn submit_lines(
                 async move { w.submit_batch(r).await }
             })
             .await
-            .map_err(status_error)?
+            .map_err(|s| client.status_error(s))?
             .into_inner()
             .results;
             anyhow::ensure!(
@@ -538,7 +242,7 @@ async fn submit_lines(
             delay = (delay * 2).min(Duration::from_secs(2));
         }
         for (sequence, answer) in done {
-            failed += usize::from(print_line_result(client.output, sequence, answer));
+            failed += usize::from(print_line_result(client, sequence, answer));
         }
     }
     if client.output == Output::Text && failed > 0 {
@@ -553,21 +257,21 @@ async fn submit_lines(
 
 /// Prints one command's result of `submit --lines`; true if it failed.
 fn print_line_result(
-    out: Output,
+    client: &Client,
     line: u64,
     answer: Result<api::SubmitReply, tonic::Status>,
 ) -> bool {
     use api::submit_reply::Outcome;
     let (index, ok, err) = match answer {
         Ok(r) => match r.outcome {
-            Some(Outcome::Ok(b)) => (r.index, Some(show_bytes(&b)), None),
+            Some(Outcome::Ok(b)) => (r.index, Some(output::show_bytes(&b)), None),
             Some(Outcome::Rejected(m)) => (r.index, None, Some(("rejected", m))),
             Some(Outcome::Trapped(m)) => (r.index, None, Some(("trapped", m))),
             None => (r.index, None, Some(("error", "an empty reply".to_owned()))),
         },
-        Err(s) => (0, None, Some(("error", status_error(s).to_string()))),
+        Err(s) => (0, None, Some(("error", client.status_error(s).to_string()))),
     };
-    match out {
+    match client.output {
         Output::Json => {
             let mut doc = serde_json::Map::new();
             doc.insert("command".into(), line.into());
@@ -593,9 +297,9 @@ fn print_line_result(
 }
 
 /// `waft query`.
-pub async fn query(client: &ClientArgs, args: &QueryArgs) -> anyhow::Result<ExitCode> {
+pub async fn query(client: &Client, args: &QueryArgs) -> anyhow::Result<ExitCode> {
     let payload = read_payload(&args.payload)?;
-    let waft = WaftClient::new(channel(&client.endpoint).await?);
+    let waft = WaftClient::new(client.connect().await?);
     let consistency = match args.consistency {
         Consistency::Linearizable => api::Consistency::Linearizable,
         Consistency::Lease => api::Consistency::Lease,
@@ -612,25 +316,25 @@ pub async fn query(client: &ClientArgs, args: &QueryArgs) -> anyhow::Result<Exit
         async move { w.query(r).await }
     })
     .await
-    .map_err(status_error)?
+    .map_err(|s| client.status_error(s))?
     .into_inner();
     use api::query_reply::Outcome;
     Ok(match reply.outcome {
-        Some(Outcome::Ok(r)) => print_outcome(
+        Some(Outcome::Ok(r)) => output::print_outcome(
             client.output,
             "applied_index",
             reply.applied_index,
             Some(&r),
             None,
         ),
-        Some(Outcome::Rejected(m)) => print_outcome(
+        Some(Outcome::Rejected(m)) => output::print_outcome(
             client.output,
             "applied_index",
             reply.applied_index,
             None,
             Some(("rejected", &m)),
         ),
-        Some(Outcome::Trapped(m)) => print_outcome(
+        Some(Outcome::Trapped(m)) => output::print_outcome(
             client.output,
             "applied_index",
             reply.applied_index,
@@ -643,9 +347,9 @@ pub async fn query(client: &ClientArgs, args: &QueryArgs) -> anyhow::Result<Exit
 
 /// `waft watch`: one line (or JSON object) per event, until `--count` events or the stream
 /// ends; an interrupted watch says where to resume.
-pub async fn watch(client: &ClientArgs, args: &WatchArgs) -> anyhow::Result<ExitCode> {
+pub async fn watch(client: &Client, args: &WatchArgs) -> anyhow::Result<ExitCode> {
     use api::watch_event::Outcome;
-    let mut waft = WaftClient::new(channel(&client.endpoint).await?);
+    let mut waft = WaftClient::new(client.connect().await?);
     let request = api::WatchRequest {
         service: args.service.clone().unwrap_or_default(),
         start_index: args.from.unwrap_or(0),
@@ -653,7 +357,7 @@ pub async fn watch(client: &ClientArgs, args: &WatchArgs) -> anyhow::Result<Exit
     let mut stream = waft
         .watch(request)
         .await
-        .map_err(status_error)?
+        .map_err(|s| client.status_error(s))?
         .into_inner();
     let mut seen = 0u64;
     let mut next = args.from;
@@ -663,13 +367,15 @@ pub async fn watch(client: &ClientArgs, args: &WatchArgs) -> anyhow::Result<Exit
             Ok(None) => break,
             Err(s) => {
                 let resume = next.map_or(String::new(), |n| format!(" (resume with --from {n})"));
-                return Err(status_error(s).context(format!("the watch ended{resume}")));
+                return Err(client
+                    .status_error(s)
+                    .context(format!("the watch ended{resume}")));
             }
         };
         seen += 1;
         next = Some(event.index + 1);
         let (kind, detail) = match &event.outcome {
-            Some(Outcome::Reply(r)) => ("reply", show_bytes(r)),
+            Some(Outcome::Reply(r)) => ("reply", output::show_bytes(r)),
             Some(Outcome::Rejected(m)) => ("rejected", m.clone()),
             Some(Outcome::Failed(m)) => ("failed", m.clone()),
             Some(Outcome::Version(v)) => ("version", v.to_string()),
@@ -682,13 +388,13 @@ pub async fn watch(client: &ClientArgs, args: &WatchArgs) -> anyhow::Result<Exit
                 doc.insert("service".into(), event.service.clone().into());
                 doc.insert("timestamp_ms".into(), event.timestamp_ms.into());
                 if !event.payload.is_empty() {
-                    doc.insert("payload".into(), show_bytes(&event.payload).into());
+                    doc.insert("payload".into(), output::show_bytes(&event.payload).into());
                 }
                 doc.insert(kind.into(), detail.into());
                 println!("{}", serde_json::Value::Object(doc));
             }
             Output::Text => {
-                let payload = show_bytes(&event.payload);
+                let payload = output::show_bytes(&event.payload);
                 let line = format!(
                     "{}\t{}\t{}\t{kind}: {}",
                     event.index,
@@ -706,10 +412,10 @@ pub async fn watch(client: &ClientArgs, args: &WatchArgs) -> anyhow::Result<Exit
 }
 
 /// `waft deploy`.
-pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<ExitCode> {
+pub async fn deploy(client: &Client, args: &DeployArgs) -> anyhow::Result<ExitCode> {
     let module = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let waft = WaftClient::new(channel(&client.endpoint).await?)
+    let waft = WaftClient::new(client.connect().await?)
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
     let size = module.len() as u64;
@@ -776,7 +482,7 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
         async move { w.deploy(chunks).await }
     })
     .await
-    .map_err(status_error)?
+    .map_err(|s| client.status_error(s))?
     .into_inner();
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -803,10 +509,10 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
                 args.service
             );
             if let Some(t) = &reply.trial {
-                print_trial(t);
+                output::print_trial(t);
             }
             if args.verify {
-                print_findings(&reply.findings);
+                output::print_findings(&reply.findings);
             }
         }
         Output::Text if reply.unchanged => println!(
@@ -833,60 +539,9 @@ pub async fn deploy(client: &ClientArgs, args: &DeployArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_trial(t: &api::TrialReport) {
-    let what = if t.source == "history" {
-        format!(
-            "the {} command(s) applied at indexes {}..={} (since the service's last rebase)",
-            t.commands, t.from_index, t.to_index
-        )
-    } else {
-        format!(
-            "{} command(s) from the file, from the state now",
-            t.commands
-        )
-    };
-    println!(
-        "replayed {what} through the running module and the new one: {} {}",
-        t.differing,
-        if t.differing == 1 {
-            "reply differs"
-        } else {
-            "replies differ"
-        }
-    );
-    for d in &t.first {
-        println!(
-            "  {} {} {:?}: running {:?}, new {:?}",
-            if t.source == "history" {
-                "index"
-            } else {
-                "command"
-            },
-            d.at,
-            d.command,
-            d.running,
-            d.new
-        );
-    }
-}
-
-fn print_findings(findings: &[String]) {
-    if findings.is_empty() {
-        println!("determinism verifier: no findings");
-    } else {
-        println!(
-            "determinism verifier: NOT DETERMINISTIC ({} finding(s)); a deploy needs --force:",
-            findings.len()
-        );
-        for f in findings {
-            println!("  {f}");
-        }
-    }
-}
-
 /// `waft rollback`.
-pub async fn rollback(client: &ClientArgs, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
-    let waft = WaftClient::new(channel(&client.endpoint).await?);
+pub async fn rollback(client: &Client, args: &RollbackArgs) -> anyhow::Result<ExitCode> {
+    let waft = WaftClient::new(client.connect().await?);
     let request = api::RollbackRequest {
         service: args.service.clone(),
         to_version: args.to.unwrap_or(0),
@@ -897,7 +552,7 @@ pub async fn rollback(client: &ClientArgs, args: &RollbackArgs) -> anyhow::Resul
         async move { w.rollback(r).await }
     })
     .await
-    .map_err(status_error)?
+    .map_err(|s| client.status_error(s))?
     .into_inner();
     match client.output {
         Output::Json => println!(
@@ -914,12 +569,12 @@ pub async fn rollback(client: &ClientArgs, args: &RollbackArgs) -> anyhow::Resul
 }
 
 /// `waft services`.
-pub async fn services(client: &ClientArgs) -> anyhow::Result<ExitCode> {
-    let mut waft = WaftClient::new(channel(&client.endpoint).await?);
+pub async fn services(client: &Client) -> anyhow::Result<ExitCode> {
+    let mut waft = WaftClient::new(client.connect().await?);
     let reply = waft
         .list_services(api::ListServicesRequest {})
         .await
-        .map_err(status_error)?
+        .map_err(|s| client.status_error(s))?
         .into_inner();
     match client.output {
         Output::Json => {
@@ -973,517 +628,6 @@ pub async fn services(client: &ClientArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn print_members(out: Output, reply: &api::MembershipReply) {
-    match out {
-        Output::Json => {
-            let list: Vec<_> = reply
-                .members
-                .iter()
-                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter}))
-                .collect();
-            println!(
-                "{}",
-                serde_json::json!({"index": reply.index, "members": list})
-            );
-        }
-        Output::Text => {
-            for m in &reply.members {
-                println!(
-                    "{:>4}  {:<22} {}",
-                    m.id,
-                    m.addr,
-                    if m.voter { "voter" } else { "learner" }
-                );
-            }
-        }
-    }
-}
-
-/// `waft cluster ...`.
-pub async fn cluster(client: &ClientArgs, command: &ClusterCommand) -> anyhow::Result<ExitCode> {
-    let mut c = ClusterClient::new(channel(&client.endpoint).await?);
-    match command {
-        ClusterCommand::Init => {
-            let r = c
-                .init(api::InitRequest { members: vec![] })
-                .await
-                .map_err(status_error)?;
-            print_members(client.output, r.get_ref());
-        }
-        ClusterCommand::AddLearner { id, addr } => {
-            let req = api::AddLearnerRequest {
-                id: *id,
-                addr: addr.clone(),
-            };
-            let r = retrying(|| {
-                let mut c = c.clone();
-                let req = req.clone();
-                async move { c.add_learner(req).await }
-            })
-            .await
-            .map_err(status_error)?;
-            print_members(client.output, r.get_ref());
-        }
-        ClusterCommand::ChangeMembership { voters } => {
-            let req = api::ChangeMembershipRequest {
-                voters: voters.clone(),
-                retain: false,
-                add_voters: vec![],
-            };
-            let r = retrying(|| {
-                let mut c = c.clone();
-                let req = req.clone();
-                async move { c.change_membership(req).await }
-            })
-            .await
-            .map_err(status_error)?;
-            print_members(client.output, r.get_ref());
-        }
-        ClusterCommand::Remove { id } => {
-            let r = c
-                .remove_node(api::RemoveNodeRequest { id: *id })
-                .await
-                .map_err(status_error)?;
-            print_members(client.output, r.get_ref());
-        }
-        ClusterCommand::TransferLeader { to } => {
-            c.transfer_leader(api::TransferLeaderRequest { to: *to })
-                .await
-                .map_err(status_error)?;
-            if client.output == Output::Text {
-                println!("leadership transfer to node {to} requested");
-            }
-        }
-        ClusterCommand::Snapshot => {
-            c.trigger_snapshot(api::TriggerSnapshotRequest {})
-                .await
-                .map_err(status_error)?;
-            if client.output == Output::Text {
-                println!("snapshot requested");
-            }
-        }
-        ClusterCommand::Status => {
-            let s = c
-                .status(api::StatusRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            print_status(client.output, &s);
-        }
-        ClusterCommand::Audit => return audit(client, &mut c).await,
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// A divergence in words: what differs, this node's value and the reference.
-fn divergence_text(d: &api::Divergence) -> String {
-    if d.majority {
-        format!("{}: local {} / majority {}", d.what, d.local, d.expected)
-    } else {
-        format!(
-            "{}: local {} / leader {} (no majority: reported only)",
-            d.what, d.local, d.expected
-        )
-    }
-}
-
-/// A heal in words.
-fn heal_text(h: &api::Heal) -> String {
-    match (&h.source, h.error.is_empty()) {
-        (Some(source), true) => format!(
-            "healed {} from node {source} as of index {}",
-            h.items.join(", "),
-            h.at_index
-        ),
-        _ => format!("heal of {} FAILED: {}", h.items.join(", "), h.error),
-    }
-}
-
-/// One node's verdict on an audit.
-fn audit_verdict(audit: &api::AuditStatus, index: u64) -> (&'static str, String) {
-    let diverged: Vec<String> = audit
-        .divergences
-        .iter()
-        .filter(|d| d.index == index)
-        .map(divergence_text)
-        .chain(
-            audit
-                .heals
-                .iter()
-                .filter(|h| h.audit_index == index)
-                .map(heal_text),
-        )
-        .collect();
-    if !diverged.is_empty() {
-        ("DIVERGED", diverged.join("; "))
-    } else if audit.last_checked_index.is_some_and(|i| i >= index) {
-        ("match", String::new())
-    } else {
-        (
-            "skipped",
-            "no digest at that index (caught up by snapshot or restarted)".to_owned(),
-        )
-    }
-}
-
-async fn audit(client: &ClientArgs, c: &mut ClusterClient<Conn>) -> anyhow::Result<ExitCode> {
-    let reply = retrying(|| {
-        let mut c = c.clone();
-        async move { c.audit(api::AuditRequest {}).await }
-    })
-    .await
-    .map_err(status_error)?
-    .into_inner();
-    let members = c
-        .status(api::StatusRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .members;
-    let mut rows = Vec::new();
-    let mut ok = true;
-    for m in &members {
-        // Each node compares when it applies the report entry: wait for that, briefly.
-        let mut verdict = ("unreachable", String::new());
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut node: Option<ClusterClient<Conn>> = None;
-        while std::time::Instant::now() < deadline {
-            if node.is_none() {
-                node = channel(&m.addr).await.ok().map(ClusterClient::new);
-            }
-            let status = match node.as_mut() {
-                Some(c) => c.status(api::StatusRequest {}).await,
-                None => Err(tonic::Status::unavailable(format!(
-                    "cannot reach {}",
-                    m.addr
-                ))),
-            };
-            match status {
-                Ok(s) if s.get_ref().applied_index >= reply.report_index => {
-                    verdict =
-                        audit_verdict(&s.get_ref().audit.clone().unwrap_or_default(), reply.index);
-                    break;
-                }
-                Ok(_) => verdict = ("behind", "has not applied the report yet".to_owned()),
-                Err(e) => verdict = ("unreachable", e.message().to_owned()),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        ok &= verdict.0 == "match" || verdict.0 == "skipped";
-        rows.push((m.id, m.addr.clone(), verdict));
-    }
-    match client.output {
-        Output::Json => {
-            let nodes: Vec<_> = rows
-                .iter()
-                .map(|(id, addr, (v, detail))| serde_json::json!({"id": id, "addr": addr, "verdict": v, "detail": detail}))
-                .collect();
-            let services: Vec<_> = reply
-                .services
-                .iter()
-                .map(|d| serde_json::json!({"service": d.service, "version": d.version, "module_sha256": d.module_sha256,
-                    "state_sha256": d.state_sha256, "state_bytes": d.state_bytes}))
-                .collect();
-            println!(
-                "{}",
-                serde_json::json!({"index": reply.index, "report_index": reply.report_index, "services": services,
-                    "sessions_sha256": reply.sessions_sha256, "nodes": nodes, "consistent": ok})
-            );
-        }
-        Output::Text => {
-            println!("audit at log index {}", reply.index);
-            for d in &reply.services {
-                println!(
-                    "  {:<16} v{:<3} state sha256 {} ({} bytes)",
-                    d.service, d.version, d.state_sha256, d.state_bytes
-                );
-            }
-            println!("{:>4}  {:<22} {:<11} DETAIL", "ID", "ADDRESS", "VERDICT");
-            for (id, addr, (v, detail)) in &rows {
-                println!("{id:>4}  {addr:<22} {v:<11} {detail}");
-            }
-        }
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-fn print_status(out: Output, s: &api::StatusReply) {
-    match out {
-        Output::Json => {
-            let members: Vec<_> = s
-                .members
-                .iter()
-                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter, "matched_index": m.matched_index, "lag": m.lag}))
-                .collect();
-            println!(
-                "{}",
-                serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
-                    "leader_addr": s.leader_addr, "last_log_index": s.last_log_index, "committed_index": s.committed_index,
-                    "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "engine": s.engine, "members": members,
-                    "cluster_id": s.cluster_id, "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
-                        "last_checked_index": a.last_checked_index,
-                        "divergences": a.divergences.iter().map(|d| serde_json::json!({"index": d.index, "what": d.what,
-                            "local": d.local, "expected": d.expected, "majority": d.majority})).collect::<Vec<_>>(),
-                        "heals": a.heals.iter().map(|h| serde_json::json!({"audit_index": h.audit_index, "at_index": h.at_index,
-                            "items": h.items, "source": h.source, "error": h.error})).collect::<Vec<_>>(),
-                        "unavailable": a.unavailable.iter().map(|u| serde_json::json!({"service": u.service,
-                            "reason": u.reason})).collect::<Vec<_>>()}))})
-            );
-        }
-        Output::Text => {
-            println!(
-                "node {} is {} in term {}; leader: {}",
-                s.node_id,
-                s.role,
-                s.term,
-                s.leader_id
-                    .map_or("none".to_owned(), |l| format!("{l} ({})", s.leader_addr))
-            );
-            println!(
-                "log: last {}  committed {}  applied {}  snapshot {}",
-                s.last_log_index,
-                s.committed_index,
-                s.applied_index,
-                s.snapshot_index.map_or("-".to_owned(), |i| i.to_string())
-            );
-            println!("engine: {}", s.engine);
-            if !s.cluster_id.is_empty() {
-                println!("cluster: {}", s.cluster_id);
-            }
-            let audit = s.audit.clone().unwrap_or_default();
-            match audit.divergences.last() {
-                Some(d) => println!(
-                    "state audit: DIVERGED at index {} ({}); {} checks",
-                    d.index,
-                    divergence_text(d),
-                    audit.checks
-                ),
-                None => println!(
-                    "state audit: {} checks, all matched{}",
-                    audit.checks,
-                    audit
-                        .last_checked_index
-                        .map_or(String::new(), |i| format!(" (last at index {i})"))
-                ),
-            }
-            if let Some(h) = audit.heals.last() {
-                println!(
-                    "heals: {} (last: {}, found at audit index {})",
-                    audit.heals.len(),
-                    heal_text(h),
-                    h.audit_index
-                );
-            }
-            for u in &audit.unavailable {
-                println!("UNAVAILABLE for reads: {}: {}", u.service, u.reason);
-            }
-            println!(
-                "{:>4}  {:<22} {:<8} {:>8} {:>6}",
-                "ID", "ADDRESS", "ROLE", "MATCHED", "LAG"
-            );
-            for m in &s.members {
-                println!(
-                    "{:>4}  {:<22} {:<8} {:>8} {:>6}",
-                    m.id,
-                    m.addr,
-                    if m.voter { "voter" } else { "learner" },
-                    m.matched_index.map_or("-".to_owned(), |i| i.to_string()),
-                    m.lag.map_or("-".to_owned(), |i| i.to_string())
-                );
-            }
-        }
-    }
-}
-
-/// Arguments of `waft backup`.
-#[derive(Debug, Args)]
-pub struct BackupArgs {
-    /// Write the backup here (written to FILE.partial, renamed once complete and verified).
-    #[arg(short = 'o', long = "file", id = "backup_file", value_name = "FILE")]
-    pub file: std::path::PathBuf,
-}
-
-/// Arguments of `waft restore`.
-#[derive(Debug, Args)]
-pub struct RestoreArgs {
-    /// A file written by `waft backup`.
-    pub file: std::path::PathBuf,
-    /// Replace the services the cluster runs now.
-    #[arg(long, conflicts_with = "data_dir")]
-    pub force: bool,
-    /// Offline: seed this empty data directory with the backup instead, as node --id of a new
-    /// one-node cluster; start `waft node` on it, then add nodes with --join.
-    #[arg(long, value_name = "DIR", requires = "id")]
-    pub data_dir: Option<std::path::PathBuf>,
-    /// With --data-dir: the node id the directory is for.
-    #[arg(long, requires = "data_dir")]
-    pub id: Option<u64>,
-    /// With --data-dir: the address the node will be reached at (its --advertise, or its
-    /// --listen address).
-    #[arg(
-        long,
-        value_name = "HOST:PORT",
-        default_value = "127.0.0.1:7001",
-        requires = "data_dir"
-    )]
-    pub advertise: String,
-}
-
-/// `waft backup`.
-pub async fn backup(client: &ClientArgs, args: &BackupArgs) -> anyhow::Result<ExitCode> {
-    use api::backup_chunk::Kind;
-    let c =
-        ClusterClient::new(channel(&client.endpoint).await?).max_decoding_message_size(usize::MAX);
-    let mut stream = retrying(|| {
-        let mut c = c.clone();
-        async move { c.backup(api::BackupRequest {}).await }
-    })
-    .await
-    .map_err(status_error)?
-    .into_inner();
-    let header = match stream
-        .message()
-        .await
-        .map_err(status_error)?
-        .and_then(|m| m.kind)
-    {
-        Some(Kind::Header(h)) => h,
-        _ => anyhow::bail!("the node sent a backup without a header"),
-    };
-    let bar = (header.size > (4 << 20)
-        && client.output == Output::Text
-        && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-    .then(|| {
-        let bar = indicatif::ProgressBar::new(header.size);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "backup {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let mut bytes = Vec::with_capacity(header.size as usize);
-    while let Some(chunk) = stream.message().await.map_err(status_error)? {
-        if let Some(Kind::Data(d)) = chunk.kind {
-            bytes.extend_from_slice(&d);
-            if let Some(b) = &bar {
-                b.set_position(bytes.len() as u64);
-            }
-        }
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    anyhow::ensure!(
-        bytes.len() as u64 == header.size,
-        "the backup stream ended after {} of {} bytes",
-        bytes.len(),
-        header.size
-    );
-    let summary = crate::storage::snapshot::Reader::from_bytes(&bytes)
-        .context("the backup received does not verify")?;
-    let partial = args.file.with_extension("partial");
-    std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &args.file)
-        .with_context(|| format!("renaming to {}", args.file.display()))?;
-    let services: Vec<String> = summary
-        .header
-        .services
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
-    match client.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({"file": args.file, "bytes": bytes.len(), "index": header.index, "services": services})
-        ),
-        Output::Text => println!(
-            "backup of {} service(s) [{}] at log index {} written to {} ({} bytes)",
-            services.len(),
-            services.join(", "),
-            header.index,
-            args.file.display(),
-            bytes.len()
-        ),
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `waft restore --data-dir`: seeds a data directory offline.
-async fn seed(
-    client: &ClientArgs,
-    args: &RestoreArgs,
-    dir: &std::path::Path,
-    id: u64,
-    bytes: Vec<u8>,
-) -> anyhow::Result<ExitCode> {
-    let config = crate::node::NodeConfig::new(id, dir);
-    let (index, services) =
-        crate::node::Node::seed_from_backup(config, args.advertise.clone(), bytes).await?;
-    match client.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({"index": index, "services": services, "data_dir": dir, "id": id})
-        ),
-        Output::Text => {
-            println!(
-                "seeded {} as node {id} of a new cluster: {} service(s) [{}] at log index {index}",
-                dir.display(),
-                services.len(),
-                services.join(", "),
-            );
-            println!(
-                "start it with `waft node --id {id} --data-dir {} --listen {}`, then add nodes \
-                 with `--join {}`",
-                dir.display(),
-                args.advertise,
-                args.advertise
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `waft restore`.
-pub async fn restore(client: &ClientArgs, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
-    let bytes =
-        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    crate::storage::snapshot::Reader::from_bytes(&bytes)
-        .with_context(|| format!("{} is not a usable backup", args.file.display()))?;
-    if let (Some(dir), Some(id)) = (&args.data_dir, args.id) {
-        return seed(client, args, dir, id, bytes).await;
-    }
-    let c =
-        ClusterClient::new(channel(&client.endpoint).await?).max_encoding_message_size(usize::MAX);
-    let chunks = crate::api::restore_chunks(&bytes, args.force);
-    let reply = retrying(|| {
-        let mut c = c.clone();
-        let chunks = chunks.clone();
-        async move { c.restore(futures::stream::iter(chunks)).await }
-    })
-    .await
-    .map_err(status_error)?
-    .into_inner();
-    match client.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({"index": reply.index, "services": reply.services})
-        ),
-        Output::Text => println!(
-            "restored {} service(s) [{}] at log index {}",
-            reply.services.len(),
-            reply.services.join(", "),
-            reply.index
-        ),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,10 +3,14 @@
 //! This is the only module that reads arguments or the environment; everything else takes
 //! validated values.
 
+mod admin;
+mod backup;
 mod bench;
 mod client;
+mod connect;
 mod guest;
 mod node;
+mod output;
 
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
@@ -21,7 +25,7 @@ pub struct Cli {
     pub log: String,
 
     #[command(flatten)]
-    pub client: client::ClientArgs,
+    pub client: connect::ClientArgs,
 
     #[command(subcommand)]
     pub command: Command,
@@ -80,16 +84,16 @@ pub enum Command {
     Rollback(client::RollbackArgs),
     /// Cluster membership and status.
     #[command(subcommand)]
-    Cluster(client::ClusterCommand),
+    Cluster(admin::ClusterCommand),
     /// Write a consistent backup of every service (modules, versions, states) to a file.
     #[command(after_help = "Example:\n  waft backup -o waft.backup")]
-    Backup(client::BackupArgs),
+    Backup(backup::BackupArgs),
     /// Load a backup into a cluster (one that runs no services, unless --force), or seed a new
     /// node's data directory with it offline (--data-dir).
     #[command(after_help = "Examples:\n  \
         waft --endpoint 10.0.0.5:7001 restore waft.backup\n  \
         waft restore waft.backup --data-dir data/1 --id 1 --advertise 10.0.0.5:7001")]
-    Restore(client::RestoreArgs),
+    Restore(backup::RestoreArgs),
     /// Load a cluster (waft or etcd, or both side by side) and report throughput and latency.
     #[command(after_help = "Examples:\n  \
         waft bench --clients 16 --duration 10\n  \
@@ -249,26 +253,24 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-async fn run_async(client: &client::ClientArgs, command: Command) -> anyhow::Result<ExitCode> {
-    client::use_token(client.token.as_deref())?;
+async fn run_async(flags: &connect::ClientArgs, command: Command) -> anyhow::Result<ExitCode> {
     if let Command::Dev(args) = &command {
         // It makes its own certificates with --tls, and connects with them.
-        return node::dev(args).await;
+        return node::dev(args, flags.token.as_deref()).await;
     }
-    let tls = client.tls()?;
-    client::use_tls(tls.clone());
+    let client = &connect::Client::from_args(flags)?;
     match command {
-        Command::Node(args) => node::node(&args, client.token.clone(), tls).await,
+        Command::Node(args) => node::node(&args, flags.token.clone(), flags.tls()?).await,
         Command::Deploy(args) => client::deploy(client, &args).await,
         Command::Submit(args) => client::submit(client, &args).await,
         Command::Query(args) => client::query(client, &args).await,
         Command::Watch(args) => client::watch(client, &args).await,
         Command::Services => client::services(client).await,
         Command::Rollback(args) => client::rollback(client, &args).await,
-        Command::Cluster(c) => client::cluster(client, &c).await,
+        Command::Cluster(c) => admin::cluster(client, &c).await,
         Command::Bench(args) => bench::bench(client, &args).await,
-        Command::Backup(args) => client::backup(client, &args).await,
-        Command::Restore(args) => client::restore(client, &args).await,
+        Command::Backup(args) => backup::backup(client, &args).await,
+        Command::Restore(args) => backup::restore(client, &args).await,
         Command::Check(_) | Command::Exec(_) | Command::Certs(_) | Command::Dev(_) => {
             unreachable!("handled above")
         }

@@ -1,5 +1,6 @@
 //! `waft node` (one node) and `waft dev` (a local cluster in one process).
 
+use super::connect::Connector;
 use crate::node::{Node, NodeConfig};
 use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use anyhow::{Context, bail};
@@ -156,6 +157,8 @@ pub async fn node(
     if tls.as_ref().is_some_and(|t| !t.has_identity()) {
         bail!("a node serving TLS needs its own certificate: add --tls-cert and --tls-key");
     }
+    // How `--join` reaches its seeds: this node's TLS and token.
+    let connector = Connector::new(tls.clone(), token.as_deref())?;
     if let Some(name) = &args.mdns {
         crate::discovery::check_name(name)?;
     }
@@ -216,7 +219,7 @@ pub async fn node(
         },
     };
     if let Some(seed) = &args.join
-        && let Err(e) = join(seed, args.id, node.addr(), fresh(&node)).await
+        && let Err(e) = join(&connector, seed, args.id, node.addr(), fresh(&node)).await
     {
         eprintln!("error: joining through {seed} failed: {e:#}");
         node.shutdown().await?;
@@ -284,14 +287,17 @@ async fn seed_addrs(seeds: &str) -> Vec<(String, Option<String>)> {
 /// A connection to a member of the cluster that knows a leader, through the first of `seeds`
 /// that answers with one; retried for a minute while seeds are unreachable or leaderless.
 async fn find_member(
+    connector: &Connector,
     seeds: &str,
-) -> anyhow::Result<(ClusterClient<super::client::Conn>, api::StatusReply)> {
+) -> anyhow::Result<(ClusterClient<super::connect::Conn>, api::StatusReply)> {
     let mut last = String::from("no seed address given");
     for _ in 0..60 {
         for (addr, name) in seed_addrs(seeds).await {
-            let mut e = super::client::endpoint(&addr)?.connect_timeout(Duration::from_secs(3));
+            let mut e = connector
+                .endpoint(&addr)?
+                .connect_timeout(Duration::from_secs(3));
             if let Some(name) = &name
-                && let Some(tls) = super::client::client_tls()
+                && let Some(tls) = connector.client_tls()
             {
                 e = e.tls_config(tls.domain_name(name.clone()))?;
             }
@@ -300,12 +306,12 @@ async fn find_member(
                 Err(err) => {
                     last = format!(
                         "cannot reach {addr}: {}",
-                        super::client::connect_error(&err)
+                        super::connect::connect_error(&err)
                     );
                     continue;
                 }
             };
-            let mut cluster = ClusterClient::new(super::client::authorized(channel));
+            let mut cluster = ClusterClient::new(connector.authorized(channel));
             match cluster.status(api::StatusRequest {}).await {
                 Ok(s) if s.get_ref().leader_id.is_some() => return Ok((cluster, s.into_inner())),
                 Ok(_) => last = format!("{addr} knows no leader (not initialized yet?)"),
@@ -325,8 +331,14 @@ fn fresh(node: &Node) -> bool {
 /// Adds this node as a learner through one of `seeds`, then makes it a voter. A `fresh` node
 /// (empty data directory) that the cluster lists already is a member that lost its data: it
 /// is removed first, then added back and copies the log again.
-async fn join(seeds: &str, id: u64, addr: &str, fresh: bool) -> anyhow::Result<()> {
-    let (cluster, status) = find_member(seeds).await?;
+async fn join(
+    connector: &Connector,
+    seeds: &str,
+    id: u64,
+    addr: &str,
+    fresh: bool,
+) -> anyhow::Result<()> {
+    let (cluster, status) = find_member(connector, seeds).await?;
     if let Some(m) = status.members.iter().find(|m| m.id == id && m.addr != addr) {
         bail!(
             "node id {id} is already taken by {} in that cluster",
@@ -489,7 +501,7 @@ async fn deploy_once(
 }
 
 /// `waft dev`.
-pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
+pub async fn dev(args: &DevArgs, token: Option<&str>) -> anyhow::Result<ExitCode> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -520,7 +532,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    super::client::use_tls(tls.as_ref().map(|(_, t)| t.clone()));
+    let connector = Connector::new(tls.as_ref().map(|(_, t)| t.clone()), token)?;
     let mut nodes = Vec::new();
     let mut members = BTreeMap::new();
     for i in 0..args.nodes {
@@ -553,7 +565,7 @@ pub async fn dev(args: &DevArgs) -> anyhow::Result<ExitCode> {
     {
         nodes[0].initialize(members).await?;
     }
-    let channel = super::client::endpoint(&first)?.connect().await?;
+    let channel = connector.endpoint(&first)?.connect().await?;
     let mut waft = WaftClient::new(channel)
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);

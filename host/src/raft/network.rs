@@ -11,9 +11,9 @@
 //! from a reader task while the receiver consumes them: the sender never waits for a reply
 //! before sending the next chunk.
 
-use crate::types::{Node, NodeId, TypeConfig, Vote};
 use crate::pb::{self, raft::raft_client::RaftClient};
 use crate::storage::state_machine::Snapshot;
+use crate::types::{Node, NodeId, TypeConfig, Vote};
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{

@@ -3,8 +3,8 @@
 
 use super::network::NetworkFactory;
 use crate::Raft;
-use crate::types::NodeId;
 use crate::storage::{DigestReply, HealReply, HealRequest, Healer};
+use crate::types::NodeId;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use std::sync::{Arc, OnceLock};

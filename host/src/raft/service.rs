@@ -1,10 +1,10 @@
 //! The Raft network, server side: the gRPC service peers call.
 
 use super::identity::Message;
-use crate::types::{SnapshotMeta, TypeConfig, Vote};
 use crate::pb::{self, raft::raft_server, raft::snapshot_chunk::Kind};
 use crate::storage::snapshot;
 use crate::storage::{SnapshotFile, state_machine::Snapshot};
+use crate::types::{SnapshotMeta, TypeConfig, Vote};
 use futures::{Stream, StreamExt};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use std::path::PathBuf;

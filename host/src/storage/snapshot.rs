@@ -9,9 +9,9 @@
 //! believing anything else, so a truncated or corrupted file (or transfer) is refused whole.
 //! Sections are written and read one at a time: the file is never one buffer.
 
-use crate::types::{Response, SnapshotMeta};
 use crate::runtime::{ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
 use crate::storage::log_store::{decode, encode};
+use crate::types::{Response, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::File;

@@ -6,14 +6,14 @@
 //! calls are CPU work and never run on the async runtime: each batch of entries is applied on a
 //! blocking thread, with the state behind a mutex that queries share.
 
-use crate::types::{
-    ClientSeq, Entry, LogId, Request, Response, ServiceLimits, SnapshotMeta, StoredMembership,
-    TypeConfig,
-};
 use crate::runtime::{ApplyCtx, Guest, GuestError, GuestModule, ModuleHash, Runtime};
 use crate::storage::events::{Event, Events, HistoryLimits, Outcome};
 use crate::storage::snapshot::{
     self, ServiceRecord, Session, SnapshotFile, SnapshotHeader, VersionRecord,
+};
+use crate::types::{
+    ClientSeq, Entry, LogId, Request, Response, ServiceLimits, SnapshotMeta, StoredMembership,
+    TypeConfig,
 };
 use futures::StreamExt;
 use openraft::entry::RaftEntry;

@@ -15,8 +15,8 @@
 
 use super::SmState;
 use super::heal::HealPlan;
-use crate::types::{NodeId, ServiceDigest, StateDigest};
 use crate::storage::snapshot::Session;
+use crate::types::{NodeId, ServiceDigest, StateDigest};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 

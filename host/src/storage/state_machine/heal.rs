@@ -14,9 +14,9 @@
 
 use super::audit::{HealRecord, Item};
 use super::{Service, SmState, lock};
-use crate::types::NodeId;
 use crate::runtime::{ModuleHash, ReplayForm};
 use crate::storage::snapshot::{Session, VersionRecord};
+use crate::types::NodeId;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};

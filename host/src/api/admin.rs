@@ -1,0 +1,342 @@
+//! The admin plane, `waft.v1.Cluster`: membership (init, learners, voters, removal, leader
+//! transfer), status, audits and snapshots; backups and restores are in [`super::backup`].
+
+use super::route::{Caller, Leader, write_error};
+use super::{Api, convert};
+use crate::auth::Role;
+use crate::pb::api::{self, cluster_server};
+use crate::types::{Node as RaftNode, NodeId, TypeConfig};
+use openraft::ChangeMembers;
+use openraft::error::{ClientWriteError, RaftError};
+use std::collections::{BTreeMap, BTreeSet};
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+
+impl Api {
+    /// The reply to a membership change, or the leader to forward it to.
+    #[allow(clippy::result_large_err)]
+    fn membership_outcome(
+        &self,
+        result: Result<
+            openraft::raft::ClientWriteResponse<TypeConfig>,
+            RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+        >,
+        caller: &Caller,
+    ) -> Result<Result<GrpcResponse<api::MembershipReply>, Leader>, Status> {
+        match result {
+            Ok(r) => Ok(Ok(GrpcResponse::new(self.membership_reply(r.log_id.index)))),
+            Err(e) if e.forward_to_leader().is_some() => self.leader_of(&e, caller).map(Err),
+            Err(e) => Err(write_error(&e)),
+        }
+    }
+
+    fn membership_reply(&self, index: u64) -> api::MembershipReply {
+        api::MembershipReply {
+            members: convert::members(&self.metrics()),
+            index,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for Api {
+    type BackupStream = super::backup::BackupStream;
+
+    async fn backup(
+        &self,
+        request: GrpcRequest<api::BackupRequest>,
+    ) -> Result<GrpcResponse<Self::BackupStream>, Status> {
+        self.stream_backup(request).await
+    }
+
+    async fn restore(
+        &self,
+        request: GrpcRequest<Streaming<api::BackupChunk>>,
+    ) -> Result<GrpcResponse<api::RestoreReply>, Status> {
+        self.restore_backup(request).await
+    }
+
+    async fn init(
+        &self,
+        request: GrpcRequest<api::InitRequest>,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        self.authorize(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let mut members: BTreeMap<NodeId, RaftNode> = req
+            .members
+            .into_iter()
+            .map(|m| (m.id, RaftNode { addr: m.addr }))
+            .collect();
+        if members.is_empty() {
+            members.insert(
+                self.id,
+                RaftNode {
+                    addr: self.addr.clone(),
+                },
+            );
+        }
+        // A cluster id first (see raft::identity), unless this node is already a member, in
+        // which case initialize refuses below and nothing changes.
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if !initialized {
+            self.peers.identity().create().map_err(|e| {
+                Status::unavailable(format!("cannot record the new cluster's id: {e}"))
+            })?;
+        }
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(e) => Status::failed_precondition(e.to_string()),
+            RaftError::Fatal(f) => Status::unavailable(f.to_string()),
+        })?;
+        // Return once the first leader has committed the initial membership, so the next admin
+        // call (add a learner) is not refused as "a membership change is in progress". A cluster
+        // whose other members are not up yet cannot get there: then return anyway.
+        let _ = self
+            .raft
+            .wait(Some(std::time::Duration::from_secs(5)))
+            .applied_index_at_least(Some(1), "initial membership committed")
+            .await;
+        Ok(GrpcResponse::new(self.membership_reply(0)))
+    }
+
+    async fn add_learner(
+        &self,
+        request: GrpcRequest<api::AddLearnerRequest>,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
+        let req = request.into_inner();
+        if req.addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "the learner's address is required",
+            ));
+        }
+        // openraft keeps a member's old address when it is added again: a node that reuses a
+        // member's id from another address would be told yes and never hear from the leader.
+        if let Some(at) = self
+            .metrics()
+            .membership_config
+            .membership()
+            .get_node(&req.id)
+            .map(|n| n.addr.clone())
+            .filter(|at| *at != req.addr)
+        {
+            return Err(Status::already_exists(format!(
+                "node id {} is already a member, at {at}; choose another id, or remove node {} \
+                 first (waft cluster remove {})",
+                req.id, req.id, req.id
+            )));
+        }
+        let result = self
+            .raft
+            .add_learner(
+                req.id,
+                RaftNode {
+                    addr: req.addr.clone(),
+                },
+                true,
+            )
+            .await;
+        match self.membership_outcome(result, &auth)? {
+            Ok(reply) => Ok(reply),
+            Err(leader) => {
+                leader
+                    .relay(
+                        req,
+                        |mut c, r| async move { c.cluster.add_learner(r).await },
+                    )
+                    .await
+            }
+        }
+    }
+
+    async fn change_membership(
+        &self,
+        request: GrpcRequest<api::ChangeMembershipRequest>,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let change = match (req.voters.is_empty(), req.add_voters.is_empty()) {
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "a cluster needs at least one voter",
+                ));
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "give either voters or add_voters, not both",
+                ));
+            }
+            (false, true) => ChangeMembers::ReplaceAllVoters(req.voters.iter().copied().collect()),
+            (true, false) => ChangeMembers::AddVoterIds(req.add_voters.iter().copied().collect()),
+        };
+        let result = self.raft.change_membership(change, req.retain).await;
+        match self.membership_outcome(result, &auth)? {
+            Ok(reply) => Ok(reply),
+            Err(leader) => {
+                leader
+                    .relay(req, |mut c, r| async move {
+                        c.cluster.change_membership(r).await
+                    })
+                    .await
+            }
+        }
+    }
+
+    async fn remove_node(
+        &self,
+        request: GrpcRequest<api::RemoveNodeRequest>,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let is_voter = membership.voter_ids().any(|v| v == req.id);
+        let is_member = membership.get_node(&req.id).is_some();
+        if !is_member {
+            return Err(Status::not_found(format!(
+                "node {} is not a member",
+                req.id
+            )));
+        }
+        if is_voter && membership.voter_ids().count() == 1 {
+            return Err(Status::failed_precondition(format!(
+                "node {} is the last voter; a cluster cannot remove its last voter",
+                req.id
+            )));
+        }
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([req.id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
+        };
+        // `retain = false`: a removed voter leaves the cluster, it is not kept as a learner.
+        let result = self.raft.change_membership(change, false).await;
+        match self.membership_outcome(result, &auth)? {
+            Ok(reply) => Ok(reply),
+            Err(leader) => {
+                leader
+                    .relay(
+                        req,
+                        |mut c, r| async move { c.cluster.remove_node(r).await },
+                    )
+                    .await
+            }
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: GrpcRequest<api::TransferLeaderRequest>,
+    ) -> Result<GrpcResponse<api::TransferLeaderReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let m = self.metrics();
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == req.to)
+        {
+            return Err(Status::failed_precondition(format!(
+                "node {} is not a voter",
+                req.to
+            )));
+        }
+        if let Some(leader) = self.leader(&auth).await? {
+            return leader
+                .relay(
+                    req,
+                    |mut c, r| async move { c.cluster.transfer_leader(r).await },
+                )
+                .await;
+        }
+        self.raft
+            .trigger()
+            .transfer_leader(req.to)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(GrpcResponse::new(api::TransferLeaderReply {}))
+    }
+
+    async fn status(
+        &self,
+        request: GrpcRequest<api::StatusRequest>,
+    ) -> Result<GrpcResponse<api::StatusReply>, Status> {
+        self.authorize(&request, Role::Client)?;
+        let m = self.metrics();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone())
+            })
+            .unwrap_or_default();
+        Ok(GrpcResponse::new(api::StatusReply {
+            node_id: self.id,
+            role: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            leader_id: m.current_leader,
+            leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            committed_index: m.local_committed.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            members: convert::members(&m),
+            engine: self.runtime.fingerprint().to_owned(),
+            audit: Some(convert::audit_status(&self.state.audit_status())),
+            cluster_id: self.peers.identity().cluster().unwrap_or_default(),
+        }))
+    }
+
+    async fn audit(
+        &self,
+        request: GrpcRequest<api::AuditRequest>,
+    ) -> Result<GrpcResponse<api::AuditReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
+        match crate::audit::audit_now(&self.raft, &self.peers).await {
+            Ok(o) => Ok(GrpcResponse::new(api::AuditReply {
+                index: o.digest.index,
+                report_index: o.report_index,
+                services: o
+                    .digest
+                    .services
+                    .into_iter()
+                    .map(|d| api::ServiceDigest {
+                        service: d.name,
+                        version: d.version,
+                        module_sha256: d.module,
+                        state_sha256: d.state,
+                        state_bytes: d.state_len,
+                    })
+                    .collect(),
+                sessions_sha256: o.digest.sessions,
+            })),
+            Err(crate::audit::AuditError::Raft(e)) if e.forward_to_leader().is_some() => {
+                self.leader_of(&e, &auth)?
+                    .relay(api::AuditRequest {}, |mut c, r| async move {
+                        c.cluster.audit(r).await
+                    })
+                    .await
+            }
+            Err(crate::audit::AuditError::Raft(e)) => Err(write_error(&e)),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn trigger_snapshot(
+        &self,
+        request: GrpcRequest<api::TriggerSnapshotRequest>,
+    ) -> Result<GrpcResponse<api::TriggerSnapshotReply>, Status> {
+        self.authorize(&request, Role::Admin)?;
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(GrpcResponse::new(api::TriggerSnapshotReply {}))
+    }
+}

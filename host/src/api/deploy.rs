@@ -1,0 +1,340 @@
+//! Deploys and rollbacks: the upload, the checks on the leader before anything is proposed
+//! (the module compiles, implements the world, accepts the current state; optionally the trial
+//! against the running version and the determinism verifier), one deploy at a time per
+//! service, and the proposal.
+
+use super::route::Caller;
+use super::upload::Upload;
+use super::{Api, convert};
+use crate::auth::Role;
+use crate::pb::api;
+use crate::types::{Request, Response, ServiceLimits, now_ms};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+
+/// One lock per service being deployed on this node (see `Api::deploying`).
+pub(super) type DeployLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+impl Api {
+    /// `Waft.Deploy`.
+    pub(super) async fn deploy_upload(
+        &self,
+        request: GrpcRequest<Streaming<api::DeployChunk>>,
+    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
+        let mut input = request.into_inner();
+        let upload = Upload {
+            call: "deploy",
+            item: "module",
+            max: self.runtime.limits().max_module_bytes as u64,
+        };
+        let (header, module) = upload
+            .read(&mut input, |h: &api::DeployHeader| {
+                if h.service.is_empty() {
+                    return Err(Status::invalid_argument("a service name is required"));
+                }
+                if h.size == 0 {
+                    return Err(Status::invalid_argument("the module is empty (0 bytes)"));
+                }
+                Ok(())
+            })
+            .await?;
+        if let Some(leader) = self.leader(&auth).await? {
+            let chunks = crate::pb::deploy_chunks_with(header, &module);
+            return leader
+                .relay(futures::stream::iter(chunks), |mut c, r| async move {
+                    c.waft.deploy(r).await
+                })
+                .await;
+        }
+        let limits = ServiceLimits {
+            fuel_per_apply: (header.fuel_per_apply != 0).then_some(header.fuel_per_apply),
+            max_memory_bytes: (header.max_memory_bytes != 0).then_some(header.max_memory_bytes),
+        };
+        let _turn = if header.dry_run {
+            None
+        } else {
+            Some(self.deploy_turn(&header.service).await)
+        };
+        // Deploying what the service already runs, as it runs it, changes nothing: no entry,
+        // no new version (a deploy retried after its connection dropped, though the first
+        // attempt went through, must not add one).
+        if !header.dry_run {
+            let sha = crate::runtime::ModuleHash::of(&module).to_hex();
+            let active = self
+                .state
+                .services()
+                .into_iter()
+                .find(|s| s.name == header.service)
+                .and_then(|s| s.history.last().cloned())
+                .filter(|v| v.module == sha && v.limits == limits);
+            if let Some(active) = active {
+                return Ok(GrpcResponse::new(api::DeployReply {
+                    module_sha256: sha,
+                    index: active.deployed_at,
+                    dry_run: false,
+                    version: active.version,
+                    unchanged: true,
+                    ..Default::default()
+                }));
+            }
+        }
+        let hash = self
+            .validate(
+                &header.service,
+                Arc::new(module.clone()),
+                limits,
+                "the new module",
+            )
+            .await?;
+        let (trial, findings) = if header.dry_run || header.verify {
+            self.try_module(&header, &module, limits).await?
+        } else {
+            (None, Vec::new())
+        };
+        if header.dry_run {
+            return Ok(GrpcResponse::new(api::DeployReply {
+                module_sha256: hash,
+                index: 0,
+                dry_run: true,
+                version: 0,
+                unchanged: false,
+                trial,
+                findings,
+            }));
+        }
+        if !findings.is_empty() && !header.force {
+            return Err(Status::failed_precondition(format!(
+                "the determinism verifier found {} problem(s) with the new module, so it was not \
+                 deployed (deploy with --force to override):\n{}",
+                findings.len(),
+                findings.join("\n")
+            )));
+        }
+        if !findings.is_empty() {
+            tracing::warn!(
+                service = %header.service,
+                findings = findings.len(),
+                "deploying a module the determinism verifier flagged (forced)"
+            );
+            let entry = Request::ForcedDeploy {
+                service: header.service.clone(),
+                module,
+                engine: self.runtime.fingerprint().to_owned(),
+                limits,
+                timestamp_ms: now_ms(),
+                findings: findings.join("\n"),
+            };
+            return self.propose_swap(entry, "deploy").await;
+        }
+        let entry = Request::Deploy {
+            service: header.service.clone(),
+            module,
+            engine: self.runtime.fingerprint().to_owned(),
+            limits,
+            timestamp_ms: now_ms(),
+        };
+        self.propose_swap(entry, "deploy").await
+    }
+
+    /// `Waft.Rollback`.
+    pub(super) async fn rollback_to(
+        &self,
+        request: GrpcRequest<api::RollbackRequest>,
+    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+        let auth = self.authorize(&request, Role::Admin)?;
+        let req = request.into_inner();
+        if let Some(leader) = self.leader(&auth).await? {
+            return leader
+                .relay(req, |mut c, r| async move { c.waft.rollback(r).await })
+                .await;
+        }
+        let to = (req.to_version != 0).then_some(req.to_version);
+        if !self.state.services().iter().any(|s| s.name == req.service) {
+            return Err(Status::not_found(format!(
+                "no service named {:?}",
+                req.service
+            )));
+        }
+        // Validate like a deploy: the target version must exist and accept the current state.
+        let (version, module, limits) =
+            self.state.version_module(&req.service, to).ok_or_else(|| {
+                Status::failed_precondition(match to {
+                    Some(v) => format!("service {:?} has no kept version {v}", req.service),
+                    None => format!(
+                        "service {:?} has no earlier version to roll back to",
+                        req.service
+                    ),
+                })
+            })?;
+        self.validate(&req.service, module, limits, &format!("version {version}"))
+            .await?;
+        let entry = Request::Rollback {
+            service: req.service.clone(),
+            to: Some(version),
+            timestamp_ms: now_ms(),
+        };
+        self.propose_swap(entry, "rollback").await
+    }
+
+    /// Checks, before anything is proposed, that `module` compiles, implements the world and
+    /// accepts the current state of `service` in a throwaway instance (what applying the swap
+    /// will do). Returns the module's sha256. The compiled module stays cached for the apply.
+    async fn validate(
+        &self,
+        service: &str,
+        module: Arc<Vec<u8>>,
+        limits: ServiceLimits,
+        what: &str,
+    ) -> Result<String, Status> {
+        let current = self.state.service_state(service).await.map_err(|e| {
+            Status::unavailable(format!("cannot read the current state of {service:?}: {e}"))
+        })?;
+        let runtime = self.runtime.clone();
+        let (service, what) = (service.to_owned(), what.to_owned());
+        tokio::task::spawn_blocking(move || -> Result<String, Status> {
+            let refused = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("module refused: {e}"));
+            let loaded = runtime.load(&module).map_err(|e| refused(&e))?;
+            let mut trial = runtime
+                .instantiate_with(&loaded, &service, limits.apply_to(runtime.limits().clone()))
+                .map_err(|e| refused(&e))?;
+            if let Some(state) = current {
+                trial.restore(&state).map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "{what} refused the current state of {service:?}, so the running version stays: {e}"
+                    ))
+                })?;
+            }
+            Ok(loaded.hash().to_hex())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    /// Runs the new module beside the running one on the service's history (or the header's
+    /// commands) and, if asked, the determinism verifier on those commands.
+    async fn try_module(
+        &self,
+        header: &api::DeployHeader,
+        module: &[u8],
+        limits: ServiceLimits,
+    ) -> Result<(Option<api::TrialReport>, Vec<String>), Status> {
+        let running = self.state.running(&header.service);
+        let runtime = self.runtime.clone();
+        let (service, bytes) = (header.service.clone(), module.to_vec());
+        let file = (!header.replay.is_empty()).then(|| header.replay.clone());
+        let verify = header.verify;
+        tokio::task::spawn_blocking(move || {
+            let loaded = runtime
+                .load(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
+            let new_limits = limits.apply_to(runtime.limits().clone());
+            let trial = match &running {
+                None => None,
+                Some(r) => Some(
+                    crate::trial::trial(
+                        &runtime,
+                        &service,
+                        r,
+                        &loaded,
+                        new_limits,
+                        file.as_deref(),
+                    )
+                    .map_err(Status::failed_precondition)?,
+                ),
+            };
+            let mut findings = Vec::new();
+            if verify {
+                let commands = match (&trial, &file) {
+                    (Some(t), _) => t.replayed.clone(),
+                    (None, Some(f)) => f.clone(),
+                    (None, None) => Vec::new(),
+                };
+                if commands.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "--verify needs commands: the service has applied none since its last \
+                         rebase; give some with --replay FILE",
+                    ));
+                }
+                let report =
+                    crate::verify::verify_fresh(runtime.limits().clone(), &bytes, commands)
+                        .map_err(|e| Status::internal(format!("the verifier failed: {e}")))?;
+                findings = report.findings.iter().map(ToString::to_string).collect();
+            }
+            let trial = trial.map(convert::trial_report);
+            Ok((trial, findings))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    /// Waits for this node's turn to deploy to `service` (see `Api::deploying`).
+    async fn deploy_turn(&self, service: &str) -> DeployTurn {
+        let lock = self
+            .deploying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(service.to_owned())
+            .or_default()
+            .clone();
+        DeployTurn {
+            guard: Some(lock.lock_owned().await),
+            service: service.to_owned(),
+            all: self.deploying.clone(),
+        }
+    }
+
+    /// Proposes a deploy or rollback entry on this (leader) node and maps the outcome.
+    async fn propose_swap(
+        &self,
+        entry: Request,
+        what: &str,
+    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+        match self.write(entry, &Caller::local()).await? {
+            Ok((index, Response::Deployed { module, version })) => {
+                Ok(GrpcResponse::new(api::DeployReply {
+                    module_sha256: module,
+                    index,
+                    dry_run: false,
+                    version,
+                    unchanged: false,
+                    ..Default::default()
+                }))
+            }
+            Ok((_, Response::DeployFailed(why))) => {
+                Err(Status::failed_precondition(format!("{what} failed: {why}")))
+            }
+            Ok((_, Response::NoSuchService(s))) => {
+                Err(Status::not_found(format!("no service named {s:?}")))
+            }
+            Ok((_, other)) => Err(Status::internal(format!(
+                "unexpected response to a {what}: {other:?}"
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "leadership moved during the {what}; retry"
+            ))),
+        }
+    }
+}
+
+/// A deploy's turn on its service; the service's lock is forgotten once nobody holds or waits
+/// for it.
+struct DeployTurn {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    service: String,
+    all: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Drop for DeployTurn {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut all = self.all.lock().unwrap_or_else(PoisonError::into_inner);
+        if all
+            .get(&self.service)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            all.remove(&self.service);
+        }
+    }
+}

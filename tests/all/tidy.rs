@@ -102,7 +102,7 @@ fn the_architecture_invariants_hold() {
             "src/api/",
             "src/pb/",
             "src/cli/",
-            "src/node.rs",
+            "src/node/",
             "src/etcd.rs",
             "src/auth.rs",
             "src/tls.rs",

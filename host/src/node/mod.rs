@@ -1,0 +1,350 @@
+//! One waft node: storage, guest runtime, Raft and the gRPC server, started on a listener.
+//!
+//! [`Node::start`] takes an already bound listener, so tests bind `127.0.0.1:0` and learn the
+//! port; [`run`] is the same with a shutdown future, for the binary. The steps live beside
+//! this file: [`config`] (what a node is started with), `open` (log, state machine, Raft),
+//! `server` (the gRPC servers), `seed` (a data directory seeded from a backup, offline).
+
+mod config;
+mod open;
+mod seed;
+mod server;
+
+pub use crate::storage::LogEngine;
+pub use config::{NodeConfig, RaftSettings};
+pub(crate) use server::source_chain;
+
+use crate::Raft;
+use crate::raft::{Identity, NetworkFactory};
+use crate::runtime::Runtime;
+use crate::storage::StateHandle;
+use crate::types::NodeId;
+use open::Core;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Why a node could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Storage could not be opened (a corrupt or foreign file, permissions, a full disk).
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+    /// The guest runtime could not be built.
+    #[error("guest runtime: {0}")]
+    Runtime(#[from] crate::runtime::LoadError),
+    /// openraft refused the configuration or failed fatally.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The TLS settings cannot be used (a key that does not match its certificate...).
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A backup could not seed a data directory (see [`Node::seed_from_backup`]).
+    #[error("restore: {0}")]
+    Restore(String),
+}
+
+/// A running node.
+pub struct Node {
+    id: NodeId,
+    addr: String,
+    raft: Raft,
+    identity: Arc<Identity>,
+    state: StateHandle,
+    stop_server: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    auditor: Option<JoinHandle<()>>,
+    /// The network audits collect members' digests through.
+    audit_net: NetworkFactory,
+    remover: Option<JoinHandle<()>>,
+    metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
+    etcd: Option<(std::net::SocketAddr, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gives the cluster an id (unless this node has one), then initializes Raft with `members`.
+pub(crate) async fn initialize(
+    raft: &Raft,
+    identity: &Identity,
+    members: std::collections::BTreeMap<NodeId, openraft::BasicNode>,
+) -> Result<(), NodeError> {
+    // Only a node with empty Raft state starts a cluster (openraft refuses the others below),
+    // and only then does it get a new id.
+    if !raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?
+    {
+        identity.create()?;
+    }
+    raft.initialize(members)
+        .await
+        .map_err(|e| NodeError::Raft(format!("cannot initialize the cluster: {e}")))
+}
+
+impl Node {
+    /// Opens storage, builds the runtime, starts Raft and serves gRPC on `listener`.
+    pub async fn start(mut config: NodeConfig, listener: TcpListener) -> Result<Node, NodeError> {
+        let local = listener.local_addr()?;
+        let addr = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local.to_string());
+        std::fs::create_dir_all(&config.data_dir)?;
+        if config.runtime.cache_dir.is_none() {
+            config.runtime.cache_dir = Some(config.data_dir.join("cache"));
+        }
+        remove_partial_snapshots(&config.data_dir.join("snapshots"));
+        let runtime = Runtime::new(config.runtime.clone())?;
+        let core = open::open(&config, &runtime).await?;
+        let servers = server::serve(&config, &core, runtime, addr.clone(), listener).await?;
+        let Core {
+            raft,
+            state,
+            identity,
+            network,
+        } = core;
+        let metrics = match config.metrics_listen {
+            None => None,
+            Some(at) => {
+                let l = TcpListener::bind(at).await?;
+                let bound = l.local_addr()?;
+                let task = tokio::spawn(crate::metrics::serve(
+                    l,
+                    raft.clone(),
+                    state.clone(),
+                    servers.rpc.clone(),
+                ));
+                Some((bound, task))
+            }
+        };
+        let auditor = config.raft.audit_interval.map(|every| {
+            crate::audit::spawn_auditor(raft.clone(), network.clone(), state.clone(), every)
+        });
+        let remover = config
+            .raft
+            .remove_unreachable
+            .map(|policy| crate::autoremove::spawn(raft.clone(), policy));
+        tracing::info!(node = config.id, %addr, data_dir = %config.data_dir.display(), "node started");
+        Ok(Node {
+            id: config.id,
+            addr,
+            raft,
+            identity,
+            state,
+            stop_server: Some(servers.stop),
+            server: Some(servers.main),
+            auditor,
+            audit_net: network,
+            remover,
+            metrics,
+            etcd: servers.etcd,
+        })
+    }
+
+    /// Initializes a new cluster with `members`, after giving it a cluster id (see
+    /// [`Identity`]): the only way a cluster should be started.
+    pub async fn initialize(
+        &self,
+        members: std::collections::BTreeMap<NodeId, openraft::BasicNode>,
+    ) -> Result<(), NodeError> {
+        initialize(&self.raft, &self.identity, members).await
+    }
+
+    /// The id of this node's cluster, once known.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.identity.cluster()
+    }
+
+    /// Where the etcd endpoint listens, if it was asked for.
+    pub fn etcd_addr(&self) -> Option<std::net::SocketAddr> {
+        self.etcd.as_ref().map(|(a, _)| *a)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The address peers and clients use.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Where Prometheus metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|(a, _)| *a)
+    }
+
+    /// The Raft handle (writes, membership, metrics).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The node-to-node network (audits and heals reach peers through it).
+    pub fn network(&self) -> &NetworkFactory {
+        &self.audit_net
+    }
+
+    /// Runs one state audit (this node must lead): every member's digest is collected and
+    /// judged, and replicas in the minority heal (see [`crate::audit`]).
+    pub async fn audit(&self) -> Result<crate::audit::AuditOutcome, crate::audit::AuditError> {
+        crate::audit::audit_now(&self.raft, &self.audit_net).await
+    }
+
+    /// A copy of the node's current Raft metrics (role, term, leader, log and apply progress).
+    pub fn metrics(&self) -> openraft::RaftMetrics<crate::types::TypeConfig> {
+        use openraft::async_runtime::WatchReceiver;
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// The state machine (queries, inspection).
+    pub fn state(&self) -> &StateHandle {
+        &self.state
+    }
+
+    /// Resolves when Raft stops on its own with a fatal error (a storage write failed, a deploy
+    /// from a foreign engine): the node can no longer take part and should be stopped.
+    pub async fn fatal(&self) -> String {
+        use openraft::async_runtime::WatchReceiver;
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(e) = &metrics.borrow_watched().running_state {
+                return e.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_owned();
+            }
+        }
+    }
+
+    /// If this node leads, hands leadership to the voter whose log is most up to date and waits
+    /// (up to `within`) for another node to take over, so clients see a leader change instead
+    /// of an election timeout. Returns the new leader, if one took over.
+    pub async fn step_down(&self, within: Duration) -> Option<NodeId> {
+        let m = self.metrics();
+        if !m.state.is_leader() {
+            return None;
+        }
+        // Only a voter that acknowledged us recently can take over; a down one would just make
+        // the hand-off time out.
+        let alive = |id: &NodeId| {
+            m.heartbeat
+                .as_ref()
+                .and_then(|h| h.get(id))
+                .and_then(|t| t.as_ref())
+                .is_some_and(|t| openraft::Instant::elapsed(&**t) < Duration::from_secs(1))
+        };
+        let voters: Vec<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != self.id && alive(v))
+            .collect();
+        let matched = |id: &NodeId| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(id))
+                .and_then(|l| l.as_ref().map(|l| l.index))
+                .unwrap_or(0)
+        };
+        let to = voters.iter().copied().max_by_key(|v| (matched(v), *v))?;
+        tracing::info!(
+            node = self.id,
+            to,
+            "handing leadership over before stopping"
+        );
+        if self.raft.trigger().transfer_leader(to).await.is_err() {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let m = self.metrics();
+            if let Some(l) = m.current_leader
+                && l != self.id
+            {
+                return Some(l);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Stops Raft, then the server, and waits for both. A leader hands leadership over first
+    /// (see [`Node::step_down`]).
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        self.step_down(Duration::from_secs(3)).await;
+        // A heal in progress gives up; the healer's Raft handle is released.
+        self.state.set_healer(None);
+        // Watches end, saying where to resume, before the server stops.
+        self.state.events().close();
+        if let Some(auditor) = self.auditor.take() {
+            auditor.abort();
+        }
+        if let Some(remover) = self.remover.take() {
+            remover.abort();
+        }
+        if let Some((_, task)) = self.metrics.take() {
+            task.abort();
+        }
+        if let Some((_, task)) = self.etcd.take() {
+            task.abort();
+        }
+        let raft = self
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()));
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut server) = self.server.take() {
+            // Graceful shutdown waits for open streams to end, and a peer's long-lived append
+            // stream never does: give in-flight calls a moment, then drop the connections.
+            if tokio::time::timeout(Duration::from_secs(1), &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+                let _ = server.await;
+            }
+        }
+        tracing::info!(node = self.id, "node stopped");
+        raft
+    }
+}
+
+/// Removes snapshot files left half-received by a crash.
+fn remove_partial_snapshots(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("incoming-") || name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Runs a node until `shutdown` completes (mini-redis style: the caller owns the listener).
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let node = Node::start(config, listener).await?;
+    shutdown.await;
+    node.shutdown().await
+}

@@ -1,0 +1,94 @@
+//! Opening a node's replicated core: the log (WAL or redb), the state machine, the Raft
+//! identity and network, and openraft itself.
+
+use super::{NodeConfig, NodeError};
+use crate::Raft;
+use crate::raft::{Identity, NetworkFactory};
+use crate::runtime::Runtime;
+use crate::storage::{LogEngine, LogStore, StateHandle, StateMachineStore};
+use std::sync::Arc;
+
+/// A node's Raft and what it is built on.
+pub(super) struct Core {
+    pub(super) raft: Raft,
+    pub(super) state: StateHandle,
+    pub(super) identity: Arc<Identity>,
+    /// The network to peers (Raft, audits, heals and forwarded calls share its connections).
+    pub(super) network: NetworkFactory,
+}
+
+/// openraft's settings for `config`.
+fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
+    let raft_config = openraft::Config {
+        cluster_name: "waft".to_owned(),
+        heartbeat_interval: config.raft.heartbeat.as_millis() as u64,
+        election_timeout_min: config.raft.election_timeout.0.as_millis() as u64,
+        election_timeout_max: config.raft.election_timeout.1.as_millis() as u64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every),
+        max_in_snapshot_log_to_keep: config.raft.keep_after_snapshot,
+        install_snapshot_timeout: config.net.snapshot_deadline.as_millis() as u64,
+        // A leader that restarts must win a new election, in a new term. With openraft's
+        // default (restore leadership at once, same term), a leader killed before its own
+        // log write of entry N flushed, but after followers stored N, comes back without N
+        // and proposes a different entry N under the same log id; followers take it for
+        // the one they have, and replicas diverge silently. Found by the chaos campaigns.
+        enable_leader_restore: Some(false),
+        ..Default::default()
+    };
+    raft_config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| NodeError::Raft(e.to_string()))
+}
+
+/// Opens the log and the state machine in `config.data_dir` and starts Raft on them.
+pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core, NodeError> {
+    let snapshot_dir = config.data_dir.join("snapshots");
+    let precompile = runtime.clone();
+    let deploy_hook: crate::storage::DeployHook = Arc::new(move |module: &[u8]| {
+        // Compile ahead of the commit, off every hot path; a failure here is reported when
+        // the entry is applied, identically on every node.
+        let runtime = precompile.clone();
+        let module = module.to_vec();
+        let _ = std::thread::Builder::new()
+            .name("waft-precompile".into())
+            .spawn(move || {
+                let _ = runtime.load(&module);
+            });
+    });
+    let engine = LogEngine::resolve(config.log_engine, &config.data_dir)?;
+    let sm = StateMachineStore::with_history(runtime.clone(), &snapshot_dir, config.watch_history)?;
+    let state = sm.handle();
+    let identity = Arc::new(
+        Identity::load(config.id, &config.data_dir)?
+            .with_cluster_token(config.tokens.cluster.clone()),
+    );
+    let network = NetworkFactory::new(config.net.clone(), identity.clone());
+    // Before Raft starts: entries re-applied at start may heal (see `PeerHealer`).
+    let healer = Arc::new(crate::raft::peer_audit::PeerHealer::new(
+        config.id,
+        network.clone(),
+    ));
+    state.set_healer(Some(healer.clone()));
+    let log_path = engine.path(&config.data_dir);
+    let raft_config = raft_config(config)?;
+    let raft = match engine {
+        LogEngine::Redb => {
+            let log = LogStore::open(&log_path)?.on_deploy(deploy_hook);
+            Raft::new(config.id, raft_config, network.clone(), log, sm).await
+        }
+        LogEngine::Wal => {
+            let log = crate::storage::WalLog::open(&log_path)?.on_deploy(deploy_hook);
+            Raft::new(config.id, raft_config, network.clone(), log, sm).await
+        }
+    }
+    .map_err(|e| NodeError::Raft(e.to_string()))?;
+    identity.watch(raft.metrics());
+    healer.attach(raft.clone());
+    Ok(Core {
+        raft,
+        state,
+        identity,
+        network,
+    })
+}

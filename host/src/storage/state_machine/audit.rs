@@ -209,8 +209,8 @@ pub(super) fn judge(
 impl SmState {
     /// A digest of the replicated state as of entry `index`.
     pub(super) fn digest(&mut self, index: u64) -> io::Result<StateDigest> {
-        let mut services = Vec::with_capacity(self.services.len());
-        for (name, svc) in &mut self.services {
+        let mut services = Vec::with_capacity(self.rep.services.len());
+        for (name, svc) in &mut self.rep.services {
             let (state, state_len) = match svc.guest.snapshot() {
                 Ok(bytes) => (sha256_hex(&bytes), bytes.len() as u64),
                 Err(e) => (format!("snapshot failed: {e}"), 0),
@@ -226,14 +226,14 @@ impl SmState {
         Ok(StateDigest {
             index,
             services,
-            sessions: sessions_digest(&self.sessions)?,
+            sessions: sessions_digest(&self.rep.sessions)?,
         })
     }
 
     /// Records our digest at an audit entry.
     pub(super) fn record_digest(&mut self, index: u64) -> io::Result<StateDigest> {
         let digest = self.digest(index)?;
-        let digests = &mut self.audit.digests;
+        let digests = &mut self.local.audit.digests;
         if digests.len() == KEPT_DIGESTS {
             digests.pop_front();
         }
@@ -243,7 +243,7 @@ impl SmState {
 
     /// Our digest at an audit index, if we recorded one.
     pub(super) fn digest_at(&self, index: u64) -> Option<&StateDigest> {
-        self.audit.digests.iter().find(|d| d.index == index)
+        self.local.audit.digests.iter().find(|d| d.index == index)
     }
 
     fn note_divergence(&mut self, d: Divergence) {
@@ -259,8 +259,8 @@ impl SmState {
             expected = %d.expected,
             "{verdict}"
         );
-        self.audit.status.divergences_total += 1;
-        let list = &mut self.audit.status.divergences;
+        self.local.audit.status.divergences_total += 1;
+        let list = &mut self.local.audit.status.divergences;
         if list.len() == KEPT_RECORDS {
             list.remove(0);
         }
@@ -268,13 +268,13 @@ impl SmState {
     }
 
     pub(super) fn note_heal(&mut self, record: HealRecord) {
-        let status = &mut self.audit.status;
+        let status = &mut self.local.audit.status;
         if record.error.is_none() {
             status.heals_total += 1;
         } else {
             status.heal_failures_total += 1;
         }
-        let list = &mut self.audit.status.heals;
+        let list = &mut self.local.audit.status.heals;
         if list.len() == KEPT_RECORDS {
             list.remove(0);
         }
@@ -284,7 +284,7 @@ impl SmState {
     /// Applies an old-style report (the leader's digest only): compare and report.
     pub(super) fn check_report(&mut self, leader: &StateDigest) {
         let Some(ours) = self.digest_at(leader.index).cloned() else {
-            self.audit.status.skipped += 1;
+            self.local.audit.status.skipped += 1;
             return;
         };
         let leader_id = 0;
@@ -294,8 +294,8 @@ impl SmState {
             &BTreeSet::new(),
             leader_id,
         );
-        self.audit.status.checks += 1;
-        self.audit.status.last_checked_index = Some(leader.index);
+        self.local.audit.status.checks += 1;
+        self.local.audit.status.last_checked_index = Some(leader.index);
         for v in verdicts.into_iter().filter(|v| v.ours_differs) {
             self.note_divergence(Divergence {
                 index: leader.index,
@@ -317,13 +317,13 @@ impl SmState {
         votes: &[(NodeId, StateDigest)],
     ) -> Option<HealPlan> {
         let Some(ours) = self.digest_at(index).cloned() else {
-            self.audit.status.skipped += 1;
+            self.local.audit.status.skipped += 1;
             return None;
         };
-        let voters: BTreeSet<NodeId> = self.membership.membership().voter_ids().collect();
+        let voters: BTreeSet<NodeId> = self.rep.membership.membership().voter_ids().collect();
         let verdicts = judge(&ours, votes, &voters, proposer);
-        self.audit.status.checks += 1;
-        self.audit.status.last_checked_index = Some(index);
+        self.local.audit.status.checks += 1;
+        self.local.audit.status.last_checked_index = Some(index);
         let mut heal: Vec<Item> = Vec::new();
         let mut give: Vec<Item> = Vec::new();
         let mut sources: Vec<NodeId> = Vec::new();
@@ -338,7 +338,7 @@ impl SmState {
                 });
                 if let Some((_, nodes)) = &v.majority {
                     if let Item::Service(name) = &v.item {
-                        self.audit.status.unavailable.insert(
+                        self.local.audit.status.unavailable.insert(
                             name.clone(),
                             format!(
                                 "service {name} on this node diverged at audit index {index} (its state \
@@ -369,7 +369,8 @@ impl SmState {
         let addrs: Vec<(NodeId, String)> = sources
             .into_iter()
             .filter_map(|n| {
-                self.membership
+                self.rep
+                    .membership
                     .membership()
                     .get_node(&n)
                     .map(|node| (n, node.addr.clone()))

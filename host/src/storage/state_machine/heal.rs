@@ -169,14 +169,19 @@ impl SmState {
         for item in items {
             match item {
                 Item::Sessions => {
-                    kept.sessions =
-                        Some(self.sessions.iter().map(|(k, v)| (*k, v.clone())).collect());
+                    kept.sessions = Some(
+                        self.rep
+                            .sessions
+                            .iter()
+                            .map(|(k, v)| (*k, v.clone()))
+                            .collect(),
+                    );
                 }
                 Item::Service(name) => {
-                    let svc = self.services.get(name).map(|svc| {
+                    let svc = self.rep.services.get(name).map(|svc| {
                         for r in &svc.history {
-                            if let Some(bytes) =
-                                ModuleHash::from_hex(&r.module).and_then(|h| self.modules.get(&h))
+                            if let Some(bytes) = ModuleHash::from_hex(&r.module)
+                                .and_then(|h| self.rep.modules.get(&h))
                             {
                                 kept.modules.insert(r.module.clone(), bytes.clone());
                             }
@@ -192,7 +197,7 @@ impl SmState {
                 }
             }
         }
-        let sources = &mut self.heal_sources.0;
+        let sources = &mut self.local.heal_sources.0;
         if sources.len() == KEPT_SOURCES {
             sources.pop_front();
         }
@@ -201,11 +206,12 @@ impl SmState {
 
     /// Answers a diverged replica's request.
     pub(super) fn answer_heal(&self, request: &HealRequest) -> HealReply {
-        let applied = self.last_applied.map_or(0, |l| l.index);
+        let applied = self.rep.last_applied.map_or(0, |l| l.index);
         if applied < request.index {
             return HealReply::NotYet { applied };
         }
         let Some(kept) = self
+            .local
             .heal_sources
             .0
             .iter()
@@ -264,13 +270,14 @@ impl SmState {
                 rebuilt.push((name, None));
                 continue;
             };
-            let bytes = match ModuleHash::from_hex(&svc.module).and_then(|h| self.modules.get(&h)) {
-                Some(b) => b.clone(),
-                None => new_modules
-                    .get(&svc.module)
-                    .cloned()
-                    .ok_or_else(|| format!("the source did not send module {}", svc.module))?,
-            };
+            let bytes =
+                match ModuleHash::from_hex(&svc.module).and_then(|h| self.rep.modules.get(&h)) {
+                    Some(b) => b.clone(),
+                    None => new_modules
+                        .get(&svc.module)
+                        .cloned()
+                        .ok_or_else(|| format!("the source did not send module {}", svc.module))?,
+                };
             let module = self
                 .runtime
                 .load(&bytes)
@@ -300,26 +307,26 @@ impl SmState {
         }
         for (hash, bytes) in new_modules {
             if let Some(h) = ModuleHash::from_hex(&hash) {
-                self.modules.entry(h).or_insert(bytes);
+                self.rep.modules.entry(h).or_insert(bytes);
             }
         }
         for (name, svc) in rebuilt {
             match svc {
                 Some(s) => {
-                    self.services.insert(name.clone(), s);
+                    self.rep.services.insert(name.clone(), s);
                 }
                 None => {
-                    self.services.remove(&name);
+                    self.rep.services.remove(&name);
                 }
             }
-            self.audit.status.unavailable.remove(&name);
+            self.local.audit.status.unavailable.remove(&name);
         }
         if let Some(sessions) = source.sessions {
-            self.sessions = sessions.into_iter().collect();
+            self.rep.sessions = sessions.into_iter().collect();
         }
         self.prune_modules();
         // The healed items' state jumped: watchers read it afresh.
-        self.events.reset(plan.at_index);
+        self.local.events.reset(plan.at_index);
         Ok(())
     }
 }
@@ -394,6 +401,7 @@ impl super::StateMachineStore {
             .step_down(plan.sources.iter().map(|(n, _)| *n).collect())
             .await;
         let have: Vec<String> = lock(&self.handle.state)
+            .rep
             .modules
             .keys()
             .map(ModuleHash::to_hex)

@@ -1,0 +1,333 @@
+//! Applying committed entries: commands (batched per service), exactly-once sessions,
+//! deploys, rollbacks, restores, audits; one response per entry, events for watchers.
+
+use crate::runtime::ApplyCtx;
+use crate::storage::events::{Event, Outcome};
+use crate::storage::snapshot::Session;
+use crate::types::{ClientSeq, Entry, Request, Response, StoredMembership};
+use openraft::EntryPayload;
+use openraft::entry::RaftEntry;
+use openraft::vote::RaftLeaderId;
+use std::io;
+use std::sync::Arc;
+
+use super::{
+    APPLY_BUCKETS_US, Applied, MAX_SESSIONS, ServiceStats, SmState, failure, guest_response,
+};
+
+impl SmState {
+    /// Applies committed entries in order and returns one response per entry.
+    ///
+    /// Fails only when a deploy was validated by an engine with another fingerprint: applying it
+    /// could make this replica diverge, so the node must stop instead (openraft treats the
+    /// error as fatal).
+    ///
+    /// Stops after an audit's votes entry that leaves this replica in the minority: the
+    /// entries after it are returned with the heal to run first (see [`heal`]).
+    pub(super) fn apply_entries(&mut self, entries: Vec<Entry>) -> io::Result<Applied> {
+        let Some(first) = entries.first() else {
+            return Ok((Vec::new(), None));
+        };
+        let first = first.log_id().index();
+        let (out, heal) = self.apply_all(entries)?;
+        let last = self.rep.last_applied.map_or(first, |l| l.index());
+        let events = std::mem::take(&mut self.local.pending_events);
+        self.local.events.record(first..=last, events);
+        Ok((out, heal))
+    }
+
+    pub(super) fn apply_all(&mut self, entries: Vec<Entry>) -> io::Result<Applied> {
+        let mut out = Vec::with_capacity(entries.len());
+        // Consecutive commands for one service are applied as a batch (same outcome, fewer
+        // calls into the guest); anything else flushes the batch first.
+        let mut batch: Vec<(ApplyCtx, Vec<u8>, Option<ClientSeq>)> = Vec::new();
+        let mut batch_service = String::new();
+        let mut entries = entries.into_iter();
+        while let Some(entry) = entries.next() {
+            let log_id = entry.log_id();
+            let term = log_id.committed_leader_id().term();
+            // A forced deploy applies as a deploy; its findings go with the new version.
+            let (payload, forced) = match entry.payload {
+                EntryPayload::Normal(Request::ForcedDeploy {
+                    service,
+                    module,
+                    engine,
+                    limits,
+                    timestamp_ms,
+                    findings,
+                }) => (
+                    EntryPayload::Normal(Request::Deploy {
+                        service,
+                        module,
+                        engine,
+                        limits,
+                        timestamp_ms,
+                    }),
+                    Some(findings),
+                ),
+                other => (other, None),
+            };
+            match payload {
+                EntryPayload::Normal(Request::Command {
+                    service,
+                    payload,
+                    client,
+                    timestamp_ms,
+                }) => {
+                    let ctx = ApplyCtx {
+                        index: log_id.index(),
+                        term,
+                        timestamp_ms: self.advance_clock(timestamp_ms),
+                    };
+                    let repeat = client.is_some_and(|c| {
+                        batch
+                            .iter()
+                            .any(|(_, _, b)| b.is_some_and(|b| b.client_id == c.client_id))
+                    });
+                    if service != batch_service || repeat {
+                        self.flush(&batch_service, &mut batch, &mut out);
+                        batch_service = service;
+                    }
+                    if let Some(c) = client
+                        && let Some(s) = self
+                            .rep
+                            .sessions
+                            .get(&c.client_id)
+                            .filter(|s| c.seq <= s.seq)
+                    {
+                        // A retry of a command already applied: same answer, no effect.
+                        let response = if c.seq == s.seq {
+                            s.response.clone()
+                        } else {
+                            Response::Rejected(format!(
+                                "sequence {} of client {:x} is older than its last applied command ({}); \
+                                     its reply is no longer kept",
+                                c.seq, c.client_id, s.seq
+                            ))
+                        };
+                        self.flush(&batch_service, &mut batch, &mut out);
+                        out.push(response);
+                        self.rep.last_applied = Some(log_id);
+                        continue;
+                    }
+                    batch.push((ctx, payload, client));
+                }
+                EntryPayload::Normal(Request::Deploy {
+                    service,
+                    module,
+                    engine,
+                    limits,
+                    timestamp_ms,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    if engine != self.runtime.fingerprint() {
+                        let msg = format!(
+                            "refusing to apply the deploy of service {service:?} at index {}: it was validated by \
+                             engine {engine}, this node runs {}; running it here could diverge from the other \
+                             replicas. Run the same waft build (and limits) on every node.",
+                            log_id.index(),
+                            self.runtime.fingerprint()
+                        );
+                        tracing::error!("{msg}");
+                        return Err(io::Error::other(msg));
+                    }
+                    let at = self.advance_clock(timestamp_ms);
+                    let ctx = ApplyCtx {
+                        index: log_id.index(),
+                        term,
+                        timestamp_ms: at,
+                    };
+                    let response = self.deploy(&service, module, limits, ctx, forced);
+                    self.version_event(log_id.index(), &service, at, &response);
+                    out.push(response);
+                }
+                EntryPayload::Normal(Request::Rollback {
+                    service,
+                    to,
+                    timestamp_ms,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    let at = self.advance_clock(timestamp_ms);
+                    let ctx = ApplyCtx {
+                        index: log_id.index(),
+                        term,
+                        timestamp_ms: at,
+                    };
+                    let response = self.rollback(&service, to, ctx);
+                    self.version_event(log_id.index(), &service, at, &response);
+                    out.push(response);
+                }
+                EntryPayload::Normal(Request::Restore {
+                    backup,
+                    force,
+                    timestamp_ms,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.advance_clock(timestamp_ms);
+                    let response = self.restore_backup(backup, force);
+                    if matches!(response, Response::Restored(_)) {
+                        // Every service's state was replaced: watchers read it afresh.
+                        self.local.pending_events.clear();
+                        self.local.events.reset(log_id.index());
+                    }
+                    out.push(response);
+                }
+                EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.advance_clock(timestamp_ms);
+                    out.push(Response::Audited(self.record_digest(log_id.index())?));
+                }
+                EntryPayload::Normal(Request::AuditReport { digest }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.check_report(&digest);
+                    out.push(Response::Empty);
+                }
+                EntryPayload::Normal(Request::AuditVotes {
+                    index,
+                    proposer,
+                    votes,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    out.push(Response::Empty);
+                    self.rep.last_applied = Some(log_id);
+                    if let Some(plan) = self.check_votes(log_id.index(), index, proposer, &votes) {
+                        return Ok((out, Some((plan, entries.collect()))));
+                    }
+                }
+                EntryPayload::Normal(Request::ForcedDeploy { .. }) => {
+                    unreachable!("a forced deploy is applied as a deploy (see above)")
+                }
+                EntryPayload::Membership(m) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.rep.membership = StoredMembership::new(Some(log_id), m);
+                    out.push(Response::Empty);
+                }
+                EntryPayload::Blank => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    out.push(Response::Empty);
+                }
+            }
+            self.rep.last_applied = Some(log_id);
+        }
+        self.flush(&batch_service, &mut batch, &mut out);
+        Ok((out, None))
+    }
+
+    /// Time never goes backwards: a new leader with a slower clock gets the previous time.
+    pub(super) fn advance_clock(&mut self, proposed_ms: u64) -> u64 {
+        self.rep.last_timestamp_ms = self.rep.last_timestamp_ms.max(proposed_ms);
+        self.rep.last_timestamp_ms
+    }
+
+    pub(super) fn flush(
+        &mut self,
+        service: &str,
+        batch: &mut Vec<(ApplyCtx, Vec<u8>, Option<ClientSeq>)>,
+        out: &mut Vec<Response>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(batch);
+        let responses: Vec<Response> = match self.rep.services.get_mut(service) {
+            None => entries
+                .iter()
+                .map(|_| Response::NoSuchService(service.to_owned()))
+                .collect(),
+            Some(svc) => {
+                let calls: Vec<(ApplyCtx, &[u8])> =
+                    entries.iter().map(|(c, p, _)| (*c, p.as_slice())).collect();
+                let started = std::time::Instant::now();
+                let responses: Vec<Response> = svc
+                    .guest
+                    .apply_batch(&calls)
+                    .into_iter()
+                    .map(guest_response)
+                    .collect();
+                // Observation only: the clock never reaches the guest or the replicated state.
+                let per_entry_us =
+                    (started.elapsed().as_micros() as u64) / (responses.len().max(1) as u64);
+                // The service's name is copied only the first time (this is the apply hot path).
+                if !self.local.stats.contains_key(service) {
+                    self.local
+                        .stats
+                        .insert(service.to_owned(), ServiceStats::default());
+                }
+                let stats = self.local.stats.get_mut(service).expect("inserted above");
+                let bucket = APPLY_BUCKETS_US
+                    .iter()
+                    .position(|b| per_entry_us <= *b)
+                    .unwrap_or(APPLY_BUCKETS_US.len());
+                for r in &responses {
+                    match r {
+                        Response::Rejected(_) => stats.rejected += 1,
+                        Response::Trapped(_) => stats.trapped += 1,
+                        _ => stats.applied += 1,
+                    }
+                    stats.latency_buckets[bucket] += 1;
+                    stats.latency_sum_us += per_entry_us;
+                }
+                responses
+            }
+        };
+        let name: Arc<str> = Arc::from(service);
+        for ((ctx, payload, client), response) in entries.into_iter().zip(responses) {
+            if let Some(c) = client {
+                self.remember(c, ctx.index, &response);
+            }
+            self.local.pending_events.push(Event {
+                index: ctx.index,
+                service: name.clone(),
+                timestamp_ms: ctx.timestamp_ms,
+                payload,
+                outcome: match &response {
+                    Response::Reply(r) => Outcome::Reply(r.clone()),
+                    Response::Rejected(m) => Outcome::Rejected(m.clone()),
+                    other => Outcome::Failed(failure(other)),
+                },
+            });
+            out.push(response);
+        }
+    }
+
+    /// Records the outcome of a deploy or rollback for watchers.
+    pub(super) fn version_event(
+        &mut self,
+        index: u64,
+        service: &str,
+        timestamp_ms: u64,
+        response: &Response,
+    ) {
+        let outcome = match response {
+            Response::Deployed { version, .. } => Outcome::Version(*version),
+            other => Outcome::Failed(failure(other)),
+        };
+        self.local.pending_events.push(Event {
+            index,
+            service: Arc::from(service),
+            timestamp_ms,
+            payload: Vec::new(),
+            outcome,
+        });
+    }
+
+    pub(super) fn remember(&mut self, c: ClientSeq, index: u64, response: &Response) {
+        self.rep.sessions.insert(
+            c.client_id,
+            Session {
+                seq: c.seq,
+                response: response.clone(),
+                index,
+            },
+        );
+        if self.rep.sessions.len() > MAX_SESSIONS
+            && let Some((&oldest, _)) = self
+                .rep
+                .sessions
+                .iter()
+                .min_by_key(|(id, s)| (s.index, **id))
+        {
+            self.rep.sessions.remove(&oldest);
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! [`StateHandle`]: read access to the live state, shared with the API, the audit and heal
+//! RPCs and metrics.
+
+use crate::runtime::GuestError;
+use crate::storage::events::Events;
+use crate::storage::snapshot::{self, VersionRecord};
+use crate::types::{LogId, ServiceLimits};
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use super::{
+    AuditStatus, DigestReply, HealReply, HealRequest, Healer, ServiceMetrics, SmState,
+    SnapshotStats, heal, lock,
+};
+
+/// A service as seen from outside the state machine.
+#[derive(Debug, Clone)]
+pub struct ServiceInfo {
+    /// The active version number.
+    pub version: u32,
+    /// The versions kept for rollback, oldest first.
+    pub history: Vec<VersionRecord>,
+    /// Its name.
+    pub name: String,
+    /// What the runtime knows about its module (hash, size, imports, whether it was compiled
+    /// or loaded from the on-disk cache).
+    pub module: crate::runtime::ModuleInfo,
+    /// Log index of the deploy that made this module active.
+    pub deployed_at: u64,
+}
+
+/// Read access to the live state, shared with the API (queries).
+#[derive(Clone)]
+pub struct StateHandle {
+    pub(super) state: Arc<Mutex<SmState>>,
+    pub(super) events: Arc<Events>,
+    /// How a diverged replica reaches its peers (set by the node once its network exists).
+    pub(super) healer: Arc<Mutex<heal::HealerSlot>>,
+}
+
+impl std::fmt::Debug for StateHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateHandle").finish_non_exhaustive()
+    }
+}
+
+/// What a query can fail with before the guest answers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// No service by that name.
+    #[error("no service named {0:?}")]
+    NoSuchService(String),
+    /// The guest's error (a rejection or a trap).
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// This replica's copy of the service diverged from the majority's and is not rebuilt
+    /// yet: reading it here could return what no other replica holds.
+    #[error("{0}")]
+    Diverged(String),
+}
+
+impl StateHandle {
+    /// What this replica applied, for watchers.
+    pub fn events(&self) -> Arc<Events> {
+        self.events.clone()
+    }
+
+    /// Runs a read-only query against the service's guest, on a blocking thread.
+    pub async fn query(&self, service: &str, request: Vec<u8>) -> Result<Vec<u8>, QueryError> {
+        let state = self.state.clone();
+        let service = service.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut st = lock(&state);
+            if let Some(why) = st.local.audit.status.unavailable.get(&service) {
+                return Err(QueryError::Diverged(why.clone()));
+            }
+            let svc = st
+                .rep
+                .services
+                .get_mut(&service)
+                .ok_or(QueryError::NoSuchService(service))?;
+            Ok(svc.guest.query(&request)?)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(QueryError::Guest(GuestError::Poisoned(format!(
+                "query task failed: {e}"
+            ))))
+        })
+    }
+
+    /// The module bytes of a kept version of a service (`None`: no such service or version;
+    /// `to == None` means the version before the active one).
+    pub fn version_module(
+        &self,
+        service: &str,
+        to: Option<u32>,
+    ) -> Option<(u32, Arc<Vec<u8>>, ServiceLimits)> {
+        let st = lock(&self.state);
+        let svc = st.rep.services.get(service)?;
+        let target = svc.rollback_target(to)?;
+        st.rep
+            .module_of(target)
+            .map(|b| (target.version, b, target.limits))
+    }
+
+    /// The current state (guest snapshot) of one service, `None` when it does not exist.
+    pub async fn service_state(&self, service: &str) -> Result<Option<Vec<u8>>, GuestError> {
+        let state = self.state.clone();
+        let service = service.to_owned();
+        tokio::task::spawn_blocking(move || match lock(&state).rep.services.get_mut(&service) {
+            Some(svc) => svc.guest.state().map(Some),
+            None => Ok(None),
+        })
+        .await
+        .unwrap_or_else(|e| Err(GuestError::Poisoned(format!("snapshot task failed: {e}"))))
+    }
+
+    /// A service's module, limits and instance history, for a trial (see [`crate::trial`]).
+    pub fn running(&self, service: &str) -> Option<crate::trial::Running> {
+        let st = lock(&self.state);
+        let svc = st.rep.services.get(service)?;
+        Some(crate::trial::Running {
+            module: svc.module.clone(),
+            limits: svc
+                .history
+                .last()
+                .map(|v| v.limits)
+                .unwrap_or_default()
+                .apply_to(st.runtime.limits().clone()),
+            form: svc.guest.replay_form(),
+        })
+    }
+
+    /// The engine fingerprint of this node's runtime.
+    pub fn engine(&self) -> String {
+        lock(&self.state).runtime.fingerprint().to_owned()
+    }
+
+    /// Per-service observations for metrics, in name order.
+    pub fn service_metrics(&self) -> Vec<ServiceMetrics> {
+        let st = lock(&self.state);
+        st.rep
+            .services
+            .iter()
+            .map(|(name, svc)| ServiceMetrics {
+                name: name.clone(),
+                version: svc.history.last().map_or(0, |r| r.version),
+                fuel: svc.guest.fuel_total(),
+                recoveries: svc.guest.recoveries(),
+                stats: st.local.stats.get(name).cloned().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Checks that a backup loads (checksum, modules, every service accepts its state) without
+    /// touching the live state. Returns the services it holds.
+    pub async fn check_backup(&self, backup: Arc<Vec<u8>>) -> io::Result<Vec<String>> {
+        let runtime = lock(&self.state).runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            let reader = snapshot::Reader::from_bytes(&backup)?;
+            let (_, services, _) = super::persist::load_services(&runtime, reader)?;
+            Ok(services.into_keys().collect())
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Snapshots built and installed by this node.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        lock(&self.state).local.snapshots.clone()
+    }
+
+    /// What this replica learned from state audits (divergence checks).
+    pub fn audit_status(&self) -> AuditStatus {
+        lock(&self.state).local.audit.status.clone()
+    }
+
+    /// Lets a diverged replica heal through `healer` (the node's network); `None` stops it
+    /// (the node is shutting down).
+    pub fn set_healer(&self, healer: Option<Arc<dyn Healer>>) {
+        *lock(&self.healer) = match healer {
+            Some(h) => heal::HealerSlot::Ready(h),
+            None => heal::HealerSlot::Closed,
+        };
+    }
+
+    /// This replica's digest at an audit index, for the leader collecting votes.
+    pub fn digest_at(&self, index: u64) -> DigestReply {
+        let st = lock(&self.state);
+        match st.digest_at(index) {
+            Some(d) => DigestReply::Ready(d.clone()),
+            None if st.rep.last_applied.is_none_or(|l| l.index() < index) => DigestReply::NotYet {
+                applied: st.rep.last_applied.map_or(0, |l| l.index()),
+            },
+            None => DigestReply::Gone,
+        }
+    }
+
+    /// Answers a diverged replica's request for the state it must rebuild.
+    pub fn heal_source(&self, request: &HealRequest) -> HealReply {
+        lock(&self.state).answer_heal(request)
+    }
+
+    /// The last applied log id.
+    pub fn last_applied(&self) -> Option<LogId> {
+        lock(&self.state).rep.last_applied
+    }
+
+    /// Every service's guest snapshot, by name: what replicas compare to prove they agree.
+    pub async fn service_states(&self) -> io::Result<BTreeMap<String, Vec<u8>>> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let st = lock(&state);
+            let mut out = BTreeMap::new();
+            for (name, svc) in &st.rep.services {
+                let bytes = svc
+                    .guest
+                    .state()
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                out.insert(name.clone(), bytes);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// The services, in name order.
+    pub fn services(&self) -> Vec<ServiceInfo> {
+        lock(&self.state)
+            .rep
+            .services
+            .iter()
+            .map(|(n, s)| ServiceInfo {
+                version: s.history.last().map_or(0, |r| r.version),
+                history: s.history.clone(),
+                name: n.clone(),
+                module: s.module.info().clone(),
+                deployed_at: s.deployed_at,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,151 @@
+//! The replicated state machine: committed entries in, guest calls out.
+//!
+//! The guests' state lives in their WebAssembly instances, in memory. Durability comes from the
+//! log and from snapshots: on restart openraft installs the last snapshot and re-applies the
+//! committed entries after it (the log store persists the committed log id for that). Guest
+//! calls are CPU work and never run on the async runtime: each batch of entries is applied on a
+//! blocking thread, with the state behind a mutex that queries share.
+
+use crate::runtime::{Guest, GuestError, GuestModule, ModuleHash, Runtime};
+use crate::storage::events::{Event, Events};
+use crate::storage::snapshot::{Session, SnapshotFile, VersionRecord};
+use crate::types::{Entry, LogId, Response, StoredMembership, TypeConfig};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+mod apply;
+mod audit;
+mod handle;
+mod heal;
+mod observe;
+mod persist;
+mod store;
+mod versions;
+
+pub use audit::{AuditStatus, DigestReply, Divergence, HealRecord};
+pub use handle::{QueryError, ServiceInfo, StateHandle};
+pub use heal::{HEAL_DEADLINE, HealPlan, HealReply, HealRequest, HealService, HealSource, Healer};
+pub use observe::{APPLY_BUCKETS_US, ServiceMetrics, ServiceStats, SnapshotStats};
+pub use store::{SnapshotBuilder, StateMachineStore};
+
+/// Responses to the entries applied, and the heal to run before the rest (returned) are.
+type Applied = (Vec<Response>, Option<(HealPlan, Vec<Entry>)>);
+
+/// A snapshot as openraft sees it.
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>;
+
+/// At most this many exactly-once sessions are kept; past it the session applied longest ago is
+/// dropped (by log index, so every replica drops the same one).
+const MAX_SESSIONS: usize = 100_000;
+
+/// One named service: a guest and where it came from.
+struct Service {
+    module: Arc<GuestModule>,
+    guest: Guest,
+    deployed_at: u64,
+    /// Versions kept for rollback, oldest first; the last one is active.
+    history: Vec<VersionRecord>,
+}
+
+/// Versions kept per service (their modules stay on every node and in snapshots).
+const MAX_VERSIONS: usize = 10;
+
+/// The state machine behind the lock: the replicated state, what this replica observed, and
+/// the runtime both use.
+struct SmState {
+    runtime: Runtime,
+    /// What the log builds.
+    rep: Replicated,
+    /// What this replica saw doing it.
+    local: Local,
+}
+
+/// The state the log builds: identical on every replica at the same applied index, and what
+/// snapshots carry (audits digest it).
+struct Replicated {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    last_timestamp_ms: u64,
+    services: BTreeMap<String, Service>,
+    /// Module bytes by hash, kept for snapshots (a new node needs them).
+    modules: BTreeMap<ModuleHash, Arc<Vec<u8>>>,
+    sessions: BTreeMap<u64, Session>,
+}
+
+/// What this replica observed while applying: never replicated, never in snapshots, and never
+/// read by a guest.
+struct Local {
+    /// This replica's own digests and audit results.
+    audit: audit::Audit,
+    /// What dissenting replicas need to heal, kept at recent audits.
+    heal_sources: heal::HealSources,
+    /// Per-service counters for metrics.
+    stats: BTreeMap<String, ServiceStats>,
+    /// Snapshots built and installed here, for metrics.
+    snapshots: SnapshotStats,
+    /// What was applied, for watchers.
+    events: Arc<Events>,
+    /// Events of the entries being applied, recorded when the batch is done.
+    pending_events: Vec<Event>,
+}
+
+use crate::sync::lock_or_stop as lock;
+
+/// Why an entry did not produce a reply, in words (for watchers).
+fn failure(response: &Response) -> String {
+    match response {
+        Response::Trapped(m) | Response::DeployFailed(m) | Response::Rejected(m) => m.clone(),
+        Response::NoSuchService(s) => format!("no service named {s:?}"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn guest_response(result: Result<Vec<u8>, GuestError>) -> Response {
+    match result {
+        Ok(reply) => Response::Reply(reply),
+        Err(GuestError::Rejected(msg)) => Response::Rejected(msg),
+        Err(e) => Response::Trapped(e.to_string()),
+    }
+}
+
+impl SmState {
+    fn new(runtime: Runtime, events: Arc<Events>) -> SmState {
+        SmState {
+            runtime,
+            rep: Replicated {
+                last_applied: None,
+                membership: StoredMembership::default(),
+                last_timestamp_ms: 0,
+                services: BTreeMap::new(),
+                modules: BTreeMap::new(),
+                sessions: BTreeMap::new(),
+            },
+            local: Local {
+                audit: audit::Audit::default(),
+                heal_sources: heal::HealSources::default(),
+                stats: BTreeMap::new(),
+                snapshots: SnapshotStats::default(),
+                events,
+                pending_events: Vec::new(),
+            },
+        }
+    }
+}
+
+impl Service {
+    /// The version a rollback to `to` makes serve again: version `to`, or without one the
+    /// version before the active one.
+    fn rollback_target(&self, to: Option<u32>) -> Option<&VersionRecord> {
+        match to {
+            Some(v) => self.history.iter().find(|r| r.version == v),
+            None => self.history.iter().rev().nth(1),
+        }
+    }
+}
+
+impl Replicated {
+    /// The module bytes of a kept version, if they are still kept.
+    fn module_of(&self, version: &VersionRecord) -> Option<Arc<Vec<u8>>> {
+        ModuleHash::from_hex(&version.module).and_then(|h| self.modules.get(&h).cloned())
+    }
+}

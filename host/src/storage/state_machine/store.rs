@@ -1,0 +1,201 @@
+//! [`StateMachineStore`]: openraft's state machine over [`SmState`]: applies entries on a
+//! blocking thread, builds and installs snapshot files.
+
+use crate::runtime::Runtime;
+use crate::storage::events::{Events, HistoryLimits};
+use crate::storage::snapshot::{self, SnapshotFile};
+use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use futures::StreamExt;
+use openraft::OptionalSend;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::{SmState, Snapshot, StateHandle, lock};
+
+/// openraft's state machine: applies entries to guests, builds and installs snapshots.
+pub struct StateMachineStore {
+    pub(super) handle: StateHandle,
+    pub(super) dir: PathBuf,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) const CURRENT: &str = "current.snap";
+
+impl StateMachineStore {
+    /// A state machine whose snapshots live in `dir`, keeping the default history for
+    /// watchers.
+    pub fn new(runtime: Runtime, dir: &Path) -> io::Result<StateMachineStore> {
+        Self::with_history(runtime, dir, HistoryLimits::default())
+    }
+
+    /// A state machine whose snapshots live in `dir`, keeping `history` for watchers.
+    pub fn with_history(
+        runtime: Runtime,
+        dir: &Path,
+        history: HistoryLimits,
+    ) -> io::Result<StateMachineStore> {
+        std::fs::create_dir_all(dir)?;
+        let events = Arc::new(Events::new(history));
+        Ok(StateMachineStore {
+            handle: StateHandle {
+                state: Arc::new(Mutex::new(SmState::new(runtime, events.clone()))),
+                events,
+                healer: Arc::default(),
+            },
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// A handle for queries and inspection.
+    pub fn handle(&self) -> StateHandle {
+        self.handle.clone()
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SmState) -> io::Result<R> + Send + 'static,
+    ) -> io::Result<R> {
+        let state = self.handle.state.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&state)))
+            .await
+            .map_err(|e| io::Error::other(format!("state machine task failed: {e}")))?
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let st = lock(&self.handle.state);
+        Ok((st.rep.last_applied, st.rep.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            batch.push(entry);
+            responders.push(responder);
+        }
+        let mut responses = Vec::with_capacity(batch.len());
+        let mut pending = batch;
+        loop {
+            let (out, heal) = self.blocking(move |st| st.apply_entries(pending)).await?;
+            responses.extend(out);
+            let Some((plan, rest)) = heal else { break };
+            self.heal(plan).await;
+            pending = rest;
+        }
+        for (responder, response) in responders.into_iter().zip(responses) {
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            handle: self.handle.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
+        let current = self.dir.join(CURRENT);
+        let incoming = snapshot.path.clone();
+        let file = snapshot.file;
+        let dir = self.dir.clone();
+        self.blocking(move |st| {
+            st.install(file.try_clone()?)?;
+            if incoming != current {
+                std::fs::rename(&incoming, &current)?;
+                std::fs::File::open(&dir)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(last = ?meta.last_log_id, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let path = self.dir.join(CURRENT);
+        tokio::task::spawn_blocking(move || {
+            if !path.exists() {
+                return Ok(None);
+            }
+            let file = SnapshotFile::open(&path)?;
+            let reader = snapshot::Reader::open(file.file.try_clone()?)?;
+            Ok(Some(Snapshot {
+                meta: reader.header.meta,
+                snapshot: file,
+            }))
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}
+
+/// Builds a snapshot of the state as it is when the builder runs.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    pub(super) handle: StateHandle,
+    pub(super) dir: PathBuf,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let state = self.handle.state.clone();
+        let path = self.dir.join(CURRENT);
+        tokio::task::spawn_blocking(move || {
+            // Capture under the lock (guest snapshots are in-memory copies), write outside it so
+            // applies continue while the file is written.
+            let started = std::time::Instant::now();
+            let captured = lock(&state).capture()?;
+            let modules: Vec<&[u8]> = captured.modules.iter().map(|m| m.as_slice()).collect();
+            let states: Vec<&[u8]> = captured.states.iter().map(Vec::as_slice).collect();
+            snapshot::write(&path, &captured.header, &modules, &states)?;
+            let file = SnapshotFile::open(&path)?;
+            {
+                let s = &mut lock(&state).local.snapshots;
+                s.built += 1;
+                s.last_built_bytes = file.size;
+                s.last_build_seconds = started.elapsed().as_secs_f64();
+            }
+            tracing::info!(
+                last = ?captured.header.meta.last_log_id,
+                bytes = file.size,
+                "snapshot built"
+            );
+            Ok(Snapshot {
+                meta: captured.header.meta,
+                snapshot: file,
+            })
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}

@@ -13,7 +13,7 @@ use openraft::{EntryPayload, LogId};
 use std::time::{Duration, Instant};
 use waft::node::{Node, NodeConfig, RaftSettings};
 use waft::runtime::{Runtime, RuntimeConfig};
-use waft::storage::LogStore;
+use waft::storage::RedbLog;
 use waft::types::{Entry, Request, TypeConfig};
 
 fn entry(index: u64, payload_len: usize) -> Entry {
@@ -36,7 +36,7 @@ fn entry(index: u64, payload_len: usize) -> Entry {
 
 /// Appends `total` entries in batches of `batch`, one batch in flight at a time (each waits
 /// for its flush), as a follower does; returns the time taken.
-async fn append_serial(log: &mut LogStore, first: u64, total: u64, batch: u64) -> Duration {
+async fn append_serial(log: &mut RedbLog, first: u64, total: u64, batch: u64) -> Duration {
     let started = Instant::now();
     let mut next = first;
     while next < first + total {
@@ -59,7 +59,7 @@ async fn log_append() {
         "batch", "entries", "µs / batch", "entries / s", "vs 1"
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut log = LogStore::open(&dir.path().join("log.redb")).expect("open");
+    let mut log = RedbLog::open(&dir.path().join("log.redb")).expect("open");
     let mut next = 1;
     let mut base = 0.0;
     for batch in [1u64, 16, 64, 256] {

@@ -6,17 +6,17 @@ use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 use tempfile::TempDir;
 use waft::runtime::{Runtime, RuntimeConfig};
-use waft::storage::{LogStore, StateMachineStore, WalLog};
+use waft::storage::{RedbLog, StateMachineStore, WalLog};
 use waft::types::TypeConfig;
 
 struct Builder;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
+impl StoreBuilder<TypeConfig, RedbLog, StateMachineStore, TempDir> for Builder {
     async fn build(
         &self,
-    ) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<TypeConfig>> {
+    ) -> Result<(TempDir, RedbLog, StateMachineStore), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = LogStore::open(&dir.path().join("log.redb")).expect("open log");
+        let log = RedbLog::open(&dir.path().join("log.redb")).expect("open log");
         let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
         let sm =
             StateMachineStore::new(runtime, &dir.path().join("snapshots")).expect("state machine");
@@ -89,7 +89,7 @@ async fn a_reopened_log_keeps_its_vote_entries_committed_and_purge_point() {
     let path = dir.path().join("log.redb");
     let vote = Vote::new(3, 1);
     {
-        let mut log = LogStore::open(&path).expect("open");
+        let mut log = RedbLog::open(&path).expect("open");
         log.save_vote(&vote).await.expect("vote");
         log.blocking_append((1..=100).map(|i| entry(i, 16)))
             .await
@@ -103,7 +103,7 @@ async fn a_reopened_log_keeps_its_vote_entries_committed_and_purge_point() {
             .expect("truncate");
     }
     tracing::info!("reopen: everything written before the close is there");
-    let mut log = LogStore::open(&path).expect("reopen");
+    let mut log = RedbLog::open(&path).expect("reopen");
     assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
     assert_eq!(
         log.read_committed().await.expect("committed"),
@@ -124,7 +124,7 @@ fn a_corrupt_or_foreign_log_file_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let garbage = dir.path().join("garbage.redb");
     std::fs::write(&garbage, vec![0xAB; 64 << 10]).expect("write");
-    let e = LogStore::open(&garbage).expect_err("garbage must not open as an empty log");
+    let e = RedbLog::open(&garbage).expect_err("garbage must not open as an empty log");
     assert!(
         e.to_string().contains("cannot open the log database"),
         "{e}"
@@ -135,7 +135,7 @@ fn a_corrupt_or_foreign_log_file_is_a_clear_startup_error() {
     {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async {
-            let mut log = LogStore::open(&cut).expect("open");
+            let mut log = RedbLog::open(&cut).expect("open");
             log.blocking_append((1..=2000).map(|i| entry(i, 256)))
                 .await
                 .expect("append");
@@ -148,7 +148,7 @@ fn a_corrupt_or_foreign_log_file_is_a_clear_startup_error() {
         .expect("open file");
     file.set_len(len / 3).expect("truncate");
     drop(file);
-    match LogStore::open(&cut) {
+    match RedbLog::open(&cut) {
         Err(e) => assert!(
             e.to_string().contains("cannot open the log database"),
             "{e}"
@@ -168,7 +168,7 @@ async fn crash_child_log_writer() {
     if std::env::var("WAFT_CRASH_ENGINE").as_deref() == Ok("wal") {
         write_forever(WalLog::open(&dir.join("log.wal")).expect("open")).await;
     } else {
-        write_forever(LogStore::open(&dir.join("log.redb")).expect("open")).await;
+        write_forever(RedbLog::open(&dir.join("log.redb")).expect("open")).await;
     }
 }
 
@@ -203,7 +203,7 @@ fn a_process_killed_during_heavy_writes_loses_no_flushed_entry() {
     let (dir, max_flushed) = crash_a_writer("redb");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(check_flushed(
-        LogStore::open(&dir.path().join("log.redb")).expect("reopen after the crash"),
+        RedbLog::open(&dir.path().join("log.redb")).expect("reopen after the crash"),
         max_flushed,
     ));
 }

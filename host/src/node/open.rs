@@ -5,7 +5,7 @@ use super::{NodeConfig, NodeError};
 use crate::Raft;
 use crate::raft::{Identity, NetworkFactory};
 use crate::runtime::Runtime;
-use crate::storage::{LogEngine, LogStore, StateHandle, StateMachineStore};
+use crate::storage::{LogEngine, RedbLog, StateHandle, StateMachineStore};
 use std::sync::Arc;
 
 /// A node's Raft and what it is built on.
@@ -74,7 +74,7 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
     let raft_config = raft_config(config)?;
     let raft = match engine {
         LogEngine::Redb => {
-            let log = LogStore::open(&log_path)?.on_deploy(deploy_hook);
+            let log = RedbLog::open(&log_path)?.on_deploy(deploy_hook);
             Raft::new(config.id, raft_config, network.clone(), log, sm).await
         }
         LogEngine::Wal => {

@@ -1,6 +1,9 @@
-//! Which engine stores a node's Raft log (the WAL or redb), and which one a data directory holds.
+//! What the two log engines (the WAL, redb) share: which engine a data directory holds, and
+//! the deploy hook both call on append.
 
+use crate::types::Entry;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// How a node stores its Raft log. A data directory keeps the engine it was created with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -63,5 +66,24 @@ impl LogEngine {
             LogEngine::Redb => "redb",
             LogEngine::Wal => "wal",
         }
+    }
+}
+
+/// Called with the module of every deploy entry as it is appended, before it commits: the node
+/// compiles the module in the background, so that applying the deploy (the swap itself) finds
+/// it compiled.
+pub type DeployHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Calls `hook` with the module when `entry` is a deploy (both log engines do on append).
+pub(crate) fn notify_deploy(hook: Option<&DeployHook>, entry: &Entry) {
+    use crate::types::Request;
+    if let (
+        Some(hook),
+        openraft::EntryPayload::Normal(
+            Request::Deploy { module, .. } | Request::ForcedDeploy { module, .. },
+        ),
+    ) = (hook, &entry.payload)
+    {
+        hook(module);
     }
 }

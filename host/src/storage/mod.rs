@@ -1,15 +1,16 @@
-//! Durable state: the Raft log in redb, the state machine and its snapshot files.
-//! The only module that touches redb.
+//! Durable state: the Raft log (an append-only WAL, `wal.rs`, or redb, `redb_log.rs`), the
+//! state machine and its snapshot files. The only module that touches redb.
 
+pub mod codec;
 pub mod engine;
 pub mod events;
-pub mod log_store;
+pub mod redb_log;
 pub mod snapshot;
 pub mod state_machine;
-
 pub mod wal;
-pub use engine::LogEngine;
-pub use log_store::{DeployHook, LogReader, LogStore};
+
+pub use engine::{DeployHook, LogEngine};
+pub use redb_log::{LogReader, RedbLog};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{
     APPLY_BUCKETS_US, AuditStatus, DigestReply, Divergence, HealRecord, HealReply, HealRequest,

@@ -10,7 +10,7 @@
 //! Sections are written and read one at a time: the file is never one buffer.
 
 use crate::runtime::{ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
-use crate::storage::log_store::{decode, encode};
+use crate::storage::codec::{decode, encode};
 use crate::types::{Response, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

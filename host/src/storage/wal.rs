@@ -8,7 +8,7 @@
 //! for an index replaces an earlier one; a truncation drops what follows it) into memory, where
 //! every read is served from. The in-memory log is updated when a write is submitted, so entries
 //! are readable at once; the writer thread appends the records and fsyncs, and only then fires
-//! the callbacks, in order (group commit, as in [`super::LogStore`]).
+//! the callbacks, in order (group commit, as in [`super::RedbLog`]).
 //!
 //! A torn tail (a crash in the middle of a write: a short record, or zeros) is cut off when the
 //! file is opened. A record with a bad checksum that is not at the tail is corruption: the
@@ -28,7 +28,10 @@ use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
-use super::log_store::{DeployHook, decode, encode, io_err, notify_deploy};
+use super::{
+    codec::{decode, encode, io_err},
+    engine::{DeployHook, notify_deploy},
+};
 
 /// A file over this size, mostly dead after a purge, is rewritten.
 const COMPACT_ABOVE: u64 = 64 << 20;

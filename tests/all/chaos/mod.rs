@@ -509,7 +509,7 @@ async fn compare_logs(c: &ProcCluster) -> String {
             }
         } else {
             let path = c.data_dir(i).join("log.redb");
-            match waft::storage::LogStore::open(&path) {
+            match waft::storage::RedbLog::open(&path) {
                 Ok(mut store) => store.try_get_log_entries(0..).await.unwrap_or_default(),
                 Err(e) => return format!("cannot open {}: {e}", path.display()),
             }

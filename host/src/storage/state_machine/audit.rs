@@ -388,7 +388,7 @@ impl SmState {
 /// sha256 (hex) of the session table's encoding.
 pub(super) fn sessions_digest(sessions: &BTreeMap<u64, Session>) -> io::Result<String> {
     let list: Vec<(&u64, &Session)> = sessions.iter().collect();
-    Ok(sha256_hex(&crate::storage::log_store::encode(&list)?))
+    Ok(sha256_hex(&crate::storage::codec::encode(&list)?))
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ impl SmState {
             // Replaying the history rebuilds the instance byte for byte, which a fresh instance
             // restored from the guest's own snapshot would not (state hidden in a language
             // runtime), and it works for a guest whose `snapshot` traps.
-            let state = crate::storage::log_store::encode(&svc.guest.replay_form())?;
+            let state = crate::storage::codec::encode(&svc.guest.replay_form())?;
             let replay = true;
             services.push(ServiceRecord {
                 name: name.clone(),

@@ -11,6 +11,8 @@
 //! and the writer empties after each commit. Truncation, purge and vote writes wait for the
 //! writer, so no reader can see an entry that a queued truncation has already removed.
 
+use super::codec::{decode, encode, io_err};
+use super::engine::{DeployHook, notify_deploy};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
@@ -62,23 +64,8 @@ type Pending = Arc<Mutex<BTreeMap<u64, Entry>>>;
 
 use crate::sync::lock_or_stop as lock;
 
-pub(crate) fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(format!("{what}: {e}"))
-}
-
-/// Encodes a value stored in the log database.
-pub(crate) fn encode<T: serde::Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    postcard::to_allocvec(v).map_err(|e| io_err("cannot encode", e))
-}
-
-/// Decodes a value stored in the log database.
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> io::Result<T> {
-    postcard::from_bytes(bytes)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("corrupt {what}: {e}")))
-}
-
 /// The redb-backed Raft log. See the module docs for how it meets openraft's contract.
-pub struct LogStore {
+pub struct RedbLog {
     db: Arc<Database>,
     pending: Pending,
     writer: mpsc::Sender<Op>,
@@ -86,26 +73,7 @@ pub struct LogStore {
     on_deploy: Option<DeployHook>,
 }
 
-/// Called with the module of every deploy entry as it is appended, before it commits: the node
-/// compiles the module in the background, so that applying the deploy (the swap itself) finds
-/// it compiled.
-pub type DeployHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
-
-/// Calls `hook` with the module when `entry` is a deploy (both log engines do on append).
-pub(crate) fn notify_deploy(hook: Option<&DeployHook>, entry: &Entry) {
-    use crate::types::Request;
-    if let (
-        Some(hook),
-        openraft::EntryPayload::Normal(
-            Request::Deploy { module, .. } | Request::ForcedDeploy { module, .. },
-        ),
-    ) = (hook, &entry.payload)
-    {
-        hook(module);
-    }
-}
-
-impl Drop for LogStore {
+impl Drop for RedbLog {
     fn drop(&mut self) {
         // Close the queue and wait for the writer, so the database file is released when the
         // store is gone (a restarted node in the same process can open it again).
@@ -117,18 +85,18 @@ impl Drop for LogStore {
     }
 }
 
-impl Debug for LogStore {
+impl Debug for RedbLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogStore").finish_non_exhaustive()
+        f.debug_struct("RedbLog").finish_non_exhaustive()
     }
 }
 
-impl LogStore {
+impl RedbLog {
     /// Opens (or creates) the log database at `path` and starts its writer thread.
     ///
     /// A file that is not a redb database, is corrupt, or was written by an incompatible
     /// version is an error: the node must not start with an empty log in its place.
-    pub fn open(path: &Path) -> io::Result<LogStore> {
+    pub fn open(path: &Path) -> io::Result<RedbLog> {
         let db = open_db(path).map_err(|e| {
             io_err(
                 &format!(
@@ -174,7 +142,7 @@ impl LogStore {
             .name("waft-log-writer".into())
             .spawn(move || writer_loop(&wdb, &wpending, &rx))
             .map_err(|e| io_err("cannot start the log writer thread", e))?;
-        Ok(LogStore {
+        Ok(RedbLog {
             db,
             pending,
             writer: tx,
@@ -184,7 +152,7 @@ impl LogStore {
     }
 
     /// Sets the hook called with the module of each appended deploy entry.
-    pub fn on_deploy(mut self, hook: DeployHook) -> LogStore {
+    pub fn on_deploy(mut self, hook: DeployHook) -> RedbLog {
         self.on_deploy = Some(hook);
         self
     }
@@ -402,7 +370,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+impl RaftLogReader<TypeConfig> for RedbLog {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -415,7 +383,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
+impl RaftLogStorage<TypeConfig> for RedbLog {
     type LogReader = LogReader;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {

@@ -1,21 +1,25 @@
-# waft: one image with the binary and the example kv guest.
+# waft: one image with the binary (which carries the example guests it deploys in `waft dev`)
+# and the example guests as files in /opt/waft, to deploy elsewhere.
 #   docker build -t waft .
-#   docker run --rm -p 7001:7001 waft dev --base-port 7001    # a 3-node dev cluster in one container
-# (Not built on the project's CI machine, which has no Docker; kept deliberately plain.)
+#   docker run --rm -p 7001:7001 waft dev --listen-host 0.0.0.0    # a 3-node cluster in one container
+#   waft submit --service kv 'put a 1'                               # from the host
+# tests/all/docs.rs checks that every file copied here is one the build makes, and builds the
+# image where Docker is installed (the project's CI machine has none).
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 RUN rustup target add wasm32-wasip2
 COPY . .
-RUN cargo build --release --locked -p waft \
- && cargo build --release --locked --target wasm32-wasip2 --manifest-path examples/guests/Cargo.toml
+# host/build.rs builds the example guests into target/guests on the way.
+RUN cargo build --release --locked -p waft
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --home-dir /data waft && mkdir -p /data /opt/waft \
  && chown waft /data
 COPY --from=build /src/target/release/waft /usr/local/bin/waft
-COPY --from=build /src/examples/guests/target/wasm32-wasip2/release/kv.wasm /opt/waft/kv.wasm
-COPY --from=build /src/examples/guests/target/wasm32-wasip2/release/counter.wasm /opt/waft/counter.wasm
+COPY --from=build /src/target/guests/wasm32-wasip2/release/kv.wasm /opt/waft/kv.wasm
+COPY --from=build /src/target/guests/wasm32-wasip2/release/counter.wasm /opt/waft/counter.wasm
+COPY --from=build /src/target/guests/wasm32-wasip2/release/etcd_kv.wasm /opt/waft/etcd_kv.wasm
 COPY deploy/k8s/start-node.sh /usr/local/bin/start-node.sh
 USER waft
 VOLUME /data

@@ -1,5 +1,6 @@
 //! Generates the gRPC code from `proto/` with a vendored protoc, so a fresh machine needs
-//! nothing but the Rust toolchain.
+//! nothing but the Rust toolchain, and builds the example guests that `waft dev` carries inside
+//! the binary (so it needs no source tree, and no cargo, at run time).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -25,5 +26,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .codec_path("crate::pb::codec::WaftCodec")
         .compile_protos(&["../proto/etcd.proto"], &["../proto"])?;
+    example_guests(&out)?;
     Ok(())
+}
+
+/// Builds examples/guests and writes `examples.rs`: the bytes of the example guests `waft dev`
+/// deploys (`KV`, `ETCD_KV`).
+fn example_guests(out: &std::path::Path) -> std::io::Result<()> {
+    let root = waft_guest_build::root();
+    let built = waft_guest_build::build_workspace(
+        &root,
+        &root.join("examples/guests"),
+        &waft_guest_build::target_dir(&root),
+    );
+    let mut code = String::new();
+    // The ones `waft dev` deploys.
+    for (name, wasm) in built
+        .into_iter()
+        .filter(|(n, _)| ["kv", "etcd_kv"].contains(&n.as_str()))
+    {
+        code.push_str(&format!(
+            "/// The example guest `{name}` (examples/guests), built with this binary.\n\
+             pub const {}: &[u8] = include_bytes!({:?});\n",
+            name.to_uppercase(),
+            wasm.display().to_string()
+        ));
+    }
+    std::fs::write(out.join("examples.rs"), code)
 }

@@ -1,7 +1,7 @@
 //! The client API over gRPC on an in-process cluster: forwarding, consistency levels,
 //! exactly-once retries, errors, membership and status.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use std::time::Duration;
 use tonic::transport::Channel;
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
@@ -582,7 +582,9 @@ async fn a_submit_batch_proposes_in_order_and_answers_each_command_like_a_submit
         .expect_err("too heavy");
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
     assert_eq!(cluster.node(leader).metrics().last_log_index, before);
-    let (last, _) = cluster.write(crate::cluster_support::kv("put end 1")).await;
+    let (last, _) = cluster
+        .write(crate::support::cluster::kv("put end 1"))
+        .await;
     cluster.wait_applied(last).await;
     cluster.assert_identical().await;
     cluster.shutdown().await;
@@ -638,7 +640,9 @@ async fn concurrent_submits_through_a_follower_each_get_their_own_answer() {
             .into_inner();
         assert_eq!(query_ok(&r), b"20");
     }
-    let (last, _) = cluster.write(crate::cluster_support::kv("put end 1")).await;
+    let (last, _) = cluster
+        .write(crate::support::cluster::kv("put end 1"))
+        .await;
     cluster.wait_applied(last).await;
     cluster.assert_identical().await;
     cluster.shutdown().await;
@@ -706,7 +710,9 @@ async fn waft_submit_lines_bulk_loads_a_file_in_batches_with_a_result_per_comman
         .map(|l| l["index"].as_u64().expect("index"))
         .collect();
     assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
-    let (last, _) = cluster.write(crate::cluster_support::kv("put end 1")).await;
+    let (last, _) = cluster
+        .write(crate::support::cluster::kv("put end 1"))
+        .await;
     cluster.wait_applied(last).await;
     let states = cluster.assert_identical().await;
     assert!(!states["kv"].is_empty());

@@ -1,7 +1,7 @@
 //! Divergence detection: replicas compare state digests at the same log index, and a replica
 //! whose state was damaged behind Raft's back is reported loudly (status, CLI, log).
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use std::path::Path;
 use std::time::Duration;
 use waft::node::RaftSettings;

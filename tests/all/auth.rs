@@ -1,8 +1,8 @@
 //! Token authentication: admin calls need the cluster token, data calls the client token (or
 //! the cluster token), Raft messages between nodes the cluster token; health stays open.
 
-use crate::cluster_support::{TestCluster, test_settings};
 use crate::support::channel;
+use crate::support::cluster::{TestCluster, test_settings};
 use crate::support::waft_cli;
 use waft::node::NodeConfig;
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};

@@ -1,7 +1,7 @@
 //! Opt-in removal of unreachable voters: a voter gone for longer than the policy says is
 //! removed by the leader, one at a time, never below the floor, and the cluster keeps working.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use std::collections::BTreeSet;
 use std::time::Duration;
 use waft::autoremove::RemovalPolicy;

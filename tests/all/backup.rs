@@ -1,7 +1,7 @@
 //! Backup and restore: a consistent backup taken through any node restores into a fresh
 //! cluster with the same services, versions and states; bad backups are refused whole.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use waft::pb::api::{self, cluster_client::ClusterClient};
 use waft::types::Request;
 use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_KV, TEST_KV2};

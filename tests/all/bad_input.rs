@@ -1,8 +1,8 @@
 //! Bytes that are not what a method expects, sent to every gRPC method of a live node: each
 //! gets a clear error, the node keeps serving, and nothing changes.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
 use crate::support::channel;
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;

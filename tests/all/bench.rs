@@ -1,7 +1,7 @@
 //! `waft bench` against a live in-process cluster, and against a real etcd when one is
 //! installed (the same workload through etcd's v3 KV API).
 
-use crate::cluster_support::{TestCluster, test_settings};
+use crate::support::cluster::{TestCluster, test_settings};
 use crate::support::waft_cli as waft;
 use std::process::Output;
 use std::time::Duration;

@@ -1,14 +1,9 @@
 //! The `waft check` and `waft exec` commands, run as the real binary.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use waft_testkit::guests::*;
 
-fn waft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_waft"))
-        .args(args)
-        .output()
-        .expect("run waft")
-}
+use crate::support::bin::run as waft;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -114,7 +109,7 @@ fn check_rejects_bad_files_with_one_line_and_a_failure_status() {
 #[test]
 fn a_reader_that_stops_early_ends_the_cli_quietly() {
     // `waft ... | head -1`: once the reader has gone, the next print must not panic.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_waft"))
+    let mut child = crate::support::bin::waft()
         .args(["exec", EXAMPLE_KV, "put a 1", "get a", "put b 2", "get b"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -2,7 +2,7 @@
 //! the README's grpcurl commands (server reflection), run against a real cluster. A missing tool
 //! fails the test, saying what to install (`scripts/test` installs both).
 
-use crate::cluster_support::{TestCluster, test_settings};
+use crate::support::cluster::{TestCluster, test_settings};
 use std::process::{Command, Output};
 use waft_testkit::guests::EXAMPLE_KV;
 

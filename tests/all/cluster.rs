@@ -1,6 +1,6 @@
 //! A replicated cluster: three in-process nodes over real gRPC, redb and the kv guest.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use std::time::Duration;
 use waft::node::RaftSettings;
 use waft::types::Response;
@@ -143,9 +143,20 @@ async fn a_restarted_node_replays_from_its_snapshot_and_reuses_compiled_guests()
     let restarted = (cluster.wait_leader().await + 2) % 3;
     let before = cluster.node(restarted).metrics().snapshot;
     assert!(before.is_some(), "a snapshot was taken");
+    let snapshot_index = before.expect("a snapshot").index;
+    assert!(
+        snapshot_index < last,
+        "entries after the snapshot ({snapshot_index}) are left to replay (last {last})"
+    );
     cluster.stop(restarted).await;
     cluster.restart(restarted).await;
     cluster.wait_applied(last).await;
+    // It started from its snapshot file, then replayed the log after it.
+    let installed = cluster.node(restarted).state().snapshot_stats();
+    assert!(
+        installed.installed >= 1 && installed.last_installed_bytes > 0,
+        "the restarted node installed its snapshot at start: {installed:?}"
+    );
     let services = cluster.node(restarted).state().services();
     assert_eq!(services.len(), 1);
     assert!(

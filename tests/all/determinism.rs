@@ -3,7 +3,7 @@
 //! at another moment) still agree; the verifier (`waft exec --verify`) names the guests whose
 //! answers depend on their instance's history; old snapshot files still load.
 
-use crate::cluster_support::{TestCluster, test_settings};
+use crate::support::cluster::{TestCluster, test_settings};
 use crate::support::{ctx, runtime_with};
 use std::sync::Arc;
 use waft::runtime::{CheckpointPolicy, Guest, GuestModule, Runtime, RuntimeConfig};
@@ -346,9 +346,12 @@ async fn a_dry_run_replays_the_service_history_through_the_new_module_and_verifi
     let mut cluster = TestCluster::start(1, test_settings()).await;
     cluster.form().await;
     cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
-    let first = cluster.write(crate::cluster_support::kv("put a 1")).await.0;
+    let first = cluster
+        .write(crate::support::cluster::kv("put a 1"))
+        .await
+        .0;
     for c in ["put b 2", "del a", "version", "put c 3"] {
-        cluster.write(crate::cluster_support::kv(c)).await;
+        cluster.write(crate::support::cluster::kv(c)).await;
     }
     let addr = cluster.addrs[0].clone();
 

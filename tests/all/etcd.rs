@@ -2,8 +2,8 @@
 //! same etcdctl session gives the same output (values, revisions, versions) against waft and
 //! against a real etcd. Errors keep etcd's codes and wording.
 
-use crate::cluster_support::{TestCluster, test_settings};
 use crate::support::Etcd;
+use crate::support::cluster::{TestCluster, test_settings};
 use std::process::Command;
 use std::time::Duration;
 use tonic::transport::Channel;

@@ -1,7 +1,7 @@
 //! Hostile and buggy guests deployed to a live cluster: the cluster stays up and consistent,
 //! the client gets a clear error, and the other services never notice.
 
-use crate::cluster_support::{TestCluster, test_settings};
+use crate::support::cluster::{TestCluster, test_settings};
 use std::time::Duration;
 use waft::node::RaftSettings;
 use waft::pb::api::{self, waft_client::WaftClient};
@@ -124,14 +124,14 @@ async fn hostile_guests_on_a_live_cluster_get_clear_errors_and_change_nothing() 
     // The query is a stale read on node 2: wait until it has applied everything so far (it
     // may still be compiling the deploy on a busy machine, and answer "no service").
     let (caught_up, _) = cluster
-        .write(crate::cluster_support::kv("put k before"))
+        .write(crate::support::cluster::kv("put k before"))
         .await;
     cluster.wait_applied(caught_up).await;
     expect_err(query(&a[2], "evil", "loop").await, &["trapped", "fuel"]);
 
     tracing::info!("after all that, every node has a=1 (b=3) and kv is untouched");
     let (last, _) = cluster
-        .write(crate::cluster_support::kv("put k after"))
+        .write(crate::support::cluster::kv("put k after"))
         .await;
     cluster.wait_applied(last).await;
     for addr in &a {
@@ -149,7 +149,7 @@ async fn hostile_guests_on_a_live_cluster_get_clear_errors_and_change_nothing() 
     let mut last = 0;
     for i in 0..120 {
         let (index, _) = cluster
-            .write(crate::cluster_support::kv(format!("put n{i} {i}")))
+            .write(crate::support::cluster::kv(format!("put n{i} {i}")))
             .await;
         last = index;
     }
@@ -178,7 +178,7 @@ async fn hostile_guests_on_a_live_cluster_get_clear_errors_and_change_nothing() 
     cluster.stop(follower).await;
     cluster.restart(follower).await;
     let (last, _) = cluster
-        .write(crate::cluster_support::kv("put k restarted"))
+        .write(crate::support::cluster::kv("put k restarted"))
         .await;
     cluster.wait_applied(last).await;
     let f = cluster.addrs[follower].clone();
@@ -214,7 +214,7 @@ async fn a_guest_reading_clocks_and_randomness_stays_identical_on_every_node() {
         tokio::time::sleep(Duration::from_millis(5)).await;
         replies.push(r);
     }
-    let (last, _) = cluster.write(crate::cluster_support::kv("put x 1")).await;
+    let (last, _) = cluster.write(crate::support::cluster::kv("put x 1")).await;
     cluster.wait_applied(last).await;
     let states = cluster.assert_identical().await;
     let record = String::from_utf8_lossy(&states["nondet"]).into_owned();

@@ -2,7 +2,7 @@
 //! old module to the new one; a module that refuses the state never takes over; a node whose
 //! engine differs refuses to apply a deploy.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use std::time::Duration;
 use tonic::transport::Channel;
 use waft::pb::api::{self, waft_client::WaftClient};
@@ -282,6 +282,23 @@ async fn a_deploy_from_another_engine_stops_the_node_instead_of_diverging() {
         cluster.node(leader).state().services().is_empty(),
         "nothing was deployed"
     );
+    // The node stopped: Raft reports the fatal error (what `waft node` exits on) and takes
+    // nothing more.
+    let fatal = tokio::time::timeout(Duration::from_secs(30), cluster.node(leader).fatal())
+        .await
+        .expect("Raft stops on the foreign engine's deploy");
+    assert!(fatal.contains("engine"), "{fatal}");
+    let after = cluster
+        .node(leader)
+        .raft()
+        .client_write(Request::Command {
+            service: "kv".into(),
+            payload: b"put a 1".to_vec(),
+            client: None,
+            timestamp_ms: 2,
+        })
+        .await;
+    assert!(after.is_err(), "a stopped node takes no more writes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,8 +3,8 @@
 //! freed by a killed node was reused by another campaign's process, and a leader appended its
 //! entries to a stranger, whose replicas then diverged.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
 use crate::support::channel;
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use std::time::Duration;
 use waft::node::{Node, NodeConfig};
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
@@ -119,7 +119,7 @@ async fn a_stranger_at_a_members_address_is_never_written_to() {
     // Cluster A loses node 2; a one-node cluster B starts on node 2's address, with the same
     // node id. A's leader keeps replicating to that address: B must refuse every message.
     // (Steady timings: a new leader of A would not know what node 2 acknowledged.)
-    let mut a = TestCluster::start(3, crate::cluster_support::loaded_settings()).await;
+    let mut a = TestCluster::start(3, crate::support::cluster::loaded_settings()).await;
     a.form().await;
     a.write(kv("put before 1")).await;
     let addr = a.addrs[2].clone();
@@ -198,7 +198,7 @@ async fn a_member_that_lost_its_data_is_refused_until_it_is_added_back() {
     // vote as a member. The cluster goes on with two of three; removing node 2 and adding it
     // back brings it in again. (A new leader would not know what node 2 acknowledged to the
     // old one and would copy it the log from scratch, safely: steady timings keep one leader.)
-    let mut cluster = TestCluster::start(3, crate::cluster_support::loaded_settings()).await;
+    let mut cluster = TestCluster::start(3, crate::support::cluster::loaded_settings()).await;
     cluster.form().await;
     for i in 0..20 {
         cluster.write(kv(format!("put a{i} {i}"))).await;

@@ -5,7 +5,7 @@
 //! The components are built by `tests/build.rs` (`scripts/test` installs the tools); a guest
 //! that could not be built fails these tests, saying why.
 
-use crate::cluster_support::{TestCluster, loaded_settings};
+use crate::support::cluster::{TestCluster, loaded_settings};
 use crate::support::{apply_all, ctx, guest, query, runtime, text};
 use tonic::transport::Channel;
 use waft::pb::api::{self, waft_client::WaftClient};

@@ -1,7 +1,7 @@
 //! The Prometheus endpoint: Raft progress, replication lag, per-service counters and apply
 //! latency, audit results.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use waft::types::Request;
 use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE};

@@ -2,16 +2,15 @@
 //! join, deploy, submit on a follower, query everywhere, SIGKILL the leader, keep writing,
 //! restart it, and check that every node agrees.
 
+use crate::support::bin::{Dev, waft};
 use crate::support::free_addr;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use crate::support::procs::ProcCluster;
+use std::process::Output;
 use std::time::{Duration, Instant};
 use waft_testkit::guests::EXAMPLE_KV;
 
-const BIN: &str = env!("CARGO_BIN_EXE_waft");
-
 fn cli(endpoint: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
+    waft()
         .arg("--endpoint")
         .arg(endpoint)
         .args(args)
@@ -21,28 +20,6 @@ fn cli(endpoint: &str, args: &[&str]) -> Output {
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn spawn(id: u64, addr: &str, dir: &Path, join: Option<&str>) -> Child {
-    let log = std::fs::File::create(dir.join(format!("node{id}.log"))).expect("log file");
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "--log",
-        "info",
-        "node",
-        "--id",
-        &id.to_string(),
-        "--listen",
-        addr,
-        "--data-dir",
-    ])
-    .arg(dir.join(format!("node{id}")))
-    .stdout(Stdio::null())
-    .stderr(log);
-    if let Some(seed) = join {
-        cmd.args(["--join", seed]);
-    }
-    cmd.spawn().expect("spawn waft node")
 }
 
 /// Polls until `check` passes or 30 s go by.
@@ -88,24 +65,19 @@ fn leader(addrs: &[String]) -> Option<u64> {
         .and_then(|s| s["node_id"].as_u64())
 }
 
-struct Nodes(Vec<Option<Child>>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_processes_survive_a_leader_kill() {
+    crate::support::init_tracing();
+    let c = ProcCluster::unformed(3, &[]).await;
+    // The CLI and the processes are driven synchronously, as an operator's shell would.
+    tokio::task::spawn_blocking(move || survive_a_leader_kill(c))
+        .await
+        .expect("join");
 }
 
-#[test]
-fn three_node_processes_survive_a_leader_kill() {
-    crate::support::init_tracing();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let mut nodes = Nodes(vec![None, None, None]);
-    nodes.0[0] = Some(spawn(1, &addrs[0], dir.path(), None));
+fn survive_a_leader_kill(mut c: ProcCluster) {
+    let addrs = c.addrs.clone();
+    c.spawn(0, None);
     eventually("node 1 answers", || status(&addrs[0]).is_some());
     tracing::info!("init through the CLI, then two nodes join through node 1");
     let o = cli(&addrs[0], &["cluster", "init"]);
@@ -115,11 +87,11 @@ fn three_node_processes_survive_a_leader_kill() {
         String::from_utf8_lossy(&o.stderr)
     );
     eventually("node 1 leads", || leader(&addrs[..1]) == Some(1));
-    nodes.0[1] = Some(spawn(2, &addrs[1], dir.path(), Some(&addrs[0])));
+    c.spawn_with(1, None, &["--join", &addrs[0]]);
     // A seed list: a dead address first, then a host name (resolved, each address tried).
     let port0 = addrs[0].rsplit_once(':').expect("port").1;
     let seeds = format!("127.0.0.1:1,localhost:{port0}");
-    nodes.0[2] = Some(spawn(3, &addrs[2], dir.path(), Some(&seeds)));
+    c.spawn_with(2, None, &["--join", &seeds]);
     eventually("three voters", || {
         status(&addrs[0]).is_some_and(|s| {
             s["members"]
@@ -144,10 +116,7 @@ fn three_node_processes_survive_a_leader_kill() {
 
     tracing::info!("SIGKILL the leader, keep writing through the survivors");
     let killed = leader(&addrs).expect("a leader") as usize;
-    let victim = nodes.0[killed - 1].as_mut().expect("running");
-    victim.kill().expect("kill");
-    victim.wait().expect("reap");
-    nodes.0[killed - 1] = None;
+    c.kill(killed - 1);
     let survivor = &addrs[killed % 3];
     for i in 2..=6 {
         let o = cli(
@@ -163,7 +132,7 @@ fn three_node_processes_survive_a_leader_kill() {
     }
 
     tracing::info!("restart the killed node: it catches up and every node agrees");
-    nodes.0[killed - 1] = Some(spawn(killed as u64, &addrs[killed - 1], dir.path(), None));
+    c.spawn(killed - 1, None);
     let expected = "k1 v1\nk2 v2\nk3 v3\nk4 v4\nk5 v5\nk6 v6\n";
     for a in &addrs {
         eventually(&format!("{a} has every write"), || {
@@ -187,22 +156,14 @@ fn three_node_processes_survive_a_leader_kill() {
     tracing::info!("a follower loses its data directory and comes back with --join");
     let leader_id = leader(&addrs).expect("a leader") as usize;
     let wiped = leader_id % 3 + 1;
-    let victim = nodes.0[wiped - 1].as_mut().expect("running");
-    victim.kill().expect("kill");
-    victim.wait().expect("reap");
-    nodes.0[wiped - 1] = None;
-    std::fs::remove_dir_all(dir.path().join(format!("node{wiped}"))).expect("wipe");
+    c.kill(wiped - 1);
+    std::fs::remove_dir_all(c.data_dir(wiped - 1)).expect("wipe");
     let o = cli(
         &addrs[leader_id - 1],
         &["submit", "--service", "kv", "put k7 v7"],
     );
     assert_eq!(text(&o), "OK\n", "{}", String::from_utf8_lossy(&o.stderr));
-    nodes.0[wiped - 1] = Some(spawn(
-        wiped as u64,
-        &addrs[wiped - 1],
-        dir.path(),
-        Some(&addrs[leader_id - 1]),
-    ));
+    c.spawn_with(wiped - 1, None, &["--join", &addrs[leader_id - 1]]);
     let expected = format!("{expected}k7 v7\n");
     eventually("the wiped node copied the log again", || {
         stale_scan(&addrs[wiped - 1]) == expected
@@ -214,7 +175,7 @@ fn three_node_processes_survive_a_leader_kill() {
                 .is_some_and(|m| m.iter().filter(|x| x["voter"] == true).count() == 3)
         })
     });
-    let log = std::fs::read_to_string(dir.path().join(format!("node{wiped}.log"))).expect("log");
+    let log = c.log(wiped - 1);
     assert!(
         log.contains(&format!("node {wiped} lost its data")),
         "the node says what happened: {log}"
@@ -231,54 +192,12 @@ fn three_node_processes_survive_a_leader_kill() {
     );
 }
 
-/// Three consecutive free ports, as `waft dev` numbers its nodes from a base port.
-fn consecutive_ports() -> u16 {
-    loop {
-        let ports: Vec<u16> = (0..3)
-            .map(|_| {
-                free_addr()
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .expect("a port")
-            })
-            .collect();
-        if ports[1] == ports[0] + 1 && ports[2] == ports[0] + 2 {
-            return ports[0];
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waft_dev_serves_the_etcd_api_when_asked() {
-    use std::io::BufRead;
     use waft::pb::etcd::{PutRequest, RangeRequest, kv_client::KvClient};
-    let (base, etcd) = (consecutive_ports(), consecutive_ports());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_waft"))
-        .args(["dev", "--base-port", &base.to_string(), "--etcd-base-port"])
-        .arg(etcd.to_string())
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn waft dev");
-    let stdout = dev.stdout.take().expect("stdout");
-    let ready = tokio::task::spawn_blocking(move || {
-        let mut seen = String::new();
-        for line in std::io::BufReader::new(stdout).lines() {
-            let line = line.expect("read");
-            seen.push_str(&line);
-            seen.push('\n');
-            if line.starts_with("Press Ctrl-C") {
-                break;
-            }
-        }
-        seen
-    })
-    .await
-    .expect("join");
+    let etcd = crate::support::bin::consecutive_ports();
+    let dev = Dev::start(&["--etcd-base-port", &etcd.to_string()]);
+    let ready = dev.banner.clone();
     assert!(
         ready.contains("service `kv` (and `etcd`) deployed"),
         "{ready}"
@@ -312,52 +231,35 @@ async fn waft_dev_serves_the_etcd_api_when_asked() {
         .expect("range")
         .into_inner();
     assert_eq!(got.kvs[0].value, b"yes");
-    // SAFETY: signalling a child process we own.
-    unsafe { libc::kill(dev.id() as i32, libc::SIGINT) };
-    let status = tokio::task::spawn_blocking(move || dev.wait().expect("wait"))
+    let status = tokio::task::spawn_blocking(move || dev.stop())
         .await
         .expect("join");
     assert!(status.success(), "waft dev exited with {status}");
 }
 
-#[test]
-fn nodes_find_each_other_with_mdns() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_find_each_other_with_mdns() {
     crate::support::init_tracing();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addrs: Vec<String> = (0..2).map(|_| free_addr()).collect();
     // Our own mDNS port and cluster name, so no other test or host on the network answers.
     let mdns_port = free_addr().rsplit_once(':').expect("port").1.to_owned();
     let name = format!("t{}", std::process::id());
-    let spawn_mdns = |id: u64, addr: &str, join: Option<&str>| {
-        let log = std::fs::File::create(dir.path().join(format!("node{id}.log"))).expect("log");
-        let mut cmd = Command::new(BIN);
-        cmd.env("WAFT_MDNS_PORT", &mdns_port)
-            .args([
-                "--log",
-                "info",
-                "node",
-                "--id",
-                &id.to_string(),
-                "--listen",
-                addr,
-            ])
-            .args(["--mdns", &name, "--data-dir"])
-            .arg(dir.path().join(format!("node{id}")))
-            .stdout(Stdio::null())
-            .stderr(log);
-        if let Some(seed) = join {
-            cmd.args(["--join", seed]);
-        }
-        cmd.spawn().expect("spawn waft node")
-    };
-    let mut nodes = Nodes(vec![Some(spawn_mdns(1, &addrs[0], None))]);
+    let mut c = ProcCluster::unformed(2, &["--mdns", &name]).await;
+    c.set_env("WAFT_MDNS_PORT", &mdns_port);
+    tokio::task::spawn_blocking(move || find_each_other(c, &mdns_port, &name))
+        .await
+        .expect("join");
+}
+
+fn find_each_other(mut c: ProcCluster, mdns_port: &str, name: &str) {
+    let addrs = c.addrs.clone();
+    c.spawn(0, None);
     eventually("node 1 answers", || status(&addrs[0]).is_some());
     let o = cli(&addrs[0], &["cluster", "init"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     eventually("node 1 leads", || leader(&addrs[..1]) == Some(1));
     // A dead seed first: the node goes on to the nodes mDNS finds.
     let seeds = format!("127.0.0.1:1,mdns:{name}");
-    nodes.0.push(Some(spawn_mdns(2, &addrs[1], Some(&seeds))));
+    c.spawn_with(1, None, &["--join", &seeds]);
     eventually("node 2 joined through mDNS and is a voter", || {
         status(&addrs[0]).is_some_and(|s| {
             s["members"].as_array().is_some_and(|m| {
@@ -367,10 +269,11 @@ fn nodes_find_each_other_with_mdns() {
         })
     });
     // A name mDNS cannot carry is refused before the node starts.
-    let o = Command::new(BIN)
-        .env("WAFT_MDNS_PORT", &mdns_port)
+    let node9 = c.dir.path().join("node9");
+    let o = waft()
+        .env("WAFT_MDNS_PORT", mdns_port)
         .args(["node", "--id", "9", "--listen", &free_addr(), "--data-dir"])
-        .arg(dir.path().join("node9"))
+        .arg(&node9)
         .args(["--mdns", "bad.name"])
         .output()
         .expect("run");
@@ -380,5 +283,5 @@ fn nodes_find_each_other_with_mdns() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(!dir.path().join("node9").exists(), "nothing was created");
+    assert!(!node9.exists(), "nothing was created");
 }

@@ -2,7 +2,7 @@
 //! and comes back, while clients keep writing. No write fails with anything but a retryable
 //! error, every acknowledged write is there afterwards, and the replicas agree.
 
-use crate::cluster_support::{TestCluster, test_settings};
+use crate::support::cluster::{TestCluster, test_settings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -117,7 +117,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     assert!(acked.len() > 50, "writers made progress: {}", acked.len());
     let leader = cluster.wait_leader().await;
     let (last, _) = cluster
-        .write(crate::cluster_support::kv("put done 1"))
+        .write(crate::support::cluster::kv("put done 1"))
         .await;
     cluster.wait_applied(last).await;
     let scan = cluster

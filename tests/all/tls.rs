@@ -1,7 +1,7 @@
 //! TLS: a cluster whose nodes serve TLS and talk mutual TLS to each other; clients and peers
 //! with the wrong certificates never get in.
 
-use crate::cluster_support::{TestCluster, kv, test_settings};
+use crate::support::cluster::{TestCluster, kv, test_settings};
 use std::sync::OnceLock;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -366,16 +366,16 @@ async fn the_cli_speaks_tls_and_says_so_when_it_is_missing() {
 async fn a_peer_that_is_down_is_retried_with_pauses() {
     let cluster = TestCluster::start(1, test_settings()).await;
     cluster.form().await;
-    // A "peer" that accepts connections and drops them at once, counting them.
+    // A "peer" that accepts connections and drops them at once, noting when.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = count.clone();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
     let acceptor = tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            record.lock().expect("lock").push(std::time::Instant::now());
             drop(conn);
         }
     });
@@ -385,14 +385,36 @@ async fn a_peer_that_is_down_is_retried_with_pauses() {
         .add_learner(5, openraft::BasicNode { addr }, false)
         .await
         .expect("add learner");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let attempts = count.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(4)).await;
     acceptor.abort();
-    // With pauses up to 0.5 s: about a dozen in 3 s. The tight loop made thousands.
-    assert!(attempts >= 1, "the leader never tried");
+    let seen = seen.lock().expect("lock").clone();
+    // Connections opened within 40 ms of each other (the pool's, a stream and a heartbeat)
+    // are one attempt.
+    let mut attempts: Vec<std::time::Instant> = Vec::new();
+    for t in &seen {
+        if attempts
+            .last()
+            .is_none_or(|last| t.duration_since(*last) > Duration::from_millis(40))
+        {
+            attempts.push(*t);
+        }
+    }
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    tracing::info!(?gaps, "pauses between attempts");
+    // It keeps trying...
+    assert!(attempts.len() >= 3, "the leader gave up: {gaps:?}");
+    // ...never in a tight loop: each attempt opens a few connections, not hundreds (a tight
+    // loop would also run every attempt into one and fail the other checks)...
     assert!(
-        attempts < 100,
-        "{attempts} connection attempts in 3 s: no backoff"
+        seen.len() <= 4 * attempts.len(),
+        "{} connections in {} attempts: {gaps:?}",
+        seen.len(),
+        attempts.len()
+    );
+    // ...and the pause grows towards its cap (0.5 s) while the peer stays down.
+    assert!(
+        gaps.iter().any(|g| *g >= Duration::from_millis(250)),
+        "the pause never grew: {gaps:?}"
     );
     cluster.shutdown().await;
 }

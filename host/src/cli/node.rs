@@ -108,9 +108,14 @@ pub struct DevArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3)]
     pub nodes: u64,
-    /// Node i listens on 127.0.0.1:(base-port + i).
+    /// Node i listens on LISTEN_HOST:(base-port + i).
     #[arg(long, default_value_t = 7001)]
     pub base_port: u16,
+    /// The address the nodes listen on. The nodes reach each other, and advertise themselves,
+    /// at 127.0.0.1 whatever this is; 0.0.0.0 also serves clients from outside (in a
+    /// container: `docker run -p 7001:7001 IMAGE dev --listen-host 0.0.0.0`).
+    #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+    pub listen_host: std::net::IpAddr,
     /// Keep the cluster's data here (default: a temporary directory removed at exit). Running
     /// `waft dev` again with the same directory restarts the same cluster.
     #[arg(long)]
@@ -429,48 +434,18 @@ where
     }
 }
 
-/// The repository this binary was built from (for finding the example guests).
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+/// The example guests, built with this binary (host/build.rs).
+mod examples {
+    include!(concat!(env!("OUT_DIR"), "/examples.rs"));
 }
 
-/// Finds an example guest (`kv`, `etcd_kv`), building the examples when it is missing.
+/// An example guest (`kv`, `etcd_kv`) from inside the binary.
 fn example_guest(name: &str) -> anyhow::Result<Vec<u8>> {
-    let root = repo_root();
-    let candidates = [
-        root.join(format!(
-            "examples/guests/target/wasm32-wasip2/release/{name}.wasm"
-        )),
-        root.join(format!("target/guests/wasm32-wasip2/release/{name}.wasm")),
-    ];
-    if let Some(found) = candidates.iter().find(|p| p.exists()) {
-        return std::fs::read(found).with_context(|| format!("cannot read {}", found.display()));
+    match name {
+        "kv" => Ok(examples::KV.to_vec()),
+        "etcd_kv" => Ok(examples::ETCD_KV.to_vec()),
+        other => bail!("no example guest named {other:?}"),
     }
-    eprintln!("building the example guests (first run only)...");
-    let _ = std::process::Command::new("rustup")
-        .current_dir(&root)
-        .args(["target", "add", "wasm32-wasip2"])
-        .status();
-    let status = std::process::Command::new("cargo")
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--manifest-path",
-            "examples/guests/Cargo.toml",
-        ])
-        .status()
-        .context("cannot run cargo to build the example guest")?;
-    if !status.success() {
-        bail!(
-            "building the example kv guest failed; build it with `cargo build --release --target wasm32-wasip2 \
-             --manifest-path examples/guests/Cargo.toml` or pass --guest FILE"
-        );
-    }
-    std::fs::read(&candidates[0])
-        .with_context(|| format!("cannot read {}", candidates[0].display()))
 }
 
 /// Deploys `module` as `service` unless a service of that name exists (a restarted dev cluster),
@@ -536,16 +511,19 @@ pub async fn dev(args: &DevArgs, token: Option<&str>) -> anyhow::Result<ExitCode
     let mut nodes = Vec::new();
     let mut members = BTreeMap::new();
     for i in 0..args.nodes {
-        let port = args.base_port as u64 + i;
-        let addr = format!("127.0.0.1:{port}");
-        let listener = TcpListener::bind(&addr)
+        let port = u16::try_from(args.base_port as u64 + i)
+            .context("--base-port plus --nodes goes past port 65535")?;
+        let at = std::net::SocketAddr::new(args.listen_host, port);
+        let listener = TcpListener::bind(at)
             .await
-            .with_context(|| format!("cannot listen on {addr} (pick another --base-port?)"))?;
+            .with_context(|| format!("cannot listen on {at} (pick another --base-port?)"))?;
         let mut config = NodeConfig::new(i + 1, base.join(format!("node{}", i + 1)));
+        config.advertise = Some(format!("127.0.0.1:{port}"));
         config.net.tls = tls.as_ref().map(|(_, t)| t.clone());
         if let Some(etcd) = args.etcd_base_port {
-            let at = format!("127.0.0.1:{}", etcd as u64 + i);
-            config.etcd_listen = Some(at.parse().with_context(|| format!("bad address {at}"))?);
+            let port = u16::try_from(etcd as u64 + i)
+                .context("--etcd-base-port plus --nodes goes past port 65535")?;
+            config.etcd_listen = Some(std::net::SocketAddr::new(args.listen_host, port));
         }
         let node = Node::start(config, listener).await?;
         members.insert(

@@ -7,7 +7,7 @@
 //! every replica's audit matches with nothing healed, and the replies each node's `Watch`
 //! reports for the same entries are equal.
 
-use super::procs::{ProcCluster, connect};
+use crate::support::procs::{ProcCluster, connect};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,12 +8,10 @@
 //! runs longer). Each prints the operations done, the faults injected and the verdicts.
 
 mod determinism;
-mod procs;
-mod proxy;
 mod workload;
 
-use procs::ProcCluster;
-use proxy::LinkState;
+use crate::support::procs::ProcCluster;
+use crate::support::proxy::LinkState;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

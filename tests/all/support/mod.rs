@@ -1,4 +1,16 @@
-//! Helpers shared by the test modules.
+//! Everything the test modules share, one place each:
+//! - [`cluster`]: in-process clusters (`TestCluster`), for most tests;
+//! - [`procs`]: clusters of `waft node` processes (`ProcCluster`), each peer link through a
+//!   [`proxy`] that can stall or cut it, for the binary, the campaigns and operator workflows;
+//! - [`bin`]: the `waft` binary (the CLI, `waft dev` as a process);
+//! - here: tracing, guests in a bare runtime, gRPC channels, free ports, etcd, required tools.
+
+pub mod bin;
+pub mod cluster;
+pub mod procs;
+pub mod proxy;
+
+pub use bin::waft_cli;
 
 use waft::runtime::{ApplyCtx, Guest, Runtime, RuntimeConfig};
 
@@ -93,19 +105,6 @@ pub fn free_addr() -> String {
         }
     }
     panic!("no free port in {LOW}..{}", LOW + SPAN);
-}
-
-/// Runs the real `waft` binary with `args`, off the async runtime.
-pub async fn waft_cli(args: &[&str]) -> std::process::Output {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_waft"))
-            .args(&args)
-            .output()
-            .expect("run waft")
-    })
-    .await
-    .expect("join")
 }
 
 /// A single-member etcd (Debian's etcd-server) on fresh ports, stopped and removed on drop.

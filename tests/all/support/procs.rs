@@ -1,18 +1,18 @@
 //! A cluster of real `waft node` processes on loopback, each peer link through its own proxy
 //! (see [`super::proxy`]), with the faults a harness needs: SIGKILL and restart, SIGSTOP and
-//! SIGCONT, a file-size limit that makes writes fail like a full disk, and partitions.
+//! SIGCONT, a file-size limit that makes writes fail like a full disk, and partitions. The
+//! chaos campaigns use it formed ([`ProcCluster::start`]); the operator-workflow tests start
+//! it empty ([`ProcCluster::unformed`]) and form it through the CLI.
 
 use super::proxy::Network;
 use crate::support::free_addr;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 use tempfile::TempDir;
 use tonic::transport::Channel;
 use waft::pb::api::{self, cluster_client::ClusterClient};
-
-const BIN: &str = env!("CARGO_BIN_EXE_waft");
 
 pub struct ProcCluster {
     pub dir: TempDir,
@@ -21,6 +21,7 @@ pub struct ProcCluster {
     children: Vec<Option<Child>>,
     paused: Vec<bool>,
     node_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for ProcCluster {
@@ -55,21 +56,38 @@ impl ProcCluster {
     /// Starts `n` node processes (ids 1..=n) with `node_args` added to each, forms a cluster of
     /// `n` voters and returns once every node is a voter.
     pub async fn start(n: usize, node_args: &[&str]) -> ProcCluster {
+        let mut c = ProcCluster::unformed(n, node_args).await;
+        for i in 0..n {
+            c.spawn(i, None);
+        }
+        c.form().await;
+        c
+    }
+
+    /// Addresses, proxies and a data directory for `n` nodes, none started.
+    pub async fn unformed(n: usize, node_args: &[&str]) -> ProcCluster {
         let addrs: Vec<String> = (0..n).map(|_| free_addr()).collect();
         let net = Network::start(&addrs).await;
-        let mut c = ProcCluster {
+        ProcCluster {
             dir: tempfile::tempdir().expect("tempdir"),
             addrs,
             net,
             children: (0..n).map(|_| None).collect(),
             paused: vec![false; n],
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
-        };
-        for i in 0..n {
-            c.spawn(i, None);
+            env: Vec::new(),
         }
-        c.form().await;
-        c
+    }
+
+    /// Sets an environment variable for every node started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Node `i`'s whole log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{}.log", i + 1)))
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
@@ -95,8 +113,9 @@ impl ProcCluster {
             .append(true)
             .open(self.dir.path().join(format!("node{}.log", i + 1)))
             .expect("log file");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--log", "info,cranelift=warn,wasmtime=warn", "node", "--id"])
+        let mut cmd = super::bin::waft();
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(["--log", "info,cranelift=warn,wasmtime=warn", "node", "--id"])
             .arg((i + 1).to_string())
             .args(["--listen", &self.addrs[i], "--data-dir"])
             .arg(self.data_dir(i))
@@ -169,8 +188,7 @@ impl ProcCluster {
 
     /// The tail of node `i`'s log, for messages.
     pub fn log_tail(&self, i: usize, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join(format!("node{}.log", i + 1)))
-            .unwrap_or_default();
+        let text = self.log(i);
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }

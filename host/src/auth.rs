@@ -15,7 +15,8 @@
 //! reflection stay open. A follower forwards the caller's token with the call, so the leader
 //! checks it again.
 //!
-//! Tokens travel in clear text until TLS lands: use them on a trusted network only.
+//! Tokens travel in clear text unless the node serves TLS (`--tls-ca`, see [`crate::tls`]): off a
+//! trusted network, use both.
 
 use tonic::Status;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};

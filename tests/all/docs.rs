@@ -21,6 +21,8 @@ fn documents() -> Vec<PathBuf> {
         .expect("docs/")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        // Generated from the CLI itself (see `the_cli_reference_matches_the_cli`).
+        .filter(|p| !p.ends_with("cli.md"))
         .collect();
     more.sort();
     docs.extend(more);
@@ -385,4 +387,53 @@ fn the_dockerfile_copies_what_the_build_makes() {
             "the image's entrypoint does not run waft"
         );
     }
+}
+
+/// docs/cli.md: every command's and flag's help, as `waft help` prints it.
+fn cli_reference() -> String {
+    use clap::CommandFactory;
+    let mut cmd = waft::cli::Cli::command();
+    cmd.build();
+    let mut out = String::from(
+        "# The `waft` command line\n\nEvery command and flag, as `waft help COMMAND` prints \
+         it. Generated from the CLI's own definitions; `tests/all/docs.rs` fails when this \
+         file and the CLI differ (`WAFT_BLESS=1 cargo test docs::the_cli_reference` rewrites \
+         it).\n",
+    );
+    fn walk(cmd: &mut clap::Command, path: &str, out: &mut String) {
+        // The values in this process's environment are not part of the reference.
+        let mut shown = cmd.clone().mut_args(|a| a.hide_env_values(true));
+        let help = shown.render_long_help().to_string();
+        out.push_str(&format!(
+            "\n## `{path}`\n\n```text\n{}\n```\n",
+            help.trim_end()
+        ));
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .map(|s| s.get_name().to_owned())
+            .collect();
+        for name in names {
+            let sub = cmd.find_subcommand_mut(&name).expect("a subcommand");
+            walk(sub, &format!("{path} {name}"), out);
+        }
+    }
+    walk(&mut cmd, "waft", &mut out);
+    out
+}
+
+#[test]
+fn the_cli_reference_matches_the_cli() {
+    let path = root().join("docs/cli.md");
+    let now = cli_reference();
+    if std::env::var_os("WAFT_BLESS").is_some() {
+        std::fs::write(&path, &now).expect("write docs/cli.md");
+        return;
+    }
+    let written = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        written == now,
+        "docs/cli.md is not what the CLI says; run `WAFT_BLESS=1 cargo test docs::the_cli_reference` \
+         and commit it"
+    );
 }

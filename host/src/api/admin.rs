@@ -1,7 +1,7 @@
 //! The admin plane, `waft.v1.Cluster`: membership (init, learners, voters, removal, leader
 //! transfer), status, audits and snapshots; backups and restores are in [`super::backup`].
 
-use super::route::{Caller, Leader, write_error};
+use super::route::{Caller, Clients, write_error};
 use super::{Api, convert};
 use crate::auth::Role;
 use crate::pb::api::{self, cluster_server};
@@ -12,19 +12,27 @@ use std::collections::{BTreeMap, BTreeSet};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
 impl Api {
-    /// The reply to a membership change, or the leader to forward it to.
-    #[allow(clippy::result_large_err)]
-    fn membership_outcome(
+    /// The reply to a membership change; where another node leads, `req` goes there through
+    /// `call` instead.
+    async fn membership_outcome<T, F, Fut>(
         &self,
         result: Result<
             openraft::raft::ClientWriteResponse<TypeConfig>,
             RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
         >,
         caller: &Caller,
-    ) -> Result<Result<GrpcResponse<api::MembershipReply>, Leader>, Status> {
+        req: T,
+        call: F,
+    ) -> Result<GrpcResponse<api::MembershipReply>, Status>
+    where
+        F: FnOnce(Clients, GrpcRequest<T>) -> Fut,
+        Fut: Future<Output = Result<GrpcResponse<api::MembershipReply>, Status>>,
+    {
         match result {
-            Ok(r) => Ok(Ok(GrpcResponse::new(self.membership_reply(r.log_id.index)))),
-            Err(e) if e.forward_to_leader().is_some() => self.leader_of(&e, caller).map(Err),
+            Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
+            Err(e) if e.forward_to_leader().is_some() => {
+                self.leader_of(&e, caller)?.relay(req, call).await
+            }
             Err(e) => Err(write_error(&e)),
         }
     }
@@ -138,17 +146,10 @@ impl cluster_server::Cluster for Api {
                 true,
             )
             .await;
-        match self.membership_outcome(result, &auth)? {
-            Ok(reply) => Ok(reply),
-            Err(leader) => {
-                leader
-                    .relay(
-                        req,
-                        |mut c, r| async move { c.cluster.add_learner(r).await },
-                    )
-                    .await
-            }
-        }
+        self.membership_outcome(result, &auth, req, |mut c, r| async move {
+            c.cluster.add_learner(r).await
+        })
+        .await
     }
 
     async fn change_membership(
@@ -172,16 +173,10 @@ impl cluster_server::Cluster for Api {
             (true, false) => ChangeMembers::AddVoterIds(req.add_voters.iter().copied().collect()),
         };
         let result = self.raft.change_membership(change, req.retain).await;
-        match self.membership_outcome(result, &auth)? {
-            Ok(reply) => Ok(reply),
-            Err(leader) => {
-                leader
-                    .relay(req, |mut c, r| async move {
-                        c.cluster.change_membership(r).await
-                    })
-                    .await
-            }
-        }
+        self.membership_outcome(result, &auth, req, |mut c, r| async move {
+            c.cluster.change_membership(r).await
+        })
+        .await
     }
 
     async fn remove_node(
@@ -213,17 +208,10 @@ impl cluster_server::Cluster for Api {
         };
         // `retain = false`: a removed voter leaves the cluster, it is not kept as a learner.
         let result = self.raft.change_membership(change, false).await;
-        match self.membership_outcome(result, &auth)? {
-            Ok(reply) => Ok(reply),
-            Err(leader) => {
-                leader
-                    .relay(
-                        req,
-                        |mut c, r| async move { c.cluster.remove_node(r).await },
-                    )
-                    .await
-            }
-        }
+        self.membership_outcome(result, &auth, req, |mut c, r| async move {
+            c.cluster.remove_node(r).await
+        })
+        .await
     }
 
     async fn transfer_leader(

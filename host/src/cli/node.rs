@@ -153,23 +153,12 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// `waft node`.
-pub async fn node(
+/// The configuration `waft node`'s flags describe (no side effects: nothing is bound or read).
+fn node_config(
     args: &NodeArgs,
     token: Option<String>,
     tls: Option<crate::tls::Tls>,
-) -> anyhow::Result<ExitCode> {
-    if tls.as_ref().is_some_and(|t| !t.has_identity()) {
-        bail!("a node serving TLS needs its own certificate: add --tls-cert and --tls-key");
-    }
-    // How `--join` reaches its seeds: this node's TLS and token.
-    let connector = Connector::new(tls.clone(), token.as_deref())?;
-    if let Some(name) = &args.mdns {
-        crate::discovery::check_name(name)?;
-    }
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+) -> anyhow::Result<NodeConfig> {
     let mut config = NodeConfig::new(args.id, &args.data_dir);
     config.advertise = args.advertise.clone();
     config.raft.snapshot_every = args.snapshot_every.max(1);
@@ -199,6 +188,27 @@ pub async fn node(
         cluster: token,
         client: args.client_token.clone(),
     };
+    Ok(config)
+}
+
+/// `waft node`.
+pub async fn node(
+    args: &NodeArgs,
+    token: Option<String>,
+    tls: Option<crate::tls::Tls>,
+) -> anyhow::Result<ExitCode> {
+    if tls.as_ref().is_some_and(|t| !t.has_identity()) {
+        bail!("a node serving TLS needs its own certificate: add --tls-cert and --tls-key");
+    }
+    // How `--join` reaches its seeds: this node's TLS and token.
+    let connector = Connector::new(tls.clone(), token.as_deref())?;
+    if let Some(name) = &args.mdns {
+        crate::discovery::check_name(name)?;
+    }
+    let config = node_config(args, token, tls)?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let node = Node::start(config, listener).await?;
     eprintln!(
         "waft node {} serving on {} (data in {})",
@@ -246,7 +256,6 @@ pub async fn node(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Adds this node as a learner through `seed`, then makes it a voter.
 /// Every address the seeds name: each `host:port`, resolved to all its addresses (a headless
 /// service name gives every pod), paired with the host name (the TLS server name to check).
 async fn seed_addrs(seeds: &str) -> Vec<(String, Option<String>)> {
@@ -613,4 +622,75 @@ fn mdns_port() -> u16 {
         .ok()
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or(crate::discovery::MDNS_PORT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn node_args(argv: &[&str]) -> NodeArgs {
+        let all = ["waft", "node"].iter().chain(argv);
+        match crate::cli::Cli::try_parse_from(all)
+            .expect("parses")
+            .command
+        {
+            crate::cli::Command::Node(args) => args,
+            other => panic!("not a node command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_flags_become_the_node_config() {
+        let args = node_args(&[
+            "--id",
+            "2",
+            "--data-dir",
+            "d2",
+            "--advertise",
+            "n2:7001",
+            "--audit-interval",
+            "0",
+            "--remove-unreachable-after",
+            "5",
+            "--min-voters",
+            "2",
+            "--dial",
+            "n3:7001=127.0.0.1:9003",
+            "--client-token",
+            "c",
+        ]);
+        let config = node_config(&args, Some("cluster".into()), None).expect("a config");
+        assert_eq!(config.id, 2);
+        assert_eq!(config.data_dir, PathBuf::from("d2"));
+        assert_eq!(config.advertise.as_deref(), Some("n2:7001"));
+        assert_eq!(config.raft.audit_interval, None, "0 turns audits off");
+        let policy = config.raft.remove_unreachable.expect("a removal policy");
+        assert_eq!(
+            (policy.after, policy.min_voters),
+            (Duration::from_secs(5), 2)
+        );
+        assert_eq!(
+            config.net.dial.get("n3:7001").map(String::as_str),
+            Some("127.0.0.1:9003")
+        );
+        assert_eq!(config.tokens.cluster.as_deref(), Some("cluster"));
+        assert_eq!(config.tokens.client.as_deref(), Some("c"));
+        // Defaults: audits every 30 s, no removal.
+        let plain = node_config(&node_args(&["--id", "1", "--data-dir", "d"]), None, None)
+            .expect("a config");
+        assert_eq!(plain.raft.audit_interval, Some(Duration::from_secs(30)));
+        assert!(plain.raft.remove_unreachable.is_none());
+        // A bad value is an error in words, before anything starts.
+        let bad = node_args(&[
+            "--id",
+            "1",
+            "--data-dir",
+            "d",
+            "--remove-unreachable-after",
+            "0",
+        ]);
+        let e = node_config(&bad, None, None).expect_err("0 s is refused");
+        assert!(e.to_string().contains("positive"), "{e}");
+    }
 }

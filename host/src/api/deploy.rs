@@ -13,6 +13,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
+/// How long the leader waits for the voters to compile a module before it proposes the
+/// deploy anyway.
+const PREPARE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// One lock per service being deployed on this node (see `Api::deploying`).
 pub(super) type DeployLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
@@ -80,14 +84,21 @@ impl Api {
                 }));
             }
         }
-        let hash = self
-            .validate(
-                &header.service,
-                Arc::new(module.clone()),
-                limits,
-                "the new module",
-            )
-            .await?;
+        let validated = self.validate(
+            &header.service,
+            Arc::new(module.clone()),
+            limits,
+            "the new module",
+        );
+        // The voters compile while this node validates (a module that fails validation is
+        // only left in their caches).
+        let hash = if header.dry_run {
+            validated.await?
+        } else {
+            let sha = crate::runtime::ModuleHash::of(&module).to_hex();
+            let (validated, ()) = tokio::join!(validated, self.prepare_voters(&module, &sha));
+            validated?
+        };
         let (trial, findings) = if header.dry_run || header.verify {
             self.try_module(&header, &module, limits).await?
         } else {
@@ -158,8 +169,11 @@ impl Api {
             )));
         }
         // Validate like a deploy: the target version must exist and accept the current state.
-        let (version, module, limits) =
-            self.state.version_module(&req.service, to).ok_or_else(|| {
+        let (version, module, limits) = self
+            .state
+            .version_module(&req.service, to)
+            .await
+            .ok_or_else(|| {
                 Status::failed_precondition(match to {
                     Some(v) => format!("service {:?} has no kept version {v}", req.service),
                     None => format!(
@@ -168,8 +182,16 @@ impl Api {
                     ),
                 })
             })?;
-        self.validate(&req.service, module, limits, &format!("version {version}"))
+        let hash = self
+            .validate(
+                &req.service,
+                module.clone(),
+                limits,
+                &format!("version {version}"),
+            )
             .await?;
+        // The voters may have dropped it from memory (a restart): compile it before the switch.
+        self.prepare_voters(&module, &hash).await;
         let entry = Request::Rollback {
             service: req.service.clone(),
             to: Some(version),
@@ -220,12 +242,13 @@ impl Api {
         module: &[u8],
         limits: ServiceLimits,
     ) -> Result<(Option<api::TrialReport>, Vec<String>), Status> {
-        let running = self.state.running(&header.service);
+        let state = self.state.clone();
         let runtime = self.runtime.clone();
         let (service, bytes) = (header.service.clone(), module.to_vec());
         let file = (!header.replay.is_empty()).then(|| header.replay.clone());
         let verify = header.verify;
         tokio::task::spawn_blocking(move || {
+            let running = state.running(&service);
             let loaded = runtime
                 .load(&bytes)
                 .map_err(|e| Status::invalid_argument(format!("module refused: {e}")))?;
@@ -267,6 +290,82 @@ impl Api {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    /// Sends the module to the other voters and waits until they can run it: all of them, or
+    /// a majority (this one included: `validate` compiled it here) and then as long again for
+    /// the rest, or [`PREPARE_DEADLINE`]. The deploy is proposed after this whatever the answers (a
+    /// node that cannot compile the module fails the apply identically, and a node that is
+    /// down is not needed): it only keeps the compile out of the quorum's apply, so that no
+    /// follower's Raft waits on it (see `crate::raft::prepare`). The voters that did not answer
+    /// in time compile on their own when the entry reaches their log.
+    async fn prepare_voters(&self, module: &[u8], sha256: &str) {
+        use futures::StreamExt;
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let others: Vec<(u64, String)> = voters
+            .iter()
+            .filter(|v| **v != self.id)
+            .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
+            .collect();
+        // A majority of the voters, less this node.
+        let needed = voters.len() / 2;
+        if needed == 0 || others.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let module = Arc::new(module.to_vec());
+        let mut calls: futures::stream::FuturesUnordered<_> = others
+            .into_iter()
+            .map(|(id, addr)| {
+                let (peers, module, sha) = (self.peers.clone(), module.clone(), sha256.to_owned());
+                async move {
+                    let r = crate::raft::prepare::prepare_module(
+                        &peers,
+                        id,
+                        &addr,
+                        module,
+                        sha,
+                        PREPARE_DEADLINE,
+                    )
+                    .await;
+                    (id, r)
+                }
+            })
+            .collect();
+        let mut ready = 0;
+        // Once a majority is ready, the others get as long again (at least 10 s): a follower
+        // that compiles at apply time stalls its own Raft for that long, harmless to the
+        // quorum but not to its clients; a voter that never answers must not hold the deploy.
+        let mut grace: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace {
+                None => calls.next().await,
+                Some(until) => match tokio::time::timeout_at(until, calls.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            let Some((node, answer)) = next else { break };
+            match answer {
+                Ok(compile_ms) => {
+                    ready += 1;
+                    tracing::info!(node, compile_ms, "a voter compiled the module to deploy");
+                }
+                Err(e) => tracing::warn!(node, error = %e, "a voter did not prepare the module"),
+            }
+            if ready >= needed && grace.is_none() {
+                let more = started.elapsed().max(std::time::Duration::from_secs(10));
+                grace = Some(tokio::time::Instant::now() + more);
+            }
+        }
+        tracing::info!(
+            ready,
+            needed,
+            ms = started.elapsed().as_millis() as u64,
+            "voters prepared the module; proposing the deploy"
+        );
     }
 
     /// Waits for this node's turn to deploy to `service` (see `Api::deploying`).

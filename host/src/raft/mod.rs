@@ -5,6 +5,7 @@
 pub mod identity;
 pub mod network;
 pub mod peer_audit;
+pub mod prepare;
 pub mod service;
 
 pub use identity::Identity;

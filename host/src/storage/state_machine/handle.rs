@@ -30,10 +30,29 @@ pub struct ServiceInfo {
     pub deployed_at: u64,
 }
 
-/// Read access to the live state, shared with the API (queries).
+/// What the state machine publishes each time it changes, for readers on async threads: they
+/// read this, never the state machine's lock, which an apply holds for as long as a guest call
+/// or a deploy takes (seconds, for a large component). A runtime worker blocked on that lock
+/// stopped the node answering heartbeats: its peers' heartbeat streams, reset one by one while
+/// they waited, made HTTP/2 close the connection (`too_many_resets`), replication stream
+/// included, and a deploy under load cost elections (issue 18).
+#[derive(Debug, Clone, Default)]
+pub(super) struct View {
+    pub(super) last_applied: Option<LogId>,
+    pub(super) services: Vec<ServiceInfo>,
+    pub(super) metrics: Vec<ServiceMetrics>,
+    pub(super) audit: AuditStatus,
+    pub(super) snapshots: SnapshotStats,
+}
+
+/// Read access to the live state, shared with the API (queries). Methods that are not
+/// `async` read the published [`View`] and never wait for an apply; the `async` ones run on a
+/// blocking thread.
 #[derive(Clone)]
 pub struct StateHandle {
     pub(super) state: Arc<Mutex<SmState>>,
+    pub(super) view: Arc<Mutex<View>>,
+    pub(super) runtime: crate::runtime::Runtime,
     pub(super) events: Arc<Events>,
     /// How a diverged replica reaches its peers (set by the node once its network exists).
     pub(super) healer: Arc<Mutex<heal::HealerSlot>>,
@@ -58,6 +77,48 @@ pub enum QueryError {
     /// yet: reading it here could return what no other replica holds.
     #[error("{0}")]
     Diverged(String),
+}
+
+/// The view's lock is held only to copy it in or out.
+fn lock_view(view: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
+    crate::sync::lock(view)
+}
+
+impl SmState {
+    /// Publishes what readers on async threads see (see [`View`]). Called whenever the state
+    /// machine's lock is released after a change.
+    pub(super) fn publish(&self) {
+        let view = View {
+            last_applied: self.rep.last_applied,
+            services: self
+                .rep
+                .services
+                .iter()
+                .map(|(n, s)| ServiceInfo {
+                    version: s.history.last().map_or(0, |r| r.version),
+                    history: s.history.clone(),
+                    name: n.clone(),
+                    module: s.module.info().clone(),
+                    deployed_at: s.deployed_at,
+                })
+                .collect(),
+            metrics: self
+                .rep
+                .services
+                .iter()
+                .map(|(name, svc)| ServiceMetrics {
+                    name: name.clone(),
+                    version: svc.history.last().map_or(0, |r| r.version),
+                    fuel: svc.guest.fuel_total(),
+                    recoveries: svc.guest.recoveries(),
+                    stats: self.local.stats.get(name).cloned().unwrap_or_default(),
+                })
+                .collect(),
+            audit: self.local.audit.status.clone(),
+            snapshots: self.local.snapshots.clone(),
+        };
+        *lock_view(&self.local.view) = view;
+    }
 }
 
 impl StateHandle {
@@ -92,17 +153,23 @@ impl StateHandle {
 
     /// The module bytes of a kept version of a service (`None`: no such service or version;
     /// `to == None` means the version before the active one).
-    pub fn version_module(
+    pub async fn version_module(
         &self,
         service: &str,
         to: Option<u32>,
     ) -> Option<(u32, Arc<Vec<u8>>, ServiceLimits)> {
-        let st = lock(&self.state);
-        let svc = st.rep.services.get(service)?;
-        let target = svc.rollback_target(to)?;
-        st.rep
-            .module_of(target)
-            .map(|b| (target.version, b, target.limits))
+        let (state, service) = (self.state.clone(), service.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let st = lock(&state);
+            let svc = st.rep.services.get(&service)?;
+            let target = svc.rollback_target(to)?;
+            st.rep
+                .module_of(target)
+                .map(|b| (target.version, b, target.limits))
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The current state (guest snapshot) of one service, `None` when it does not exist.
@@ -118,6 +185,7 @@ impl StateHandle {
     }
 
     /// A service's module, limits and instance history, for a trial (see [`crate::trial`]).
+    /// Blocking: call it on a blocking thread.
     pub fn running(&self, service: &str) -> Option<crate::trial::Running> {
         let st = lock(&self.state);
         let svc = st.rep.services.get(service)?;
@@ -133,31 +201,43 @@ impl StateHandle {
         })
     }
 
+    /// The largest module this node takes.
+    pub fn max_module_bytes(&self) -> usize {
+        self.runtime.limits().max_module_bytes
+    }
+
+    /// Compiles `module` (whose sha256 must be `sha256`) into the runtime's cache, on a blocking
+    /// thread at low priority, so that the deploy that follows finds it compiled. The state
+    /// machine is not involved: nothing changes until the deploy entry is applied.
+    pub async fn prepare_module(&self, module: Vec<u8>, sha256: String) -> Result<(), String> {
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            let hash = crate::runtime::ModuleHash::of(&module).to_hex();
+            if hash != sha256 {
+                return Err(format!(
+                    "the module received has sha256 {hash}, not the {sha256} announced"
+                ));
+            }
+            runtime.load(&module).map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("the compile task failed: {e}"))?
+    }
+
     /// The engine fingerprint of this node's runtime.
     pub fn engine(&self) -> String {
-        lock(&self.state).runtime.fingerprint().to_owned()
+        self.runtime.fingerprint().to_owned()
     }
 
     /// Per-service observations for metrics, in name order.
     pub fn service_metrics(&self) -> Vec<ServiceMetrics> {
-        let st = lock(&self.state);
-        st.rep
-            .services
-            .iter()
-            .map(|(name, svc)| ServiceMetrics {
-                name: name.clone(),
-                version: svc.history.last().map_or(0, |r| r.version),
-                fuel: svc.guest.fuel_total(),
-                recoveries: svc.guest.recoveries(),
-                stats: st.local.stats.get(name).cloned().unwrap_or_default(),
-            })
-            .collect()
+        lock_view(&self.view).metrics.clone()
     }
 
     /// Checks that a backup loads (checksum, modules, every service accepts its state) without
     /// touching the live state. Returns the services it holds.
     pub async fn check_backup(&self, backup: Arc<Vec<u8>>) -> io::Result<Vec<String>> {
-        let runtime = lock(&self.state).runtime.clone();
+        let runtime = self.runtime.clone();
         tokio::task::spawn_blocking(move || {
             let reader = snapshot::Reader::from_bytes(&backup)?;
             let (_, services, _) = super::persist::load_services(&runtime, reader)?;
@@ -169,12 +249,12 @@ impl StateHandle {
 
     /// Snapshots built and installed by this node.
     pub fn snapshot_stats(&self) -> SnapshotStats {
-        lock(&self.state).local.snapshots.clone()
+        lock_view(&self.view).snapshots.clone()
     }
 
     /// What this replica learned from state audits (divergence checks).
     pub fn audit_status(&self) -> AuditStatus {
-        lock(&self.state).local.audit.status.clone()
+        lock_view(&self.view).audit.clone()
     }
 
     /// Lets a diverged replica heal through `healer` (the node's network); `None` stops it
@@ -205,7 +285,7 @@ impl StateHandle {
 
     /// The last applied log id.
     pub fn last_applied(&self) -> Option<LogId> {
-        lock(&self.state).rep.last_applied
+        lock_view(&self.view).last_applied
     }
 
     /// Every service's guest snapshot, by name: what replicas compare to prove they agree.
@@ -229,17 +309,6 @@ impl StateHandle {
 
     /// The services, in name order.
     pub fn services(&self) -> Vec<ServiceInfo> {
-        lock(&self.state)
-            .rep
-            .services
-            .iter()
-            .map(|(n, s)| ServiceInfo {
-                version: s.history.last().map_or(0, |r| r.version),
-                history: s.history.clone(),
-                name: n.clone(),
-                module: s.module.info().clone(),
-                deployed_at: s.deployed_at,
-            })
-            .collect()
+        lock_view(&self.view).services.clone()
     }
 }

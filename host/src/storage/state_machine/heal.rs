@@ -368,7 +368,10 @@ impl super::StateMachineStore {
                 record(None, Some(e))
             }
         };
-        lock(&self.handle.state).note_heal(rec);
+        // Not during an apply (this runs between two of its batches): the lock is free.
+        let mut st = lock(&self.handle.state);
+        st.note_heal(rec);
+        st.publish();
     }
 
     /// The healer, waiting (up to [`HEAL_DEADLINE`]) while the node is still starting.
@@ -430,7 +433,10 @@ impl super::StateMachineStore {
                     let state = self.handle.state.clone();
                     let plan = plan.clone();
                     return tokio::task::spawn_blocking(move || {
-                        lock(&state).install_heal(&plan, source)
+                        let mut st = lock(&state);
+                        let installed = st.install_heal(&plan, source);
+                        st.publish();
+                        installed
                     })
                     .await
                     .map_err(|e| format!("heal task failed: {e}"))?

@@ -11,7 +11,7 @@ use crate::storage::events::{Event, Events};
 use crate::storage::snapshot::{Session, SnapshotFile, VersionRecord};
 use crate::types::{Entry, LogId, Response, StoredMembership, TypeConfig};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 mod apply;
 mod audit;
@@ -87,6 +87,8 @@ struct Local {
     events: Arc<Events>,
     /// Events of the entries being applied, recorded when the batch is done.
     pending_events: Vec<Event>,
+    /// Where [`SmState::publish`] puts what readers on async threads see.
+    view: Arc<Mutex<handle::View>>,
 }
 
 use crate::sync::lock_or_stop as lock;
@@ -109,7 +111,7 @@ fn guest_response(result: Result<Vec<u8>, GuestError>) -> Response {
 }
 
 impl SmState {
-    fn new(runtime: Runtime, events: Arc<Events>) -> SmState {
+    fn new(runtime: Runtime, events: Arc<Events>, view: Arc<Mutex<handle::View>>) -> SmState {
         SmState {
             runtime,
             rep: Replicated {
@@ -127,6 +129,7 @@ impl SmState {
                 snapshots: SnapshotStats::default(),
                 events,
                 pending_events: Vec::new(),
+                view,
             },
         }
     }

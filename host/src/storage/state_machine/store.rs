@@ -4,10 +4,10 @@
 use crate::runtime::Runtime;
 use crate::storage::events::{Events, HistoryLimits};
 use crate::storage::snapshot::{self, SnapshotFile};
-use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::types::{Entry, LogId, Request, SnapshotMeta, StoredMembership, TypeConfig};
 use futures::StreamExt;
-use openraft::OptionalSend;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -45,9 +45,14 @@ impl StateMachineStore {
     ) -> io::Result<StateMachineStore> {
         std::fs::create_dir_all(dir)?;
         let events = Arc::new(Events::new(history));
+        let view = Arc::new(Mutex::new(super::handle::View::default()));
+        let state = SmState::new(runtime.clone(), events.clone(), view.clone());
+        state.publish();
         Ok(StateMachineStore {
             handle: StateHandle {
-                state: Arc::new(Mutex::new(SmState::new(runtime, events.clone()))),
+                state: Arc::new(Mutex::new(state)),
+                view,
+                runtime,
                 events,
                 healer: Arc::default(),
             },
@@ -60,14 +65,45 @@ impl StateMachineStore {
         self.handle.clone()
     }
 
+    /// Compiles the modules the batch deploys before the state machine's lock is taken: the
+    /// apply then finds them compiled (the runtime caches by hash), so a large component's
+    /// compile never holds the lock that queries, snapshots and audits wait for. A module
+    /// that does not compile fails here and again, identically on every node, in the apply.
+    async fn compile_ahead(&self, batch: &[Entry]) {
+        let modules: Vec<Vec<u8>> = batch
+            .iter()
+            .filter_map(|e| match &e.payload {
+                EntryPayload::Normal(
+                    Request::Deploy { module, .. } | Request::ForcedDeploy { module, .. },
+                ) => Some(module.clone()),
+                _ => None,
+            })
+            .collect();
+        if modules.is_empty() {
+            return;
+        }
+        let runtime = self.handle.runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for module in modules {
+                let _ = runtime.load(&module);
+            }
+        })
+        .await;
+    }
+
     async fn blocking<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut SmState) -> io::Result<R> + Send + 'static,
     ) -> io::Result<R> {
         let state = self.handle.state.clone();
-        tokio::task::spawn_blocking(move || f(&mut lock(&state)))
-            .await
-            .map_err(|e| io::Error::other(format!("state machine task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let mut st = lock(&state);
+            let result = f(&mut st);
+            st.publish();
+            result
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("state machine task failed: {e}")))?
     }
 }
 
@@ -76,8 +112,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        let st = lock(&self.handle.state);
-        Ok((st.rep.last_applied, st.rep.membership.clone()))
+        self.blocking(|st| Ok((st.rep.last_applied, st.rep.membership.clone())))
+            .await
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -93,6 +129,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.push(entry);
             responders.push(responder);
         }
+        self.compile_ahead(&batch).await;
         let mut responses = Vec::with_capacity(batch.len());
         let mut pending = batch;
         loop {
@@ -180,10 +217,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot::write(&path, &captured.header, &modules, &states)?;
             let file = SnapshotFile::open(&path)?;
             {
-                let s = &mut lock(&state).local.snapshots;
+                let mut st = lock(&state);
+                let s = &mut st.local.snapshots;
                 s.built += 1;
                 s.last_built_bytes = file.size;
                 s.last_build_seconds = started.elapsed().as_secs_f64();
+                st.publish();
             }
             tracing::info!(
                 last = ?captured.header.meta.last_log_id,

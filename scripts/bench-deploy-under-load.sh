@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Deploying a large guest under write load (issue 18): 3 `waft node` processes, 64 clients
+# writing through `waft bench`; first a baseline window with no deploy, then the same load
+# while the 18 MiB Python kv guest is deployed. Prints, per run: elections (term change), failed
+# client writes, heartbeats that timed out (leader's log), p99/max write latency of the
+# baseline and of the deploy window, and their ratio.
+#   scripts/bench-deploy-under-load.sh [RUNS]     (release binary and guests built first)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3}
+BIN=target/release/waft
+GUEST=target/guests/kv-python.wasm
+KV=target/guests/wasm32-wasip2/release/kv.wasm
+[ -x "$BIN" ] || cargo build --release -p waft
+[ -f "$GUEST" ] || { echo "build the guests first: cargo test -p waft-testkit --no-run" >&2; exit 1; }
+json() { python3 -c "import json,sys;d=json.load(sys.stdin);print($1)"; }
+for run in $(seq "$RUNS"); do
+  D=$(mktemp -d)
+  P=$((21000 + RANDOM % 20000))
+  pids=()
+  for i in 1 2 3; do
+    $BIN --log "warn,openraft::core::heartbeat=warn" node --id $i --listen 127.0.0.1:$((P+i)) \
+      --data-dir "$D/n$i" 2> "$D/n$i.log" & pids+=($!)
+  done
+  trap 'kill ${pids[*]} 2>/dev/null; rm -rf "$D"' EXIT
+  sleep 1
+  E=127.0.0.1:$((P+1))
+  $BIN --endpoint $E cluster init >/dev/null
+  for i in 2 3; do $BIN --endpoint $E cluster add-learner $i 127.0.0.1:$((P+i)) >/dev/null; done
+  $BIN --endpoint $E cluster change-membership 1 2 3 >/dev/null
+  $BIN --endpoint $E deploy $KV --service kv >/dev/null
+  base=$($BIN --endpoint $E --output json bench --clients 64 --duration 10)
+  term0=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')
+  hb0=$(grep -c 'failed to send a heartbeat' "$D/n1.log" || true)
+  $BIN --endpoint $E --output json bench --clients 64 --duration 45 > "$D/load.json" &
+  bench=$!
+  sleep 5
+  start=$(date +%s.%N)
+  $BIN --endpoint $E deploy $GUEST --service py >/dev/null
+  took=$(echo "$(date +%s.%N) - $start" | bc)
+  wait $bench
+  term1=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')
+  hb1=$(grep -c 'failed to send a heartbeat' "$D/n1.log" || true)
+  b99=$(echo "$base" | json 'd["results"][0]["latency_ms"]["p99"]')
+  l99=$(json 'd["results"][0]["latency_ms"]["p99"]' < "$D/load.json")
+  lmax=$(json 'd["results"][0]["latency_ms"]["max"]' < "$D/load.json")
+  errs=$(json 'd["results"][0]["errors"]' < "$D/load.json")
+  echo "run $run: deploy ${took%.*} s; elections $((term1 - term0)); failed writes $errs; heartbeat timeouts $((hb1 - hb0)); p99 baseline $b99 ms, during deploy $l99 ms (max $lmax), ratio $(echo "scale=2; $l99 / $b99" | bc)"
+  kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true
+  rm -rf "$D"; trap - EXIT
+done

@@ -368,10 +368,14 @@ impl super::StateMachineStore {
                 record(None, Some(e))
             }
         };
-        // Not during an apply (this runs between two of its batches): the lock is free.
-        let mut st = lock(&self.handle.state);
-        st.note_heal(rec);
-        st.publish();
+        // On a blocking thread: a query may hold the lock for as long as its guest call.
+        let state = self.handle.state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut st = lock(&state);
+            st.note_heal(rec);
+            st.publish();
+        })
+        .await;
     }
 
     /// The healer, waiting (up to [`HEAL_DEADLINE`]) while the node is still starting.
@@ -403,12 +407,17 @@ impl super::StateMachineStore {
         healer
             .step_down(plan.sources.iter().map(|(n, _)| *n).collect())
             .await;
-        let have: Vec<String> = lock(&self.handle.state)
-            .rep
-            .modules
-            .keys()
-            .map(ModuleHash::to_hex)
-            .collect();
+        let state = self.handle.state.clone();
+        let have: Vec<String> = tokio::task::spawn_blocking(move || {
+            lock(&state)
+                .rep
+                .modules
+                .keys()
+                .map(ModuleHash::to_hex)
+                .collect()
+        })
+        .await
+        .map_err(|e| format!("heal task failed: {e}"))?;
         let request = plan.request(have);
         let deadline = tokio::time::Instant::now() + HEAL_DEADLINE;
         let mut gone = vec![false; plan.sources.len()];

@@ -5,9 +5,11 @@
 # client writes, heartbeats that timed out (leader's log), p99/max write latency of the
 # baseline and of the deploy window, and their ratio.
 #   scripts/bench-deploy-under-load.sh [RUNS]     (release binary and guests built first)
+#   CLIENTS=0 scripts/bench-deploy-under-load.sh 20   (an idle cluster: elections only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
+CLIENTS=${CLIENTS:-64}
 BIN=target/release/waft
 GUEST=target/guests/kv-python.wasm
 KV=target/guests/wasm32-wasip2/release/kv.wasm
@@ -29,10 +31,22 @@ for run in $(seq "$RUNS"); do
   for i in 2 3; do $BIN --endpoint $E cluster add-learner $i 127.0.0.1:$((P+i)) >/dev/null; done
   $BIN --endpoint $E cluster change-membership 1 2 3 >/dev/null
   $BIN --endpoint $E deploy $KV --service kv >/dev/null
-  base=$($BIN --endpoint $E --output json bench --clients 64 --duration 10)
+  if [ "$CLIENTS" = 0 ]; then
+    term0=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')
+    start=$(date +%s.%N)
+    $BIN --endpoint $E deploy $GUEST --service py >/dev/null
+    took=$(echo "$(date +%s.%N) - $start" | bc)
+    sleep 10
+    term1=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')
+    echo "run $run (idle): deploy ${took%.*} s; elections $((term1 - term0)); heartbeat timeouts $(grep -c 'failed to send a heartbeat' "$D/n1.log" || true)"
+    kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true
+    rm -rf "$D"; trap - EXIT
+    continue
+  fi
+  base=$($BIN --endpoint $E --output json bench --clients $CLIENTS --duration 10)
   term0=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')
   hb0=$(grep -c 'failed to send a heartbeat' "$D/n1.log" || true)
-  $BIN --endpoint $E --output json bench --clients 64 --duration 45 > "$D/load.json" &
+  $BIN --endpoint $E --output json bench --clients $CLIENTS --duration 45 > "$D/load.json" &
   bench=$!
   sleep 5
   start=$(date +%s.%N)

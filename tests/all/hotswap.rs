@@ -642,6 +642,39 @@ async fn voters_compile_a_module_before_its_deploy_and_refuse_a_bad_one() {
         .await
         .expect_err("not a guest");
     assert!(refused.contains("cannot run the module"), "{refused}");
+    // A push cut short, or announcing more than a node takes, is refused before any compile.
+    let raw = |chunks: Vec<waft::pb::raft::ModuleChunk>| {
+        let mut req = tonic::Request::new(futures::stream::iter(chunks));
+        from.network().identity().stamp(req.metadata_mut(), to);
+        req
+    };
+    let header = |size: u64| waft::pb::raft::ModuleChunk {
+        kind: Some(waft::pb::raft::module_chunk::Kind::Header(
+            waft::pb::raft::ModuleHeader {
+                sha256: sha.clone(),
+                size,
+            },
+        )),
+    };
+    let half = waft::pb::raft::ModuleChunk {
+        kind: Some(waft::pb::raft::module_chunk::Kind::Data(
+            module[..module.len() / 2].to_vec(),
+        )),
+    };
+    let mut peer = waft::pb::raft::raft_client::RaftClient::new(
+        from.network().channel(&addr).expect("channel"),
+    );
+    let cut = peer
+        .prepare_module(raw(vec![header(module.len() as u64), half]))
+        .await
+        .expect_err("a push cut short");
+    assert_eq!(cut.code(), tonic::Code::InvalidArgument, "{cut}");
+    assert!(cut.message().contains("ended after"), "{cut}");
+    let huge = peer
+        .prepare_module(raw(vec![header(1 << 40)]))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(huge.code(), tonic::Code::ResourceExhausted, "{huge}");
     prepare_module(
         from.network(),
         to,

@@ -122,3 +122,85 @@ fn a_reader_that_stops_early_ends_the_cli_quietly() {
     // 128 + SIGPIPE, what a shell reports for a writer whose reader went away.
     assert_eq!(o.status.code(), Some(141), "{:?}", o.status);
 }
+
+#[test]
+fn exec_reads_commands_as_lines_hex_or_length_prefixed_and_refuses_a_bad_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p.display().to_string()
+    };
+    let lines = file("lines", b"put a 1\r\n\nget a\n");
+    let hex = file("hex", b"70757420612031\n0x676574206120\n");
+    let mut framed = Vec::new();
+    for c in [&b"put a 1"[..], b"get a"] {
+        framed.extend_from_slice(&(c.len() as u32).to_be_bytes());
+        framed.extend_from_slice(c);
+    }
+    let binary = file("framed", &framed);
+    for (path, format) in [
+        (&lines, "lines"),
+        (&hex, "hex"),
+        (&binary, "length-prefixed"),
+    ] {
+        let o = waft(&[
+            "exec",
+            EXAMPLE_KV,
+            "--no-cache",
+            "--commands-file",
+            path,
+            "--commands-format",
+            format,
+        ]);
+        assert!(o.status.success(), "{format}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "OK\n1\n", "{format}");
+    }
+    let bad_hex = file("bad-hex", b"zz\n");
+    let o = waft(&[
+        "exec",
+        EXAMPLE_KV,
+        "--commands-file",
+        &bad_hex,
+        "--commands-format",
+        "hex",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("line 1: not hex"), "{}", stderr(&o));
+    let cut = file("cut", &framed[..framed.len() - 2]);
+    let o = waft(&[
+        "exec",
+        EXAMPLE_KV,
+        "--commands-file",
+        &cut,
+        "--commands-format",
+        "length-prefixed",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("announced"), "{}", stderr(&o));
+}
+
+#[test]
+fn check_and_exec_keep_compiled_guests_in_their_cache() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let dir = cache.path().display().to_string();
+    let o = waft(&["exec", EXAMPLE_KV, "put a 1", "--cache-dir", &dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let artifacts = || {
+        std::fs::read_dir(cache.path())
+            .expect("cache dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            })
+            .count()
+    };
+    assert_eq!(artifacts(), 1, "the compiled guest was kept");
+    // The next run loads it (`check` says where the module came from), and still works.
+    let o = waft(&["check", EXAMPLE_KV, "--cache-dir", &dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("cache"), "{}", stdout(&o));
+    let o = waft(&["exec", EXAMPLE_KV, "put a 1", "get a", "--cache-dir", &dir]);
+    assert_eq!(stdout(&o), "OK\n1\n");
+    assert_eq!(artifacts(), 1);
+}

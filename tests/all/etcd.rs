@@ -219,9 +219,12 @@ async fn kv(addr: std::net::SocketAddr) -> KvClient<Channel> {
 async fn etcd_api_errors_keep_etcds_codes_and_change_nothing() {
     let cluster = TestCluster::start_with(3, test_settings(), with_etcd).await;
     cluster.form().await;
-    cluster
+    let deployed = cluster
         .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
         .await;
+    // Serializable reads below are answered by each node from its own state: every node must
+    // have applied the deploy (a stale read does not wait for a deploy still compiling).
+    cluster.wait_applied(deployed).await;
     let mut c = kv(cluster.node(1).etcd_addr().expect("etcd")).await;
     let put = |key: &str, value: &str| pb::PutRequest {
         key: key.as_bytes().to_vec(),

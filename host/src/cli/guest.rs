@@ -16,6 +16,46 @@ pub struct CheckArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// Where `check` and `exec` keep compiled components, so that a large guest (Python,
+/// JavaScript) compiles once, not on every run.
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// Keep compiled components here (default: $XDG_CACHE_HOME/waft, or ~/.cache/waft).
+    #[arg(long, value_name = "DIR", env = "WAFT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile afresh and keep nothing.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
+}
+
+impl CacheArgs {
+    /// The cache directory to use, if any.
+    fn dir(&self) -> Option<PathBuf> {
+        if self.no_cache {
+            return None;
+        }
+        self.cache_dir.clone().or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(base.join("waft"))
+        })
+    }
+}
+
+/// How `--commands-file` holds its commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CommandsFormat {
+    /// One command per line, as text (empty lines skipped).
+    Lines,
+    /// One command per line, in hex (for binary commands; empty lines skipped).
+    Hex,
+    /// Each command as a 4-byte big-endian length, then that many bytes.
+    LengthPrefixed,
 }
 
 /// Arguments of `waft exec`.
@@ -35,9 +75,13 @@ pub struct ExecArgs {
     /// Apply all commands in one `apply-batch` call instead of one `apply` each.
     #[arg(long)]
     pub batch: bool,
-    /// Read more commands from this file, one per line (after those given as arguments).
+    /// Read more commands from this file (after those given as arguments); see
+    /// --commands-format.
     #[arg(long, value_name = "FILE")]
     pub commands_file: Option<PathBuf>,
+    /// How --commands-file holds its commands.
+    #[arg(long, value_enum, default_value_t = CommandsFormat::Lines, requires = "commands_file")]
+    pub commands_format: CommandsFormat,
     /// Check determinism: run the commands through several histories of the guest (one
     /// instance throughout; fresh instances restored from snapshots taken at several points; a
     /// fresh instance per entry; a trap-recovery replay; the queries run after every entry;
@@ -50,15 +94,18 @@ pub struct ExecArgs {
     pub timestamp_ms: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 fn read_module(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-fn runtime(limits: &LimitArgs) -> anyhow::Result<Runtime> {
+fn runtime(limits: &LimitArgs, cache: &CacheArgs) -> anyhow::Result<Runtime> {
     Ok(Runtime::new(RuntimeConfig {
         limits: limits.limits(),
+        cache_dir: cache.dir(),
         ..RuntimeConfig::default()
     })?)
 }
@@ -74,7 +121,7 @@ fn show(bytes: &[u8]) -> String {
 /// `waft check FILE`.
 pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     let bytes = read_module(&args.file)?;
-    let runtime = runtime(&args.limits)?;
+    let runtime = runtime(&args.limits, &args.cache)?;
     let name = args.file.display();
     let module = runtime
         .load(&bytes)
@@ -90,8 +137,13 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(
         out,
-        "compile:   {:.1} ms",
-        info.load_time.as_secs_f64() * 1e3
+        "compile:   {:.1} ms{}",
+        info.load_time.as_secs_f64() * 1e3,
+        if info.from_disk_cache {
+            " (loaded from the cache of compiled guests)"
+        } else {
+            ""
+        }
     )?;
     writeln!(out, "engine:    {}", runtime.fingerprint())?;
     writeln!(
@@ -165,15 +217,59 @@ fn exec_commands(args: &ExecArgs) -> anyhow::Result<Vec<Vec<u8>>> {
         .map(|c| c.as_bytes().to_vec())
         .collect();
     if let Some(path) = &args.commands_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         commands.extend(
-            text.lines()
-                .filter(|l| !l.is_empty())
-                .map(|l| l.as_bytes().to_vec()),
+            read_commands(&bytes, args.commands_format)
+                .with_context(|| format!("{}", path.display()))?,
         );
     }
     Ok(commands)
+}
+
+/// The commands of a commands file in `format`.
+fn read_commands(bytes: &[u8], format: CommandsFormat) -> anyhow::Result<Vec<Vec<u8>>> {
+    let lines = || {
+        bytes
+            .split(|b| *b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .enumerate()
+            .filter(|(_, l)| !l.is_empty())
+    };
+    match format {
+        CommandsFormat::Lines => Ok(lines().map(|(_, l)| l.to_vec()).collect()),
+        CommandsFormat::Hex => lines()
+            .map(|(n, l)| {
+                let text = std::str::from_utf8(l).unwrap_or_default().trim();
+                hex::decode(text.strip_prefix("0x").unwrap_or(text))
+                    .with_context(|| format!("line {}: not hex", n + 1))
+            })
+            .collect(),
+        CommandsFormat::LengthPrefixed => {
+            let mut out = Vec::new();
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+                    bail!(
+                        "command {}: a length needs 4 bytes, {} left",
+                        out.len() + 1,
+                        rest.len()
+                    );
+                };
+                let len = u32::from_be_bytes(*len) as usize;
+                if tail.len() < len {
+                    bail!(
+                        "command {}: {len} bytes announced, {} left",
+                        out.len() + 1,
+                        tail.len()
+                    );
+                }
+                out.push(tail[..len].to_vec());
+                rest = &tail[len..];
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// The marker `examples/guests/helpers/python/waft_det.py` leaves in a component.
@@ -223,6 +319,7 @@ fn exec_verify(args: &ExecArgs, bytes: &[u8]) -> anyhow::Result<ExitCode> {
             entries: usize::MAX,
             bytes: usize::MAX,
         },
+        cache_dir: args.cache.dir(),
         ..RuntimeConfig::default()
     })?;
     let name = args.file.display();
@@ -268,7 +365,7 @@ pub fn exec(args: &ExecArgs) -> anyhow::Result<ExitCode> {
     if args.verify {
         return exec_verify(args, &bytes);
     }
-    let runtime = runtime(&args.limits)?;
+    let runtime = runtime(&args.limits, &args.cache)?;
     let name = args.file.display();
     let module = runtime
         .load(&bytes)

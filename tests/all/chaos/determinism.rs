@@ -250,11 +250,31 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
     let (l, _) = last_index(&c).await;
     let mut w = WaftClient::new(connect(&c.addrs[l]).await.expect("leader"))
         .max_encoding_message_size(usize::MAX);
-    w.deploy(tokio_stream::iter(waft::pb::deploy_chunks_with(
-        header, &module,
-    )))
-    .await
-    .expect("hot-swap");
+    // UNAVAILABLE means "retry" (the API's contract; `waft deploy` does): a retry of a deploy
+    // that did go through changes nothing. Seen here since deploys wait for the voters'
+    // compiles: an UNAVAILABLE "leadership moved (leader now None)" with no election in any
+    // node's log (not yet explained; noted in issue 18).
+    let mut tries = 0;
+    while let Err(e) = w
+        .deploy(tokio_stream::iter(waft::pb::deploy_chunks_with(
+            header.clone(),
+            &module,
+        )))
+        .await
+    {
+        tries += 1;
+        if e.code() != tonic::Code::Unavailable || tries > 5 {
+            let logs: Vec<String> = (0..3)
+                .map(|i| format!("node {}:\n{}", i + 1, c.log_tail(i, 40)))
+                .collect();
+            panic!("hot-swap: {e}\n{}", logs.join("\n"));
+        }
+        tracing::warn!(error = %e, "hot-swap answered UNAVAILABLE; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (l, _) = last_index(&c).await;
+        w = WaftClient::new(connect(&c.addrs[l]).await.expect("leader"))
+            .max_encoding_message_size(usize::MAX);
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     w.rollback(api::RollbackRequest {
         service: "rust".into(),
@@ -276,7 +296,16 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         let (_, last) = last_index(&c).await;
         wait_applied(&c, i, last).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Enough entries after the last restart that every node's watch history holds them.
+    let (_, restarted) = last_index(&c).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while last_index(&c).await.1 < restarted + 30 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer made no progress after the restarts"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let acknowledged = writes.await.expect("writer");
     assert!(

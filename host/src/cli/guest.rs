@@ -320,7 +320,6 @@ fn exec_verify(args: &ExecArgs, bytes: &[u8]) -> anyhow::Result<ExitCode> {
             bytes: usize::MAX,
         },
         cache_dir: args.cache.dir(),
-        ..RuntimeConfig::default()
     })?;
     let name = args.file.display();
     let module = runtime

@@ -4,9 +4,9 @@
 
 use super::Api;
 use super::route::Caller;
-use super::upload::Upload;
 use crate::auth::Role;
 use crate::pb::api;
+use crate::pb::upload::Upload;
 use crate::types::{Request, Response, now_ms};
 use std::sync::Arc;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
@@ -106,6 +106,7 @@ impl Api {
             call: "restore",
             item: "backup",
             max: self.limits.max_backup_bytes as u64,
+            chunk_timeout: None,
         };
         let (header, bytes) = upload.read(&mut input, |_| Ok(())).await?;
         if let Some(leader) = self.leader(&auth).await? {

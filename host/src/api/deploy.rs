@@ -4,10 +4,10 @@
 //! service, and the proposal.
 
 use super::route::Caller;
-use super::upload::Upload;
 use super::{Api, convert};
 use crate::auth::Role;
 use crate::pb::api;
+use crate::pb::upload::Upload;
 use crate::types::{Request, Response, ServiceLimits, now_ms};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,6 +32,7 @@ impl Api {
             call: "deploy",
             item: "module",
             max: self.runtime.limits().max_module_bytes as u64,
+            chunk_timeout: None,
         };
         let (header, module) = upload
             .read(&mut input, |h: &api::DeployHeader| {
@@ -84,19 +85,16 @@ impl Api {
                 }));
             }
         }
-        let validated = self.validate(
-            &header.service,
-            Arc::new(module.clone()),
-            limits,
-            "the new module",
-        );
+        // One copy of the module for the validation and the push to the voters.
+        let shared = Arc::new(module.clone());
+        let validated = self.validate(&header.service, shared.clone(), limits, "the new module");
         // The voters compile while this node validates (a module that fails validation is
         // only left in their caches).
         let hash = if header.dry_run {
             validated.await?
         } else {
             let sha = crate::runtime::ModuleHash::of(&module).to_hex();
-            let (validated, ()) = tokio::join!(validated, self.prepare_voters(&module, &sha));
+            let (validated, ()) = tokio::join!(validated, self.prepare_voters(shared, &sha));
             validated?
         };
         let (trial, findings) = if header.dry_run || header.verify {
@@ -191,7 +189,7 @@ impl Api {
             )
             .await?;
         // The voters may have dropped it from memory (a restart): compile it before the switch.
-        self.prepare_voters(&module, &hash).await;
+        self.prepare_voters(module, &hash).await;
         let entry = Request::Rollback {
             service: req.service.clone(),
             to: Some(version),
@@ -299,7 +297,7 @@ impl Api {
     /// down is not needed): it only keeps the compile out of the quorum's apply, so that no
     /// follower's Raft waits on it (see `crate::raft::prepare`). The voters that did not answer
     /// in time compile on their own when the entry reaches their log.
-    async fn prepare_voters(&self, module: &[u8], sha256: &str) {
+    async fn prepare_voters(&self, module: Arc<Vec<u8>>, sha256: &str) {
         use futures::StreamExt;
         let m = self.metrics();
         let membership = m.membership_config.membership();
@@ -315,7 +313,6 @@ impl Api {
             return;
         }
         let started = std::time::Instant::now();
-        let module = Arc::new(module.to_vec());
         let mut calls: futures::stream::FuturesUnordered<_> = others
             .into_iter()
             .map(|(id, addr)| {

@@ -7,7 +7,7 @@
 //! leadership moved in between, the client gets `UNAVAILABLE` and retries. It also carries the
 //! caller's request id, so the call's tracing spans on both nodes share it (see [`trace`]).
 //!
-//! One concern per file: [`route`] (forward to the leader or handle here), [`upload`] (deploy
+//! One concern per file: [`route`] (forward to the leader or handle here), `pb::upload` (deploy
 //! and restore streams), [`data`] (`waft.v1.Waft`: commands, reads, the service list),
 //! [`deploy`] (deploys, rollbacks, their checks), [`watch`], [`admin`] (`waft.v1.Cluster`:
 //! membership, status, audits), [`backup`] (backups and restores), [`convert`] (mapping to
@@ -21,7 +21,6 @@ mod deploy;
 pub(crate) mod forward;
 mod route;
 pub mod trace;
-mod upload;
 mod watch;
 
 pub use backup::restore_chunks;

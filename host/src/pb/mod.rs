@@ -2,6 +2,7 @@
 //! other modules see the service stubs and our own types.
 
 pub mod codec;
+pub mod upload;
 
 /// `proto/raft.proto`: node-to-node Raft traffic.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

@@ -344,48 +344,16 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::raft::ModuleChunk>>,
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
-        use pb::raft::module_chunk::Kind;
         self.admit(&request, Message::Replication)?;
         let state = self.state()?.clone();
         let mut input = request.into_inner();
-        let timeout = self.limits.chunk_timeout;
-        let header = match next_chunk(&mut input, timeout).await?.and_then(|c| c.kind) {
-            Some(Kind::Header(h)) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "a module stream must start with its header",
-                ));
-            }
+        let upload = pb::upload::Upload {
+            call: "module",
+            item: "module",
+            max: state.max_module_bytes() as u64,
+            chunk_timeout: Some(self.limits.chunk_timeout),
         };
-        let max = state.max_module_bytes() as u64;
-        if header.size > max {
-            return Err(Status::resource_exhausted(format!(
-                "module of {} bytes is over this node's {max}-byte limit",
-                header.size
-            )));
-        }
-        let mut module = Vec::with_capacity(header.size as usize);
-        while let Some(chunk) = next_chunk(&mut input, timeout).await? {
-            let Some(Kind::Data(data)) = chunk.kind else {
-                return Err(Status::invalid_argument(
-                    "a module header may only come first",
-                ));
-            };
-            if (module.len() + data.len()) as u64 > header.size {
-                return Err(Status::invalid_argument(format!(
-                    "module stream is longer than the {} bytes its header announced",
-                    header.size
-                )));
-            }
-            module.extend_from_slice(&data);
-        }
-        if module.len() as u64 != header.size {
-            return Err(Status::invalid_argument(format!(
-                "module stream ended after {} of {} bytes",
-                module.len(),
-                header.size
-            )));
-        }
+        let (header, module) = upload.read(&mut input, |_| Ok(())).await?;
         let started = std::time::Instant::now();
         let prepared = state
             .prepare_module(module, header.sha256)

@@ -1,17 +1,19 @@
 //! Uploads: a header, then the bytes in chunks (`Deploy` carries a module, `Restore` a
-//! backup). One reader for both, so both refuse the same malformed streams the same way.
+//! backup, node-to-node `PrepareModule` a module). One reader for all, so all refuse the same
+//! malformed streams the same way.
 
-use crate::pb::api;
+use crate::pb::{api, raft};
 use tonic::{Status, Streaming};
 
 /// One message of an upload stream: its header or a piece of the bytes.
-pub(super) enum Part<H> {
+#[derive(Debug)]
+pub enum Part<H> {
     Header(H),
     Data(Vec<u8>),
 }
 
 /// A chunk type of an upload stream and its header's announced size.
-pub(super) trait Chunk: Send + 'static {
+pub trait Chunk: Send + 'static {
     type Header;
     /// What the chunk is; `None` for a chunk with nothing in it.
     fn part(self) -> Option<Part<Self::Header>>;
@@ -33,6 +35,20 @@ impl Chunk for api::DeployChunk {
     }
 }
 
+impl Chunk for raft::ModuleChunk {
+    type Header = raft::ModuleHeader;
+    fn part(self) -> Option<Part<raft::ModuleHeader>> {
+        use raft::module_chunk::Kind;
+        self.kind.map(|k| match k {
+            Kind::Header(h) => Part::Header(h),
+            Kind::Data(d) => Part::Data(d),
+        })
+    }
+    fn size(header: &raft::ModuleHeader) -> u64 {
+        header.size
+    }
+}
+
 impl Chunk for api::BackupChunk {
     type Header = api::BackupHeader;
     fn part(self) -> Option<Part<api::BackupHeader>> {
@@ -49,24 +65,44 @@ impl Chunk for api::BackupChunk {
 
 /// What is uploaded, for errors: `call` names the stream ("deploy"), `item` its bytes
 /// ("module").
-pub(super) struct Upload<'a> {
-    pub(super) call: &'a str,
-    pub(super) item: &'a str,
+#[derive(Debug)]
+pub struct Upload<'a> {
+    /// The stream, for errors ("deploy").
+    pub call: &'a str,
+    /// Its bytes, for errors ("module").
+    pub item: &'a str,
     /// Largest size accepted, in bytes.
-    pub(super) max: u64,
+    pub max: u64,
+    /// How long the sender may take to send the next chunk (`None`: the call's deadline).
+    pub chunk_timeout: Option<std::time::Duration>,
 }
 
 impl Upload<'_> {
+    /// The next chunk, or an error when none comes within the chunk timeout.
+    async fn next<C: Chunk>(&self, input: &mut Streaming<C>) -> Result<Option<C>, Status> {
+        match self.chunk_timeout {
+            None => input.message().await,
+            Some(t) => tokio::time::timeout(t, input.message())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "no {} chunk for {t:?}; upload abandoned",
+                        self.call
+                    ))
+                })?,
+        }
+    }
+
     /// Reads the header; `check` refuses a bad one before any byte is read; then the bytes,
     /// exactly as many as the header announced (at most `max`, which is checked first, so a
     /// stream that lies costs no more memory than its header allows).
-    pub(super) async fn read<C: Chunk>(
+    pub async fn read<C: Chunk>(
         &self,
         input: &mut Streaming<C>,
         check: impl FnOnce(&C::Header) -> Result<(), Status>,
     ) -> Result<(C::Header, Vec<u8>), Status> {
         let call = self.call;
-        let header = match input.message().await?.and_then(Chunk::part) {
+        let header = match self.next(input).await?.and_then(Chunk::part) {
             Some(Part::Header(h)) => h,
             _ => {
                 return Err(Status::invalid_argument(format!(
@@ -83,7 +119,7 @@ impl Upload<'_> {
             )));
         }
         let mut bytes = Vec::with_capacity(size as usize);
-        while let Some(chunk) = input.message().await? {
+        while let Some(chunk) = self.next(input).await? {
             let Some(Part::Data(data)) = chunk.part() else {
                 return Err(Status::invalid_argument(format!(
                     "a {call} header may only come first"

@@ -184,6 +184,9 @@ fn exec_reads_commands_as_lines_hex_or_length_prefixed_and_refuses_a_bad_file() 
 fn check_and_exec_keep_compiled_guests_in_their_cache() {
     let cache = tempfile::tempdir().expect("tempdir");
     let dir = cache.path().display().to_string();
+    // Without a cache, nothing says it came from one.
+    let o = waft(&["check", EXAMPLE_KV, "--no-cache"]);
+    assert!(!stdout(&o).contains("loaded from the cache"), "{}", stdout(&o));
     let o = waft(&["exec", EXAMPLE_KV, "put a 1", "--cache-dir", &dir]);
     assert!(o.status.success(), "{}", stderr(&o));
     let artifacts = || {
@@ -199,7 +202,11 @@ fn check_and_exec_keep_compiled_guests_in_their_cache() {
     // The next run loads it (`check` says where the module came from), and still works.
     let o = waft(&["check", EXAMPLE_KV, "--cache-dir", &dir]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("cache"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("loaded from the cache of compiled guests"),
+        "{}",
+        stdout(&o)
+    );
     let o = waft(&["exec", EXAMPLE_KV, "put a 1", "get a", "--cache-dir", &dir]);
     assert_eq!(stdout(&o), "OK\n1\n");
     assert_eq!(artifacts(), 1);

@@ -186,7 +186,11 @@ fn check_and_exec_keep_compiled_guests_in_their_cache() {
     let dir = cache.path().display().to_string();
     // Without a cache, nothing says it came from one.
     let o = waft(&["check", EXAMPLE_KV, "--no-cache"]);
-    assert!(!stdout(&o).contains("loaded from the cache"), "{}", stdout(&o));
+    assert!(
+        !stdout(&o).contains("loaded from the cache"),
+        "{}",
+        stdout(&o)
+    );
     let o = waft(&["exec", EXAMPLE_KV, "put a 1", "--cache-dir", &dir]);
     assert!(o.status.success(), "{}", stderr(&o));
     let artifacts = || {

@@ -5,7 +5,8 @@
 # client writes, heartbeats that timed out (leader's log), p99/max write latency of the
 # baseline and of the deploy window, and their ratio.
 #   scripts/bench-deploy-under-load.sh [RUNS]     (release binary and guests built first)
-#   CLIENTS=0 scripts/bench-deploy-under-load.sh 20   (an idle cluster: elections only)
+#   CLIENTS=0 scripts/bench-deploy-under-load.sh 20   (an idle cluster: elections, deploy
+#   times of a first version and of a second one with the same module, how much the logs grow)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -15,6 +16,7 @@ GUEST=target/guests/kv-python.wasm
 KV=target/guests/wasm32-wasip2/release/kv.wasm
 [ -x "$BIN" ] || cargo build --release -p waft
 [ -f "$GUEST" ] || { echo "build the guests first: cargo test -p waft-testkit --no-run" >&2; exit 1; }
+logs() { cat "$1"/n*/log.* | wc -c; }
 json() { python3 -c "import json,sys;d=json.load(sys.stdin);print($1)"; }
 for run in $(seq "$RUNS"); do
   D=$(mktemp -d)
@@ -33,12 +35,20 @@ for run in $(seq "$RUNS"); do
   $BIN --endpoint $E deploy $KV --service kv >/dev/null
   if [ "$CLIENTS" = 0 ]; then
     term0=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')
+    log0=$(logs "$D")
     start=$(date +%s.%N)
     $BIN --endpoint $E deploy $GUEST --service py >/dev/null
     took=$(echo "$(date +%s.%N) - $start" | bc)
+    log1=$(logs "$D")
+    # A second version of the same module (other limits): a new deploy entry, no new bytes.
+    start=$(date +%s.%N)
+    $BIN --endpoint $E deploy $GUEST --service py --fuel 900000000 >/dev/null
+    took2=$(echo "$(date +%s.%N) - $start" | bc)
+    log2=$(logs "$D")
     sleep 10
     term1=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')
-    echo "run $run (idle): deploy ${took%.*} s; elections $((term1 - term0)); heartbeat timeouts $(grep -c 'failed to send a heartbeat' "$D/n1.log" || true)"
+    size=$(stat -c %s "$GUEST")
+    echo "run $run (idle): deploy ${took%.*} s, v2 ${took2%.*} s; elections $((term1 - term0)); heartbeat timeouts $(grep -c 'failed to send a heartbeat' "$D/n1.log" || true); module $size bytes; logs of the 3 nodes grew $((log1 - log0)) bytes (deploy), $((log2 - log1)) (v2): $(echo "scale=4; ($log2 - $log0) / (2 * 3 * $size)" | bc) of the module per deploy per node; module stores $(du -scb "$D"/n*/modules | tail -1 | cut -f1) bytes"
     kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true
     rm -rf "$D"; trap - EXIT
     continue

@@ -166,6 +166,28 @@ pub enum Request {
         /// What the verifier found, one finding per line.
         findings: String,
     },
+    /// Run the module with sha256 `module` as `service`, replacing any module serving it. The
+    /// entry carries the module's hash, not its bytes: every node keeps modules in its module
+    /// store (`crate::storage::modules`), the leader proposes this once a majority of the
+    /// voters holds the module, and a node that lacks it fetches it from a peer before it
+    /// applies the entry. Otherwise as [`Request::Deploy`] (and [`Request::ForcedDeploy`] when
+    /// `findings` is set), which earlier releases wrote with the bytes inline.
+    DeployStored {
+        /// The service name.
+        service: String,
+        /// sha256 of the component, hex.
+        module: String,
+        /// Its size in bytes.
+        size: u64,
+        /// As for [`Request::Deploy`].
+        engine: String,
+        /// As for [`Request::Deploy`].
+        limits: ServiceLimits,
+        /// As for [`Request::Deploy`].
+        timestamp_ms: u64,
+        /// For a forced deploy, what the determinism verifier found, one finding per line.
+        findings: Option<String>,
+    },
 }
 
 /// A digest of the replicated state at one log index: what replicas compare to prove they hold
@@ -223,6 +245,17 @@ impl fmt::Debug for Request {
                 .debug_struct("ForcedDeploy")
                 .field("service", service)
                 .field("module_len", &module.len())
+                .finish(),
+            Request::DeployStored {
+                service,
+                module,
+                size,
+                ..
+            } => f
+                .debug_struct("DeployStored")
+                .field("service", service)
+                .field("module", module)
+                .field("size", size)
                 .finish(),
             Request::Rollback { service, to, .. } => f
                 .debug_struct("Rollback")

@@ -50,6 +50,24 @@ fn request() -> impl Strategy<Value = Request> {
                     timestamp_ms,
                 }
             ),
+        (
+            name(),
+            name(),
+            any::<u64>(),
+            proptest::option::of(name()),
+            any::<u64>()
+        )
+            .prop_map(|(service, module, size, findings, timestamp_ms)| {
+                Request::DeployStored {
+                    service,
+                    module,
+                    size,
+                    engine: String::new(),
+                    limits: ServiceLimits::default(),
+                    timestamp_ms,
+                    findings,
+                }
+            }),
         (name(), proptest::option::of(any::<u32>()), any::<u64>()).prop_map(
             |(service, to, timestamp_ms)| Request::Rollback {
                 service,

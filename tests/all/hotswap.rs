@@ -9,14 +9,14 @@ use waft::pb::api::{self, waft_client::WaftClient};
 use waft::types::{Request, Response};
 use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE, TEST_KV2};
 
-async fn client(addr: &str) -> WaftClient<Channel> {
+pub(crate) async fn client(addr: &str) -> WaftClient<Channel> {
     WaftClient::connect(format!("http://{addr}"))
         .await
         .expect("connect")
         .max_encoding_message_size(usize::MAX)
 }
 
-async fn deploy(
+pub(crate) async fn deploy(
     addr: &str,
     service: &str,
     path: &str,
@@ -595,111 +595,6 @@ async fn each_service_runs_under_its_own_limits() {
         })
         .await;
     cluster.wait_applied(index).await;
-    cluster.assert_identical().await;
-    cluster.shutdown().await;
-}
-
-/// Before a deploy is proposed the leader has the voters compile the module (issue 18), over
-/// `PrepareModule`: a module whose bytes do not match the announced hash, or that is not a
-/// guest, is refused in words and changes nothing; a good one is compiled, and the deploy that
-/// follows applies it on every node.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn voters_compile_a_module_before_its_deploy_and_refuse_a_bad_one() {
-    use waft::raft::prepare::prepare_module;
-    let cluster = TestCluster::start(3, test_settings()).await;
-    cluster.form().await;
-    let from = cluster.node(0);
-    let (to, addr) = (1, cluster.addrs[1].clone());
-    let module = std::sync::Arc::new(waft_testkit::wasm(EXAMPLE_KV));
-    let sha = waft::runtime::ModuleHash::of(&module).to_hex();
-    let deadline = Duration::from_secs(120);
-    // A message for another node (the address is node 1's) is refused before it is read.
-    let stranger = prepare_module(
-        from.network(),
-        2,
-        &addr,
-        module.clone(),
-        "00".repeat(32),
-        deadline,
-    )
-    .await
-    .expect_err("addressed to another node");
-    assert!(stranger.contains("not node 2"), "{stranger}");
-    let wrong = prepare_module(
-        from.network(),
-        to,
-        &addr,
-        module.clone(),
-        "00".repeat(32),
-        deadline,
-    )
-    .await
-    .expect_err("a hash mismatch is refused");
-    assert!(wrong.contains("not the"), "{wrong}");
-    let garbage = std::sync::Arc::new(b"\0asm\x0d\0\x01\0 not a component".to_vec());
-    let garbage_sha = waft::runtime::ModuleHash::of(&garbage).to_hex();
-    let refused = prepare_module(from.network(), to, &addr, garbage, garbage_sha, deadline)
-        .await
-        .expect_err("not a guest");
-    assert!(refused.contains("cannot run the module"), "{refused}");
-    // A push cut short, or announcing more than a node takes, is refused before any compile.
-    let raw = |chunks: Vec<waft::pb::raft::ModuleChunk>| {
-        let mut req = tonic::Request::new(futures::stream::iter(chunks));
-        from.network().identity().stamp(req.metadata_mut(), to);
-        req
-    };
-    let header = |size: u64| waft::pb::raft::ModuleChunk {
-        kind: Some(waft::pb::raft::module_chunk::Kind::Header(
-            waft::pb::raft::ModuleHeader {
-                sha256: sha.clone(),
-                size,
-            },
-        )),
-    };
-    let half = waft::pb::raft::ModuleChunk {
-        kind: Some(waft::pb::raft::module_chunk::Kind::Data(
-            module[..module.len() / 2].to_vec(),
-        )),
-    };
-    let mut peer = waft::pb::raft::raft_client::RaftClient::new(
-        from.network().channel(&addr).expect("channel"),
-    );
-    let cut = peer
-        .prepare_module(raw(vec![header(module.len() as u64), half]))
-        .await
-        .expect_err("a push cut short");
-    assert_eq!(cut.code(), tonic::Code::InvalidArgument, "{cut}");
-    assert!(cut.message().contains("ended after"), "{cut}");
-    let huge = peer
-        .prepare_module(raw(vec![header(1 << 40)]))
-        .await
-        .expect_err("over the limit");
-    assert_eq!(huge.code(), tonic::Code::ResourceExhausted, "{huge}");
-    prepare_module(
-        from.network(),
-        to,
-        &addr,
-        module.clone(),
-        sha.clone(),
-        deadline,
-    )
-    .await
-    .expect("a good module compiles");
-    assert!(
-        cluster.node(1).state().services().is_empty(),
-        "preparing changes no state"
-    );
-    // Through the API, the leader prepares the voters itself, then deploys.
-    let leader = cluster.wait_leader().await;
-    let reply = deploy(&cluster.addrs[leader], "kv", EXAMPLE_KV, false)
-        .await
-        .expect("deploy");
-    assert_eq!(reply.module_sha256, sha);
-    cluster.wait_applied(reply.index).await;
-    for i in 0..3 {
-        let services = cluster.node(i).state().services();
-        assert_eq!(services[0].module.hash.to_hex(), sha, "node {i}");
-    }
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }

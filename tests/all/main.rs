@@ -23,6 +23,7 @@ mod hotswap;
 mod identity;
 mod languages;
 mod metrics;
+mod modules;
 mod process;
 mod rolling;
 mod runtime;

@@ -13,9 +13,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
-/// How long the leader waits for the voters to compile a module before it proposes the
-/// deploy anyway.
+/// How long the leader waits for the members to fetch and compile a module.
 const PREPARE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Where a deploy's module is, for the entry that proposes it.
+enum Held {
+    /// A majority of the voters holds it in their module stores: the entry names its hash.
+    Stored,
+    /// The entry carries the bytes (a dry run, or a member of an earlier release).
+    Inline,
+}
 
 /// One lock per service being deployed on this node (see `Api::deploying`).
 pub(super) type DeployLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
@@ -85,20 +92,21 @@ impl Api {
                 }));
             }
         }
-        // One copy of the module for the validation and the push to the voters.
-        let shared = Arc::new(module.clone());
+        let size = module.len() as u64;
+        let shared = Arc::new(module);
         let validated = self.validate(&header.service, shared.clone(), limits, "the new module");
-        // The voters compile while this node validates (a module that fails validation is
-        // only left in their caches).
-        let hash = if header.dry_run {
-            validated.await?
+        // The members fetch the module from this node's store and compile it while this node
+        // validates it (a module that fails validation is only left in their stores until
+        // they drop unused modules).
+        let (hash, held) = if header.dry_run {
+            (validated.await?, Held::Inline)
         } else {
-            let sha = crate::runtime::ModuleHash::of(&module).to_hex();
-            let (validated, ()) = tokio::join!(validated, self.prepare_voters(shared, &sha));
-            validated?
+            let sha = self.keep_module(shared.clone()).await?;
+            let (validated, held) = tokio::join!(validated, self.hold_members(&sha, size));
+            (validated?, held?)
         };
         let (trial, findings) = if header.dry_run || header.verify {
-            self.try_module(&header, &module, limits).await?
+            self.try_module(&header, &shared, limits).await?
         } else {
             (None, Vec::new())
         };
@@ -127,22 +135,43 @@ impl Api {
                 findings = findings.len(),
                 "deploying a module the determinism verifier flagged (forced)"
             );
-            let entry = Request::ForcedDeploy {
-                service: header.service.clone(),
-                module,
-                engine: self.runtime.fingerprint().to_owned(),
+        }
+        let findings = (!findings.is_empty()).then(|| findings.join("\n"));
+        let (service, engine) = (
+            header.service.clone(),
+            self.runtime.fingerprint().to_owned(),
+        );
+        let entry = match held {
+            Held::Stored => Request::DeployStored {
+                service,
+                module: hash,
+                size,
+                engine,
                 limits,
                 timestamp_ms: now_ms(),
-                findings: findings.join("\n"),
-            };
-            return self.propose_swap(entry, "deploy").await;
-        }
-        let entry = Request::Deploy {
-            service: header.service.clone(),
-            module,
-            engine: self.runtime.fingerprint().to_owned(),
-            limits,
-            timestamp_ms: now_ms(),
+                findings,
+            },
+            // A member of an earlier release: the entry carries the bytes, as it did there.
+            Held::Inline => {
+                let module = Arc::try_unwrap(shared).unwrap_or_else(|m| m.as_ref().clone());
+                match findings {
+                    Some(findings) => Request::ForcedDeploy {
+                        service,
+                        module,
+                        engine,
+                        limits,
+                        timestamp_ms: now_ms(),
+                        findings,
+                    },
+                    None => Request::Deploy {
+                        service,
+                        module,
+                        engine,
+                        limits,
+                        timestamp_ms: now_ms(),
+                    },
+                }
+            }
         };
         self.propose_swap(entry, "deploy").await
     }
@@ -188,8 +217,12 @@ impl Api {
                 &format!("version {version}"),
             )
             .await?;
-        // The voters may have dropped it from memory (a restart): compile it before the switch.
-        self.prepare_voters(module, &hash).await;
+        // The members hold it (it is a kept version), but may have dropped it from memory (a
+        // restart) or lost the file: compile or fetch it before the switch. A member that
+        // cannot fetches it when it applies the rollback.
+        if let Err(e) = self.hold_members(&hash, module.len() as u64).await {
+            tracing::warn!(error = %e.message(), "rolling back although not every voter holds the module");
+        }
         let entry = Request::Rollback {
             service: req.service.clone(),
             to: Some(version),
@@ -290,51 +323,70 @@ impl Api {
         .map_err(|e| Status::internal(e.to_string()))?
     }
 
-    /// Sends the module to the other voters and waits until they can run it: all of them, or
-    /// a majority (this one included: `validate` compiled it here) and then as long again for
-    /// the rest, or [`PREPARE_DEADLINE`]. The deploy is proposed after this whatever the answers (a
-    /// node that cannot compile the module fails the apply identically, and a node that is
-    /// down is not needed): it only keeps the compile out of the quorum's apply, so that no
-    /// follower's Raft waits on it (see `crate::raft::prepare`). The voters that did not answer
-    /// in time compile on their own when the entry reaches their log.
-    async fn prepare_voters(&self, module: Arc<Vec<u8>>, sha256: &str) {
+    /// Puts `module` into this node's module store (the members fetch it from here) and
+    /// returns its sha256.
+    async fn keep_module(&self, module: Arc<Vec<u8>>) -> Result<String, Status> {
+        let store = self.state.modules().clone();
+        tokio::task::spawn_blocking(move || store.insert(&module))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(|h| h.to_hex())
+            .map_err(|e| {
+                Status::resource_exhausted(format!(
+                    "this node cannot keep the module in its module store, so it was not \
+                     deployed: {e}"
+                ))
+            })
+    }
+
+    /// Has every other member hold module `sha256` (fetched from this node, or from a member
+    /// that has it already) and compile it, and waits until a majority of the voters, this one
+    /// included, holds it: a deploy entry that names a module by hash commits only where a
+    /// majority can run it, and a node that lacks it later fetches it from one of them. The
+    /// others get as long again as the majority took (at least 10 s; [`PREPARE_DEADLINE`] in
+    /// all): a member that compiles at apply time stalls its own Raft for that long, harmless
+    /// to the quorum but not to its clients. A member of an earlier release (no module store)
+    /// makes it [`Held::Inline`]: the entry must carry the bytes.
+    async fn hold_members(&self, sha256: &str, size: u64) -> Result<Held, Status> {
+        use crate::raft::modules::{HoldError, hold_module};
         use futures::StreamExt;
         let m = self.metrics();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
-        let others: Vec<(u64, String)> = voters
-            .iter()
-            .filter(|v| **v != self.id)
-            .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
+        let others: Vec<(u64, String)> = membership
+            .nodes()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, n)| (*id, n.addr.clone()))
             .collect();
         // A majority of the voters, less this node.
         let needed = voters.len() / 2;
-        if needed == 0 || others.is_empty() {
-            return;
+        if others.is_empty() {
+            return Ok(Held::Stored);
         }
+        let me = membership
+            .get_node(&self.id)
+            .map(|n| (self.id, n.addr.clone()));
         let started = std::time::Instant::now();
         let mut calls: futures::stream::FuturesUnordered<_> = others
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|(id, addr)| {
-                let (peers, module, sha) = (self.peers.clone(), module.clone(), sha256.to_owned());
+                // This node first, then the others (one that fetched it may serve it too).
+                let sources: Vec<(u64, String)> = me
+                    .iter()
+                    .cloned()
+                    .chain(others.iter().filter(|(o, _)| *o != id).cloned())
+                    .collect();
+                let (peers, sha) = (self.peers.clone(), sha256.to_owned());
                 async move {
-                    let r = crate::raft::prepare::prepare_module(
-                        &peers,
-                        id,
-                        &addr,
-                        module,
-                        sha,
-                        PREPARE_DEADLINE,
-                    )
-                    .await;
+                    let r = hold_module(&peers, id, &addr, &sha, size, &sources, PREPARE_DEADLINE)
+                        .await;
                     (id, r)
                 }
             })
             .collect();
         let mut ready = 0;
-        // Once a majority is ready, the others get as long again (at least 10 s): a follower
-        // that compiles at apply time stalls its own Raft for that long, harmless to the
-        // quorum but not to its clients; a voter that never answers must not hold the deploy.
+        let mut errors = Vec::new();
         let mut grace: Option<tokio::time::Instant> = None;
         loop {
             let next = match grace {
@@ -347,10 +399,26 @@ impl Api {
             let Some((node, answer)) = next else { break };
             match answer {
                 Ok(compile_ms) => {
-                    ready += 1;
-                    tracing::info!(node, compile_ms, "a voter compiled the module to deploy");
+                    if voters.contains(&node) {
+                        ready += 1;
+                    }
+                    tracing::info!(
+                        node,
+                        compile_ms,
+                        "a member holds and compiled the module to deploy"
+                    );
                 }
-                Err(e) => tracing::warn!(node, error = %e, "a voter did not prepare the module"),
+                Err(HoldError::Unsupported) => {
+                    tracing::info!(
+                        node,
+                        "a member of an earlier release: the deploy entry carries the module"
+                    );
+                    return Ok(Held::Inline);
+                }
+                Err(HoldError::Failed(e)) => {
+                    tracing::warn!(node, error = %e, "a member does not hold the module");
+                    errors.push(e);
+                }
             }
             if ready >= needed && grace.is_none() {
                 let more = started.elapsed().max(std::time::Duration::from_secs(10));
@@ -361,8 +429,18 @@ impl Api {
             ready,
             needed,
             ms = started.elapsed().as_millis() as u64,
-            "voters prepared the module; proposing the deploy"
+            "members hold the module"
         );
+        if ready < needed {
+            return Err(Status::unavailable(format!(
+                "only {} of the {} voters hold the module (a majority must before the deploy is \
+                 proposed), so it was not deployed: {}",
+                ready + 1,
+                voters.len(),
+                errors.join("; ")
+            )));
+        }
+        Ok(Held::Stored)
     }
 
     /// Waits for this node's turn to deploy to `service` (see `Api::deploying`).

@@ -44,20 +44,39 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> 
 /// Opens the log and the state machine in `config.data_dir` and starts Raft on them.
 pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core, NodeError> {
     let snapshot_dir = config.data_dir.join("snapshots");
-    let precompile = runtime.clone();
-    let deploy_hook: crate::storage::DeployHook = Arc::new(move |module: &[u8]| {
+    let modules = crate::storage::ModuleStore::open(&config.data_dir.join("modules"))?;
+    let (precompile, store) = (runtime.clone(), modules.clone());
+    let deploy_hook: crate::storage::DeployHook = Arc::new(move |module| {
         // Compile ahead of the commit, off every hot path; a failure here is reported when
-        // the entry is applied, identically on every node.
-        let runtime = precompile.clone();
-        let module = module.to_vec();
+        // the entry is applied, identically on every node. A stored module this node does not
+        // hold yet is fetched when the entry is applied.
+        let (runtime, store) = (precompile.clone(), store.clone());
+        let module = match module {
+            crate::storage::DeployedModule::Inline(bytes) => Ok(bytes.to_vec()),
+            crate::storage::DeployedModule::Stored(hash) => Err(hash.to_owned()),
+        };
         let _ = std::thread::Builder::new()
             .name("waft-precompile".into())
             .spawn(move || {
-                let _ = runtime.load(&module);
+                let bytes = match module {
+                    Ok(bytes) => bytes,
+                    Err(hash) => match crate::runtime::ModuleHash::from_hex(&hash)
+                        .and_then(|h| store.read(&h).ok())
+                    {
+                        Some(bytes) => bytes,
+                        None => return,
+                    },
+                };
+                let _ = runtime.load_committed(&bytes);
             });
     });
     let engine = LogEngine::resolve(config.log_engine, &config.data_dir)?;
-    let sm = StateMachineStore::with_history(runtime.clone(), &snapshot_dir, config.watch_history)?;
+    let sm = StateMachineStore::with_history(
+        runtime.clone(),
+        &snapshot_dir,
+        modules,
+        config.watch_history,
+    )?;
     let state = sm.handle();
     let identity = Arc::new(
         Identity::load(config.id, &config.data_dir)?
@@ -70,6 +89,10 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
         network.clone(),
     ));
     state.set_healer(Some(healer.clone()));
+    state.set_module_peers(Arc::new(crate::raft::PeerModules::new(
+        config.id,
+        network.clone(),
+    )));
     let log_path = engine.path(&config.data_dir);
     let raft_config = raft_config(config)?;
     let raft = match engine {

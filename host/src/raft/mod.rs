@@ -3,11 +3,12 @@
 //! (type config, requests, responses) is [`crate::types`].
 
 pub mod identity;
+pub mod modules;
 pub mod network;
 pub mod peer_audit;
-pub mod prepare;
 pub mod service;
 
 pub use identity::Identity;
+pub use modules::PeerModules;
 pub use network::{NetConfig, NetworkFactory};
 pub use service::{RaftService, SnapshotLimits};

@@ -222,6 +222,9 @@ impl Drop for RemoveOnDrop {
 type AppendStream =
     Pin<Box<dyn Stream<Item = Result<pb::raft::RaftMessage, Status>> + Send + 'static>>;
 
+type ModuleStream =
+    Pin<Box<dyn Stream<Item = Result<pb::raft::ModuleChunk, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn vote(
@@ -360,6 +363,73 @@ impl raft_server::Raft for RaftService {
             .await
             .map(|()| started.elapsed().as_millis() as u64);
         Ok(Response::new(pb::encode(&prepared)?))
+    }
+
+    type FetchModuleStream = ModuleStream;
+
+    async fn fetch_module(
+        &self,
+        request: Request<pb::raft::FetchModuleRequest>,
+    ) -> Result<Response<ModuleStream>, Status> {
+        use tokio::io::AsyncReadExt;
+        self.admit(&request, Message::Audit)?;
+        let state = self.state()?.clone();
+        let req = request.into_inner();
+        let hash = crate::runtime::ModuleHash::from_hex(&req.sha256).ok_or_else(|| {
+            Status::invalid_argument(format!("{:?} is not a module hash", req.sha256))
+        })?;
+        let file = state.modules().reader(&hash, req.offset).map_err(|e| {
+            Status::not_found(format!("this node does not hold module {hash}: {e}"))
+        })?;
+        // One chunk read ahead at most: the peer's pace (HTTP/2 flow control) sets ours.
+        let chunks =
+            futures::stream::try_unfold(tokio::fs::File::from_std(file), |mut file| async move {
+                let mut buf = Vec::with_capacity(crate::storage::modules::CHUNK_BYTES);
+                while buf.len() < crate::storage::modules::CHUNK_BYTES {
+                    let n = (&mut file)
+                        .take((crate::storage::modules::CHUNK_BYTES - buf.len()) as u64)
+                        .read_to_end(&mut buf)
+                        .await
+                        .map_err(internal)?;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let chunk = pb::raft::ModuleChunk {
+                    kind: Some(pb::raft::module_chunk::Kind::Data(buf)),
+                };
+                Ok(Some((chunk, file)))
+            });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn hold_module(
+        &self,
+        request: Request<pb::raft::HoldModuleRequest>,
+    ) -> Result<Response<pb::raft::RaftMessage>, Status> {
+        self.admit(&request, Message::Replication)?;
+        let state = self.state()?.clone();
+        let req = request.into_inner();
+        if req.size > state.max_module_bytes() as u64 {
+            let refused: Result<u64, String> = Err(format!(
+                "the module is {} bytes, over this node's {}-byte limit",
+                req.size,
+                state.max_module_bytes()
+            ));
+            return Ok(Response::new(pb::encode(&refused)?));
+        }
+        let sources: Vec<(crate::types::NodeId, String)> =
+            req.sources.into_iter().map(|s| (s.node, s.addr)).collect();
+        let timeout = Duration::from_millis(req.timeout_ms.max(1));
+        let started = std::time::Instant::now();
+        let held = state
+            .hold_module(&req.sha256, &sources, tokio::time::Instant::now() + timeout)
+            .await
+            .map(|()| started.elapsed().as_millis() as u64);
+        Ok(Response::new(pb::encode(&held)?))
     }
 
     async fn heal_state(

@@ -110,6 +110,14 @@ impl Runtime {
                 max,
             });
         }
+        self.load_committed(bytes)
+    }
+
+    /// [`Runtime::load`] without this node's size cap, for a module the log already committed
+    /// (a deploy entry, a snapshot, a heal): the cap is this node's rule for what it accepts,
+    /// and refusing a committed module here would make this replica answer differently from
+    /// the others.
+    pub fn load_committed(&self, bytes: &[u8]) -> Result<Arc<GuestModule>, LoadError> {
         if bytes.is_empty() {
             return Err(LoadError::NotWasm);
         }

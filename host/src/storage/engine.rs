@@ -69,21 +69,31 @@ impl LogEngine {
     }
 }
 
+/// The module of a deploy entry: its bytes (entries written by earlier releases) or its hash.
+#[derive(Debug, Clone, Copy)]
+pub enum DeployedModule<'a> {
+    /// The component's bytes, inline in the entry.
+    Inline(&'a [u8]),
+    /// The sha256 (hex) of a module in the module store.
+    Stored(&'a str),
+}
+
 /// Called with the module of every deploy entry as it is appended, before it commits: the node
 /// compiles the module in the background, so that applying the deploy (the swap itself) finds
 /// it compiled.
-pub type DeployHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
+pub type DeployHook = Arc<dyn Fn(DeployedModule<'_>) + Send + Sync>;
 
 /// Calls `hook` with the module when `entry` is a deploy (both log engines do on append).
 pub(crate) fn notify_deploy(hook: Option<&DeployHook>, entry: &Entry) {
     use crate::types::Request;
-    if let (
-        Some(hook),
+    let Some(hook) = hook else { return };
+    match &entry.payload {
         openraft::EntryPayload::Normal(
             Request::Deploy { module, .. } | Request::ForcedDeploy { module, .. },
-        ),
-    ) = (hook, &entry.payload)
-    {
-        hook(module);
+        ) => hook(DeployedModule::Inline(module)),
+        openraft::EntryPayload::Normal(Request::DeployStored { module, .. }) => {
+            hook(DeployedModule::Stored(module))
+        }
+        _ => {}
     }
 }

@@ -4,12 +4,14 @@
 pub mod codec;
 pub mod engine;
 pub mod events;
+pub mod modules;
 pub mod redb_log;
 pub mod snapshot;
 pub mod state_machine;
 pub mod wal;
 
-pub use engine::{DeployHook, LogEngine};
+pub use engine::{DeployHook, DeployedModule, LogEngine};
+pub use modules::{ModulePeers, ModuleStore};
 pub use redb_log::{LogReader, RedbLog};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{

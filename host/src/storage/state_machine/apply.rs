@@ -120,24 +120,35 @@ impl SmState {
                     timestamp_ms,
                 }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
-                    if engine != self.runtime.fingerprint() {
-                        let msg = format!(
-                            "refusing to apply the deploy of service {service:?} at index {}: it was validated by \
-                             engine {engine}, this node runs {}; running it here could diverge from the other \
-                             replicas. Run the same waft build (and limits) on every node.",
-                            log_id.index(),
-                            self.runtime.fingerprint()
-                        );
-                        tracing::error!("{msg}");
-                        return Err(io::Error::other(msg));
-                    }
+                    self.check_engine(&engine, &service, log_id.index())?;
                     let at = self.advance_clock(timestamp_ms);
                     let ctx = ApplyCtx {
                         index: log_id.index(),
                         term,
                         timestamp_ms: at,
                     };
-                    let response = self.deploy(&service, module, limits, ctx, forced);
+                    let response = self.deploy_inline(&service, module, limits, ctx, forced)?;
+                    self.version_event(log_id.index(), &service, at, &response);
+                    out.push(response);
+                }
+                EntryPayload::Normal(Request::DeployStored {
+                    service,
+                    module,
+                    size: _,
+                    engine,
+                    limits,
+                    timestamp_ms,
+                    findings,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    self.check_engine(&engine, &service, log_id.index())?;
+                    let at = self.advance_clock(timestamp_ms);
+                    let ctx = ApplyCtx {
+                        index: log_id.index(),
+                        term,
+                        timestamp_ms: at,
+                    };
+                    let response = self.deploy_stored(&service, &module, limits, ctx, findings)?;
                     self.version_event(log_id.index(), &service, at, &response);
                     out.push(response);
                 }
@@ -153,7 +164,7 @@ impl SmState {
                         term,
                         timestamp_ms: at,
                     };
-                    let response = self.rollback(&service, to, ctx);
+                    let response = self.rollback(&service, to, ctx)?;
                     self.version_event(log_id.index(), &service, at, &response);
                     out.push(response);
                 }
@@ -164,7 +175,7 @@ impl SmState {
                 }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
                     self.advance_clock(timestamp_ms);
-                    let response = self.restore_backup(backup, force);
+                    let response = self.restore_backup(backup, force)?;
                     if matches!(response, Response::Restored(_)) {
                         // Every service's state was replaced: watchers read it afresh.
                         self.local.pending_events.clear();
@@ -211,6 +222,22 @@ impl SmState {
         }
         self.flush(&batch_service, &mut batch, &mut out);
         Ok((out, None))
+    }
+
+    /// A deploy validated by an engine with another fingerprint could run differently here
+    /// than on the other replicas: the node stops instead.
+    fn check_engine(&self, engine: &str, service: &str, index: u64) -> io::Result<()> {
+        if engine == self.runtime.fingerprint() {
+            return Ok(());
+        }
+        let msg = format!(
+            "refusing to apply the deploy of service {service:?} at index {index}: it was validated by \
+             engine {engine}, this node runs {}; running it here could diverge from the other \
+             replicas. Run the same waft build (and limits) on every node.",
+            self.runtime.fingerprint()
+        );
+        tracing::error!("{msg}");
+        Err(io::Error::other(msg))
     }
 
     /// Time never goes backwards: a new leader with a slower clock gets the previous time.

@@ -3,6 +3,7 @@
 
 use crate::runtime::GuestError;
 use crate::storage::events::Events;
+use crate::storage::modules::{ModulePeers, ModuleStore};
 use crate::storage::snapshot::{self, VersionRecord};
 use crate::types::{LogId, ServiceLimits};
 use std::collections::BTreeMap;
@@ -39,6 +40,7 @@ pub struct ServiceInfo {
 #[derive(Debug, Clone, Default)]
 pub(super) struct View {
     pub(super) last_applied: Option<LogId>,
+    pub(super) membership: crate::types::StoredMembership,
     pub(super) services: Vec<ServiceInfo>,
     pub(super) metrics: Vec<ServiceMetrics>,
     pub(super) audit: AuditStatus,
@@ -56,6 +58,10 @@ pub struct StateHandle {
     pub(super) events: Arc<Events>,
     /// How a diverged replica reaches its peers (set by the node once its network exists).
     pub(super) healer: Arc<Mutex<heal::HealerSlot>>,
+    /// This node's modules (the state machine's own store).
+    pub(super) modules: ModuleStore,
+    /// How this node fetches a module it lacks (set by the node once its network exists).
+    pub(super) module_peers: Arc<Mutex<Option<Arc<dyn ModulePeers>>>>,
 }
 
 impl std::fmt::Debug for StateHandle {
@@ -90,6 +96,7 @@ impl SmState {
     pub(super) fn publish(&self) {
         let view = View {
             last_applied: self.rep.last_applied,
+            membership: self.rep.membership.clone(),
             services: self
                 .rep
                 .services
@@ -158,14 +165,23 @@ impl StateHandle {
         service: &str,
         to: Option<u32>,
     ) -> Option<(u32, Arc<Vec<u8>>, ServiceLimits)> {
-        let (state, service) = (self.state.clone(), service.to_owned());
+        let target = self
+            .services()
+            .into_iter()
+            .find(|s| s.name == service)
+            .and_then(|s| {
+                let svc_history = s.history;
+                let target = match to {
+                    Some(v) => svc_history.iter().find(|r| r.version == v),
+                    None => svc_history.iter().rev().nth(1),
+                };
+                target.cloned()
+            })?;
+        let store = self.modules.clone();
         tokio::task::spawn_blocking(move || {
-            let st = lock(&state);
-            let svc = st.rep.services.get(&service)?;
-            let target = svc.rollback_target(to)?;
-            st.rep
-                .module_of(target)
-                .map(|b| (target.version, b, target.limits))
+            let hash = crate::runtime::ModuleHash::from_hex(&target.module)?;
+            let bytes = store.read(&hash).ok()?;
+            Some((target.version, Arc::new(bytes), target.limits))
         })
         .await
         .ok()
@@ -206,11 +222,12 @@ impl StateHandle {
         self.runtime.limits().max_module_bytes
     }
 
-    /// Compiles `module` (whose sha256 must be `sha256`) into the runtime's cache, on a blocking
-    /// thread at low priority, so that the deploy that follows finds it compiled. The state
-    /// machine is not involved: nothing changes until the deploy entry is applied.
+    /// Keeps `module` (whose sha256 must be `sha256`) in the module store and compiles it into
+    /// the runtime's cache, on a blocking thread, so that the deploy that follows finds it
+    /// here and compiled. The state machine is not involved: nothing changes until the deploy
+    /// entry is applied.
     pub async fn prepare_module(&self, module: Vec<u8>, sha256: String) -> Result<(), String> {
-        let runtime = self.runtime.clone();
+        let (runtime, store) = (self.runtime.clone(), self.modules.clone());
         tokio::task::spawn_blocking(move || {
             let hash = crate::runtime::ModuleHash::of(&module).to_hex();
             if hash != sha256 {
@@ -218,10 +235,55 @@ impl StateHandle {
                     "the module received has sha256 {hash}, not the {sha256} announced"
                 ));
             }
+            store
+                .insert(&module)
+                .map_err(|e| format!("cannot keep the module: {e}"))?;
             runtime.load(&module).map(|_| ()).map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| format!("the compile task failed: {e}"))?
+    }
+
+    /// Makes sure this node holds module `sha256`, fetching it from `sources` (node id,
+    /// address) until `deadline` when it does not, then compiles it (see
+    /// [`StateHandle::prepare_module`]).
+    pub async fn hold_module(
+        &self,
+        sha256: &str,
+        sources: &[(crate::types::NodeId, String)],
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let hash = crate::runtime::ModuleHash::from_hex(sha256)
+            .ok_or_else(|| format!("{sha256:?} is not a module hash"))?;
+        if !self.modules.contains(&hash) {
+            let peers = self
+                .module_peers()
+                .ok_or("this node cannot reach its peers yet")?;
+            self.modules
+                .fetch(peers.as_ref(), sources, &hash, Some(deadline))
+                .await?;
+        }
+        let (runtime, store) = (self.runtime.clone(), self.modules.clone());
+        tokio::task::spawn_blocking(move || {
+            let module = store.read(&hash).map_err(|e| e.to_string())?;
+            runtime.load(&module).map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("the compile task failed: {e}"))?
+    }
+
+    /// This node's module store.
+    pub fn modules(&self) -> &ModuleStore {
+        &self.modules
+    }
+
+    /// Lets this node fetch the modules it lacks through `peers` (the node's network).
+    pub fn set_module_peers(&self, peers: Arc<dyn ModulePeers>) {
+        *crate::sync::lock(&self.module_peers) = Some(peers);
+    }
+
+    pub(super) fn module_peers(&self) -> Option<Arc<dyn ModulePeers>> {
+        crate::sync::lock(&self.module_peers).clone()
     }
 
     /// The engine fingerprint of this node's runtime.
@@ -286,6 +348,11 @@ impl StateHandle {
     /// The last applied log id.
     pub fn last_applied(&self) -> Option<LogId> {
         lock_view(&self.view).last_applied
+    }
+
+    /// The membership as of the last applied entry.
+    pub fn membership(&self) -> crate::types::StoredMembership {
+        lock_view(&self.view).membership.clone()
     }
 
     /// Every service's guest snapshot, by name: what replicas compare to prove they agree.

@@ -123,7 +123,8 @@ pub(super) struct Kept {
     index: u64,
     services: BTreeMap<String, Option<HealService>>,
     sessions: Option<Vec<(u64, Session)>>,
-    modules: BTreeMap<String, Arc<Vec<u8>>>,
+    /// The kept services' modules, by hash (their bytes are in the module store).
+    modules: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -164,7 +165,7 @@ impl SmState {
             index: at_index,
             services: BTreeMap::new(),
             sessions: None,
-            modules: BTreeMap::new(),
+            modules: Default::default(),
         };
         for item in items {
             match item {
@@ -179,13 +180,8 @@ impl SmState {
                 }
                 Item::Service(name) => {
                     let svc = self.rep.services.get(name).map(|svc| {
-                        for r in &svc.history {
-                            if let Some(bytes) = ModuleHash::from_hex(&r.module)
-                                .and_then(|h| self.rep.modules.get(&h))
-                            {
-                                kept.modules.insert(r.module.clone(), bytes.clone());
-                            }
-                        }
+                        kept.modules
+                            .extend(svc.history.iter().map(|r| r.module.clone()));
                         HealService {
                             module: svc.module.hash().to_hex(),
                             deployed_at: svc.deployed_at,
@@ -238,11 +234,10 @@ impl SmState {
             .iter()
             .filter_map(|(_, s)| s.as_ref())
             .flat_map(|s| s.history.iter().map(|r| &r.module))
-            .filter(|m| !request.have_modules.contains(m))
+            .filter(|m| !request.have_modules.contains(m) && kept.modules.contains(*m))
             .filter_map(|m| {
-                kept.modules
-                    .get(m)
-                    .map(|b| (m.clone(), serde_bytes::ByteBuf::from(b.as_ref().clone())))
+                let bytes = self.modules.read(&ModuleHash::from_hex(m)?).ok()?;
+                Some((m.clone(), serde_bytes::ByteBuf::from(bytes)))
             })
             .collect();
         HealReply::Ready(HealSource {
@@ -259,9 +254,9 @@ impl SmState {
         plan: &HealPlan,
         source: HealSource,
     ) -> Result<(), String> {
-        let mut new_modules: BTreeMap<String, Arc<Vec<u8>>> = BTreeMap::new();
+        let mut new_modules: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         for (hash, bytes) in source.modules {
-            new_modules.insert(hash, Arc::new(bytes.into_vec()));
+            new_modules.insert(hash, bytes.into_vec());
         }
         // Build everything first, so a failure changes nothing.
         let mut rebuilt: Vec<(String, Option<Service>)> = Vec::new();
@@ -270,17 +265,15 @@ impl SmState {
                 rebuilt.push((name, None));
                 continue;
             };
-            let bytes =
-                match ModuleHash::from_hex(&svc.module).and_then(|h| self.rep.modules.get(&h)) {
-                    Some(b) => b.clone(),
-                    None => new_modules
-                        .get(&svc.module)
-                        .cloned()
-                        .ok_or_else(|| format!("the source did not send module {}", svc.module))?,
-                };
+            let bytes = match new_modules.get(&svc.module) {
+                Some(b) => b.clone(),
+                None => ModuleHash::from_hex(&svc.module)
+                    .and_then(|h| self.modules.read(&h).ok())
+                    .ok_or_else(|| format!("the source did not send module {}", svc.module))?,
+            };
             let module = self
                 .runtime
-                .load(&bytes)
+                .load_committed(&bytes)
                 .map_err(|e| format!("module {} does not load: {e}", svc.module))?;
             if module.hash().to_hex() != svc.module {
                 return Err(format!("module {} arrived with another hash", svc.module));
@@ -305,10 +298,10 @@ impl SmState {
                 }),
             ));
         }
-        for (hash, bytes) in new_modules {
-            if let Some(h) = ModuleHash::from_hex(&hash) {
-                self.rep.modules.entry(h).or_insert(bytes);
-            }
+        for bytes in new_modules.values() {
+            self.modules
+                .insert(bytes)
+                .map_err(|e| format!("cannot keep a module: {e}"))?;
         }
         for (name, svc) in rebuilt {
             match svc {
@@ -407,14 +400,9 @@ impl super::StateMachineStore {
         healer
             .step_down(plan.sources.iter().map(|(n, _)| *n).collect())
             .await;
-        let state = self.handle.state.clone();
+        let store = self.handle.modules.clone();
         let have: Vec<String> = tokio::task::spawn_blocking(move || {
-            lock(&state)
-                .rep
-                .modules
-                .keys()
-                .map(ModuleHash::to_hex)
-                .collect()
+            store.hashes().iter().map(ModuleHash::to_hex).collect()
         })
         .await
         .map_err(|e| format!("heal task failed: {e}"))?;

@@ -8,6 +8,7 @@
 
 use crate::runtime::{Guest, GuestError, GuestModule, ModuleHash, Runtime};
 use crate::storage::events::{Event, Events};
+use crate::storage::modules::ModuleStore;
 use crate::storage::snapshot::{Session, SnapshotFile, VersionRecord};
 use crate::types::{Entry, LogId, Response, StoredMembership, TypeConfig};
 use std::collections::BTreeMap;
@@ -47,13 +48,16 @@ struct Service {
     history: Vec<VersionRecord>,
 }
 
-/// Versions kept per service (their modules stay on every node and in snapshots).
+/// Versions kept per service (their modules stay in every node's module store and in
+/// snapshots).
 const MAX_VERSIONS: usize = 10;
 
 /// The state machine behind the lock: the replicated state, what this replica observed, and
 /// the runtime both use.
 struct SmState {
     runtime: Runtime,
+    /// This node's modules, by hash: every kept version's module is here.
+    modules: ModuleStore,
     /// What the log builds.
     rep: Replicated,
     /// What this replica saw doing it.
@@ -67,8 +71,6 @@ struct Replicated {
     membership: StoredMembership,
     last_timestamp_ms: u64,
     services: BTreeMap<String, Service>,
-    /// Module bytes by hash, kept for snapshots (a new node needs them).
-    modules: BTreeMap<ModuleHash, Arc<Vec<u8>>>,
     sessions: BTreeMap<u64, Session>,
 }
 
@@ -111,15 +113,20 @@ fn guest_response(result: Result<Vec<u8>, GuestError>) -> Response {
 }
 
 impl SmState {
-    fn new(runtime: Runtime, events: Arc<Events>, view: Arc<Mutex<handle::View>>) -> SmState {
+    fn new(
+        runtime: Runtime,
+        modules: ModuleStore,
+        events: Arc<Events>,
+        view: Arc<Mutex<handle::View>>,
+    ) -> SmState {
         SmState {
             runtime,
+            modules,
             rep: Replicated {
                 last_applied: None,
                 membership: StoredMembership::default(),
                 last_timestamp_ms: 0,
                 services: BTreeMap::new(),
-                modules: BTreeMap::new(),
                 sessions: BTreeMap::new(),
             },
             local: Local {
@@ -147,8 +154,27 @@ impl Service {
 }
 
 impl Replicated {
-    /// The module bytes of a kept version, if they are still kept.
-    fn module_of(&self, version: &VersionRecord) -> Option<Arc<Vec<u8>>> {
-        ModuleHash::from_hex(&version.module).and_then(|h| self.modules.get(&h).cloned())
+    /// The modules of every kept version.
+    fn used_modules(&self) -> std::collections::BTreeSet<ModuleHash> {
+        self.services
+            .values()
+            .flat_map(|s| s.history.iter())
+            .filter_map(|r| ModuleHash::from_hex(&r.module))
+            .collect()
+    }
+}
+
+impl SmState {
+    /// The module bytes of a kept version, from the module store. Missing means this node lost
+    /// a file it must have (the apply fetches every kept version's module first): an error,
+    /// never a different outcome from the other replicas.
+    fn module_of(&self, version: &VersionRecord) -> std::io::Result<Vec<u8>> {
+        let hash = ModuleHash::from_hex(&version.module).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("version {} names no module hash", version.version),
+            )
+        })?;
+        self.modules.read(&hash)
     }
 }

@@ -1,12 +1,11 @@
 //! Snapshots and backups of the state machine: capturing the state for a snapshot file,
 //! installing one, restoring a backup, loading services from a snapshot.
 
-use crate::runtime::{ModuleHash, Runtime};
+use crate::runtime::Runtime;
 use crate::storage::snapshot::{self, ServiceRecord, SnapshotHeader};
 use crate::types::{Response, SnapshotMeta};
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
 
 use super::{Service, SmState};
 
@@ -35,12 +34,11 @@ impl SmState {
             });
             states.push(state);
         }
-        let modules: Vec<(String, Arc<Vec<u8>>)> = self
-            .rep
-            .modules
-            .iter()
-            .map(|(h, b)| (h.to_hex(), b.clone()))
-            .collect();
+        // Each module once, whatever number of versions use it.
+        let mut modules = Vec::new();
+        for hash in self.rep.used_modules() {
+            modules.push((hash.to_hex(), self.modules.read(&hash)?));
+        }
         let last = self.rep.last_applied;
         Ok(Captured {
             header: SnapshotHeader {
@@ -82,12 +80,13 @@ impl SmState {
     pub(super) fn install_file(&mut self, file: std::fs::File) -> io::Result<()> {
         let reader = snapshot::Reader::open(file)?;
         let (header, services, modules) = load_services(&self.runtime, reader)?;
+        self.keep_modules(&modules)?;
         self.rep.last_applied = header.meta.last_log_id;
         self.rep.membership = header.meta.last_membership.clone();
         self.rep.last_timestamp_ms = header.last_timestamp_ms;
         self.rep.services = services;
-        self.rep.modules = modules;
         self.rep.sessions = header.sessions.into_iter().collect();
+        self.prune_modules();
         // The state jumped to the snapshot's: what came before it cannot be told.
         self.local
             .events
@@ -98,35 +97,44 @@ impl SmState {
     /// Applies a `Restore` entry: the services, modules and sessions of a backup replace the
     /// current ones; the log position and membership stay this cluster's. Refused (nothing
     /// changes) if services exist already and `force` is off, or the backup does not load.
-    pub(super) fn restore_backup(&mut self, backup: Vec<u8>, force: bool) -> Response {
+    ///
+    /// Fails only when the module store cannot take the backup's modules (a full disk): the
+    /// node must stop rather than answer differently from its peers.
+    pub(super) fn restore_backup(&mut self, backup: Vec<u8>, force: bool) -> io::Result<Response> {
         if !force && !self.rep.services.is_empty() {
-            return Response::DeployFailed(format!(
+            return Ok(Response::DeployFailed(format!(
                 "restore refused: this cluster already runs {} service(s); restore into an empty \
                  cluster, or force it to replace them",
                 self.rep.services.len()
-            ));
+            )));
         }
         let loaded = snapshot::Reader::from_bytes(&backup)
             .and_then(|reader| load_services(&self.runtime, reader));
         match loaded {
             Ok((header, services, modules)) => {
+                self.keep_modules(&modules)?;
                 let names: Vec<String> = services.keys().cloned().collect();
                 self.advance_clock(header.last_timestamp_ms);
                 self.rep.services = services;
-                self.rep.modules = modules;
                 self.rep.sessions = header.sessions.into_iter().collect();
-                Response::Restored(names)
+                self.prune_modules();
+                Ok(Response::Restored(names))
             }
-            Err(e) => Response::DeployFailed(format!("restore failed: {e}")),
+            Err(e) => Ok(Response::DeployFailed(format!("restore failed: {e}"))),
         }
+    }
+
+    /// Puts the modules of a snapshot or backup into the module store.
+    fn keep_modules(&self, modules: &[Vec<u8>]) -> io::Result<()> {
+        for bytes in modules {
+            self.modules.insert(bytes)?;
+        }
+        Ok(())
     }
 }
 
-pub(super) type Loaded = (
-    SnapshotHeader,
-    BTreeMap<String, Service>,
-    BTreeMap<ModuleHash, Arc<Vec<u8>>>,
-);
+/// A snapshot's header, its services in fresh guests, and its modules' bytes.
+pub(super) type Loaded = (SnapshotHeader, BTreeMap<String, Service>, Vec<Vec<u8>>);
 
 /// Loads every module and service of a (verified) snapshot into fresh guests.
 pub(super) fn load_services(
@@ -141,12 +149,12 @@ pub(super) fn load_services(
             "loading a snapshot written by a node with a different engine fingerprint"
         );
     }
-    let mut modules = BTreeMap::new();
+    let mut modules = Vec::new();
     let mut loaded = BTreeMap::new();
     for (hash, len) in &header.modules {
         let bytes = reader.section(*len)?;
         let module = runtime
-            .load(&bytes)
+            .load_committed(&bytes)
             .map_err(|e| io::Error::other(format!("snapshot module {hash} does not load: {e}")))?;
         if &module.hash().to_hex() != hash {
             return Err(io::Error::new(
@@ -155,7 +163,7 @@ pub(super) fn load_services(
             ));
         }
         loaded.insert(hash.clone(), module.clone());
-        modules.insert(module.hash(), Arc::new(bytes));
+        modules.push(bytes);
     }
     let mut services = BTreeMap::new();
     for record in &header.services {
@@ -196,6 +204,6 @@ pub(super) fn load_services(
 
 pub(super) struct Captured {
     pub(super) header: SnapshotHeader,
-    pub(super) modules: Vec<Arc<Vec<u8>>>,
+    pub(super) modules: Vec<Vec<u8>>,
     pub(super) states: Vec<Vec<u8>>,
 }

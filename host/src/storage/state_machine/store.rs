@@ -1,13 +1,15 @@
 //! [`StateMachineStore`]: openraft's state machine over [`SmState`]: applies entries on a
 //! blocking thread, builds and installs snapshot files.
 
-use crate::runtime::Runtime;
+use crate::runtime::{ModuleHash, Runtime};
 use crate::storage::events::{Events, HistoryLimits};
+use crate::storage::modules::ModuleStore;
 use crate::storage::snapshot::{self, SnapshotFile};
-use crate::types::{Entry, LogId, Request, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::types::{Entry, LogId, NodeId, Request, SnapshotMeta, StoredMembership, TypeConfig};
 use futures::StreamExt;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,22 +33,30 @@ impl std::fmt::Debug for StateMachineStore {
 pub(super) const CURRENT: &str = "current.snap";
 
 impl StateMachineStore {
-    /// A state machine whose snapshots live in `dir`, keeping the default history for
-    /// watchers.
+    /// A state machine whose snapshots live in `dir` and modules in `dir/modules`, keeping the
+    /// default history for watchers.
     pub fn new(runtime: Runtime, dir: &Path) -> io::Result<StateMachineStore> {
-        Self::with_history(runtime, dir, HistoryLimits::default())
+        let modules = ModuleStore::open(&dir.join("modules"))?;
+        Self::with_history(runtime, dir, modules, HistoryLimits::default())
     }
 
-    /// A state machine whose snapshots live in `dir`, keeping `history` for watchers.
+    /// A state machine whose snapshots live in `dir`, with `modules` for its module store,
+    /// keeping `history` for watchers.
     pub fn with_history(
         runtime: Runtime,
         dir: &Path,
+        modules: ModuleStore,
         history: HistoryLimits,
     ) -> io::Result<StateMachineStore> {
         std::fs::create_dir_all(dir)?;
         let events = Arc::new(Events::new(history));
         let view = Arc::new(Mutex::new(super::handle::View::default()));
-        let state = SmState::new(runtime.clone(), events.clone(), view.clone());
+        let state = SmState::new(
+            runtime.clone(),
+            modules.clone(),
+            events.clone(),
+            view.clone(),
+        );
         state.publish();
         Ok(StateMachineStore {
             handle: StateHandle {
@@ -55,6 +65,8 @@ impl StateMachineStore {
                 runtime,
                 events,
                 healer: Arc::default(),
+                modules,
+                module_peers: Arc::default(),
             },
             dir: dir.to_path_buf(),
         })
@@ -65,27 +77,85 @@ impl StateMachineStore {
         self.handle.clone()
     }
 
+    /// Makes sure the module store holds every module the batch may run before the state
+    /// machine's lock is taken: those its deploys name, and, when it rolls back, those of every
+    /// kept version. A missing one is fetched from the other members, for as long as it takes
+    /// (applying the entry without it would answer differently from the other replicas).
+    async fn fetch_modules(&self, batch: &[Entry]) {
+        let mut wanted: BTreeSet<ModuleHash> = BTreeSet::new();
+        for entry in batch {
+            match &entry.payload {
+                EntryPayload::Normal(Request::DeployStored { module, .. }) => {
+                    wanted.extend(ModuleHash::from_hex(module));
+                }
+                EntryPayload::Normal(Request::Rollback { .. }) => {
+                    for svc in self.handle.services() {
+                        wanted.extend(
+                            svc.history
+                                .iter()
+                                .filter_map(|r| ModuleHash::from_hex(&r.module)),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        let store = &self.handle.modules;
+        wanted.retain(|h| !store.contains(h));
+        if wanted.is_empty() {
+            return;
+        }
+        let sources: Vec<(NodeId, String)> = self
+            .handle
+            .membership()
+            .membership()
+            .nodes()
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect();
+        for hash in wanted {
+            let peers = loop {
+                match self.handle.module_peers() {
+                    Some(p) => break p,
+                    // The node's network is not up yet (entries re-applied at start).
+                    None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            };
+            tracing::info!(module = %hash, "fetching a module this node lacks before applying");
+            // Without a deadline the fetch only returns once the module is here.
+            let _ = store.fetch(peers.as_ref(), &sources, &hash, None).await;
+        }
+    }
+
     /// Compiles the modules the batch deploys before the state machine's lock is taken: the
     /// apply then finds them compiled (the runtime caches by hash), so a large component's
     /// compile never holds the lock that queries, snapshots and audits wait for. A module
     /// that does not compile fails here and again, identically on every node, in the apply.
     async fn compile_ahead(&self, batch: &[Entry]) {
-        let modules: Vec<Vec<u8>> = batch
-            .iter()
-            .filter_map(|e| match &e.payload {
+        let mut inline: Vec<Vec<u8>> = Vec::new();
+        let mut stored: Vec<ModuleHash> = Vec::new();
+        for entry in batch {
+            match &entry.payload {
                 EntryPayload::Normal(
                     Request::Deploy { module, .. } | Request::ForcedDeploy { module, .. },
-                ) => Some(module.clone()),
-                _ => None,
-            })
-            .collect();
-        if modules.is_empty() {
+                ) => inline.push(module.clone()),
+                EntryPayload::Normal(Request::DeployStored { module, .. }) => {
+                    stored.extend(ModuleHash::from_hex(module));
+                }
+                _ => {}
+            }
+        }
+        if inline.is_empty() && stored.is_empty() {
             return;
         }
-        let runtime = self.handle.runtime.clone();
+        let (runtime, store) = (self.handle.runtime.clone(), self.handle.modules.clone());
         let _ = tokio::task::spawn_blocking(move || {
-            for module in modules {
-                let _ = runtime.load(&module);
+            for module in inline {
+                let _ = runtime.load_committed(&module);
+            }
+            for hash in stored {
+                if let Ok(module) = store.read(&hash) {
+                    let _ = runtime.load_committed(&module);
+                }
             }
         })
         .await;
@@ -129,6 +199,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.push(entry);
             responders.push(responder);
         }
+        self.fetch_modules(&batch).await;
         self.compile_ahead(&batch).await;
         let mut responses = Vec::with_capacity(batch.len());
         let mut pending = batch;
@@ -212,7 +283,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // applies continue while the file is written.
             let started = std::time::Instant::now();
             let captured = lock(&state).capture()?;
-            let modules: Vec<&[u8]> = captured.modules.iter().map(|m| m.as_slice()).collect();
+            let modules: Vec<&[u8]> = captured.modules.iter().map(Vec::as_slice).collect();
             let states: Vec<&[u8]> = captured.states.iter().map(Vec::as_slice).collect();
             snapshot::write(&path, &captured.header, &modules, &states)?;
             let file = SnapshotFile::open(&path)?;

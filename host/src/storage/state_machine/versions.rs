@@ -1,56 +1,73 @@
-//! Service versions: deploys, rollbacks and the modules kept for them.
+//! Service versions: deploys, rollbacks and the modules kept for them in the module store.
 
 use crate::runtime::{ApplyCtx, ModuleHash};
+use crate::storage::modules::UNUSED_GRACE;
 use crate::storage::snapshot::VersionRecord;
 use crate::types::{Response, ServiceLimits};
-use std::sync::Arc;
+use std::io;
 
 use super::{MAX_VERSIONS, Service, SmState};
 
 impl SmState {
-    /// Installs `module` as `service`, carrying the old module's state over through
-    /// snapshot → restore. Any failure leaves the old module serving, on every replica alike.
-    pub(super) fn deploy(
+    /// Installs `module` (bytes from a deploy entry written by an earlier release) as
+    /// `service`: the module joins the store first. Fails only when the store cannot take it
+    /// (a full disk): the node must stop rather than answer differently from its peers.
+    pub(super) fn deploy_inline(
         &mut self,
         service: &str,
         module: Vec<u8>,
         limits: ServiceLimits,
         ctx: ApplyCtx,
         forced: Option<String>,
-    ) -> Response {
-        let hash = ModuleHash::of(&module);
-        let bytes = self
-            .rep
-            .modules
-            .get(&hash)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(module));
-        self.activate(service, bytes, limits, ctx, forced)
+    ) -> io::Result<Response> {
+        self.modules.insert(&module)?;
+        Ok(self.activate(service, &module, limits, ctx, forced))
+    }
+
+    /// Installs the stored module `hash` as `service`. The apply fetched it before taking the
+    /// lock (see `StateMachineStore::fetch_modules`); missing now is an error that stops the
+    /// node, not a refusal other replicas would not make.
+    pub(super) fn deploy_stored(
+        &mut self,
+        service: &str,
+        hash: &str,
+        limits: ServiceLimits,
+        ctx: ApplyCtx,
+        forced: Option<String>,
+    ) -> io::Result<Response> {
+        let Some(h) = ModuleHash::from_hex(hash) else {
+            // Malformed on every replica alike.
+            return Ok(Response::DeployFailed(format!(
+                "{hash:?} is not a module hash"
+            )));
+        };
+        let module = self.modules.read(&h)?;
+        Ok(self.activate(service, &module, limits, ctx, forced))
     }
 
     /// Makes an earlier version serve again (as a new version, so history only grows).
-    pub(super) fn rollback(&mut self, service: &str, to: Option<u32>, ctx: ApplyCtx) -> Response {
+    pub(super) fn rollback(
+        &mut self,
+        service: &str,
+        to: Option<u32>,
+        ctx: ApplyCtx,
+    ) -> io::Result<Response> {
         let Some(svc) = self.rep.services.get(service) else {
-            return Response::NoSuchService(service.to_owned());
+            return Ok(Response::NoSuchService(service.to_owned()));
         };
         let Some(target) = svc.rollback_target(to) else {
             let kept: Vec<String> = svc.history.iter().map(|r| r.version.to_string()).collect();
-            return Response::DeployFailed(match to {
+            return Ok(Response::DeployFailed(match to {
                 Some(v) => format!(
                     "service {service:?} has no version {v} (kept: {})",
                     kept.join(", ")
                 ),
                 None => format!("service {service:?} has no earlier version to roll back to"),
-            });
+            }));
         };
-        let Some(bytes) = self.rep.module_of(target) else {
-            return Response::DeployFailed(format!(
-                "the module of version {} is no longer kept",
-                target.version
-            ));
-        };
-        let (limits, forced) = (target.limits, target.forced.clone());
-        self.activate(service, bytes, limits, ctx, forced)
+        let target = target.clone();
+        let bytes = self.module_of(&target)?;
+        Ok(self.activate(service, &bytes, target.limits, ctx, target.forced))
     }
 
     /// Installs `module` as the next version of `service`, carrying the old module's state over
@@ -60,13 +77,13 @@ impl SmState {
     pub(super) fn activate(
         &mut self,
         service: &str,
-        module: Arc<Vec<u8>>,
+        module: &[u8],
         limits: ServiceLimits,
         ctx: ApplyCtx,
         forced: Option<String>,
     ) -> Response {
         let index = ctx.index;
-        let loaded = match self.runtime.load(&module) {
+        let loaded = match self.runtime.load_committed(module) {
             Ok(m) => m,
             Err(e) => return Response::DeployFailed(e.to_string()),
         };
@@ -76,7 +93,7 @@ impl SmState {
         if let Some(old) = self.rep.services.get_mut(service) {
             // A replicated call on the old instance (every replica makes it here).
             match old.guest.snapshot() {
-                Ok(s) => state = Some(Arc::from(s)),
+                Ok(s) => state = Some(std::sync::Arc::from(s)),
                 Err(e) => {
                     return Response::DeployFailed(format!(
                         "the running version could not snapshot its state: {e}"
@@ -107,7 +124,6 @@ impl SmState {
         if history.len() > MAX_VERSIONS {
             history.drain(..history.len() - MAX_VERSIONS);
         }
-        self.rep.modules.insert(hash, module);
         self.rep.services.insert(
             service.to_owned(),
             Service {
@@ -124,14 +140,11 @@ impl SmState {
         }
     }
 
-    /// Drops module bytes no kept version uses.
+    /// Removes from the store the modules no kept version uses (after [`UNUSED_GRACE`]: a
+    /// module fetched for a deploy not applied yet is in no version). Local: the store is not
+    /// replicated state, and a node missing a module fetches it again.
     pub(super) fn prune_modules(&mut self) {
-        let used: std::collections::BTreeSet<String> = self
-            .rep
-            .services
-            .values()
-            .flat_map(|s| s.history.iter().map(|r| r.module.clone()))
-            .collect();
-        self.rep.modules.retain(|h, _| used.contains(&h.to_hex()));
+        let used = self.rep.used_modules();
+        self.modules.retain(&used, UNUSED_GRACE);
     }
 }

@@ -1,0 +1,123 @@
+//! Modules between nodes, client side: fetching a module from a peer's module store
+//! ([`PeerModules`], what the state machine uses for a module it lacks), and asking a member to
+//! hold a module before a deploy names it ([`hold_module`]). The server side is
+//! `RaftService::fetch_module` and `RaftService::hold_module`; the store is
+//! [`crate::storage::modules`].
+//!
+//! A deploy used to carry the module inside its log entry: up to 64 MiB through every append
+//! stream, WAL, snapshot and backup, once per version. Now the entry names the module by hash,
+//! and the bytes move once per node, on a stream of their own that the receiver paces.
+
+use super::network::NetworkFactory;
+use crate::pb::{self, raft::raft_client::RaftClient};
+use crate::storage::ModulePeers;
+use crate::storage::modules::ModuleBytes;
+use crate::types::NodeId;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use std::time::Duration;
+
+/// How a node fetches modules from its peers (the `FetchModule` RPC).
+#[derive(Clone, Debug)]
+pub struct PeerModules {
+    me: NodeId,
+    net: NetworkFactory,
+}
+
+impl PeerModules {
+    /// Fetches for node `me` through `net`.
+    pub fn new(me: NodeId, net: NetworkFactory) -> PeerModules {
+        PeerModules { me, net }
+    }
+}
+
+/// Longest wait for the first chunk of a module, or the next one.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ModulePeers for PeerModules {
+    fn me(&self) -> NodeId {
+        self.me
+    }
+
+    fn open(
+        &self,
+        node: NodeId,
+        addr: String,
+        sha256: String,
+        offset: u64,
+    ) -> BoxFuture<'static, Result<ModuleBytes, String>> {
+        let net = self.net.clone();
+        async move {
+            let mut client = RaftClient::new(net.channel(&addr)?);
+            let mut req = tonic::Request::new(pb::raft::FetchModuleRequest { sha256, offset });
+            net.identity().stamp(req.metadata_mut(), node);
+            let stream = tokio::time::timeout(CHUNK_TIMEOUT, client.fetch_module(req))
+                .await
+                .map_err(|_| "no answer".to_owned())?
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+                .into_inner();
+            let chunks = futures::stream::unfold(stream, |mut stream| async move {
+                let next = match tokio::time::timeout(CHUNK_TIMEOUT, stream.next()).await {
+                    Err(_) => Some(Err("the transfer stalled".to_owned())),
+                    Ok(None) => None,
+                    Ok(Some(Err(s))) => Some(Err(format!("{}: {}", s.code(), s.message()))),
+                    Ok(Some(Ok(chunk))) => match chunk.kind {
+                        Some(pb::raft::module_chunk::Kind::Data(bytes)) => Some(Ok(bytes)),
+                        _ => Some(Err("a module stream carries data chunks only".to_owned())),
+                    },
+                };
+                next.map(|item| (item, stream))
+            });
+            Ok(chunks.boxed())
+        }
+        .boxed()
+    }
+}
+
+/// Why a member does not hold a module.
+#[derive(Debug)]
+pub enum HoldError {
+    /// The member runs a release without module stores: deploys to it must carry the bytes.
+    Unsupported,
+    /// It could not fetch or compile it (the reason, naming the node).
+    Failed(String),
+}
+
+/// Asks node `node` at `addr` to hold module `sha256` (`size` bytes), fetching it from
+/// `sources` unless it has it, and to compile it; waits at most `timeout`. Returns how long
+/// that took there, in milliseconds.
+pub async fn hold_module(
+    net: &NetworkFactory,
+    node: NodeId,
+    addr: &str,
+    sha256: &str,
+    size: u64,
+    sources: &[(NodeId, String)],
+    timeout: Duration,
+) -> Result<u64, HoldError> {
+    let failed = |e: String| HoldError::Failed(format!("node {node} at {addr}: {e}"));
+    let mut client = RaftClient::new(net.channel(addr).map_err(failed)?);
+    let mut req = tonic::Request::new(pb::raft::HoldModuleRequest {
+        sha256: sha256.to_owned(),
+        size,
+        sources: sources
+            .iter()
+            .map(|(node, addr)| pb::raft::ModuleSource {
+                node: *node,
+                addr: addr.clone(),
+            })
+            .collect(),
+        timeout_ms: timeout.as_millis() as u64,
+    });
+    net.identity().stamp(req.metadata_mut(), node);
+    // A little longer than the member's own deadline, so that its answer says why.
+    req.set_timeout(timeout + Duration::from_secs(5));
+    let reply = match client.hold_module(req).await {
+        Ok(reply) => reply,
+        Err(s) if s.code() == tonic::Code::Unimplemented => return Err(HoldError::Unsupported),
+        Err(s) => return Err(failed(format!("{}: {}", s.code(), s.message()))),
+    };
+    let held: Result<u64, String> =
+        pb::decode(reply.get_ref()).map_err(|s| failed(s.message().to_owned()))?;
+    held.map_err(|e| failed(format!("cannot run the module: {e}")))
+}

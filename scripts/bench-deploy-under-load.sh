@@ -6,12 +6,13 @@
 # baseline and of the deploy window, and their ratio.
 #   scripts/bench-deploy-under-load.sh [RUNS]     (release binary and guests built first)
 #   CLIENTS=0 scripts/bench-deploy-under-load.sh 20   (an idle cluster: elections, deploy
-#   times of a first version and of a second one with the same module, how much the logs grow)
+#   times of a first version and of a second one with the same module, how much the logs grow;
+#   GUEST_V2=FILE also times the deploy of a new version of the guest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 CLIENTS=${CLIENTS:-64}
-BIN=target/release/waft
+BIN=${BIN:-target/release/waft}
 GUEST=target/guests/kv-python.wasm
 KV=target/guests/wasm32-wasip2/release/kv.wasm
 [ -x "$BIN" ] || cargo build --release -p waft
@@ -45,10 +46,17 @@ for run in $(seq "$RUNS"); do
     $BIN --endpoint $E deploy $GUEST --service py --fuel 900000000 >/dev/null
     took2=$(echo "$(date +%s.%N) - $start" | bc)
     log2=$(logs "$D")
+    took3=0
+    if [ -n "${GUEST_V2:-}" ]; then
+      # A new version of the guest (a function added): what the function cache is for.
+      start=$(date +%s.%N)
+      $BIN --endpoint $E deploy "$GUEST_V2" --service py >/dev/null
+      took3=$(echo "$(date +%s.%N) - $start" | bc)
+    fi
     sleep 10
     term1=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')
     size=$(stat -c %s "$GUEST")
-    echo "run $run (idle): deploy ${took%.*} s, v2 ${took2%.*} s; elections $((term1 - term0)); heartbeat timeouts $(grep -c 'failed to send a heartbeat' "$D/n1.log" || true); module $size bytes; logs of the 3 nodes grew $((log1 - log0)) bytes (deploy), $((log2 - log1)) (v2): $(echo "scale=4; ($log2 - $log0) / (2 * 3 * $size)" | bc) of the module per deploy per node; module stores $(du -scb "$D"/n*/modules | tail -1 | cut -f1) bytes"
+    echo "run $run (idle): deploy $(printf %.1f "$took") s, v2 $(printf %.1f "$took2") s, new version $(printf %.1f "$took3") s; elections $((term1 - term0)); heartbeat timeouts $(grep -c 'failed to send a heartbeat' "$D/n1.log" || true); module $size bytes; logs of the 3 nodes grew $((log1 - log0)) bytes (deploy), $((log2 - log1)) (v2): $(echo "scale=8; ($log2 - $log0) / (2 * 3 * $size)" | bc) of the module per deploy per node; module stores $(du -scb "$D"/n*/modules 2>/dev/null | tail -1 | cut -f1) bytes"
     kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true
     rm -rf "$D"; trap - EXIT
     continue

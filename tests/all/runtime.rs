@@ -556,6 +556,7 @@ fn compiled_modules_are_cached_on_disk_and_survive_a_restart() {
     let files: Vec<_> = std::fs::read_dir(dir.path())
         .expect("read")
         .filter_map(Result::ok)
+        .filter(|f| f.path().extension().is_some_and(|e| e == "cwasm"))
         .collect();
     assert_eq!(files.len(), 1, "one artifact written");
     tracing::info!("a new runtime (a restarted node) loads the artifact instead of compiling");
@@ -577,6 +578,89 @@ fn compiled_modules_are_cached_on_disk_and_survive_a_restart() {
             .info()
             .from_disk_cache
     );
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    match std::fs::read_dir(dir) {
+        Err(_) => 0,
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    count_files(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum(),
+    }
+}
+
+/// A new version of a module compiles only the functions the cache has not seen (the second
+/// kv guest shares most of its code with the first); what it compiles to behaves exactly as a
+/// compile from scratch; a damaged cache entry is a miss, never wrong code.
+#[test]
+fn a_new_version_compiles_only_new_functions_and_runs_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..RuntimeConfig::default()
+    };
+    let functions = dir.path().join("functions");
+    runtime_with(config.clone())
+        .load(&waft_testkit::wasm(EXAMPLE_KV))
+        .expect("v1 loads");
+    let first = count_files(&functions);
+    assert!(
+        first > 100,
+        "the first compile fills the cache ({first} functions)"
+    );
+    let v2 = waft_testkit::wasm(TEST_KV2);
+    runtime_with(config.clone()).load(&v2).expect("v2 loads");
+    let added = count_files(&functions) - first;
+    assert!(
+        added * 2 < first,
+        "v2 compiled {added} functions of its own, the cache had {first}"
+    );
+    // Damage every entry: the next compile misses, rewrites them, and still runs right.
+    let mut damaged = 0;
+    for shard in std::fs::read_dir(&functions).expect("shards").flatten() {
+        for entry in std::fs::read_dir(shard.path()).expect("entries").flatten() {
+            std::fs::write(entry.path(), b"garbage that is not a compiled function")
+                .expect("damage");
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    let fresh_dir = tempfile::tempdir().expect("tempdir");
+    let runs = [
+        runtime_with(config.clone()),
+        runtime_with(RuntimeConfig {
+            cache_dir: Some(fresh_dir.path().to_path_buf()),
+            ..RuntimeConfig::default()
+        }),
+        runtime(),
+    ];
+    let mut results = Vec::new();
+    for rt in &runs {
+        // No artifact to load: each case compiles.
+        for f in std::fs::read_dir(dir.path()).expect("dir").flatten() {
+            if f.path().extension().is_some_and(|e| e == "cwasm") {
+                std::fs::remove_file(f.path()).expect("remove artifact");
+            }
+        }
+        let module = rt.load(&v2).expect("loads");
+        assert!(!module.info().from_disk_cache);
+        let mut g = rt.instantiate(&module, "v2").expect("instantiates");
+        let replies: Vec<_> = ["put a 1", "put b 2", "del a", "get b"]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| text(g.apply(ctx(i as u64 + 1), c.as_bytes())))
+            .collect();
+        results.push((replies, g.snapshot().expect("snapshot")));
+    }
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[1], results[2]);
 }
 
 #[test]

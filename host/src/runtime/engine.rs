@@ -16,8 +16,16 @@ pub const WASMTIME_VERSION: &str = "48.0.8";
 /// bounded by fuel (which counts instructions, unlike epochs, which count time).
 /// `concurrency_support` is off: the component-model async machinery about doubles the cost of
 /// a call and guests have no use for it.
-pub fn build() -> wasmtime::Result<Engine> {
+///
+/// With a `cache_dir`, Cranelift keeps each compiled function in a function cache there
+/// (`functions/`), so a new version of a module compiles only what changed.
+pub fn build(cache_dir: Option<&std::path::Path>) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
+    if let Some(dir) = cache_dir {
+        config.enable_incremental_compilation(std::sync::Arc::new(
+            super::functions::FunctionCache::new(&dir.join("functions")),
+        ))?;
+    }
     config
         .wasm_component_model(true)
         .consume_fuel(true)

@@ -8,6 +8,7 @@
 mod config;
 mod engine;
 mod error;
+mod functions;
 mod guest;
 mod module;
 mod wasi;
@@ -65,7 +66,7 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Builds the engine and the linker.
     pub fn new(config: RuntimeConfig) -> Result<Runtime, LoadError> {
-        let engine = engine::build()
+        let engine = engine::build(config.cache_dir.as_deref())
             .map_err(|e| LoadError::Invalid(format!("cannot build the engine: {e}")))?;
         let mut linker = Linker::new(&engine);
         let link =

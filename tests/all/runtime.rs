@@ -723,3 +723,30 @@ fn a_guest_whose_snapshot_traps_can_still_be_moved_as_its_history() {
         "the copy can be moved on the same way"
     );
 }
+
+/// A guest whose state is larger than wasmtime's default allowance for what a guest hands the
+/// host in one call (128 MiB) still snapshots (rebase, hot-swap, backup all need it), within
+/// its memory limit.
+#[test]
+fn a_state_over_128_mib_snapshots() {
+    let rt = runtime_with(RuntimeConfig {
+        limits: Limits {
+            max_memory_bytes: 1 << 30,
+            fuel_per_snapshot: u64::MAX / 4,
+            ..Limits::default()
+        },
+        ..RuntimeConfig::default()
+    });
+    let mut g = guest(&rt, EXAMPLE_KV);
+    let value = "x".repeat(1 << 20);
+    for i in 0..136u64 {
+        let put = format!("put k{i} {value}");
+        assert_eq!(
+            text(g.apply(ctx(i + 1), put.as_bytes())),
+            ok("OK"),
+            "put {i}"
+        );
+    }
+    let snapshot = g.snapshot().expect("a 136 MiB state snapshots");
+    assert!(snapshot.len() > 136 << 20, "{} bytes", snapshot.len());
+}

@@ -48,7 +48,8 @@ impl ModulePeers for PeerModules {
     ) -> BoxFuture<'static, Result<ModuleBytes, String>> {
         let net = self.net.clone();
         async move {
-            let mut client = RaftClient::new(net.channel(&addr)?);
+            // Its own connection: a module's megabytes never queue in front of Raft's messages.
+            let mut client = RaftClient::new(net.bulk_channel(&addr)?);
             let mut req = tonic::Request::new(pb::raft::FetchModuleRequest { sha256, offset });
             net.identity().stamp(req.metadata_mut(), node);
             let stream = tokio::time::timeout(CHUNK_TIMEOUT, client.fetch_module(req))

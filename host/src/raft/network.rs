@@ -73,6 +73,9 @@ impl Default for NetConfig {
 struct Pool {
     channels: Vec<Channel>,
     next: std::sync::atomic::AtomicUsize,
+    /// A connection of its own for bulk transfers (modules), so that Raft's messages never
+    /// wait behind their bytes in one connection's window.
+    bulk: Channel,
 }
 
 impl Pool {
@@ -115,6 +118,11 @@ impl NetworkFactory {
     /// (lazily connecting) on first use. A [`NetConfig::dial`] entry for `addr` redirects it.
     pub fn channel(&self, addr: &str) -> Result<Channel, String> {
         Ok(self.pool(addr)?.take())
+    }
+
+    /// The connection for bulk transfers to the node advertised at `addr` (see [`Pool`]).
+    pub fn bulk_channel(&self, addr: &str) -> Result<Channel, String> {
+        Ok(self.pool(addr)?.bulk.clone())
     }
 
     /// Calls a unary node-to-node RPC (audits, heals) on node `target` at `addr`: `request`
@@ -174,6 +182,7 @@ impl NetworkFactory {
         let pool = Arc::new(Pool {
             channels: (0..n).map(|_| endpoint.connect_lazy()).collect(),
             next: Default::default(),
+            bulk: endpoint.connect_lazy(),
         });
         pools.insert(addr.to_owned(), pool.clone());
         Ok(pool)

@@ -156,6 +156,11 @@ fn instantiate(
         limits,
     );
     store.limiter(|s| &mut s.limiter);
+    // What a guest may hand the host in one call (a snapshot): wasmtime's default, 128 MiB,
+    // made a guest whose state outgrew it unable to snapshot, so never to rebase, hot-swap or
+    // back up. A guest cannot return more than its memory holds; the memory limit is
+    // replicated with the service, so every replica allows the same.
+    store.set_hostcall_fuel(limits.max_memory_bytes.max(128 << 20));
     // Start-up code (component initializers, cabi_realloc set-up) runs on this fuel too.
     store
         .set_fuel(limits.fuel_per_snapshot)
@@ -630,10 +635,19 @@ impl Guest {
             command: command.to_vec(),
         });
         let base = self.base.as_ref().map_or(0, |c| c.len());
-        if self
+        let len = self.journal.len();
+        if !self.policy.due(len, self.journal_bytes, base) {
+            return;
+        }
+        // The first entry the policy calls for a rebase tries it; when that failed (a guest
+        // whose snapshot traps), it is tried again only at powers of two, not after every
+        // entry: each try costs a whole snapshot. The rule reads only the journal, which
+        // every replica (and every snapshot) has alike, so every replica tries at the same
+        // entries.
+        let was_due = self
             .policy
-            .due(self.journal.len(), self.journal_bytes, base)
-        {
+            .due(len - 1, self.journal_bytes - command.len(), base);
+        if !was_due || len.is_power_of_two() {
             self.rebase();
         }
     }
@@ -648,7 +662,7 @@ impl Guest {
             Ok(bytes) => bytes,
             Err(e) => {
                 tracing::warn!(service = %self.label, error = %e,
-                    "could not snapshot the guest to rebase it; will retry after the next entry");
+                    "could not snapshot the guest to rebase it; will try again when its journal has doubled");
                 return;
             }
         };

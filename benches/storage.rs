@@ -84,6 +84,7 @@ fn settings() -> RaftSettings {
         election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
         snapshot_every: u64::MAX / 2,
         keep_after_snapshot: 1_000,
+        keep_for_lagging: 200_000,
         audit_interval: None,
         remove_unreachable: None,
     }

@@ -21,10 +21,10 @@ for run in $(seq "$RUNS"); do
   P=$((21000 + RANDOM % 20000))
   pids=()
   for i in 1 2 3 4; do
-    $BIN --log warn node --id $i --listen 127.0.0.1:$((P+i)) --data-dir "$D/n$i" \
+    $BIN --log "${NODE_LOG:-warn}" node --id $i --listen 127.0.0.1:$((P+i)) --data-dir "$D/n$i" \
       --snapshot-every 20000 --keep-after-snapshot 1000 2> "$D/n$i.log" & pids+=($!)
   done
-  trap 'kill ${pids[*]} 2>/dev/null; rm -rf "$D"' EXIT
+  trap 'kill ${pids[*]} 2>/dev/null' EXIT
   sleep 1
   E=127.0.0.1:$((P+1))
   $BIN --endpoint $E cluster init >/dev/null
@@ -61,5 +61,5 @@ for i in range($STATE_MIB * 1024):
   errs=$(json 'd["results"][0]["errors"]' < "$D/load.json")
   echo "run $run: snapshot $((snap / 1048576)) MiB; learner caught up in $(printf %.1f "$took") s; elections $((term1 - term0)); failed writes $errs; puts/s baseline $bops, during $lops; p99 baseline $b99 ms, during $l99 ms (max $lmax), ratio $(echo "scale=2; $l99 / $b99" | bc)"
   kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true
-  rm -rf "$D"; trap - EXIT
+  if [ -n "${KEEP:-}" ]; then echo "kept $D"; else rm -rf "$D"; fi; trap - EXIT
 done

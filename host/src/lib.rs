@@ -12,7 +12,8 @@
 //! 4. [`types`]: the Raft vocabulary (type config, requests, responses, the leader clock).
 //! 5. [`storage`]: the Raft log (WAL or redb), the state machine, snapshots.
 //! 6. [`raft`]: the Raft transport between nodes (gRPC client and server).
-//! 7. [`audit`], [`autoremove`]: leader-side policies (divergence audits, removing dead voters).
+//! 7. [`audit`], [`autoremove`], [`purge`]: policies over Raft (divergence audits, removing dead
+//!    voters, purging the log).
 //! 8. [`api`]: the client API (`waft.v1`).
 //! 9. [`etcd`], [`metrics`]: the etcd endpoint and the Prometheus endpoint, on the API.
 //! 10. [`node`]: one node, assembled.
@@ -30,6 +31,7 @@ pub mod etcd;
 pub mod metrics;
 pub mod node;
 pub mod pb;
+pub mod purge;
 pub mod raft;
 pub mod runtime;
 pub mod storage;

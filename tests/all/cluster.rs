@@ -80,11 +80,77 @@ async fn three_nodes_apply_1000_writes_and_agree_byte_for_byte() {
     cluster.shutdown().await;
 }
 
+/// The leader keeps the entries a lagging member needs (up to `keep_for_lagging` before the
+/// snapshot), so that one that is sent a snapshot finds the entries after it: openraft's own
+/// policy purged them while a big snapshot was on its way (see `waft::purge`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_keeps_the_entries_a_lagging_member_needs() {
+    let settings = RaftSettings {
+        snapshot_every: 300,
+        keep_after_snapshot: 0,
+        keep_for_lagging: 1_500,
+        ..test_settings()
+    };
+    let mut cluster = TestCluster::start(3, settings).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let leader = cluster.wait_leader().await;
+    let lagger = (leader + 1) % 3;
+    cluster.stop(lagger).await;
+    let held_back = cluster
+        .node(leader)
+        .metrics()
+        .replication
+        .and_then(|r| r.get(&(lagger as u64)).cloned().flatten())
+        .map_or(0, |l| l.index);
+    let mut last = 0;
+    for i in 0..1200 {
+        last = cluster.write(kv(format!("put k{} v{i}", i % 100))).await.0;
+    }
+    // Give the purge task (every 0.5 s) its chance.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = cluster.node(cluster.wait_leader().await).metrics();
+    let (snapshot, purged) = (
+        m.snapshot.map_or(0, |s| s.index),
+        m.purged.map_or(0, |p| p.index),
+    );
+    assert!(
+        snapshot > held_back + 600,
+        "snapshots were built ({snapshot})"
+    );
+    assert!(
+        purged <= held_back,
+        "purged up to {purged}, past what the stopped member acknowledged ({held_back})"
+    );
+    // Past the bound, the stopped member holds back no more.
+    for i in 0..2000 {
+        last = cluster.write(kv(format!("put k{} v{i}", i % 100))).await.0;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = cluster.node(cluster.wait_leader().await).metrics();
+    let (snapshot, purged) = (
+        m.snapshot.map_or(0, |s| s.index),
+        m.purged.map_or(0, |p| p.index),
+    );
+    assert!(purged > held_back, "purged up to {purged}");
+    assert!(
+        purged + 1_500 >= snapshot,
+        "{purged} vs snapshot {snapshot}"
+    );
+    // It comes back from a snapshot and the log after it.
+    cluster.restart(lagger).await;
+    cluster.wait_applied(last).await;
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_missed_purged_entries_catches_up_by_snapshot() {
     let settings = RaftSettings {
         snapshot_every: 500,
         keep_after_snapshot: 0,
+        // A member that is down holds back no entries.
+        keep_for_lagging: 0,
         ..test_settings()
     };
     let mut cluster = TestCluster::start(3, settings).await;

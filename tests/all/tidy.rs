@@ -144,7 +144,7 @@ const LAYERS: &[&[&str]] = &[
     &["storage"],
     &["Raft"],
     &["raft"],
-    &["audit", "autoremove"],
+    &["audit", "autoremove", "purge"],
     &["api"],
     &["etcd", "metrics"],
     &["node"],

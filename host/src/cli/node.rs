@@ -40,6 +40,10 @@ pub struct NodeArgs {
     /// Entries kept in the log after a snapshot, for followers that lag by less.
     #[arg(long, default_value_t = 1_000, value_name = "ENTRIES")]
     pub keep_after_snapshot: u64,
+    /// While leading, also keep the entries members that lag behind need (one being sent a
+    /// snapshot needs those after it), up to this many before the latest snapshot.
+    #[arg(long, default_value_t = 200_000, value_name = "ENTRIES")]
+    pub keep_for_lagging: u64,
     /// While leading, check this often that every replica holds the same state (0: never on
     /// its own; `waft cluster audit` runs one on demand).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
@@ -163,6 +167,7 @@ fn node_config(
     config.advertise = args.advertise.clone();
     config.raft.snapshot_every = args.snapshot_every.max(1);
     config.raft.keep_after_snapshot = args.keep_after_snapshot;
+    config.raft.keep_for_lagging = args.keep_for_lagging;
     config.raft.audit_interval = (args.audit_interval > 0.0)
         .then(|| Duration::try_from_secs_f64(args.audit_interval).ok())
         .flatten();

@@ -21,6 +21,9 @@ pub struct RaftSettings {
     /// Entries kept in the log after a snapshot (lagging followers within this distance catch
     /// up from the log instead of a snapshot).
     pub keep_after_snapshot: u64,
+    /// Most entries before the latest snapshot the leader keeps for members that lag behind it
+    /// (one being sent a snapshot needs the entries after that snapshot; see [`crate::purge`]).
+    pub keep_for_lagging: u64,
     /// How often the leader audits replica state (see [`crate::audit`]); `None` never does
     /// on its own (`waft cluster audit` still can).
     pub audit_interval: Option<Duration>,
@@ -36,6 +39,7 @@ impl Default for RaftSettings {
             election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
             snapshot_every: 10_000,
             keep_after_snapshot: 1_000,
+            keep_for_lagging: 200_000,
             audit_interval: Some(Duration::from_secs(30)),
             remove_unreachable: None,
         }

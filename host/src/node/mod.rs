@@ -59,6 +59,8 @@ pub struct Node {
     /// The network audits collect members' digests through.
     audit_net: NetworkFactory,
     remover: Option<JoinHandle<()>>,
+    /// Purges the log (`crate::purge`).
+    purger: JoinHandle<()>,
     metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
     etcd: Option<(std::net::SocketAddr, JoinHandle<()>)>,
 }
@@ -135,6 +137,13 @@ impl Node {
             .raft
             .remove_unreachable
             .map(|policy| crate::autoremove::spawn(raft.clone(), policy));
+        let purger = crate::purge::spawn(
+            raft.clone(),
+            crate::purge::PurgePolicy {
+                keep: config.raft.keep_after_snapshot,
+                max_lag: config.raft.keep_for_lagging,
+            },
+        );
         tracing::info!(node = config.id, %addr, data_dir = %config.data_dir.display(), "node started");
         Ok(Node {
             id: config.id,
@@ -147,6 +156,7 @@ impl Node {
             auditor,
             audit_net: network,
             remover,
+            purger,
             metrics,
             etcd: servers.etcd,
         })
@@ -291,6 +301,7 @@ impl Node {
         if let Some(auditor) = self.auditor.take() {
             auditor.abort();
         }
+        self.purger.abort();
         if let Some(remover) = self.remover.take() {
             remover.abort();
         }

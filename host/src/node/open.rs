@@ -25,7 +25,9 @@ fn raft_config(config: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> 
         election_timeout_min: config.raft.election_timeout.0.as_millis() as u64,
         election_timeout_max: config.raft.election_timeout.1.as_millis() as u64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every),
-        max_in_snapshot_log_to_keep: config.raft.keep_after_snapshot,
+        // waft purges the log itself (`crate::purge`): openraft's policy drops the entries a
+        // member being sent a snapshot needs after it.
+        max_in_snapshot_log_to_keep: u64::MAX,
         install_snapshot_timeout: config.net.snapshot_deadline.as_millis() as u64,
         // A leader that restarts must win a new election, in a new term. With openraft's
         // default (restore leadership at once, same term), a leader killed before its own

@@ -16,6 +16,7 @@ pub fn test_settings() -> RaftSettings {
         election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
         snapshot_every: 10_000,
         keep_after_snapshot: 1_000,
+        keep_for_lagging: 200_000,
         audit_interval: None,
         remove_unreachable: None,
     }

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 CLIENTS=${CLIENTS:-64}
 BIN=${BIN:-target/release/waft}
-GUEST=target/guests/kv-python.wasm
+GUEST=${GUEST:-target/guests/kv-python.wasm}
 KV=target/guests/wasm32-wasip2/release/kv.wasm
 [ -x "$BIN" ] || cargo build --release -p waft
 [ -f "$GUEST" ] || { echo "build the guests first: cargo test -p waft-testkit --no-run" >&2; exit 1; }

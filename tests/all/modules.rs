@@ -199,10 +199,12 @@ async fn a_deploy_no_majority_can_hold_is_refused() {
     cluster.shutdown().await;
 }
 
-/// Records each transfer a node opens and breaks the first one after one chunk.
+/// Records each transfer a node opens and spoils the first one: `corrupt` flips a byte of its
+/// first chunk, otherwise it breaks after one chunk.
 struct Breaking {
     inner: waft::raft::PeerModules,
     offsets: Arc<Mutex<Vec<u64>>>,
+    corrupt: bool,
 }
 
 impl ModulePeers for Breaking {
@@ -223,8 +225,20 @@ impl ModulePeers for Breaking {
             offsets.len() == 1
         };
         let open = self.inner.open(node, addr, sha256, offset);
+        let corrupt = self.corrupt;
         Box::pin(async move {
             let stream = open.await?;
+            if first && corrupt {
+                let flipped = stream.enumerate().map(|(i, chunk)| {
+                    chunk.map(|mut bytes| {
+                        if i == 0 {
+                            bytes[10] ^= 0xff;
+                        }
+                        bytes
+                    })
+                });
+                return Ok(flipped.boxed());
+            }
             if first {
                 let cut = stream.take(1).chain(futures::stream::once(async {
                     Err("connection reset (injected)".to_owned())
@@ -236,8 +250,8 @@ impl ModulePeers for Breaking {
     }
 }
 
-/// A transfer cut short resumes from the bytes received, not from the start, and what it keeps
-/// is checked against the hash.
+/// A transfer cut short resumes from the bytes received, not from the start; a corrupt one is
+/// thrown away and fetched again; a module nobody holds is an error at the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broken_module_transfer_resumes_where_it_stopped() {
     let cluster = TestCluster::start(2, test_settings()).await;
@@ -256,6 +270,7 @@ async fn a_broken_module_transfer_resumes_where_it_stopped() {
     let peers = Breaking {
         inner: waft::raft::PeerModules::new(1, cluster.node(1).network().clone()),
         offsets: offsets.clone(),
+        corrupt: false,
     };
     let store = cluster.node(1).state().modules().clone();
     let sources = vec![(0, cluster.addrs[0].clone())];
@@ -270,6 +285,42 @@ async fn a_broken_module_transfer_resumes_where_it_stopped() {
         "the second attempt starts after the chunk the first one received"
     );
     assert_eq!(store.read(&hash).expect("kept"), bytes);
+
+    // A corrupt chunk: the whole transfer fails its hash check, is thrown away, and the next
+    // attempt starts over; nothing damaged is ever kept.
+    let other: Vec<u8> = bytes.iter().map(|b| b.wrapping_add(1)).collect();
+    let other_hash = cluster
+        .node(0)
+        .state()
+        .modules()
+        .insert(&other)
+        .expect("store");
+    let offsets = Arc::new(Mutex::new(Vec::new()));
+    let peers = Breaking {
+        inner: waft::raft::PeerModules::new(1, cluster.node(1).network().clone()),
+        offsets: offsets.clone(),
+        corrupt: true,
+    };
+    store
+        .fetch(&peers, &sources, &other_hash, Some(deadline))
+        .await
+        .expect("fetched on the second attempt");
+    assert_eq!(*offsets.lock().expect("lock"), vec![0, 0]);
+    assert_eq!(store.read(&other_hash).expect("kept"), other);
+
+    // A source that does not hold it: the fetch gives up at its deadline, naming the cause.
+    let missing = ModuleHash::of(b"no node has this");
+    let e = store
+        .fetch(
+            &peers,
+            &sources,
+            &missing,
+            Some(tokio::time::Instant::now() + Duration::from_secs(1)),
+        )
+        .await
+        .expect_err("nobody holds it");
+    assert!(e.contains("does not hold module"), "{e}");
+    assert!(!store.contains(&missing));
     cluster.shutdown().await;
 }
 

@@ -156,6 +156,9 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
             "60",
             "--keep-after-snapshot",
             "10",
+            // A stopped follower must need a snapshot to come back (a lifecycle event here).
+            "--keep-for-lagging",
+            "0",
             "--audit-interval",
             "0",
         ],

@@ -663,7 +663,14 @@ async fn chaos_snapshot_catch_up() {
     campaign(
         "snapshot-catch-up",
         Nemesis::SnapshotCatchUp,
-        &["--snapshot-every", "300", "--keep-after-snapshot", "20"],
+        &[
+            "--snapshot-every",
+            "300",
+            "--keep-after-snapshot",
+            "20",
+            "--keep-for-lagging",
+            "0",
+        ],
     )
     .await;
 }

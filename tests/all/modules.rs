@@ -507,3 +507,49 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A peer that accepts the connection and never answers holds a fetch up for one chunk
+/// timeout; the node then fetches from the next member that holds the module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_never_answers_a_fetch_is_passed_over() {
+    let cluster = TestCluster::start_with(2, test_settings(), |c| {
+        c.net.module_chunk_timeout = Duration::from_secs(1);
+    })
+    .await;
+    cluster.form().await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr").to_string();
+    let bytes = waft_testkit::wasm(TEST_KV2);
+    let hash = cluster
+        .node(0)
+        .state()
+        .modules()
+        .insert(&bytes)
+        .expect("store");
+    let peers = waft::raft::PeerModules::new(1, cluster.node(1).network().clone());
+    let store = cluster.node(1).state().modules().clone();
+    let only_silent = vec![(7, silent_addr.clone())];
+    let e = store
+        .fetch(
+            &peers,
+            &only_silent,
+            &hash,
+            Some(tokio::time::Instant::now() + Duration::from_secs(3)),
+        )
+        .await
+        .expect_err("the silent peer gives nothing");
+    assert!(e.contains(&silent_addr), "{e}");
+    let both = vec![(7, silent_addr), (0, cluster.addrs[0].clone())];
+    store
+        .fetch(
+            &peers,
+            &both,
+            &hash,
+            Some(tokio::time::Instant::now() + Duration::from_secs(60)),
+        )
+        .await
+        .expect("fetched from the member that answers");
+    assert_eq!(store.read(&hash).expect("kept"), bytes);
+    drop(silent);
+    cluster.shutdown().await;
+}

@@ -31,9 +31,6 @@ impl PeerModules {
     }
 }
 
-/// Longest wait for the first chunk of a module, or the next one.
-const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
-
 impl ModulePeers for PeerModules {
     fn me(&self) -> NodeId {
         self.me
@@ -47,18 +44,19 @@ impl ModulePeers for PeerModules {
         offset: u64,
     ) -> BoxFuture<'static, Result<ModuleBytes, String>> {
         let net = self.net.clone();
+        let timeout = net.config().module_chunk_timeout;
         async move {
             // Its own connection: a module's megabytes never queue in front of Raft's messages.
             let mut client = RaftClient::new(net.bulk_channel(&addr)?);
             let mut req = tonic::Request::new(pb::raft::FetchModuleRequest { sha256, offset });
             net.identity().stamp(req.metadata_mut(), node);
-            let stream = tokio::time::timeout(CHUNK_TIMEOUT, client.fetch_module(req))
+            let stream = tokio::time::timeout(timeout, client.fetch_module(req))
                 .await
                 .map_err(|_| "no answer".to_owned())?
                 .map_err(|s| format!("{}: {}", s.code(), s.message()))?
                 .into_inner();
-            let chunks = futures::stream::unfold(stream, |mut stream| async move {
-                let next = match tokio::time::timeout(CHUNK_TIMEOUT, stream.next()).await {
+            let chunks = futures::stream::unfold(stream, move |mut stream| async move {
+                let next = match tokio::time::timeout(timeout, stream.next()).await {
                     Err(_) => Some(Err("the transfer stalled".to_owned())),
                     Ok(None) => None,
                     Ok(Some(Err(s))) => Some(Err(format!("{}: {}", s.code(), s.message()))),

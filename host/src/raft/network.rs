@@ -39,6 +39,9 @@ pub struct NetConfig {
     pub snapshot_chunk_bytes: usize,
     /// How long a whole snapshot transfer may take before it is abandoned (and retried).
     pub snapshot_deadline: Duration,
+    /// Longest wait for the next chunk of a module fetched from a peer before the node tries
+    /// another peer.
+    pub module_chunk_timeout: Duration,
     /// Largest gRPC message, both ways. Must exceed the largest log entry plus framing.
     pub max_message_bytes: usize,
     /// Peers reached at another address than the one they advertise (NAT, a proxy, or a
@@ -60,6 +63,7 @@ impl Default for NetConfig {
             connect_timeout: Duration::from_secs(2),
             snapshot_chunk_bytes: 1 << 20,
             snapshot_deadline: Duration::from_secs(600),
+            module_chunk_timeout: Duration::from_secs(30),
             max_message_bytes: 160 << 20,
             dial: BTreeMap::new(),
             tls: None,
@@ -112,6 +116,11 @@ impl NetworkFactory {
     /// This node's identity.
     pub fn identity(&self) -> &Arc<super::Identity> {
         &self.identity
+    }
+
+    /// The network's settings.
+    pub fn config(&self) -> &NetConfig {
+        &self.config
     }
 
     /// A channel to the node advertised at `addr`: the next connection of its pool, created

@@ -192,14 +192,15 @@ impl ModuleStore {
     /// Fetches module `hash` from `sources` (node id, address) until it is here: each source in
     /// turn, resuming from the bytes a broken transfer left, checked against the hash before it
     /// is kept. Gives up at `deadline` (`None`: never; a node that must apply a deploy has no
-    /// other way forward) with the last error.
+    /// other way forward) with the last error, and at once when this node cannot write the
+    /// module (a full disk): no peer can help with that.
     pub async fn fetch(
         &self,
         peers: &dyn ModulePeers,
         sources: &[(NodeId, String)],
         hash: &ModuleHash,
         deadline: Option<tokio::time::Instant>,
-    ) -> Result<(), String> {
+    ) -> Result<(), FetchError> {
         let me = peers.me();
         let sources: Vec<&(NodeId, String)> = sources.iter().filter(|(n, _)| *n != me).collect();
         let mut pause = Duration::from_millis(100);
@@ -216,11 +217,16 @@ impl ModuleStore {
                         tracing::info!(module = %hash, node, "fetched a module from a peer");
                         return Ok(());
                     }
-                    Err(e) => last_error = format!("node {node} at {addr}: {e}"),
+                    Err(FetchError::Local(e)) => return Err(FetchError::Local(e)),
+                    Err(FetchError::Remote(e)) => {
+                        last_error = format!("node {node} at {addr}: {e}")
+                    }
                 }
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() + pause >= d) {
-                return Err(format!("cannot fetch module {hash}: {last_error}"));
+                return Err(FetchError::Remote(format!(
+                    "cannot fetch module {hash}: {last_error}"
+                )));
             }
             if round.is_multiple_of(10) {
                 tracing::warn!(
@@ -241,32 +247,39 @@ impl ModuleStore {
         node: NodeId,
         addr: &str,
         hash: &ModuleHash,
-    ) -> Result<(), String> {
+    ) -> Result<(), FetchError> {
         let partial = self.partial(hash);
         let offset = std::fs::metadata(&partial).map_or(0, |m| m.len());
         let mut stream = peers
             .open(node, addr.to_owned(), hash.to_hex(), offset)
-            .await?;
+            .await
+            .map_err(FetchError::Remote)?;
+        let cannot_write =
+            |e: io::Error| FetchError::Local(format!("cannot write {}: {e}", partial.display()));
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&partial)
-            .map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+            .map_err(cannot_write)?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
+            let chunk = chunk.map_err(FetchError::Remote)?;
             // One chunk (1 MiB) per write: short enough for an async thread.
-            file.write_all(&chunk)
-                .map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+            if let Err(e) = file.write_all(&chunk) {
+                // Nothing half-written stays: the next attempt starts over.
+                drop(file);
+                let _ = std::fs::remove_file(&partial);
+                return Err(cannot_write(e));
+            }
         }
         drop(file);
         let (store, hash, partial) = (self.clone(), *hash, partial.clone());
         tokio::task::spawn_blocking(move || store.finish(&partial, &hash))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| FetchError::Local(e.to_string()))?
     }
 
     /// Checks a finished transfer and keeps it, or throws it away (the next attempt starts over).
-    fn finish(&self, partial: &Path, hash: &ModuleHash) -> Result<(), String> {
+    fn finish(&self, partial: &Path, hash: &ModuleHash) -> Result<(), FetchError> {
         let check = || -> io::Result<bool> {
             let mut file = std::fs::File::open(partial)?;
             let mut h = Sha256::new();
@@ -284,16 +297,29 @@ impl ModuleStore {
         match check() {
             Ok(true) => self
                 .publish(partial, hash)
-                .map_err(|e| format!("cannot keep module {hash}: {e}")),
+                .map_err(|e| FetchError::Local(format!("cannot keep module {hash}: {e}"))),
             Ok(false) => {
                 let _ = std::fs::remove_file(partial);
-                Err(format!(
+                Err(FetchError::Remote(format!(
                     "the bytes received do not hash to {hash} (discarded)"
-                ))
+                )))
             }
-            Err(e) => Err(format!("cannot check module {hash}: {e}")),
+            Err(e) => Err(FetchError::Local(format!(
+                "cannot check module {hash}: {e}"
+            ))),
         }
     }
+}
+
+/// Why a fetch failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// This node cannot store the module (a full disk, an I/O error): no peer can help.
+    #[error("{0}")]
+    Local(String),
+    /// No peer gave it in time (the last peer's reason).
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// A few random bits for a temporary file's name (two writers of one module never collide).

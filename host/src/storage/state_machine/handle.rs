@@ -261,7 +261,8 @@ impl StateHandle {
                 .ok_or("this node cannot reach its peers yet")?;
             self.modules
                 .fetch(peers.as_ref(), sources, &hash, Some(deadline))
-                .await?;
+                .await
+                .map_err(|e| e.to_string())?;
         }
         let (runtime, store) = (self.runtime.clone(), self.modules.clone());
         tokio::task::spawn_blocking(move || {

@@ -81,7 +81,10 @@ impl StateMachineStore {
     /// machine's lock is taken: those its deploys name, and, when it rolls back, those of every
     /// kept version. A missing one is fetched from the other members, for as long as it takes
     /// (applying the entry without it would answer differently from the other replicas).
-    async fn fetch_modules(&self, batch: &[Entry]) {
+    ///
+    /// Fails only when this node cannot store a module (a full disk): the node must stop, as
+    /// for any write it cannot make, rather than apply without it.
+    async fn fetch_modules(&self, batch: &[Entry]) -> io::Result<()> {
         let mut wanted: BTreeSet<ModuleHash> = BTreeSet::new();
         for entry in batch {
             match &entry.payload {
@@ -103,7 +106,7 @@ impl StateMachineStore {
         let store = &self.handle.modules;
         wanted.retain(|h| !store.contains(h));
         if wanted.is_empty() {
-            return;
+            return Ok(());
         }
         let sources: Vec<(NodeId, String)> = self
             .handle
@@ -121,9 +124,18 @@ impl StateMachineStore {
                 }
             };
             tracing::info!(module = %hash, "fetching a module this node lacks before applying");
-            // Without a deadline the fetch only returns once the module is here.
-            let _ = store.fetch(peers.as_ref(), &sources, &hash, None).await;
+            // Without a deadline the fetch only returns once the module is here, or when this
+            // node cannot write it.
+            if let Err(e) = store.fetch(peers.as_ref(), &sources, &hash, None).await {
+                let msg = format!(
+                    "cannot store module {hash}, which the next entry needs: {e}; stopping \
+                     rather than applying without it (free disk space, then restart the node)"
+                );
+                tracing::error!("{msg}");
+                return Err(io::Error::other(msg));
+            }
         }
+        Ok(())
     }
 
     /// Compiles the modules the batch deploys before the state machine's lock is taken: the
@@ -199,7 +211,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.push(entry);
             responders.push(responder);
         }
-        self.fetch_modules(&batch).await;
+        self.fetch_modules(&batch).await?;
         self.compile_ahead(&batch).await;
         let mut responses = Vec::with_capacity(batch.len());
         let mut pending = batch;

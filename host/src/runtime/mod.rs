@@ -34,7 +34,27 @@ mod bindings {
 }
 
 /// One cache entry: empty until the module is compiled; its lock serializes compiles of it.
-type ModuleSlot = Arc<Mutex<Option<Arc<GuestModule>>>>;
+type ModuleSlot = Arc<Mutex<Option<Held>>>;
+
+/// A compiled module in the runtime's memory cache.
+enum Held {
+    /// Kept for the life of the runtime: without a disk cache nothing would bring it back
+    /// but a compile.
+    Strong(Arc<GuestModule>),
+    /// Kept while something uses it (a service's version, a trial): a module that no longer
+    /// serves leaves memory, and loading it again reads its compiled artifact from the disk
+    /// cache in milliseconds (issue 23).
+    Weak(std::sync::Weak<GuestModule>),
+}
+
+impl Held {
+    fn get(&self) -> Option<Arc<GuestModule>> {
+        match self {
+            Held::Strong(m) => Some(m.clone()),
+            Held::Weak(m) => m.upgrade(),
+        }
+    }
+}
 
 /// Compiles, caches and instantiates guests. Cheap to clone; share one per node.
 #[derive(Clone)]
@@ -48,8 +68,8 @@ struct Inner {
     config: RuntimeConfig,
     fingerprint: String,
     artifact_key: String,
-    /// Compiled modules by hash. Modules are kept for the life of the runtime: services refer
-    /// to few of them and recompiling is what the cache exists to avoid. Each hash has its own
+    /// Compiled modules by hash (see [`Held`]: with a disk cache, only while something uses
+    /// them; without one, for the life of the runtime). Each hash has its own
     /// lock, so two loads of the same module (a background precompile and the apply of the
     /// deploy) compile it once: the second waits for the first.
     modules: Mutex<HashMap<ModuleHash, ModuleSlot>>,
@@ -125,8 +145,8 @@ impl Runtime {
         let hash = ModuleHash::of(bytes);
         let slot = self.modules().entry(hash).or_default().clone();
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(m) = slot.as_ref() {
-            return Ok(m.clone());
+        if let Some(m) = slot.as_ref().and_then(Held::get) {
+            return Ok(m);
         }
         let cache = self
             .inner
@@ -147,7 +167,11 @@ impl Runtime {
             from_disk_cache = module.info.from_disk_cache,
             "guest module loaded"
         );
-        *slot = Some(module.clone());
+        *slot = Some(if cache.is_some() {
+            Held::Weak(Arc::downgrade(&module))
+        } else {
+            Held::Strong(module.clone())
+        });
         Ok(module)
     }
 

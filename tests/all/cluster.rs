@@ -80,6 +80,15 @@ async fn three_nodes_apply_1000_writes_and_agree_byte_for_byte() {
     cluster.shutdown().await;
 }
 
+/// The leader's last snapshot index and last purged index.
+async fn leader_snapshot_and_purged(cluster: &TestCluster) -> (u64, u64) {
+    let m = cluster.node(cluster.wait_leader().await).metrics();
+    (
+        m.snapshot.map_or(0, |s| s.index),
+        m.purged.map_or(0, |p| p.index),
+    )
+}
+
 /// The leader keeps the entries a lagging member needs (up to `keep_for_lagging` before the
 /// snapshot), so that one that is sent a snapshot finds the entries after it: openraft's own
 /// policy purged them while a big snapshot was on its way (see `waft::purge`).
@@ -109,11 +118,7 @@ async fn the_leader_keeps_the_entries_a_lagging_member_needs() {
     }
     // Give the purge task (every 0.5 s) its chance.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let m = cluster.node(cluster.wait_leader().await).metrics();
-    let (snapshot, purged) = (
-        m.snapshot.map_or(0, |s| s.index),
-        m.purged.map_or(0, |p| p.index),
-    );
+    let (snapshot, purged) = leader_snapshot_and_purged(&cluster).await;
     assert!(
         snapshot > held_back + 600,
         "snapshots were built ({snapshot})"
@@ -127,11 +132,7 @@ async fn the_leader_keeps_the_entries_a_lagging_member_needs() {
         last = cluster.write(kv(format!("put k{} v{i}", i % 100))).await.0;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let m = cluster.node(cluster.wait_leader().await).metrics();
-    let (snapshot, purged) = (
-        m.snapshot.map_or(0, |s| s.index),
-        m.purged.map_or(0, |p| p.index),
-    );
+    let (snapshot, purged) = leader_snapshot_and_purged(&cluster).await;
     assert!(purged > held_back, "purged up to {purged}");
     assert!(
         purged + 1_500 >= snapshot,

@@ -27,6 +27,19 @@ fn log_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Rolls service `kv` back to version `to` through the node at `addr`.
+async fn rollback_kv(addr: &str, to: u32) -> api::DeployReply {
+    client(addr)
+        .await
+        .rollback(api::RollbackRequest {
+            service: "kv".into(),
+            to_version: to,
+        })
+        .await
+        .expect("rollback")
+        .into_inner()
+}
+
 fn hash_of(path: &str) -> ModuleHash {
     ModuleHash::of(&waft_testkit::wasm(path))
 }
@@ -147,6 +160,50 @@ async fn holding_a_module_refuses_what_a_node_cannot_run() {
     assert!(
         cluster.node(1).state().services().is_empty(),
         "holding changes no state"
+    );
+
+    // The push of an earlier release's leader (`PrepareModule`) still works: a push cut short
+    // is refused and keeps nothing; a whole one is kept in the store and compiled.
+    use waft::pb::raft::{ModuleChunk, ModuleHeader, module_chunk::Kind};
+    let v2 = waft_testkit::wasm(TEST_KV2);
+    let push = |chunks: Vec<ModuleChunk>| {
+        let mut req = tonic::Request::new(futures::stream::iter(chunks));
+        net.identity().stamp(req.metadata_mut(), to);
+        req
+    };
+    let header = ModuleChunk {
+        kind: Some(Kind::Header(ModuleHeader {
+            sha256: hash_of(TEST_KV2).to_hex(),
+            size: v2.len() as u64,
+        })),
+    };
+    let half = ModuleChunk {
+        kind: Some(Kind::Data(v2[..v2.len() / 2].to_vec())),
+    };
+    let cut = peer
+        .prepare_module(push(vec![header.clone(), half]))
+        .await
+        .expect_err("a push cut short");
+    assert_eq!(cut.code(), tonic::Code::InvalidArgument, "{cut}");
+    assert!(
+        !cluster
+            .node(1)
+            .state()
+            .modules()
+            .contains(&hash_of(TEST_KV2))
+    );
+    let whole = ModuleChunk {
+        kind: Some(Kind::Data(v2.clone())),
+    };
+    peer.prepare_module(push(vec![header, whole]))
+        .await
+        .expect("a whole push");
+    assert!(
+        cluster
+            .node(1)
+            .state()
+            .modules()
+            .contains(&hash_of(TEST_KV2))
     );
     cluster.shutdown().await;
 }
@@ -357,15 +414,7 @@ async fn a_node_missing_a_module_fetches_it_before_applying() {
     )
     .expect("remove");
     assert!(!store.contains(&v1));
-    let back = client(&up)
-        .await
-        .rollback(api::RollbackRequest {
-            service: "kv".into(),
-            to_version: 1,
-        })
-        .await
-        .expect("rollback")
-        .into_inner();
+    let back = rollback_kv(&up, 1).await;
     assert_eq!(back.module_sha256, v1.to_hex());
     let (index, _) = cluster.write(kv("put c 3")).await;
     cluster.wait_applied(index).await;
@@ -460,15 +509,7 @@ async fn a_data_directory_with_modules_in_the_log_opens() {
     assert!(String::from_utf8_lossy(&hits).contains("15"), "{hits:?}");
 
     // Version 1's module came from the snapshot: rolling back to it works.
-    let back = client(&addr)
-        .await
-        .rollback(api::RollbackRequest {
-            service: "kv".into(),
-            to_version: 1,
-        })
-        .await
-        .expect("rollback to v1")
-        .into_inner();
+    let back = rollback_kv(&addr, 1).await;
     assert_eq!(back.module_sha256, kv1.to_hex());
     // A new deploy names its module by hash, and the log does not carry it.
     let before = log_bytes(dir.path());

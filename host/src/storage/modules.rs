@@ -248,30 +248,47 @@ impl ModuleStore {
         addr: &str,
         hash: &ModuleHash,
     ) -> Result<(), FetchError> {
+        use tokio::io::AsyncWriteExt;
         let partial = self.partial(hash);
-        let offset = std::fs::metadata(&partial).map_or(0, |m| m.len());
+        let offset = tokio::fs::metadata(&partial).await.map_or(0, |m| m.len());
         let mut stream = peers
             .open(node, addr.to_owned(), hash.to_hex(), offset)
             .await
             .map_err(FetchError::Remote)?;
         let cannot_write =
             |e: io::Error| FetchError::Local(format!("cannot write {}: {e}", partial.display()));
-        let mut file = std::fs::OpenOptions::new()
+        // tokio's file: the writes run on the blocking pool, never on a runtime worker.
+        let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&partial)
+            .await
             .map_err(cannot_write)?;
+        let mut received: Result<(), FetchError> = Ok(());
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(FetchError::Remote)?;
-            // One chunk (1 MiB) per write: short enough for an async thread.
-            if let Err(e) = file.write_all(&chunk) {
-                // Nothing half-written stays: the next attempt starts over.
-                drop(file);
-                let _ = std::fs::remove_file(&partial);
-                return Err(cannot_write(e));
+            match chunk {
+                Ok(bytes) => {
+                    if let Err(e) = file.write_all(&bytes).await {
+                        received = Err(cannot_write(e));
+                        break;
+                    }
+                }
+                Err(e) => {
+                    received = Err(FetchError::Remote(e));
+                    break;
+                }
             }
         }
+        // Whatever arrived reaches the file before the next attempt reads its length to resume.
+        let flushed = file.flush().await.map_err(cannot_write);
         drop(file);
+        if let Err(e) = received.and(flushed) {
+            if matches!(e, FetchError::Local(_)) {
+                // Nothing half-written stays: the next attempt starts over.
+                let _ = tokio::fs::remove_file(&partial).await;
+            }
+            return Err(e);
+        }
         let (store, hash, partial) = (self.clone(), *hash, partial.clone());
         tokio::task::spawn_blocking(move || store.finish(&partial, &hash))
             .await

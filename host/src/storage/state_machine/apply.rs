@@ -4,7 +4,10 @@
 use crate::runtime::ApplyCtx;
 use crate::storage::events::{Event, Outcome};
 use crate::storage::snapshot::Session;
-use crate::types::{ClientSeq, Entry, Request, Response, StoredMembership};
+use crate::types::{ClientSeq, Entry, Request, Response, StoredMembership, TypeConfig};
+
+/// What an entry carries.
+type Payload = openraft::alias::EntryPayloadOf<TypeConfig>;
 use openraft::EntryPayload;
 use openraft::entry::RaftEntry;
 use openraft::vote::RaftLeaderId;
@@ -46,27 +49,9 @@ impl SmState {
         while let Some(entry) = entries.next() {
             let log_id = entry.log_id();
             let term = log_id.committed_leader_id().term();
-            // A forced deploy applies as a deploy; its findings go with the new version.
-            let (payload, forced) = match entry.payload {
-                EntryPayload::Normal(Request::ForcedDeploy {
-                    service,
-                    module,
-                    engine,
-                    limits,
-                    timestamp_ms,
-                    findings,
-                }) => (
-                    EntryPayload::Normal(Request::Deploy {
-                        service,
-                        module,
-                        engine,
-                        limits,
-                        timestamp_ms,
-                    }),
-                    Some(findings),
-                ),
-                other => (other, None),
-            };
+            // A deploy written by an earlier release, with its module inline, applies as one
+            // that names its module (which joins the store first).
+            let payload = self.store_inline(entry.payload)?;
             match payload {
                 EntryPayload::Normal(Request::Command {
                     service,
@@ -111,25 +96,6 @@ impl SmState {
                         continue;
                     }
                     batch.push((ctx, payload, client));
-                }
-                EntryPayload::Normal(Request::Deploy {
-                    service,
-                    module,
-                    engine,
-                    limits,
-                    timestamp_ms,
-                }) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    self.check_engine(&engine, &service, log_id.index())?;
-                    let at = self.advance_clock(timestamp_ms);
-                    let ctx = ApplyCtx {
-                        index: log_id.index(),
-                        term,
-                        timestamp_ms: at,
-                    };
-                    let response = self.deploy_inline(&service, module, limits, ctx, forced)?;
-                    self.version_event(log_id.index(), &service, at, &response);
-                    out.push(response);
                 }
                 EntryPayload::Normal(Request::DeployStored {
                     service,
@@ -205,8 +171,8 @@ impl SmState {
                         return Ok((out, Some((plan, entries.collect()))));
                     }
                 }
-                EntryPayload::Normal(Request::ForcedDeploy { .. }) => {
-                    unreachable!("a forced deploy is applied as a deploy (see above)")
+                EntryPayload::Normal(Request::Deploy { .. } | Request::ForcedDeploy { .. }) => {
+                    unreachable!("an inline deploy is applied as a stored one (see above)")
                 }
                 EntryPayload::Membership(m) => {
                     self.flush(&batch_service, &mut batch, &mut out);
@@ -222,6 +188,48 @@ impl SmState {
         }
         self.flush(&batch_service, &mut batch, &mut out);
         Ok((out, None))
+    }
+
+    /// Turns a deploy entry that carries its module (written by an earlier release) into one
+    /// that names it, after putting the module into the store; other entries pass unchanged.
+    /// Fails only when the store cannot take the module (a full disk): the node must stop
+    /// rather than answer differently from its peers.
+    fn store_inline(&self, payload: Payload) -> io::Result<Payload> {
+        let (service, module, engine, limits, timestamp_ms, findings) = match payload {
+            EntryPayload::Normal(Request::Deploy {
+                service,
+                module,
+                engine,
+                limits,
+                timestamp_ms,
+            }) => (service, module, engine, limits, timestamp_ms, None),
+            EntryPayload::Normal(Request::ForcedDeploy {
+                service,
+                module,
+                engine,
+                limits,
+                timestamp_ms,
+                findings,
+            }) => (
+                service,
+                module,
+                engine,
+                limits,
+                timestamp_ms,
+                Some(findings),
+            ),
+            other => return Ok(other),
+        };
+        let hash = self.modules.insert(&module)?;
+        Ok(EntryPayload::Normal(Request::DeployStored {
+            service,
+            module: hash.to_hex(),
+            size: module.len() as u64,
+            engine,
+            limits,
+            timestamp_ms,
+            findings,
+        }))
     }
 
     /// A deploy validated by an engine with another fingerprint could run differently here

@@ -169,14 +169,7 @@ impl StateHandle {
             .services()
             .into_iter()
             .find(|s| s.name == service)
-            .and_then(|s| {
-                let svc_history = s.history;
-                let target = match to {
-                    Some(v) => svc_history.iter().find(|r| r.version == v),
-                    None => svc_history.iter().rev().nth(1),
-                };
-                target.cloned()
-            })?;
+            .and_then(|s| super::rollback_target(&s.history, to).cloned())?;
         let store = self.modules.clone();
         tokio::task::spawn_blocking(move || {
             let hash = crate::runtime::ModuleHash::from_hex(&target.module)?;

@@ -143,13 +143,19 @@ impl SmState {
 }
 
 impl Service {
-    /// The version a rollback to `to` makes serve again: version `to`, or without one the
-    /// version before the active one.
+    /// The version a rollback to `to` makes serve again (see [`rollback_target`]).
     fn rollback_target(&self, to: Option<u32>) -> Option<&VersionRecord> {
-        match to {
-            Some(v) => self.history.iter().find(|r| r.version == v),
-            None => self.history.iter().rev().nth(1),
-        }
+        rollback_target(&self.history, to)
+    }
+}
+
+/// The version a rollback to `to` makes serve again: version `to`, or without one the version
+/// before the active one (the last in `history`). The one rule for the apply and the API's
+/// check before it proposes.
+fn rollback_target(history: &[VersionRecord], to: Option<u32>) -> Option<&VersionRecord> {
+    match to {
+        Some(v) => history.iter().find(|r| r.version == v),
+        None => history.iter().rev().nth(1),
     }
 }
 

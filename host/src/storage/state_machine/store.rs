@@ -86,21 +86,23 @@ impl StateMachineStore {
     /// for any write it cannot make, rather than apply without it.
     async fn fetch_modules(&self, batch: &[Entry]) -> io::Result<()> {
         let mut wanted: BTreeSet<ModuleHash> = BTreeSet::new();
+        let mut rolls_back = false;
         for entry in batch {
             match &entry.payload {
                 EntryPayload::Normal(Request::DeployStored { module, .. }) => {
                     wanted.extend(ModuleHash::from_hex(module));
                 }
-                EntryPayload::Normal(Request::Rollback { .. }) => {
-                    for svc in self.handle.services() {
-                        wanted.extend(
-                            svc.history
-                                .iter()
-                                .filter_map(|r| ModuleHash::from_hex(&r.module)),
-                        );
-                    }
-                }
+                EntryPayload::Normal(Request::Rollback { .. }) => rolls_back = true,
                 _ => {}
+            }
+        }
+        if rolls_back {
+            for svc in self.handle.services() {
+                wanted.extend(
+                    svc.history
+                        .iter()
+                        .filter_map(|r| ModuleHash::from_hex(&r.module)),
+                );
             }
         }
         let store = &self.handle.modules;

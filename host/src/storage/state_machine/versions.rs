@@ -9,21 +9,6 @@ use std::io;
 use super::{MAX_VERSIONS, Service, SmState};
 
 impl SmState {
-    /// Installs `module` (bytes from a deploy entry written by an earlier release) as
-    /// `service`: the module joins the store first. Fails only when the store cannot take it
-    /// (a full disk): the node must stop rather than answer differently from its peers.
-    pub(super) fn deploy_inline(
-        &mut self,
-        service: &str,
-        module: Vec<u8>,
-        limits: ServiceLimits,
-        ctx: ApplyCtx,
-        forced: Option<String>,
-    ) -> io::Result<Response> {
-        self.modules.insert(&module)?;
-        Ok(self.activate(service, &module, limits, ctx, forced))
-    }
-
     /// Installs the stored module `hash` as `service`. The apply fetched it before taking the
     /// lock (see `StateMachineStore::fetch_modules`); missing now is an error that stops the
     /// node, not a refusal other replicas would not make.

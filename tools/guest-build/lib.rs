@@ -98,6 +98,7 @@ fn clean_cargo(root: &Path) -> Command {
 /// Builds the workspace `ws` for [`TARGET`], release.
 fn build(root: &Path, ws: &Path, target_dir: &Path) {
     let status = clean_cargo(root)
+        .env("CARGO_ENCODED_RUSTFLAGS", remapped_paths(root))
         .args(["build", "--release", "--target", TARGET, "--manifest-path"])
         .arg(ws.join("Cargo.toml"))
         .arg("--target-dir")
@@ -109,6 +110,21 @@ fn build(root: &Path, ws: &Path, target_dir: &Path) {
         "building the guests in {} failed (see the output above)",
         ws.display()
     );
+}
+
+/// Flags that take the checkout's and cargo's own directories out of the components (panic
+/// messages name source files). Builds in two checkouts still differ in a few bytes (cargo's
+/// crate hashes depend on where the packages are), so tests never compare a fresh build with
+/// a module written by an earlier one.
+fn remapped_paths(root: &Path) -> String {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
+    let mut flags = vec![format!("--remap-path-prefix={}=/waft", root.display())];
+    if let Some(home) = cargo_home {
+        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+    }
+    flags.join("\x1f")
 }
 
 /// Installs the wasm32-wasip2 target when it is missing (the toolchain file cannot: these

@@ -8,6 +8,8 @@
 #   CLIENTS=0 scripts/bench-deploy-under-load.sh 20   (an idle cluster: elections, deploy
 #   times of a first version and of a second one with the same module, how much the logs grow;
 #   GUEST_V2=FILE also times the deploy of a new version of the guest)
+#   TLS=1: the nodes talk mutual TLS (certificates from `waft certs`), clients TLS;
+#   SHARE=1: TLS=1 and `--share-compiled` (members load the leader's compiled code)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -23,9 +25,18 @@ for run in $(seq "$RUNS"); do
   D=$(mktemp -d)
   P=$((21000 + RANDOM % 20000))
   pids=()
+  TLS_FLAGS=() NODE_FLAGS=() SHARE_FLAGS=()
+  if [ "${TLS:-0}" = 1 ] || [ "${SHARE:-0}" = 1 ]; then
+    "$BIN" certs --dir "$D/tls" --name node >/dev/null
+    TLS_FLAGS=(--tls-ca "$D/tls/ca.pem")
+    NODE_FLAGS=(--tls-cert "$D/tls/node.pem" --tls-key "$D/tls/node-key.pem")
+  fi
+  [ "${SHARE:-0}" = 1 ] && SHARE_FLAGS=(--share-compiled)
+  BIN_NODE="$BIN"
+  BIN="$BIN_NODE ${TLS_FLAGS[*]}"
   for i in 1 2 3; do
-    $BIN --log "warn,openraft::core::heartbeat=warn" node --id $i --listen 127.0.0.1:$((P+i)) \
-      --data-dir "$D/n$i" 2> "$D/n$i.log" & pids+=($!)
+    $BIN ${NODE_FLAGS[*]} --log "warn,openraft::core::heartbeat=warn" node --id $i --listen 127.0.0.1:$((P+i)) \
+      --data-dir "$D/n$i" ${SHARE_FLAGS[*]} 2> "$D/n$i.log" & pids+=($!)
   done
   trap 'kill ${pids[*]} 2>/dev/null; rm -rf "$D"' EXIT
   sleep 1
@@ -59,6 +70,7 @@ for run in $(seq "$RUNS"); do
     echo "run $run (idle): deploy $(printf %.1f "$took") s, v2 $(printf %.1f "$took2") s, new version $(printf %.1f "$took3") s; elections $((term1 - term0)); heartbeat timeouts $(grep -c 'failed to send a heartbeat' "$D/n1.log" || true); module $size bytes; logs of the 3 nodes grew $((log1 - log0)) bytes (deploy), $((log2 - log1)) (v2): $(echo "scale=8; ($log2 - $log0) / (2 * 3 * $size)" | bc) of the module per deploy per node; module stores $(du -scb "$D"/n*/modules 2>/dev/null | tail -1 | cut -f1) bytes"
     kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true
     rm -rf "$D"; trap - EXIT
+    BIN="$BIN_NODE"
     continue
   fi
   base=$($BIN --endpoint $E --output json bench --clients $CLIENTS --duration 10)
@@ -80,4 +92,5 @@ for run in $(seq "$RUNS"); do
   echo "run $run: deploy ${took%.*} s; elections $((term1 - term0)); failed writes $errs; heartbeat timeouts $((hb1 - hb0)); p99 baseline $b99 ms, during deploy $l99 ms (max $lmax), ratio $(echo "scale=2; $l99 / $b99" | bc)"
   kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true
   rm -rf "$D"; trap - EXIT
+  BIN="$BIN_NODE"
 done

@@ -233,7 +233,32 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics) -> String {
         );
     };
     let snaps = state.snapshot_stats();
+    let (compiles, fetched) = state.compile_stats();
     for (name, help, kind, v) in [
+        (
+            "waft_modules_compiled_total",
+            "Guest modules this node compiled.",
+            "counter",
+            compiles.compiled as f64,
+        ),
+        (
+            "waft_modules_compile_seconds_total",
+            "Time this node spent compiling guest modules.",
+            "counter",
+            compiles.compile_seconds,
+        ),
+        (
+            "waft_modules_loaded_compiled_total",
+            "Guest modules this node loaded from compiled code on disk instead of compiling them.",
+            "counter",
+            compiles.loaded as f64,
+        ),
+        (
+            "waft_modules_compiled_fetched_total",
+            "Guest modules whose compiled code this node fetched from a member (--share-compiled).",
+            "counter",
+            fetched as f64,
+        ),
         (
             "waft_snapshot_built_total",
             "Snapshots this node built.",

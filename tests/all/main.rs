@@ -14,6 +14,7 @@ mod chaos;
 mod cli;
 mod clients;
 mod cluster;
+mod compiled;
 mod determinism;
 mod docs;
 mod etcd;

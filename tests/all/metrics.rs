@@ -132,6 +132,13 @@ async fn metrics_show_raft_progress_services_and_audits() {
         if node.id() as usize == follower {
             assert_eq!(value(text, not_found), 1.0);
         }
+        // Every node compiled kv (or loaded compiled code it had); none fetched any.
+        assert!(
+            value(text, "waft_modules_compiled_total")
+                + value(text, "waft_modules_loaded_compiled_total")
+                >= 1.0
+        );
+        assert_eq!(value(text, "waft_modules_compiled_fetched_total"), 0.0);
         if is_leader {
             assert!(value(text, "waft_snapshot_built_total") >= 1.0);
             assert!(value(text, "waft_snapshot_last_built_bytes") > 0.0);

@@ -125,7 +125,11 @@ async fn holding_a_module_refuses_what_a_node_cannot_run() {
     // FetchModule: a malformed hash, and one the node does not hold.
     let mut peer = waft::pb::raft::raft_client::RaftClient::new(net.channel(&addr).expect("ch"));
     let fetch = |sha256: String| {
-        let mut req = tonic::Request::new(waft::pb::raft::FetchModuleRequest { sha256, offset: 0 });
+        let mut req = tonic::Request::new(waft::pb::raft::FetchModuleRequest {
+            sha256,
+            offset: 0,
+            ..Default::default()
+        });
         net.identity().stamp(req.metadata_mut(), to);
         req
     };

@@ -13,7 +13,7 @@ use waft_testkit::guests::EXAMPLE_KV;
 
 pub(crate) struct Pki {
     pub(crate) ca: Pem,
-    node: Pem,
+    pub(crate) node: Pem,
     /// Another CA and a certificate it signed: a stranger's.
     foreign_ca: Pem,
     foreign: Pem,
@@ -60,7 +60,7 @@ pub(crate) fn node_tls() -> Tls {
 }
 
 /// A client TLS setting: trusting `ca`, presenting `identity` if any.
-fn client_tls(ca: &Pem, identity: Option<&Pem>) -> ClientTlsConfig {
+pub(crate) fn client_tls(ca: &Pem, identity: Option<&Pem>) -> ClientTlsConfig {
     let c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.cert));
     match identity {
         Some(id) => c.identity(Identity::from_pem(&id.cert, &id.key)),
@@ -68,7 +68,7 @@ fn client_tls(ca: &Pem, identity: Option<&Pem>) -> ClientTlsConfig {
     }
 }
 
-async fn connect(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+pub(crate) async fn connect(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut e = Endpoint::from_shared(format!("{scheme}://{addr}")).expect("uri");
     if let Some(tls) = tls {

@@ -97,9 +97,15 @@ impl Api {
         let validated = self.validate(&header.service, shared.clone(), limits, "the new module");
         // The members fetch the module from this node's store and compile it while this node
         // validates it (a module that fails validation is only left in their stores until
-        // they drop unused modules).
+        // they drop unused modules); with shared compiled code, after.
         let (hash, held) = if header.dry_run {
             (validated.await?, Held::Inline)
+        } else if self.peers.config().share_compiled {
+            // The members fetch the code this node compiles: it compiles first (alone on the
+            // machine's cores when members share machines), they fetch instead of compiling.
+            let sha = self.keep_module(shared.clone()).await?;
+            let validated = validated.await?;
+            (validated, self.hold_members(&sha, size).await?)
         } else {
             let sha = self.keep_module(shared.clone()).await?;
             let (validated, held) = tokio::join!(validated, self.hold_members(&sha, size));

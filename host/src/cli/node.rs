@@ -97,6 +97,14 @@ pub struct NodeArgs {
     #[arg(long, env = "WAFT_WATCH_HISTORY", default_value_t = 10_000, value_name = "EVENTS",
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub watch_history: u64,
+    /// Asked to hold a new module, fetch the code the leader compiled for it instead of
+    /// compiling it again (a new version serves in seconds, not after every member's compile),
+    /// and serve this node's compiled code to the other members. Every member then runs machine
+    /// code another member made: it needs mutual TLS between the nodes (--tls-ca, --tls-cert,
+    /// --tls-key), and every member should be started with it. A member whose CPU or release
+    /// differs gets no code it cannot use, and compiles.
+    #[arg(long, env = "WAFT_SHARE_COMPILED")]
+    pub share_compiled: bool,
 }
 
 fn parse_dial(s: &str) -> Result<(String, String), String> {
@@ -186,6 +194,7 @@ fn node_config(
     config.net.connections = args.peer_connections as usize;
     config.watch_history.events = args.watch_history as usize;
     config.net.tls = tls;
+    config.net.share_compiled = args.share_compiled;
     config.metrics_listen = args.metrics_listen;
     config.etcd_listen = args.etcd_listen;
     config.etcd_service = args.etcd_service.clone();

@@ -102,6 +102,15 @@ impl Node {
             .advertise
             .clone()
             .unwrap_or_else(|| local.to_string());
+        if config.net.share_compiled && !config.net.tls.as_ref().is_some_and(|t| t.has_identity())
+        {
+            return Err(NodeError::Tls(
+                "--share-compiled makes this node run machine code its peers compiled, so the \
+                 nodes must authenticate each other: start every node with mutual TLS \
+                 (--tls-ca, --tls-cert, --tls-key), or without --share-compiled"
+                    .to_owned(),
+            ));
+        }
         std::fs::create_dir_all(&config.data_dir)?;
         if config.runtime.cache_dir.is_none() {
             config.runtime.cache_dir = Some(config.data_dir.join("cache"));

@@ -39,7 +39,8 @@ pub(super) async fn serve(
         config.snapshots.clone(),
     )
     .with_state(core.state.clone())
-    .require_peer_certificate(config.net.tls.is_some());
+    .require_peer_certificate(config.net.tls.is_some())
+    .share_compiled(config.net.share_compiled);
     let max = config.net.max_message_bytes;
     let trace = crate::api::trace::TraceLayer::new(config.id);
     let api = Api::new(

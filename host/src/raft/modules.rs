@@ -43,18 +43,61 @@ impl ModulePeers for PeerModules {
         sha256: String,
         offset: u64,
     ) -> BoxFuture<'static, Result<ModuleBytes, String>> {
+        let fetch = self.fetch(node, addr, sha256, offset, String::new());
+        async move { Ok(fetch.await?.1) }.boxed()
+    }
+
+    fn open_compiled(
+        &self,
+        node: NodeId,
+        addr: String,
+        sha256: String,
+        key: String,
+    ) -> BoxFuture<'static, Result<(u64, ModuleBytes), String>> {
+        if !self.net.config().share_compiled {
+            return async { Err("this node does not share compiled code".to_owned()) }.boxed();
+        }
+        let fetch = self.fetch(node, addr, sha256, 0, key);
+        async move {
+            let (headers, chunks) = fetch.await?;
+            let size = headers
+                .get(super::service::ARTIFACT_SIZE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or("the peer did not say how big its compiled code is")?;
+            Ok((size, chunks))
+        }
+        .boxed()
+    }
+}
+
+impl PeerModules {
+    /// `FetchModule` for `sha256` from `offset` on, or for its compiled code for engine key
+    /// `compiled_for`: the stream of data chunks, and the response's headers.
+    fn fetch(
+        &self,
+        node: NodeId,
+        addr: String,
+        sha256: String,
+        offset: u64,
+        compiled_for: String,
+    ) -> BoxFuture<'static, Result<(tonic::metadata::MetadataMap, ModuleBytes), String>> {
         let net = self.net.clone();
         let timeout = net.config().module_chunk_timeout;
         async move {
             // Its own connection: a module's megabytes never queue in front of Raft's messages.
             let mut client = RaftClient::new(net.bulk_channel(&addr)?);
-            let mut req = tonic::Request::new(pb::raft::FetchModuleRequest { sha256, offset });
+            let mut req = tonic::Request::new(pb::raft::FetchModuleRequest {
+                sha256,
+                offset,
+                compiled_for,
+            });
             net.identity().stamp(req.metadata_mut(), node);
-            let stream = tokio::time::timeout(timeout, client.fetch_module(req))
+            let (headers, stream, _) = tokio::time::timeout(timeout, client.fetch_module(req))
                 .await
                 .map_err(|_| "no answer".to_owned())?
                 .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-                .into_inner();
+                .into_parts();
             let chunks = futures::stream::unfold(stream, move |mut stream| async move {
                 let next = match tokio::time::timeout(timeout, stream.next()).await {
                     Err(_) => Some(Err("the transfer stalled".to_owned())),
@@ -67,7 +110,7 @@ impl ModulePeers for PeerModules {
                 };
                 next.map(|item| (item, stream))
             });
-            Ok(chunks.boxed())
+            Ok((headers, chunks.boxed()))
         }
         .boxed()
     }

@@ -52,6 +52,11 @@ pub struct NetConfig {
     pub tls: Option<crate::tls::Tls>,
     /// Connections kept to each peer, used in turn (at least 1).
     pub connections: usize,
+    /// Share compiled code between members (`--share-compiled`): a member asked to hold a
+    /// new module fetches the code the leader compiled instead of compiling it again, and
+    /// serves its own. Members then run machine code another member made, so a node refuses
+    /// to start with it unless the nodes authenticate each other with mutual TLS.
+    pub share_compiled: bool,
 }
 
 /// Most connections a node keeps to one peer.
@@ -68,6 +73,7 @@ impl Default for NetConfig {
             dial: BTreeMap::new(),
             tls: None,
             connections: 3,
+            share_compiled: false,
         }
     }
 }

@@ -42,6 +42,7 @@ pub struct RaftService {
     incoming_dir: PathBuf,
     limits: SnapshotLimits,
     require_peer_certificate: bool,
+    share_compiled: bool,
     /// The state audits and heals read (`None`: those RPCs answer UNAVAILABLE).
     state: Option<crate::storage::StateHandle>,
 }
@@ -67,6 +68,7 @@ impl RaftService {
             incoming_dir,
             limits,
             require_peer_certificate: false,
+            share_compiled: false,
             state: None,
         }
     }
@@ -81,6 +83,13 @@ impl RaftService {
         self.state
             .as_ref()
             .ok_or_else(|| Status::unavailable("this node serves no state audits"))
+    }
+
+    /// Serves this node's compiled code to the members that ask (`waft node
+    /// --share-compiled`).
+    pub fn share_compiled(mut self, share: bool) -> RaftService {
+        self.share_compiled = share;
+        self
     }
 
     /// Refuses Raft messages that come over a connection without a client certificate (which
@@ -99,6 +108,29 @@ impl RaftService {
             ));
         }
         self.identity.admit(request.metadata(), message)
+    }
+
+    /// `FetchModule` for compiled code: this node's file, with its size in the response's
+    /// [`ARTIFACT_SIZE_HEADER`].
+    fn fetch_compiled(
+        &self,
+        state: &crate::storage::StateHandle,
+        sha256: &str,
+        key: &str,
+    ) -> Result<Response<ModuleStream>, Status> {
+        if !self.share_compiled {
+            return Err(Status::failed_precondition(
+                "this node does not share compiled code (waft node --share-compiled)",
+            ));
+        }
+        let path = state.compiled_code(sha256, key).map_err(Status::not_found)?;
+        let file = std::fs::File::open(&path).map_err(|e| Status::not_found(e.to_string()))?;
+        let size = file.metadata().map_err(internal)?.len();
+        let mut response = Response::new(file_chunks(file));
+        response
+            .metadata_mut()
+            .insert(ARTIFACT_SIZE_HEADER, size.into());
+        Ok(response)
     }
 
     async fn receive_snapshot(
@@ -371,39 +403,19 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<pb::raft::FetchModuleRequest>,
     ) -> Result<Response<ModuleStream>, Status> {
-        use tokio::io::AsyncReadExt;
         self.admit(&request, Message::Audit)?;
         let state = self.state()?.clone();
         let req = request.into_inner();
         let hash = crate::runtime::ModuleHash::from_hex(&req.sha256).ok_or_else(|| {
             Status::invalid_argument(format!("{:?} is not a module hash", req.sha256))
         })?;
+        if !req.compiled_for.is_empty() {
+            return self.fetch_compiled(&state, &req.sha256, &req.compiled_for);
+        }
         let file = state.modules().reader(&hash, req.offset).map_err(|e| {
             Status::not_found(format!("this node does not hold module {hash}: {e}"))
         })?;
-        // One chunk read ahead at most: the peer's pace (HTTP/2 flow control) sets ours.
-        let chunks =
-            futures::stream::try_unfold(tokio::fs::File::from_std(file), |mut file| async move {
-                let mut buf = Vec::with_capacity(crate::storage::modules::CHUNK_BYTES);
-                while buf.len() < crate::storage::modules::CHUNK_BYTES {
-                    let n = (&mut file)
-                        .take((crate::storage::modules::CHUNK_BYTES - buf.len()) as u64)
-                        .read_to_end(&mut buf)
-                        .await
-                        .map_err(internal)?;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                if buf.is_empty() {
-                    return Ok(None);
-                }
-                let chunk = pb::raft::ModuleChunk {
-                    kind: Some(pb::raft::module_chunk::Kind::Data(buf)),
-                };
-                Ok(Some((chunk, file)))
-            });
-        Ok(Response::new(Box::pin(chunks)))
+        Ok(Response::new(file_chunks(file)))
     }
 
     async fn hold_module(
@@ -445,4 +457,35 @@ impl raft_server::Raft for RaftService {
             .map_err(internal)?;
         Ok(Response::new(pb::encode(&reply)?))
     }
+}
+
+/// The response header of a `FetchModule` for compiled code: the file's size in bytes.
+pub const ARTIFACT_SIZE_HEADER: &str = "waft-artifact-size";
+
+/// A file as a stream of `data` chunks, one chunk read ahead at most: the peer's pace (HTTP/2
+/// flow control) sets ours.
+fn file_chunks(file: std::fs::File) -> ModuleStream {
+    use tokio::io::AsyncReadExt;
+    let chunks =
+        futures::stream::try_unfold(tokio::fs::File::from_std(file), |mut file| async move {
+            let mut buf = Vec::with_capacity(crate::storage::modules::CHUNK_BYTES);
+            while buf.len() < crate::storage::modules::CHUNK_BYTES {
+                let n = (&mut file)
+                    .take((crate::storage::modules::CHUNK_BYTES - buf.len()) as u64)
+                    .read_to_end(&mut buf)
+                    .await
+                    .map_err(internal)?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let chunk = pb::raft::ModuleChunk {
+                kind: Some(pb::raft::module_chunk::Kind::Data(buf)),
+            };
+            Ok(Some((chunk, file)))
+        });
+    Box::pin(chunks)
 }

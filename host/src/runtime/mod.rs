@@ -20,6 +20,7 @@ pub use guest::{ApplyCtx, Guest, OpenError, ReplayCall, ReplayEntry, ReplayForm,
 pub use module::{GuestModule, HOST_IMPORT, ModuleHash, ModuleInfo, STATE_MACHINE_EXPORT};
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use wasi::HostState;
 use wasmtime::Engine;
@@ -73,6 +74,23 @@ struct Inner {
     /// lock, so two loads of the same module (a background precompile and the apply of the
     /// deploy) compile it once: the second waits for the first.
     modules: Mutex<HashMap<ModuleHash, ModuleSlot>>,
+    /// Modules compiled here, and the microseconds that took.
+    compiled: AtomicU64,
+    compile_micros: AtomicU64,
+    /// Modules loaded from compiled code in the disk cache.
+    loaded: AtomicU64,
+}
+
+/// What a runtime compiled and loaded since it started (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CompileStats {
+    /// Modules compiled here.
+    pub compiled: u64,
+    /// Time those compiles took.
+    pub compile_seconds: f64,
+    /// Modules loaded from compiled code on disk (compiled here earlier, or fetched from a
+    /// member that shares compiled code).
+    pub loaded: u64,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -104,6 +122,9 @@ impl Runtime {
                 fingerprint,
                 artifact_key,
                 modules: Mutex::new(HashMap::new()),
+                compiled: AtomicU64::new(0),
+                compile_micros: AtomicU64::new(0),
+                loaded: AtomicU64::new(0),
             }),
         })
     }
@@ -112,6 +133,30 @@ impl Runtime {
     /// limits. Replicas must agree on it.
     pub fn fingerprint(&self) -> &str {
         &self.inner.fingerprint
+    }
+
+    /// The key compiled code carries in the disk cache: code made by an engine with another
+    /// key does not load into this one.
+    pub fn artifact_key(&self) -> &str {
+        &self.inner.artifact_key
+    }
+
+    /// Where the disk cache keeps (or would keep) the compiled code of module `hash`; `None`
+    /// without a disk cache. A file put there is loaded like code compiled here (wasmtime
+    /// checks that it was made for this engine, and it is compiled again if not), so only
+    /// code from a trusted source may go there.
+    pub fn artifact_path(&self, hash: &ModuleHash) -> Option<std::path::PathBuf> {
+        let dir = self.inner.config.cache_dir.as_deref()?;
+        Some(module::artifact_path(dir, hash, &self.inner.artifact_key))
+    }
+
+    /// What this runtime compiled and loaded so far.
+    pub fn compile_stats(&self) -> CompileStats {
+        CompileStats {
+            compiled: self.inner.compiled.load(Ordering::Relaxed),
+            compile_seconds: self.inner.compile_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            loaded: self.inner.loaded.load(Ordering::Relaxed),
+        }
     }
 
     /// The limits every call runs under.
@@ -160,6 +205,14 @@ impl Runtime {
             bytes,
             cache,
         )?);
+        if module.info.from_disk_cache {
+            self.inner.loaded.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.inner.compiled.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .compile_micros
+                .fetch_add(module.info.load_time.as_micros() as u64, Ordering::Relaxed);
+        }
         tracing::debug!(
             module = %hash,
             size = bytes.len(),

@@ -186,6 +186,12 @@ fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
     })
 }
 
+/// Where the disk cache in `dir` keeps the compiled code of module `hash` for engines with
+/// artifact key `key`.
+pub(super) fn artifact_path(dir: &Path, hash: &ModuleHash, key: &str) -> PathBuf {
+    dir.join(format!("{hash}-{key}.cwasm"))
+}
+
 /// Compiles `bytes` or loads them from the disk cache, then validates and links them.
 pub(super) fn load(
     engine: &Engine,
@@ -196,8 +202,7 @@ pub(super) fn load(
     check_header(bytes)?;
     let hash = ModuleHash::of(bytes);
     let started = Instant::now();
-    let cache_path: Option<PathBuf> =
-        cache.map(|(dir, key)| dir.join(format!("{hash}-{key}.cwasm")));
+    let cache_path: Option<PathBuf> = cache.map(|(dir, key)| artifact_path(dir, &hash, key));
     let mut from_disk_cache = false;
     let mut component = None;
     if let Some(path) = cache_path.as_deref().filter(|p| p.exists()) {

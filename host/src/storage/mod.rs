@@ -2,6 +2,7 @@
 //! state machine and its snapshot files. The only module that touches redb.
 
 pub mod codec;
+pub mod compiled;
 pub mod engine;
 pub mod events;
 pub mod modules;

@@ -50,6 +50,19 @@ pub trait ModulePeers: Send + Sync {
         sha256: String,
         offset: u64,
     ) -> BoxFuture<'static, Result<ModuleBytes, String>>;
+    /// Opens a stream of node `node`'s compiled code for module `sha256`, for an engine whose
+    /// artifact key is `key`, with its size (see `crate::storage::compiled`). Only between
+    /// members that share compiled code; by default, never.
+    fn open_compiled(
+        &self,
+        node: NodeId,
+        addr: String,
+        sha256: String,
+        key: String,
+    ) -> BoxFuture<'static, Result<(u64, ModuleBytes), String>> {
+        let _ = (node, addr, sha256, key);
+        Box::pin(async { Err("this node does not share compiled code".to_owned()) })
+    }
 }
 
 impl ModuleStore {
@@ -340,7 +353,7 @@ pub enum FetchError {
 }
 
 /// A few random bits for a temporary file's name (two writers of one module never collide).
-fn rand_suffix() -> u64 {
+pub(crate) fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::Instant::now())
 }

@@ -62,6 +62,8 @@ pub struct StateHandle {
     pub(super) modules: ModuleStore,
     /// How this node fetches a module it lacks (set by the node once its network exists).
     pub(super) module_peers: Arc<Mutex<Option<Arc<dyn ModulePeers>>>>,
+    /// Modules whose compiled code this node fetched from a member (`--share-compiled`).
+    pub(super) compiled_fetched: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for StateHandle {
@@ -257,6 +259,21 @@ impl StateHandle {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        if let (Some(peers), Some(path)) = (self.module_peers(), self.runtime.artifact_path(&hash))
+            && !path.exists()
+        {
+            let key = self.runtime.artifact_key();
+            match super::super::compiled::fetch(peers.as_ref(), sources, &hash, key, &path, deadline)
+                .await
+            {
+                Ok(node) => {
+                    self.compiled_fetched
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(module = %hash, node, "fetched a module's compiled code")
+                }
+                Err(e) => tracing::debug!(module = %hash, error = %e, "compiling a module here"),
+            }
+        }
         let (runtime, store) = (self.runtime.clone(), self.modules.clone());
         tokio::task::spawn_blocking(move || {
             let module = store.read(&hash).map_err(|e| e.to_string())?;
@@ -264,6 +281,38 @@ impl StateHandle {
         })
         .await
         .map_err(|e| format!("the compile task failed: {e}"))?
+    }
+
+    /// The key of the compiled code this node's runtime makes and loads.
+    pub fn artifact_key(&self) -> &str {
+        self.runtime.artifact_key()
+    }
+
+    /// This node's compiled code for module `sha256`, for an engine whose artifact key is
+    /// `key`: the file, or why there is none.
+    pub fn compiled_code(&self, sha256: &str, key: &str) -> Result<std::path::PathBuf, String> {
+        let hash = crate::runtime::ModuleHash::from_hex(sha256)
+            .ok_or_else(|| format!("{sha256:?} is not a module hash"))?;
+        if key != self.runtime.artifact_key() {
+            return Err(format!(
+                "this node compiles for engine key {}, not {key}",
+                self.runtime.artifact_key()
+            ));
+        }
+        self.runtime
+            .artifact_path(&hash)
+            .filter(|p| p.exists())
+            .ok_or_else(|| format!("this node has no compiled code for module {hash}"))
+    }
+
+    /// What this node's runtime compiled and loaded, and how many modules' compiled code it
+    /// fetched from a member.
+    pub fn compile_stats(&self) -> (crate::runtime::CompileStats, u64) {
+        (
+            self.runtime.compile_stats(),
+            self.compiled_fetched
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// This node's module store.

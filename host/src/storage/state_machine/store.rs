@@ -67,6 +67,7 @@ impl StateMachineStore {
                 healer: Arc::default(),
                 modules,
                 module_peers: Arc::default(),
+                compiled_fetched: Arc::default(),
             },
             dir: dir.to_path_buf(),
         })

@@ -6,6 +6,7 @@
 
 use crate::Raft;
 use crate::api::trace::{RPC_BUCKETS_S, RpcMetrics};
+use crate::raft::rtt::{PeerRtt, RTT_BUCKETS_S};
 use crate::storage::{APPLY_BUCKETS_US, StateHandle};
 use crate::types::TypeConfig;
 use std::fmt::Write as _;
@@ -22,7 +23,7 @@ fn escape(label: &str) -> String {
 }
 
 /// The metrics of one node in Prometheus' text format (version 0.0.4).
-pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics) -> String {
+pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt) -> String {
     use openraft::async_runtime::WatchReceiver;
     let m: openraft::RaftMetrics<TypeConfig> = raft.metrics().borrow_watched().clone();
     let mut out = String::with_capacity(4096);
@@ -219,6 +220,29 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics) -> String {
             m.sum_seconds
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP waft_peer_round_trip_seconds Round trips of the Raft messages this node sent as leader, from the request to its reply (one not answered counts with the time it waited).\n# TYPE waft_peer_round_trip_seconds histogram"
+    );
+    let (heartbeats, appends) = rtt.read();
+    for (kind, h) in [("heartbeat", heartbeats), ("append", appends)] {
+        let mut cumulative = 0;
+        for (i, bound) in RTT_BUCKETS_S.iter().enumerate() {
+            cumulative += h.buckets[i];
+            let _ = writeln!(
+                out,
+                "waft_peer_round_trip_seconds_bucket{{kind=\"{kind}\",le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += h.buckets[RTT_BUCKETS_S.len()];
+        let _ = writeln!(
+            out,
+            "waft_peer_round_trip_seconds_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {cumulative}\n\
+             waft_peer_round_trip_seconds_sum{{kind=\"{kind}\"}} {}\n\
+             waft_peer_round_trip_seconds_count{{kind=\"{kind}\"}} {cumulative}",
+            h.sum_seconds
+        );
+    }
     let (batches, commands) = rpc.forwarded_counts();
     let _ = writeln!(
         out,
@@ -357,6 +381,7 @@ pub async fn serve(
     raft: Raft,
     state: StateHandle,
     rpc: std::sync::Arc<RpcMetrics>,
+    rtt: std::sync::Arc<PeerRtt>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     loop {
@@ -369,11 +394,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let (raft, state, rpc) = (raft.clone(), state.clone(), rpc.clone());
+        let (raft, state, rpc, rtt) = (raft.clone(), state.clone(), rpc.clone(), rtt.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let (raft, state, rpc) = (raft.clone(), state.clone(), rpc.clone());
-                async move { Ok::<_, std::convert::Infallible>(respond(&req, raft, state, rpc).await) }
+                let (raft, state, rpc, rtt) =
+                    (raft.clone(), state.clone(), rpc.clone(), rtt.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(respond(&req, raft, state, rpc, rtt).await)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -391,6 +419,7 @@ async fn respond<B>(
     raft: Raft,
     state: StateHandle,
     rpc: std::sync::Arc<RpcMetrics>,
+    rtt: std::sync::Arc<PeerRtt>,
 ) -> hyper::Response<Body> {
     let reply = |status: u16, content_type: &str, body: String| {
         hyper::Response::builder()
@@ -408,7 +437,7 @@ async fn respond<B>(
     }
     // Reading the state machine takes its lock, which an apply may hold for a while: not on an
     // async worker.
-    match tokio::task::spawn_blocking(move || render(&raft, &state, &rpc)).await {
+    match tokio::task::spawn_blocking(move || render(&raft, &state, &rpc, &rtt)).await {
         Ok(body) => reply(200, "text/plain; version=0.0.4; charset=utf-8", body),
         Err(e) => reply(
             500,

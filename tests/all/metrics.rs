@@ -140,6 +140,14 @@ async fn metrics_show_raft_progress_services_and_audits() {
         );
         assert_eq!(value(text, "waft_modules_compiled_fetched_total"), 0.0);
         if is_leader {
+            // The leader timed its heartbeats and appends to the followers.
+            for kind in ["heartbeat", "append"] {
+                let count = format!("waft_peer_round_trip_seconds_count{{kind=\"{kind}\"}}");
+                let inf =
+                    format!("waft_peer_round_trip_seconds_bucket{{kind=\"{kind}\",le=\"+Inf\"}}");
+                assert!(value(text, &count) >= 1.0, "{kind}");
+                assert_eq!(value(text, &count), value(text, &inf));
+            }
             assert!(value(text, "waft_snapshot_built_total") >= 1.0);
             assert!(value(text, "waft_snapshot_last_built_bytes") > 0.0);
             assert!(value(text, "waft_snapshot_last_build_seconds") > 0.0);

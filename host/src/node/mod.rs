@@ -102,8 +102,7 @@ impl Node {
             .advertise
             .clone()
             .unwrap_or_else(|| local.to_string());
-        if config.net.share_compiled && !config.net.tls.as_ref().is_some_and(|t| t.has_identity())
-        {
+        if config.net.share_compiled && !config.net.tls.as_ref().is_some_and(|t| t.has_identity()) {
             return Err(NodeError::Tls(
                 "--share-compiled makes this node run machine code its peers compiled, so the \
                  nodes must authenticate each other: start every node with mutual TLS \
@@ -135,6 +134,7 @@ impl Node {
                     raft.clone(),
                     state.clone(),
                     servers.rpc.clone(),
+                    network.rtt().clone(),
                 ));
                 Some((bound, task))
             }

@@ -6,6 +6,7 @@ pub mod identity;
 pub mod modules;
 pub mod network;
 pub mod peer_audit;
+pub mod rtt;
 pub mod service;
 
 pub use identity::Identity;

@@ -101,6 +101,7 @@ pub struct NetworkFactory {
     config: NetConfig,
     identity: Arc<super::Identity>,
     pools: Arc<Mutex<HashMap<String, Arc<Pool>>>>,
+    rtt: Arc<super::rtt::PeerRtt>,
 }
 
 impl std::fmt::Debug for NetworkFactory {
@@ -116,7 +117,13 @@ impl NetworkFactory {
             config,
             identity,
             pools: Arc::default(),
+            rtt: Arc::default(),
         }
+    }
+
+    /// Round trips of the Raft messages sent through this network.
+    pub fn rtt(&self) -> &Arc<super::rtt::PeerRtt> {
+        &self.rtt
     }
 
     /// This node's identity.
@@ -211,6 +218,7 @@ impl NetworkFactory {
             config: self.config.clone(),
             identity: self.identity.clone(),
             failed_streams: 0,
+            rtt: self.rtt.clone(),
         }
     }
 }
@@ -235,6 +243,7 @@ pub struct PeerClient {
     identity: Arc<super::Identity>,
     /// Replication streams in a row that could not be opened (see `stream_append`).
     failed_streams: u32,
+    rtt: Arc<super::rtt::PeerRtt>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -377,9 +386,12 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
                 tokio::time::sleep(wait).await;
             }
             let (target, addr) = (self.target, self.addr.clone());
+            let in_flight = Arc::new(super::rtt::InFlight::new(self.rtt.clone()));
+            let sending = in_flight.clone();
             // An entry that cannot be encoded ends the stream (openraft then retries); it is
             // logged, never skipped, since skipping would leave a gap in the follower's log.
             let outgoing = input
+                .inspect(move |req| sending.sent(req.entries.is_empty()))
                 .map(move |req| match pb::encode(&req) {
                     Ok(msg) => Some(msg),
                     Err(e) => {
@@ -407,6 +419,7 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
                 }
             };
             let results = replies.map(move |item| {
+                in_flight.replied();
                 let msg = item.map_err(|s| rpc_error(target, &addr, &s))?;
                 pb::decode::<StreamAppendResult<TypeConfig>>(&msg).map_err(|s| rpc_error(target, &addr, &s))
             });

@@ -123,7 +123,9 @@ impl RaftService {
                 "this node does not share compiled code (waft node --share-compiled)",
             ));
         }
-        let path = state.compiled_code(sha256, key).map_err(Status::not_found)?;
+        let path = state
+            .compiled_code(sha256, key)
+            .map_err(Status::not_found)?;
         let file = std::fs::File::open(&path).map_err(|e| Status::not_found(e.to_string()))?;
         let size = file.metadata().map_err(internal)?.len();
         let mut response = Response::new(file_chunks(file));

@@ -263,8 +263,15 @@ impl StateHandle {
             && !path.exists()
         {
             let key = self.runtime.artifact_key();
-            match super::super::compiled::fetch(peers.as_ref(), sources, &hash, key, &path, deadline)
-                .await
+            match super::super::compiled::fetch(
+                peers.as_ref(),
+                sources,
+                &hash,
+                key,
+                &path,
+                deadline,
+            )
+            .await
             {
                 Ok(node) => {
                     self.compiled_fetched

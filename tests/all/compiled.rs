@@ -80,9 +80,8 @@ async fn members_that_share_compiled_code_load_the_leaders_instead_of_compiling(
         )
         .expect("read")
     };
-    for i in 0..3 {
+    for (i, (was, was_fetched)) in before.into_iter().enumerate() {
         let (stats, fetched) = cluster.node(i).state().compile_stats();
-        let (was, was_fetched) = before[i];
         if i == leader {
             assert_eq!(stats.compiled, was.compiled + 1, "the leader compiles");
             assert_eq!(fetched, was_fetched);

@@ -112,7 +112,7 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt)
             .map(|m| (format!("{{service=\"{}\"}}", escape(&m.name)), f(m)))
             .collect()
     };
-    let per_service: [(&str, &str, &str, ServiceValue); 6] = [
+    let per_service: [(&str, &str, &str, ServiceValue); 8] = [
         (
             "waft_service_version",
             "Active version of each service.",
@@ -148,6 +148,18 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt)
             "Times the guest was rebuilt after a trap.",
             "counter",
             |m| m.recoveries as f64,
+        ),
+        (
+            "waft_service_memory_bytes",
+            "Linear memory the service's live instance holds on this node.",
+            "gauge",
+            |m| m.memory_bytes as f64,
+        ),
+        (
+            "waft_service_code_bytes",
+            "Compiled code of the module the service runs (shared by the services and versions running the same module).",
+            "gauge",
+            |m| m.code_bytes as f64,
         ),
     ];
     for (name, help, kind, f) in per_service {

@@ -23,6 +23,7 @@ mod hostile;
 mod hotswap;
 mod identity;
 mod languages;
+mod memory;
 mod metrics;
 mod modules;
 mod process;

@@ -132,6 +132,8 @@ async fn metrics_show_raft_progress_services_and_audits() {
         if node.id() as usize == follower {
             assert_eq!(value(text, not_found), 1.0);
         }
+        assert!(value(text, "waft_service_memory_bytes{service=\"kv\"}") > 0.0);
+        assert!(value(text, "waft_service_code_bytes{service=\"kv\"}") > 0.0);
         // Every node compiled kv (or loaded compiled code it had); none fetched any.
         assert!(
             value(text, "waft_modules_compiled_total")

@@ -277,6 +277,7 @@ impl cluster_server::Cluster for Api {
             engine: self.runtime.fingerprint().to_owned(),
             audit: Some(convert::audit_status(&self.state.audit_status())),
             cluster_id: self.peers.identity().cluster().unwrap_or_default(),
+            guest_memory: Some(self.guest_memory()),
         }))
     }
 

@@ -133,6 +133,9 @@ pub(super) fn trial_report(t: crate::trial::Trial) -> api::TrialReport {
 pub(super) fn service_info(s: crate::storage::ServiceInfo, state_bytes: u64) -> api::ServiceInfo {
     api::ServiceInfo {
         state_bytes,
+        // Observations of the answering node; the caller fills them in.
+        memory_bytes: 0,
+        code_bytes: 0,
         module_sha256: s.module.hash.to_hex(),
         module_size: s.module.size as u64,
         deployed_at_index: s.deployed_at,

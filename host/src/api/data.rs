@@ -208,13 +208,24 @@ impl waft_server::Waft for Api {
     ) -> Result<GrpcResponse<api::ListServicesReply>, Status> {
         self.authorize(&request, Role::Client)?;
         let sizes = self.state.service_states().await.unwrap_or_default();
+        let memory: std::collections::HashMap<String, (u64, u64)> = self
+            .state
+            .service_metrics()
+            .into_iter()
+            .map(|m| (m.name, (m.memory_bytes, m.code_bytes)))
+            .collect();
         let services = self
             .state
             .services()
             .into_iter()
             .map(|s| {
                 let state_bytes = sizes.get(&s.name).map_or(0, |b| b.len() as u64);
-                convert::service_info(s, state_bytes)
+                let (memory_bytes, code_bytes) = memory.get(&s.name).copied().unwrap_or_default();
+                api::ServiceInfo {
+                    memory_bytes,
+                    code_bytes,
+                    ..convert::service_info(s, state_bytes)
+                }
             })
             .collect();
         Ok(GrpcResponse::new(api::ListServicesReply { services }))

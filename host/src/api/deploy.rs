@@ -98,7 +98,7 @@ impl Api {
         // The members fetch the module from this node's store and compile it while this node
         // validates it (a module that fails validation is only left in their stores until
         // they drop unused modules); with shared compiled code, after.
-        let (hash, held) = if header.dry_run {
+        let ((hash, code_bytes), held) = if header.dry_run {
             (validated.await?, Held::Inline)
         } else if self.peers.config().share_compiled {
             // The members fetch the code this node compiles: it compiles first (alone on the
@@ -111,6 +111,7 @@ impl Api {
             let (validated, held) = tokio::join!(validated, self.hold_members(&sha, size));
             (validated?, held?)
         };
+        self.check_budget(&header.service, limits, &hash, code_bytes)?;
         let (trial, findings) = if header.dry_run || header.verify {
             self.try_module(&header, &shared, limits).await?
         } else {
@@ -215,7 +216,7 @@ impl Api {
                     ),
                 })
             })?;
-        let hash = self
+        let (hash, code_bytes) = self
             .validate(
                 &req.service,
                 module.clone(),
@@ -223,6 +224,7 @@ impl Api {
                 &format!("version {version}"),
             )
             .await?;
+        self.check_budget(&req.service, limits, &hash, code_bytes)?;
         // The members hold it (it is a kept version), but may have dropped it from memory (a
         // restart) or lost the file: compile or fetch it before the switch. A member that
         // cannot fetches it when it applies the rollback.
@@ -237,6 +239,28 @@ impl Api {
         self.propose_swap(entry, "rollback").await
     }
 
+    /// Refuses a change that would take this node's guest memory reservation over its budget
+    /// (see [`super::budget`]).
+    fn check_budget(
+        &self,
+        service: &str,
+        limits: ServiceLimits,
+        hash: &str,
+        code_bytes: u64,
+    ) -> Result<(), Status> {
+        let default_limit = self.runtime.limits().max_memory_bytes as u64;
+        let next = super::budget::Reserved {
+            name: service.to_owned(),
+            memory_limit: limits.max_memory_bytes.unwrap_or(default_limit),
+            module: crate::runtime::ModuleHash::from_hex(hash)
+                .ok_or_else(|| Status::internal("a module hash that is not one"))?,
+            code_bytes,
+        };
+        super::budget::Reservations::of(&self.state.services(), default_limit)
+            .check(next, self.limits.max_guest_memory)
+            .map_err(Status::resource_exhausted)
+    }
+
     /// Checks, before anything is proposed, that `module` compiles, implements the world and
     /// accepts the current state of `service` in a throwaway instance (what applying the swap
     /// will do). Returns the module's sha256. The compiled module stays cached for the apply.
@@ -246,13 +270,13 @@ impl Api {
         module: Arc<Vec<u8>>,
         limits: ServiceLimits,
         what: &str,
-    ) -> Result<String, Status> {
+    ) -> Result<(String, u64), Status> {
         let current = self.state.service_state(service).await.map_err(|e| {
             Status::unavailable(format!("cannot read the current state of {service:?}: {e}"))
         })?;
         let runtime = self.runtime.clone();
         let (service, what) = (service.to_owned(), what.to_owned());
-        tokio::task::spawn_blocking(move || -> Result<String, Status> {
+        tokio::task::spawn_blocking(move || -> Result<(String, u64), Status> {
             let refused = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("module refused: {e}"));
             let loaded = runtime.load(&module).map_err(|e| refused(&e))?;
             let mut trial = runtime
@@ -265,7 +289,7 @@ impl Api {
                     ))
                 })?;
             }
-            Ok(loaded.hash().to_hex())
+            Ok((loaded.hash().to_hex(), loaded.info().code_bytes as u64))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

@@ -15,6 +15,7 @@
 
 mod admin;
 mod backup;
+pub mod budget;
 mod convert;
 mod data;
 mod deploy;
@@ -44,6 +45,9 @@ pub struct ApiLimits {
     pub max_backup_bytes: usize,
     /// Most `Watch` streams open at once on this node.
     pub max_watches: usize,
+    /// The most guest memory this node's services may reserve, in bytes (see [`budget`]);
+    /// `None`: no budget.
+    pub max_guest_memory: Option<u64>,
 }
 
 impl Default for ApiLimits {
@@ -52,6 +56,7 @@ impl Default for ApiLimits {
             max_payload_bytes: 1 << 20,
             max_backup_bytes: 128 << 20,
             max_watches: 1024,
+            max_guest_memory: None,
         }
     }
 }

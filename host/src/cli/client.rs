@@ -591,15 +591,24 @@ pub async fn services(client: &Client) -> anyhow::Result<ExitCode> {
                     serde_json::json!({"name": s.name, "version": s.version, "module_sha256": s.module_sha256,
                         "module_size": s.module_size, "deployed_at_index": s.deployed_at_index,
                         "state_bytes": s.state_bytes, "fuel_per_apply": s.fuel_per_apply,
-                        "max_memory_bytes": s.max_memory_bytes, "history": history})
+                        "max_memory_bytes": s.max_memory_bytes, "memory_bytes": s.memory_bytes,
+                        "code_bytes": s.code_bytes, "history": history})
                 })
                 .collect();
             println!("{}", serde_json::Value::Array(list));
         }
         Output::Text => {
             println!(
-                "{:<16} {:>7} {:<14} {:>10} {:>10} {:>10} {:>12}",
-                "SERVICE", "VERSION", "MODULE", "SIZE", "DEPLOYED@", "STATE", "FUEL/APPLY"
+                "{:<16} {:>7} {:<14} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
+                "SERVICE",
+                "VERSION",
+                "MODULE",
+                "SIZE",
+                "DEPLOYED@",
+                "STATE",
+                "FUEL/APPLY",
+                "MEMORY",
+                "CODE"
             );
             for s in &reply.services {
                 let fuel = if s.fuel_per_apply == 0 {
@@ -608,14 +617,16 @@ pub async fn services(client: &Client) -> anyhow::Result<ExitCode> {
                     s.fuel_per_apply.to_string()
                 };
                 println!(
-                    "{:<16} {:>7} {:<14} {:>10} {:>10} {:>10} {:>12}",
+                    "{:<16} {:>7} {:<14} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
                     s.name,
                     s.version,
                     &s.module_sha256[..12.min(s.module_sha256.len())],
                     s.module_size,
                     s.deployed_at_index,
                     s.state_bytes,
-                    fuel
+                    fuel,
+                    s.memory_bytes,
+                    s.code_bytes
                 );
                 let active = s.history.iter().find(|v| v.version == s.version);
                 if let Some(v) = active.filter(|v| !v.forced.is_empty()) {

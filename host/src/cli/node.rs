@@ -105,6 +105,13 @@ pub struct NodeArgs {
     /// differs gets no code it cannot use, and compiles.
     #[arg(long, env = "WAFT_SHARE_COMPILED")]
     pub share_compiled: bool,
+    /// The most guest memory this node's services may reserve, in MiB: each service reserves
+    /// its memory limit (`waft deploy --max-memory-mib`, or the default) and its module's
+    /// compiled code. A deploy or rollback that would go over it is refused before anything is
+    /// proposed (checked by the leader: give every node the same budget). Default: none.
+    #[arg(long, env = "WAFT_MAX_GUEST_MEMORY", value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_guest_memory: Option<u64>,
 }
 
 fn parse_dial(s: &str) -> Result<(String, String), String> {
@@ -195,6 +202,7 @@ fn node_config(
     config.watch_history.events = args.watch_history as usize;
     config.net.tls = tls;
     config.net.share_compiled = args.share_compiled;
+    config.api.max_guest_memory = args.max_guest_memory.map(|m| m.saturating_mul(1 << 20));
     config.metrics_listen = args.metrics_listen;
     config.etcd_listen = args.etcd_listen;
     config.etcd_service = args.etcd_service.clone();

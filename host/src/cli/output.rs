@@ -192,7 +192,9 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
                 serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
                     "leader_addr": s.leader_addr, "last_log_index": s.last_log_index, "committed_index": s.committed_index,
                     "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "engine": s.engine, "members": members,
-                    "cluster_id": s.cluster_id, "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
+                    "cluster_id": s.cluster_id, "guest_memory": s.guest_memory.as_ref().map(|g| serde_json::json!({
+                        "memory_bytes": g.memory_bytes, "code_bytes": g.code_bytes, "reserved_bytes": g.reserved_bytes,
+                        "budget_bytes": g.budget_bytes})), "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
                         "last_checked_index": a.last_checked_index,
                         "divergences": a.divergences.iter().map(|d| serde_json::json!({"index": d.index, "what": d.what,
                             "local": d.local, "expected": d.expected, "majority": d.majority})).collect::<Vec<_>>(),
@@ -219,6 +221,22 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
                 s.snapshot_index.map_or("-".to_owned(), |i| i.to_string())
             );
             println!("engine: {}", s.engine);
+            if let Some(g) = &s.guest_memory {
+                use crate::api::budget::mib;
+                let budget = if g.budget_bytes == 0 {
+                    "no budget".to_owned()
+                } else if g.reserved_bytes > g.budget_bytes {
+                    format!("OVER the budget of {} MiB", mib(g.budget_bytes))
+                } else {
+                    format!("budget {} MiB", mib(g.budget_bytes))
+                };
+                println!(
+                    "guest memory: {} MiB in use, {} MiB of compiled code; {} MiB reserved, {budget}",
+                    mib(g.memory_bytes),
+                    mib(g.code_bytes),
+                    mib(g.reserved_bytes)
+                );
+            }
             if !s.cluster_id.is_empty() {
                 println!("cluster: {}", s.cluster_id);
             }

@@ -46,6 +46,25 @@ pub enum NodeError {
     Restore(String),
 }
 
+/// Says so when the services this node replayed reserve more guest memory than its budget
+/// (a node restarted with a smaller `--max-guest-memory`): it keeps applying and serving them,
+/// since refusing what the log committed would make this replica differ from the others.
+fn warn_over_budget(config: &NodeConfig, runtime: &Runtime, state: &StateHandle) {
+    let Some(budget) = config.api.max_guest_memory else {
+        return;
+    };
+    let default_limit = runtime.limits().max_memory_bytes as u64;
+    let reserved = crate::api::budget::Reservations::of(&state.services(), default_limit).total();
+    if reserved > budget {
+        tracing::warn!(
+            reserved_mib = %crate::api::budget::mib(reserved),
+            budget_mib = %crate::api::budget::mib(budget),
+            "this node's services reserve more guest memory than --max-guest-memory allows; \
+             they keep serving, and deploys that add to the reservation are refused"
+        );
+    }
+}
+
 /// A running node.
 pub struct Node {
     id: NodeId,
@@ -117,6 +136,7 @@ impl Node {
         remove_partial_snapshots(&config.data_dir.join("snapshots"));
         let runtime = Runtime::new(config.runtime.clone())?;
         let core = open::open(&config, &runtime).await?;
+        warn_over_budget(&config, &runtime, &core.state);
         let servers = server::serve(&config, &core, runtime, addr.clone(), listener).await?;
         let Core {
             raft,

@@ -317,6 +317,11 @@ impl Guest {
         self.fuel_total
     }
 
+    /// Linear memory the live instance holds, in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().limiter.memory_bytes
+    }
+
     /// How many times this guest was rebuilt after a trap.
     pub fn recoveries(&self) -> u64 {
         self.recoveries

@@ -87,6 +87,8 @@ pub struct ModuleInfo {
     pub load_time: Duration,
     /// Whether the compiled artifact came from the on-disk cache.
     pub from_disk_cache: bool,
+    /// Size of its compiled code in memory (shared by every service and version running it).
+    pub code_bytes: usize,
 }
 
 impl ModuleInfo {
@@ -246,7 +248,9 @@ pub(super) fn load(
         write_cache(&component, path)?;
     }
     let uses = |prefix: &str| imports.iter().any(|i| i.starts_with(prefix));
+    let image = component.image_range();
     let info = ModuleInfo {
+        code_bytes: (image.end as usize).saturating_sub(image.start as usize),
         hash,
         size: bytes.len(),
         uses_clocks: uses("wasi:clocks/"),

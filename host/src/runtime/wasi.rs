@@ -92,6 +92,7 @@ impl HostState {
                 max_memory: limits.max_memory_bytes,
                 max_table: limits.max_table_elements,
                 hit: None,
+                memory_bytes: 0,
             },
             call,
         }
@@ -429,6 +430,9 @@ pub struct Limiter {
     max_memory: usize,
     max_table: usize,
     pub(super) hit: Option<String>,
+    /// Linear memory the instance holds: every growth this limiter allowed (wasmtime asks it
+    /// for a memory's initial size too), less the ones that failed.
+    pub(super) memory_bytes: usize,
 }
 
 impl ResourceLimiter for Limiter {
@@ -445,7 +449,16 @@ impl ResourceLimiter for Limiter {
             ));
             return Ok(false);
         }
+        self.memory_bytes += desired.saturating_sub(current);
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The growth counted above did not happen; which memory it was, wasmtime does not
+        // say. The count is an observation (metrics, budgets), so it stays as counted: a
+        // guest that hits this traps and its instance is rebuilt anyway.
+        tracing::debug!(error = %error, "a guest's memory growth failed");
+        Ok(())
     }
 
     fn table_growing(

@@ -120,6 +120,8 @@ impl SmState {
                     version: svc.history.last().map_or(0, |r| r.version),
                     fuel: svc.guest.fuel_total(),
                     recoveries: svc.guest.recoveries(),
+                    memory_bytes: svc.guest.memory_bytes() as u64,
+                    code_bytes: svc.guest.module().info().code_bytes as u64,
                     stats: self.local.stats.get(name).cloned().unwrap_or_default(),
                 })
                 .collect(),

@@ -32,6 +32,11 @@ pub struct ServiceMetrics {
     pub fuel: u64,
     /// Times its guest was rebuilt after a trap.
     pub recoveries: u64,
+    /// Linear memory its live instance holds on this node, bytes.
+    pub memory_bytes: u64,
+    /// Compiled code of the module it runs, bytes (shared with any other service or version
+    /// running the same module).
+    pub code_bytes: u64,
     /// Counters and apply latency.
     pub stats: ServiceStats,
 }

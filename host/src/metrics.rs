@@ -290,6 +290,12 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt)
             compiles.loaded as f64,
         ),
         (
+            "waft_modules_resident_code_bytes",
+            "Compiled code this node holds in memory (modules in use, and recently used ones up to --compiled-cache-mib).",
+            "gauge",
+            compiles.resident_code_bytes as f64,
+        ),
+        (
             "waft_modules_compiled_fetched_total",
             "Guest modules whose compiled code this node fetched from a member (--share-compiled).",
             "counter",

@@ -259,7 +259,7 @@ fn hostile(limits: Limits, checkpoints: CheckpointPolicy) -> waft::runtime::Gues
     let rt = runtime_with(RuntimeConfig {
         limits,
         checkpoints,
-        cache_dir: None,
+        ..RuntimeConfig::default()
     });
     guest(&rt, TEST_HOSTILE)
 }
@@ -580,6 +580,44 @@ fn compiled_modules_are_cached_on_disk_and_survive_a_restart() {
     );
 }
 
+/// With a disk cache, a module nothing uses leaves memory (loading it again reads its compiled
+/// code from disk), unless it fits in the recently-used budget, where the oldest leaves first.
+#[test]
+fn only_modules_in_use_or_in_the_recent_budget_stay_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (kv, kv2) = (
+        waft_testkit::wasm(EXAMPLE_KV),
+        waft_testkit::wasm(TEST_KV2),
+    );
+    let without = runtime_with(RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..RuntimeConfig::default()
+    });
+    let code = without.load(&kv).expect("loads").info().code_bytes;
+    assert!(code > 0);
+    assert_eq!(without.compile_stats().resident_code_bytes, 0, "dropped: not resident");
+    let in_use = without.load(&kv).expect("loads");
+    assert_eq!(without.compile_stats().loaded, 1, "read back from the disk");
+    assert_eq!(without.compile_stats().resident_code_bytes, code as u64);
+    drop(in_use);
+
+    // Room for one of the two: the most recently loaded stays.
+    let code2 = without.load(&kv2).expect("loads").info().code_bytes;
+    let rt = runtime_with(RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        compiled_cache_bytes: code.max(code2),
+        ..RuntimeConfig::default()
+    });
+    drop(rt.load(&kv).expect("loads"));
+    assert_eq!(rt.compile_stats().resident_code_bytes, code as u64, "kept");
+    drop(rt.load(&kv).expect("loads"));
+    assert_eq!(rt.compile_stats().loaded, 1, "the second load came from memory");
+    drop(rt.load(&kv2).expect("loads"));
+    assert_eq!(rt.compile_stats().resident_code_bytes, code2 as u64, "kv left for kv2");
+    drop(rt.load(&kv).expect("loads"));
+    assert_eq!(rt.compile_stats().loaded, 3, "kv came back from the disk");
+}
+
 fn bytes_in(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir).map_or(0, |entries| {
         entries
@@ -682,7 +720,7 @@ fn a_guest_whose_snapshot_traps_can_still_be_moved_as_its_history() {
     let rt = runtime_with(RuntimeConfig {
         limits: small_limits(),
         checkpoints: CheckpointPolicy::default(),
-        cache_dir: None,
+        ..RuntimeConfig::default()
     });
     let module = rt
         .load(&waft_testkit::wasm(TEST_HOSTILE))

@@ -320,6 +320,7 @@ fn exec_verify(args: &ExecArgs, bytes: &[u8]) -> anyhow::Result<ExitCode> {
             bytes: usize::MAX,
         },
         cache_dir: args.cache.dir(),
+        ..RuntimeConfig::default()
     })?;
     let name = args.file.display();
     let module = runtime

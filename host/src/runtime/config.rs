@@ -107,4 +107,8 @@ pub struct RuntimeConfig {
     pub checkpoints: CheckpointPolicy,
     /// Where compiled components are kept between runs (`None`: compile on every start).
     pub cache_dir: Option<PathBuf>,
+    /// With a `cache_dir`: compiled code kept in memory after nothing uses it any more, at
+    /// most this many bytes, the least recently loaded leaving first (0: none; a module that
+    /// serves again comes back from the disk cache in milliseconds).
+    pub compiled_cache_bytes: usize,
 }

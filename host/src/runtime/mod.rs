@@ -79,6 +79,39 @@ struct Inner {
     compile_micros: AtomicU64,
     /// Modules loaded from compiled code in the disk cache.
     loaded: AtomicU64,
+    /// The most recently loaded modules, kept in memory up to
+    /// [`RuntimeConfig::compiled_cache_bytes`] of code after nothing else uses them.
+    recent: Mutex<Recent>,
+}
+
+/// Strong references to the most recently loaded modules, newest last, bounded in bytes of
+/// compiled code.
+#[derive(Default)]
+struct Recent {
+    modules: std::collections::VecDeque<Arc<GuestModule>>,
+    bytes: usize,
+}
+
+impl Recent {
+    /// Puts `module` at the newest end and drops the oldest until at most `max` bytes stay.
+    fn touch(&mut self, module: &Arc<GuestModule>, max: usize) {
+        if max == 0 {
+            return;
+        }
+        if let Some(at) = self.modules.iter().position(|m| Arc::ptr_eq(m, module)) {
+            if let Some(m) = self.modules.remove(at) {
+                self.bytes -= m.info.code_bytes;
+            }
+        }
+        self.bytes += module.info.code_bytes;
+        self.modules.push_back(module.clone());
+        while self.bytes > max {
+            match self.modules.pop_front() {
+                Some(m) => self.bytes -= m.info.code_bytes,
+                None => break,
+            }
+        }
+    }
 }
 
 /// What a runtime compiled and loaded since it started (for metrics).
@@ -91,6 +124,8 @@ pub struct CompileStats {
     /// Modules loaded from compiled code on disk (compiled here earlier, or fetched from a
     /// member that shares compiled code).
     pub loaded: u64,
+    /// Compiled code held in memory now, bytes (see [`Runtime::resident_code_bytes`]).
+    pub resident_code_bytes: u64,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -125,6 +160,7 @@ impl Runtime {
                 compiled: AtomicU64::new(0),
                 compile_micros: AtomicU64::new(0),
                 loaded: AtomicU64::new(0),
+                recent: Mutex::new(Recent::default()),
             }),
         })
     }
@@ -156,6 +192,7 @@ impl Runtime {
             compiled: self.inner.compiled.load(Ordering::Relaxed),
             compile_seconds: self.inner.compile_micros.load(Ordering::Relaxed) as f64 / 1e6,
             loaded: self.inner.loaded.load(Ordering::Relaxed),
+            resident_code_bytes: self.resident_code_bytes() as u64,
         }
     }
 
@@ -191,6 +228,7 @@ impl Runtime {
         let slot = self.modules().entry(hash).or_default().clone();
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(m) = slot.as_ref().and_then(Held::get) {
+            self.keep_recent(&m);
             return Ok(m);
         }
         let cache = self
@@ -225,7 +263,31 @@ impl Runtime {
         } else {
             Held::Strong(module.clone())
         });
+        self.keep_recent(&module);
         Ok(module)
+    }
+
+    /// Keeps `module` among the recently loaded ones (with a disk cache and a memory budget
+    /// for them; without a disk cache every module stays anyway).
+    fn keep_recent(&self, module: &Arc<GuestModule>) {
+        if self.inner.config.cache_dir.is_some() {
+            crate::sync::lock(&self.inner.recent)
+                .touch(module, self.inner.config.compiled_cache_bytes);
+        }
+    }
+
+    /// Bytes of compiled code this runtime holds in memory (in use, or kept as recently
+    /// loaded), each module once.
+    pub fn resident_code_bytes(&self) -> usize {
+        self.modules()
+            .values()
+            .filter_map(|slot| {
+                slot.try_lock()
+                    .ok()
+                    .and_then(|held| held.as_ref().and_then(Held::get))
+            })
+            .map(|m| m.info.code_bytes)
+            .sum()
     }
 
     /// Creates a fresh instance (empty state) of a loaded module, opened outside any log entry

@@ -1,33 +1,94 @@
 #!/usr/bin/env bash
-# Memory of a `waft dev` cluster (3 nodes in one process) as services and versions are added
-# (issue 23): prints the process RSS after each step: started (the Rust kv deployed), + the
-# 18 MiB Python kv guest as a second service, then CYCLES × (deploy a new version of it,
-# roll back).
-#   GUEST_V2=FILE scripts/bench-memory.sh        (a second version of the Python guest)
-#   BIN=other/waft GUEST_V2=FILE scripts/bench-memory.sh
+# Memory per node, and where it goes (issue 23): 3 `waft node` processes; after each step,
+# once RSS has settled (the allocator returns freed memory within seconds), prints per node
+# (the mean of the three): RSS, the services' linear memory, compiled code held in memory,
+# the watch history, and the rest (the runtime, Raft, the log, buffers, allocator slack).
+# Steps: idle; + the Rust kv guest; + the 18 MiB Python kv guest; + the 12 MiB JS kv guest;
+# CYCLES x (deploy a new version of the Python guest, roll back); WRITES puts to kv.
+#   GUEST_V2=FILE scripts/bench-memory.sh       (a second version of the Python kv guest)
+#   BIN=other/waft CYCLES=10 WRITES=1000000 GUEST_V2=FILE scripts/bench-memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/waft}
-CYCLES=${CYCLES:-5}
-GUEST=target/guests/kv-python.wasm
+CYCLES=${CYCLES:-10}
+WRITES=${WRITES:-1000000}
+PY=target/guests/kv-python.wasm
+JS=target/guests/kv-js.wasm
+KV=target/guests/wasm32-wasip2/release/kv.wasm
 : "${GUEST_V2:?set GUEST_V2 to a second version of the Python kv guest}"
+[ -x "$BIN" ] || cargo build --release -p waft
+for f in "$PY" "$JS" "$KV"; do
+  [ -f "$f" ] || { echo "build the guests first: cargo test -p waft-testkit --no-run" >&2; exit 1; }
+done
 D=$(mktemp -d)
 P=$((21000 + RANDOM % 20000))
-$BIN dev --data-dir "$D" --base-port $P > "$D/dev.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; rm -rf "$D"' EXIT
-E=127.0.0.1:$P
-for _ in $(seq 100); do $BIN --endpoint $E services 2>/dev/null | grep -q '^kv ' && break; sleep 0.3; done
-rss() { awk '/VmRSS/ {printf "%d", $2 / 1024}' /proc/$pid/status; }
-echo "started, Rust kv deployed: $(rss) MB"
-$BIN --endpoint $E deploy $GUEST --service py >/dev/null
-sleep 2
-first=$(rss)
-echo "+ the Python guest: $first MB"
+pids=()
+for i in 1 2 3; do
+  $BIN node --id $i --listen 127.0.0.1:$((P+i)) --data-dir "$D/n$i" \
+    --metrics-listen 127.0.0.1:$((P+10+i)) 2> "$D/n$i.log" & pids+=($!)
+done
+trap 'kill ${pids[*]} 2>/dev/null; rm -rf "$D"' EXIT
+sleep 1
+E=127.0.0.1:$((P+1))
+$BIN --endpoint $E cluster init >/dev/null
+for i in 2 3; do $BIN --endpoint $E cluster add-learner $i 127.0.0.1:$((P+i)) >/dev/null; done
+$BIN --endpoint $E cluster change-membership 1 2 3 >/dev/null
+rss_of() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
+total_rss() { local t=0; for p in "${pids[@]}"; do t=$((t + $(rss_of "$p"))); done; echo $t; }
+# Waits until the three nodes' RSS stops falling (at most 40 s).
+settle() {
+  local last now
+  last=$(total_rss)
+  for _ in $(seq 20); do
+    sleep 2
+    now=$(total_rss)
+    [ $((last - now)) -lt $((last / 100)) ] && break
+    last=$now
+  done
+}
+report() {
+  settle
+  python3 - "$1" "$P" "${pids[@]}" <<'PY'
+import re, sys, urllib.request
+step, port, pids = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def metric(text, name):
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r'%s(\{[^}]*\})? (\S+)$' % re.escape(name), line)
+        if m:
+            total += float(m.group(2))
+    return total
+rows = []
+for i, pid in enumerate(pids, 1):
+    rss = int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port + 10 + i}/metrics").read().decode()
+    linear = metric(text, "waft_service_memory_bytes")
+    code = metric(text, "waft_modules_resident_code_bytes")
+    watch = metric(text, "waft_watch_history_bytes")
+    rows.append((rss, linear, code, watch, rss - linear - code - watch))
+mean = [sum(r[k] for r in rows) / len(rows) / 2**20 for k in range(5)]
+print("| %s | %.0f | %.0f | %.0f | %.0f | %.0f |" % (step, *mean))
+PY
+}
+echo "| step | RSS MB | linear memory | compiled code | watch history | rest |"
+echo "|---|---:|---:|---:|---:|---:|"
+report "idle"
+$BIN --endpoint $E deploy $KV --service kv >/dev/null
+report "+ Rust kv"
+$BIN --endpoint $E deploy $PY --service py >/dev/null
+report "+ Python kv"
+first=$(total_rss)
+$BIN --endpoint $E deploy $JS --service js >/dev/null
+report "+ JS kv"
+with_js=$(total_rss)
 for c in $(seq "$CYCLES"); do
   $BIN --endpoint $E deploy "$GUEST_V2" --service py >/dev/null
   $BIN --endpoint $E rollback --service py >/dev/null
-  sleep 2
-  echo "after $c deploy/rollback cycles: $(rss) MB"
 done
-echo "growth per cycle: $(( ($(rss) - first) / CYCLES )) MB; data directory $(du -sm "$D" | cut -f1) MB"
+report "after $CYCLES deploy/rollback cycles of the Python guest"
+after=$(total_rss)
+$BIN --endpoint $E bench --clients 64 --count "$WRITES" --service kv >/dev/null
+report "after $WRITES writes"
+echo
+echo "after the cycles / with the JS guest, before them: $(python3 -c "print('%.2f' % ($after / $with_js))")"
+echo "data directories: $(du -sm "$D" | cut -f1) MB"

@@ -270,7 +270,20 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt)
     };
     let snaps = state.snapshot_stats();
     let (compiles, fetched) = state.compile_stats();
+    let (watch_events, watch_bytes) = state.watch_history();
     for (name, help, kind, v) in [
+        (
+            "waft_watch_history_events",
+            "Applied commands held in memory for watchers starting from an earlier index.",
+            "gauge",
+            watch_events as f64,
+        ),
+        (
+            "waft_watch_history_bytes",
+            "Bytes of payloads and replies in the watch history.",
+            "gauge",
+            watch_bytes as f64,
+        ),
         (
             "waft_modules_compiled_total",
             "Guest modules this node compiled.",

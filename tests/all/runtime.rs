@@ -585,17 +585,18 @@ fn compiled_modules_are_cached_on_disk_and_survive_a_restart() {
 #[test]
 fn only_modules_in_use_or_in_the_recent_budget_stay_in_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (kv, kv2) = (
-        waft_testkit::wasm(EXAMPLE_KV),
-        waft_testkit::wasm(TEST_KV2),
-    );
+    let (kv, kv2) = (waft_testkit::wasm(EXAMPLE_KV), waft_testkit::wasm(TEST_KV2));
     let without = runtime_with(RuntimeConfig {
         cache_dir: Some(dir.path().to_path_buf()),
         ..RuntimeConfig::default()
     });
     let code = without.load(&kv).expect("loads").info().code_bytes;
     assert!(code > 0);
-    assert_eq!(without.compile_stats().resident_code_bytes, 0, "dropped: not resident");
+    assert_eq!(
+        without.compile_stats().resident_code_bytes,
+        0,
+        "dropped: not resident"
+    );
     let in_use = without.load(&kv).expect("loads");
     assert_eq!(without.compile_stats().loaded, 1, "read back from the disk");
     assert_eq!(without.compile_stats().resident_code_bytes, code as u64);
@@ -611,9 +612,17 @@ fn only_modules_in_use_or_in_the_recent_budget_stay_in_memory() {
     drop(rt.load(&kv).expect("loads"));
     assert_eq!(rt.compile_stats().resident_code_bytes, code as u64, "kept");
     drop(rt.load(&kv).expect("loads"));
-    assert_eq!(rt.compile_stats().loaded, 1, "the second load came from memory");
+    assert_eq!(
+        rt.compile_stats().loaded,
+        1,
+        "the second load came from memory"
+    );
     drop(rt.load(&kv2).expect("loads"));
-    assert_eq!(rt.compile_stats().resident_code_bytes, code2 as u64, "kv left for kv2");
+    assert_eq!(
+        rt.compile_stats().resident_code_bytes,
+        code2 as u64,
+        "kv left for kv2"
+    );
     drop(rt.load(&kv).expect("loads"));
     assert_eq!(rt.compile_stats().loaded, 3, "kv came back from the disk");
 }

@@ -116,7 +116,12 @@ pub struct NodeArgs {
     /// the least recently used leaving first, so that a rollback to them skips reading their
     /// compiled code from DATA_DIR/cache (milliseconds for small guests, about a second for
     /// an 18 MiB Python one). Default 0: only what serves stays in memory.
-    #[arg(long, env = "WAFT_COMPILED_CACHE_MIB", default_value_t = 0, value_name = "MIB")]
+    #[arg(
+        long,
+        env = "WAFT_COMPILED_CACHE_MIB",
+        default_value_t = 0,
+        value_name = "MIB"
+    )]
     pub compiled_cache_mib: u64,
 }
 

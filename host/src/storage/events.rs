@@ -126,6 +126,12 @@ impl Events {
         self.history.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Events held, and the bytes of their payloads and replies.
+    pub fn held(&self) -> (usize, usize) {
+        let h = self.lock();
+        (h.events.len(), h.bytes)
+    }
+
     /// Records a batch of applied entries (indexes `applied`) and the events among them,
     /// oldest first.
     pub fn record(&self, applied: std::ops::RangeInclusive<u64>, events: Vec<Event>) {

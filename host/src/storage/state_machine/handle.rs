@@ -324,6 +324,11 @@ impl StateHandle {
         )
     }
 
+    /// The watch history this node holds: events, and bytes of their payloads and replies.
+    pub fn watch_history(&self) -> (usize, usize) {
+        self.events.held()
+    }
+
     /// This node's module store.
     pub fn modules(&self) -> &ModuleStore {
         &self.modules

@@ -98,10 +98,10 @@ impl Recent {
         if max == 0 {
             return;
         }
-        if let Some(at) = self.modules.iter().position(|m| Arc::ptr_eq(m, module)) {
-            if let Some(m) = self.modules.remove(at) {
-                self.bytes -= m.info.code_bytes;
-            }
+        if let Some(at) = self.modules.iter().position(|m| Arc::ptr_eq(m, module))
+            && let Some(m) = self.modules.remove(at)
+        {
+            self.bytes -= m.info.code_bytes;
         }
         self.bytes += module.info.code_bytes;
         self.modules.push_back(module.clone());

@@ -2,7 +2,8 @@
 # Memory per node, and where it goes (issue 23): 3 `waft node` processes; after each step,
 # once RSS has settled (the allocator returns freed memory within seconds), prints per node
 # (the mean of the three): RSS, the services' linear memory, compiled code held in memory,
-# the watch history, and the rest (the runtime, Raft, the log, buffers, allocator slack).
+# the instance histories (base states and journals), the watch history, and the rest (the
+# runtime, Raft, the log, buffers, allocator slack).
 # Steps: idle; + the Rust kv guest; + the 18 MiB Python kv guest; + the 12 MiB JS kv guest;
 # CYCLES x (deploy a new version of the Python guest, roll back); WRITES puts to kv.
 #   GUEST_V2=FILE scripts/bench-memory.sh       (a second version of the Python kv guest)
@@ -64,14 +65,15 @@ for i, pid in enumerate(pids, 1):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port + 10 + i}/metrics").read().decode()
     linear = metric(text, "waft_service_memory_bytes")
     code = metric(text, "waft_modules_resident_code_bytes")
+    history = metric(text, "waft_service_history_bytes")
     watch = metric(text, "waft_watch_history_bytes")
-    rows.append((rss, linear, code, watch, rss - linear - code - watch))
-mean = [sum(r[k] for r in rows) / len(rows) / 2**20 for k in range(5)]
-print("| %s | %.0f | %.0f | %.0f | %.0f | %.0f |" % (step, *mean))
+    rows.append((rss, linear, code, history, watch, rss - linear - code - history - watch))
+mean = [sum(r[k] for r in rows) / len(rows) / 2**20 for k in range(6)]
+print("| %s | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |" % (step, *mean))
 PY
 }
-echo "| step | RSS MB | linear memory | compiled code | watch history | rest |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| step | RSS MB | linear memory | compiled code | instance histories | watch history | rest |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 report "idle"
 $BIN --endpoint $E deploy $KV --service kv >/dev/null
 report "+ Rust kv"

@@ -112,7 +112,7 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt)
             .map(|m| (format!("{{service=\"{}\"}}", escape(&m.name)), f(m)))
             .collect()
     };
-    let per_service: [(&str, &str, &str, ServiceValue); 8] = [
+    let per_service: [(&str, &str, &str, ServiceValue); 9] = [
         (
             "waft_service_version",
             "Active version of each service.",
@@ -154,6 +154,12 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt)
             "Linear memory the service's live instance holds on this node.",
             "gauge",
             |m| m.memory_bytes as f64,
+        ),
+        (
+            "waft_service_history_bytes",
+            "The instance history kept to rebuild the service's guest (base state and journal of calls).",
+            "gauge",
+            |m| m.history_bytes as f64,
         ),
         (
             "waft_service_code_bytes",

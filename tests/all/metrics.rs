@@ -134,6 +134,7 @@ async fn metrics_show_raft_progress_services_and_audits() {
         }
         assert!(value(text, "waft_service_memory_bytes{service=\"kv\"}") > 0.0);
         assert!(value(text, "waft_service_code_bytes{service=\"kv\"}") > 0.0);
+        assert!(value(text, "waft_service_history_bytes{service=\"kv\"}") > 0.0);
         // Every node compiled kv (or loaded compiled code it had); none fetched any.
         assert!(
             value(text, "waft_modules_compiled_total")

@@ -317,6 +317,12 @@ impl Guest {
         self.fuel_total
     }
 
+    /// Bytes of the instance's history this guest keeps to rebuild it (its base state and
+    /// the journal of calls since; see [`CheckpointPolicy`] for when it is cut).
+    pub fn history_bytes(&self) -> usize {
+        self.base.as_ref().map_or(0, |b| b.len()) + self.journal_bytes
+    }
+
     /// Linear memory the live instance holds, in bytes.
     pub fn memory_bytes(&self) -> usize {
         self.store.data().limiter.memory_bytes

@@ -122,6 +122,7 @@ impl SmState {
                     recoveries: svc.guest.recoveries(),
                     memory_bytes: svc.guest.memory_bytes() as u64,
                     code_bytes: svc.guest.module().info().code_bytes as u64,
+                    history_bytes: svc.guest.history_bytes() as u64,
                     stats: self.local.stats.get(name).cloned().unwrap_or_default(),
                 })
                 .collect(),

@@ -37,6 +37,8 @@ pub struct ServiceMetrics {
     /// Compiled code of the module it runs, bytes (shared with any other service or version
     /// running the same module).
     pub code_bytes: u64,
+    /// Its instance history kept in memory (base state and journal), bytes.
+    pub history_bytes: u64,
     /// Counters and apply latency.
     pub stats: ServiceStats,
 }

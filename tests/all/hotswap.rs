@@ -22,16 +22,17 @@ pub(crate) async fn deploy(
     path: &str,
     dry_run: bool,
 ) -> Result<api::DeployReply, tonic::Status> {
-    deploy_with_fuel(addr, service, path, dry_run, 0).await
+    deploy_with_limits(addr, service, path, dry_run, 0, 0).await
 }
 
-/// A deploy with the service's own fuel limit (0: the node's).
-async fn deploy_with_fuel(
+/// A deploy with the service's own fuel and memory limits (0: the node's).
+pub(crate) async fn deploy_with_limits(
     addr: &str,
     service: &str,
     path: &str,
     dry_run: bool,
     fuel_per_apply: u64,
+    max_memory_bytes: u64,
 ) -> Result<api::DeployReply, tonic::Status> {
     let module = waft_testkit::wasm(path);
     let chunks = vec![
@@ -41,7 +42,7 @@ async fn deploy_with_fuel(
                 size: module.len() as u64,
                 dry_run,
                 fuel_per_apply,
-                max_memory_bytes: 0,
+                max_memory_bytes,
                 ..Default::default()
             })),
         },
@@ -438,7 +439,7 @@ async fn concurrent_deploys_of_one_service_apply_in_log_order_everywhere() {
     let addrs = cluster.addrs.clone();
     // Version 1 runs under a fuel limit of its own, so neither racing deploy below is the
     // module-and-limits the service already runs (which would change nothing).
-    deploy_with_fuel(&addrs[0], "kv", EXAMPLE_KV, false, 50_000_000)
+    deploy_with_limits(&addrs[0], "kv", EXAMPLE_KV, false, 50_000_000, 0)
         .await
         .expect("v1");
     cluster.write(kv("put a 1")).await;

@@ -17,25 +17,7 @@ async fn deploy(
     path: &str,
     memory: u64,
 ) -> Result<api::DeployReply, tonic::Status> {
-    let module = waft_testkit::wasm(path);
-    let chunks = vec![
-        api::DeployChunk {
-            kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
-                service: service.to_owned(),
-                size: module.len() as u64,
-                max_memory_bytes: memory,
-                ..Default::default()
-            })),
-        },
-        api::DeployChunk {
-            kind: Some(api::deploy_chunk::Kind::Data(module)),
-        },
-    ];
-    client(addr)
-        .await
-        .deploy(futures::stream::iter(chunks))
-        .await
-        .map(|r| r.into_inner())
+    crate::hotswap::deploy_with_limits(addr, service, path, false, 0, memory).await
 }
 
 async fn rollback(addr: &str, service: &str) -> Result<api::DeployReply, tonic::Status> {

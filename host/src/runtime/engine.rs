@@ -1,8 +1,10 @@
 //! The wasmtime engine, configured for deterministic execution, and its fingerprint.
 
 use super::config::{CheckpointPolicy, Limits};
+use super::functions::FunctionCache;
 use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use wasmtime::{Config, Engine, OptLevel};
 
 /// The wasmtime release this host is built against. Pinned in Cargo.toml with `=`; it is part
@@ -17,14 +19,16 @@ pub const WASMTIME_VERSION: &str = "48.0.8";
 /// `concurrency_support` is off: the component-model async machinery about doubles the cost of
 /// a call and guests have no use for it.
 ///
-/// With a `cache_dir`, Cranelift keeps each compiled function in a function cache there
-/// (`functions/`), so a new version of a module compiles only what changed.
-pub fn build(cache_dir: Option<&std::path::Path>) -> wasmtime::Result<Engine> {
+/// With a function cache, Cranelift keeps each compiled function there, so a new version of a
+/// module compiles only what changed.
+///
+/// Every engine built here has the same configuration, so code compiled by one loads into any
+/// other: the runtime compiles with an engine of its own that it drops afterwards (see
+/// `module::compile`).
+pub fn build(functions: Option<Arc<FunctionCache>>) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
-    if let Some(dir) = cache_dir {
-        config.enable_incremental_compilation(std::sync::Arc::new(
-            super::functions::FunctionCache::new(&dir.join("functions")),
-        ))?;
+    if let Some(cache) = functions {
+        config.enable_incremental_compilation(cache)?;
     }
     config
         .wasm_component_model(true)

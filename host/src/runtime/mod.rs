@@ -65,6 +65,8 @@ pub struct Runtime {
 
 struct Inner {
     engine: Engine,
+    /// The function cache every compiling engine shares (with a `cache_dir`).
+    functions: Option<Arc<functions::FunctionCache>>,
     linker: Linker<HostState>,
     config: RuntimeConfig,
     fingerprint: String,
@@ -139,7 +141,11 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Builds the engine and the linker.
     pub fn new(config: RuntimeConfig) -> Result<Runtime, LoadError> {
-        let engine = engine::build(config.cache_dir.as_deref())
+        let functions = config
+            .cache_dir
+            .as_deref()
+            .map(|dir| Arc::new(functions::FunctionCache::new(&dir.join("functions"))));
+        let engine = engine::build(functions.clone())
             .map_err(|e| LoadError::Invalid(format!("cannot build the engine: {e}")))?;
         let mut linker = Linker::new(&engine);
         let link =
@@ -152,6 +158,7 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
+                functions,
                 linker,
                 config,
                 fingerprint,
@@ -239,6 +246,7 @@ impl Runtime {
             .map(|dir| (dir, self.inner.artifact_key.as_str()));
         let module = Arc::new(module::load(
             &self.inner.engine,
+            self.inner.functions.as_ref(),
             &self.inner.linker,
             bytes,
             cache,

@@ -3,10 +3,12 @@
 
 use super::bindings::GuestPre;
 use super::error::LoadError;
+use super::functions::FunctionCache;
 use super::wasi::HostState;
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::Engine;
 use wasmtime::component::types::ComponentItem;
@@ -153,7 +155,17 @@ fn lower_priority() {
 /// parallel compile workers (rayon's global pool) low priority as well. A large component
 /// (CPython or a JS engine inside) keeps every core busy for seconds, and on the same machine
 /// Raft's heartbeats must keep winning the CPU, or a deploy costs an election.
-fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
+///
+/// The compiling is done by an engine of its own, dropped when it is done, and the code is then
+/// loaded into `engine`: Cranelift keeps a context per compiler thread in its engine for reuse,
+/// each grown to the largest function it compiled, and for a Python guest they held ~77 MB per
+/// node for good (a heap profile, docs/benchmarks.md). Returns the component and its compiled
+/// code (what the disk cache keeps).
+fn compile(
+    functions: Option<&Arc<FunctionCache>>,
+    engine: &Engine,
+    bytes: &[u8],
+) -> wasmtime::Result<(Component, Vec<u8>)> {
     static POOL: std::sync::Once = std::sync::Once::new();
     POOL.call_once(|| {
         let built = rayon::ThreadPoolBuilder::new()
@@ -175,17 +187,21 @@ fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
             tracing::debug!(error = %e, "compiler threads keep their priority");
         }
     });
-    std::thread::scope(|scope| {
+    let code = std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("waft-compile".into())
             .spawn_scoped(scope, || {
                 lower_priority();
-                Component::new(engine, bytes)
+                super::engine::build(functions.cloned())?.precompile_component(bytes)
             })
             .map_err(wasmtime::Error::from)?
             .join()
             .unwrap_or_else(|_| Err(wasmtime::Error::msg("the compiler panicked")))
-    })
+    })?;
+    // SAFETY: the code was just compiled by an engine with the same configuration as `engine`
+    // (both come from `engine::build`), and wasmtime checks that on load.
+    let component = unsafe { Component::deserialize(engine, &code) }?;
+    Ok((component, code))
 }
 
 /// Where the disk cache in `dir` keeps the compiled code of module `hash` for engines with
@@ -197,6 +213,7 @@ pub(super) fn artifact_path(dir: &Path, hash: &ModuleHash, key: &str) -> PathBuf
 /// Compiles `bytes` or loads them from the disk cache, then validates and links them.
 pub(super) fn load(
     engine: &Engine,
+    functions: Option<&Arc<FunctionCache>>,
     linker: &Linker<HostState>,
     bytes: &[u8],
     cache: Option<(&Path, &str)>,
@@ -229,9 +246,13 @@ pub(super) fn load(
             }
         }
     }
-    let component = match component {
-        Some(c) => c,
-        None => compile(engine, bytes).map_err(|e| LoadError::Invalid(root_message(&e)))?,
+    let (component, compiled) = match component {
+        Some(c) => (c, None),
+        None => {
+            let (c, code) = compile(functions, engine, bytes)
+                .map_err(|e| LoadError::Invalid(root_message(&e)))?;
+            (c, Some(code))
+        }
     };
     let (imports, exports) = inspect(engine, &component);
     check_world(&imports, &exports)?;
@@ -244,9 +265,10 @@ pub(super) fn load(
             root_message(&e)
         ))
     })?;
-    if let (Some(path), false) = (&cache_path, from_disk_cache) {
-        write_cache(&component, path)?;
+    if let (Some(path), Some(code)) = (&cache_path, &compiled) {
+        write_cache(code, path)?;
     }
+    drop(compiled);
     let uses = |prefix: &str| imports.iter().any(|i| i.starts_with(prefix));
     let image = component.image_range();
     let info = ModuleInfo {
@@ -263,16 +285,13 @@ pub(super) fn load(
     Ok(GuestModule { info, pre })
 }
 
-fn write_cache(component: &Component, path: &Path) -> Result<(), LoadError> {
-    let bytes = component
-        .serialize()
-        .map_err(|e| LoadError::Cache(format!("cannot serialize compiled component: {e}")))?;
+fn write_cache(bytes: &[u8], path: &Path) -> Result<(), LoadError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)
         .map_err(|e| LoadError::Cache(format!("cannot create {}: {e}", dir.display())))?;
     // Write then rename, so a crash never leaves a half-written artifact under the real name.
     let tmp = path.with_extension("cwasm.tmp");
-    std::fs::write(&tmp, &bytes)
+    std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| LoadError::Cache(format!("cannot write {}: {e}", path.display())))
 }

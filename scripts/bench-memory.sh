@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Memory per node, and where it goes (issue 23): 3 `waft node` processes; after each step,
 # once RSS has settled (the allocator returns freed memory within seconds), prints per node
-# (the mean of the three): RSS, the services' linear memory, compiled code held in memory,
-# the instance histories (base states and journals), the watch history, and the rest (the
-# runtime, Raft, the log, buffers, allocator slack).
+# (the mean of the three): RSS; the services' linear memory and the compiled code held in
+# memory (both mapped by wasmtime, outside the heap); the heap the program has allocated, and
+# in it the instance histories (base states and journals), the watch history and the log's
+# entries; what the allocator says it holds beyond that (slack, pages not returned yet: an
+# upper bound, it counts pages never touched); and the rest: RSS less linear memory, code and
+# allocated heap (allocator slack, the binary, thread stacks). Linear memory is the size each
+# guest asked for; pages it never touched, or shares unchanged with its module's copy-on-write
+# image, are not in RSS, so a guest's real cost can be below it.
 # Steps: idle; + the Rust kv guest; + the 18 MiB Python kv guest; + the 12 MiB JS kv guest;
-# CYCLES x (deploy a new version of the Python guest, roll back); WRITES puts to kv.
+# + a second service running the same Python module; CYCLES x (deploy a new version of the
+# Python guest, roll back); WRITES puts to kv.
 #   GUEST_V2=FILE scripts/bench-memory.sh       (a second version of the Python kv guest)
 #   BIN=other/waft CYCLES=10 WRITES=1000000 GUEST_V2=FILE scripts/bench-memory.sh
 set -euo pipefail
@@ -36,15 +42,19 @@ for i in 2 3; do $BIN --endpoint $E cluster add-learner $i 127.0.0.1:$((P+i)) >/
 $BIN --endpoint $E cluster change-membership 1 2 3 >/dev/null
 rss_of() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
 total_rss() { local t=0; for p in "${pids[@]}"; do t=$((t + $(rss_of "$p"))); done; echo $t; }
-# Waits until the three nodes' RSS stops falling (at most 40 s).
+# Waits until the three nodes' RSS stops falling: less than 1% lower than 10 s before (at
+# most 90 s). jemalloc returns freed pages gradually over about 10 s.
 settle() {
-  local last now
-  last=$(total_rss)
-  for _ in $(seq 20); do
+  local hist=() now
+  for _ in $(seq 45); do
     sleep 2
     now=$(total_rss)
-    [ $((last - now)) -lt $((last / 100)) ] && break
-    last=$now
+    hist+=("$now")
+    local n=${#hist[@]}
+    if [ "$n" -gt 5 ]; then
+      local before=${hist[$((n - 6))]}
+      [ $((before - now)) -lt $((before / 100)) ] && break
+    fi
   done
 }
 report() {
@@ -65,15 +75,19 @@ for i, pid in enumerate(pids, 1):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port + 10 + i}/metrics").read().decode()
     linear = metric(text, "waft_service_memory_bytes")
     code = metric(text, "waft_modules_resident_code_bytes")
+    allocated = metric(text, "waft_allocator_allocated_bytes")
+    heap = metric(text, "waft_allocator_resident_bytes")
     history = metric(text, "waft_service_history_bytes")
     watch = metric(text, "waft_watch_history_bytes")
-    rows.append((rss, linear, code, history, watch, rss - linear - code - history - watch))
-mean = [sum(r[k] for r in rows) / len(rows) / 2**20 for k in range(6)]
-print("| %s | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |" % (step, *mean))
+    log = metric(text, "waft_log_memory_bytes")
+    rows.append((rss, linear, code, allocated, history, watch, log, heap - allocated,
+                 rss - linear - code - allocated))
+mean = [sum(r[k] for r in rows) / len(rows) / 2**20 for k in range(9)]
+print("| %s | %.0f | %.0f | %.0f | %.0f | %.1f | %.1f | %.1f | %.0f | %.0f |" % (step, *mean))
 PY
 }
-echo "| step | RSS MB | linear memory | compiled code | instance histories | watch history | rest |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| step | RSS MB | linear memory | compiled code | heap allocated | of it: instance histories | watch history | log | allocator held (at most) | rest |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 report "idle"
 $BIN --endpoint $E deploy $KV --service kv >/dev/null
 report "+ Rust kv"
@@ -82,6 +96,8 @@ report "+ Python kv"
 first=$(total_rss)
 $BIN --endpoint $E deploy $JS --service js >/dev/null
 report "+ JS kv"
+$BIN --endpoint $E deploy $PY --service py2 >/dev/null
+report "+ a second service running the same Python module"
 with_js=$(total_rss)
 for c in $(seq "$CYCLES"); do
   $BIN --endpoint $E deploy "$GUEST_V2" --service py >/dev/null
@@ -92,5 +108,5 @@ after=$(total_rss)
 $BIN --endpoint $E bench --clients 64 --count "$WRITES" --service kv >/dev/null
 report "after $WRITES writes"
 echo
-echo "after the cycles / with the JS guest, before them: $(python3 -c "print('%.2f' % ($after / $with_js))")"
+echo "after the cycles / before them: $(python3 -c "print('%.2f' % ($after / $with_js))")"
 echo "data directories: $(du -sm "$D" | cut -f1) MB"

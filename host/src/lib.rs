@@ -10,7 +10,8 @@
 //! 2. [`runtime`]: the guest runtime, the only module that touches wasmtime.
 //! 3. [`verify`], [`trial`]: the determinism verifier and try-before-deploy, on the runtime.
 //! 4. [`types`]: the Raft vocabulary (type config, requests, responses, the leader clock).
-//! 5. [`storage`]: the Raft log (WAL or redb), the state machine, snapshots.
+//! 5. [`storage`]: the Raft log (WAL or redb), the state machine, snapshots; [`budget`]: the
+//!    node's guest memory budget, over the services the state machine runs.
 //! 6. [`raft`]: the Raft transport between nodes (gRPC client and server).
 //! 7. [`audit`], [`autoremove`], [`purge`]: policies over Raft (divergence audits, removing dead
 //!    voters, purging the log).
@@ -25,6 +26,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod autoremove;
+pub mod budget;
 pub mod cli;
 pub mod discovery;
 pub mod etcd;

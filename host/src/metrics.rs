@@ -7,9 +7,10 @@
 use crate::Raft;
 use crate::api::trace::{RPC_BUCKETS_S, RpcMetrics};
 use crate::raft::rtt::{PeerRtt, RTT_BUCKETS_S};
-use crate::storage::{APPLY_BUCKETS_US, StateHandle};
+use crate::storage::{APPLY_BUCKETS_US, LogMemory, StateHandle};
 use crate::types::TypeConfig;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// One number of a service, for a per-service metric.
@@ -22,8 +23,26 @@ fn escape(label: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// What one node's metrics are read from.
+#[derive(Clone, Debug)]
+pub struct Sources {
+    pub raft: Raft,
+    pub state: StateHandle,
+    pub rpc: Arc<RpcMetrics>,
+    pub rtt: Arc<PeerRtt>,
+    /// The WAL's entries in memory (none with redb).
+    pub log: Option<LogMemory>,
+}
+
 /// The metrics of one node in Prometheus' text format (version 0.0.4).
-pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt) -> String {
+pub fn render(sources: &Sources) -> String {
+    let Sources {
+        raft,
+        state,
+        rpc,
+        rtt,
+        log,
+    } = sources;
     use openraft::async_runtime::WatchReceiver;
     let m: openraft::RaftMetrics<TypeConfig> = raft.metrics().borrow_watched().clone();
     let mut out = String::with_capacity(4096);
@@ -277,6 +296,21 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt)
     let snaps = state.snapshot_stats();
     let (compiles, fetched) = state.compile_stats();
     let (watch_events, watch_bytes) = state.watch_history();
+    if let Some(log) = log {
+        let (entries, bytes) = log.held();
+        gauge(
+            "waft_log_memory_entries",
+            "Log entries this node holds in memory (the WAL keeps them from the last purge on).",
+            "gauge",
+            entries as f64,
+        );
+        gauge(
+            "waft_log_memory_bytes",
+            "Bytes of the log entries this node holds in memory (their size in the log file).",
+            "gauge",
+            bytes as f64,
+        );
+    }
     for (name, help, kind, v) in [
         (
             "waft_watch_history_events",
@@ -407,19 +441,61 @@ pub fn render(raft: &Raft, state: &StateHandle, rpc: &RpcMetrics, rtt: &PeerRtt)
         "gauge",
         audit.last_checked_index.unwrap_or(0) as f64,
     );
+    if let Some(rss) = resident_bytes() {
+        gauge(
+            "process_resident_memory_bytes",
+            "Resident memory of the process (every node it runs).",
+            "gauge",
+            rss as f64,
+        );
+    }
+    if let Some(a) = ALLOCATOR.get().and_then(|read| read()) {
+        gauge(
+            "waft_allocator_allocated_bytes",
+            "Bytes the process has allocated on its heap and not freed (every node it runs).",
+            "gauge",
+            a.allocated as f64,
+        );
+        gauge(
+            "waft_allocator_resident_bytes",
+            "Heap memory the allocator keeps resident: what is allocated, its own slack, and freed pages not returned yet.",
+            "gauge",
+            a.resident as f64,
+        );
+    }
     out
+}
+
+/// What the process's allocator holds (see [`set_allocator_stats`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AllocatorStats {
+    /// Bytes allocated and not freed.
+    pub allocated: u64,
+    /// Bytes the allocator keeps in resident pages (at least `allocated`).
+    pub resident: u64,
+}
+
+static ALLOCATOR: std::sync::OnceLock<fn() -> Option<AllocatorStats>> = std::sync::OnceLock::new();
+
+/// Lets `/metrics` show the heap: the `waft` binary chooses the allocator and passes a function
+/// that reads its statistics (a library user's process may use another allocator, or none).
+pub fn set_allocator_stats(read: fn() -> Option<AllocatorStats>) {
+    let _ = ALLOCATOR.set(read);
+}
+
+/// The process's resident set size, from `/proc/self/statm` (Linux).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// Serves `GET /metrics` on `listener` (HTTP/1.1, hyper) until the task is dropped. Anything
 /// else gets 404. A request whose head does not arrive within 5 s is dropped, and a connection
 /// lasts at most a minute.
-pub async fn serve(
-    listener: TcpListener,
-    raft: Raft,
-    state: StateHandle,
-    rpc: std::sync::Arc<RpcMetrics>,
-    rtt: std::sync::Arc<PeerRtt>,
-) {
+pub async fn serve(listener: TcpListener, sources: Sources) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     loop {
         let stream = match listener.accept().await {
@@ -431,14 +507,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let (raft, state, rpc, rtt) = (raft.clone(), state.clone(), rpc.clone(), rtt.clone());
+        let sources = sources.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let (raft, state, rpc, rtt) =
-                    (raft.clone(), state.clone(), rpc.clone(), rtt.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(respond(&req, raft, state, rpc, rtt).await)
-                }
+                let sources = sources.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, sources).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -451,13 +524,7 @@ pub async fn serve(
 
 type Body = http_body_util::Full<hyper::body::Bytes>;
 
-async fn respond<B>(
-    req: &hyper::Request<B>,
-    raft: Raft,
-    state: StateHandle,
-    rpc: std::sync::Arc<RpcMetrics>,
-    rtt: std::sync::Arc<PeerRtt>,
-) -> hyper::Response<Body> {
+async fn respond<B>(req: &hyper::Request<B>, sources: Sources) -> hyper::Response<Body> {
     let reply = |status: u16, content_type: &str, body: String| {
         hyper::Response::builder()
             .status(status)
@@ -474,7 +541,7 @@ async fn respond<B>(
     }
     // Reading the state machine takes its lock, which an apply may hold for a while: not on an
     // async worker.
-    match tokio::task::spawn_blocking(move || render(&raft, &state, &rpc, &rtt)).await {
+    match tokio::task::spawn_blocking(move || render(&sources)).await {
         Ok(body) => reply(200, "text/plain; version=0.0.4; charset=utf-8", body),
         Err(e) => reply(
             500,

@@ -130,6 +130,51 @@ async fn guest_memory_is_shown_and_bounded_by_the_budget_before_anything_is_prop
     cluster.shutdown().await;
 }
 
+/// Each member checks its own budget when the leader asks it to hold the module: a deploy
+/// that would take any member over its budget is refused before anything is proposed, naming
+/// the member; within every budget it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_with_a_smaller_budget_refuses_a_deploy_before_anything_is_proposed() {
+    let cluster = TestCluster::start_with(3, test_settings(), |c| {
+        if c.id == 2 {
+            c.api.max_guest_memory = Some(100 * MIB);
+        }
+    })
+    .await;
+    cluster.form().await;
+    let leader = cluster.wait_leader().await;
+    let addr = cluster.addrs[leader].clone();
+    let last = cluster.node(leader).metrics().last_log_index;
+    // The node's default limit (256 MiB) is over node 2's 100 MiB.
+    let over = deploy(&addr, "kv", EXAMPLE_KV, 0)
+        .await
+        .expect_err("over node 2's budget");
+    assert_eq!(over.code(), tonic::Code::ResourceExhausted, "{over}");
+    for words in ["--max-guest-memory", "100 MiB", "\"kv\""] {
+        assert!(over.message().contains(words), "{words}: {over}");
+    }
+    if leader != 2 {
+        assert!(over.message().contains("node 2 at"), "{over}");
+    }
+    assert_eq!(cluster.node(leader).metrics().last_log_index, last);
+    assert!(services(&addr).await.is_empty());
+    // Within every budget: deployed, and a later version over node 2's budget is refused
+    // while version 1 keeps serving.
+    deploy(&addr, "kv", EXAMPLE_KV, 16 * MIB)
+        .await
+        .expect("within every budget");
+    let refused = deploy(&addr, "kv", TEST_KV2, 200 * MIB)
+        .await
+        .expect_err("over node 2's budget");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    let kv_now = services(&addr).await.into_iter().find(|s| s.name == "kv");
+    assert_eq!(kv_now.map(|s| s.version), Some(1));
+    let (index, _) = cluster.write(kv("put a 1")).await;
+    cluster.wait_applied(index).await;
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}
+
 /// A rollback to a version whose compiled code was removed from the disk cache compiles it
 /// again; the services keep their state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

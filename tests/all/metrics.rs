@@ -142,6 +142,19 @@ async fn metrics_show_raft_progress_services_and_audits() {
                 >= 1.0
         );
         assert_eq!(value(text, "waft_modules_compiled_fetched_total"), 0.0);
+        // The WAL's entries in memory: those after the last purge (the snapshot above may have
+        // purged them all), never more than the log has.
+        let held = value(text, "waft_log_memory_entries");
+        assert!(
+            held <= value(text, "waft_raft_last_log_index") + 1.0,
+            "{held}"
+        ); // from index 0
+        let bytes = value(text, "waft_log_memory_bytes");
+        assert!(
+            (held == 0.0 && bytes == 0.0) || bytes > held * 8.0,
+            "{held} {bytes}"
+        );
+        assert!(value(text, "process_resident_memory_bytes") > 0.0);
         if is_leader {
             // The leader timed its heartbeats and appends to the followers.
             for kind in ["heartbeat", "append"] {
@@ -202,4 +215,22 @@ async fn metrics_show_raft_progress_services_and_audits() {
     let other = get(cluster.node(0).metrics_addr().expect("addr"), "/").await;
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
     cluster.shutdown().await;
+}
+
+/// The `waft` binary allocates with jemalloc and shows its heap next to the process's RSS,
+/// and a node that logs to the WAL shows the entries it holds in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_process_shows_its_heap_and_log_in_memory() {
+    let metrics = crate::support::free_addr();
+    let c = crate::support::procs::ProcCluster::start(1, &["--metrics-listen", &metrics]).await;
+    let response = get(metrics.parse().expect("addr"), "/metrics").await;
+    let text = response.split("\r\n\r\n").nth(1).expect("body");
+    let allocated = value(text, "waft_allocator_allocated_bytes");
+    let heap = value(text, "waft_allocator_resident_bytes");
+    let rss = value(text, "process_resident_memory_bytes");
+    // jemalloc's resident count may include untouched pages, so it is not compared with RSS.
+    assert!(allocated > 0.0 && allocated <= heap && rss > 0.0, "{text}");
+    // Forming the cluster wrote a few entries (membership, blank leader entries).
+    assert!(value(text, "waft_log_memory_entries") >= 1.0, "{text}");
+    drop(c);
 }

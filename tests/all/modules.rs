@@ -93,13 +93,13 @@ async fn holding_a_module_refuses_what_a_node_cannot_run() {
     };
 
     // A message for another node (the address is node 1's) is refused before it is read.
-    let stranger = failed(hold_module(net, 2, &addr, &sha, size, &from, short).await);
+    let stranger = failed(hold_module(net, 2, &addr, &sha, size, &from, None, short).await);
     assert!(stranger.contains("not node 2"), "{stranger}");
     // Nobody holds it yet: node 0 answers NOT_FOUND, and node 1 gives up at its deadline.
-    let missing = failed(hold_module(net, to, &addr, &sha, size, &from, short).await);
+    let missing = failed(hold_module(net, to, &addr, &sha, size, &from, None, short).await);
     assert!(missing.contains("does not hold module"), "{missing}");
     // Over the node's size limit: refused before any transfer.
-    let huge = failed(hold_module(net, to, &addr, &sha, 1 << 40, &from, short).await);
+    let huge = failed(hold_module(net, to, &addr, &sha, 1 << 40, &from, None, short).await);
     assert!(huge.contains("limit"), "{huge}");
     // Not a guest: fetched, then refused by the compiler.
     let garbage = b"\0asm\x0d\0\x01\0 not a component".to_vec();
@@ -117,6 +117,7 @@ async fn holding_a_module_refuses_what_a_node_cannot_run() {
             &garbage_hash.to_hex(),
             garbage.len() as u64,
             &from,
+            None,
             short,
         )
         .await,
@@ -151,9 +152,18 @@ async fn holding_a_module_refuses_what_a_node_cannot_run() {
         .modules()
         .insert(&module)
         .expect("store");
-    hold_module(net, to, &addr, &sha, size, &from, Duration::from_secs(60))
-        .await
-        .expect("a good module");
+    hold_module(
+        net,
+        to,
+        &addr,
+        &sha,
+        size,
+        &from,
+        None,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("a good module");
     assert!(
         cluster
             .node(1)

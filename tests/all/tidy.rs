@@ -142,6 +142,7 @@ const LAYERS: &[&[&str]] = &[
     &["verify", "trial"],
     &["types"],
     &["storage"],
+    &["budget"],
     &["Raft"],
     &["raft"],
     &["audit", "autoremove", "purge"],

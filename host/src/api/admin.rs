@@ -329,3 +329,28 @@ impl cluster_server::Cluster for Api {
         Ok(GrpcResponse::new(api::TriggerSnapshotReply {}))
     }
 }
+
+impl super::Api {
+    /// This node's guest memory: held now, reserved, and the budget.
+    pub(super) fn guest_memory(&self) -> crate::pb::api::GuestMemory {
+        let default_limit = self.runtime.limits().max_memory_bytes as u64;
+        let services = self.state.services();
+        let reserved = crate::budget::Reservations::of(&services, default_limit);
+        let code: std::collections::BTreeMap<crate::runtime::ModuleHash, u64> = reserved
+            .0
+            .iter()
+            .map(|r| (r.module, r.code_bytes))
+            .collect();
+        crate::pb::api::GuestMemory {
+            memory_bytes: self
+                .state
+                .service_metrics()
+                .iter()
+                .map(|m| m.memory_bytes)
+                .sum(),
+            code_bytes: code.values().sum(),
+            reserved_bytes: reserved.total(),
+            budget_bytes: self.limits.max_guest_memory.unwrap_or(0),
+        }
+    }
+}

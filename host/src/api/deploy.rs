@@ -105,10 +105,13 @@ impl Api {
             // machine's cores when members share machines), they fetch instead of compiling.
             let sha = self.keep_module(shared.clone()).await?;
             let validated = validated.await?;
-            (validated, self.hold_members(&sha, size).await?)
+            let reserve = self.reserve(&header.service, limits);
+            (validated, self.hold_members(&sha, size, &reserve).await?)
         } else {
             let sha = self.keep_module(shared.clone()).await?;
-            let (validated, held) = tokio::join!(validated, self.hold_members(&sha, size));
+            let reserve = self.reserve(&header.service, limits);
+            let (validated, held) =
+                tokio::join!(validated, self.hold_members(&sha, size, &reserve));
             (validated?, held?)
         };
         self.check_budget(&header.service, limits, &hash, code_bytes)?;
@@ -228,8 +231,16 @@ impl Api {
         // The members hold it (it is a kept version), but may have dropped it from memory (a
         // restart) or lost the file: compile or fetch it before the switch. A member that
         // cannot fetches it when it applies the rollback.
-        if let Err(e) = self.hold_members(&hash, module.len() as u64).await {
-            tracing::warn!(error = %e.message(), "rolling back although not every voter holds the module");
+        let reserve = self.reserve(&req.service, limits);
+        match self
+            .hold_members(&hash, module.len() as u64, &reserve)
+            .await
+        {
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "rolling back although not every voter holds the module")
+            }
+            Ok(_) => {}
         }
         let entry = Request::Rollback {
             service: req.service.clone(),
@@ -249,14 +260,14 @@ impl Api {
         code_bytes: u64,
     ) -> Result<(), Status> {
         let default_limit = self.runtime.limits().max_memory_bytes as u64;
-        let next = super::budget::Reserved {
+        let next = crate::budget::Reserved {
             name: service.to_owned(),
             memory_limit: limits.max_memory_bytes.unwrap_or(default_limit),
             module: crate::runtime::ModuleHash::from_hex(hash)
                 .ok_or_else(|| Status::internal("a module hash that is not one"))?,
             code_bytes,
         };
-        super::budget::Reservations::of(&self.state.services(), default_limit)
+        crate::budget::Reservations::of(&self.state.services(), default_limit)
             .check(next, self.limits.max_guest_memory)
             .map_err(Status::resource_exhausted)
     }
@@ -377,7 +388,22 @@ impl Api {
     /// all): a member that compiles at apply time stalls its own Raft for that long, harmless
     /// to the quorum but not to its clients. A member of an earlier release (no module store)
     /// makes it [`Held::Inline`]: the entry must carry the bytes.
-    async fn hold_members(&self, sha256: &str, size: u64) -> Result<Held, Status> {
+    /// What a member asked to hold a module for `service` checks against its budget.
+    fn reserve(&self, service: &str, limits: ServiceLimits) -> crate::raft::modules::Reserve {
+        crate::raft::modules::Reserve {
+            service: service.to_owned(),
+            memory_limit: limits
+                .max_memory_bytes
+                .unwrap_or(self.runtime.limits().max_memory_bytes as u64),
+        }
+    }
+
+    async fn hold_members(
+        &self,
+        sha256: &str,
+        size: u64,
+        reserve: &crate::raft::modules::Reserve,
+    ) -> Result<Held, Status> {
         use crate::raft::modules::{HoldError, hold_module};
         use futures::StreamExt;
         let m = self.metrics();
@@ -407,10 +433,20 @@ impl Api {
                     .cloned()
                     .chain(others.iter().filter(|(o, _)| *o != id).cloned())
                     .collect();
-                let (peers, sha) = (self.peers.clone(), sha256.to_owned());
+                let (peers, sha, reserve) =
+                    (self.peers.clone(), sha256.to_owned(), reserve.clone());
                 async move {
-                    let r = hold_module(&peers, id, &addr, &sha, size, &sources, PREPARE_DEADLINE)
-                        .await;
+                    let r = hold_module(
+                        &peers,
+                        id,
+                        &addr,
+                        &sha,
+                        size,
+                        &sources,
+                        Some(&reserve),
+                        PREPARE_DEADLINE,
+                    )
+                    .await;
                     (id, r)
                 }
             })
@@ -444,6 +480,11 @@ impl Api {
                         "a member of an earlier release: the deploy entry carries the module"
                     );
                     return Ok(Held::Inline);
+                }
+                Err(HoldError::OverBudget(e)) => {
+                    return Err(Status::resource_exhausted(format!(
+                        "not deployed, nothing was proposed: {e}"
+                    )));
                 }
                 Err(HoldError::Failed(e)) => {
                     tracing::warn!(node, error = %e, "a member does not hold the module");

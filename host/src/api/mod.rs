@@ -15,7 +15,6 @@
 
 mod admin;
 mod backup;
-pub mod budget;
 mod convert;
 mod data;
 mod deploy;

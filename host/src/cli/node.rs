@@ -108,7 +108,8 @@ pub struct NodeArgs {
     /// The most guest memory this node's services may reserve, in MiB: each service reserves
     /// its memory limit (`waft deploy --max-memory-mib`, or the default) and its module's
     /// compiled code. A deploy or rollback that would go over it is refused before anything is
-    /// proposed (checked by the leader: give every node the same budget). Default: none.
+    /// proposed (checked by the leader and by each member asked to hold the module). Default:
+    /// none.
     #[arg(long, env = "WAFT_MAX_GUEST_MEMORY", value_name = "MIB",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_guest_memory: Option<u64>,

@@ -222,7 +222,7 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
             );
             println!("engine: {}", s.engine);
             if let Some(g) = &s.guest_memory {
-                use crate::api::budget::mib;
+                use crate::budget::mib;
                 let budget = if g.budget_bytes == 0 {
                     "no budget".to_owned()
                 } else if g.reserved_bytes > g.budget_bytes {

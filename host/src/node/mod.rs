@@ -54,11 +54,11 @@ fn warn_over_budget(config: &NodeConfig, runtime: &Runtime, state: &StateHandle)
         return;
     };
     let default_limit = runtime.limits().max_memory_bytes as u64;
-    let reserved = crate::api::budget::Reservations::of(&state.services(), default_limit).total();
+    let reserved = crate::budget::Reservations::of(&state.services(), default_limit).total();
     if reserved > budget {
         tracing::warn!(
-            reserved_mib = %crate::api::budget::mib(reserved),
-            budget_mib = %crate::api::budget::mib(budget),
+            reserved_mib = %crate::budget::mib(reserved),
+            budget_mib = %crate::budget::mib(budget),
             "this node's services reserve more guest memory than --max-guest-memory allows; \
              they keep serving, and deploys that add to the reservation are refused"
         );
@@ -143,6 +143,7 @@ impl Node {
             state,
             identity,
             network,
+            log_memory,
         } = core;
         let metrics = match config.metrics_listen {
             None => None,
@@ -151,10 +152,13 @@ impl Node {
                 let bound = l.local_addr()?;
                 let task = tokio::spawn(crate::metrics::serve(
                     l,
-                    raft.clone(),
-                    state.clone(),
-                    servers.rpc.clone(),
-                    network.rtt().clone(),
+                    crate::metrics::Sources {
+                        raft: raft.clone(),
+                        state: state.clone(),
+                        rpc: servers.rpc.clone(),
+                        rtt: network.rtt().clone(),
+                        log: log_memory,
+                    },
                 ));
                 Some((bound, task))
             }

@@ -15,6 +15,8 @@ pub(super) struct Core {
     pub(super) identity: Arc<Identity>,
     /// The network to peers (Raft, audits, heals and forwarded calls share its connections).
     pub(super) network: NetworkFactory,
+    /// What the log holds in memory (the WAL; redb keeps its entries on disk).
+    pub(super) log_memory: Option<crate::storage::LogMemory>,
 }
 
 /// openraft's settings for `config`.
@@ -97,17 +99,24 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
     )));
     let log_path = engine.path(&config.data_dir);
     let raft_config = raft_config(config)?;
-    let raft = match engine {
+    let (raft, log_memory) = match engine {
         LogEngine::Redb => {
             let log = RedbLog::open(&log_path)?.on_deploy(deploy_hook);
-            Raft::new(config.id, raft_config, network.clone(), log, sm).await
+            (
+                Raft::new(config.id, raft_config, network.clone(), log, sm).await,
+                None,
+            )
         }
         LogEngine::Wal => {
             let log = crate::storage::WalLog::open(&log_path)?.on_deploy(deploy_hook);
-            Raft::new(config.id, raft_config, network.clone(), log, sm).await
+            let memory = log.memory();
+            (
+                Raft::new(config.id, raft_config, network.clone(), log, sm).await,
+                Some(memory),
+            )
         }
-    }
-    .map_err(|e| NodeError::Raft(e.to_string()))?;
+    };
+    let raft = raft.map_err(|e| NodeError::Raft(e.to_string()))?;
     identity.watch(raft.metrics());
     healer.attach(raft.clone());
     Ok(Core {
@@ -115,5 +124,6 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
         state,
         identity,
         network,
+        log_memory,
     })
 }

@@ -123,11 +123,24 @@ pub enum HoldError {
     Unsupported,
     /// It could not fetch or compile it (the reason, naming the node).
     Failed(String),
+    /// Running it for the service would take the member over its guest memory budget (the
+    /// member's words, naming the node).
+    OverBudget(String),
+}
+
+/// The service a module is held for, and its memory limit once the module serves it: the
+/// member checks them against its guest memory budget.
+#[derive(Debug, Clone)]
+pub struct Reserve {
+    pub service: String,
+    pub memory_limit: u64,
 }
 
 /// Asks node `node` at `addr` to hold module `sha256` (`size` bytes), fetching it from
-/// `sources` unless it has it, and to compile it; waits at most `timeout`. Returns how long
-/// that took there, in milliseconds.
+/// `sources` unless it has it, and to compile it; waits at most `timeout`. With `reserve`, the
+/// member also checks its guest memory budget. Returns how long that took there, in
+/// milliseconds.
+#[allow(clippy::too_many_arguments)]
 pub async fn hold_module(
     net: &NetworkFactory,
     node: NodeId,
@@ -135,6 +148,7 @@ pub async fn hold_module(
     sha256: &str,
     size: u64,
     sources: &[(NodeId, String)],
+    reserve: Option<&Reserve>,
     timeout: Duration,
 ) -> Result<u64, HoldError> {
     let failed = |e: String| HoldError::Failed(format!("node {node} at {addr}: {e}"));
@@ -150,6 +164,10 @@ pub async fn hold_module(
             })
             .collect(),
         timeout_ms: timeout.as_millis() as u64,
+        reserve: reserve.map(|r| pb::raft::ServiceReservation {
+            service: r.service.clone(),
+            memory_limit: r.memory_limit,
+        }),
     });
     net.identity().stamp(req.metadata_mut(), node);
     // A little longer than the member's own deadline, so that its answer says why.
@@ -157,6 +175,12 @@ pub async fn hold_module(
     let reply = match client.hold_module(req).await {
         Ok(reply) => reply,
         Err(s) if s.code() == tonic::Code::Unimplemented => return Err(HoldError::Unsupported),
+        Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+            return Err(HoldError::OverBudget(format!(
+                "node {node} at {addr}: {}",
+                s.message()
+            )));
+        }
         Err(s) => return Err(failed(format!("{}: {}", s.code(), s.message()))),
     };
     let held: Result<u64, String> =

@@ -43,6 +43,9 @@ pub struct RaftService {
     limits: SnapshotLimits,
     require_peer_certificate: bool,
     share_compiled: bool,
+    /// This node's guest memory budget (`--max-guest-memory`), checked when it is asked to
+    /// hold a module for a service.
+    max_guest_memory: Option<u64>,
     /// The state audits and heals read (`None`: those RPCs answer UNAVAILABLE).
     state: Option<crate::storage::StateHandle>,
 }
@@ -69,6 +72,7 @@ impl RaftService {
             limits,
             require_peer_certificate: false,
             share_compiled: false,
+            max_guest_memory: None,
             state: None,
         }
     }
@@ -89,6 +93,12 @@ impl RaftService {
     /// --share-compiled`).
     pub fn share_compiled(mut self, share: bool) -> RaftService {
         self.share_compiled = share;
+        self
+    }
+
+    /// Checks this budget (bytes) when asked to hold a module for a service.
+    pub fn max_guest_memory(mut self, budget: Option<u64>) -> RaftService {
+        self.max_guest_memory = budget;
         self
     }
 
@@ -441,8 +451,22 @@ impl raft_server::Raft for RaftService {
         let started = std::time::Instant::now();
         let held = state
             .hold_module(&req.sha256, &sources, tokio::time::Instant::now() + timeout)
-            .await
-            .map(|()| started.elapsed().as_millis() as u64);
+            .await;
+        if let (Ok(code_bytes), Some(reserve), Some(budget)) =
+            (&held, &req.reserve, self.max_guest_memory)
+        {
+            let next = crate::budget::Reserved {
+                name: reserve.service.clone(),
+                memory_limit: reserve.memory_limit,
+                module: crate::runtime::ModuleHash::from_hex(&req.sha256)
+                    .ok_or_else(|| Status::invalid_argument("a module hash that is not one"))?,
+                code_bytes: *code_bytes,
+            };
+            crate::budget::Reservations::of(&state.services(), state.default_memory_limit())
+                .check(next, Some(budget))
+                .map_err(Status::resource_exhausted)?;
+        }
+        let held = held.map(|_| started.elapsed().as_millis() as u64);
         Ok(Response::new(pb::encode(&held)?))
     }
 

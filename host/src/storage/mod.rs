@@ -20,4 +20,4 @@ pub use state_machine::{
     Healer, QueryError, ServiceInfo, ServiceMetrics, ServiceStats, SnapshotStats, StateHandle,
     StateMachineStore,
 };
-pub use wal::WalLog;
+pub use wal::{LogMemory, WalLog};

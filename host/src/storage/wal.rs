@@ -51,7 +51,10 @@ enum Record {
 
 #[derive(Default)]
 struct Mem {
-    entries: BTreeMap<u64, Entry>,
+    /// Each entry with the size of its record in the file (about what it holds in memory).
+    entries: BTreeMap<u64, (Entry, u32)>,
+    /// The sum of those sizes.
+    bytes: u64,
     vote: Option<Vote>,
     committed: Option<LogId>,
     purged: Option<LogId>,
@@ -61,18 +64,38 @@ impl Mem {
     fn apply(&mut self, r: Record) {
         match r {
             Record::Entry(e) => {
-                self.entries.insert(e.index(), e);
+                let record = Record::Entry(e);
+                let size = encode(&record).map_or(0, |b| b.len());
+                let Record::Entry(e) = record else {
+                    unreachable!("built above")
+                };
+                self.insert(e, size);
             }
             Record::Truncate(from) => {
-                self.entries.split_off(&from);
+                let gone = self.entries.split_off(&from);
+                self.forget(gone);
             }
             Record::Purge(upto) => {
-                self.entries = self.entries.split_off(&(upto.index() + 1));
+                let kept = self.entries.split_off(&(upto.index() + 1));
+                let gone = std::mem::replace(&mut self.entries, kept);
+                self.forget(gone);
                 self.purged = Some(upto);
             }
             Record::Vote(v) => self.vote = Some(v),
             Record::Committed(c) => self.committed = c,
         }
+    }
+
+    fn insert(&mut self, e: Entry, size: usize) {
+        let size = u32::try_from(size).unwrap_or(u32::MAX);
+        self.bytes += u64::from(size);
+        if let Some((_, old)) = self.entries.insert(e.index(), (e, size)) {
+            self.bytes -= u64::from(old);
+        }
+    }
+
+    fn forget(&mut self, gone: BTreeMap<u64, (Entry, u32)>) {
+        self.bytes -= gone.values().map(|(_, size)| u64::from(*size)).sum::<u64>();
     }
 
     /// Records that rebuild this state.
@@ -85,14 +108,35 @@ impl Mem {
         if let Some(p) = self.purged {
             out.push(Record::Purge(p));
         }
-        out.extend(self.entries.values().cloned().map(Record::Entry));
+        out.extend(self.entries.values().map(|(e, _)| Record::Entry(e.clone())));
         out
     }
 }
 
 type Shared = Arc<Mutex<Mem>>;
 
+/// Reads what a [`WalLog`] holds in memory (its entries from the last purge on; for `/metrics`).
+#[derive(Clone)]
+pub struct LogMemory(Shared);
+
+impl LogMemory {
+    /// Entries held and their bytes (the size of their records in the file).
+    pub fn held(&self) -> (usize, u64) {
+        let m = lock(&self.0);
+        (m.entries.len(), m.bytes)
+    }
+}
+
+impl Debug for LogMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogMemory").finish_non_exhaustive()
+    }
+}
+
 use crate::sync::lock_or_stop as lock;
+
+/// Bytes before a record's body: its length and checksum.
+const FRAME_HEADER: usize = 8;
 
 fn frame(record: &Record, out: &mut Vec<u8>) -> io::Result<()> {
     let body = encode(record)?;
@@ -137,7 +181,8 @@ impl Drop for WalLog {
 }
 
 /// Reads every record of `bytes`; returns them and the length of the valid prefix.
-fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<Record>, usize)> {
+/// The records in `bytes`, each with the size of its body, and how many bytes are valid.
+fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<(Record, usize)>, usize)> {
     let mut records = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
@@ -164,7 +209,8 @@ fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<Record>, usize)> {
             }
             return Err(corrupt(path, at, "checksum mismatch"));
         }
-        records.push(decode::<Record>("log record", body).map_err(|e| corrupt(path, at, e))?);
+        let record = decode::<Record>("log record", body).map_err(|e| corrupt(path, at, e))?;
+        records.push((record, len));
         at += 8 + len;
     }
     Ok((records, at))
@@ -207,8 +253,11 @@ impl WalLog {
             file.sync_all()?;
         }
         let mut mem = Mem::default();
-        for r in records {
-            mem.apply(r);
+        for (r, size) in records {
+            match r {
+                Record::Entry(e) => mem.insert(e, size),
+                r => mem.apply(r),
+            }
         }
         let mem: Shared = Arc::new(Mutex::new(mem));
         let (tx, rx) = mpsc::channel();
@@ -224,6 +273,11 @@ impl WalLog {
             thread: Some(thread),
             on_deploy: None,
         })
+    }
+
+    /// A handle that tells how much the log holds in memory.
+    pub fn memory(&self) -> LogMemory {
+        LogMemory(self.mem.clone())
     }
 
     /// Sets the hook called with the module of each appended deploy entry.
@@ -366,7 +420,7 @@ impl RaftLogReader<TypeConfig> for WalReader {
         Ok(lock(&self.mem)
             .entries
             .range(range)
-            .map(|(_, e)| e.clone())
+            .map(|(_, (e, _))| e.clone())
             .collect())
     }
 
@@ -401,7 +455,7 @@ impl RaftLogStorage<TypeConfig> for WalLog {
             .entries
             .values()
             .next_back()
-            .map(|e| e.log_id())
+            .map(|(e, _)| e.log_id())
             .or(m.purged);
         Ok(LogState {
             last_purged_log_id: m.purged,
@@ -452,11 +506,12 @@ impl RaftLogStorage<TypeConfig> for WalLog {
             for entry in entries {
                 notify_deploy(self.on_deploy.as_ref(), &entry);
                 let record = Record::Entry(entry);
+                let before = bytes.len();
                 frame(&record, &mut bytes)?;
                 let Record::Entry(entry) = record else {
                     unreachable!("built above")
                 };
-                m.entries.insert(entry.index(), entry);
+                m.insert(entry, bytes.len() - before - FRAME_HEADER);
             }
         }
         self.send(Op::Write {
@@ -527,6 +582,41 @@ mod tests {
         assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
         let kept = log.try_get_log_entries(0..).await.expect("read");
         assert_eq!(kept, (951..=1000).map(entry).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn the_memory_held_follows_appends_truncations_purges_and_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.wal");
+        let mut log = WalLog::open(&path).expect("open");
+        let memory = log.memory();
+        assert_eq!(memory.held(), (0, 0));
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append((1..=100).map(entry), IOFlushed::signal(tx))
+            .await
+            .expect("append");
+        let flushed: Result<(), io::Error> = rx.await.expect("callback");
+        flushed.expect("flushed");
+        let one = encode(&entry(1)).expect("encode").len() as u64;
+        // Every entry here encodes to the same size but for its varint-free fields.
+        let (n, bytes) = memory.held();
+        assert_eq!(n, 100);
+        assert!(bytes >= 100 * 200 && bytes <= 100 * (one + 8), "{bytes}");
+        // The file holds the same records plus their frame headers.
+        let file = std::fs::metadata(&path).expect("meta").len();
+        assert_eq!(file, bytes + 100 * FRAME_HEADER as u64);
+        log.truncate_after(Some(entry(80).log_id))
+            .await
+            .expect("truncate");
+        let after_truncate = memory.held();
+        assert_eq!(after_truncate.0, 80);
+        log.purge(entry(30).log_id).await.expect("purge");
+        let after_purge = memory.held();
+        assert_eq!(after_purge.0, 50);
+        assert!(after_purge.1 < after_truncate.1 && after_truncate.1 < bytes);
+        drop(log);
+        let log = WalLog::open(&path).expect("reopen");
+        assert_eq!(log.memory().held(), after_purge);
     }
 
     fn framed(records: &[Record]) -> Vec<u8> {

@@ -220,6 +220,11 @@ impl StateHandle {
         self.runtime.limits().max_module_bytes
     }
 
+    /// The memory limit of a service that sets none of its own, bytes.
+    pub fn default_memory_limit(&self) -> u64 {
+        self.runtime.limits().max_memory_bytes as u64
+    }
+
     /// Keeps `module` (whose sha256 must be `sha256`) in the module store and compiles it into
     /// the runtime's cache, on a blocking thread, so that the deploy that follows finds it
     /// here and compiled. The state machine is not involved: nothing changes until the deploy
@@ -244,13 +249,13 @@ impl StateHandle {
 
     /// Makes sure this node holds module `sha256`, fetching it from `sources` (node id,
     /// address) until `deadline` when it does not, then compiles it (see
-    /// [`StateHandle::prepare_module`]).
+    /// [`StateHandle::prepare_module`]). Returns the size of its compiled code.
     pub async fn hold_module(
         &self,
         sha256: &str,
         sources: &[(crate::types::NodeId, String)],
         deadline: tokio::time::Instant,
-    ) -> Result<(), String> {
+    ) -> Result<u64, String> {
         let hash = crate::runtime::ModuleHash::from_hex(sha256)
             .ok_or_else(|| format!("{sha256:?} is not a module hash"))?;
         if !self.modules.contains(&hash) {
@@ -287,7 +292,10 @@ impl StateHandle {
         let (runtime, store) = (self.runtime.clone(), self.modules.clone());
         tokio::task::spawn_blocking(move || {
             let module = store.read(&hash).map_err(|e| e.to_string())?;
-            runtime.load(&module).map(|_| ()).map_err(|e| e.to_string())
+            runtime
+                .load(&module)
+                .map(|m| m.info().code_bytes as u64)
+                .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| format!("the compile task failed: {e}"))?

@@ -4,7 +4,8 @@
 //! A service reserves its memory limit (the most linear memory its guest may grow to: its own
 //! `--max-memory-mib`, or the node's default) plus the compiled code of its module, counted
 //! once for every service running that module. A deploy or rollback that would take the
-//! reservation over the budget is refused by the leader before anything is proposed. The
+//! reservation over the budget of the leader, or of a member asked to hold the module, is
+//! refused before anything is proposed. The
 //! budget is this node's rule, never the log's: a node restarted with a smaller budget than
 //! its services reserve keeps applying and serving them (replicas must stay identical) and
 //! says so in its log and `cluster status`.
@@ -103,31 +104,6 @@ impl Reservations {
             mib(budget),
             each.join(", ")
         ))
-    }
-}
-
-impl super::Api {
-    /// This node's guest memory: held now, reserved, and the budget.
-    pub(super) fn guest_memory(&self) -> crate::pb::api::GuestMemory {
-        let default_limit = self.runtime.limits().max_memory_bytes as u64;
-        let services = self.state.services();
-        let reserved = Reservations::of(&services, default_limit);
-        let code: BTreeMap<ModuleHash, u64> = reserved
-            .0
-            .iter()
-            .map(|r| (r.module, r.code_bytes))
-            .collect();
-        crate::pb::api::GuestMemory {
-            memory_bytes: self
-                .state
-                .service_metrics()
-                .iter()
-                .map(|m| m.memory_bytes)
-                .sum(),
-            code_bytes: code.values().sum(),
-            reserved_bytes: reserved.total(),
-            budget_bytes: self.limits.max_guest_memory.unwrap_or(0),
-        }
     }
 }
 

@@ -33,6 +33,10 @@ fn main() {
             guest.dir, guest.constant, built
         ));
     }
+    let built = c_guest(&root, "examples/guests/kv-c", &["kv.c"], &target_dir);
+    constants.push_str(&format!(
+        "/// `examples/guests/kv-c`, or why it could not be built here.\npub const EXAMPLE_KV_C: Result<&str, &str> = {built:?};\n"
+    ));
     let out =
         PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("guests.rs");
     std::fs::write(&out, constants).expect("write guests.rs");
@@ -200,6 +204,141 @@ fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, St
         );
     }
     Ok(out.display().to_string())
+}
+
+/// How to install what a C guest is built with (Debian's packages).
+const C_INSTALL: &str = "apt-get install clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32";
+
+/// Builds a C guest the way examples/guests/kv-c/README.md says: wit-bindgen's C bindings for
+/// the `guest` world, clang for wasm32-wasi (a reactor: no `main`), then the core module made
+/// a component with the preview1 reactor adapter. Bindings and adapter come from the crates
+/// registry (build dependencies); the compiler, linker, libc and builtins from Debian. A
+/// missing compiler does not stop the build; the tests that need the guest fail, saying why.
+fn c_guest(root: &Path, dir: &str, sources: &[&str], target_dir: &Path) -> Result<String, String> {
+    let guest_dir = root.join(dir);
+    let wit = root.join("wit");
+    let name = dir.rsplit('/').next().unwrap_or(dir);
+    let out = target_dir.join(format!("{name}.wasm"));
+    let mut inputs: Vec<PathBuf> = sources.iter().map(|s| guest_dir.join(s)).collect();
+    inputs.push(wit.join("fsm.wit"));
+    for input in &inputs {
+        println!("cargo:rerun-if-changed={}", input.display());
+    }
+    let Some(clang) = on_path("clang-14").or_else(|| on_path("clang")) else {
+        println!(
+            "cargo:rerun-if-changed={}",
+            guest_dir.join(".tool-missing").display()
+        );
+        return Err(format!("clang is not installed; run: {C_INSTALL}"));
+    };
+    if let Some(missing) = c_toolchain_missing(&clang) {
+        println!(
+            "cargo:rerun-if-changed={}",
+            guest_dir.join(".tool-missing").display()
+        );
+        return Err(format!(
+            "{} has no {missing} for wasm32-wasi; run: {C_INSTALL}",
+            clang.display()
+        ));
+    }
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = modified(&out).is_some_and(|built| {
+        inputs
+            .iter()
+            .all(|i| modified(i).is_some_and(|m| m <= built))
+    });
+    if fresh {
+        return Ok(out.display().to_string());
+    }
+    // The bindings: guest.h, guest.c and the component type as an object file.
+    let bindings = target_dir.join(format!("{name}-bindings"));
+    std::fs::create_dir_all(&bindings).expect("create the bindings directory");
+    let mut resolve = wit_bindgen_core::wit_parser::Resolve::default();
+    let (package, _) = resolve
+        .push_dir(&wit)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e:?}", wit.display()));
+    let world = resolve
+        .select_world(&[package], Some("guest"))
+        .expect("the guest world");
+    let mut files = wit_bindgen_core::Files::default();
+    wit_bindgen_c::Opts::default()
+        .build()
+        .generate(&resolve, world, &mut files)
+        .unwrap_or_else(|e| panic!("wit-bindgen c: {e:?}"));
+    let mut objects = Vec::new();
+    for (file, bytes) in files.iter() {
+        let path = bindings.join(file);
+        std::fs::write(&path, bytes).expect("write the bindings");
+        if !file.ends_with(".h") {
+            objects.push(path);
+        }
+    }
+    // The core module: a reactor, optimized, without the paths of this machine in it.
+    let core = target_dir.join(format!("{name}.core.wasm"));
+    let output = Command::new(&clang)
+        .current_dir(&guest_dir)
+        .args([
+            "--target=wasm32-wasi",
+            "-mexec-model=reactor",
+            "-O2",
+            "-Wall",
+            "-Werror",
+        ])
+        .arg(format!("-ffile-prefix-map={}=.", root.display()))
+        .arg("-I")
+        .arg(&bindings)
+        .args(sources)
+        .args(&objects)
+        .arg("-o")
+        .arg(&core)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", clang.display()));
+    assert!(
+        output.status.success(),
+        "building {dir} with {} failed:\n{}",
+        clang.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let module = std::fs::read(&core).expect("read the core module");
+    let component = wit_component::ComponentEncoder::default()
+        .module(&module)
+        .and_then(|e| {
+            e.validate(true).adapter(
+                wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+                wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+            )
+        })
+        .and_then(|mut e| e.encode())
+        .unwrap_or_else(|e| panic!("making {dir} a component: {e:?}"));
+    std::fs::write(&out, component).expect("write the component");
+    Ok(out.display().to_string())
+}
+
+/// What `clang` lacks to build for wasm32-wasi, asked of clang itself: the libc, the builtins
+/// or the linker.
+fn c_toolchain_missing(clang: &Path) -> Option<&'static str> {
+    let ask = |flag: &str| {
+        Command::new(clang)
+            .args(["--target=wasm32-wasi", flag])
+            .output()
+            .ok()
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    };
+    let exists = |p: Option<PathBuf>| p.is_some_and(|p| p.is_absolute() && p.exists());
+    if !exists(ask("-print-file-name=libc.a")) {
+        return Some("libc (wasi-libc)");
+    }
+    if !exists(ask("-print-libgcc-file-name")) {
+        return Some("builtins (libclang-rt-14-dev-wasm32)");
+    }
+    // clang runs the wasm-ld beside it (in LLVM's bin directory), else one on PATH.
+    let beside = std::fs::canonicalize(clang)
+        .ok()
+        .and_then(|c| c.parent().map(|d| d.join("wasm-ld")));
+    if !exists(beside) && on_path("wasm-ld").is_none() {
+        return Some("linker (wasm-ld, lld-14)");
+    }
+    None
 }
 
 /// The full path of `name` if it is an executable on PATH.

@@ -44,6 +44,29 @@ fn exec_reports_rejections_queries_batches_and_round_trips() {
     );
 }
 
+/// Every kv guest, in every language, passes `waft check` and runs under `waft exec` with a
+/// snapshot round trip, giving the Rust guest's replies.
+#[test]
+fn guests_in_every_language_pass_check_and_exec() {
+    let script = ["put a 1", "put b two words", "get missing", "del a"];
+    let want = waft(
+        &[
+            &["exec", EXAMPLE_KV][..],
+            &script,
+            &["--snapshot-roundtrip"],
+        ]
+        .concat(),
+    );
+    assert_eq!(want.status.code(), Some(1), "{}", stderr(&want));
+    for (name, path) in crate::languages::foreign() {
+        let check = waft(&["check", path]);
+        assert!(check.status.success(), "{name}: {}", stderr(&check));
+        let got = waft(&[&["exec", path][..], &script, &["--snapshot-roundtrip"]].concat());
+        assert_eq!(got.status.code(), Some(1), "{name}: {}", stderr(&got));
+        assert_eq!(stdout(&got), stdout(&want), "{name}");
+    }
+}
+
 #[test]
 fn exec_names_the_trap() {
     let o = waft(&[

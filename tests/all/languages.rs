@@ -1,6 +1,7 @@
-//! Guests written in Python (componentize-py) and JavaScript (ComponentizeJS) behave exactly like
-//! the Rust kv guest: same replies, same snapshot bytes (so any of them can replace another by
-//! hot-swap), deterministic on every replica of a real cluster.
+//! Guests written in Python (componentize-py), JavaScript (ComponentizeJS) and C (clang with
+//! wasi-libc and wit-bindgen's C bindings) behave exactly like the Rust kv guest: same replies,
+//! same snapshot bytes (so any of them can replace another by hot-swap), deterministic on every
+//! replica of a real cluster.
 //!
 //! The components are built by `tests/build.rs` (`scripts/test` installs the tools); a guest
 //! that could not be built fails these tests, saying why.
@@ -9,7 +10,7 @@ use crate::support::cluster::{TestCluster, loaded_settings};
 use crate::support::{apply_all, ctx, guest, query, runtime, text};
 use tonic::transport::Channel;
 use waft::pb::api::{self, waft_client::WaftClient};
-use waft_testkit::guests::{EXAMPLE_KV, EXAMPLE_KV_JS, EXAMPLE_KV_PYTHON};
+use waft_testkit::guests::{EXAMPLE_KV, EXAMPLE_KV_C, EXAMPLE_KV_JS, EXAMPLE_KV_PYTHON};
 
 /// Every kv command shape, with every error the Rust guest gives.
 const SCRIPT: &[&str] = &[
@@ -49,22 +50,26 @@ const SCRIPT: &[&str] = &[
 
 const QUERIES: &[&str] = &["get b", "get nope", "scan", "scan c", "nope", "", "get"];
 
-/// The Python and JavaScript kv guests, each with its name. A guest that was not built fails
+/// The Python, JavaScript and C kv guests, each with its name. A guest that was not built fails
 /// the test: its build tool is installed by the test command (`scripts/test`).
-fn foreign() -> Vec<(&'static str, &'static str)> {
-    [("python", EXAMPLE_KV_PYTHON), ("js", EXAMPLE_KV_JS)]
-        .into_iter()
-        .map(|(name, built)| {
-            let path = built.unwrap_or_else(|why| {
-                panic!("the {name} kv guest was not built, and this test needs it: {why}")
-            });
-            (name, path)
-        })
-        .collect()
+pub(crate) fn foreign() -> Vec<(&'static str, &'static str)> {
+    [
+        ("python", EXAMPLE_KV_PYTHON),
+        ("js", EXAMPLE_KV_JS),
+        ("c", EXAMPLE_KV_C),
+    ]
+    .into_iter()
+    .map(|(name, built)| {
+        let path = built.unwrap_or_else(|why| {
+            panic!("the {name} kv guest was not built, and this test needs it: {why}")
+        });
+        (name, path)
+    })
+    .collect()
 }
 
 #[test]
-fn python_and_js_guests_answer_and_snapshot_exactly_like_the_rust_kv() {
+fn python_js_and_c_guests_answer_and_snapshot_exactly_like_the_rust_kv() {
     let rt = runtime();
     let mut rust = guest(&rt, EXAMPLE_KV);
     let expected = apply_all(&mut rust, 1, SCRIPT);
@@ -265,7 +270,7 @@ async fn read(c: &mut WaftClient<Channel>, service: &str, q: &str) -> Result<Str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn python_and_js_guests_run_on_a_cluster_like_the_rust_kv_and_swap_with_it() {
+async fn python_js_and_c_guests_run_on_a_cluster_like_the_rust_kv_and_swap_with_it() {
     let foreign = foreign();
     // Three nodes in one process each compile two 18 MiB components while other tests run on
     // the same two cores: use the timeouts an operator would pick for a loaded machine (as

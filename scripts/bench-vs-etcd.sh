@@ -10,6 +10,11 @@
 # (results: vs-etcd[-to-leader]-redb.*).
 # WAFT_BENCH_BATCH=N sends N writes per request: a SubmitBatch to waft, a Txn of N puts to etcd
 # (results: vs-etcd[...]-batchN.*).
+# WAFT_BENCH_CPU=0.5 gives every waft node and every etcd member its own CPU quota of that many
+# cores (cgroup v1 `cpu`, cfs_quota_us), as if each ran on a machine of its own (results:
+# vs-etcd[...]-cpu0.5.*).
+# Every point also prints the CPU time (user and system, from /proc) each system's three
+# processes spent per put, and their ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -35,6 +40,33 @@ cleanup() {
 }
 trap cleanup EXIT
 
+CPU=${WAFT_BENCH_CPU:-}
+CG=/sys/fs/cgroup/cpu/waft-bench-$$
+# Puts process $2 in a cgroup of its own named $1 with a quota of $CPU cores.
+confine() {
+  [ -n "$CPU" ] || return 0
+  mkdir -p "$CG/$1"
+  echo 100000 >"$CG/$1/cpu.cfs_period_us"
+  python3 -c "print(int($CPU * 100000))" >"$CG/$1/cpu.cfs_quota_us"
+  echo "$2" >"$CG/$1/cgroup.procs"
+}
+uncage() {
+  [ -n "$CPU" ] && [ -d "$CG" ] || return 0
+  for d in "$CG"/*/; do rmdir "$d" 2>/dev/null || true; done
+  rmdir "$CG" 2>/dev/null || true
+}
+trap 'cleanup; uncage' EXIT
+# User + system CPU seconds of the given processes (all their threads).
+cpu_seconds() {
+  local t=0 p
+  for p in "$@"; do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  python3 -c "print($t / $(getconf CLK_TCK))"
+}
+
+ETCD_PIDS=()
+WAFT_PIDS=()
 CLUSTER="e1=http://127.0.0.1:23801,e2=http://127.0.0.1:23802,e3=http://127.0.0.1:23803"
 for i in 1 2 3; do
   etcd --name "e$i" --data-dir "$DIR/e$i" \
@@ -43,15 +75,21 @@ for i in 1 2 3; do
     --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token waft-bench \
     >"$DIR/etcd$i.log" 2>&1 &
   PIDS+=($!)
+  ETCD_PIDS+=($!)
+  confine "etcd$i" $!
 done
 
 "$WAFT" node --id 1 --listen 127.0.0.1:17001 --data-dir "$DIR/w1" 2>"$DIR/waft1.log" &
 PIDS+=($!)
+WAFT_PIDS+=($!)
+confine waft1 $!
 for _ in $(seq 50); do "$WAFT" --endpoint 127.0.0.1:17001 cluster status >/dev/null 2>&1 && break; sleep 0.2; done
 "$WAFT" --endpoint 127.0.0.1:17001 cluster init >/dev/null
 for i in 2 3; do
   "$WAFT" node --id $i --listen 127.0.0.1:1700$i --data-dir "$DIR/w$i" --join 127.0.0.1:17001 2>"$DIR/waft$i.log" &
   PIDS+=($!)
+  WAFT_PIDS+=($!)
+  confine "waft$i" $!
 done
 for _ in $(seq 100); do
   voters=$("$WAFT" --endpoint 127.0.0.1:17001 --output json cluster status 2>/dev/null | grep -o '"voter":true' | wc -l || true)
@@ -75,14 +113,29 @@ if [ "${WAFT_BENCH_BATCH:-1}" != 1 ]; then
   NAME=$NAME-batch$WAFT_BENCH_BATCH
   ROUTE+=(--batch "$WAFT_BENCH_BATCH")
 fi
+if [ -n "$CPU" ]; then
+  NAME=$NAME-cpu$CPU
+fi
+WARMUP=2
 OUT=docs/benchmarks/$NAME.jsonl
 : >"$OUT"
 for c in $CLIENTS; do
   echo "== $c clients" >&2
+  waft_cpu=$(cpu_seconds "${WAFT_PIDS[@]}")
+  etcd_cpu=$(cpu_seconds "${ETCD_PIDS[@]}")
   "$WAFT" --output json bench --endpoints 127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003 \
     --compare-etcd 127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793 \
-    --clients "$c" --duration "$SECS" --warmup 2 --value-size 64 "${ROUTE[@]}" >>"$OUT"
+    --clients "$c" --duration "$SECS" --warmup "$WARMUP" --value-size 64 "${ROUTE[@]}" >>"$OUT"
   tail -n1 "$OUT" | python3 scripts/bench_report.py --summary
+  # CPU per put: each system is loaded in turn (its warmup, then SECS), idle otherwise; the
+  # warmup's share of the CPU is taken out at the measured rate.
+  tail -n1 "$OUT" | python3 -c "
+import json, sys
+r = {x['target']: x for x in json.load(sys.stdin)['results']}
+spent = {'waft': $(cpu_seconds "${WAFT_PIDS[@]}") - $waft_cpu, 'etcd': $(cpu_seconds "${ETCD_PIDS[@]}") - $etcd_cpu}
+per = {t: spent[t] * $SECS / ($SECS + $WARMUP) / r[t]['ops'] * 1e6 for t in spent}
+print('CPU per put (3 processes): waft %.0f us, etcd %.0f us, waft/etcd %.2f' % (per['waft'], per['etcd'], per['waft'] / per['etcd']))
+" >&2
 done
 python3 scripts/bench_report.py "$OUT" "docs/benchmarks/$NAME.md" "docs/benchmarks/$NAME.svg"
 echo "wrote docs/benchmarks/$NAME.{jsonl,md,svg}" >&2

@@ -47,7 +47,9 @@ confine() {
   [ -n "$CPU" ] || return 0
   mkdir -p "$CG/$1"
   echo 100000 >"$CG/$1/cpu.cfs_period_us"
-  python3 -c "print(int($CPU * 100000))" >"$CG/$1/cpu.cfs_quota_us"
+  local quota
+  quota=$(python3 -c "print(int($CPU * 100000))")
+  echo "$quota" >"$CG/$1/cpu.cfs_quota_us"
   echo "$2" >"$CG/$1/cgroup.procs"
 }
 uncage() {

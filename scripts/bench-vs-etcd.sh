@@ -58,11 +58,12 @@ uncage() {
   rmdir "$CG" 2>/dev/null || true
 }
 trap 'cleanup; uncage' EXIT
-# User + system CPU seconds of the given processes (all their threads).
+# User + system CPU seconds of the given processes (all their threads); with FIELD=14 user
+# only, FIELD=15 system only.
 cpu_seconds() {
   local t=0 p
   for p in "$@"; do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    t=$((t + $(awk -v f="${FIELD:-0}" '{print f ? $f : $14 + $15}' "/proc/$p/stat")))
   done
   python3 -c "print($t / $(getconf CLK_TCK))"
 }
@@ -121,10 +122,17 @@ fi
 WARMUP=2
 OUT=docs/benchmarks/$NAME.jsonl
 : >"$OUT"
+# What each system burns with no load at all (heartbeats, timers), over SECS.
+w0=$(cpu_seconds "${WAFT_PIDS[@]}")
+e0=$(cpu_seconds "${ETCD_PIDS[@]}")
+sleep "$SECS"
+python3 -c "print('idle CPU (3 processes): waft %.1f%%, etcd %.1f%% of a core' % (($(cpu_seconds "${WAFT_PIDS[@]}") - $w0) / $SECS * 100, ($(cpu_seconds "${ETCD_PIDS[@]}") - $e0) / $SECS * 100))" >&2
 for c in $CLIENTS; do
   echo "== $c clients" >&2
   waft_cpu=$(cpu_seconds "${WAFT_PIDS[@]}")
   etcd_cpu=$(cpu_seconds "${ETCD_PIDS[@]}")
+  waft_sys=$(FIELD=15 cpu_seconds "${WAFT_PIDS[@]}")
+  etcd_sys=$(FIELD=15 cpu_seconds "${ETCD_PIDS[@]}")
   "$WAFT" --output json bench --endpoints 127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003 \
     --compare-etcd 127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793 \
     --clients "$c" --duration "$SECS" --warmup "$WARMUP" --value-size 64 "${ROUTE[@]}" >>"$OUT"
@@ -135,8 +143,9 @@ for c in $CLIENTS; do
 import json, sys
 r = {x['target']: x for x in json.load(sys.stdin)['results']}
 spent = {'waft': $(cpu_seconds "${WAFT_PIDS[@]}") - $waft_cpu, 'etcd': $(cpu_seconds "${ETCD_PIDS[@]}") - $etcd_cpu}
+kernel = {'waft': $(FIELD=15 cpu_seconds "${WAFT_PIDS[@]}") - $waft_sys, 'etcd': $(FIELD=15 cpu_seconds "${ETCD_PIDS[@]}") - $etcd_sys}
 per = {t: spent[t] * $SECS / ($SECS + $WARMUP) / r[t]['ops'] * 1e6 for t in spent}
-print('CPU per put (3 processes): waft %.0f us, etcd %.0f us, waft/etcd %.2f' % (per['waft'], per['etcd'], per['waft'] / per['etcd']))
+print('CPU per put (3 processes): waft %.0f us, etcd %.0f us, waft/etcd %.2f; in the kernel: waft %.0f%%, etcd %.0f%%' % (per['waft'], per['etcd'], per['waft'] / per['etcd'], kernel['waft'] / spent['waft'] * 100, kernel['etcd'] / spent['etcd'] * 100))
 " >&2
 done
 python3 scripts/bench_report.py "$OUT" "docs/benchmarks/$NAME.md" "docs/benchmarks/$NAME.svg"

@@ -68,6 +68,18 @@ const FOREIGN: &[Foreign] = &[
         install: "pip install componentize-py==0.25.1",
     },
     Foreign {
+        dir: "examples/guests/counter-python",
+        constant: "EXAMPLE_COUNTER_PYTHON",
+        sources: &[
+            "app.py",
+            "../helpers/python/waft_det.py",
+            "../helpers/python/waft_json.py",
+        ],
+        tool: "componentize-py",
+        args: PYTHON_ARGS,
+        install: "pip install componentize-py==0.25.1",
+    },
+    Foreign {
         dir: "tests/guests/det-python",
         constant: "TEST_DET_PYTHON",
         sources: &[

@@ -340,3 +340,95 @@ async fn python_js_and_c_guests_run_on_a_cluster_like_the_rust_kv_and_swap_with_
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }
+
+/// The Python counter, written with the `waft_json` helper (typed JSON like the Rust SDK's
+/// `JsonStateMachine`), answers every command and query like the Rust counter, rejects what
+/// the Rust counter rejects, and each reads the other's snapshot.
+#[test]
+fn the_python_json_helper_gives_the_rust_counters_answers() {
+    use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_COUNTER_PYTHON};
+    let path = EXAMPLE_COUNTER_PYTHON.unwrap_or_else(|why| {
+        panic!("the Python counter guest was not built, and this test needs it: {why}")
+    });
+    let script = [
+        r#"{"add":{"name":"hits","by":5}}"#,
+        r#"{"add":{"name":"hits","by":-2}}"#,
+        r#"{"add":{"name":"über","by":9223372036854775807}}"#,
+        r#"{"add":{"name":"über","by":1}}"#,
+        r#"{"add":{"name":"b","by":1}}"#,
+        r#"{"reset":{"name":"b"}}"#,
+        r#"{"reset":{"name":"b"}}"#,
+        r#"{"add":{"name":"a","by":0}}"#,
+    ];
+    let malformed = [
+        "not json",
+        r#"{"add":{"name":"x"}}"#,
+        r#"{"add":{"name":"x","by":"1"}}"#,
+        r#"{"add":{"name":"x","by":true}}"#,
+        r#"{"multiply":{"name":"x","by":2}}"#,
+        r#""add""#,
+        "[]",
+    ];
+    let queries = [
+        r#""list""#,
+        r#"{"get":{"name":"hits"}}"#,
+        r#"{"get":{"name":"über"}}"#,
+        r#"{"get":{"name":"nope"}}"#,
+    ];
+    let rt = runtime();
+    let mut rust = guest(&rt, EXAMPLE_COUNTER);
+    let mut python = guest(&rt, path);
+    let want = apply_all(&mut rust, 1, &script);
+    assert_eq!(apply_all(&mut python, 1, &script), want);
+    assert!(want.iter().any(|r| r.is_err()) && want.iter().any(|r| r.is_ok()));
+    for bad in malformed {
+        let r = text(rust.apply(ctx(50), bad.as_bytes()));
+        let p = text(python.apply(ctx(50), bad.as_bytes()));
+        assert!(r.is_err(), "rust accepted {bad}");
+        let p = p.expect_err(bad);
+        assert!(p.starts_with("malformed command: "), "{bad}: {p}");
+    }
+    for q in queries {
+        assert_eq!(query(&mut python, q), query(&mut rust, q), "{q}");
+    }
+    // Batches answer as single applies do.
+    let mut batched = guest(&rt, path);
+    let entries: Vec<_> = script
+        .iter()
+        .zip(1u64..)
+        .map(|(c, n)| (ctx(n), c.as_bytes()))
+        .collect();
+    let replies: Vec<_> = batched
+        .apply_batch(&entries)
+        .into_iter()
+        .map(text)
+        .collect();
+    assert_eq!(replies, want);
+    // Each reads the other's snapshot; the Python snapshot is canonical (the same state gives
+    // the same bytes however it was reached).
+    let from_python = python.snapshot().expect("snapshot");
+    let mut rust2 = guest(&rt, EXAMPLE_COUNTER);
+    rust2
+        .restore(&from_python)
+        .expect("the Rust counter reads it");
+    let mut python2 = guest(&rt, path);
+    python2
+        .restore(&rust.snapshot().expect("snapshot"))
+        .expect("the Python counter reads the Rust one's");
+    for q in queries {
+        assert_eq!(query(&mut rust2, q), query(&mut rust, q), "{q}");
+        assert_eq!(query(&mut python2, q), query(&mut rust, q), "{q}");
+    }
+    assert_eq!(python2.snapshot().expect("snapshot"), from_python);
+    // A damaged snapshot is refused and changes nothing.
+    for bad in [
+        &b"{"[..],
+        b"[]",
+        br#"{"counters":{"a":1}}"#,
+        br#"{"other":{}}"#,
+    ] {
+        let e = python2.restore(bad).expect_err("refused");
+        assert!(e.to_string().contains("malformed snapshot"), "{e}");
+        assert_eq!(python2.snapshot().expect("snapshot"), from_python);
+    }
+}

@@ -12,6 +12,7 @@
 #   SHARE=1: TLS=1 and `--share-compiled` (members load the leader's compiled code)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/cluster.sh
 RUNS=${1:-3}
 CLIENTS=${CLIENTS:-64}
 BIN=${BIN:-target/release/waft}
@@ -70,9 +71,7 @@ for run in $(seq "$RUNS"); do
   trap 'kill ${pids[*]} 2>/dev/null; rm -rf "$D"' EXIT
   sleep 1
   E=127.0.0.1:$((P+1))
-  $BIN --endpoint $E cluster init >/dev/null
-  for i in 2 3; do $BIN --endpoint $E cluster add-learner $i 127.0.0.1:$((P+i)) >/dev/null; done
-  $BIN --endpoint $E cluster change-membership 1 2 3 >/dev/null
+  form_cluster "$BIN" "$P"
   $BIN --endpoint $E deploy $KV --service kv >/dev/null
   if [ "$CLIENTS" = 0 ]; then
     term0=$($BIN --endpoint $E --output json cluster status | json 'd["term"]')

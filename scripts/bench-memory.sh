@@ -16,6 +16,7 @@
 #   BIN=other/waft CYCLES=10 WRITES=1000000 GUEST_V2=FILE scripts/bench-memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/cluster.sh
 BIN=${BIN:-target/release/waft}
 CYCLES=${CYCLES:-10}
 WRITES=${WRITES:-1000000}
@@ -37,9 +38,7 @@ done
 trap 'kill ${pids[*]} 2>/dev/null; rm -rf "$D"' EXIT
 sleep 1
 E=127.0.0.1:$((P+1))
-$BIN --endpoint $E cluster init >/dev/null
-for i in 2 3; do $BIN --endpoint $E cluster add-learner $i 127.0.0.1:$((P+i)) >/dev/null; done
-$BIN --endpoint $E cluster change-membership 1 2 3 >/dev/null
+form_cluster "$BIN" "$P"
 rss_of() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
 total_rss() { local t=0; for p in "${pids[@]}"; do t=$((t + $(rss_of "$p"))); done; echo $t; }
 # Waits until the three nodes' RSS stops falling: less than 1% lower than 10 s before (at

@@ -8,6 +8,7 @@
 #   scripts/bench-snapshot-under-load.sh [RUNS]       (STATE_MIB=256 CLIENTS=64 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/cluster.sh
 RUNS=${1:-1}
 CLIENTS=${CLIENTS:-64}
 STATE_MIB=${STATE_MIB:-256}
@@ -27,9 +28,7 @@ for run in $(seq "$RUNS"); do
   trap 'kill ${pids[*]} 2>/dev/null' EXIT
   sleep 1
   E=127.0.0.1:$((P+1))
-  $BIN --endpoint $E cluster init >/dev/null
-  for i in 2 3; do $BIN --endpoint $E cluster add-learner $i 127.0.0.1:$((P+i)) >/dev/null; done
-  $BIN --endpoint $E cluster change-membership 1 2 3 >/dev/null
+  form_cluster "$BIN" "$P"
   # The big state lives in `big`; the load goes to `kv`, so the two do not share a key.
   $BIN --endpoint $E deploy $KV --service big --max-memory-mib $((STATE_MIB * 4 + 256)) >/dev/null
   $BIN --endpoint $E deploy $KV --service kv >/dev/null

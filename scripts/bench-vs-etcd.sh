@@ -38,7 +38,6 @@ cleanup() {
   wait 2>/dev/null || true
   rm -rf "$DIR"
 }
-trap cleanup EXIT
 
 CPU=${WAFT_BENCH_CPU:-}
 CG=/sys/fs/cgroup/cpu/waft-bench-$$

@@ -175,11 +175,7 @@ fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, St
         on_path(guest.tool)
     };
     let Some(tool) = tool else {
-        // Look again on the next build: the tool may be installed by then.
-        println!(
-            "cargo:rerun-if-changed={}",
-            dir.join(".tool-missing").display()
-        );
+        look_again(&dir);
         return Err(format!(
             "{} is not installed; run: {}",
             guest.tool, guest.install
@@ -187,12 +183,7 @@ fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, St
     };
     println!("cargo:rerun-if-changed={}", tool.display());
     inputs.push(tool.clone());
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = modified(&out).is_some_and(|built| {
-        inputs
-            .iter()
-            .all(|i| modified(i).is_some_and(|m| m <= built))
-    });
+    let fresh = up_to_date(&out, &inputs);
     if !fresh {
         let args: Vec<String> = guest
             .args
@@ -237,28 +228,17 @@ fn c_guest(root: &Path, dir: &str, sources: &[&str], target_dir: &Path) -> Resul
         println!("cargo:rerun-if-changed={}", input.display());
     }
     let Some(clang) = on_path("clang-14").or_else(|| on_path("clang")) else {
-        println!(
-            "cargo:rerun-if-changed={}",
-            guest_dir.join(".tool-missing").display()
-        );
+        look_again(&guest_dir);
         return Err(format!("clang is not installed; run: {C_INSTALL}"));
     };
     if let Some(missing) = c_toolchain_missing(&clang) {
-        println!(
-            "cargo:rerun-if-changed={}",
-            guest_dir.join(".tool-missing").display()
-        );
+        look_again(&guest_dir);
         return Err(format!(
             "{} has no {missing} for wasm32-wasi; run: {C_INSTALL}",
             clang.display()
         ));
     }
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = modified(&out).is_some_and(|built| {
-        inputs
-            .iter()
-            .all(|i| modified(i).is_some_and(|m| m <= built))
-    });
+    let fresh = up_to_date(&out, &inputs);
     if fresh {
         return Ok(out.display().to_string());
     }
@@ -351,6 +331,24 @@ fn c_toolchain_missing(clang: &Path) -> Option<&'static str> {
         return Some("linker (wasm-ld, lld-14)");
     }
     None
+}
+
+/// Whether `out` exists and is newer than every one of `inputs`.
+fn up_to_date(out: &Path, inputs: &[PathBuf]) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    modified(out).is_some_and(|built| {
+        inputs
+            .iter()
+            .all(|i| modified(i).is_some_and(|m| m <= built))
+    })
+}
+
+/// Asks cargo to run this script again once `dir`'s tool may have been installed.
+fn look_again(dir: &Path) {
+    println!(
+        "cargo:rerun-if-changed={}",
+        dir.join(".tool-missing").display()
+    );
 }
 
 /// The full path of `name` if it is an executable on PATH.

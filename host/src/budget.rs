@@ -11,7 +11,7 @@
 //! says so in its log and `cluster status`.
 
 use crate::runtime::ModuleHash;
-use crate::storage::ServiceInfo;
+use crate::storage::{ServiceInfo, StateHandle};
 use std::collections::BTreeMap;
 
 /// What one service reserves on this node.
@@ -51,11 +51,21 @@ impl Reservations {
         )
     }
 
-    /// Bytes reserved: every memory limit, and each module's code once.
-    pub fn total(&self) -> u64 {
+    /// What the services of `state`'s node reserve now.
+    pub fn of_node(state: &StateHandle) -> Reservations {
+        Reservations::of(&state.services(), state.default_memory_limit())
+    }
+
+    /// Bytes of compiled code: each module's once.
+    pub fn code(&self) -> u64 {
         let code: BTreeMap<ModuleHash, u64> =
             self.0.iter().map(|r| (r.module, r.code_bytes)).collect();
-        self.0.iter().map(|r| r.memory_limit).sum::<u64>() + code.values().sum::<u64>()
+        code.values().sum()
+    }
+
+    /// Bytes reserved: every memory limit, and each module's code once.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|r| r.memory_limit).sum::<u64>() + self.code()
     }
 
     /// The reservations once `next` replaces the service of the same name (or joins them).
@@ -105,6 +115,26 @@ impl Reservations {
             each.join(", ")
         ))
     }
+}
+
+/// Refuses, in words, running `module` (`code_bytes` of compiled code) as `service` with
+/// `memory_limit` on the node of `state` if that takes its reservation over `budget`: the
+/// check of the leader before a deploy or rollback, and of each member asked to hold the module.
+pub fn check_change(
+    state: &StateHandle,
+    service: &str,
+    memory_limit: u64,
+    module: ModuleHash,
+    code_bytes: u64,
+    budget: Option<u64>,
+) -> Result<(), String> {
+    let next = Reserved {
+        name: service.to_owned(),
+        memory_limit,
+        module,
+        code_bytes,
+    };
+    Reservations::of_node(state).check(next, budget)
 }
 
 /// Whole MiB from 10 on, one decimal below.

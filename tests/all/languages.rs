@@ -7,7 +7,7 @@
 //! that could not be built fails these tests, saying why.
 
 use crate::support::cluster::{TestCluster, loaded_settings};
-use crate::support::{apply_all, ctx, guest, query, runtime, text};
+use crate::support::{apply_all, apply_batch_all, ctx, guest, query, runtime, text};
 use tonic::transport::Channel;
 use waft::pb::api::{self, waft_client::WaftClient};
 use waft_testkit::guests::{EXAMPLE_KV, EXAMPLE_KV_C, EXAMPLE_KV_JS, EXAMPLE_KV_PYTHON};
@@ -108,17 +108,7 @@ fn python_js_and_c_guests_answer_and_snapshot_exactly_like_the_rust_kv() {
         );
 
         // Batches give the same replies as single applies.
-        let mut batched = guest(&rt, path);
-        let entries: Vec<_> = SCRIPT
-            .iter()
-            .zip(1u64..)
-            .map(|(c, n)| (ctx(n), c.as_bytes()))
-            .collect();
-        let replies: Vec<_> = batched
-            .apply_batch(&entries)
-            .into_iter()
-            .map(text)
-            .collect();
+        let replies = apply_batch_all(&mut guest(&rt, path), 1, SCRIPT);
         assert_eq!(expected, replies, "{name}: batch");
 
         // The Rust guest's snapshot restores into this one and back, byte for byte.
@@ -392,18 +382,7 @@ fn the_python_json_helper_gives_the_rust_counters_answers() {
         assert_eq!(query(&mut python, q), query(&mut rust, q), "{q}");
     }
     // Batches answer as single applies do.
-    let mut batched = guest(&rt, path);
-    let entries: Vec<_> = script
-        .iter()
-        .zip(1u64..)
-        .map(|(c, n)| (ctx(n), c.as_bytes()))
-        .collect();
-    let replies: Vec<_> = batched
-        .apply_batch(&entries)
-        .into_iter()
-        .map(text)
-        .collect();
-    assert_eq!(replies, want);
+    assert_eq!(apply_batch_all(&mut guest(&rt, path), 1, &script), want);
     // Each reads the other's snapshot; the Python snapshot is canonical (the same state gives
     // the same bytes however it was reached).
     let from_python = python.snapshot().expect("snapshot");

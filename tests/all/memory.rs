@@ -135,7 +135,7 @@ async fn guest_memory_is_shown_and_bounded_by_the_budget_before_anything_is_prop
 /// the member; within every budget it goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_with_a_smaller_budget_refuses_a_deploy_before_anything_is_proposed() {
-    let cluster = TestCluster::start_with(3, test_settings(), |c| {
+    let mut cluster = TestCluster::start_with(3, test_settings(), |c| {
         if c.id == 2 {
             c.api.max_guest_memory = Some(100 * MIB);
         }
@@ -169,6 +169,42 @@ async fn a_member_with_a_smaller_budget_refuses_a_deploy_before_anything_is_prop
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
     let kv_now = services(&addr).await.into_iter().find(|s| s.name == "kv");
     assert_eq!(kv_now.map(|s| s.version), Some(1));
+
+    // A rollback is checked the same way: node 2, restarted without a budget, lets version 2
+    // (200 MiB) through; version 3 is small again; restarted with its 100 MiB budget, it
+    // refuses the rollback to version 2, and version 3 keeps serving.
+    if leader != 2 {
+        cluster.configure = |_| {};
+        cluster.stop(2).await;
+        cluster.restart(2).await;
+        deploy(&addr, "kv", TEST_KV2, 200 * MIB)
+            .await
+            .expect("no budget on node 2 now");
+        deploy(&addr, "kv", EXAMPLE_KV, 16 * MIB)
+            .await
+            .expect("version 3");
+        cluster.configure = |c| {
+            if c.id == 2 {
+                c.api.max_guest_memory = Some(100 * MIB);
+            }
+        };
+        cluster.stop(2).await;
+        cluster.restart(2).await;
+        // Node 2 checks against the services it has applied: let it catch up first.
+        let last = cluster
+            .node(leader)
+            .metrics()
+            .last_log_index
+            .expect("entries");
+        cluster.wait_applied(last).await;
+        let refused = rollback(&addr, "kv")
+            .await
+            .expect_err("over node 2's budget");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        assert!(refused.message().contains("node 2 at"), "{refused}");
+        let kv_now = services(&addr).await.into_iter().find(|s| s.name == "kv");
+        assert_eq!(kv_now.map(|s| s.version), Some(3));
+    }
     let (index, _) = cluster.write(kv("put a 1")).await;
     cluster.wait_applied(index).await;
     cluster.assert_identical().await;

@@ -276,6 +276,18 @@ static answer_t missing(const char *what, const char *usage) {
     return fail("missing %s; usage: %s", what, usage);
 }
 
+// "unknown WHAT \"VERB\"; EXPECTED", quoting the verb as the Rust guest does.
+static answer_t unknown(const char *what, view_t verb, const char *expected) {
+    answer_t a = {false, {0}};
+    put_str(&a.out, "unknown ");
+    put_str(&a.out, what);
+    put_str(&a.out, " ");
+    put_debug(&a.out, verb);
+    put_str(&a.out, "; ");
+    put_str(&a.out, expected);
+    return a;
+}
+
 static answer_t get(view_t key) {
     key = trim(key);
     if (!key.len) return missing("KEY", "get KEY");
@@ -336,19 +348,16 @@ static answer_t apply(view_t command) {
         bool found;
         size_t at = find(&STATE, key, &found);
         if (!found) return fail("key not found: %.*s", VIEW(key));
-        view_t current = view(STATE.pairs[at].value);
-        if (compare(current, expected) != 0)
-            return fail("compare failed: %.*s is %.*s", VIEW(key), VIEW(current));
-        set(&STATE, key, new_value);
+        bytes_t *current = &STATE.pairs[at].value;
+        if (compare(view(*current), expected) != 0)
+            return fail("compare failed: %.*s is %.*s", VIEW(key), VIEW(view(*current)));
+        free(current->ptr);
+        *current = copy_of(new_value);
         return ok_str("OK");
     }
     if (equals(verb, "scan")) return scan(rest);
     if (!verb.len) return fail("empty command; try: put KEY VALUE");
-    answer_t a = {false, {0}};
-    put_str(&a.out, "unknown command ");
-    put_debug(&a.out, verb);
-    put_str(&a.out, "; expected put, get, del, cas or scan");
-    return a;
+    return unknown("command", verb, "expected put, get, del, cas or scan");
 }
 
 static answer_t query(view_t request) {
@@ -357,11 +366,7 @@ static answer_t query(view_t request) {
     word(request, &verb, &rest);
     if (equals(verb, "get")) return get(rest);
     if (equals(verb, "scan")) return scan(rest);
-    answer_t a = {false, {0}};
-    put_str(&a.out, "unknown query ");
-    put_debug(&a.out, verb);
-    put_str(&a.out, "; queries are get KEY and scan [PREFIX]");
-    return a;
+    return unknown("query", verb, "queries are get KEY and scan [PREFIX]");
 }
 
 // ---- Snapshots: "WKV1", u64 count, then (u32 len, key, u32 len, value) in key order --------

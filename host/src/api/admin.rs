@@ -333,14 +333,7 @@ impl cluster_server::Cluster for Api {
 impl super::Api {
     /// This node's guest memory: held now, reserved, and the budget.
     pub(super) fn guest_memory(&self) -> crate::pb::api::GuestMemory {
-        let default_limit = self.runtime.limits().max_memory_bytes as u64;
-        let services = self.state.services();
-        let reserved = crate::budget::Reservations::of(&services, default_limit);
-        let code: std::collections::BTreeMap<crate::runtime::ModuleHash, u64> = reserved
-            .0
-            .iter()
-            .map(|r| (r.module, r.code_bytes))
-            .collect();
+        let reserved = crate::budget::Reservations::of_node(&self.state);
         crate::pb::api::GuestMemory {
             memory_bytes: self
                 .state
@@ -348,7 +341,7 @@ impl super::Api {
                 .iter()
                 .map(|m| m.memory_bytes)
                 .sum(),
-            code_bytes: code.values().sum(),
+            code_bytes: reserved.code(),
             reserved_bytes: reserved.total(),
             budget_bytes: self.limits.max_guest_memory.unwrap_or(0),
         }

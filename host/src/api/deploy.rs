@@ -251,7 +251,7 @@ impl Api {
     }
 
     /// Refuses a change that would take this node's guest memory reservation over its budget
-    /// (see [`super::budget`]).
+    /// (see [`crate::budget`]).
     fn check_budget(
         &self,
         service: &str,
@@ -259,17 +259,17 @@ impl Api {
         hash: &str,
         code_bytes: u64,
     ) -> Result<(), Status> {
-        let default_limit = self.runtime.limits().max_memory_bytes as u64;
-        let next = crate::budget::Reserved {
-            name: service.to_owned(),
-            memory_limit: limits.max_memory_bytes.unwrap_or(default_limit),
-            module: crate::runtime::ModuleHash::from_hex(hash)
-                .ok_or_else(|| Status::internal("a module hash that is not one"))?,
+        let module = crate::runtime::ModuleHash::from_hex(hash)
+            .ok_or_else(|| Status::internal("a module hash that is not one"))?;
+        crate::budget::check_change(
+            &self.state,
+            service,
+            self.reserve(service, limits).memory_limit,
+            module,
             code_bytes,
-        };
-        crate::budget::Reservations::of(&self.state.services(), default_limit)
-            .check(next, self.limits.max_guest_memory)
-            .map_err(Status::resource_exhausted)
+            self.limits.max_guest_memory,
+        )
+        .map_err(Status::resource_exhausted)
     }
 
     /// Checks, before anything is proposed, that `module` compiles, implements the world and
@@ -394,7 +394,7 @@ impl Api {
             service: service.to_owned(),
             memory_limit: limits
                 .max_memory_bytes
-                .unwrap_or(self.runtime.limits().max_memory_bytes as u64),
+                .unwrap_or(self.state.default_memory_limit()),
         }
     }
 

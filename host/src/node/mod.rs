@@ -49,12 +49,11 @@ pub enum NodeError {
 /// Says so when the services this node replayed reserve more guest memory than its budget
 /// (a node restarted with a smaller `--max-guest-memory`): it keeps applying and serving them,
 /// since refusing what the log committed would make this replica differ from the others.
-fn warn_over_budget(config: &NodeConfig, runtime: &Runtime, state: &StateHandle) {
+fn warn_over_budget(config: &NodeConfig, state: &StateHandle) {
     let Some(budget) = config.api.max_guest_memory else {
         return;
     };
-    let default_limit = runtime.limits().max_memory_bytes as u64;
-    let reserved = crate::budget::Reservations::of(&state.services(), default_limit).total();
+    let reserved = crate::budget::Reservations::of_node(state).total();
     if reserved > budget {
         tracing::warn!(
             reserved_mib = %crate::budget::mib(reserved),
@@ -136,7 +135,7 @@ impl Node {
         remove_partial_snapshots(&config.data_dir.join("snapshots"));
         let runtime = Runtime::new(config.runtime.clone())?;
         let core = open::open(&config, &runtime).await?;
-        warn_over_budget(&config, &runtime, &core.state);
+        warn_over_budget(&config, &core.state);
         let servers = server::serve(&config, &core, runtime, addr.clone(), listener).await?;
         let Core {
             raft,

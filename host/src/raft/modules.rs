@@ -152,8 +152,7 @@ pub async fn hold_module(
     timeout: Duration,
 ) -> Result<u64, HoldError> {
     let failed = |e: String| HoldError::Failed(format!("node {node} at {addr}: {e}"));
-    let mut client = RaftClient::new(net.channel(addr).map_err(failed)?);
-    let mut req = tonic::Request::new(pb::raft::HoldModuleRequest {
+    let message = pb::raft::HoldModuleRequest {
         sha256: sha256.to_owned(),
         size,
         sources: sources
@@ -168,11 +167,23 @@ pub async fn hold_module(
             service: r.service.clone(),
             memory_limit: r.memory_limit,
         }),
-    });
-    net.identity().stamp(req.metadata_mut(), node);
-    // A little longer than the member's own deadline, so that its answer says why.
-    req.set_timeout(timeout + Duration::from_secs(5));
-    let reply = match client.hold_module(req).await {
+    };
+    let call = |message: pb::raft::HoldModuleRequest| async move {
+        let mut client = RaftClient::new(net.channel(addr).map_err(failed)?);
+        let mut req = tonic::Request::new(message);
+        net.identity().stamp(req.metadata_mut(), node);
+        // A little longer than the member's own deadline, so that its answer says why.
+        req.set_timeout(timeout + Duration::from_secs(5));
+        Ok::<_, HoldError>(client.hold_module(req).await)
+    };
+    // Holding is idempotent. A pooled connection to a member that restarted fails its first
+    // call before the member sees it (CANCELLED): send it once more (a failed connection
+    // reconnects).
+    let mut answer = call(message.clone()).await?;
+    if matches!(&answer, Err(s) if s.code() == tonic::Code::Cancelled) {
+        answer = call(message).await?;
+    }
+    let reply = match answer {
         Ok(reply) => reply,
         Err(s) if s.code() == tonic::Code::Unimplemented => return Err(HoldError::Unsupported),
         Err(s) if s.code() == tonic::Code::ResourceExhausted => {

@@ -455,16 +455,17 @@ impl raft_server::Raft for RaftService {
         if let (Ok(code_bytes), Some(reserve), Some(budget)) =
             (&held, &req.reserve, self.max_guest_memory)
         {
-            let next = crate::budget::Reserved {
-                name: reserve.service.clone(),
-                memory_limit: reserve.memory_limit,
-                module: crate::runtime::ModuleHash::from_hex(&req.sha256)
-                    .ok_or_else(|| Status::invalid_argument("a module hash that is not one"))?,
-                code_bytes: *code_bytes,
-            };
-            crate::budget::Reservations::of(&state.services(), state.default_memory_limit())
-                .check(next, Some(budget))
-                .map_err(Status::resource_exhausted)?;
+            let module = crate::runtime::ModuleHash::from_hex(&req.sha256)
+                .ok_or_else(|| Status::invalid_argument("a module hash that is not one"))?;
+            crate::budget::check_change(
+                &state,
+                &reserve.service,
+                reserve.memory_limit,
+                module,
+                *code_bytes,
+                Some(budget),
+            )
+            .map_err(Status::resource_exhausted)?;
         }
         let held = held.map(|_| started.elapsed().as_millis() as u64);
         Ok(Response::new(pb::encode(&held)?))

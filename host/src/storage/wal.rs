@@ -61,31 +61,32 @@ struct Mem {
 }
 
 impl Mem {
-    fn apply(&mut self, r: Record) {
+    /// Replays a record read from the file; `size` is its body's length.
+    fn apply(&mut self, r: Record, size: usize) {
         match r {
-            Record::Entry(e) => {
-                let record = Record::Entry(e);
-                let size = encode(&record).map_or(0, |b| b.len());
-                let Record::Entry(e) = record else {
-                    unreachable!("built above")
-                };
-                self.insert(e, size);
-            }
-            Record::Truncate(from) => {
-                let gone = self.entries.split_off(&from);
-                self.forget(gone);
-            }
-            Record::Purge(upto) => {
-                let kept = self.entries.split_off(&(upto.index() + 1));
-                let gone = std::mem::replace(&mut self.entries, kept);
-                self.forget(gone);
-                self.purged = Some(upto);
-            }
+            Record::Entry(e) => self.insert(e, size),
+            Record::Truncate(from) => self.truncate(from),
+            Record::Purge(upto) => self.purge(upto),
             Record::Vote(v) => self.vote = Some(v),
             Record::Committed(c) => self.committed = c,
         }
     }
 
+    /// Entries with index >= `from` are gone.
+    fn truncate(&mut self, from: u64) {
+        let gone = self.entries.split_off(&from);
+        self.forget(gone);
+    }
+
+    /// Entries up to `upto` are gone.
+    fn purge(&mut self, upto: LogId) {
+        let kept = self.entries.split_off(&(upto.index() + 1));
+        let gone = std::mem::replace(&mut self.entries, kept);
+        self.forget(gone);
+        self.purged = Some(upto);
+    }
+
+    /// Holds entry `e`, whose record body is `size` bytes.
     fn insert(&mut self, e: Entry, size: usize) {
         let size = u32::try_from(size).unwrap_or(u32::MAX);
         self.bytes += u64::from(size);
@@ -188,7 +189,7 @@ fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<(Record, usize)>, usize)
     while at < bytes.len() {
         let rest = &bytes[at..];
         let torn = || rest.iter().all(|b| *b == 0);
-        if rest.len() < 8 {
+        if rest.len() < FRAME_HEADER {
             break; // a short header: torn
         }
         let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
@@ -199,19 +200,19 @@ fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<(Record, usize)>, usize)
             }
             return Err(corrupt(path, at, "impossible record length"));
         }
-        if rest.len() < 8 + len {
+        if rest.len() < FRAME_HEADER + len {
             break; // the last record was not written whole
         }
-        let body = &rest[8..8 + len];
+        let body = &rest[FRAME_HEADER..FRAME_HEADER + len];
         if crc32fast::hash(body) != crc {
-            if rest.len() == 8 + len || torn() {
+            if rest.len() == FRAME_HEADER + len || torn() {
                 break; // the last record, torn
             }
             return Err(corrupt(path, at, "checksum mismatch"));
         }
         let record = decode::<Record>("log record", body).map_err(|e| corrupt(path, at, e))?;
         records.push((record, len));
-        at += 8 + len;
+        at += FRAME_HEADER + len;
     }
     Ok((records, at))
 }
@@ -254,10 +255,7 @@ impl WalLog {
         }
         let mut mem = Mem::default();
         for (r, size) in records {
-            match r {
-                Record::Entry(e) => mem.insert(e, size),
-                r => mem.apply(r),
-            }
+            mem.apply(r, size);
         }
         let mem: Shared = Arc::new(Mutex::new(mem));
         let (tx, rx) = mpsc::channel();
@@ -524,12 +522,12 @@ impl RaftLogStorage<TypeConfig> for WalLog {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        lock(&self.mem).apply(Record::Truncate(from));
+        lock(&self.mem).truncate(from);
         self.write_and_wait(Record::Truncate(from), false).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        lock(&self.mem).apply(Record::Purge(log_id));
+        lock(&self.mem).purge(log_id);
         self.write_and_wait(Record::Purge(log_id), true).await
     }
 }
@@ -598,7 +596,7 @@ mod tests {
         let flushed: Result<(), io::Error> = rx.await.expect("callback");
         flushed.expect("flushed");
         let one = encode(&entry(1)).expect("encode").len() as u64;
-        // Every entry here encodes to the same size but for its varint-free fields.
+        // A record is its entry and the record's tag: a few bytes more than the entry.
         let (n, bytes) = memory.held();
         assert_eq!(n, 100);
         assert!(bytes >= 100 * 200 && bytes <= 100 * (one + 8), "{bytes}");

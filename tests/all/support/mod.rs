@@ -63,6 +63,21 @@ pub fn apply_all(guest: &mut Guest, first: u64, commands: &[&str]) -> Vec<Result
         .collect()
 }
 
+/// Applies text commands as entries `first..` in one `apply-batch` call, returning each
+/// outcome as text.
+pub fn apply_batch_all(
+    guest: &mut Guest,
+    first: u64,
+    commands: &[&str],
+) -> Vec<Result<String, String>> {
+    let entries: Vec<_> = commands
+        .iter()
+        .zip(first..)
+        .map(|(c, n)| (ctx(n), c.as_bytes()))
+        .collect();
+    guest.apply_batch(&entries).into_iter().map(text).collect()
+}
+
 /// A guest outcome as text, for readable assertions.
 pub fn text(result: Result<Vec<u8>, waft::runtime::GuestError>) -> Result<String, String> {
     result

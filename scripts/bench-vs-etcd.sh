@@ -13,6 +13,9 @@
 # WAFT_BENCH_CPU=0.5 gives every waft node and every etcd member its own CPU quota of that many
 # cores (cgroup v1 `cpu`, cfs_quota_us), as if each ran on a machine of its own (results:
 # vs-etcd[...]-cpu0.5.*).
+# WAFT_BENCH_API=unary sends each waft request as its own unary call instead of over the
+# connection's Session stream (waft bench's default; results: vs-etcd[...]-unary.*).
+# WAFT_BENCH_CONNECTIONS=N: HTTP/2 connections per system (default: one per client, up to 64).
 # Every point also prints the CPU time (user and system, from /proc) each system's three
 # processes spent per put, and their ratio.
 set -euo pipefail
@@ -114,6 +117,14 @@ fi
 if [ "${WAFT_BENCH_BATCH:-1}" != 1 ]; then
   NAME=$NAME-batch$WAFT_BENCH_BATCH
   ROUTE+=(--batch "$WAFT_BENCH_BATCH")
+fi
+if [ "${WAFT_BENCH_API:-session}" != session ]; then
+  NAME=$NAME-$WAFT_BENCH_API
+fi
+ROUTE+=(--api "${WAFT_BENCH_API:-session}")
+if [ -n "${WAFT_BENCH_CONNECTIONS:-}" ]; then
+  NAME=$NAME-conn$WAFT_BENCH_CONNECTIONS
+  ROUTE+=(--connections "$WAFT_BENCH_CONNECTIONS")
 fi
 if [ -n "$CPU" ]; then
   NAME=$NAME-cpu$CPU

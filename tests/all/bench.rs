@@ -27,26 +27,31 @@ async fn bench_measures_writes_and_reads_on_a_cluster() {
         v.extend_from_slice(extra);
         v
     };
-    let d = json(
-        &waft(&base(&[
-            "--clients",
-            "4",
-            "--count",
-            "300",
-            "--warmup",
-            "0.2",
-            "--keys",
-            "50",
-        ]))
-        .await,
-    );
-    let r = &d["results"][0];
-    assert_eq!(r["target"], "waft");
-    assert!(r["ops"].as_u64().expect("ops") >= 300, "{d}");
-    assert_eq!(r["errors"], 0, "{d}");
-    let p50 = r["latency_ms"]["p50"].as_f64().expect("p50");
-    let p99 = r["latency_ms"]["p99"].as_f64().expect("p99");
-    assert!(p50 > 0.0 && p99 >= p50, "{d}");
+    for api in ["session", "unary"] {
+        let d = json(
+            &waft(&base(&[
+                "--clients",
+                "4",
+                "--count",
+                "300",
+                "--warmup",
+                "0.2",
+                "--keys",
+                "50",
+                "--api",
+                api,
+            ]))
+            .await,
+        );
+        let r = &d["results"][0];
+        assert_eq!(r["target"], "waft");
+        assert_eq!(d["workload"]["api"], api);
+        assert!(r["ops"].as_u64().expect("ops") >= 300, "{d}");
+        assert_eq!(r["errors"], 0, "{d}");
+        let p50 = r["latency_ms"]["p50"].as_f64().expect("p50");
+        let p99 = r["latency_ms"]["p99"].as_f64().expect("p99");
+        assert!(p50 > 0.0 && p99 >= p50, "{d}");
+    }
     let keys = cluster
         .node(0)
         .state()

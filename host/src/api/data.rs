@@ -1,4 +1,5 @@
-//! The data plane, `waft.v1.Waft`: commands (`Submit`, `SubmitBatch`), reads (`Query`),
+//! The data plane, `waft.v1.Waft`: commands (`Submit`, `SubmitBatch`; `Session` is in
+//! [`super::session`]), reads (`Query`),
 //! `Watch` and the service list; deploys and rollbacks are in [`super::deploy`].
 
 use super::route::write_error;
@@ -7,6 +8,8 @@ use crate::auth::Role;
 use crate::pb::api::{self, waft_server};
 use crate::storage::QueryError;
 use crate::types::{ClientSeq, Request, now_ms};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use openraft::ReadPolicy;
 use openraft::error::{ClientWriteError, RaftError};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
@@ -18,7 +21,7 @@ const MIN_BATCH_BYTES: usize = 16 << 20;
 impl Api {
     /// The log entry for a Submit, or why it cannot be one.
     #[allow(clippy::result_large_err)]
-    fn command(&self, req: &api::SubmitRequest) -> Result<Request, Status> {
+    fn command(&self, req: api::SubmitRequest) -> Result<Request, Status> {
         self.check_payload(req.payload.len())?;
         if req.service.is_empty() {
             return Err(Status::invalid_argument("a service name is required"));
@@ -28,11 +31,88 @@ impl Api {
             seq: req.sequence,
         });
         Ok(Request::Command {
-            service: req.service.clone(),
-            payload: req.payload.clone(),
+            service: req.service,
+            payload: req.payload,
             client,
             timestamp_ms: now_ms(),
         })
+    }
+
+    /// Refuses a batch of commands over the limits of one `SubmitBatch`.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn batch_limits(&self, commands: &[api::SubmitRequest]) -> Result<(), Status> {
+        let n = commands.len();
+        if n > forward::MAX_COMMANDS {
+            return Err(Status::resource_exhausted(format!(
+                "a batch of {n} commands is over the limit of {}; split it",
+                forward::MAX_COMMANDS
+            )));
+        }
+        let bytes: usize = commands.iter().map(|c| c.payload.len()).sum();
+        let max_bytes = self.limits.max_payload_bytes.max(MIN_BATCH_BYTES);
+        if bytes > max_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "a batch of {bytes} payload bytes is over the limit of {max_bytes}; split it"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks each of `commands` as its own Submit would be and proposes the valid ones here,
+    /// together and in order, in one message to Raft; the future gives each command's result
+    /// (a command that leadership moved away from before it was proposed: UNAVAILABLE).
+    pub(super) async fn propose_here(
+        &self,
+        commands: Vec<api::SubmitRequest>,
+    ) -> Result<BoxFuture<'static, Vec<api::SubmitResult>>, Status> {
+        let n = commands.len();
+        let mut results: Vec<Option<api::SubmitResult>> = vec![None; n];
+        let mut entries = Vec::with_capacity(n);
+        let mut slots = Vec::with_capacity(n);
+        for (i, c) in commands.into_iter().enumerate() {
+            match self.command(c) {
+                Ok(entry) => {
+                    entries.push(entry);
+                    slots.push(i);
+                }
+                Err(s) => results[i] = Some(forward::to_result(Err(s))),
+            }
+        }
+        let answers = if entries.is_empty() {
+            None
+        } else {
+            Some(
+                self.raft
+                    .client_write_many(entries)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("raft stopped: {e}")))?,
+            )
+        };
+        Ok(async move {
+            if let Some(mut answers) = answers {
+                for slot in slots {
+                    let answer = match answers.next().await {
+                        Some(Ok(Ok(written))) => {
+                            convert::submit_reply(written.log_id.index, written.response)
+                        }
+                        // Not proposed: leadership moved while the batch waited.
+                        Some(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => {
+                            Err(Status::unavailable(
+                                "this node stopped leading before the command was proposed; retry",
+                            ))
+                        }
+                        Some(Ok(Err(e))) => Err(write_error(&RaftError::APIError(e))),
+                        Some(Err(fatal)) => {
+                            Err(Status::unavailable(format!("raft stopped: {fatal}")))
+                        }
+                        None => Err(Status::unavailable("raft stopped; retry")),
+                    };
+                    results[slot] = Some(forward::to_result(answer));
+                }
+            }
+            results.into_iter().flatten().collect()
+        }
+        .boxed())
     }
 }
 
@@ -44,7 +124,7 @@ impl waft_server::Waft for Api {
     ) -> Result<GrpcResponse<api::SubmitReply>, Status> {
         let auth = self.authorize(&request, Role::Client)?;
         let req = request.into_inner();
-        let entry = self.command(&req)?;
+        let entry = self.command(req.clone())?;
         match self.write(entry, &auth).await? {
             Ok((index, response)) => Ok(GrpcResponse::new(convert::submit_reply(index, response)?)),
             // Joins the follower's batch for the leader (see `forward`).
@@ -68,67 +148,23 @@ impl waft_server::Waft for Api {
     ) -> Result<GrpcResponse<api::SubmitBatchReply>, Status> {
         let auth = self.authorize(&request, Role::Client)?;
         let req = request.into_inner();
-        let n = req.commands.len();
-        if n > forward::MAX_COMMANDS {
-            return Err(Status::resource_exhausted(format!(
-                "a batch of {n} commands is over the limit of {}; split it",
-                forward::MAX_COMMANDS
-            )));
-        }
-        let bytes: usize = req.commands.iter().map(|c| c.payload.len()).sum();
-        let max_bytes = self.limits.max_payload_bytes.max(MIN_BATCH_BYTES);
-        if bytes > max_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "a batch of {bytes} payload bytes is over the limit of {max_bytes}; split it"
-            )));
-        }
+        self.batch_limits(&req.commands)?;
         if let Some(leader) = self.leader(&auth).await? {
             return leader
                 .relay(req, |mut c, r| async move { c.waft.submit_batch(r).await })
                 .await;
         }
-        // Each command is checked as its own Submit would be; the valid ones are proposed
-        // together, in order, in one message to Raft.
-        let mut results: Vec<Option<api::SubmitResult>> = vec![None; n];
-        let mut entries = Vec::with_capacity(n);
-        let mut slots = Vec::with_capacity(n);
-        for (i, c) in req.commands.iter().enumerate() {
-            match self.command(c) {
-                Ok(entry) => {
-                    entries.push(entry);
-                    slots.push(i);
-                }
-                Err(s) => results[i] = Some(forward::to_result(Err(s))),
-            }
-        }
-        if !entries.is_empty() {
-            use futures::StreamExt;
-            let mut answers = self
-                .raft
-                .client_write_many(entries)
-                .await
-                .map_err(|e| Status::unavailable(format!("raft stopped: {e}")))?;
-            for slot in slots {
-                let answer = match answers.next().await {
-                    Some(Ok(Ok(written))) => {
-                        convert::submit_reply(written.log_id.index, written.response)
-                    }
-                    // Not proposed: leadership moved while the batch waited.
-                    Some(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => {
-                        Err(Status::unavailable(
-                            "this node stopped leading before the command was proposed; retry",
-                        ))
-                    }
-                    Some(Ok(Err(e))) => Err(write_error(&RaftError::APIError(e))),
-                    Some(Err(fatal)) => Err(Status::unavailable(format!("raft stopped: {fatal}"))),
-                    None => Err(Status::unavailable("raft stopped; retry")),
-                };
-                results[slot] = Some(forward::to_result(answer));
-            }
-        }
-        Ok(GrpcResponse::new(api::SubmitBatchReply {
-            results: results.into_iter().flatten().collect(),
-        }))
+        let results = self.propose_here(req.commands).await?.await;
+        Ok(GrpcResponse::new(api::SubmitBatchReply { results }))
+    }
+
+    type SessionStream = super::session::SessionStream;
+
+    async fn session(
+        &self,
+        request: GrpcRequest<Streaming<api::SessionRequest>>,
+    ) -> Result<GrpcResponse<Self::SessionStream>, Status> {
+        self.open_session(request)
     }
 
     async fn query(

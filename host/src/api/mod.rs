@@ -11,7 +11,8 @@
 //! and restore streams), [`data`] (`waft.v1.Waft`: commands, reads, the service list),
 //! [`deploy`] (deploys, rollbacks, their checks), [`watch`], [`admin`] (`waft.v1.Cluster`:
 //! membership, status, audits), [`backup`] (backups and restores), [`convert`] (mapping to
-//! the API's messages), [`forward`] (follower-side batching of `Submit`s), [`trace`].
+//! the API's messages), [`forward`] (follower-side batching of `Submit`s), [`session`] (pipelined commands on
+//! one stream), [`trace`].
 
 mod admin;
 mod backup;
@@ -20,6 +21,7 @@ mod data;
 mod deploy;
 pub(crate) mod forward;
 mod route;
+mod session;
 pub mod trace;
 mod watch;
 

@@ -1,11 +1,14 @@
 //! `waft bench`: a closed-loop load generator for waft and, with the same workload, for etcd.
 //!
 //! N clients share M HTTP/2 connections spread over the endpoints; each client sends one
-//! request, waits for the answer, and sends the next. Latencies go into HDR histograms (µs,
+//! request, waits for the answer, and sends the next. Waft writes go over one `Session`
+//! stream per connection by default (every client's commands pipelined on it), or as a unary
+//! call each (`--api unary`). Latencies go into HDR histograms (µs,
 //! three significant digits), merged at the end. A warm-up runs first and is not measured.
 
 use super::client::Consistency;
 use super::connect::{Client, Connector, Output};
+use super::session::Session;
 use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use crate::pb::etcd::{self, kv_client::KvClient};
 use anyhow::{Context, bail};
@@ -42,7 +45,8 @@ pub struct BenchArgs {
     /// Concurrent clients (each has one request in flight).
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
-    /// HTTP/2 connections the clients share (0: one per client, up to 64).
+    /// HTTP/2 connections the clients share (0: with `--api session`, one per endpoint, as a
+    /// client library holds; otherwise one per client, up to 64).
     #[arg(long, default_value_t = 0)]
     pub connections: usize,
     /// Measure for this many seconds (after the warm-up).
@@ -78,6 +82,20 @@ pub struct BenchArgs {
     /// different keys). Throughput counts writes; latency is per request. Reads are single.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub batch: u64,
+    /// How waft writes travel: `session` pipelines every client's writes over one `Session`
+    /// stream per connection (as waft's clients do); `unary` makes a `Submit` (or
+    /// `SubmitBatch`) call per request.
+    #[arg(long, value_enum, default_value_t = WriteApi::Session)]
+    pub api: WriteApi,
+}
+
+/// The API `waft bench` writes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WriteApi {
+    /// One `Session` stream per connection, shared by its clients.
+    Session,
+    /// A unary call per request.
+    Unary,
 }
 
 /// The outcome of one run.
@@ -159,7 +177,29 @@ impl BenchResult {
 /// One request kind, ready to send.
 enum Conn {
     Waft(WaftClient<super::connect::Conn>),
+    /// Writes over a session shared with the connection's other clients, reads unary.
+    Session(Session),
     Etcd(KvClient<Channel>),
+}
+
+/// Sends `commands` in one session request; fails unless every one was applied with a reply.
+async fn write(session: &Session, commands: Vec<api::SubmitRequest>) -> Result<(), String> {
+    for r in session.send(commands).await.map_err(status_text)? {
+        check_written(r)?;
+    }
+    Ok(())
+}
+
+fn check_written(r: api::SubmitResult) -> Result<(), String> {
+    use api::submit_result::Result as R;
+    match r.result {
+        Some(R::Reply(api::SubmitReply {
+            outcome: Some(api::submit_reply::Outcome::Ok(_)),
+            ..
+        })) => Ok(()),
+        Some(R::Failure(f)) => Err(format!("{:?}: {}", tonic::Code::from(f.code), f.message)),
+        other => Err(format!("a write got {other:?}")),
+    }
 }
 
 struct Workload {
@@ -184,6 +224,16 @@ fn next(state: &mut u64) -> u64 {
 }
 
 impl Workload {
+    /// The command that puts the workload's value at `key`.
+    fn put(&self, key: &str) -> api::SubmitRequest {
+        api::SubmitRequest {
+            service: self.service.clone(),
+            payload: format!("put {key} {}", self.value).into_bytes(),
+            client_id: 0,
+            sequence: 0,
+        }
+    }
+
     /// One request; the operations it did.
     async fn one(&self, conn: &mut Conn, rng: &mut u64) -> Result<u64, String> {
         let first = next(rng) % self.keys.max(1);
@@ -197,39 +247,12 @@ impl Workload {
         }
         let key = format!("key{first}");
         match conn {
-            Conn::Waft(c) => {
-                if read {
-                    let consistency = match self.consistency {
-                        Consistency::Linearizable => api::Consistency::Linearizable,
-                        Consistency::Lease => api::Consistency::Lease,
-                        Consistency::Stale => api::Consistency::Stale,
-                    };
-                    c.query(api::QueryRequest {
-                        service: self.service.clone(),
-                        payload: format!("get {key}").into_bytes(),
-                        consistency: consistency as i32,
-                    })
-                    .await
-                    .map_err(status_text)?;
-                    // "key not found" is an answer, not an error.
-                    Ok(1)
-                } else {
-                    let r = c
-                        .submit(api::SubmitRequest {
-                            service: self.service.clone(),
-                            payload: format!("put {key} {}", self.value).into_bytes(),
-                            client_id: 0,
-                            sequence: 0,
-                        })
-                        .await
-                        .map_err(status_text)?
-                        .into_inner();
-                    match r.outcome {
-                        Some(api::submit_reply::Outcome::Ok(_)) => Ok(1),
-                        other => Err(format!("the guest answered {other:?}")),
-                    }
-                }
+            Conn::Session(s) if !read => {
+                write(s, vec![self.put(&key)]).await?;
+                Ok(1)
             }
+            Conn::Waft(c) => self.unary(c, read, key).await,
+            Conn::Session(s) => self.unary(&mut s.client().clone(), read, key).await,
             Conn::Etcd(c) => {
                 if read {
                     c.range(etcd::RangeRequest {
@@ -253,21 +276,50 @@ impl Workload {
         }
     }
 
+    /// A unary read or write.
+    async fn unary(
+        &self,
+        c: &mut WaftClient<super::connect::Conn>,
+        read: bool,
+        key: String,
+    ) -> Result<u64, String> {
+        if read {
+            let consistency = match self.consistency {
+                Consistency::Linearizable => api::Consistency::Linearizable,
+                Consistency::Lease => api::Consistency::Lease,
+                Consistency::Stale => api::Consistency::Stale,
+            };
+            c.query(api::QueryRequest {
+                service: self.service.clone(),
+                payload: format!("get {key}").into_bytes(),
+                consistency: consistency as i32,
+            })
+            .await
+            .map_err(status_text)?;
+            // "key not found" is an answer, not an error.
+            Ok(1)
+        } else {
+            let r = c
+                .submit(self.put(&key))
+                .await
+                .map_err(status_text)?
+                .into_inner();
+            match r.outcome {
+                Some(api::submit_reply::Outcome::Ok(_)) => Ok(1),
+                other => Err(format!("the guest answered {other:?}")),
+            }
+        }
+    }
+
     async fn write_batch(
         &self,
         conn: &mut Conn,
         keys: impl Iterator<Item = String>,
     ) -> Result<(), String> {
         match conn {
+            Conn::Session(s) => write(s, keys.map(|k| self.put(&k)).collect()).await,
             Conn::Waft(c) => {
-                let commands = keys
-                    .map(|key| api::SubmitRequest {
-                        service: self.service.clone(),
-                        payload: format!("put {key} {}", self.value).into_bytes(),
-                        client_id: 0,
-                        sequence: 0,
-                    })
-                    .collect();
+                let commands = keys.map(|key| self.put(&key)).collect();
                 let results = c
                     .submit_batch(api::SubmitBatchRequest { commands })
                     .await
@@ -275,13 +327,7 @@ impl Workload {
                     .into_inner()
                     .results;
                 for r in results {
-                    match r.result {
-                        Some(api::submit_result::Result::Reply(api::SubmitReply {
-                            outcome: Some(api::submit_reply::Outcome::Ok(_)),
-                            ..
-                        })) => {}
-                        other => return Err(format!("a batched write got {other:?}")),
-                    }
+                    check_written(r)?;
                 }
                 Ok(())
             }
@@ -338,6 +384,9 @@ pub async fn run_bench(
         bail!("--clients must be at least 1");
     }
     let connections = match args.connections {
+        0 if target == Target::Waft && args.api == WriteApi::Session => {
+            endpoints.len().min(args.clients)
+        }
         0 => args.clients.min(64),
         n => n.min(args.clients),
     };
@@ -358,15 +407,24 @@ pub async fn run_bench(
     let done = Arc::new(AtomicU64::new(0));
     let failing = Arc::new(AtomicU64::new(0));
     let limit = args.count;
+    // One session per connection, shared by its clients.
+    let sessions: Vec<Session> = channels
+        .iter()
+        .map(|ch| Session::new(WaftClient::new(connector.authorized(ch.clone()))))
+        .collect();
     let mut tasks = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let ch = channels[i % connections].clone();
         let mut conn = match target {
-            Target::Waft => Conn::Waft(
-                WaftClient::new(connector.authorized(ch))
+            Target::Waft => {
+                let client = WaftClient::new(connector.authorized(ch))
                     .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20),
-            ),
+                    .max_encoding_message_size(64 << 20);
+                match args.api {
+                    WriteApi::Session => Conn::Session(sessions[i % connections].clone()),
+                    WriteApi::Unary => Conn::Waft(client),
+                }
+            }
             Target::Etcd => Conn::Etcd(KvClient::new(ch)),
         };
         let (workload, measuring, stop, done, failing) = (
@@ -520,6 +578,7 @@ pub async fn bench(client: &Client, args: &BenchArgs) -> anyhow::Result<ExitCode
                     "clients": args.clients, "keys": args.keys, "value_size": args.value_size,
                     "read_ratio": args.read_ratio, "consistency": format!("{:?}", args.consistency).to_lowercase(),
                     "to_leader": args.to_leader, "batch": args.batch,
+                    "api": format!("{:?}", args.api).to_lowercase(),
                 },
                 "results": [first.json()],
             });

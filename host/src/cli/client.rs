@@ -2,6 +2,7 @@
 
 use super::connect::{Client, Conn, Output, retrying};
 use super::output;
+use super::session::Session;
 use crate::pb::api::{self, waft_client::WaftClient};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
@@ -177,82 +178,122 @@ pub async fn submit(client: &Client, args: &SubmitArgs) -> anyhow::Result<ExitCo
     })
 }
 
-/// `waft submit --lines`: every line a command, sent in batches. Each command has its own
-/// sequence number in one client session, so a batch retried after an unknown outcome (the
-/// leader changed, a connection dropped) applies each of its commands at most once; commands
-/// a batch reply says to retry (UNAVAILABLE) are sent again with their numbers.
+/// Batches of `waft submit --lines` in flight at once.
+const LINES_IN_FLIGHT: usize = 8;
+
+/// `waft submit --lines`: every line a command, sent in batches pipelined over one `Session`
+/// stream ([`LINES_IN_FLIGHT`] at a time; results print in line order). Each batch in flight
+/// is a lane of its own: a client id whose commands carry consecutive sequence numbers, so a
+/// batch retried after an unknown outcome (the leader changed, the connection dropped) applies
+/// each of its commands at most once; commands a reply says to retry (UNAVAILABLE) are sent
+/// again with their numbers, up to 8 times with a growing pause.
 async fn submit_lines(
     client: &Client,
     args: &SubmitArgs,
     waft: WaftClient<Conn>,
     input: &[u8],
 ) -> anyhow::Result<ExitCode> {
-    let session = client_id();
-    let commands: Vec<api::SubmitRequest> = input
+    let base = client_id();
+    let lines: Vec<&[u8]> = input
         .split(|b| *b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
         .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .zip(1..)
-        .map(|(line, sequence)| api::SubmitRequest {
-            service: args.service.clone(),
-            payload: line.to_vec(),
-            client_id: session,
-            sequence,
+        .collect();
+    let total = lines.len();
+    let session = Session::new(waft);
+    // Lane `i % LINES_IN_FLIGHT` sends batch `i`; a lane has one batch in flight at a time
+    // (batch i + LINES_IN_FLIGHT starts once batch i is done), numbering its commands on.
+    let mut next_seq = [1u64; LINES_IN_FLIGHT];
+    let batches: Vec<(u64, Vec<api::SubmitRequest>)> = lines
+        .chunks(args.batch as usize)
+        .enumerate()
+        .scan(0u64, |line, (i, chunk)| {
+            let lane = i % LINES_IN_FLIGHT;
+            let id = base ^ ((lane as u64) << 1);
+            let first_line = *line + 1;
+            *line += chunk.len() as u64;
+            let commands = chunk
+                .iter()
+                .map(|payload| {
+                    let sequence = next_seq[lane];
+                    next_seq[lane] += 1;
+                    api::SubmitRequest {
+                        service: args.service.clone(),
+                        payload: payload.to_vec(),
+                        client_id: id,
+                        sequence,
+                    }
+                })
+                .collect();
+            Some((first_line, commands))
         })
         .collect();
+    let mut answered = futures::stream::iter(batches)
+        .map(|(first_line, commands)| {
+            let session = session.clone();
+            async move { (first_line, send_batch(&session, commands).await) }
+        })
+        .buffered(LINES_IN_FLIGHT);
     let mut failed = 0usize;
-    for chunk in commands.chunks(args.batch as usize) {
-        let mut todo: Vec<api::SubmitRequest> = chunk.to_vec();
-        let mut done = std::collections::BTreeMap::new();
-        let mut delay = Duration::from_millis(100);
-        for attempt in 0.. {
-            let sent = todo.clone();
-            let results = retrying(|| {
-                let mut w = waft.clone();
-                let r = api::SubmitBatchRequest {
-                    commands: sent.clone(),
-                };
-                async move { w.submit_batch(r).await }
-            })
-            .await
-            .map_err(|s| client.status_error(s))?
-            .into_inner()
-            .results;
-            anyhow::ensure!(
-                results.len() == sent.len(),
-                "the node answered {} results for {} commands",
-                results.len(),
-                sent.len()
-            );
-            todo.clear();
-            for (command, result) in sent.into_iter().zip(results) {
-                match crate::api::forward::from_result(result) {
-                    Err(s) if s.code() == tonic::Code::Unavailable && attempt < 8 => {
-                        todo.push(command)
-                    }
-                    other => {
-                        done.insert(command.sequence, other);
-                    }
-                }
-            }
-            if todo.is_empty() {
-                break;
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-        }
-        for (sequence, answer) in done {
-            failed += usize::from(print_line_result(client, sequence, answer));
+    while let Some((first_line, answers)) = answered.next().await {
+        for (line, answer) in (first_line..).zip(answers.map_err(|s| client.status_error(s))?) {
+            failed += usize::from(print_line_result(client, line, answer));
         }
     }
     if client.output == Output::Text && failed > 0 {
-        eprintln!("{failed} of {} commands failed", commands.len());
+        eprintln!("{failed} of {total} commands failed");
     }
     Ok(if failed > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// One batch of `submit --lines`, retried until each command has an answer other than
+/// UNAVAILABLE (or 8 attempts): the answers in the batch's order.
+async fn send_batch(
+    session: &Session,
+    commands: Vec<api::SubmitRequest>,
+) -> Result<Vec<Result<api::SubmitReply, tonic::Status>>, tonic::Status> {
+    let n = commands.len();
+    let mut answers: Vec<Option<Result<api::SubmitReply, tonic::Status>>> =
+        (0..n).map(|_| None).collect();
+    let mut todo: Vec<usize> = (0..n).collect();
+    let mut delay = Duration::from_millis(100);
+    for attempt in 0.. {
+        let sent: Vec<api::SubmitRequest> = todo.iter().map(|&i| commands[i].clone()).collect();
+        let retry = attempt < 8;
+        let results: Vec<Result<api::SubmitReply, tonic::Status>> = match session.send(sent).await {
+            Ok(results) => results
+                .into_iter()
+                .map(crate::api::forward::from_result)
+                .collect(),
+            // The session ended with these commands' outcome unknown: all of them again.
+            Err(s) if s.code() == tonic::Code::Unavailable && retry => todo
+                .iter()
+                .map(|_| Err(tonic::Status::unavailable(s.message())))
+                .collect(),
+            Err(s) => return Err(s),
+        };
+        let mut again = Vec::new();
+        for (i, result) in todo.into_iter().zip(results) {
+            match result {
+                Err(s) if s.code() == tonic::Code::Unavailable && retry => again.push(i),
+                other => answers[i] = Some(other),
+            }
+        }
+        if again.is_empty() {
+            break;
+        }
+        todo = again;
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(tonic::Status::unavailable("no answer; retry"))))
+        .collect())
 }
 
 /// Prints one command's result of `submit --lines`; true if it failed.

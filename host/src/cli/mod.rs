@@ -11,6 +11,7 @@ mod connect;
 mod guest;
 mod node;
 mod output;
+mod session;
 
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;

@@ -2,6 +2,7 @@
 //! other modules see the service stubs and our own types.
 
 pub mod codec;
+pub mod session;
 pub mod upload;
 
 /// `proto/raft.proto`: node-to-node Raft traffic.

@@ -24,6 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+
+/// How often [`Node::fatal`] looks at Raft's running state.
+const FATAL_CHECK: Duration = Duration::from_millis(200);
 use tokio::task::JoinHandle;
 
 /// Why a node could not start or stop cleanly.
@@ -259,13 +262,15 @@ impl Node {
     /// from a foreign engine): the node can no longer take part and should be stopped.
     pub async fn fatal(&self) -> String {
         use openraft::async_runtime::WatchReceiver;
-        let mut metrics = self.raft.metrics();
+        // Looked at a few times a second rather than on every change of the metrics: they
+        // change at every commit, and waking for each would cost a thread switch per write.
+        let metrics = self.raft.metrics();
+        let mut every = tokio::time::interval(FATAL_CHECK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            every.tick().await;
             if let Err(e) = &metrics.borrow_watched().running_state {
                 return e.to_string();
-            }
-            if metrics.changed().await.is_err() {
-                return "raft stopped".to_owned();
             }
         }
     }

@@ -14,6 +14,12 @@
 //! file is opened. A record with a bad checksum that is not at the tail is corruption: the
 //! store refuses to open rather than lose acknowledged entries silently.
 //!
+//! The file is kept longer than its records, filled with zeros (written, not just reserved)
+//! [`PREALLOCATE`] at a time: appending inside that space does not change the file's size, so
+//! each `fdatasync` writes the records and nothing else; one that grows the file also writes
+//! its inode (another device write), which would otherwise happen on every append. Replay stops
+//! at the zeros; a record torn in the middle of them is cut off like one at the end of the file.
+//!
 //! When a purge leaves the file mostly dead (over 64 MiB, less than a quarter of it live), the
 //! writer rewrites it with only the live state (to a new file, fsynced, renamed over the old).
 
@@ -35,6 +41,8 @@ use super::{
 
 /// A file over this size, mostly dead after a purge, is rewritten.
 const COMPACT_ABOVE: u64 = 64 << 20;
+/// Zeros written past the records at a time, so that appends do not change the file's size.
+const PREALLOCATE: u64 = 1 << 20;
 /// The longest record accepted when reading (an entry carries at most a module or a backup).
 const MAX_RECORD: usize = 1 << 30;
 
@@ -205,8 +213,8 @@ fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<(Record, usize)>, usize)
         }
         let body = &rest[FRAME_HEADER..FRAME_HEADER + len];
         if crc32fast::hash(body) != crc {
-            if rest.len() == FRAME_HEADER + len || torn() {
-                break; // the last record, torn
+            if rest[FRAME_HEADER + len..].iter().all(|b| *b == 0) {
+                break; // the last record (nothing but zeros after it), torn
             }
             return Err(corrupt(path, at, "checksum mismatch"));
         }
@@ -237,14 +245,17 @@ impl WalLog {
     fn open_compacting_above(path: &Path, compact_above: u64) -> io::Result<WalLog> {
         let mut file = std::fs::OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .open(path)
             .map_err(|e| io_err(&format!("cannot open the log {}", path.display()), e))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let (records, valid) = replay(&bytes, path)?;
-        if valid < bytes.len() {
+        // Zeros after the records are space written ahead, kept; anything else is a torn write.
+        let mut allocated = bytes.len() as u64;
+        if !bytes[valid..].iter().all(|b| *b == 0) {
             tracing::warn!(
                 path = %path.display(),
                 cut = bytes.len() - valid,
@@ -252,6 +263,7 @@ impl WalLog {
             );
             file.set_len(valid as u64)?;
             file.sync_all()?;
+            allocated = valid as u64;
         }
         let mut mem = Mem::default();
         for (r, size) in records {
@@ -260,10 +272,13 @@ impl WalLog {
         let mem: Shared = Arc::new(Mutex::new(mem));
         let (tx, rx) = mpsc::channel();
         let (wmem, wpath) = (mem.clone(), path.to_owned());
-        let size = valid as u64;
+        let end = End {
+            size: valid as u64,
+            allocated,
+        };
         let thread = std::thread::Builder::new()
             .name("waft-wal-writer".into())
-            .spawn(move || writer_loop(file, size, compact_above, &wpath, &wmem, &rx))
+            .spawn(move || writer_loop(file, end, compact_above, &wpath, &wmem, &rx))
             .map_err(|e| io_err("cannot start the log writer thread", e))?;
         Ok(WalLog {
             mem,
@@ -310,9 +325,32 @@ impl WalLog {
     }
 }
 
+/// Where the records end in the file, and how far zeros written ahead reach.
+#[derive(Debug, Clone, Copy)]
+struct End {
+    size: u64,
+    allocated: u64,
+}
+
+/// Writes `buf` after the records (first writing zeros ahead when it would not fit in the
+/// space already written), without syncing.
+fn append_at_end(file: &std::fs::File, end: &mut End, buf: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let needed = end.size + buf.len() as u64;
+    if needed > end.allocated {
+        let to = needed + PREALLOCATE;
+        let zeros = vec![0u8; (to - end.allocated) as usize];
+        file.write_all_at(&zeros, end.allocated)?;
+        end.allocated = to;
+    }
+    file.write_all_at(buf, end.size)?;
+    end.size = needed;
+    Ok(())
+}
+
 fn writer_loop(
     mut file: std::fs::File,
-    mut size: u64,
+    mut end: End,
     compact_above: u64,
     path: &Path,
     mem: &Shared,
@@ -336,11 +374,22 @@ fn writer_loop(
             buf.extend_from_slice(bytes);
             purged |= *p;
         }
-        let result = file.write_all(&buf).and_then(|()| file.sync_data());
-        size += buf.len() as u64;
+        // A batch that nobody waits for (only committed-index hints) is written without a
+        // sync of its own: the next synced write makes it durable, and losing it to a crash
+        // only means a longer replay.
+        let waited = batch
+            .iter()
+            .any(|Op::Write { callback, done, .. }| callback.is_some() || done.is_some());
+        let result = append_at_end(&file, &mut end, &buf).and_then(|()| {
+            if waited || purged {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         let result = match result {
-            Ok(()) if purged && size >= compact_above => {
-                compact_if_dead(&mut file, &mut size, path, mem)
+            Ok(()) if purged && end.size >= compact_above => {
+                compact_if_dead(&mut file, &mut end, path, mem)
             }
             other => other,
         };
@@ -368,7 +417,7 @@ fn writer_loop(
 /// Rewrites the file with only the live state when it is big and mostly dead.
 fn compact_if_dead(
     file: &mut std::fs::File,
-    size: &mut u64,
+    end: &mut End,
     path: &Path,
     mem: &Shared,
 ) -> io::Result<()> {
@@ -379,7 +428,7 @@ fn compact_if_dead(
     for r in lock(mem).records() {
         frame(&r, &mut buf)?;
     }
-    if (buf.len() as u64) * 4 > *size {
+    if (buf.len() as u64) * 4 > end.size {
         return Ok(());
     }
     let tmp: PathBuf = path.with_extension("wal.compacting");
@@ -392,9 +441,13 @@ fn compact_if_dead(
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
-    *file = std::fs::OpenOptions::new().append(true).open(path)?;
-    tracing::info!(from = *size, to = buf.len(), "log file compacted");
-    *size = buf.len() as u64;
+    *file = std::fs::OpenOptions::new().write(true).open(path)?;
+    tracing::info!(from = end.size, to = buf.len(), "log file compacted");
+    let size = buf.len() as u64;
+    *end = End {
+        size,
+        allocated: size,
+    };
     Ok(())
 }
 
@@ -600,9 +653,9 @@ mod tests {
         let (n, bytes) = memory.held();
         assert_eq!(n, 100);
         assert!(bytes >= 100 * 200 && bytes <= 100 * (one + 8), "{bytes}");
-        // The file holds the same records plus their frame headers.
+        // The file holds the same records plus their frame headers, then zeros written ahead.
         let file = std::fs::metadata(&path).expect("meta").len();
-        assert_eq!(file, bytes + 100 * FRAME_HEADER as u64);
+        assert_eq!(file, bytes + 100 * FRAME_HEADER as u64 + PREALLOCATE);
         log.truncate_after(Some(entry(80).log_id))
             .await
             .expect("truncate");
@@ -623,6 +676,52 @@ mod tests {
             frame(r, &mut out).expect("frame");
         }
         out
+    }
+
+    async fn append(
+        log: &mut WalLog,
+        entries: impl IntoIterator<Item = Entry, IntoIter: Send> + Send,
+    ) {
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append(entries, IOFlushed::signal(tx))
+            .await
+            .expect("append");
+        let flushed: Result<(), io::Error> = rx.await.expect("callback");
+        flushed.expect("flushed");
+    }
+
+    #[tokio::test]
+    async fn appends_go_into_zeros_written_ahead_and_a_record_torn_among_them_is_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log.wal");
+        let mut log = WalLog::open(&path).expect("open");
+        append(&mut log, (1..=10).map(entry)).await;
+        let len = std::fs::metadata(&path).expect("meta").len();
+        // A second append stays inside the space written ahead: the file does not grow.
+        append(&mut log, (11..=20).map(entry)).await;
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), len);
+        drop(log);
+        // Reopened: the zeros are kept, and the next append goes right after the records.
+        let mut log = WalLog::open(&path).expect("reopen");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), len);
+        append(&mut log, (21..=30).map(entry)).await;
+        drop(log);
+        let bytes = std::fs::read(&path).expect("read");
+        let (records, valid) = replay(&bytes, &path).expect("replay");
+        assert_eq!(records.len(), 30);
+        assert!(bytes[valid..].iter().all(|b| *b == 0));
+        // A crash in the middle of the next record: its header and half its body among zeros.
+        let mut torn = bytes.clone();
+        let next = framed(&[Record::Entry(entry(31))]);
+        torn[valid..valid + next.len() / 2].copy_from_slice(&next[..next.len() / 2]);
+        std::fs::write(&path, &torn).expect("write");
+        let mut log = WalLog::open(&path).expect("a torn record among zeros is cut");
+        let kept = log.try_get_log_entries(0..).await.expect("read");
+        assert_eq!(kept, (1..=30).map(entry).collect::<Vec<_>>());
+        append(&mut log, [entry(31)]).await;
+        drop(log);
+        let log = WalLog::open(&path).expect("reopen");
+        assert_eq!(log.memory().held().0, 31);
     }
 
     #[test]

@@ -339,6 +339,17 @@ impl Guest {
         self.rebases
     }
 
+    /// Whether applying `entries` more commands of `bytes` bytes in all would make the
+    /// checkpoint policy call for a rebase (which costs about a restore of the whole state).
+    pub fn rebase_within(&self, entries: usize, bytes: usize) -> bool {
+        let base = self.base.as_ref().map_or(0, |c| c.len());
+        self.policy.due(
+            self.journal.len() + entries,
+            self.journal_bytes + bytes,
+            base,
+        )
+    }
+
     /// Applies one command. `Ok` is the guest's reply; see [`GuestError`] for the failures.
     /// After a trap the state is exactly as before the call.
     pub fn apply(&mut self, ctx: ApplyCtx, command: &[u8]) -> Result<Vec<u8>, GuestError> {

@@ -248,6 +248,52 @@ impl SmState {
         Err(io::Error::other(msg))
     }
 
+    /// Whether `entries` are quick to apply: commands only (and blank or membership entries),
+    /// to services that have applied at least [`MEASURED`] entries, whose average time per
+    /// entry so far adds up to at most `budget_us` over the batch, and none of which would
+    /// rebase on the way. Reads only local measurements: it decides where the entries are
+    /// applied, never what applying them does.
+    pub(super) fn cheap_to_apply(&self, entries: &[Entry], budget_us: u64) -> bool {
+        /// Entries a service must have applied before its average is trusted.
+        const MEASURED: u64 = 64;
+        let mut spent = 0u64;
+        let mut per_service: Vec<(&str, usize, usize)> = Vec::new();
+        for entry in entries {
+            match &entry.payload {
+                EntryPayload::Blank | EntryPayload::Membership(_) => {}
+                EntryPayload::Normal(Request::Command {
+                    service, payload, ..
+                }) => {
+                    let Some(stats) = self.local.stats.get(service.as_str()) else {
+                        return false;
+                    };
+                    let n = stats.applied + stats.rejected + stats.trapped;
+                    if n < MEASURED {
+                        return false;
+                    }
+                    spent += stats.latency_sum_us / n + 1;
+                    if spent > budget_us {
+                        return false;
+                    }
+                    match per_service.iter_mut().find(|(s, _, _)| *s == service) {
+                        Some((_, count, bytes)) => {
+                            *count += 1;
+                            *bytes += payload.len();
+                        }
+                        None => per_service.push((service, 1, payload.len())),
+                    }
+                }
+                EntryPayload::Normal(_) => return false,
+            }
+        }
+        per_service.iter().all(|(service, count, bytes)| {
+            self.rep
+                .services
+                .get(*service)
+                .is_some_and(|svc| !svc.guest.rebase_within(*count, *bytes))
+        })
+    }
+
     /// Time never goes backwards: a new leader with a slower clock gets the previous time.
     pub(super) fn advance_clock(&mut self, proposed_ms: u64) -> u64 {
         self.rep.last_timestamp_ms = self.rep.last_timestamp_ms.max(proposed_ms);

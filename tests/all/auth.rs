@@ -6,6 +6,7 @@ use crate::support::cluster::{TestCluster, test_settings};
 use crate::support::waft_cli;
 use waft::node::NodeConfig;
 use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
+use waft::pb::session::Pipe;
 use waft::types::{TypeConfig, Vote};
 use waft_testkit::guests::EXAMPLE_KV;
 
@@ -96,6 +97,34 @@ async fn calls_need_the_right_token_and_peers_the_cluster_token() {
             .into_inner();
         assert!(matches!(r.outcome, Some(api::submit_reply::Outcome::Ok(_))));
     }
+    tracing::info!("a session: the token is checked when it opens, and again by the leader");
+    for token in [None, Some("nope")] {
+        let mut s = w.clone();
+        let e = Pipe::open(|r| async move { s.session(with(r, token)).await })
+            .await
+            .expect_err("no session without the right token");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    }
+    let mut s = w.clone();
+    let pipe = Pipe::open(|r| async move { s.session(with(r, Some(CLIENT))).await })
+        .await
+        .expect("a session with the client token");
+    let reply = pipe
+        .send(api::SessionRequest {
+            commands: vec![submit("put s 1")],
+        })
+        .await
+        .expect("answered");
+    assert!(
+        matches!(
+            &reply.results[0].result,
+            Some(api::submit_result::Result::Reply(api::SubmitReply {
+                outcome: Some(api::submit_reply::Outcome::Ok(_)),
+                ..
+            }))
+        ),
+        "{reply:?}"
+    );
     let mut c = ClusterClient::new(channel(&follower).await);
     let e = c
         .status(with(api::StatusRequest {}, None))

@@ -99,6 +99,7 @@ const UNARY: &[&str] = &[
 
 const STREAMING: &[&str] = &[
     "/waft.v1.Waft/Deploy",
+    "/waft.v1.Waft/Session",
     "/waft.v1.Cluster/Restore",
     "/waft.raft.v1.Raft/Append",
     "/waft.raft.v1.Raft/InstallSnapshot",

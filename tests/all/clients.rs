@@ -117,7 +117,8 @@ async fn the_python_client_deploys_submits_and_queries() {
         text(&o)
     );
 
-    // A file of commands in SubmitBatch calls: in order, a result each, exit 2 on a rejection.
+    // A file of commands pipelined over a session: in order, a result each, exit 2 on a
+    // rejection; in batches of one, the four batches are in flight together.
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("commands.txt");
     std::fs::write(&file, "put n 1\n\ndel nothing\ncas n 1 2\nget n\n").expect("write");
@@ -125,6 +126,7 @@ async fn the_python_client_deploys_submits_and_queries() {
     for args in [
         vec!["submit-lines", "kv", path.as_str()],
         vec!["--to-leader", "submit-lines", "kv", path.as_str()],
+        vec!["submit-lines", "--batch", "1", "kv", path.as_str()],
     ] {
         let o = py(&other, &args).await;
         assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));

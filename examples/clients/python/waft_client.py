@@ -13,7 +13,7 @@ The stubs are generated on first use into a cache directory next to this file (o
 yourself). Commands are submitted exactly once: the client picks a random id and numbers its
 commands, and retries a command with the same number after a retryable error (UNAVAILABLE:
 an election, a node going away), so a retry never applies twice. `submit_many` sends many
-commands in SubmitBatch calls (in order, one result each). With `to_leader`, the client asks
+commands pipelined over one Session stream (in order, one result each). With `to_leader`, the client asks
 the node it was given for the leader and talks to the leader directly, so nothing is forwarded
 (it asks again after an error).
 
@@ -26,6 +26,7 @@ import importlib
 import os
 import random
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,6 +79,8 @@ class Waft:
         self.retries = retries
         self.client_id = random.getrandbits(63) | 1
         self.sequence = 0
+        # submit_many's lanes: [client id, last sequence] each.
+        self.lanes = []
         self._connect(endpoint)
         if to_leader:
             self._find_leader()
@@ -130,46 +133,69 @@ class Waft:
         outcome = reply.WhichOneof("outcome")
         return outcome, getattr(reply, outcome), reply.index
 
-    def submit_many(self, service, payloads, batch=256):
-        """Applies many commands in order, exactly once each, in SubmitBatch calls.
+    def submit_many(self, service, payloads, batch=256, in_flight=8):
+        """Applies many commands in order, exactly once each, pipelined over a Session stream.
 
-        Returns one (outcome, value, log index) per command; outcome is "ok", "rejected",
-        "trapped" or "error" (a gRPC status the command got, e.g. NOT_FOUND)."""
-        results = []
-        for at in range(0, len(payloads), batch):
-            todo = []
-            for payload in payloads[at : at + batch]:
-                self.sequence += 1
-                todo.append(
-                    self.pb.SubmitRequest(
-                        service=service,
-                        payload=payload,
-                        client_id=self.client_id,
-                        sequence=self.sequence,
-                    )
+        Batches of `batch` commands go out without waiting for the earlier ones' answers (at
+        most `in_flight` unanswered). Each batch in flight is a lane of its own, a client id
+        whose commands are numbered on, so a batch sent again after an unknown outcome (an
+        election, a node going away) applies each of its commands at most once. Returns one
+        (outcome, value, log index) per command; outcome is "ok", "rejected", "trapped" or
+        "error" (a gRPC status the command got, e.g. NOT_FOUND)."""
+        while len(self.lanes) < in_flight:
+            self.lanes.append([random.getrandbits(63) | 1, 0])
+        pending = {}
+        for i, at in enumerate(range(0, len(payloads), batch)):
+            lane = self.lanes[i % in_flight]
+            commands = []
+            for j, payload in enumerate(payloads[at : at + batch]):
+                lane[1] += 1
+                commands.append(
+                    (j, self.pb.SubmitRequest(service=service, payload=payload, client_id=lane[0], sequence=lane[1]))
                 )
-            done = {}
-            for attempt in range(self.retries):
-                reply = self._call("SubmitBatch", self.pb.SubmitBatchRequest(commands=todo))
-                retry = []
-                for command, result in zip(todo, reply.results):
-                    if result.WhichOneof("result") == "reply":
-                        r = result.reply
-                        outcome = r.WhichOneof("outcome")
-                        done[command.sequence] = (outcome, getattr(r, outcome), r.index)
-                    elif (
-                        result.failure.code == self.grpc.StatusCode.UNAVAILABLE.value[0]
-                        and attempt + 1 < self.retries
-                    ):
-                        retry.append(command)
+            pending[i] = commands
+        done = {}
+        for attempt in range(self.retries):
+            order = sorted(pending)
+            # A retry sends one batch at a time, so a lane never has two batches in flight.
+            window = threading.Semaphore(in_flight if attempt == 0 else 1)
+
+            def requests():
+                for i in order:
+                    window.acquire()
+                    yield self.pb.SessionRequest(commands=[c for _, c in pending[i]])
+
+            last = attempt + 1 == self.retries
+            try:
+                replies = self.waft.Session(
+                    requests(), timeout=self.timeout * (1 + len(order)), metadata=self.metadata
+                )
+                for i, reply in zip(order, replies):
+                    window.release()
+                    retry = []
+                    for (j, command), result in zip(pending[i], reply.results):
+                        if result.WhichOneof("result") == "reply":
+                            r = result.reply
+                            outcome = r.WhichOneof("outcome")
+                            done[(i, j)] = (outcome, getattr(r, outcome), r.index)
+                        elif result.failure.code == self.grpc.StatusCode.UNAVAILABLE.value[0] and not last:
+                            retry.append((j, command))
+                        else:
+                            done[(i, j)] = ("error", result.failure.message, 0)
+                    if retry:
+                        pending[i] = retry
                     else:
-                        done[command.sequence] = ("error", result.failure.message, 0)
-                if not retry:
-                    break
-                todo = retry
-                time.sleep(min(0.05 * 2**attempt, 1.0))
-            results.extend(done[s] for s in sorted(done))
-        return results
+                        del pending[i]
+            except self.grpc.RpcError as e:
+                # The stream broke: what it did not answer goes again.
+                if e.code() != self.grpc.StatusCode.UNAVAILABLE or last:
+                    raise
+            if not pending:
+                break
+            time.sleep(min(0.05 * 2**attempt, 1.0))
+            if self.to_leader:
+                self._find_leader()
+        return [done[k] for k in sorted(done)]
 
     def query(self, service, payload, consistency="LINEARIZABLE"):
         request = self.pb.QueryRequest(
@@ -233,6 +259,7 @@ def main():
     sl = sub.add_parser("submit-lines", help="one command per line of FILE (- for stdin)")
     sl.add_argument("service")
     sl.add_argument("file")
+    sl.add_argument("--batch", type=int, default=256, help="commands per request")
     q = sub.add_parser("query")
     q.add_argument("service")
     q.add_argument("payload")
@@ -256,7 +283,7 @@ def main():
             with f:
                 lines = [l.rstrip(b"\r\n") for l in f if l.strip()]
             failed = 0
-            for outcome, value, index in client.submit_many(args.service, lines):
+            for outcome, value, index in client.submit_many(args.service, lines, batch=args.batch):
                 text = value.decode(errors="replace") if isinstance(value, bytes) else value
                 if outcome == "ok":
                     print(text)

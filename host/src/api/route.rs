@@ -223,13 +223,16 @@ impl Api {
                 "this node is no longer the leader; retry",
             ));
         }
-        let addr = self
-            .metrics()
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())
-            .ok_or_else(no_leader)?;
+        let addr = {
+            use openraft::async_runtime::WatchReceiver;
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.addr.clone())
+        }
+        .ok_or_else(no_leader)?;
         self.leader_at(addr, caller).map(Some)
     }
 

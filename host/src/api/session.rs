@@ -11,7 +11,8 @@
 //! ([`crate::pb::session::Pipe`], marked as forwarded), so they stay in order and share one
 //! HTTP/2 stream; a new one is opened when the leader changes. Every failure, of a command or
 //! of the way to the leader, is a failure result of the commands it concerns: the stream
-//! itself ends only when the client ends it (or its side breaks).
+//! itself ends only when the client ends it, or with an error status when a request does not
+//! decode (the requests read before it may then go unanswered: their outcome is unknown).
 
 use super::route::{Caller, Leader, relay_failure};
 use super::{Api, forward};
@@ -81,8 +82,12 @@ impl Api {
                             open = false;
                             continue;
                         }
-                        // The client's side broke: nobody is left to answer.
-                        Err(_) => return,
+                        // A request that does not decode (or the client's side broke): the
+                        // stream ends with that status; what was read before is not answered.
+                        Err(status) => {
+                            let _ = replies.send(Err(status)).await;
+                            return;
+                        }
                     };
                     let mut n = first.commands.len();
                     let mut bytes = payload_bytes(&first);
@@ -102,7 +107,10 @@ impl Api {
                                 open = false;
                                 break;
                             }
-                            Some(Err(_)) => return,
+                            Some(Err(status)) => {
+                                let _ = replies.send(Err(status)).await;
+                                return;
+                            }
                             None => break,
                         }
                     }

@@ -20,8 +20,8 @@ pub struct SubmitArgs {
     /// The command: literal text, `@FILE` for a file's bytes, or `-` for stdin.
     pub payload: String,
     /// Treat the input as one command per line (empty lines skipped) and submit them all, in
-    /// order, in batches (`SubmitBatch`): a bulk load. Prints one result per command; exits
-    /// non-zero if any was rejected or trapped.
+    /// order, in batches pipelined over one `Session` stream: a bulk load. Prints one result
+    /// per command, in order; exits non-zero if any was rejected or trapped.
     #[arg(long)]
     pub lines: bool,
     /// With --lines: commands per batch.

@@ -168,6 +168,8 @@ enum Op {
 /// The append-only-file Raft log. See the module docs.
 pub struct WalLog {
     mem: Shared,
+    /// The committed index openraft last reported, not written yet (see `save_committed`).
+    committed_hint: Option<Option<LogId>>,
     writer: mpsc::Sender<Op>,
     thread: Option<std::thread::JoinHandle<()>>,
     on_deploy: Option<DeployHook>,
@@ -282,6 +284,7 @@ impl WalLog {
             .map_err(|e| io_err("cannot start the log writer thread", e))?;
         Ok(WalLog {
             mem,
+            committed_hint: None,
             writer: tx,
             thread: Some(thread),
             on_deploy: None,
@@ -374,19 +377,7 @@ fn writer_loop(
             buf.extend_from_slice(bytes);
             purged |= *p;
         }
-        // A batch that nobody waits for (only committed-index hints) is written without a
-        // sync of its own: the next synced write makes it durable, and losing it to a crash
-        // only means a longer replay.
-        let waited = batch
-            .iter()
-            .any(|Op::Write { callback, done, .. }| callback.is_some() || done.is_some());
-        let result = append_at_end(&file, &mut end, &buf).and_then(|()| {
-            if waited || purged {
-                file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
+        let result = append_at_end(&file, &mut end, &buf).and_then(|()| file.sync_data());
         let result = match result {
             Ok(()) if purged && end.size >= compact_above => {
                 compact_if_dead(&mut file, &mut end, path, mem)
@@ -526,16 +517,12 @@ impl RaftLogStorage<TypeConfig> for WalLog {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Behind the appends it covers; nobody waits for it (losing it means a longer replay).
+        // A hint nobody waits for (losing it means a longer replay): it goes to the file with
+        // the next append, after the entries it covers, instead of costing a write (and a wake
+        // of the writer) of its own.
         lock(&self.mem).committed = committed;
-        let mut bytes = Vec::new();
-        frame(&Record::Committed(committed), &mut bytes)?;
-        self.send(Op::Write {
-            bytes,
-            callback: None,
-            done: None,
-            purged: false,
-        })
+        self.committed_hint = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -552,6 +539,9 @@ impl RaftLogStorage<TypeConfig> for WalLog {
         I::IntoIter: OptionalSend,
     {
         let mut bytes = Vec::new();
+        if let Some(committed) = self.committed_hint.take() {
+            frame(&Record::Committed(committed), &mut bytes)?;
+        }
         {
             let mut m = lock(&self.mem);
             for entry in entries {

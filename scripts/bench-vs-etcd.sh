@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # waft vs etcd, same machine, same workload: a 3-member etcd (Debian's etcd-server, fsync on,
-# as shipped) and a 3-node waft (redb commits fsync'd) on loopback; `waft bench` loads both with
+# as shipped) and a 3-node waft (WAL, fsync'd per group commit) on loopback; `waft bench` loads both with
 # 64-byte puts from 1, 16, 64 and 256 clients and writes a table and a plot to docs/benchmarks/.
 #
 # Usage: scripts/bench-vs-etcd.sh [SECONDS_PER_POINT] [CLIENTS...]

@@ -168,8 +168,6 @@ enum Op {
 /// The append-only-file Raft log. See the module docs.
 pub struct WalLog {
     mem: Shared,
-    /// The committed index openraft last reported, not written yet (see `save_committed`).
-    committed_hint: Option<Option<LogId>>,
     writer: mpsc::Sender<Op>,
     thread: Option<std::thread::JoinHandle<()>>,
     on_deploy: Option<DeployHook>,
@@ -284,7 +282,6 @@ impl WalLog {
             .map_err(|e| io_err("cannot start the log writer thread", e))?;
         Ok(WalLog {
             mem,
-            committed_hint: None,
             writer: tx,
             thread: Some(thread),
             on_deploy: None,
@@ -343,8 +340,15 @@ fn append_at_end(file: &std::fs::File, end: &mut End, buf: &[u8]) -> io::Result<
     if needed > end.allocated {
         let to = needed + PREALLOCATE;
         let zeros = vec![0u8; (to - end.allocated) as usize];
-        file.write_all_at(&zeros, end.allocated)?;
-        end.allocated = to;
+        match file.write_all_at(&zeros, end.allocated) {
+            Ok(()) => end.allocated = to,
+            // No room to write ahead (a full disk, a file size limit): cut what was written
+            // of it and append without; the records may still fit.
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot write zeros ahead in the log");
+                file.set_len(end.allocated.max(end.size))?;
+            }
+        }
     }
     file.write_all_at(buf, end.size)?;
     end.size = needed;
@@ -377,7 +381,19 @@ fn writer_loop(
             buf.extend_from_slice(bytes);
             purged |= *p;
         }
-        let result = append_at_end(&file, &mut end, &buf).and_then(|()| file.sync_data());
+        // A batch that nobody waits for (only committed-index hints) is written without a
+        // sync of its own: the next synced write makes it durable, and losing it to a crash
+        // only means a longer replay.
+        let waited = batch
+            .iter()
+            .any(|Op::Write { callback, done, .. }| callback.is_some() || done.is_some());
+        let result = append_at_end(&file, &mut end, &buf).and_then(|()| {
+            if waited || purged {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         let result = match result {
             Ok(()) if purged && end.size >= compact_above => {
                 compact_if_dead(&mut file, &mut end, path, mem)
@@ -517,12 +533,16 @@ impl RaftLogStorage<TypeConfig> for WalLog {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // A hint nobody waits for (losing it means a longer replay): it goes to the file with
-        // the next append, after the entries it covers, instead of costing a write (and a wake
-        // of the writer) of its own.
+        // Behind the appends it covers; nobody waits for it (losing it means a longer replay).
         lock(&self.mem).committed = committed;
-        self.committed_hint = Some(committed);
-        Ok(())
+        let mut bytes = Vec::new();
+        frame(&Record::Committed(committed), &mut bytes)?;
+        self.send(Op::Write {
+            bytes,
+            callback: None,
+            done: None,
+            purged: false,
+        })
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -539,9 +559,6 @@ impl RaftLogStorage<TypeConfig> for WalLog {
         I::IntoIter: OptionalSend,
     {
         let mut bytes = Vec::new();
-        if let Some(committed) = self.committed_hint.take() {
-            frame(&Record::Committed(committed), &mut bytes)?;
-        }
         {
             let mut m = lock(&self.mem);
             for entry in entries {

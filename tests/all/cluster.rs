@@ -501,3 +501,48 @@ async fn calls_to_a_peer_take_the_connections_of_its_pool_in_turn() {
     }
     cluster.shutdown().await;
 }
+
+/// A follower whose log says less was committed than it holds (a crash between appending an
+/// entry and recording that it was committed) rejoins when it restarts and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_restarted_with_a_stale_committed_index_rejoins() {
+    use openraft::RaftLogReader;
+    use openraft::storage::RaftLogStorage;
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    cluster.deploy("kv", waft_testkit::wasm(EXAMPLE_KV)).await;
+    let mut last = 0;
+    for i in 0..20 {
+        last = cluster.write(kv(format!("put k{i} v{i}"))).await.0;
+    }
+    cluster.wait_applied(last).await;
+    let follower = (cluster.wait_leader().await + 1) % 3;
+    let stale = cluster
+        .node(follower)
+        .metrics()
+        .last_log_index
+        .expect("a log")
+        - 1;
+    cluster.stop(follower).await;
+    {
+        // Its log records an older committed index than the entries it holds.
+        let path = cluster.dirs[follower].path().join("log.wal");
+        let mut log = waft::storage::WalLog::open(&path).expect("open the log");
+        let entries = log
+            .get_log_reader()
+            .await
+            .try_get_log_entries(stale..=stale)
+            .await
+            .expect("read");
+        let id = entries[0].log_id;
+        log.save_committed(Some(id)).await.expect("save");
+        // A synced write after it, so the hint reaches the file.
+        let vote = log.read_vote().await.expect("vote").expect("a vote");
+        log.save_vote(&vote).await.expect("sync");
+    }
+    cluster.restart(follower).await;
+    let (index, _) = cluster.write(kv("put after restart")).await;
+    cluster.wait_applied(index).await;
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}

@@ -59,7 +59,8 @@ chaos secs="120" seed="":
 # waft vs etcd on this machine (3 + 3 members, fsync on, 64-byte puts, 1/16/64/256 clients):
 # writes docs/benchmarks/vs-etcd.{jsonl,md,svg}. `just bench-vs-etcd-to-leader` sends waft's
 # load to its leader (a leader-aware client) and writes vs-etcd-to-leader.*;
-# `just bench-vs-etcd-batch 16` sends 16 writes per request (SubmitBatch vs etcd's Txn).
+# `just bench-vs-etcd-batch 16` sends 16 writes per request (SubmitBatch vs etcd's Txn);
+# waft's writes go over one Session stream per node (`WAFT_BENCH_API=unary`: a call each).
 bench-vs-etcd secs="10":
     scripts/bench-vs-etcd.sh {{secs}}
 
@@ -68,3 +69,12 @@ bench-vs-etcd-to-leader secs="10":
 
 bench-vs-etcd-batch n="16" secs="10":
     WAFT_BENCH_BATCH={{n}} scripts/bench-vs-etcd.sh {{secs}}
+
+# The same with every waft node and etcd member confined to half a core (cgroup v1 quota), as
+# if each ran on a machine of its own: writes vs-etcd-cpu0.5.*.
+bench-vs-etcd-quota cpu="0.5" secs="10":
+    WAFT_BENCH_CPU={{cpu}} scripts/bench-vs-etcd.sh {{secs}}
+
+# The kv guest in Rust, Python, JS and C on one 3-node cluster, puts/s against the Rust guest.
+bench-languages secs="8":
+    scripts/bench-languages.sh {{secs}}

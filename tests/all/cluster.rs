@@ -218,6 +218,9 @@ async fn a_restarted_node_replays_from_its_snapshot_and_reuses_compiled_guests()
     cluster.stop(restarted).await;
     cluster.restart(restarted).await;
     cluster.wait_applied(last).await;
+    // It hears from the leader again: a new write reaches it.
+    let (after, _) = cluster.write(kv("put after restart")).await;
+    cluster.wait_applied(after).await;
     // It started from its snapshot file, then replayed the log after it.
     let installed = cluster.node(restarted).state().snapshot_stats();
     assert!(
@@ -545,4 +548,30 @@ async fn a_follower_restarted_with_a_stale_committed_index_rejoins() {
     cluster.wait_applied(index).await;
     cluster.assert_identical().await;
     cluster.shutdown().await;
+}
+
+/// Stopping a node closes the connections its server accepted, even one holding a stream that
+/// never ends on its own: their tasks outlive the server's, and a peer would otherwise go on
+/// talking to the stopped node instead of reconnecting to whatever listens there next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_node_closes_the_connections_it_accepted() {
+    let mut cluster = TestCluster::start(1, test_settings()).await;
+    cluster.form().await;
+    let mut client = waft::pb::api::waft_client::WaftClient::new(
+        crate::support::channel(&cluster.addrs[0]).await,
+    );
+    // A session the client keeps open: graceful shutdown waits for it in vain.
+    let pipe = waft::pb::session::Pipe::open(|r| async move { client.session(r).await })
+        .await
+        .expect("a session");
+    cluster.stop(0).await;
+    let mut closed = false;
+    for _ in 0..100 {
+        if pipe.is_broken() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the stopped node's connection was closed");
 }

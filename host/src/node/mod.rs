@@ -5,6 +5,7 @@
 //! this file: [`config`] (what a node is started with), `open` (log, state machine, Raft),
 //! `server` (the gRPC servers), `seed` (a data directory seeded from a backup, offline).
 
+mod accepted;
 mod config;
 mod open;
 mod seed;
@@ -76,6 +77,8 @@ pub struct Node {
     state: StateHandle,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// The server's open connections, closed when the node stops (see [`accepted`]).
+    accepted: accepted::Accepted,
     auditor: Option<JoinHandle<()>>,
     /// The network audits collect members' digests through.
     audit_net: NetworkFactory,
@@ -188,6 +191,7 @@ impl Node {
             state,
             stop_server: Some(servers.stop),
             server: Some(servers.main),
+            accepted: servers.accepted,
             auditor,
             audit_net: network,
             remover,
@@ -367,6 +371,9 @@ impl Node {
                 let _ = server.await;
             }
         }
+        // The connections' tasks outlive the server's: end them, so that a peer reconnects to
+        // whatever listens on this address next instead of talking to this stopped node.
+        self.accepted.close_all();
         tracing::info!(node = self.id, "node stopped");
         raft
     }

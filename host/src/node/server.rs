@@ -1,6 +1,7 @@
 //! The node's gRPC servers: Raft between peers, the client API (`waft.v1`), health and
 //! reflection on one listener; the etcd endpoint on its own, if configured.
 
+use super::accepted::Accepted;
 use super::{Core, NodeConfig, NodeError};
 use crate::api::Api;
 use crate::pb::api::{cluster_server::ClusterServer, waft_server::WaftServer};
@@ -15,6 +16,8 @@ use tokio::task::JoinHandle;
 pub(super) struct Servers {
     pub(super) stop: oneshot::Sender<()>,
     pub(super) main: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The main server's open connections (closed when the node stops).
+    pub(super) accepted: Accepted,
     pub(super) etcd: Option<(std::net::SocketAddr, JoinHandle<()>)>,
     /// Calls by method and code, shared by the client API, the etcd endpoint and metrics.
     pub(super) rpc: std::sync::Arc<crate::api::trace::RpcMetrics>,
@@ -91,7 +94,7 @@ pub(super) async fn serve(
                             .max_decoding_message_size(api_max)
                             .max_encoding_message_size(api_max),
                     )
-                    .serve_with_incoming(incoming(l))
+                    .serve_with_incoming(incoming(l, Accepted::default()))
                     .await;
                 if let Err(e) = served {
                     tracing::error!(error = %e, "the etcd endpoint stopped");
@@ -102,6 +105,7 @@ pub(super) async fn serve(
     };
     let (stop, stop_rx) = oneshot::channel::<()>();
     let rpc = trace.metrics();
+    let accepted = Accepted::default();
     let main = tokio::spawn(
         server_builder(config.net.tls.as_ref())?
             .layer(trace)
@@ -123,13 +127,14 @@ pub(super) async fn serve(
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .serve_with_incoming_shutdown(incoming(listener), async {
+            .serve_with_incoming_shutdown(incoming(listener, accepted.clone()), async {
                 let _ = stop_rx.await;
             }),
     );
     Ok(Servers {
         stop,
         main,
+        accepted,
         etcd,
         rpc,
     })
@@ -169,11 +174,12 @@ pub(crate) fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// round trip on Linux).
 fn incoming(
     listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    accepted: Accepted,
+) -> impl futures::Stream<Item = std::io::Result<super::accepted::Tracked>> {
     use futures::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |conn| {
         let conn = conn?;
         conn.set_nodelay(true)?;
-        Ok(conn)
+        Ok(accepted.track(conn))
     })
 }

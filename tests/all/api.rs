@@ -277,15 +277,7 @@ async fn every_call_works_from_any_node() {
         .transfer_leader(api::TransferLeaderRequest { to: target })
         .await
         .expect("transfer");
-    let mut moved = false;
-    for _ in 0..100 {
-        if cluster.wait_leader().await == target as usize {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(moved, "leadership moved to node {target}");
+    cluster.wait_leader_is(target as usize).await;
     cluster_client(&follower)
         .await
         .trigger_snapshot(api::TriggerSnapshotRequest {})

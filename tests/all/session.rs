@@ -22,6 +22,21 @@ async fn open(addr: &str) -> Pipe {
         .expect("open a session")
 }
 
+/// A linearizable `get KEY` on the kv service through `addr`.
+async fn get(addr: &str, key: &str) -> Option<api::query_reply::Outcome> {
+    waft(addr)
+        .await
+        .query(api::QueryRequest {
+            service: "kv".into(),
+            payload: format!("get {key}").into_bytes(),
+            consistency: api::Consistency::Linearizable as i32,
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .outcome
+}
+
 fn command(payload: &str, client_id: u64, sequence: u64) -> api::SubmitRequest {
     api::SubmitRequest {
         service: "kv".to_owned(),
@@ -132,18 +147,9 @@ async fn a_session_pipelines_requests_and_answers_each_in_order_on_the_leader_an
         assert_eq!(outcome(&get[0]).expect("get").0, b"301");
     }
     // Nothing of the refused request was proposed.
-    let r = waft(&cluster.addrs[leader])
-        .await
-        .query(api::QueryRequest {
-            service: "kv".into(),
-            payload: b"get m0".to_vec(),
-            consistency: api::Consistency::Linearizable as i32,
-        })
-        .await
-        .expect("query")
-        .into_inner();
+    let r = get(&cluster.addrs[leader], "m0").await;
     assert!(
-        matches!(r.outcome, Some(api::query_reply::Outcome::Rejected(_))),
+        matches!(r, Some(api::query_reply::Outcome::Rejected(_))),
         "{r:?}"
     );
     let (last, _) = cluster.write(kv("put end 1")).await;
@@ -255,28 +261,10 @@ async fn session_lanes_through_a_follower_apply_each_command_once_across_a_leade
         at_transfer < 8 * STEPS / 2,
         "the leader changed while the lanes ran"
     );
-    let mut moved = false;
-    for _ in 0..100 {
-        if cluster.wait_leader().await == target as usize {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(moved, "leadership moved to node {target}");
-    let mut q = waft(&cluster.addrs[target as usize]).await;
+    cluster.wait_leader_is(target as usize).await;
     for lane in 0..8 {
-        let r = q
-            .query(api::QueryRequest {
-                service: "kv".into(),
-                payload: format!("get lane{lane}").into_bytes(),
-                consistency: api::Consistency::Linearizable as i32,
-            })
-            .await
-            .expect("query")
-            .into_inner();
         assert_eq!(
-            r.outcome,
+            get(&cluster.addrs[target as usize], &format!("lane{lane}")).await,
             Some(api::query_reply::Outcome::Ok(
                 STEPS.to_string().into_bytes()
             ))

@@ -225,7 +225,7 @@ async fn send(api: &Api, key: &Key, batch: Vec<Pending>) {
         }
         Err(status) => {
             for (_, reply) in waiting {
-                let _ = reply.send(Err(Status::new(status.code(), status.message())));
+                let _ = reply.send(Err(crate::pb::copy_status(&status)));
             }
         }
     }

@@ -17,8 +17,8 @@
 use super::route::{Caller, Leader, relay_failure};
 use super::{Api, forward};
 use crate::auth::Role;
-use crate::pb::api;
 use crate::pb::session::Pipe;
+use crate::pb::{api, copy_status};
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
@@ -142,14 +142,15 @@ impl Api {
             }
             refused.push(over);
         }
+        let proposed = commands.len();
         let results: BoxFuture<'static, Vec<api::SubmitResult>> = if commands.is_empty() {
             futures::future::ready(Vec::new()).boxed()
         } else {
             match self.leader(caller).await {
-                Err(status) => failed(commands.len(), &status),
+                Err(status) => failed(proposed, &status),
                 Ok(None) => match self.propose_here(commands).await {
                     Ok(results) => results,
-                    Err(status) => failed(counts.iter().sum(), &status),
+                    Err(status) => failed(proposed, &status),
                 },
                 Ok(Some(leader)) => self.relay_group(leader, commands, upstream).await,
             }
@@ -162,7 +163,7 @@ impl Api {
                 .map(|(n, refused)| api::SessionReply {
                     results: match refused {
                         Some(status) => (0..n)
-                            .map(|_| forward::to_result(Err(copy(&status))))
+                            .map(|_| forward::to_result(Err(copy_status(&status))))
                             .collect(),
                         None => results.by_ref().take(n).collect(),
                     },
@@ -227,14 +228,10 @@ fn payload_bytes(request: &api::SessionRequest) -> usize {
     request.commands.iter().map(|c| c.payload.len()).sum()
 }
 
-fn copy(s: &Status) -> Status {
-    Status::new(s.code(), s.message())
-}
-
 /// `n` results that each fail with `status`.
 fn failed(n: usize, status: &Status) -> BoxFuture<'static, Vec<api::SubmitResult>> {
     let results = (0..n)
-        .map(|_| forward::to_result(Err(copy(status))))
+        .map(|_| forward::to_result(Err(copy_status(status))))
         .collect();
     futures::future::ready(results).boxed()
 }

@@ -23,6 +23,11 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// A copy of `status` (its code and message) for each of several callers it concerns.
+pub fn copy_status(status: &tonic::Status) -> tonic::Status {
+    tonic::Status::new(status.code(), status.message())
+}
+
 /// The protobuf message trait, for code outside `pb/` that is generic over messages.
 pub use prost::Message;
 

@@ -39,10 +39,6 @@ impl std::fmt::Debug for Pipe {
     }
 }
 
-fn copy(s: &Status) -> Status {
-    Status::new(s.code(), s.message())
-}
-
 impl Pipe {
     /// Opens a session with `call`, which makes the `Session` call with the request stream it
     /// is given (and any metadata the caller wants on it).
@@ -73,7 +69,7 @@ impl Pipe {
         let answer = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             match &state.broken {
-                Some(why) => Err(copy(why)),
+                Some(why) => Err(super::copy_status(why)),
                 None => {
                     let (tx, rx) = oneshot::channel();
                     if state.requests.send(request).is_err() {
@@ -146,7 +142,7 @@ async fn read_replies(
     if let Some(state) = state.upgrade() {
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
         for waiting in state.waiting.drain(..) {
-            let _ = waiting.send(Err(copy(&why)));
+            let _ = waiting.send(Err(super::copy_status(&why)));
         }
         state.broken = Some(why);
     }

@@ -156,6 +156,17 @@ impl TestCluster {
         panic!("no leader elected within 10 s");
     }
 
+    /// Waits (up to 5 s) until node `target` leads, as after a leadership transfer to it.
+    pub async fn wait_leader_is(&self, target: usize) {
+        for _ in 0..100 {
+            if self.wait_leader().await == target {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("leadership did not move to node {target}");
+    }
+
     /// Proposes through the current leader, following leader changes, until it commits.
     pub async fn write(&self, request: Request) -> (u64, Response) {
         for _ in 0..100 {

@@ -506,7 +506,8 @@ async fn calls_to_a_peer_take_the_connections_of_its_pool_in_turn() {
 }
 
 /// A follower whose log says less was committed than it holds (a crash between appending an
-/// entry and recording that it was committed) rejoins when it restarts and catches up.
+/// entry and recording that it was committed) rejoins when it restarts and catches up, from
+/// the leader's heartbeats alone while nothing new is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_restarted_with_a_stale_committed_index_rejoins() {
     use openraft::RaftLogReader;
@@ -543,7 +544,12 @@ async fn a_follower_restarted_with_a_stale_committed_index_rejoins() {
         let vote = log.read_vote().await.expect("vote").expect("a vote");
         log.save_vote(&vote).await.expect("sync");
     }
+    // Down long enough for the leader's heartbeats to it to fail to connect several times.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.restart(follower).await;
+    // With nothing written since, only the leader's heartbeats tell it what is committed
+    // (they failed while it was down: the leader must go on sending them once it is back).
+    cluster.wait_applied(last).await;
     let (index, _) = cluster.write(kv("put after restart")).await;
     cluster.wait_applied(index).await;
     cluster.assert_identical().await;

@@ -218,6 +218,7 @@ impl NetworkFactory {
             config: self.config.clone(),
             identity: self.identity.clone(),
             failed_streams: 0,
+            retry_at: None,
             rtt: self.rtt.clone(),
         }
     }
@@ -241,8 +242,10 @@ pub struct PeerClient {
     pool: Result<Arc<Pool>, String>,
     config: NetConfig,
     identity: Arc<super::Identity>,
-    /// Replication streams in a row that could not be opened (see `stream_append`).
+    /// Streams in a row that could not be opened, and when the next may try (see
+    /// `stream_append`).
     failed_streams: u32,
+    retry_at: Option<tokio::time::Instant>,
     rtt: Arc<super::rtt::PeerRtt>,
 }
 
@@ -380,10 +383,13 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
             // openraft backs off only between requests it pulls from `input`; a stream that
             // fails to open (peer down, connection refused) never pulls one, and openraft would
             // retry at once, thousands of times a second, for as long as the peer is down.
-            // Wait a little, longer after each failure in a row (at most half a second).
-            if self.failed_streams > 0 {
-                let wait = Duration::from_millis(25 << self.failed_streams.min(5)).min(STREAM_RETRY_MAX);
-                tokio::time::sleep(wait).await;
+            // So the next try waits until a moment set by the failure, later after each
+            // failure in a row (at most half a second after it). A deadline, not a sleep per
+            // call: heartbeats are streams too, each given one heartbeat interval, and a sleep
+            // as long as that would cancel every later heartbeat before it tried, so that a
+            // peer back up would never hear one again.
+            if let Some(at) = self.retry_at {
+                tokio::time::sleep_until(at).await;
             }
             let (target, addr) = (self.target, self.addr.clone());
             let in_flight = Arc::new(super::rtt::InFlight::new(self.rtt.clone()));
@@ -411,10 +417,14 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
             let replies = match opened {
                 Ok(r) => {
                     self.failed_streams = 0;
+                    self.retry_at = None;
                     r.into_inner()
                 }
                 Err(e) => {
                     self.failed_streams = self.failed_streams.saturating_add(1);
+                    let wait = Duration::from_millis(25 << self.failed_streams.min(5))
+                        .min(STREAM_RETRY_MAX);
+                    self.retry_at = Some(tokio::time::Instant::now() + wait);
                     return Err(e);
                 }
             };

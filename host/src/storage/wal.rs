@@ -8,7 +8,9 @@
 //! for an index replaces an earlier one; a truncation drops what follows it) into memory, where
 //! every read is served from. The in-memory log is updated when a write is submitted, so entries
 //! are readable at once; the writer thread appends the records and fsyncs, and only then fires
-//! the callbacks, in order (group commit, as in [`super::RedbLog`]).
+//! the callbacks, in order (group commit, as in [`super::RedbLog`]). The committed index is a
+//! hint (a crash that loses it means a longer replay, and the leader tells the rest): it rides
+//! in front of the next append instead of costing a write of its own.
 //!
 //! A torn tail (a crash in the middle of a write: a short record, or zeros) is cut off when the
 //! file is opened. A record with a bad checksum that is not at the tail is corruption: the
@@ -168,6 +170,8 @@ enum Op {
 /// The append-only-file Raft log. See the module docs.
 pub struct WalLog {
     mem: Shared,
+    /// The committed index openraft last reported, not in the file yet (see `save_committed`).
+    committed_hint: Option<Option<LogId>>,
     writer: mpsc::Sender<Op>,
     thread: Option<std::thread::JoinHandle<()>>,
     on_deploy: Option<DeployHook>,
@@ -181,6 +185,18 @@ impl Debug for WalLog {
 
 impl Drop for WalLog {
     fn drop(&mut self) {
+        // A clean stop leaves the latest committed index in the file (a shorter replay).
+        if let Some(committed) = self.committed_hint.take() {
+            let mut bytes = Vec::new();
+            if frame(&Record::Committed(committed), &mut bytes).is_ok() {
+                let _ = self.send(Op::Write {
+                    bytes,
+                    callback: None,
+                    done: None,
+                    purged: false,
+                });
+            }
+        }
         let (closed, _) = mpsc::channel();
         self.writer = closed;
         if let Some(t) = self.thread.take() {
@@ -282,6 +298,7 @@ impl WalLog {
             .map_err(|e| io_err("cannot start the log writer thread", e))?;
         Ok(WalLog {
             mem,
+            committed_hint: None,
             writer: tx,
             thread: Some(thread),
             on_deploy: None,
@@ -381,8 +398,8 @@ fn writer_loop(
             buf.extend_from_slice(bytes);
             purged |= *p;
         }
-        // A batch that nobody waits for (only committed-index hints) is written without a
-        // sync of its own: the next synced write makes it durable, and losing it to a crash
+        // A batch that nobody waits for (the committed-index hint a dropped log writes) is
+        // written without a sync of its own: the next synced write makes it durable, and losing it to a crash
         // only means a longer replay.
         let waited = batch
             .iter()
@@ -533,16 +550,14 @@ impl RaftLogStorage<TypeConfig> for WalLog {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Behind the appends it covers; nobody waits for it (losing it means a longer replay).
+        // A hint nobody waits for: it goes to the file in front of the next append (after
+        // the entries it covers, which are already written) instead of costing a write and a
+        // wake of the writer of its own. Losing it to a crash only means a longer replay
+        // (the node learns the rest from the leader: `cluster::a_follower_restarted_with_a_
+        // stale_committed_index_rejoins`); a clean stop writes it (`Drop`).
         lock(&self.mem).committed = committed;
-        let mut bytes = Vec::new();
-        frame(&Record::Committed(committed), &mut bytes)?;
-        self.send(Op::Write {
-            bytes,
-            callback: None,
-            done: None,
-            purged: false,
-        })
+        self.committed_hint = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -559,6 +574,9 @@ impl RaftLogStorage<TypeConfig> for WalLog {
         I::IntoIter: OptionalSend,
     {
         let mut bytes = Vec::new();
+        if let Some(committed) = self.committed_hint.take() {
+            frame(&Record::Committed(committed), &mut bytes)?;
+        }
         {
             let mut m = lock(&self.mem);
             for entry in entries {

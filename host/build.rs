@@ -15,10 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::pb::codec::WaftCodec")
         // For gRPC server reflection, so grpcurl can list and call everything.
         .file_descriptor_set_path(out.join("waft_descriptor.bin"))
-        .compile_protos(
-            &["../proto/api.proto", "../proto/raft.proto"],
-            &["../proto"],
-        )?;
+        // The client API (`api.proto`) is generated in the client crate, which the node uses.
+        .compile_protos(&["../proto/raft.proto"], &["../proto"])?;
     // etcd's KV API: served on `--etcd-listen` and used by the benchmark's etcd mode. Kept out
     // of waft's reflection descriptors (etcd clients do not use reflection).
     tonic_prost_build::configure()

@@ -99,6 +99,15 @@ impl Tls {
             .client_auth_optional(true))
     }
 
+    /// The same settings for the client crate.
+    pub fn for_client_crate(&self) -> waft_client::Tls {
+        let tls = waft_client::Tls::new(self.ca_pem.clone());
+        match &self.identity {
+            Some((cert, key)) => tls.with_identity(cert.clone(), key.clone()),
+            None => tls,
+        }
+    }
+
     /// The client side: servers checked against the CA; our certificate, if any, presented.
     pub fn client(&self) -> ClientTlsConfig {
         let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));

@@ -29,6 +29,7 @@ mod modules;
 mod process;
 mod rolling;
 mod runtime;
+mod rust_client;
 mod session;
 mod storage;
 mod support;

@@ -8,7 +8,6 @@
 
 use super::client::Consistency;
 use super::connect::{Client, Connector, Output};
-use super::session::Session;
 use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use crate::pb::etcd::{self, kv_client::KvClient};
 use anyhow::{Context, bail};
@@ -20,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
+use waft_client::Session;
 
 /// Which system to load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -178,13 +178,13 @@ impl BenchResult {
 enum Conn {
     Waft(WaftClient<super::connect::Conn>),
     /// Writes over a session shared with the connection's other clients, reads unary.
-    Session(Session),
+    Session(Session, WaftClient<super::connect::Conn>),
     Etcd(KvClient<Channel>),
 }
 
 /// Sends `commands` in one session request; fails unless every one was applied with a reply.
 async fn write(session: &Session, commands: Vec<api::SubmitRequest>) -> Result<(), String> {
-    for r in session.send(commands).await.map_err(status_text)? {
+    for r in session.send(commands).await.map_err(|e| e.to_string())? {
         check_written(r)?;
     }
     Ok(())
@@ -247,12 +247,12 @@ impl Workload {
         }
         let key = format!("key{first}");
         match conn {
-            Conn::Session(s) if !read => {
+            Conn::Session(s, _) if !read => {
                 write(s, vec![self.put(&key)]).await?;
                 Ok(1)
             }
             Conn::Waft(c) => self.unary(c, read, key).await,
-            Conn::Session(s) => self.unary(&mut s.client().clone(), read, key).await,
+            Conn::Session(_, c) => self.unary(c, read, key).await,
             Conn::Etcd(c) => {
                 if read {
                     c.range(etcd::RangeRequest {
@@ -317,7 +317,7 @@ impl Workload {
         keys: impl Iterator<Item = String>,
     ) -> Result<(), String> {
         match conn {
-            Conn::Session(s) => write(s, keys.map(|k| self.put(&k)).collect()).await,
+            Conn::Session(s, _) => write(s, keys.map(|k| self.put(&k)).collect()).await,
             Conn::Waft(c) => {
                 let commands = keys.map(|key| self.put(&key)).collect();
                 let results = c
@@ -410,7 +410,7 @@ pub async fn run_bench(
     // One session per connection, shared by its clients.
     let sessions: Vec<Session> = channels
         .iter()
-        .map(|ch| Session::new(WaftClient::new(connector.authorized(ch.clone()))))
+        .map(|ch| Session::on(WaftClient::new(connector.authorized(ch.clone())), 1))
         .collect();
     let mut tasks = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
@@ -421,7 +421,7 @@ pub async fn run_bench(
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20);
                 match args.api {
-                    WriteApi::Session => Conn::Session(sessions[i % connections].clone()),
+                    WriteApi::Session => Conn::Session(sessions[i % connections].clone(), client),
                     WriteApi::Unary => Conn::Waft(client),
                 }
             }

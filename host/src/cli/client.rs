@@ -1,15 +1,13 @@
 //! Client commands on services: submit, query, watch, deploy, rollback, services.
 
-use super::connect::{Client, Conn, Output, retrying};
+use super::connect::{Client, Output, retrying};
 use super::output;
-use super::session::Session;
 use crate::pb::api::{self, waft_client::WaftClient};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use std::io::Read;
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// Arguments of `waft submit`.
 #[derive(Debug, Args)]
@@ -124,58 +122,31 @@ fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-/// A client id for exactly-once retries of this invocation's command.
-fn client_id() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    (nanos ^ (u64::from(std::process::id()) << 40)) | 1
-}
-
-/// `waft submit`.
+/// `waft submit`: through `waft-client` (it finds the leader and retries with an exactly-once
+/// client session, so the command is applied at most once).
 pub async fn submit(client: &Client, args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let payload = read_payload(&args.payload)?;
-    let waft = WaftClient::new(client.connect().await?);
+    let waft = client.connector.client(&client.endpoint).await?;
     if args.lines {
-        return submit_lines(client, args, waft, &payload).await;
+        return submit_lines(client, args, &waft, &payload).await;
     }
-    // One client id and sequence for every retry: the command is applied at most once.
-    let request = api::SubmitRequest {
-        service: args.service.clone(),
-        payload,
-        client_id: client_id(),
-        sequence: 1,
+    let applied = waft
+        .submit(&args.service, payload)
+        .await
+        .map_err(|e| client.connector.client_error(e))?;
+    use waft_client::Outcome;
+    let (ok, err) = match &applied.outcome {
+        Outcome::Ok(r) => (Some(r.as_slice()), None),
+        Outcome::Rejected(m) => (None, Some(("rejected", m.as_str()))),
+        Outcome::Trapped(m) => (None, Some(("trapped", m.as_str()))),
     };
-    let reply = retrying(|| {
-        let mut w = waft.clone();
-        let r = request.clone();
-        async move { w.submit(r).await }
-    })
-    .await
-    .map_err(|s| client.status_error(s))?
-    .into_inner();
-    use api::submit_reply::Outcome;
-    Ok(match reply.outcome {
-        Some(Outcome::Ok(r)) => {
-            output::print_outcome(client.output, "index", reply.index, Some(&r), None)
-        }
-        Some(Outcome::Rejected(m)) => output::print_outcome(
-            client.output,
-            "index",
-            reply.index,
-            None,
-            Some(("rejected", &m)),
-        ),
-        Some(Outcome::Trapped(m)) => output::print_outcome(
-            client.output,
-            "index",
-            reply.index,
-            None,
-            Some(("trapped", &m)),
-        ),
-        None => bail!("the node sent an empty reply"),
-    })
+    Ok(output::print_outcome(
+        client.output,
+        "index",
+        applied.index,
+        ok,
+        err,
+    ))
 }
 
 /// Batches of `waft submit --lines` in flight at once.
@@ -183,60 +154,41 @@ const LINES_IN_FLIGHT: usize = 8;
 
 /// `waft submit --lines`: every line a command, sent in batches pipelined over one `Session`
 /// stream ([`LINES_IN_FLIGHT`] at a time; results print in line order). Each batch in flight
-/// is a lane of its own: a client id whose commands carry consecutive sequence numbers, so a
-/// batch retried after an unknown outcome (the leader changed, the connection dropped) applies
-/// each of its commands at most once; commands a reply says to retry (UNAVAILABLE) are sent
-/// again with their numbers, up to 8 times with a growing pause.
+/// has a client session of its own (`waft-client` reuses them), so a batch sent again after an
+/// unknown outcome (the leader changed, the connection dropped) applies each of its commands
+/// at most once.
 async fn submit_lines(
     client: &Client,
     args: &SubmitArgs,
-    waft: WaftClient<Conn>,
+    waft: &waft_client::Client,
     input: &[u8],
 ) -> anyhow::Result<ExitCode> {
-    let base = client_id();
     let lines: Vec<&[u8]> = input
         .split(|b| *b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
         .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
         .collect();
     let total = lines.len();
-    let session = Session::new(waft);
-    // Lane `i % LINES_IN_FLIGHT` sends batch `i`; a lane has one batch in flight at a time
-    // (batch i + LINES_IN_FLIGHT starts once batch i is done), numbering its commands on.
-    let mut next_seq = [1u64; LINES_IN_FLIGHT];
-    let batches: Vec<(u64, Vec<api::SubmitRequest>)> = lines
+    let session = waft.session();
+    let batches: Vec<(u64, Vec<Vec<u8>>)> = lines
         .chunks(args.batch as usize)
-        .enumerate()
-        .scan(0u64, |line, (i, chunk)| {
-            let lane = i % LINES_IN_FLIGHT;
-            let id = base ^ ((lane as u64) << 1);
+        .scan(0u64, |line, chunk| {
             let first_line = *line + 1;
             *line += chunk.len() as u64;
-            let commands = chunk
-                .iter()
-                .map(|payload| {
-                    let sequence = next_seq[lane];
-                    next_seq[lane] += 1;
-                    api::SubmitRequest {
-                        service: args.service.clone(),
-                        payload: payload.to_vec(),
-                        client_id: id,
-                        sequence,
-                    }
-                })
-                .collect();
-            Some((first_line, commands))
+            Some((first_line, chunk.iter().map(|l| l.to_vec()).collect()))
         })
         .collect();
     let mut answered = futures::stream::iter(batches)
         .map(|(first_line, commands)| {
             let session = session.clone();
-            async move { (first_line, send_batch(&session, commands).await) }
+            let service = args.service.clone();
+            async move { (first_line, session.submit(&service, commands).await) }
         })
         .buffered(LINES_IN_FLIGHT);
     let mut failed = 0usize;
     while let Some((first_line, answers)) = answered.next().await {
-        for (line, answer) in (first_line..).zip(answers.map_err(|s| client.status_error(s))?) {
+        let answers = answers.map_err(|e| client.connector.client_error(e))?;
+        for (line, answer) in (first_line..).zip(answers) {
             failed += usize::from(print_line_result(client, line, answer));
         }
     }
@@ -250,67 +202,24 @@ async fn submit_lines(
     })
 }
 
-/// One batch of `submit --lines`, retried until each command has an answer other than
-/// UNAVAILABLE (or 8 attempts): the answers in the batch's order.
-async fn send_batch(
-    session: &Session,
-    commands: Vec<api::SubmitRequest>,
-) -> Result<Vec<Result<api::SubmitReply, tonic::Status>>, tonic::Status> {
-    let n = commands.len();
-    let mut answers: Vec<Option<Result<api::SubmitReply, tonic::Status>>> =
-        (0..n).map(|_| None).collect();
-    let mut todo: Vec<usize> = (0..n).collect();
-    let mut delay = Duration::from_millis(100);
-    for attempt in 0.. {
-        let sent: Vec<api::SubmitRequest> = todo.iter().map(|&i| commands[i].clone()).collect();
-        let retry = attempt < 8;
-        let results: Vec<Result<api::SubmitReply, tonic::Status>> = match session.send(sent).await {
-            Ok(results) => results
-                .into_iter()
-                .map(crate::api::forward::from_result)
-                .collect(),
-            // The session ended with these commands' outcome unknown: all of them again.
-            Err(s) if s.code() == tonic::Code::Unavailable && retry => todo
-                .iter()
-                .map(|_| Err(tonic::Status::unavailable(s.message())))
-                .collect(),
-            Err(s) => return Err(s),
-        };
-        let mut again = Vec::new();
-        for (i, result) in todo.into_iter().zip(results) {
-            match result {
-                Err(s) if s.code() == tonic::Code::Unavailable && retry => again.push(i),
-                other => answers[i] = Some(other),
-            }
-        }
-        if again.is_empty() {
-            break;
-        }
-        todo = again;
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
-    Ok(answers
-        .into_iter()
-        .map(|a| a.unwrap_or_else(|| Err(tonic::Status::unavailable("no answer; retry"))))
-        .collect())
-}
-
 /// Prints one command's result of `submit --lines`; true if it failed.
 fn print_line_result(
     client: &Client,
     line: u64,
-    answer: Result<api::SubmitReply, tonic::Status>,
+    answer: Result<waft_client::Applied, waft_client::Error>,
 ) -> bool {
-    use api::submit_reply::Outcome;
+    use waft_client::Outcome;
     let (index, ok, err) = match answer {
         Ok(r) => match r.outcome {
-            Some(Outcome::Ok(b)) => (r.index, Some(output::show_bytes(&b)), None),
-            Some(Outcome::Rejected(m)) => (r.index, None, Some(("rejected", m))),
-            Some(Outcome::Trapped(m)) => (r.index, None, Some(("trapped", m))),
-            None => (r.index, None, Some(("error", "an empty reply".to_owned()))),
+            Outcome::Ok(b) => (r.index, Some(output::show_bytes(&b)), None),
+            Outcome::Rejected(m) => (r.index, None, Some(("rejected", m))),
+            Outcome::Trapped(m) => (r.index, None, Some(("trapped", m))),
         },
-        Err(s) => (0, None, Some(("error", client.status_error(s).to_string()))),
+        Err(e) => (
+            0,
+            None,
+            Some(("error", client.connector.client_error(e).to_string())),
+        ),
     };
     match client.output {
         Output::Json => {

@@ -82,16 +82,22 @@ impl ClientArgs {
 pub struct Connector {
     tls: Option<crate::tls::Tls>,
     token: Option<AsciiMetadataValue>,
+    token_text: Option<String>,
 }
 
 impl Connector {
     /// Connects with `tls` (None: plain TCP) and presents `token` (None: no token).
     pub fn new(tls: Option<crate::tls::Tls>, token: Option<&str>) -> anyhow::Result<Connector> {
+        let token_text = token;
         let token = token
             .map(crate::auth::bearer)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--token: {e}"))?;
-        Ok(Connector { tls, token })
+        Ok(Connector {
+            tls,
+            token,
+            token_text: token_text.map(str::to_owned),
+        })
     }
 
     /// The client TLS settings, if any.
@@ -120,7 +126,34 @@ impl Connector {
 
     /// Wraps a channel so that it presents the token.
     pub fn authorized(&self, channel: Channel) -> Conn {
-        tonic::service::interceptor::InterceptedService::new(channel, Bearer(self.token.clone()))
+        tonic::service::interceptor::InterceptedService::new(
+            channel,
+            Bearer::new(self.token.clone()),
+        )
+    }
+
+    /// A `waft-client` client of the cluster at `endpoint` with these settings: it finds the
+    /// leader and retries with exactly-once client sessions.
+    pub async fn client(&self, endpoint: &str) -> anyhow::Result<waft_client::Client> {
+        let mut builder = waft_client::Client::builder([endpoint]);
+        if let Some(tls) = &self.tls {
+            builder = builder.tls(tls.for_client_crate());
+        }
+        if let Some(token) = &self.token_text {
+            builder = builder.token(token.clone());
+        }
+        builder.connect().await.map_err(|e| self.client_error(e))
+    }
+
+    /// Words for a `waft-client` failure, with the CLI's hints.
+    pub fn client_error(&self, e: waft_client::Error) -> anyhow::Error {
+        match e {
+            waft_client::Error::Unreachable { endpoint, cause } => anyhow::anyhow!(
+                "cannot reach a waft node at {endpoint} (is it running? set --endpoint or \
+                 WAFT_ENDPOINT; --tls-ca if it serves TLS): {cause}"
+            ),
+            e => anyhow::anyhow!("{e}"),
+        }
     }
 
     /// A connection to the node at `addr` (3 s to connect), presenting the token.
@@ -215,26 +248,9 @@ pub fn connect_error(e: &tonic::transport::Error) -> String {
     crate::node::source_chain(e)
 }
 
-/// Adds a token (if any) to every request.
-#[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request
-                .metadata_mut()
-                .insert(crate::auth::HEADER, v.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// A connection to a node that presents the connector's token.
-pub type Conn = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+/// A connection to a node that presents the connector's token (the client crate's).
+pub use waft_client::Conn;
+use waft_client::connect::Bearer;
 
 /// Retries a call while the cluster says "unavailable" (no leader yet, leader changed).
 pub async fn retrying<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>

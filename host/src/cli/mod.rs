@@ -11,7 +11,6 @@ mod connect;
 mod guest;
 mod node;
 mod output;
-mod session;
 
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;

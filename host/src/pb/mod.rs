@@ -1,9 +1,12 @@
 //! Generated gRPC code and the conversions between it and waft's types. Prost types stop here:
 //! other modules see the service stubs and our own types.
 
-pub mod codec;
-pub mod session;
 pub mod upload;
+
+/// The protobuf codec every waft service uses (shared with the client crate).
+pub use waft_client::codec;
+/// The calling side of a `Session` stream (shared with the client crate).
+pub use waft_client::pipe as session;
 
 /// `proto/raft.proto`: node-to-node Raft traffic.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]
@@ -11,11 +14,8 @@ pub mod raft {
     tonic::include_proto!("waft.raft.v1");
 }
 
-/// `proto/api.proto`: the client API.
-#[allow(missing_docs, clippy::all, missing_debug_implementations)]
-pub mod api {
-    tonic::include_proto!("waft.v1");
-}
+/// `proto/api.proto`: the client API, generated once, in the client crate.
+pub use waft_client::proto as api;
 
 /// `proto/etcd.proto`: the part of etcd's v3 KV API waft speaks (as a client, for now).
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]
@@ -23,10 +23,7 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
-/// A copy of `status` (its code and message) for each of several callers it concerns.
-pub fn copy_status(status: &tonic::Status) -> tonic::Status {
-    tonic::Status::new(status.code(), status.message())
-}
+pub use waft_client::copy_status;
 
 /// The protobuf message trait, for code outside `pb/` that is generic over messages.
 pub use prost::Message;
@@ -56,18 +53,10 @@ pub fn deploy_chunks(service: &str, module: &[u8], dry_run: bool) -> Vec<api::De
 }
 
 /// A deploy upload with a given header.
-pub fn deploy_chunks_with(header: api::DeployHeader, module: &[u8]) -> Vec<api::DeployChunk> {
-    use api::deploy_chunk::Kind;
-    std::iter::once(api::DeployChunk {
-        kind: Some(Kind::Header(header)),
-    })
-    .chain(module.chunks(1 << 20).map(|c| api::DeployChunk {
-        kind: Some(Kind::Data(c.to_vec())),
-    }))
-    .collect()
-}
+pub use waft_client::deploy_chunks as deploy_chunks_with;
 
-/// The encoded descriptors of both protos, for gRPC server reflection.
+/// The encoded descriptors of `proto/raft.proto`, for gRPC server reflection (the client
+/// API's are `api::FILE_DESCRIPTOR_SET`).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("waft_descriptor");
 
 use serde::{Serialize, de::DeserializeOwned};

@@ -3,7 +3,7 @@
 //! in the order it received them. Shared by the CLI's clients and by followers, which relay
 //! their clients' sessions to the leader over a session of their own.
 
-use super::api;
+use crate::proto as api;
 use futures::FutureExt;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -69,7 +69,7 @@ impl Pipe {
         let answer = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             match &state.broken {
-                Some(why) => Err(super::copy_status(why)),
+                Some(why) => Err(crate::copy_status(why)),
                 None => {
                     let (tx, rx) = oneshot::channel();
                     if state.requests.send(request).is_err() {
@@ -142,7 +142,7 @@ async fn read_replies(
     if let Some(state) = state.upgrade() {
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
         for waiting in state.waiting.drain(..) {
-            let _ = waiting.send(Err(super::copy_status(&why)));
+            let _ = waiting.send(Err(crate::copy_status(&why)));
         }
         state.broken = Some(why);
     }

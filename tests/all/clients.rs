@@ -268,3 +268,39 @@ async fn the_readmes_grpcurl_commands_work() {
     assert!(out.contains(r#""ok": "MQ==""#), "{out} {err}");
     cluster.shutdown().await;
 }
+
+/// The Python client package (clients/python) passes its own pytest suite against real
+/// `waft node` processes of this build: the client scenario (the leader killed between two
+/// submits, exactly once, every consistency, deploy, a watch resumed) and the bad input it
+/// must name. pytest comes from the test command (`scripts/test`), which also installs the
+/// package (building its stubs); the suite runs the checkout's source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_package_passes_its_pytest_suite() {
+    require_python_grpc();
+    let has_pytest = Command::new("python3")
+        .args(["-c", "import pytest"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        has_pytest,
+        "pytest is not installed, and this test needs it: run the test command (scripts/test), \
+         which installs it, or pip install pytest==9.0.3"
+    );
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python");
+    let stubs = tempfile::tempdir().expect("tempdir");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"])
+            .current_dir(dir)
+            .env("WAFT_BIN", crate::support::bin::BIN)
+            .env("WAFT_KV_WASM", EXAMPLE_KV)
+            .env("WAFT_PY_STUBS", stubs.path())
+            .output()
+            .expect("run pytest")
+    })
+    .await
+    .expect("join");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "pytest failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("2 passed"), "{stdout}");
+}

@@ -71,6 +71,7 @@ pub mod bindings {
 
 #[cfg(feature = "json")]
 pub mod json;
+pub mod testing;
 
 use std::cell::RefCell;
 
@@ -177,9 +178,11 @@ impl<T: StateMachine> Default for Slot<T> {
 macro_rules! export {
     ($ty:ty) => {
         #[doc(hidden)]
+        #[allow(dead_code)]
         struct __WaftGuestExport;
 
         ::std::thread_local! {
+            #[allow(dead_code)]
             static __WAFT_STATE: $crate::Slot<$ty> = const { $crate::Slot::new() };
         }
 
@@ -211,6 +214,9 @@ macro_rules! export {
             }
         }
 
+        // Only a WebAssembly build exports the world; natively (a guest's unit tests with
+        // `waft_guest::testing`) the type is used directly.
+        #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_guest!(__WaftGuestExport with_types_in $crate::bindings);
     };
 }

@@ -43,5 +43,8 @@ pub mod trial;
 pub mod types;
 pub mod verify;
 
+/// Unit-test a guest under the real runtime: see `waft_guest::testing`.
+pub use runtime::testing;
+
 /// The node's Raft handle: openraft over waft's [`types`] and [`storage`].
 pub type Raft = openraft::Raft<types::TypeConfig, storage::StateMachineStore>;

@@ -32,6 +32,7 @@ mod runtime;
 mod rust_client;
 mod session;
 mod storage;
+mod testing_kit;
 mod support;
 mod tidy;
 mod tls;

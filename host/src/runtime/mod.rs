@@ -11,6 +11,7 @@ mod error;
 mod functions;
 mod guest;
 mod module;
+pub mod testing;
 mod wasi;
 
 pub use config::{CHECKPOINT_BYTES_PER_ENTRY, CheckpointPolicy, Limits, RuntimeConfig};

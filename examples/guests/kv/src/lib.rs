@@ -16,9 +16,10 @@
 use std::collections::BTreeMap;
 use waft_guest::{Context, StateMachine};
 
-/// The state: an ordered map, so iteration and snapshots are canonical.
+/// The state: an ordered map, so iteration and snapshots are canonical. Public so that the
+/// guest's behaviour can be tested natively (`waft_guest::testing`).
 #[derive(Default)]
-struct Kv {
+pub struct Kv {
     entries: BTreeMap<String, String>,
 }
 

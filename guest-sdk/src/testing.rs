@@ -1,0 +1,188 @@
+//! Unit-test a guest natively and under waft's real runtime with the same calls.
+//!
+//! A [`Harness`] drives a [`Target`]: it numbers the entries it applies (index 1, 2, 3...),
+//! stamps them with a clock you set, and checks what a guest must always satisfy (a snapshot
+//! restored into a fresh instance snapshots to the same bytes). [`Native`] runs your
+//! [`StateMachine`] type directly, as a plain Rust test; the `waft` crate's
+//! `waft::testing::Component` runs the built `.wasm` in the runtime the nodes use (fuel, memory
+//! limits, the deterministic WASI clocks and randomness), so one script can check both:
+//!
+//! ```
+//! use waft_guest::testing::{Harness, Native, Target};
+//! # use waft_guest::{Context, StateMachine};
+//! # #[derive(Default)]
+//! # struct Counter(u64);
+//! # impl StateMachine for Counter {
+//! #     fn apply(&mut self, _: &Context, c: &[u8]) -> Result<Vec<u8>, String> {
+//! #         if c != b"add" { return Err("unknown command".into()); }
+//! #         self.0 += 1;
+//! #         Ok(self.0.to_string().into_bytes())
+//! #     }
+//! #     fn query(&self, _: &[u8]) -> Result<Vec<u8>, String> { Ok(self.0.to_string().into_bytes()) }
+//! #     fn snapshot(&self) -> Vec<u8> { self.0.to_le_bytes().to_vec() }
+//! #     fn restore(s: &[u8]) -> Result<Self, String> {
+//! #         Ok(Counter(u64::from_le_bytes(s.try_into().map_err(|_| "bad snapshot")?)))
+//! #     }
+//! # }
+//!
+//! fn script<T: Target>(h: &mut Harness<T>) {
+//!     assert_eq!(h.apply("add"), Ok(b"1".to_vec()));
+//!     assert_eq!(h.apply("add"), Ok(b"2".to_vec()));
+//!     assert!(h.apply("oops").is_err());
+//!     assert_eq!(h.query("total"), Ok(b"2".to_vec()));
+//!     h.assert_snapshot_roundtrip();
+//! }
+//!
+//! script(&mut Harness::new(Native::<Counter>::default()));
+//! // And in a test with `waft` as a dev-dependency, the same script on the component:
+//! // script(&mut Harness::new(waft::testing::Component::load("target/.../counter.wasm")?));
+//! ```
+
+use crate::{Context, StateMachine};
+
+/// Where a guest runs: natively ([`Native`]) or as a component in waft's runtime.
+pub trait Target {
+    /// A fresh instance of the same guest (empty state).
+    fn fresh(&self) -> Self
+    where
+        Self: Sized;
+    /// Applies one entry. `Err` is a rejection or a trap, in words.
+    fn apply(&mut self, index: u64, term: u64, timestamp_ms: u64, command: &[u8]) -> Result<Vec<u8>, String>;
+    /// Answers a read-only request.
+    fn query(&mut self, request: &[u8]) -> Result<Vec<u8>, String>;
+    /// The state's canonical bytes.
+    fn snapshot(&mut self) -> Result<Vec<u8>, String>;
+    /// Replaces the state with one from [`Target::snapshot`].
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+}
+
+/// Your [`StateMachine`] type, run directly.
+#[derive(Debug, Default)]
+pub struct Native<S: StateMachine>(pub S);
+
+impl<S: StateMachine> Target for Native<S> {
+    fn fresh(&self) -> Self {
+        Native(S::default())
+    }
+
+    fn apply(&mut self, index: u64, term: u64, timestamp_ms: u64, command: &[u8]) -> Result<Vec<u8>, String> {
+        let ctx = Context {
+            index,
+            term,
+            timestamp_ms,
+        };
+        // A rejection must leave the state unchanged (the runtime rolls back every effect of
+        // a failed call; natively, that is the guest's promise): checked here.
+        let before = self.0.snapshot();
+        let result = self.0.apply(&ctx, command);
+        if result.is_err() && self.0.snapshot() != before {
+            panic!(
+                "apply of entry {index} returned Err but changed the state: a rejected command \
+                 must leave the state as it was ({:?})",
+                String::from_utf8_lossy(command)
+            );
+        }
+        result
+    }
+
+    fn query(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
+        self.0.query(request)
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<u8>, String> {
+        Ok(self.0.snapshot())
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.0 = S::restore(snapshot)?;
+        Ok(())
+    }
+}
+
+/// Drives a [`Target`] the way a node does: entries numbered from 1 in term 1, stamped with the
+/// harness's clock ([`Harness::set_time`], [`Harness::advance`]; it never goes back).
+#[derive(Debug)]
+pub struct Harness<T: Target> {
+    target: T,
+    next_index: u64,
+    term: u64,
+    now_ms: u64,
+}
+
+impl<T: Target> Harness<T> {
+    /// A harness on `target`, clock at 1,700,000,000,000 ms (late 2023).
+    pub fn new(target: T) -> Harness<T> {
+        Harness {
+            target,
+            next_index: 1,
+            term: 1,
+            now_ms: 1_700_000_000_000,
+        }
+    }
+
+    /// The target, for calls the harness does not wrap.
+    pub fn target(&mut self) -> &mut T {
+        &mut self.target
+    }
+
+    /// The index the next entry gets.
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+
+    /// Sets the leader's clock for the next entries (it never goes back: an earlier time is
+    /// refused, as a leader's clock stamps are).
+    pub fn set_time(&mut self, ms: u64) {
+        assert!(ms >= self.now_ms, "entry timestamps never decrease ({ms} < {})", self.now_ms);
+        self.now_ms = ms;
+    }
+
+    /// Moves the clock forward by `ms`.
+    pub fn advance(&mut self, ms: u64) {
+        self.now_ms += ms;
+    }
+
+    /// Starts a new term (a leader change) for the next entries.
+    pub fn new_term(&mut self) {
+        self.term += 1;
+    }
+
+    /// Applies `command` as the next entry.
+    pub fn apply(&mut self, command: impl AsRef<[u8]>) -> Result<Vec<u8>, String> {
+        let index = self.next_index;
+        self.next_index += 1;
+        self.target.apply(index, self.term, self.now_ms, command.as_ref())
+    }
+
+    /// Asks a read-only `request`.
+    pub fn query(&mut self, request: impl AsRef<[u8]>) -> Result<Vec<u8>, String> {
+        self.target.query(request.as_ref())
+    }
+
+    /// The state's snapshot; panics if the guest fails to make one.
+    pub fn snapshot(&mut self) -> Vec<u8> {
+        self.target.snapshot().unwrap_or_else(|e| panic!("snapshot failed: {e}"))
+    }
+
+    /// Checks that the state survives a snapshot: restored into a fresh instance, it snapshots
+    /// to the same bytes (what every replica that installs a snapshot relies on). The harness
+    /// goes on with the restored instance, as a node that installed the snapshot would.
+    pub fn assert_snapshot_roundtrip(&mut self) {
+        let first = self.snapshot();
+        let mut fresh = self.target.fresh();
+        fresh
+            .restore(&first)
+            .unwrap_or_else(|e| panic!("restoring the guest's own snapshot failed: {e}"));
+        let second = fresh
+            .snapshot()
+            .unwrap_or_else(|e| panic!("snapshot after restore failed: {e}"));
+        assert!(
+            first == second,
+            "the restored instance snapshots to different bytes ({} vs {} bytes): the snapshot is \
+             not canonical, or restore loses state",
+            first.len(),
+            second.len()
+        );
+        self.target = fresh;
+    }
+}

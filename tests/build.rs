@@ -56,6 +56,9 @@ struct Foreign {
     args: &'static [&'static str],
     /// How to install the tool, said when it is missing.
     install: &'static str,
+    /// Where the tool runs, relative to the guest's directory ("": there). ComponentizeJS
+    /// resolves a module's relative imports only inside the directory it runs in.
+    run_in: &'static str,
 }
 
 const FOREIGN: &[Foreign] = &[
@@ -66,6 +69,7 @@ const FOREIGN: &[Foreign] = &[
         tool: "componentize-py",
         args: PYTHON_ARGS,
         install: "pip install componentize-py==0.25.1",
+        run_in: "",
     },
     Foreign {
         dir: "examples/guests/counter-python",
@@ -78,6 +82,7 @@ const FOREIGN: &[Foreign] = &[
         tool: "componentize-py",
         args: PYTHON_ARGS,
         install: "pip install componentize-py==0.25.1",
+        run_in: "",
     },
     Foreign {
         dir: "tests/guests/det-python",
@@ -89,6 +94,7 @@ const FOREIGN: &[Foreign] = &[
         tool: "componentize-py",
         args: PYTHON_ARGS,
         install: "pip install componentize-py==0.25.1",
+        run_in: "",
     },
     Foreign {
         dir: "tests/guests/flawed-python",
@@ -97,6 +103,7 @@ const FOREIGN: &[Foreign] = &[
         tool: "componentize-py",
         args: PYTHON_ARGS,
         install: "pip install componentize-py==0.25.1",
+        run_in: "",
     },
     Foreign {
         dir: "examples/guests/kv-js",
@@ -116,6 +123,7 @@ const FOREIGN: &[Foreign] = &[
             "{out}",
         ],
         install: "npm install --prefix examples/guests/kv-js",
+        run_in: "",
     },
     Foreign {
         dir: "tests/guests/det-js",
@@ -135,6 +143,27 @@ const FOREIGN: &[Foreign] = &[
             "{out}",
         ],
         install: "npm install --prefix examples/guests/kv-js",
+        run_in: "",
+    },
+    Foreign {
+        dir: "examples/guests/counter-js",
+        constant: "EXAMPLE_COUNTER_JS",
+        sources: &["counter.js", "../helpers/js/waft_json.js"],
+        tool: "../kv-js/node_modules/.bin/componentize-js",
+        args: &[
+            "counter-js/counter.js",
+            "--wit",
+            "{wit}",
+            "-n",
+            "guest",
+            "-d",
+            "http",
+            "fetch-event",
+            "-o",
+            "{out}",
+        ],
+        install: "npm install --prefix examples/guests/kv-js",
+        run_in: "..",
     },
 ];
 
@@ -195,7 +224,7 @@ fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, St
             })
             .collect();
         let status = Command::new(&tool)
-            .current_dir(&dir)
+            .current_dir(dir.join(guest.run_in))
             .args(&args)
             .status()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));

@@ -47,7 +47,13 @@ pub trait Target {
     where
         Self: Sized;
     /// Applies one entry. `Err` is a rejection or a trap, in words.
-    fn apply(&mut self, index: u64, term: u64, timestamp_ms: u64, command: &[u8]) -> Result<Vec<u8>, String>;
+    fn apply(
+        &mut self,
+        index: u64,
+        term: u64,
+        timestamp_ms: u64,
+        command: &[u8],
+    ) -> Result<Vec<u8>, String>;
     /// Answers a read-only request.
     fn query(&mut self, request: &[u8]) -> Result<Vec<u8>, String>;
     /// The state's canonical bytes.
@@ -65,7 +71,13 @@ impl<S: StateMachine> Target for Native<S> {
         Native(S::default())
     }
 
-    fn apply(&mut self, index: u64, term: u64, timestamp_ms: u64, command: &[u8]) -> Result<Vec<u8>, String> {
+    fn apply(
+        &mut self,
+        index: u64,
+        term: u64,
+        timestamp_ms: u64,
+        command: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let ctx = Context {
             index,
             term,
@@ -133,7 +145,11 @@ impl<T: Target> Harness<T> {
     /// Sets the leader's clock for the next entries (it never goes back: an earlier time is
     /// refused, as a leader's clock stamps are).
     pub fn set_time(&mut self, ms: u64) {
-        assert!(ms >= self.now_ms, "entry timestamps never decrease ({ms} < {})", self.now_ms);
+        assert!(
+            ms >= self.now_ms,
+            "entry timestamps never decrease ({ms} < {})",
+            self.now_ms
+        );
         self.now_ms = ms;
     }
 
@@ -151,7 +167,8 @@ impl<T: Target> Harness<T> {
     pub fn apply(&mut self, command: impl AsRef<[u8]>) -> Result<Vec<u8>, String> {
         let index = self.next_index;
         self.next_index += 1;
-        self.target.apply(index, self.term, self.now_ms, command.as_ref())
+        self.target
+            .apply(index, self.term, self.now_ms, command.as_ref())
     }
 
     /// Asks a read-only `request`.
@@ -161,7 +178,9 @@ impl<T: Target> Harness<T> {
 
     /// The state's snapshot; panics if the guest fails to make one.
     pub fn snapshot(&mut self) -> Vec<u8> {
-        self.target.snapshot().unwrap_or_else(|e| panic!("snapshot failed: {e}"))
+        self.target
+            .snapshot()
+            .unwrap_or_else(|e| panic!("snapshot failed: {e}"))
     }
 
     /// Checks that the state survives a snapshot: restored into a fresh instance, it snapshots

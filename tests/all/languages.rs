@@ -336,10 +336,24 @@ async fn python_js_and_c_guests_run_on_a_cluster_like_the_rust_kv_and_swap_with_
 /// the Rust counter rejects, and each reads the other's snapshot.
 #[test]
 fn the_python_json_helper_gives_the_rust_counters_answers() {
-    use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_COUNTER_PYTHON};
-    let path = EXAMPLE_COUNTER_PYTHON.unwrap_or_else(|why| {
+    let path = waft_testkit::guests::EXAMPLE_COUNTER_PYTHON.unwrap_or_else(|why| {
         panic!("the Python counter guest was not built, and this test needs it: {why}")
     });
+    json_helper_gives_the_rust_counters_answers(path);
+}
+
+/// The same with the JavaScript counter and its `waft_json.js` helper (64-bit integers as
+/// BigInts, canonical snapshots).
+#[test]
+fn the_javascript_json_helper_gives_the_rust_counters_answers() {
+    let path = waft_testkit::guests::EXAMPLE_COUNTER_JS.unwrap_or_else(|why| {
+        panic!("the JavaScript counter guest was not built, and this test needs it: {why}")
+    });
+    json_helper_gives_the_rust_counters_answers(path);
+}
+
+fn json_helper_gives_the_rust_counters_answers(path: &str) {
+    use waft_testkit::guests::EXAMPLE_COUNTER;
     let script = [
         r#"{"add":{"name":"hits","by":5}}"#,
         r#"{"add":{"name":"hits","by":-2}}"#,
@@ -367,38 +381,38 @@ fn the_python_json_helper_gives_the_rust_counters_answers() {
     ];
     let rt = runtime();
     let mut rust = guest(&rt, EXAMPLE_COUNTER);
-    let mut python = guest(&rt, path);
+    let mut other = guest(&rt, path);
     let want = apply_all(&mut rust, 1, &script);
-    assert_eq!(apply_all(&mut python, 1, &script), want);
+    assert_eq!(apply_all(&mut other, 1, &script), want);
     assert!(want.iter().any(|r| r.is_err()) && want.iter().any(|r| r.is_ok()));
     for bad in malformed {
         let r = text(rust.apply(ctx(50), bad.as_bytes()));
-        let p = text(python.apply(ctx(50), bad.as_bytes()));
+        let p = text(other.apply(ctx(50), bad.as_bytes()));
         assert!(r.is_err(), "rust accepted {bad}");
         let p = p.expect_err(bad);
         assert!(p.starts_with("malformed command: "), "{bad}: {p}");
     }
     for q in queries {
-        assert_eq!(query(&mut python, q), query(&mut rust, q), "{q}");
+        assert_eq!(query(&mut other, q), query(&mut rust, q), "{q}");
     }
     // Batches answer as single applies do.
     assert_eq!(apply_batch_all(&mut guest(&rt, path), 1, &script), want);
-    // Each reads the other's snapshot; the Python snapshot is canonical (the same state gives
+    // Each reads the other's snapshot; the other snapshot is canonical (the same state gives
     // the same bytes however it was reached).
-    let from_python = python.snapshot().expect("snapshot");
+    let from_other = other.snapshot().expect("snapshot");
     let mut rust2 = guest(&rt, EXAMPLE_COUNTER);
     rust2
-        .restore(&from_python)
+        .restore(&from_other)
         .expect("the Rust counter reads it");
-    let mut python2 = guest(&rt, path);
-    python2
+    let mut other2 = guest(&rt, path);
+    other2
         .restore(&rust.snapshot().expect("snapshot"))
-        .expect("the Python counter reads the Rust one's");
+        .expect("the other counter reads the Rust one's");
     for q in queries {
         assert_eq!(query(&mut rust2, q), query(&mut rust, q), "{q}");
-        assert_eq!(query(&mut python2, q), query(&mut rust, q), "{q}");
+        assert_eq!(query(&mut other2, q), query(&mut rust, q), "{q}");
     }
-    assert_eq!(python2.snapshot().expect("snapshot"), from_python);
+    assert_eq!(other2.snapshot().expect("snapshot"), from_other);
     // A damaged snapshot is refused and changes nothing.
     for bad in [
         &b"{"[..],
@@ -406,8 +420,8 @@ fn the_python_json_helper_gives_the_rust_counters_answers() {
         br#"{"counters":{"a":1}}"#,
         br#"{"other":{}}"#,
     ] {
-        let e = python2.restore(bad).expect_err("refused");
+        let e = other2.restore(bad).expect_err("refused");
         assert!(e.to_string().contains("malformed snapshot"), "{e}");
-        assert_eq!(python2.snapshot().expect("snapshot"), from_python);
+        assert_eq!(other2.snapshot().expect("snapshot"), from_other);
     }
 }

@@ -32,7 +32,7 @@ mod runtime;
 mod rust_client;
 mod session;
 mod storage;
-mod testing_kit;
 mod support;
+mod testing_kit;
 mod tidy;
 mod tls;

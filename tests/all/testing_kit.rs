@@ -51,7 +51,11 @@ fn one_script_runs_the_kv_guest_natively_and_in_the_runtime_alike() {
         }
     }
     assert_eq!(native[2], Ok(b"1".to_vec()));
-    assert!(native[4].as_ref().is_err_and(|e| e.contains("compare failed")));
+    assert!(
+        native[4]
+            .as_ref()
+            .is_err_and(|e| e.contains("compare failed"))
+    );
     assert_eq!(native[9], Ok(b"a 2\nc 3\n".to_vec()));
 }
 
@@ -97,8 +101,14 @@ fn the_harness_catches_a_rejection_that_changed_state_and_a_lossy_snapshot() {
     let mut h = Harness::new(Native::<Sloppy>::default());
     h.apply("ok").expect("applied");
     let changed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.apply("bad")));
-    let message = changed.expect_err("caught").downcast::<String>().expect("a message");
-    assert!(message.contains("returned Err but changed the state"), "{message}");
+    let message = changed
+        .expect_err("caught")
+        .downcast::<String>()
+        .expect("a message");
+    assert!(
+        message.contains("returned Err but changed the state"),
+        "{message}"
+    );
 
     let mut h = Harness::new(Native::<Sloppy>::default());
     h.apply("ok").expect("applied");
@@ -107,6 +117,12 @@ fn the_harness_catches_a_rejection_that_changed_state_and_a_lossy_snapshot() {
     let lossy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         h.assert_snapshot_roundtrip()
     }));
-    let message = lossy.expect_err("caught").downcast::<String>().expect("a message");
-    assert!(message.contains("snapshots to different bytes"), "{message}");
+    let message = lossy
+        .expect_err("caught")
+        .downcast::<String>()
+        .expect("a message");
+    assert!(
+        message.contains("snapshots to different bytes"),
+        "{message}"
+    );
 }

@@ -22,7 +22,8 @@ impl Component {
     /// Loads and instantiates the component in `path` (a `.wasm`).
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Component, String> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Component::from_bytes(&bytes)
     }
 
@@ -54,7 +55,13 @@ impl waft_guest::testing::Target for Component {
         }
     }
 
-    fn apply(&mut self, index: u64, term: u64, timestamp_ms: u64, command: &[u8]) -> Result<Vec<u8>, String> {
+    fn apply(
+        &mut self,
+        index: u64,
+        term: u64,
+        timestamp_ms: u64,
+        command: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let ctx = ApplyCtx {
             index,
             term,

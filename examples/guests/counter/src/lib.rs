@@ -81,7 +81,10 @@ impl JsonStateMachine for Counters {
                 .map(QueryReply::One)
                 .ok_or_else(|| format!("no counter named {name}")),
             Query::List => Ok(QueryReply::All(
-                self.counters.iter().map(|(k, c)| (k.clone(), c.value)).collect(),
+                self.counters
+                    .iter()
+                    .map(|(k, c)| (k.clone(), c.value))
+                    .collect(),
             )),
         }
     }

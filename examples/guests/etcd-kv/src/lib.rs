@@ -337,9 +337,7 @@ fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
     use std::cmp::Ordering;
     let ord = match (target, &c.target_union) {
         (CompareTarget::Version, Some(TargetUnion::Version(v))) => kv.version.cmp(v),
-        (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => {
-            kv.create_revision.cmp(v)
-        }
+        (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => kv.create_revision.cmp(v),
         (CompareTarget::Mod, Some(TargetUnion::ModRevision(v))) => kv.mod_revision.cmp(v),
         (CompareTarget::Value, Some(TargetUnion::Value(v))) => kv.value.as_slice().cmp(v),
         (CompareTarget::Lease, Some(TargetUnion::Lease(v))) => kv.lease.cmp(v),

@@ -284,37 +284,41 @@ impl Client {
                     continue;
                 }
             };
-            let mut chosen = (addr.clone(), c.clone());
-            if self.settings().follow_leader {
-                let mut req = tonic::Request::new(proto::StatusRequest {});
-                req.set_timeout(self.settings().timeout);
-                match ClusterClient::new(c.clone()).status(req).await {
-                    Ok(s) => {
-                        let leader = s.into_inner().leader_addr;
-                        if !leader.is_empty()
-                            && leader != *addr
-                            && let Ok(l) = self.dial(&leader).await
-                        {
-                            chosen = (leader, l);
-                        }
-                    }
-                    // A wrong token or TLS trouble: no other node will say otherwise.
-                    Err(s)
-                        if matches!(
-                            s.code(),
-                            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-                        ) =>
-                    {
-                        return Err(s.into());
-                    }
-                    Err(s) => {
-                        last = Some(Error::Unreachable {
-                            endpoint: addr.clone(),
-                            cause: Error::from(s).to_string(),
-                        });
-                        continue;
-                    }
+            // Every connection is proved with a Status call: a node that does not speak this
+            // client's protocol (TLS on one side only) is found here, not by the first call.
+            let mut req = tonic::Request::new(proto::StatusRequest {});
+            req.set_timeout(self.settings().timeout);
+            let status = match ClusterClient::new(c.clone()).status(req).await {
+                Ok(s) => s.into_inner(),
+                // A wrong token: no other node will say otherwise.
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                    ) =>
+                {
+                    return Err(s.into());
                 }
+                Err(s) => {
+                    let mut cause = Error::from(s).to_string();
+                    if self.settings().tls.is_none() && crate::error::is_mismatch(&cause) {
+                        cause.push_str(" (if the node serves TLS, connect with TLS and its CA)");
+                    }
+                    last = Some(Error::Unreachable {
+                        endpoint: addr.clone(),
+                        cause,
+                    });
+                    continue;
+                }
+            };
+            let mut chosen = (addr.clone(), c.clone());
+            let leader = status.leader_addr;
+            if self.settings().follow_leader
+                && !leader.is_empty()
+                && leader != *addr
+                && let Ok(l) = self.dial(&leader).await
+            {
+                chosen = (leader, l);
             }
             *current = Some(chosen.clone());
             tracing::debug!(endpoint = %chosen.0, "waft client connected");

@@ -63,7 +63,13 @@ pub enum Error {
 impl Error {
     /// Whether the call may succeed if made again (on another node, a moment later).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable(_) | Error::Unreachable { .. })
+        match self {
+            Error::Unavailable(_) => true,
+            // A node that does not speak this client's protocol (TLS on one side only) will not
+            // later either.
+            Error::Unreachable { cause, .. } => !is_mismatch(cause),
+            _ => false,
+        }
     }
 }
 
@@ -115,4 +121,21 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         next = e.source();
     }
     out
+}
+
+/// Whether a connection failure's words say the two sides speak differently (TLS on one side
+/// only, a certificate not trusted) rather than that nothing answered.
+pub(crate) fn is_mismatch(cause: &str) -> bool {
+    let c = cause.to_ascii_lowercase();
+    [
+        "h2 protocol error",
+        "frame with invalid size",
+        "invalidcontenttype",
+        "corrupt message",
+        "certificate",
+        "handshake",
+        "tls",
+    ]
+    .iter()
+    .any(|w| c.contains(w))
 }

@@ -3,7 +3,7 @@
 use super::connect::{Client, Output, retrying};
 use super::output;
 use crate::pb::api::{self, waft_client::WaftClient};
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use std::io::Read;
@@ -249,76 +249,50 @@ fn print_line_result(
 /// `waft query`.
 pub async fn query(client: &Client, args: &QueryArgs) -> anyhow::Result<ExitCode> {
     let payload = read_payload(&args.payload)?;
-    let waft = WaftClient::new(client.connect().await?);
+    // The node given answers (a stale read is its own copy); it forwards what needs the leader.
+    let waft = client.connector.client_on(&client.endpoint).await?;
     let consistency = match args.consistency {
-        Consistency::Linearizable => api::Consistency::Linearizable,
-        Consistency::Lease => api::Consistency::Lease,
-        Consistency::Stale => api::Consistency::Stale,
+        Consistency::Linearizable => waft_client::Consistency::Linearizable,
+        Consistency::Lease => waft_client::Consistency::Lease,
+        Consistency::Stale => waft_client::Consistency::Stale,
     };
-    let request = api::QueryRequest {
-        service: args.service.clone(),
-        payload,
-        consistency: consistency as i32,
+    let answer = waft
+        .query(&args.service, payload, consistency)
+        .await
+        .map_err(|e| client.connector.client_error(e))?;
+    use waft_client::Outcome;
+    let (ok, err) = match &answer.outcome {
+        Outcome::Ok(r) => (Some(r.as_slice()), None),
+        Outcome::Rejected(m) => (None, Some(("rejected", m.as_str()))),
+        Outcome::Trapped(m) => (None, Some(("trapped", m.as_str()))),
     };
-    let reply = retrying(|| {
-        let r = request.clone();
-        let mut w = waft.clone();
-        async move { w.query(r).await }
-    })
-    .await
-    .map_err(|s| client.status_error(s))?
-    .into_inner();
-    use api::query_reply::Outcome;
-    Ok(match reply.outcome {
-        Some(Outcome::Ok(r)) => output::print_outcome(
-            client.output,
-            "applied_index",
-            reply.applied_index,
-            Some(&r),
-            None,
-        ),
-        Some(Outcome::Rejected(m)) => output::print_outcome(
-            client.output,
-            "applied_index",
-            reply.applied_index,
-            None,
-            Some(("rejected", &m)),
-        ),
-        Some(Outcome::Trapped(m)) => output::print_outcome(
-            client.output,
-            "applied_index",
-            reply.applied_index,
-            None,
-            Some(("trapped", &m)),
-        ),
-        None => bail!("the node sent an empty reply"),
-    })
+    Ok(output::print_outcome(
+        client.output,
+        "applied_index",
+        answer.applied_index,
+        ok,
+        err,
+    ))
 }
 
 /// `waft watch`: one line (or JSON object) per event, until `--count` events or the stream
 /// ends; an interrupted watch says where to resume.
 pub async fn watch(client: &Client, args: &WatchArgs) -> anyhow::Result<ExitCode> {
     use api::watch_event::Outcome;
-    let mut waft = WaftClient::new(client.connect().await?);
-    let request = api::WatchRequest {
-        service: args.service.clone().unwrap_or_default(),
-        start_index: args.from.unwrap_or(0),
-    };
-    let mut stream = waft
-        .watch(request)
-        .await
-        .map_err(|s| client.status_error(s))?
-        .into_inner();
+    // Through waft-client: a watch whose node goes away resumes on another from the next index.
+    let waft = client.connector.client_on(&client.endpoint).await?;
+    let mut stream = waft.watch(args.service.as_deref(), args.from);
     let mut seen = 0u64;
     let mut next = args.from;
     while args.count.is_none_or(|c| seen < c) {
-        let event = match stream.message().await {
-            Ok(Some(e)) => e,
-            Ok(None) => break,
-            Err(s) => {
+        let event = match stream.next().await {
+            Some(Ok(e)) => e,
+            None => break,
+            Some(Err(e)) => {
                 let resume = next.map_or(String::new(), |n| format!(" (resume with --from {n})"));
                 return Err(client
-                    .status_error(s)
+                    .connector
+                    .client_error(e)
                     .context(format!("the watch ended{resume}")));
             }
         };

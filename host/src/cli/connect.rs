@@ -135,7 +135,17 @@ impl Connector {
     /// A `waft-client` client of the cluster at `endpoint` with these settings: it finds the
     /// leader and retries with exactly-once client sessions.
     pub async fn client(&self, endpoint: &str) -> anyhow::Result<waft_client::Client> {
-        let mut builder = waft_client::Client::builder([endpoint]);
+        self.build(endpoint, true).await
+    }
+
+    /// Like [`Connector::client`], staying on the node given (reads answered by that node;
+    /// it forwards what needs the leader).
+    pub async fn client_on(&self, endpoint: &str) -> anyhow::Result<waft_client::Client> {
+        self.build(endpoint, false).await
+    }
+
+    async fn build(&self, endpoint: &str, follow: bool) -> anyhow::Result<waft_client::Client> {
+        let mut builder = waft_client::Client::builder([endpoint]).follow_leader(follow);
         if let Some(tls) = &self.tls {
             builder = builder.tls(tls.for_client_crate());
         }

@@ -413,3 +413,140 @@ async fn etcd_api_errors_keep_etcds_codes_and_change_nothing() {
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }
+
+/// The JSON etcdctl prints for `args` (`-w json`), parsed.
+async fn etcdctl_json(endpoint: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-w", "json"]);
+    let (ok, out, err) = etcdctl(endpoint, &all, None).await;
+    assert!(ok, "etcdctl {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcdctl {args:?} printed {out:?}: {e}"))
+}
+
+/// The keys of a JSON object, sorted, recursively (an array's elements' keys together): the
+/// shape etcdctl prints, without the values.
+fn shape(v: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(map) = v.as_object() {
+        for (k, v) in map {
+            out.push(k.clone());
+            let inner: Vec<&serde_json::Value> = match v.as_array() {
+                Some(items) => items.iter().collect(),
+                None => vec![v],
+            };
+            for item in inner {
+                out.extend(shape(item).into_iter().map(|s| format!("{k}.{s}")));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `etcdctl member list` and `etcdctl endpoint status` work against waft: every member once,
+/// named, with its peer address (and the contacted node's client address), the leader and Raft
+/// term and indexes as the node sees them, the etcd guest's size as the database size; the
+/// JSON has the shape a real etcd's has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_member_list_and_endpoint_status_work_against_waft() {
+    crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
+    let cluster = TestCluster::start_with(3, test_settings(), with_etcd).await;
+    cluster.form().await;
+    cluster
+        .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
+        .await;
+    let leader = cluster.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let endpoint = cluster
+        .node(follower)
+        .etcd_addr()
+        .expect("etcd")
+        .to_string();
+    assert!(etcdctl(&endpoint, &["put", "a", "1"], None).await.0);
+    // Status reports what the node asked has applied: let it catch up first.
+    let last = cluster
+        .node(leader)
+        .metrics()
+        .last_log_index
+        .expect("a log");
+    cluster.wait_applied(last).await;
+
+    let list = etcdctl_json(&endpoint, &["member", "list"]).await;
+    let members = list["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{list}");
+    let me = list["header"]["member_id"].as_u64().expect("member id");
+    let mut ids: Vec<u64> = members
+        .iter()
+        .map(|m| m["ID"].as_u64().expect("ID"))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "distinct ids: {list}");
+    for (i, addr) in cluster.addrs.iter().enumerate() {
+        let m = members
+            .iter()
+            .find(|m| m["name"] == format!("waft-{i}"))
+            .unwrap_or_else(|| panic!("member waft-{i} in {list}"));
+        assert_eq!(m["peerURLs"][0], format!("http://{addr}"));
+        if i == follower {
+            assert_eq!(m["ID"].as_u64(), Some(me));
+            assert_eq!(m["clientURLs"][0], format!("http://{endpoint}"));
+        }
+    }
+    let (ok, table, err) = etcdctl(&endpoint, &["member", "list"], None).await;
+    assert!(
+        ok && table.lines().count() == 3 && table.contains("started"),
+        "{table}{err}"
+    );
+
+    let status = etcdctl_json(&endpoint, &["endpoint", "status"]).await;
+    let s = &status[0]["Status"];
+    assert_eq!(s["version"], waft::etcd::API_VERSION);
+    assert_eq!(s["header"]["member_id"].as_u64(), Some(me));
+    let leader_id = members
+        .iter()
+        .find(|m| m["name"] == format!("waft-{leader}"))
+        .and_then(|m| m["ID"].as_u64());
+    assert_eq!(s["leader"].as_u64(), leader_id, "{status}");
+    assert!(s["dbSize"].as_i64().is_some_and(|n| n > 0), "{status}");
+    assert!(s["raftIndex"].as_u64().is_some_and(|n| n > 0), "{status}");
+    assert!(
+        s["raft_term"]
+            .as_u64()
+            .or(s["raftTerm"].as_u64())
+            .is_some_and(|t| t >= 1),
+        "{status}"
+    );
+    assert!(
+        s["header"]["revision"].as_i64().is_some_and(|r| r >= 2),
+        "{status}"
+    );
+    let (ok, table, err) = etcdctl(&endpoint, &["endpoint", "status"], None).await;
+    assert!(
+        ok && table.contains(waft::etcd::API_VERSION),
+        "{table}{err}"
+    );
+
+    // The same commands against a real etcd print the same JSON shape.
+    let real = Etcd::start();
+    for _ in 0..100 {
+        if etcdctl(&real.addr, &["endpoint", "health"], None).await.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let theirs = etcdctl_json(&real.addr, &["member", "list"]).await;
+    assert_eq!(
+        shape(&theirs),
+        shape(&list),
+        "member list: etcd {theirs} vs waft {list}"
+    );
+    let theirs = etcdctl_json(&real.addr, &["endpoint", "status"]).await;
+    assert_eq!(
+        shape(&theirs[0]),
+        shape(&status[0]),
+        "endpoint status: etcd {theirs} vs waft {status}"
+    );
+    cluster.shutdown().await;
+}

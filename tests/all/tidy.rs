@@ -103,11 +103,11 @@ fn the_architecture_invariants_hold() {
             "src/pb/",
             "src/cli/",
             "src/node/",
-            "src/etcd.rs",
+            "src/etcd/",
             "src/auth.rs",
             "src/tls.rs",
         ],
-        "tonic is used only by the gRPC layers (raft/, api/, pb/, cli/, etcd.rs, the node's \
+        "tonic is used only by the gRPC layers (raft/, api/, pb/, cli/, etcd/, the node's \
          server assembly in node.rs, auth.rs and tls.rs), never by runtime/ or storage/",
     );
     assert_only(&files, &["prost"], &["src/pb/"], "prost types stay in pb/");

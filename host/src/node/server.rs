@@ -88,6 +88,12 @@ pub(super) async fn serve(
                 identity.clone(),
                 config.etcd_service.clone(),
             );
+            let scheme = if config.net.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let admin = crate::etcd::EtcdAdmin::new(kv.clone(), format!("{scheme}://{bound}"));
             let mut builder = server_builder(config.net.tls.as_ref())?.layer(trace.clone());
             let task = tokio::spawn(async move {
                 let served = builder
@@ -96,6 +102,12 @@ pub(super) async fn serve(
                             .max_decoding_message_size(api_max)
                             .max_encoding_message_size(api_max),
                     )
+                    .add_service(crate::pb::etcd::cluster_server::ClusterServer::new(
+                        admin.clone(),
+                    ))
+                    .add_service(crate::pb::etcd::maintenance_server::MaintenanceServer::new(
+                        admin,
+                    ))
                     .serve_with_incoming(incoming(l, Accepted::default()))
                     .await;
                 if let Err(e) = served {

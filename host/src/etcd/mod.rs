@@ -10,10 +10,15 @@
 //! The guest answers with etcd's response message and revision; this endpoint adds the header's
 //! cluster id, member id and Raft term. Errors keep etcd's gRPC codes and wording.
 //!
-//! Not served: Watch, Lease, Cluster, Maintenance and Auth (UNIMPLEMENTED), reads at an older
+//! `cluster.rs` serves `Cluster.MemberList` and `Maintenance.Status` (for `etcdctl member list`
+//! and `endpoint status`). Not served: Watch, Lease, Auth and the other Cluster and Maintenance
+//! calls (UNIMPLEMENTED), reads at an older
 //! revision (no history is kept: OUT_OF_RANGE, "compacted"), puts with a lease (NOT_FOUND).
 //! A caller's `authorization` header is passed on, so with `--client-token` the endpoint
 //! requires the token as waft's own API does (etcd's own auth is not implemented).
+
+mod cluster;
+pub use cluster::{API_VERSION, EtcdAdmin};
 
 use crate::Raft;
 use crate::api::Api;
@@ -83,7 +88,7 @@ impl EtcdKv {
     }
 
     /// A request to this node's API carrying the caller's token and request id.
-    fn inner<T>(caller: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
+    pub(super) fn inner<T>(caller: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         for header in [crate::auth::HEADER, crate::api::trace::REQUEST_ID] {
             if let Some(value) = caller.get(header) {
@@ -123,7 +128,7 @@ impl EtcdKv {
         }
     }
 
-    async fn read(
+    pub(super) async fn read(
         &self,
         caller: &tonic::metadata::MetadataMap,
         tag: u8,
@@ -158,6 +163,33 @@ impl EtcdKv {
         }
     }
 
+    /// Checks the caller's token as the data calls of waft's own API do.
+    pub(super) async fn authorize(
+        &self,
+        caller: &tonic::metadata::MetadataMap,
+    ) -> Result<(), Status> {
+        use crate::pb::api::cluster_server::Cluster as _;
+        self.api
+            .status(Self::inner(caller, wapi::StatusRequest {}))
+            .await
+            .map(|_| ())
+    }
+
+    /// A header with this node's cluster id, member id and Raft term.
+    pub(super) fn header(&self) -> ResponseHeader {
+        ResponseHeader {
+            // etcd's ids are 64-bit; ours is 128: its first half names the cluster.
+            cluster_id: self
+                .identity
+                .cluster()
+                .and_then(|id| u64::from_str_radix(&id[..16], 16).ok())
+                .unwrap_or(0),
+            member_id: member_id(self.identity.cluster().as_deref(), self.identity.node()),
+            raft_term: self.raft.metrics().borrow_watched().current_term,
+            revision: 0,
+        }
+    }
+
     /// The guest's response with the header completed.
     fn finish<M: crate::pb::Message + Default>(
         &self,
@@ -167,14 +199,10 @@ impl EtcdKv {
         let mut msg = M::decode(bytes.as_slice())
             .map_err(|e| Status::internal(format!("the etcd guest's reply is malformed: {e}")))?;
         let h = header(&mut msg).get_or_insert_with(ResponseHeader::default);
-        // etcd's ids are 64-bit; ours is 128: its first half names the cluster.
-        h.cluster_id = self
-            .identity
-            .cluster()
-            .and_then(|id| u64::from_str_radix(&id[..16], 16).ok())
-            .unwrap_or(0);
-        h.member_id = member_id(self.identity.cluster().as_deref(), self.identity.node());
-        h.raft_term = self.raft.metrics().borrow_watched().current_term;
+        let ours = self.header();
+        h.cluster_id = ours.cluster_id;
+        h.member_id = ours.member_id;
+        h.raft_term = ours.raft_term;
         Ok(Response::new(msg))
     }
 }

@@ -424,19 +424,14 @@ impl Client {
         P::Item: Into<Vec<u8>>,
     {
         let (id, first) = self.take_lane();
-        let commands: Vec<proto::SubmitRequest> = payloads
-            .into_iter()
-            .zip(first..)
-            .map(|(p, sequence)| proto::SubmitRequest {
-                service: service.to_owned(),
-                payload: p.into(),
-                client_id: id,
-                sequence,
-            })
-            .collect();
-        self.put_lane((id, first + commands.len() as u64));
+        let commands = crate::session::numbered(service, payloads, id, first);
+        let next = first + commands.len() as u64;
         let session = BatchCall(self.clone());
-        crate::session::send_until_answered(&session, commands, self.settings().attempts).await
+        let result =
+            crate::session::send_until_answered(&session, commands, self.settings().attempts).await;
+        // Given back only now: one batch in flight per client session.
+        self.put_lane((id, next));
+        result
     }
 
     /// A pipelined `Session` stream on the current connection (see [`Session`]).

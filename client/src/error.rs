@@ -95,23 +95,16 @@ impl From<tonic::Status> for Error {
 
 /// A status's message followed by its causes (a transport error hides the real one).
 fn with_sources(s: &tonic::Status) -> String {
-    let mut out = s.message().to_owned();
-    let mut next = std::error::Error::source(s);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = e.source();
-    }
-    out
+    append_sources(s.message().to_owned(), std::error::Error::source(s))
 }
 
 /// The whole chain of an error's causes, in words.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
+    append_sources(e.to_string(), e.source())
+}
+
+/// `out` followed by each cause from `next` on that it does not already say.
+fn append_sources(mut out: String, mut next: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(e) = next {
         let text = e.to_string();
         if !out.contains(&text) {

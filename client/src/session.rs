@@ -99,16 +99,7 @@ impl Session {
             Source::Client(c) => c.take_lane(),
             Source::Conn(..) => (crate::client::random_id(), 1),
         };
-        let commands: Vec<proto::SubmitRequest> = payloads
-            .into_iter()
-            .zip(first..)
-            .map(|(p, sequence)| proto::SubmitRequest {
-                service: service.to_owned(),
-                payload: p.into(),
-                client_id: id,
-                sequence,
-            })
-            .collect();
+        let commands = numbered(service, payloads, id, first);
         let next = first + commands.len() as u64;
         let attempts = match &self.source {
             Source::Client(c) => c.attempts_setting(),
@@ -120,6 +111,29 @@ impl Session {
         }
         result
     }
+}
+
+/// `payloads` as commands to `service` in client session `id`, numbered from `first`.
+pub(crate) fn numbered<P>(
+    service: &str,
+    payloads: P,
+    id: u64,
+    first: u64,
+) -> Vec<proto::SubmitRequest>
+where
+    P: IntoIterator,
+    P::Item: Into<Vec<u8>>,
+{
+    payloads
+        .into_iter()
+        .zip(first..)
+        .map(|(p, sequence)| proto::SubmitRequest {
+            service: service.to_owned(),
+            payload: p.into(),
+            client_id: id,
+            sequence,
+        })
+        .collect()
 }
 
 /// One round of sending commands: their results, in order, or why none came.

@@ -109,6 +109,32 @@ async fn the_rust_client_follows_the_leader_across_a_change_applies_once_and_res
             assert_eq!(r.expect("applied").outcome, ok("OK"));
         }
     }
+    // Concurrent callers on clones: each call in flight has a client session of its own.
+    let tasks: Vec<_> = (0..4)
+        .map(|t| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut indexes = Vec::new();
+                for i in 0..10 {
+                    let one = client.submit("kv", format!("put c{t}-{i} {i}")).await;
+                    indexes.push(one.expect("submit").index);
+                    let two = client
+                        .submit_batch("kv", [format!("put d{t}-{i} {i}"), format!("get d{t}-{i}")])
+                        .await
+                        .expect("batch");
+                    assert!(two.iter().all(|r| r.is_ok()), "{two:?}");
+                }
+                indexes
+            })
+        })
+        .collect();
+    let mut indexes = Vec::new();
+    for t in tasks {
+        indexes.extend(t.await.expect("join"));
+    }
+    indexes.sort_unstable();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 40, "every submit its own entry");
     // A rejected command is an outcome, not an error.
     let refused = client.submit("kv", "frobnicate").await.expect("answered");
     assert!(

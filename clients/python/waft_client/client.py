@@ -247,7 +247,6 @@ class Client:
         for p in payloads:
             commands.append(pb.SubmitRequest(service=service, payload=_bytes(p), client_id=lane[0], sequence=lane[1]))
             lane[1] += 1
-        self._put_lane(lane)
 
         def round_(cmds):
             reply = self._retrying(
@@ -255,7 +254,11 @@ class Client:
             )
             return list(reply.results)
 
-        return self._until_answered(commands, round_)
+        try:
+            return self._until_answered(commands, round_)
+        finally:
+            # Given back only now: one batch in flight per client session.
+            self._put_lane(lane)
 
     def _until_answered(self, commands, round_):
         answers = [None] * len(commands)

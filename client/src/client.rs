@@ -4,8 +4,12 @@
 use crate::connect::{Bearer, Conn, Tls};
 use crate::proto::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use crate::{Error, Session};
+use futures::StreamExt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+/// Told of a deploy's upload: `None` when it (re)starts, `Some(bytes)` for each chunk sent.
+pub type Progress = Arc<dyn Fn(Option<u64>) + Send + Sync>;
 
 /// How to connect: see [`Client::builder`].
 #[derive(Clone)]
@@ -290,14 +294,15 @@ impl Client {
             req.set_timeout(self.settings().timeout);
             let status = match ClusterClient::new(c.clone()).status(req).await {
                 Ok(s) => s.into_inner(),
-                // A wrong token: no other node will say otherwise.
+                // No token or a wrong one: the node is there, and the call itself will say
+                // what it needs (a deploy names the cluster token); stay on this node.
                 Err(s)
                     if matches!(
                         s.code(),
                         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
                     ) =>
                 {
-                    return Err(s.into());
+                    proto::StatusReply::default()
                 }
                 Err(s) => {
                     let mut cause = Error::from(s).to_string();
@@ -495,22 +500,45 @@ impl Client {
         header: proto::DeployHeader,
         module: &[u8],
     ) -> Result<Deployed, Error> {
-        let chunks = deploy_chunks(header, module);
-        let deadline = self.settings().deploy_timeout;
-        let reply = self
-            .retrying(|c| {
-                let mut r = tonic::Request::new(futures::stream::iter(chunks.clone()));
-                r.set_timeout(deadline);
-                async move { waft(c).deploy(r).await }
-            })
-            .await?
-            .into_inner();
+        let reply = self.deploy_reply(header, module, None).await?;
         Ok(Deployed {
             module_sha256: reply.module_sha256,
             index: reply.index,
             version: reply.version,
             unchanged: reply.unchanged,
         })
+    }
+
+    /// Deploys and returns the node's whole reply (a dry run's trial report, the verifier's
+    /// findings); `progress` is told the bytes of each chunk as it goes out (it starts again
+    /// from zero when the upload is retried).
+    pub async fn deploy_reply(
+        &self,
+        header: proto::DeployHeader,
+        module: &[u8],
+        progress: Option<Progress>,
+    ) -> Result<proto::DeployReply, Error> {
+        let chunks = deploy_chunks(header, module);
+        let deadline = self.settings().deploy_timeout;
+        let reply = self
+            .retrying(|c| {
+                let progress = progress.clone();
+                if let Some(p) = &progress {
+                    p(None);
+                }
+                let outgoing = futures::stream::iter(chunks.clone()).inspect(move |chunk| {
+                    if let (Some(p), Some(proto::deploy_chunk::Kind::Data(d))) =
+                        (&progress, &chunk.kind)
+                    {
+                        p(Some(d.len() as u64));
+                    }
+                });
+                let mut r = tonic::Request::new(outgoing);
+                r.set_timeout(deadline);
+                async move { waft(c).deploy(r).await }
+            })
+            .await?;
+        Ok(reply.into_inner())
     }
 
     /// The services the cluster runs.

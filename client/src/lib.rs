@@ -84,7 +84,7 @@ mod session;
 mod watch;
 
 pub use client::{
-    Answer, Applied, Client, ClientBuilder, Consistency, Deployed, Outcome, deploy_chunks,
+    Answer, Applied, Client, ClientBuilder, Consistency, Deployed, Outcome, Progress, deploy_chunks,
 };
 pub use connect::{Conn, Tls};
 pub use error::Error;

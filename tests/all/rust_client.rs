@@ -196,14 +196,19 @@ async fn the_rust_client_names_what_is_wrong() {
     let cluster = TestCluster::start_with(1, test_settings(), with_tokens).await;
     cluster.form().await;
     let addr = cluster.addrs[0].clone();
-    // No token, a wrong one: unauthenticated.
+    // No token, a wrong one: unauthenticated, from the call (which says what it needs).
     for token in [None, Some("wrong")] {
         let mut b = Client::builder([addr.clone()]);
         if let Some(t) = token {
             b = b.token(t);
         }
-        match b.connect().await {
-            Err(Error::Unauthenticated(_)) => {}
+        let c = b.connect().await.expect("the node is reachable");
+        match c.submit("kv", "put a 1").await {
+            Err(Error::Unauthenticated(m)) => assert!(m.contains("token"), "{m}"),
+            other => panic!("token {token:?}: expected unauthenticated, got {other:?}"),
+        }
+        match c.deploy("kv", b"\0asm").await {
+            Err(Error::Unauthenticated(m)) => assert!(m.contains("token"), "{m}"),
             other => panic!("token {token:?}: expected unauthenticated, got {other:?}"),
         }
     }

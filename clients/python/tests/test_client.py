@@ -109,8 +109,12 @@ def test_names_what_is_wrong(kv, tmp_path):
     try:
         addr = secured.addrs[0]
         for token in (None, "wrong"):
+            # The node is reachable; the call says what it needs.
+            c = Client(addr, token=token)
             with pytest.raises(Unauthenticated):
-                Client(addr, token=token)
+                c.submit("kv", "put a 1")
+            with pytest.raises(Unauthenticated):
+                c.deploy("kv", kv)
         client = Client(addr, token="client-token-2")
         with pytest.raises(PermissionDenied):
             client.deploy("kv", kv)

@@ -137,9 +137,11 @@ class Client:
         try:
             status = rpc.ClusterStub(channel).Status(pb.StatusRequest(), timeout=self.connect_timeout, metadata=self.metadata)
         except grpc.RpcError as e:
-            channel.close()
             if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                raise from_rpc_error(e) from None
+                # No token or a wrong one: the node is there, and the call itself will say what
+                # it needs (a deploy names the cluster token); stay on this node.
+                return channel, pb.StatusReply()
+            channel.close()
             cause = e.details() or e.code().name
             if self.credentials is not None and "refused" not in cause.lower():
                 cause += " (does the node serve TLS, and did this CA sign its certificate?)"

@@ -339,9 +339,7 @@ pub async fn watch(client: &Client, args: &WatchArgs) -> anyhow::Result<ExitCode
 pub async fn deploy(client: &Client, args: &DeployArgs) -> anyhow::Result<ExitCode> {
     let module = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let waft = WaftClient::new(client.connect().await?)
-        .max_encoding_message_size(usize::MAX)
-        .max_decoding_message_size(usize::MAX);
+    let waft = client.connector.client(&client.endpoint).await?;
     let size = module.len() as u64;
     let replay: Vec<Vec<u8>> = match &args.replay {
         None => Vec::new(),
@@ -374,40 +372,27 @@ pub async fn deploy(client: &Client, args: &DeployArgs) -> anyhow::Result<ExitCo
         );
         bar
     });
-    let reply = retrying(|| {
-        let mut w = waft.clone();
-        let header = api::DeployChunk {
-            kind: Some(api::deploy_chunk::Kind::Header(api::DeployHeader {
-                service: args.service.clone(),
-                size,
-                dry_run: args.dry_run,
-                fuel_per_apply: args.fuel.unwrap_or(0),
-                max_memory_bytes: args.max_memory_mib.map_or(0, |m| m.saturating_mul(1 << 20)),
-                verify: args.verify,
-                force: args.force,
-                replay: replay.clone(),
-            })),
-        };
-        let bar = bar.clone();
-        if let Some(b) = &bar {
-            b.set_position(0);
-        }
-        let data: Vec<Vec<u8>> = module.chunks(1 << 20).map(<[u8]>::to_vec).collect();
-        let chunks = futures::stream::iter(std::iter::once(header)).chain(
-            futures::stream::iter(data).map(move |c| {
-                if let Some(b) = &bar {
-                    b.inc(c.len() as u64);
-                }
-                api::DeployChunk {
-                    kind: Some(api::deploy_chunk::Kind::Data(c)),
-                }
-            }),
-        );
-        async move { w.deploy(chunks).await }
-    })
-    .await
-    .map_err(|s| client.status_error(s))?
-    .into_inner();
+    let header = api::DeployHeader {
+        service: args.service.clone(),
+        size,
+        dry_run: args.dry_run,
+        fuel_per_apply: args.fuel.unwrap_or(0),
+        max_memory_bytes: args.max_memory_mib.map_or(0, |m| m.saturating_mul(1 << 20)),
+        verify: args.verify,
+        force: args.force,
+        replay,
+    };
+    let progress: Option<waft_client::Progress> = bar.clone().map(|b| {
+        std::sync::Arc::new(move |sent: Option<u64>| match sent {
+            None => b.set_position(0),
+            Some(n) => b.inc(n),
+        }) as waft_client::Progress
+    });
+    // Through waft-client: to the leader, retried while the cluster cannot take it.
+    let reply = waft
+        .deploy_reply(header, &module, progress)
+        .await
+        .map_err(|e| client.connector.client_error(e))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

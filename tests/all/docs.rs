@@ -324,6 +324,25 @@ fn the_readme_tour_runs_as_written() {
         ran += 1;
     }
     assert!(ran >= 15, "ran the tour's commands ({ran})");
+    // The README's same tour with the Python package (from the checkout's source).
+    let python = std::process::Command::new("python3")
+        .arg(root().join("clients/python/examples/tour.py"))
+        .args([port(7001), port(7002), port(7003)])
+        .env("PYTHONPATH", root().join("clients/python"))
+        .env(
+            "WAFT_PY_STUBS",
+            std::env::temp_dir().join("waft-docs-stubs"),
+        )
+        .output()
+        .expect("run python3 (scripts/test installs its packages)");
+    let out = String::from_utf8_lossy(&python.stdout);
+    assert!(
+        python.status.success()
+            && out.contains("get greeting: hello")
+            && out.contains("kv version"),
+        "the Python tour:\n{out}{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
     let status = dev.stop();
     assert!(status.success(), "waft dev exited with {status}");
 }

@@ -124,12 +124,9 @@ def test_names_what_is_wrong(kv, tmp_path):
         with pytest.raises(NotFound):
             client.submit("nope", "put a 1")
         # TLS on the client only: the plain-text node is unreachable over TLS.
+        # A CA of its own (made by `waft certs`, no other tool needed).
+        subprocess.run([secured.bin, "certs", "--dir", str(tmp_path), "--name", "someone"], check=True, capture_output=True)
         ca = tmp_path / "ca.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(tmp_path / "ca.key"), "-out", str(ca), "-subj", "/CN=someone", "-days", "2"],
-            check=True, capture_output=True,
-        )
         with pytest.raises(Unreachable) as e:
             Client(addr, tls_ca=str(ca), attempts=1, connect_timeout=2.0)
         assert "TLS" in e.value.cause

@@ -70,11 +70,9 @@ fn presented(metadata: &MetadataMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// The header value carrying `token`, for a client.
+/// The header value carrying `token`, for a client (the client crate's).
 pub fn bearer(token: &str) -> Result<AsciiMetadataValue, String> {
-    format!("Bearer {token}")
-        .parse()
-        .map_err(|_| "a token must be printable ASCII".to_owned())
+    waft_client::connect::bearer(token).map_err(|e| e.to_string())
 }
 
 impl Tokens {

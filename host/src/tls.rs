@@ -110,11 +110,7 @@ impl Tls {
 
     /// The client side: servers checked against the CA; our certificate, if any, presented.
     pub fn client(&self) -> ClientTlsConfig {
-        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
-        match &self.identity {
-            Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
-            None => config,
-        }
+        self.for_client_crate().client_config()
     }
 }
 

@@ -192,6 +192,10 @@ async fn the_rust_client_names_what_is_wrong() {
         Client::builder(["not an address"]).connect().await,
         Err(Error::Config(_))
     ));
+    assert!(matches!(
+        Tls::from_ca_file("/no/such/ca.pem"),
+        Err(Error::Config(m)) if m.contains("/no/such/ca.pem")
+    ));
 
     let cluster = TestCluster::start_with(1, test_settings(), with_tokens).await;
     cluster.form().await;

@@ -54,8 +54,8 @@ def test_follows_the_leader_across_its_death_applies_once_and_resumes_its_watch(
         answer = client.query("kv", "get b", consistency)
         assert answer.value == b"2", consistency
         assert answer.applied_index >= second.index
-    # Stale: the node's own copy, which may lag for a moment.
-    assert client.query("kv", "get a", "stale").outcome in ("ok", "rejected")
+    # Stale: the node's own copy; it is the leader, which has applied both writes.
+    assert client.query("kv", "get a", "stale").value == b"1"
 
     batch = client.submit_batch("kv", [f"put k{i} {i}" for i in range(50)])
     assert all(r.ok for r in batch), batch
@@ -104,6 +104,8 @@ def test_names_what_is_wrong(kv, tmp_path):
     assert e.value.endpoint == dead
     with pytest.raises(ConfigError):
         Client([])
+    with pytest.raises(ConfigError):
+        Client(dead, tls_ca=str(tmp_path / "no-such-ca.pem"))
 
     secured = Cluster(node_args=["--token", "cluster-token-1", "--client-token", "client-token-2"], cli_args=["--token", "cluster-token-1"])
     try:

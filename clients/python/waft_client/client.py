@@ -17,31 +17,30 @@ pb, rpc = _stubs.load()
 CHUNK = 1 << 20
 
 
+class _Outcome:
+    """`outcome` is "ok" (value: the reply bytes), "rejected" or "trapped" (value: the words)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
 @dataclass(frozen=True)
-class Applied:
-    """A submitted command's result: its log index and what the guest did with it.
-    `outcome` is "ok" (value: the reply bytes), "rejected" or "trapped" (value: the words)."""
+class Applied(_Outcome):
+    """A submitted command's result: its log index and what the guest did with it."""
 
     index: int
     outcome: str
     value: Union[bytes, str]
 
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "ok"
-
 
 @dataclass(frozen=True)
-class Answer:
+class Answer(_Outcome):
     """A query's answer: the index the node had applied and the guest's outcome."""
 
     applied_index: int
     outcome: str
     value: Union[bytes, str]
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "ok"
 
 
 @dataclass(frozen=True)

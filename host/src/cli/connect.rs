@@ -2,10 +2,9 @@
 //! that carries the TLS settings and token every connection of a command uses, and the words for
 //! failed calls. No process-global state: each command builds its connector from its flags.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, ValueEnum};
 use std::time::Duration;
-use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// How results are printed.
@@ -81,22 +80,19 @@ impl ClientArgs {
 #[derive(Clone, Default)]
 pub struct Connector {
     tls: Option<crate::tls::Tls>,
-    token: Option<AsciiMetadataValue>,
-    token_text: Option<String>,
+    /// Checked printable ASCII when the connector was made.
+    token: Option<String>,
 }
 
 impl Connector {
     /// Connects with `tls` (None: plain TCP) and presents `token` (None: no token).
     pub fn new(tls: Option<crate::tls::Tls>, token: Option<&str>) -> anyhow::Result<Connector> {
-        let token_text = token;
-        let token = token
-            .map(crate::auth::bearer)
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+        if let Some(t) = token {
+            crate::auth::bearer(t).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
+        }
         Ok(Connector {
             tls,
-            token,
-            token_text: token_text.map(str::to_owned),
+            token: token.map(str::to_owned),
         })
     }
 
@@ -107,29 +103,18 @@ impl Connector {
 
     /// An endpoint for `addr` (`host:port` or a URI), over TLS when the connector has TLS.
     pub fn endpoint(&self, addr: &str) -> anyhow::Result<Endpoint> {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else if self.tls.is_some() {
-            format!("https://{addr}")
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint =
-            Endpoint::from_shared(uri).with_context(|| format!("bad endpoint {addr:?}"))?;
-        match self.client_tls() {
-            Some(tls) => endpoint
-                .tls_config(tls)
-                .with_context(|| format!("TLS settings for {addr}")),
-            None => Ok(endpoint),
-        }
+        let tls = self.tls.as_ref().map(crate::tls::Tls::for_client_crate);
+        waft_client::connect::endpoint(addr, tls.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Wraps a channel so that it presents the token.
     pub fn authorized(&self, channel: Channel) -> Conn {
-        tonic::service::interceptor::InterceptedService::new(
-            channel,
-            Bearer::new(self.token.clone()),
-        )
+        // Checked when the connector was made, so this parse succeeds.
+        let token = self
+            .token
+            .as_deref()
+            .and_then(|t| crate::auth::bearer(t).ok());
+        tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(token))
     }
 
     /// A `waft-client` client of the cluster at `endpoint` with these settings: it finds the
@@ -149,7 +134,7 @@ impl Connector {
         if let Some(tls) = &self.tls {
             builder = builder.tls(tls.for_client_crate());
         }
-        if let Some(token) = &self.token_text {
+        if let Some(token) = &self.token {
             builder = builder.token(token.clone());
         }
         builder.connect().await.map_err(|e| self.client_error(e))

@@ -571,6 +571,24 @@ impl Client {
         crate::Watch::new(
             self.clone(),
             service.unwrap_or_default().to_owned(),
+            None,
+            from.unwrap_or(0),
+        )
+    }
+
+    /// Like [`Client::watch`], for the events guests emit (`waft:fsm@0.2.0`'s `events.emit`)
+    /// under topics that start with `topic_prefix` (every topic if empty): each arrives with
+    /// its topic in the `Emitted` outcome and its data in `payload`.
+    pub fn watch_events(
+        &self,
+        service: Option<&str>,
+        topic_prefix: &str,
+        from: Option<u64>,
+    ) -> crate::Watch {
+        crate::Watch::new(
+            self.clone(),
+            service.unwrap_or_default().to_owned(),
+            Some(topic_prefix.to_owned()),
             from.unwrap_or(0),
         )
     }

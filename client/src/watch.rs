@@ -8,14 +8,17 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// An applied command or version change, as `Watch` reports it.
+/// An applied command, version change, delivered timer or event a guest emitted, as `Watch`
+/// reports it.
 pub type Event = proto::WatchEvent;
 
 type Events = Pin<Box<dyn Stream<Item = Result<Event, Error>> + Send>>;
 
 /// The events of a service (or of all), in log order, each once. When the stream breaks (the
-/// node stopped, the connection dropped), it opens again on a node the client finds, from the
-/// index after the last event it delivered; it ends with an error only when that fails for
+/// node stopped, the connection dropped), it opens again on a node the client finds, after the
+/// last event it delivered (an entry can have several events: a command and the events its
+/// guest emitted, several timers; every replica records the same ones in the same order, so
+/// those already delivered are skipped); it ends with an error only when that fails for
 /// good (every attempt, or the events are no longer kept: [`Error::OutOfRange`]).
 pub struct Watch {
     inner: Events,
@@ -30,19 +33,33 @@ impl std::fmt::Debug for Watch {
 struct State {
     client: Client,
     service: String,
+    /// Guest events only, with this topic prefix (`None`: every event).
+    topic_prefix: Option<String>,
     /// The index to ask for when (re)opening: 0 for "from now", else the next one wanted.
     next: u64,
+    /// Events at `next` already delivered (skipped when the watch opens again).
+    seen_at_next: usize,
+    /// Events at `next` the current stream sent so far.
+    sent_at_next: usize,
     open: Option<tonic::Streaming<Event>>,
     failures: u32,
     done: bool,
 }
 
 impl Watch {
-    pub(crate) fn new(client: Client, service: String, from: u64) -> Watch {
+    pub(crate) fn new(
+        client: Client,
+        service: String,
+        topic_prefix: Option<String>,
+        from: u64,
+    ) -> Watch {
         let state = State {
             client,
             service,
+            topic_prefix,
             next: from,
+            seen_at_next: 0,
+            sent_at_next: 0,
             open: None,
             failures: 0,
             done: false,
@@ -60,7 +77,10 @@ async fn step(mut s: State) -> Option<(Result<Event, Error>, State)> {
         }
         if s.open.is_none() {
             match open(&s).await {
-                Ok(stream) => s.open = Some(stream),
+                Ok(stream) => {
+                    s.open = Some(stream);
+                    s.sent_at_next = 0;
+                }
                 Err(e) => {
                     s.done = true;
                     return Some((Err(e), s));
@@ -71,7 +91,16 @@ async fn step(mut s: State) -> Option<(Result<Event, Error>, State)> {
         let failure = match stream.message().await {
             Ok(Some(event)) => {
                 s.failures = 0;
-                s.next = event.index + 1;
+                if event.index == s.next && s.next != 0 {
+                    s.sent_at_next += 1;
+                    if s.sent_at_next <= s.seen_at_next {
+                        continue; // delivered before the watch broke
+                    }
+                } else {
+                    s.next = event.index;
+                    s.sent_at_next = 1;
+                }
+                s.seen_at_next = s.sent_at_next;
                 return Some((Ok(event), s));
             }
             Ok(None) => Error::Unavailable("the node ended the watch".to_owned()),
@@ -98,6 +127,8 @@ async fn open(s: &State) -> Result<tonic::Streaming<Event>, Error> {
     let request = proto::WatchRequest {
         service: s.service.clone(),
         start_index: s.next,
+        topic_prefix: s.topic_prefix.clone().unwrap_or_default(),
+        guest_events: s.topic_prefix.is_some(),
     };
     let stream = s
         .client

@@ -51,6 +51,12 @@ pub trait JsonStateMachine: Default + Serialize + DeserializeOwned + 'static {
 
     /// Answers a parsed query without changing state.
     fn query(&self, query: Self::Query) -> Result<Self::QueryReply, String>;
+
+    /// Takes a due timer (see [`StateMachine::fire`]); the default refuses.
+    fn fire(&mut self, ctx: &Context, key: &str, payload: &[u8]) -> Result<(), String> {
+        let _ = (ctx, payload);
+        Err(format!("this guest sets no timers (timer {key:?})"))
+    }
 }
 
 /// Adapts a [`JsonStateMachine`] to the byte-level [`StateMachine`] that `export!` takes.
@@ -74,6 +80,10 @@ impl<T: JsonStateMachine> StateMachine for Json<T> {
     fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
         let query = decode("query", request)?;
         encode(&self.0.query(query)?)
+    }
+
+    fn fire(&mut self, ctx: &Context, key: &str, payload: &[u8]) -> Result<(), String> {
+        self.0.fire(ctx, key, payload)
     }
 
     fn snapshot(&self) -> Vec<u8> {

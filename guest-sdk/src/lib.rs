@@ -56,12 +56,14 @@
 
 #![deny(missing_docs)]
 
-/// The bindings generated from waft's WIT package (`wit/fsm.wit`). Used by [`export!`].
+/// The bindings generated from waft's WIT package, version 0.2.0 (`wit/v0.2/fsm.wit`). Used by
+/// [`export!`]. A guest that sets no timers and emits no events imports neither, and runs like
+/// a 0.1.0 guest (batched applies included).
 #[doc(hidden)]
 #[allow(missing_docs)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "../wit/v0.2/fsm.wit",
         world: "guest",
         pub_export_macro: true,
         export_macro_name: "__export_guest",
@@ -69,9 +71,11 @@ pub mod bindings {
     });
 }
 
+pub mod events;
 #[cfg(feature = "json")]
 pub mod json;
 pub mod testing;
+pub mod timers;
 
 use std::cell::RefCell;
 
@@ -91,6 +95,17 @@ pub trait StateMachine: Default + 'static {
     /// be unchanged. A panic is also safe: the host rolls back every effect of the call.
     fn apply(&mut self, ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String>;
 
+    /// Takes the timer `key`, set earlier with [`timers::set`], now due: `ctx` is the entry
+    /// that delivers it (its timestamp is at or after the due time). The timer is no longer
+    /// pending, so it can be set again (a periodic timer). `Err` (the state must then be
+    /// unchanged) or a panic drops the timer and undoes what the call did.
+    ///
+    /// The default refuses: a guest that sets timers implements it.
+    fn fire(&mut self, ctx: &Context, key: &str, payload: &[u8]) -> Result<(), String> {
+        let _ = (ctx, payload);
+        Err(format!("this guest sets no timers (timer {key:?})"))
+    }
+
     /// Answers a read-only request. It cannot change state: it gets `&self`.
     fn query(&self, request: &[u8]) -> Result<Vec<u8>, String>;
 
@@ -105,7 +120,10 @@ pub trait StateMachine: Default + 'static {
 
 /// Writes a line into the host's logs (rate-limited by the host; it never affects state).
 pub fn log(level: Level, message: &str) {
+    #[cfg(target_arch = "wasm32")]
     bindings::waft::fsm::host::log(level, message);
+    #[cfg(not(target_arch = "wasm32"))]
+    let _ = (level, message);
 }
 
 /// Holds the one instance of a guest's state. Used by [`export!`]; not meant to be named.
@@ -139,6 +157,11 @@ impl<T: StateMachine> Slot<T> {
                 .map(|e| s.apply(&e.context, &e.command))
                 .collect()
         })
+    }
+
+    /// Forwards `fire`.
+    pub fn fire(&self, ctx: &Context, key: &str, payload: &[u8]) -> Result<(), String> {
+        self.with(|s| s.fire(ctx, key, payload))
     }
 
     /// Forwards `query`.
@@ -198,6 +221,13 @@ macro_rules! export {
             ) -> ::std::vec::Vec<::std::result::Result<::std::vec::Vec<u8>, ::std::string::String>>
             {
                 __WAFT_STATE.with(|s| s.apply_batch(entries))
+            }
+            fn fire(
+                context: $crate::Context,
+                key: ::std::string::String,
+                payload: ::std::vec::Vec<u8>,
+            ) -> ::std::result::Result<(), ::std::string::String> {
+                __WAFT_STATE.with(|s| s.fire(&context, &key, &payload))
             }
             fn query(
                 request: ::std::vec::Vec<u8>,

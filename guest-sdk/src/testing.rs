@@ -39,6 +39,61 @@
 //! ```
 
 use crate::{Context, StateMachine};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+/// A timer set or cancelled, or an event emitted, by one call (see [`crate::timers`],
+/// [`crate::events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// `timers::set`.
+    SetTimer {
+        /// The timer's name.
+        key: String,
+        /// When it is due.
+        at_ms: u64,
+        /// What `fire` gets.
+        payload: Vec<u8>,
+    },
+    /// `timers::cancel`.
+    CancelTimer {
+        /// The timer's name.
+        key: String,
+    },
+    /// `events::emit`.
+    Emit {
+        /// The event's topic.
+        topic: String,
+        /// Its data.
+        data: Vec<u8>,
+    },
+}
+
+thread_local! {
+    /// Effects of the native call in progress (natively, `timers` and `events` write here).
+    static EFFECTS: RefCell<Vec<Effect>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Records an effect of the native call in progress.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) fn record(effect: Effect) {
+    EFFECTS.with(|e| e.borrow_mut().push(effect));
+}
+
+fn take_recorded() -> Vec<Effect> {
+    EFFECTS.with(|e| std::mem::take(&mut *e.borrow_mut()))
+}
+
+/// An event a guest emitted, as a [`Harness`] keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emitted {
+    /// The index of the entry that emitted it.
+    pub index: u64,
+    /// Its topic.
+    pub topic: String,
+    /// Its data.
+    pub data: Vec<u8>,
+}
 
 /// Where a guest runs: natively ([`Native`]) or as a component in waft's runtime.
 pub trait Target {
@@ -60,15 +115,61 @@ pub trait Target {
     fn snapshot(&mut self) -> Result<Vec<u8>, String>;
     /// Replaces the state with one from [`Target::snapshot`].
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    /// Delivers the timer `key` (the guest's `fire`) in the entry given.
+    fn fire(
+        &mut self,
+        index: u64,
+        term: u64,
+        timestamp_ms: u64,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), String>;
+    /// The effects of the last `apply` or `fire`, if it succeeded (none after an `Err`).
+    fn take_effects(&mut self) -> Vec<Effect>;
 }
 
 /// Your [`StateMachine`] type, run directly.
 #[derive(Debug, Default)]
-pub struct Native<S: StateMachine>(pub S);
+pub struct Native<S: StateMachine>(pub S, Vec<Effect>);
+
+impl<S: StateMachine> Native<S> {
+    /// Runs `state`.
+    pub fn new(state: S) -> Native<S> {
+        Native(state, Vec::new())
+    }
+}
 
 impl<S: StateMachine> Target for Native<S> {
     fn fresh(&self) -> Self {
-        Native(S::default())
+        Native::new(S::default())
+    }
+
+    fn fire(
+        &mut self,
+        index: u64,
+        term: u64,
+        timestamp_ms: u64,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let ctx = Context {
+            index,
+            term,
+            timestamp_ms,
+        };
+        let before = self.0.snapshot();
+        take_recorded();
+        let result = self.0.fire(&ctx, key, payload);
+        let effects = take_recorded();
+        if result.is_err() && self.0.snapshot() != before {
+            panic!("fire of timer {key:?} returned Err but changed the state");
+        }
+        self.1 = if result.is_ok() { effects } else { Vec::new() };
+        result
+    }
+
+    fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.1)
     }
 
     fn apply(
@@ -86,7 +187,10 @@ impl<S: StateMachine> Target for Native<S> {
         // A rejection must leave the state unchanged (the runtime rolls back every effect of
         // a failed call; natively, that is the guest's promise): checked here.
         let before = self.0.snapshot();
+        take_recorded();
         let result = self.0.apply(&ctx, command);
+        let effects = take_recorded();
+        self.1 = if result.is_ok() { effects } else { Vec::new() };
         if result.is_err() && self.0.snapshot() != before {
             panic!(
                 "apply of entry {index} returned Err but changed the state: a rejected command \
@@ -119,6 +223,10 @@ pub struct Harness<T: Target> {
     next_index: u64,
     term: u64,
     now_ms: u64,
+    /// Pending timers, as the host keeps them: key → (due, payload).
+    timers: BTreeMap<String, (u64, Vec<u8>)>,
+    /// Events emitted and not yet taken.
+    events: Vec<Emitted>,
 }
 
 impl<T: Target> Harness<T> {
@@ -129,7 +237,69 @@ impl<T: Target> Harness<T> {
             next_index: 1,
             term: 1,
             now_ms: 1_700_000_000_000,
+            timers: BTreeMap::new(),
+            events: Vec::new(),
         }
+    }
+
+    /// Makes the effects of the call that just succeeded at `index`, as the host does.
+    fn take_effects(&mut self, index: u64) {
+        for effect in self.target.take_effects() {
+            match effect {
+                Effect::SetTimer {
+                    key,
+                    at_ms,
+                    payload,
+                } => {
+                    self.timers.insert(key, (at_ms, payload));
+                }
+                Effect::CancelTimer { key } => {
+                    self.timers.remove(&key);
+                }
+                Effect::Emit { topic, data } => self.events.push(Emitted { index, topic, data }),
+            }
+        }
+    }
+
+    /// The pending timers: key, due time, payload, in key order.
+    pub fn pending_timers(&self) -> Vec<(String, u64, Vec<u8>)> {
+        self.timers
+            .iter()
+            .map(|(k, (at, p))| (k.clone(), *at, p.clone()))
+            .collect()
+    }
+
+    /// The events emitted since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<Emitted> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Delivers every timer due by the clock now, oldest first (ties by key), in one new entry,
+    /// as a node's timer entry does; returns each key with the guest's answer.
+    pub fn fire_due(&mut self) -> Vec<(String, Result<(), String>)> {
+        let index = self.next_index;
+        self.next_index += 1;
+        let mut out = Vec::new();
+        loop {
+            let next = self
+                .timers
+                .iter()
+                .filter(|(_, (at, _))| *at <= self.now_ms)
+                .min_by_key(|(k, (at, _))| (*at, (*k).clone()))
+                .map(|(k, _)| k.clone());
+            let Some(key) = next else { break };
+            let (_, payload) = self.timers.remove(&key).expect("found above");
+            let result = self
+                .target
+                .fire(index, self.term, self.now_ms, &key, &payload);
+            if result.is_ok() {
+                self.take_effects(index);
+            } else {
+                self.target.take_effects();
+            }
+            out.push((key, result));
+        }
+        out
     }
 
     /// The target, for calls the harness does not wrap.
@@ -167,8 +337,15 @@ impl<T: Target> Harness<T> {
     pub fn apply(&mut self, command: impl AsRef<[u8]>) -> Result<Vec<u8>, String> {
         let index = self.next_index;
         self.next_index += 1;
-        self.target
-            .apply(index, self.term, self.now_ms, command.as_ref())
+        let result = self
+            .target
+            .apply(index, self.term, self.now_ms, command.as_ref());
+        if result.is_ok() {
+            self.take_effects(index);
+        } else {
+            self.target.take_effects();
+        }
+        result
     }
 
     /// Asks a read-only `request`.

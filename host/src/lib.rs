@@ -13,8 +13,8 @@
 //! 5. [`storage`]: the Raft log (WAL or redb), the state machine, snapshots; [`budget`]: the
 //!    node's guest memory budget, over the services the state machine runs.
 //! 6. [`raft`]: the Raft transport between nodes (gRPC client and server).
-//! 7. [`audit`], [`autoremove`], [`purge`]: policies over Raft (divergence audits, removing dead
-//!    voters, purging the log).
+//! 7. [`audit`], [`autoremove`], [`purge`], [`timers`]: policies over Raft (divergence audits,
+//!    removing dead voters, purging the log, proposing the delivery of due guest timers).
 //! 8. [`api`]: the client API (`waft.v1`).
 //! 9. [`etcd`], [`metrics`]: the etcd endpoint and the Prometheus endpoint, on the API.
 //! 10. [`node`]: one node, assembled.
@@ -38,6 +38,7 @@ pub mod raft;
 pub mod runtime;
 pub mod storage;
 mod sync;
+pub mod timers;
 pub mod tls;
 pub mod trial;
 pub mod types;

@@ -164,6 +164,12 @@ pub fn trial(
                         // Keeps both histories in step with the live one (audits, deploys).
                         let _ = (old.snapshot(), new.snapshot());
                     }
+                    ReplayCall::Fire { key, payload } => {
+                        // A timer delivered: both take it (a 0.1.0 module cannot, and says so).
+                        let mut any = |_: &[crate::runtime::Effect]| Ok(());
+                        let _ = old.fire(at, key, payload, &mut any);
+                        let _ = new.fire(at, key, payload, &mut any);
+                    }
                 }
             }
             report.source = "history".into();

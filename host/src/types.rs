@@ -188,6 +188,12 @@ pub enum Request {
         /// For a forced deploy, what the determinism verifier found, one finding per line.
         findings: Option<String>,
     },
+    /// Delivers the guest timers due by `timestamp_ms` (the leader's clock when it proposed
+    /// this), oldest first; proposed by the leader when one is due (see `crate::timers`).
+    FireTimers {
+        /// The leader's clock.
+        timestamp_ms: u64,
+    },
 }
 
 /// A digest of the replicated state at one log index: what replicas compare to prove they hold
@@ -263,6 +269,10 @@ impl fmt::Debug for Request {
                 .field("to", to)
                 .finish(),
             Request::Audit { .. } => f.write_str("Audit"),
+            Request::FireTimers { timestamp_ms } => f
+                .debug_struct("FireTimers")
+                .field("timestamp_ms", timestamp_ms)
+                .finish(),
             Request::Restore { backup, force, .. } => f
                 .debug_struct("Restore")
                 .field("backup_len", &backup.len())
@@ -321,6 +331,13 @@ pub enum Response {
     Audited(StateDigest),
     /// A backup was restored: the services it brought.
     Restored(Vec<String>),
+    /// A `FireTimers` entry was applied: timers delivered, and those whose delivery failed.
+    TimersFired {
+        /// Delivered (`fire` answered `ok`).
+        fired: u32,
+        /// Dropped (a trap, `err`, effects refused).
+        failed: u32,
+    },
 }
 
 /// A log id (leader id + index).

@@ -840,6 +840,7 @@ async fn watchers_see_every_applied_command_in_order_and_resume_from_an_index() 
         .watch(api::WatchRequest {
             service: "kv".into(),
             start_index: 0,
+            ..Default::default()
         })
         .await
         .expect("watch")
@@ -900,6 +901,7 @@ async fn watchers_see_every_applied_command_in_order_and_resume_from_an_index() 
         .watch(api::WatchRequest {
             service: "kv".into(),
             start_index: indexes[1],
+            ..Default::default()
         })
         .await
         .expect("watch from an index")
@@ -958,6 +960,7 @@ async fn a_watch_from_before_the_kept_history_is_out_of_range_and_the_cli_follow
         .watch(api::WatchRequest {
             service: "kv".into(),
             start_index: first,
+            ..Default::default()
         })
         .await
         .expect_err("out of range");

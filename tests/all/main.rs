@@ -35,4 +35,5 @@ mod storage;
 mod support;
 mod testing_kit;
 mod tidy;
+mod timers;
 mod tls;

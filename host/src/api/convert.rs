@@ -104,6 +104,8 @@ pub(super) fn watch_event(e: &crate::storage::events::Event) -> api::WatchEvent 
             Outcome::Rejected(m) => Pb::Rejected(m.clone()),
             Outcome::Failed(m) => Pb::Failed(m.clone()),
             Outcome::Version(v) => Pb::Version(*v),
+            Outcome::Emitted(topic) => Pb::Emitted(topic.clone()),
+            Outcome::Fired(key) => Pb::Fired(key.clone()),
         }),
     }
 }
@@ -138,6 +140,9 @@ pub(super) fn service_info(s: crate::storage::ServiceInfo, state_bytes: u64) -> 
         code_bytes: 0,
         module_sha256: s.module.hash.to_hex(),
         module_size: s.module.size as u64,
+        fsm_version: s.module.fsm.number().to_owned(),
+        pending_timers: s.pending_timers as u64,
+        next_timer_ms: s.next_timer_ms.unwrap_or(0),
         deployed_at_index: s.deployed_at,
         version: s.version,
         fuel_per_apply: s

@@ -1,11 +1,11 @@
 //! `Watch`: a stream of what this node applied (commands with their outcomes, version
-//! changes), from a start index inside the node's event history, then live. Bounded: at most
+//! changes, timers delivered, events guests emitted; filtered by service and topic), from a start index inside the node's event history, then live. Bounded: at most
 //! `ApiLimits::max_watches` streams, [`WATCH_BUFFER`] events ahead of a slow reader.
 
 use super::{Api, convert};
 use crate::auth::Role;
 use crate::pb::api;
-use crate::storage::events::Since;
+use crate::storage::events::{Filter, Since};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
 pub(super) type WatchStream =
@@ -39,12 +39,19 @@ impl Api {
                 self.limits.max_watches
             )));
         };
+        let filter = Filter {
+            service: req.service.clone(),
+            topic_prefix: match (req.topic_prefix.is_empty(), req.guest_events) {
+                (true, false) => None,
+                _ => Some(req.topic_prefix.clone()),
+            },
+        };
         let events = self.state.events();
         let start = match req.start_index {
             0 => events.last() + 1,
             i => i,
         };
-        if let Since::Gone { first } = events.since(start, &req.service, 0) {
+        if let Since::Gone { first } = events.since(start, &filter, 0) {
             return Err(history_gone(start, first));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
@@ -54,7 +61,7 @@ impl Api {
             let mut next = start;
             loop {
                 grew.borrow_and_update();
-                match events.since(next, &req.service, WATCH_BUFFER) {
+                match events.since(next, &filter, WATCH_BUFFER) {
                     Since::Gone { first } => {
                         let _ = tx.send(Err(history_gone(next, first))).await;
                         return;

@@ -303,6 +303,8 @@ pub async fn watch(client: &Client, args: &WatchArgs) -> anyhow::Result<ExitCode
             Some(Outcome::Rejected(m)) => ("rejected", m.clone()),
             Some(Outcome::Failed(m)) => ("failed", m.clone()),
             Some(Outcome::Version(v)) => ("version", v.to_string()),
+            Some(Outcome::Emitted(topic)) => ("event", topic.clone()),
+            Some(Outcome::Fired(key)) => ("timer", key.clone()),
             None => ("unknown", String::new()),
         };
         match client.output {

@@ -132,8 +132,12 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     writeln!(out, "sha256:    {}", info.hash)?;
     writeln!(
         out,
-        "world:     exports {}",
-        crate::runtime::STATE_MACHINE_EXPORT
+        "world:     exports {} ({})",
+        info.fsm.export(),
+        match info.fsm {
+            crate::runtime::FsmVersion::V0_1 => "commands",
+            crate::runtime::FsmVersion::V0_2 => "commands, timers, events",
+        }
     )?;
     writeln!(
         out,
@@ -156,8 +160,12 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
     )?;
     for import in &info.imports {
-        let note = if import == crate::runtime::HOST_IMPORT {
+        let note = if import.starts_with("waft:fsm/host") {
             "waft host: logging"
+        } else if import.starts_with("waft:fsm/timers") {
+            "waft timers: replicated, delivered through fire"
+        } else if import.starts_with("waft:fsm/events") {
+            "waft events: replicated, streamed by Watch"
         } else if import.starts_with("waft:fsm/types") {
             "waft types"
         } else if import.starts_with("wasi:clocks/") {
@@ -179,7 +187,9 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         out,
         "batching:  {}",
         if info.can_batch() {
-            "yes (no clock or random imports)"
+            "yes (no clock, random, timer or event imports)"
+        } else if info.uses_effects {
+            "no (sets timers or emits events, so entries are applied one at a time)"
         } else {
             "no (reads WASI clocks or randomness, so entries are applied one at a time)"
         }

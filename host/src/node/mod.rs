@@ -85,6 +85,8 @@ pub struct Node {
     remover: Option<JoinHandle<()>>,
     /// Purges the log (`crate::purge`).
     purger: JoinHandle<()>,
+    /// Proposes the delivery of due guest timers while this node leads.
+    timers: JoinHandle<()>,
     metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
     etcd: Option<(std::net::SocketAddr, JoinHandle<()>)>,
 }
@@ -182,6 +184,7 @@ impl Node {
                 max_lag: config.raft.keep_for_lagging,
             },
         );
+        let timers = crate::timers::spawn(raft.clone(), state.clone());
         tracing::info!(node = config.id, %addr, data_dir = %config.data_dir.display(), "node started");
         Ok(Node {
             id: config.id,
@@ -196,6 +199,7 @@ impl Node {
             audit_net: network,
             remover,
             purger,
+            timers,
             metrics,
             etcd: servers.etcd,
         })
@@ -343,6 +347,7 @@ impl Node {
             auditor.abort();
         }
         self.purger.abort();
+        self.timers.abort();
         if let Some(remover) = self.remover.take() {
             remover.abort();
         }

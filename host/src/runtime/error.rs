@@ -84,6 +84,10 @@ pub enum GuestError {
         /// panic message, for instance).
         detail: String,
     },
+    /// The host refused what the call did (timers or events over a cap) and undid it, as it
+    /// undoes a trap: the guest's state is as it was before the call.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The guest could not be brought back to its pre-call state after a trap (its checkpoint
     /// or the replay of later entries failed). The instance is unusable; the caller must stop
     /// applying entries to it and report the service as failed.

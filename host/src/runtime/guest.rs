@@ -1,8 +1,9 @@
 //! A live guest instance: the calls waft makes and the recovery that undoes a trapped call.
 
-use super::bindings::Guest as Bindings;
-use super::bindings::waft::fsm::types::{ApplyContext, Entry};
+use super::bindings::Bindings;
+use super::bindings::v1::waft::fsm::types::ApplyContext;
 use super::config::{CheckpointPolicy, Limits};
+use super::effects::Effect;
 use super::error::{GuestError, LoadError, TrapKind};
 use super::module::{GuestModule, ModuleHash, root_message};
 use super::wasi::{CallKind, HostState};
@@ -78,13 +79,30 @@ pub enum ReplayCall {
     /// `snapshot` (an audit, a deploy reading the state): its bytes are not kept, only the fact
     /// that the instance was asked.
     Snapshot,
+    /// `fire` of the timer `key` with `payload` (0.2.0 guests; delivered or refused by the
+    /// guest: trapped calls are not kept).
+    Fire {
+        key: String,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
 }
 
 /// A call made on the live instance, kept for replay.
 #[derive(Debug, Clone)]
 enum Journaled {
-    Apply { ctx: ApplyContext, command: Vec<u8> },
-    Snapshot { ctx: ApplyContext },
+    Apply {
+        ctx: ApplyContext,
+        command: Vec<u8>,
+    },
+    Snapshot {
+        ctx: ApplyContext,
+    },
+    Fire {
+        ctx: ApplyContext,
+        key: String,
+        payload: Vec<u8>,
+    },
 }
 
 /// One instance of a guest module together with its history.
@@ -260,6 +278,11 @@ impl Guest {
                     command: cmd.to_vec(),
                 },
                 ReplayCall::Snapshot => Journaled::Snapshot { ctx: e.at.into() },
+                ReplayCall::Fire { key, payload } => Journaled::Fire {
+                    ctx: e.at.into(),
+                    key: key.clone(),
+                    payload: payload.clone(),
+                },
             };
             guest.replay_one(&entry)?;
             guest.push(entry);
@@ -274,18 +297,12 @@ impl Guest {
         match base {
             Some(bytes) => {
                 self.begin(CallKind::Open, ctx, self.limits.fuel_per_snapshot);
-                let raw = self
-                    .bindings
-                    .waft_fsm_state_machine()
-                    .call_restore(&mut self.store, bytes);
+                let raw = self.bindings.restore(&mut self.store, bytes);
                 self.finish(raw)?;
             }
             None => {
                 self.begin(CallKind::Open, ctx, self.limits.fuel_per_snapshot);
-                let raw = self
-                    .bindings
-                    .waft_fsm_state_machine()
-                    .call_snapshot(&mut self.store);
+                let raw = self.bindings.snapshot(&mut self.store);
                 if self.finish(raw.map(Ok)).is_err() {
                     let (store, bindings) =
                         instantiate(&self.engine, &self.module, &self.limits, &self.label, ctx)?;
@@ -366,6 +383,121 @@ impl Guest {
         }
     }
 
+    /// Applies one command and returns its effects too (timers, events: see [`Effect`]), for a
+    /// guest that makes them. Effects count only when the guest answered `ok` and `check`
+    /// accepts them; when `check` refuses (a cap on the service's pending timers, say) or the
+    /// guest went over a per-call cap, the call is undone as if it trapped, and the answer is
+    /// [`GuestError::Refused`]. A rejection keeps no effects.
+    pub fn apply_effects(
+        &mut self,
+        ctx: ApplyCtx,
+        command: &[u8],
+        check: &mut dyn FnMut(&[Effect]) -> Result<(), String>,
+    ) -> (Result<Vec<u8>, GuestError>, Vec<Effect>) {
+        let result = self.call_apply(ctx, command);
+        match result {
+            Err(e) if e.is_trap() => {
+                if let Err(poisoned) = self.recover() {
+                    return (Err(poisoned), Vec::new());
+                }
+                (Err(e), Vec::new())
+            }
+            Err(rejected) => {
+                self.record(ctx, command);
+                (Err(rejected), Vec::new())
+            }
+            Ok(reply) => match self.take_effects(check) {
+                Ok(effects) => {
+                    self.record(ctx, command);
+                    (Ok(reply), effects)
+                }
+                Err(refused) => (Err(refused), Vec::new()),
+            },
+        }
+    }
+
+    /// Delivers the timer `key` (a 0.2.0 guest's `fire`) and returns the call's effects, as
+    /// [`Guest::apply_effects`] does. A 0.1.0 guest cannot take timers: `Refused`, nothing
+    /// called.
+    pub fn fire(
+        &mut self,
+        ctx: ApplyCtx,
+        key: &str,
+        payload: &[u8],
+        check: &mut dyn FnMut(&[Effect]) -> Result<(), String>,
+    ) -> (Result<(), GuestError>, Vec<Effect>) {
+        if !self.module.info.fires_timers() {
+            return (
+                Err(GuestError::Refused(format!(
+                    "the guest speaks {}, which has no timers",
+                    self.module.info.fsm
+                ))),
+                Vec::new(),
+            );
+        }
+        let journaled = Journaled::Fire {
+            ctx,
+            key: key.to_owned(),
+            payload: payload.to_vec(),
+        };
+        match self.call_fire(ctx, key, payload) {
+            Err(e) if e.is_trap() => {
+                if let Err(poisoned) = self.recover() {
+                    return (Err(poisoned), Vec::new());
+                }
+                (Err(e), Vec::new())
+            }
+            Err(rejected) => {
+                self.push(journaled);
+                (Err(rejected), Vec::new())
+            }
+            Ok(()) => match self.take_effects(check) {
+                Ok(effects) => {
+                    self.push(journaled);
+                    (Ok(()), effects)
+                }
+                Err(refused) => (Err(refused), Vec::new()),
+            },
+        }
+    }
+
+    /// The effects of the call that just returned `ok`, if they are within the caps and
+    /// `check` accepts them; otherwise the call is undone (the instance rebuilt from its
+    /// history, which does not have the call yet) and the reason returned.
+    fn take_effects(
+        &mut self,
+        check: &mut dyn FnMut(&[Effect]) -> Result<(), String>,
+    ) -> Result<Vec<Effect>, GuestError> {
+        let log = &mut self.store.data_mut().effects;
+        let effects = std::mem::take(&mut log.list);
+        let refused = match log.over.take() {
+            Some(why) => Some(why),
+            None => check(&effects).err(),
+        };
+        match refused {
+            None => Ok(effects),
+            Some(why) => {
+                self.recover()?;
+                Err(GuestError::Refused(why))
+            }
+        }
+    }
+
+    fn call_fire(
+        &mut self,
+        ctx: ApplyContext,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), GuestError> {
+        self.last_ctx = ctx;
+        self.begin(CallKind::Apply, ctx, self.limits.fuel_per_apply);
+        let raw = self
+            .bindings
+            .fire(&mut self.store, ctx, key, payload)
+            .unwrap_or_else(|| Ok(Err("the guest has no fire export".to_owned())));
+        self.finish(raw)
+    }
+
     /// Applies several entries in order, with the same outcome as calling [`Guest::apply`] on
     /// each: batching is only an optimization. Guests that read WASI clocks or randomness are
     /// applied one entry at a time, and a batch that traps is undone and re-applied one entry at
@@ -406,10 +538,7 @@ impl Guest {
     pub fn query(&mut self, request: &[u8]) -> Result<Vec<u8>, GuestError> {
         let ctx = self.last_ctx;
         self.begin(CallKind::Query, ctx, self.limits.fuel_per_query);
-        let raw = self
-            .bindings
-            .waft_fsm_state_machine()
-            .call_query(&mut self.store, request);
+        let raw = self.bindings.query(&mut self.store, request);
         let result = self.finish(raw).and_then(|r| self.check_reply(r));
         if matches!(&result, Err(e) if e.is_trap()) {
             self.recover()?;
@@ -464,6 +593,13 @@ impl Guest {
                         at: (*ctx).into(),
                         call: ReplayCall::Snapshot,
                     },
+                    Journaled::Fire { ctx, key, payload } => ReplayEntry {
+                        at: (*ctx).into(),
+                        call: ReplayCall::Fire {
+                            key: key.clone(),
+                            payload: payload.clone(),
+                        },
+                    },
                 })
                 .collect(),
         }
@@ -506,10 +642,7 @@ impl Guest {
     fn call_snapshot(&mut self) -> Result<Vec<u8>, GuestError> {
         let ctx = self.last_ctx;
         self.begin(CallKind::Snapshot, ctx, self.limits.fuel_per_snapshot);
-        let raw = self
-            .bindings
-            .waft_fsm_state_machine()
-            .call_snapshot(&mut self.store);
+        let raw = self.bindings.snapshot(&mut self.store);
         match self.finish(raw.map(Ok)) {
             Ok(bytes) => Ok(bytes),
             Err(e) => {
@@ -522,10 +655,7 @@ impl Guest {
     fn call_apply(&mut self, ctx: ApplyContext, command: &[u8]) -> Result<Vec<u8>, GuestError> {
         self.last_ctx = ctx;
         self.begin(CallKind::Apply, ctx, self.limits.fuel_per_apply);
-        let raw = self
-            .bindings
-            .waft_fsm_state_machine()
-            .call_apply(&mut self.store, ctx, command);
+        let raw = self.bindings.apply(&mut self.store, ctx, command);
         self.finish(raw).and_then(|r| self.check_reply(r))
     }
 
@@ -535,22 +665,12 @@ impl Guest {
         &mut self,
         entries: &[(ApplyCtx, &[u8])],
     ) -> Result<Vec<Result<Vec<u8>, GuestError>>, GuestError> {
-        let batch: Vec<Entry> = entries
-            .iter()
-            .map(|(ctx, cmd)| Entry {
-                context: *ctx,
-                command: cmd.to_vec(),
-            })
-            .collect();
         let last = entries[entries.len() - 1].0;
         self.last_ctx = last;
         // The batch as a whole gets one entry's fuel: if it fits, every entry would have fit
         // alone; if not, the entries are re-applied one by one with their own fuel.
         self.begin(CallKind::Apply, last, self.limits.fuel_per_apply);
-        let raw = self
-            .bindings
-            .waft_fsm_state_machine()
-            .call_apply_batch(&mut self.store, &batch);
+        let raw = self.bindings.apply_batch(&mut self.store, entries);
         let results = self.finish(raw.map(Ok))?;
         if results.len() != entries.len() {
             return Err(GuestError::Trap {
@@ -579,6 +699,7 @@ impl Guest {
             .call
             .begin(kind, ctx.index, ctx.timestamp_ms, reseed, &self.limits);
         self.store.data_mut().limiter.hit = None;
+        self.store.data_mut().effects.clear();
         // Fuel is enabled on the engine, so this cannot fail.
         let _ = self.store.set_fuel(fuel);
         self.last_fuel = fuel;
@@ -644,8 +765,10 @@ impl Guest {
     }
 
     fn push(&mut self, entry: Journaled) {
-        if let Journaled::Apply { command, .. } = &entry {
-            self.journal_bytes += command.len();
+        match &entry {
+            Journaled::Apply { command, .. } => self.journal_bytes += command.len(),
+            Journaled::Fire { key, payload, .. } => self.journal_bytes += key.len() + payload.len(),
+            Journaled::Snapshot { .. } => {}
         }
         self.journal.push(entry);
     }
@@ -719,10 +842,7 @@ impl Guest {
             Journaled::Snapshot { ctx } => {
                 self.last_ctx = *ctx;
                 self.begin(CallKind::Snapshot, *ctx, self.limits.fuel_per_snapshot);
-                let raw = self
-                    .bindings
-                    .waft_fsm_state_machine()
-                    .call_snapshot(&mut self.store);
+                let raw = self.bindings.snapshot(&mut self.store);
                 self.finish(raw.map(Ok)).map(drop).map_err(|e| {
                     poisoned(format!(
                         "replaying the snapshot call at entry {} trapped, though it worked before: {e}",
@@ -730,6 +850,13 @@ impl Guest {
                     ))
                 })
             }
+            Journaled::Fire { ctx, key, payload } => match self.call_fire(*ctx, key, payload) {
+                Err(e) if e.is_trap() => Err(poisoned(format!(
+                    "replaying timer {key:?} at entry {} trapped, though it fired before: {e}",
+                    ctx.index
+                ))),
+                _ => Ok(()),
+            },
         }
     }
 
@@ -755,7 +882,12 @@ impl Guest {
             .map_err(|e| poisoned(format!("cannot reopen the instance: {e}")))?;
         let journal = std::mem::take(&mut self.journal);
         let replayed = journal.iter().try_for_each(|entry| self.replay_one(entry));
-        if let Some(Journaled::Apply { ctx, .. } | Journaled::Snapshot { ctx }) = journal.last() {
+        if let Some(
+            Journaled::Apply { ctx, .. }
+            | Journaled::Snapshot { ctx }
+            | Journaled::Fire { ctx, .. },
+        ) = journal.last()
+        {
             self.last_ctx = *ctx;
         } else {
             self.last_ctx = self.opened_at;

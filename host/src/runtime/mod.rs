@@ -5,7 +5,9 @@
 //! on disk. [`Runtime::load`] validates and compiles a module; [`Runtime::instantiate`] makes a
 //! [`Guest`], whose calls roll back completely when they trap.
 
+mod bindings;
 mod config;
+mod effects;
 mod engine;
 mod error;
 mod functions;
@@ -14,7 +16,11 @@ mod module;
 pub mod testing;
 mod wasi;
 
+pub use bindings::FsmVersion;
 pub use config::{CHECKPOINT_BYTES_PER_ENTRY, CheckpointPolicy, Limits, RuntimeConfig};
+pub use effects::{
+    Effect, MAX_EVENT_BYTES, MAX_EVENTS_PER_CALL, MAX_TIMER_KEY_BYTES, MAX_TIMER_PAYLOAD_BYTES,
+};
 pub use engine::WASMTIME_VERSION;
 pub use error::{GuestError, LoadError, TrapKind};
 pub use guest::{ApplyCtx, Guest, OpenError, ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
@@ -25,15 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use wasi::HostState;
 use wasmtime::Engine;
-use wasmtime::component::{HasSelf, Linker};
-
-/// Generated from `wit/fsm.wit`: the one `bindgen!` in waft.
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "guest",
-    });
-}
+use wasmtime::component::Linker;
 
 /// One cache entry: empty until the module is compiled; its lock serializes compiles of it.
 type ModuleSlot = Arc<Mutex<Option<Held>>>;
@@ -152,8 +150,7 @@ impl Runtime {
         let link =
             |e: wasmtime::Error| LoadError::Invalid(format!("cannot link host functions: {e}"));
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link)?;
-        bindings::Guest::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(link)?;
+        bindings::add_to_linker(&mut linker).map_err(link)?;
         let fingerprint = engine::fingerprint(&config.limits, &config.checkpoints);
         let artifact_key = engine::artifact_key(&engine);
         Ok(Runtime {

@@ -1,7 +1,7 @@
 //! Loading a guest: validating the bytes, compiling (or loading a cached compilation),
 //! checking the world it targets and what it imports.
 
-use super::bindings::GuestPre;
+use super::bindings::{FsmVersion, Pre};
 use super::error::LoadError;
 use super::functions::FunctionCache;
 use super::wasi::HostState;
@@ -14,12 +14,21 @@ use wasmtime::Engine;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker};
 
-/// The interface every guest must export, with the version this host speaks.
-pub const STATE_MACHINE_EXPORT: &str = "waft:fsm/state-machine@0.1.0";
-/// The host interface guests may import.
-pub const HOST_IMPORT: &str = "waft:fsm/host@0.1.0";
-/// The shared types interface (types only; nothing to call).
-pub const TYPES_IMPORT: &str = "waft:fsm/types@0.1.0";
+/// The interface a guest exports, in the newest version this host speaks (it runs
+/// [`FsmVersion::V0_1`] guests too).
+pub const STATE_MACHINE_EXPORT: &str = "waft:fsm/state-machine@0.2.0";
+/// The host interface guests may import (each version has its own; this is the newest).
+pub const HOST_IMPORT: &str = "waft:fsm/host@0.2.0";
+/// waft's interfaces a guest may import, by version: host (logging), types, and in 0.2.0
+/// timers and events.
+const WAFT_IMPORTS: &[&str] = &[
+    "waft:fsm/host@0.1.0",
+    "waft:fsm/types@0.1.0",
+    "waft:fsm/host@0.2.0",
+    "waft:fsm/types@0.2.0",
+    "waft:fsm/timers@0.2.0",
+    "waft:fsm/events@0.2.0",
+];
 
 /// WASI interfaces waft links, deterministically (see `wasi.rs`). Filesystem and sockets are
 /// linked because language runtimes (CPython, StarlingMonkey, Rust's std with `std::net`) import
@@ -85,6 +94,11 @@ pub struct ModuleInfo {
     pub uses_clocks: bool,
     /// Whether it imports WASI randomness (then its stream is reseeded per entry).
     pub uses_random: bool,
+    /// The version of waft's contract it speaks.
+    pub fsm: FsmVersion,
+    /// Whether it imports timers or events (then its effects are taken entry by entry, and it
+    /// is never given batches).
+    pub uses_effects: bool,
     /// Time spent compiling, or loading the compiled artifact from the cache.
     pub load_time: Duration,
     /// Whether the compiled artifact came from the on-disk cache.
@@ -96,14 +110,19 @@ pub struct ModuleInfo {
 impl ModuleInfo {
     /// Whether `apply-batch` may be used: only when no per-entry WASI value can be observed.
     pub fn can_batch(&self) -> bool {
-        !self.uses_clocks && !self.uses_random
+        !self.uses_clocks && !self.uses_random && !self.uses_effects
+    }
+
+    /// Whether it can be given timers (it exports `fire`).
+    pub fn fires_timers(&self) -> bool {
+        self.fsm == FsmVersion::V0_2
     }
 }
 
 /// A compiled, validated guest ready to be instantiated any number of times.
 pub struct GuestModule {
     pub(super) info: ModuleInfo,
-    pub(super) pre: GuestPre<HostState>,
+    pub(super) pre: Pre,
 }
 
 impl GuestModule {
@@ -255,13 +274,13 @@ pub(super) fn load(
         }
     };
     let (imports, exports) = inspect(engine, &component);
-    check_world(&imports, &exports)?;
+    let fsm = check_world(&imports, &exports)?;
     let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
         LoadError::UnsupportedImport(format!("cannot link the guest: {}", root_message(&e)))
     })?;
-    let pre = GuestPre::new(instance_pre).map_err(|e| {
+    let pre = Pre::new(fsm, instance_pre).map_err(|e| {
         LoadError::WrongWorld(format!(
-            "guest does not match waft's world: {}",
+            "guest does not match waft's world ({fsm}): {}",
             root_message(&e)
         ))
     })?;
@@ -277,6 +296,8 @@ pub(super) fn load(
         size: bytes.len(),
         uses_clocks: uses("wasi:clocks/"),
         uses_random: uses("wasi:random/"),
+        fsm,
+        uses_effects: uses("waft:fsm/timers@") || uses("waft:fsm/events@"),
         imports,
         exports,
         load_time: started.elapsed(),
@@ -315,38 +336,48 @@ fn inspect(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String>)
     (imports, exports)
 }
 
-/// Checks that the guest exports the state machine and imports only what waft provides.
-fn check_world(imports: &[String], exports: &[String]) -> Result<(), LoadError> {
-    if !exports.iter().any(|e| e == STATE_MACHINE_EXPORT) {
+/// Checks that the guest exports the state machine (of a version this host speaks) and imports
+/// only what waft provides, for that version; returns the version.
+fn check_world(imports: &[String], exports: &[String]) -> Result<FsmVersion, LoadError> {
+    let Some(fsm) = [FsmVersion::V0_2, FsmVersion::V0_1]
+        .into_iter()
+        .find(|v| exports.iter().any(|e| e == v.export()))
+    else {
         let found = if exports.is_empty() {
             "nothing".to_owned()
         } else {
             exports.join(", ")
         };
         return Err(LoadError::WrongWorld(format!(
-            "the component does not export {STATE_MACHINE_EXPORT} (it exports {found}); \
-             build it against waft's WIT (world waft:fsm/guest), for instance with the waft-guest crate"
+            "the component does not export {} or {} (it exports {found}); \
+             build it against waft's WIT (world waft:fsm/guest), for instance with the waft-guest crate",
+            FsmVersion::V0_2.export(),
+            FsmVersion::V0_1.export(),
         )));
-    }
+    };
+    let own = format!("@{}", fsm.number());
     let refused: Vec<&str> = imports
         .iter()
         .map(String::as_str)
         .filter(|i| {
-            *i != HOST_IMPORT
-                && *i != TYPES_IMPORT
+            !(WAFT_IMPORTS.contains(i) && i.ends_with(&own))
                 && !ALLOWED_IMPORT_PREFIXES.iter().any(|p| i.starts_with(p))
         })
         .collect();
     if !refused.is_empty() {
         return Err(LoadError::UnsupportedImport(format!(
             "the component imports {}, which waft does not provide: guests get no host \
-             services beyond waft:fsm/host and deterministic WASI (clocks, randomness, stdio; \
-             files and sockets are linked but always refused); build without them (for \
-             ComponentizeJS: --disable http)",
-            refused.join(", ")
+             services beyond waft's own of the guest's version ({fsm}: host{}) and \
+             deterministic WASI (clocks, randomness, stdio; files and sockets are linked but \
+             always refused); build without them (for ComponentizeJS: --disable http)",
+            refused.join(", "),
+            match fsm {
+                FsmVersion::V0_1 => "",
+                FsmVersion::V0_2 => ", timers, events",
+            }
         )));
     }
-    Ok(())
+    Ok(fsm)
 }
 
 /// The innermost message of an error chain: the part a person can act on.

@@ -1,8 +1,9 @@
 //! A guest component in the real runtime behind `waft_guest::testing::Target`, so a guest's
 //! unit tests run the same script natively and on its `.wasm` (`waft::testing::Component`).
 
-use super::{ApplyCtx, Guest, GuestModule, Runtime, RuntimeConfig};
+use super::{ApplyCtx, Effect, Guest, GuestModule, Runtime, RuntimeConfig};
 use std::sync::Arc;
+use waft_guest::testing::Effect as TestEffect;
 
 /// A built guest component, instantiated in waft's runtime with the nodes' default limits
 /// (fuel, memory, the deterministic WASI clocks and randomness).
@@ -10,6 +11,8 @@ pub struct Component {
     runtime: Runtime,
     module: Arc<GuestModule>,
     guest: Guest,
+    /// Effects of the last successful apply or fire.
+    effects: Vec<Effect>,
 }
 
 impl std::fmt::Debug for Component {
@@ -38,6 +41,7 @@ impl Component {
             runtime,
             module,
             guest,
+            effects: Vec::new(),
         })
     }
 }
@@ -52,6 +56,7 @@ impl waft_guest::testing::Target for Component {
             runtime: self.runtime.clone(),
             module: self.module.clone(),
             guest,
+            effects: Vec::new(),
         }
     }
 
@@ -67,7 +72,46 @@ impl waft_guest::testing::Target for Component {
             term,
             timestamp_ms,
         };
-        self.guest.apply(ctx, command).map_err(|e| e.to_string())
+        let (result, effects) = self.guest.apply_effects(ctx, command, &mut |_| Ok(()));
+        self.effects = effects;
+        result.map_err(|e| e.to_string())
+    }
+
+    fn fire(
+        &mut self,
+        index: u64,
+        term: u64,
+        timestamp_ms: u64,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let ctx = ApplyCtx {
+            index,
+            term,
+            timestamp_ms,
+        };
+        let (result, effects) = self.guest.fire(ctx, key, payload, &mut |_| Ok(()));
+        self.effects = effects;
+        result.map_err(|e| e.to_string())
+    }
+
+    fn take_effects(&mut self) -> Vec<TestEffect> {
+        std::mem::take(&mut self.effects)
+            .into_iter()
+            .map(|e| match e {
+                Effect::SetTimer {
+                    key,
+                    at_ms,
+                    payload,
+                } => TestEffect::SetTimer {
+                    key,
+                    at_ms,
+                    payload,
+                },
+                Effect::CancelTimer { key } => TestEffect::CancelTimer { key },
+                Effect::Emit { topic, data } => TestEffect::Emit { topic, data },
+            })
+            .collect()
     }
 
     fn query(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {

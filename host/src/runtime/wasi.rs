@@ -8,7 +8,7 @@
 //! stream seeded from the module hash and the log index; stdout and stderr go to the host's logs
 //! with a per-call cap (and the tail of stderr is kept to explain a trap).
 
-use super::bindings::waft::fsm::host::{Host, Level};
+use super::bindings::v1::waft::fsm::host::{Host, Level};
 use super::config::Limits;
 use bytes::Bytes;
 use chacha20::ChaCha20Rng;
@@ -35,6 +35,8 @@ pub struct HostState {
     table: ResourceTable,
     pub(super) limiter: Limiter,
     pub(super) call: Arc<CallState>,
+    /// Timers and events of the call in progress (0.2.0 guests; see `effects.rs`).
+    pub(super) effects: super::effects::EffectLog,
 }
 
 impl WasiView for HostState {
@@ -95,6 +97,7 @@ impl HostState {
                 memory_bytes: 0,
             },
             call,
+            effects: Default::default(),
         }
     }
 }
@@ -259,7 +262,7 @@ impl CallState {
         }
     }
 
-    fn log(&self, level: Level, message: &str) {
+    pub(super) fn log(&self, level: Level, message: &str) {
         let index = self.index.load(Ordering::Relaxed);
         {
             let mut out = lock(&self.output);
@@ -295,7 +298,7 @@ impl CallState {
     }
 }
 
-impl super::bindings::waft::fsm::types::Host for HostState {}
+impl super::bindings::v1::waft::fsm::types::Host for HostState {}
 
 impl Host for HostState {
     fn log(&mut self, level: Level, message: String) {

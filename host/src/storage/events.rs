@@ -24,6 +24,10 @@ pub enum Outcome {
     Failed(String),
     /// The service now runs this version (a deploy or a rollback).
     Version(u32),
+    /// The guest emitted an event under this topic (the event's data is the payload).
+    Emitted(String),
+    /// The timer of this key was delivered (its payload is the payload).
+    Fired(String),
 }
 
 /// One applied entry of a service.
@@ -45,7 +49,9 @@ impl Event {
     fn bytes(&self) -> usize {
         let outcome = match &self.outcome {
             Outcome::Reply(b) => b.len(),
-            Outcome::Rejected(s) | Outcome::Failed(s) => s.len(),
+            Outcome::Rejected(s) | Outcome::Failed(s) | Outcome::Emitted(s) | Outcome::Fired(s) => {
+                s.len()
+            }
             Outcome::Version(_) => 4,
         };
         64 + self.service.len() + self.payload.len() + outcome
@@ -78,6 +84,37 @@ struct History {
     first: u64,
     /// The last index applied and recorded (events or not).
     last: u64,
+}
+
+/// Which events a watcher wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Events of this service only; empty: every service.
+    pub service: String,
+    /// Only the events guests emit, and of those only topics that start with this prefix
+    /// (`Some("")`: every topic). `None`: every event.
+    pub topic_prefix: Option<String>,
+}
+
+impl Filter {
+    /// Every event of `service` (every service if empty).
+    pub fn service(service: &str) -> Filter {
+        Filter {
+            service: service.to_owned(),
+            topic_prefix: None,
+        }
+    }
+
+    fn admits(&self, e: &Event) -> bool {
+        if !self.service.is_empty() && *e.service != *self.service {
+            return false;
+        }
+        match (&self.topic_prefix, &e.outcome) {
+            (None, _) => true,
+            (Some(prefix), Outcome::Emitted(topic)) => topic.starts_with(prefix.as_str()),
+            (Some(_), _) => false,
+        }
+    }
 }
 
 /// What [`Events::since`] found.
@@ -177,8 +214,8 @@ impl Events {
         self.lock().last
     }
 
-    /// Up to `max` events at index `from` or later, of `service` (all services if empty).
-    pub fn since(&self, from: u64, service: &str, max: usize) -> Since {
+    /// Up to `max` events at index `from` or later that `filter` lets through.
+    pub fn since(&self, from: u64, filter: &Filter, max: usize) -> Since {
         let h = self.lock();
         if from < h.first {
             return Since::Gone { first: h.first };
@@ -186,7 +223,7 @@ impl Events {
         let start = h.events.partition_point(|e| e.index < from);
         let mut events = Vec::new();
         for e in h.events.range(start..) {
-            if service.is_empty() || &*e.service == service {
+            if filter.admits(e) {
                 if events.len() == max {
                     // Stopped early: the next look starts after the last event taken.
                     let upto = events
@@ -249,28 +286,46 @@ mod tests {
         });
         // The first record after a start: nothing before it was seen here.
         events.record(5..=7, vec![event(5, "a", 1), event(6, "b", 1)]);
-        assert!(matches!(events.since(4, "", 10), Since::Gone { first: 5 }));
-        assert_eq!(indexes(events.since(5, "", 10)), vec![5, 6]);
-        assert_eq!(indexes(events.since(5, "b", 10)), vec![6]);
+        assert!(matches!(
+            events.since(4, &Filter::default(), 10),
+            Since::Gone { first: 5 }
+        ));
+        assert_eq!(indexes(events.since(5, &Filter::default(), 10)), vec![5, 6]);
+        assert_eq!(indexes(events.since(5, &Filter::service("b"), 10)), vec![6]);
         events.record(8..=9, vec![event(8, "a", 1), event(9, "a", 1)]);
         // Four events over a bound of three: the oldest went.
-        assert!(matches!(events.since(5, "", 10), Since::Gone { first: 6 }));
-        assert_eq!(indexes(events.since(6, "a", 10)), vec![8, 9]);
-        assert_eq!(indexes(events.since(7, "", 1)), vec![8]);
         assert!(matches!(
-            events.since(7, "", 1),
+            events.since(5, &Filter::default(), 10),
+            Since::Gone { first: 6 }
+        ));
+        assert_eq!(
+            indexes(events.since(6, &Filter::service("a"), 10)),
+            vec![8, 9]
+        );
+        assert_eq!(indexes(events.since(7, &Filter::default(), 1)), vec![8]);
+        assert!(matches!(
+            events.since(7, &Filter::default(), 1),
             Since::Events { upto: 8, .. }
         ));
         // Nothing of service "b" after 7, but the look covered up to 9.
         assert!(matches!(
-            events.since(7, "b", 10),
+            events.since(7, &Filter::service("b"), 10),
             Since::Events { upto: 9, .. }
         ));
-        assert_eq!(indexes(events.since(10, "", 10)), Vec::<u64>::new());
+        assert_eq!(
+            indexes(events.since(10, &Filter::default(), 10)),
+            Vec::<u64>::new()
+        );
         assert_eq!(events.last(), 9);
         events.reset(20);
-        assert!(matches!(events.since(9, "", 10), Since::Gone { first: 21 }));
-        assert_eq!(indexes(events.since(21, "", 10)), Vec::<u64>::new());
+        assert!(matches!(
+            events.since(9, &Filter::default(), 10),
+            Since::Gone { first: 21 }
+        ));
+        assert_eq!(
+            indexes(events.since(21, &Filter::default(), 10)),
+            Vec::<u64>::new()
+        );
 
         // The byte budget bounds too.
         let events = Events::new(HistoryLimits {
@@ -278,7 +333,10 @@ mod tests {
             bytes: 300,
         });
         events.record(1..=5, (1..=5).map(|i| event(i, "a", 100)).collect());
-        assert!(matches!(events.since(1, "", 10), Since::Gone { .. }));
-        assert_eq!(indexes(events.since(5, "", 10)), vec![5]);
+        assert!(matches!(
+            events.since(1, &Filter::default(), 10),
+            Since::Gone { .. }
+        ));
+        assert_eq!(indexes(events.since(5, &Filter::default(), 10)), vec![5]);
     }
 }

@@ -1,8 +1,9 @@
 //! The snapshot file: everything a node needs to rebuild the replicated state.
 //!
-//! Layout: `WAFTSNP4`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
+//! Layout: `WAFTSNP5`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
 //! of every module in header order, the state of every service in header order (a postcard
-//! [`ReplayForm`]: the history of its guest's instance), and a trailer: the sha256 of
+//! [`ServiceState`]: the history of its guest's instance and its pending timers; formats 3 and
+//! 4 had the history alone), and a trailer: the sha256 of
 //! everything before it. Format 2 files (a service's state was its guest's snapshot, or a
 //! checkpoint + journal of commands) are still read: see [`service_form`]; formats 2 and 3
 //! kept no verifier findings with each version ([`VersionRecord::forced`]). A reader checks the trailer before
@@ -18,13 +19,33 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"WAFTSNP4";
+const MAGIC: &[u8; 8] = b"WAFTSNP5";
 /// The format this build writes.
-pub const FORMAT: u8 = 4;
+pub const FORMAT: u8 = 5;
 /// The oldest format this build reads.
 const OLDEST_FORMAT: u8 = 2;
 /// Largest header accepted when reading (it holds names and sessions, not bulk data).
 const MAX_HEADER: u32 = 256 << 20;
+
+/// A pending guest timer (format 5 keeps a service's with its state section).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    /// Due time, milliseconds since the Unix epoch (the log's clock).
+    pub at_ms: u64,
+    /// What the guest's `fire` is given.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// A service's state section from format 5 on: its guest's instance history and its pending
+/// timers, by key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceState {
+    /// The guest's instance history.
+    pub form: ReplayForm,
+    /// Pending timers.
+    pub timers: Vec<(String, Timer)>,
+}
 
 /// A client's exactly-once record: the last sequence applied and its response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,13 +383,27 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A service's state section as the history of its guest's instance.
+/// A service's state section as the history of its guest's instance, and its timers.
 ///
-/// Format 3 stores exactly that. Format 2 stored the guest's own snapshot (or, for a guest
+/// Format 5 stores a [`ServiceState`]; format 3 and 4 the history alone (no timers). Format 2 stored the guest's own snapshot (or, for a guest
 /// whose `snapshot` failed, a checkpoint and the commands applied since): it becomes an instance
 /// opened at index 0 with that snapshot (and those commands). Nodes that load format 2 files
 /// share instance histories again from the first rebase after the upgrade.
-pub fn service_form(format: u8, record: &ServiceRecord, state: Vec<u8>) -> io::Result<ReplayForm> {
+pub fn service_state(
+    format: u8,
+    record: &ServiceRecord,
+    state: Vec<u8>,
+) -> io::Result<ServiceState> {
+    if format >= 5 {
+        return decode("service state", &state);
+    }
+    Ok(ServiceState {
+        form: service_form(format, record, state)?,
+        timers: Vec::new(),
+    })
+}
+
+fn service_form(format: u8, record: &ServiceRecord, state: Vec<u8>) -> io::Result<ReplayForm> {
     if format >= 3 {
         return decode("replayable guest state", &state);
     }

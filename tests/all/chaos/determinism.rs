@@ -100,6 +100,7 @@ async fn history_start(c: &ProcCluster, i: usize) -> u64 {
         .watch(api::WatchRequest {
             service: String::new(),
             start_index: 1,
+            ..Default::default()
         })
         .await
     {
@@ -129,6 +130,7 @@ async fn events(c: &ProcCluster, i: usize, until: u64) -> BTreeMap<u64, String> 
         .watch(api::WatchRequest {
             service: String::new(),
             start_index: start,
+            ..Default::default()
         })
         .await
         .expect("watch")

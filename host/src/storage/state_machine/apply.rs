@@ -6,6 +6,8 @@ use crate::storage::events::{Event, Outcome};
 use crate::storage::snapshot::Session;
 use crate::types::{ClientSeq, Entry, Request, Response, StoredMembership, TypeConfig};
 
+use super::timers::Emitted;
+
 /// What an entry carries.
 type Payload = openraft::alias::EntryPayloadOf<TypeConfig>;
 use openraft::EntryPayload;
@@ -148,6 +150,15 @@ impl SmState {
                         self.local.events.reset(log_id.index());
                     }
                     out.push(response);
+                }
+                EntryPayload::Normal(Request::FireTimers { timestamp_ms }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    let ctx = ApplyCtx {
+                        index: log_id.index(),
+                        term,
+                        timestamp_ms: self.advance_clock(timestamp_ms),
+                    };
+                    out.push(self.fire_timers(ctx));
                 }
                 EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
@@ -310,21 +321,39 @@ impl SmState {
             return;
         }
         let entries = std::mem::take(batch);
+        let name: Arc<str> = Arc::from(service);
+        // Per entry, the events its call emitted (guests that import timers or events).
+        let mut emitted: Vec<Emitted> = Vec::new();
         let responses: Vec<Response> = match self.rep.services.get_mut(service) {
             None => entries
                 .iter()
                 .map(|_| Response::NoSuchService(service.to_owned()))
                 .collect(),
             Some(svc) => {
-                let calls: Vec<(ApplyCtx, &[u8])> =
-                    entries.iter().map(|(c, p, _)| (*c, p.as_slice())).collect();
                 let started = std::time::Instant::now();
-                let responses: Vec<Response> = svc
-                    .guest
-                    .apply_batch(&calls)
-                    .into_iter()
-                    .map(guest_response)
-                    .collect();
+                let responses: Vec<Response> = if svc.module.info().uses_effects {
+                    // Timers and events: one entry at a time, each entry's timer changes made
+                    // before the next runs (its checks see them).
+                    let super::Service { guest, timers, .. } = svc;
+                    entries
+                        .iter()
+                        .map(|(ctx, cmd, _)| {
+                            let t: &super::Timers = timers;
+                            let mut check = |e: &[crate::runtime::Effect]| t.check(e);
+                            let (result, effects) = guest.apply_effects(*ctx, cmd, &mut check);
+                            emitted.push(timers.apply(effects));
+                            guest_response(result)
+                        })
+                        .collect()
+                } else {
+                    let calls: Vec<(ApplyCtx, &[u8])> =
+                        entries.iter().map(|(c, p, _)| (*c, p.as_slice())).collect();
+                    svc.guest
+                        .apply_batch(&calls)
+                        .into_iter()
+                        .map(guest_response)
+                        .collect()
+                };
                 // Observation only: the clock never reaches the guest or the replicated state.
                 let per_entry_us =
                     (started.elapsed().as_micros() as u64) / (responses.len().max(1) as u64);
@@ -351,11 +380,12 @@ impl SmState {
                 responses
             }
         };
-        let name: Arc<str> = Arc::from(service);
+        let mut emitted = emitted.into_iter();
         for ((ctx, payload, client), response) in entries.into_iter().zip(responses) {
             if let Some(c) = client {
                 self.remember(c, ctx.index, &response);
             }
+            let events = emitted.next();
             self.local.pending_events.push(Event {
                 index: ctx.index,
                 service: name.clone(),
@@ -367,6 +397,9 @@ impl SmState {
                     other => Outcome::Failed(failure(other)),
                 },
             });
+            if let Some(events) = events {
+                self.emitted(&name, ctx, events);
+            }
             out.push(response);
         }
     }

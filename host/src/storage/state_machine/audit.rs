@@ -211,10 +211,15 @@ impl SmState {
     pub(super) fn digest(&mut self, index: u64) -> io::Result<StateDigest> {
         let mut services = Vec::with_capacity(self.rep.services.len());
         for (name, svc) in &mut self.rep.services {
-            let (state, state_len) = match svc.guest.snapshot() {
+            let (mut state, state_len) = match svc.guest.snapshot() {
                 Ok(bytes) => (sha256_hex(&bytes), bytes.len() as u64),
                 Err(e) => (format!("snapshot failed: {e}"), 0),
             };
+            // Pending timers are the service's state too (the digest of a service without any
+            // reads as it did before timers existed).
+            if !svc.timers.is_empty() {
+                state = format!("{state} timers:{}", svc.timers.digest());
+            }
             services.push(ServiceDigest {
                 name: name.clone(),
                 version: svc.history.last().map_or(0, |r| r.version),

@@ -29,6 +29,11 @@ pub struct ServiceInfo {
     pub module: crate::runtime::ModuleInfo,
     /// Log index of the deploy that made this module active.
     pub deployed_at: u64,
+    /// Pending timers, and when the earliest is due (ms since the Unix epoch). A service whose
+    /// active version cannot take timers (a 0.1.0 guest) keeps them pending until one can.
+    pub pending_timers: usize,
+    /// When its earliest pending timer is due.
+    pub next_timer_ms: Option<u64>,
 }
 
 /// What the state machine publishes each time it changes, for readers on async threads: they
@@ -45,6 +50,8 @@ pub(super) struct View {
     pub(super) metrics: Vec<ServiceMetrics>,
     pub(super) audit: AuditStatus,
     pub(super) snapshots: SnapshotStats,
+    /// When the earliest timer some guest can take is due.
+    pub(super) next_timer_ms: Option<u64>,
 }
 
 /// Read access to the live state, shared with the API (queries). Methods that are not
@@ -109,6 +116,8 @@ impl SmState {
                     name: n.clone(),
                     module: s.module.info().clone(),
                     deployed_at: s.deployed_at,
+                    pending_timers: s.timers.len(),
+                    next_timer_ms: s.timers.next_due(),
                 })
                 .collect(),
             metrics: self
@@ -128,6 +137,7 @@ impl SmState {
                 .collect(),
             audit: self.local.audit.status.clone(),
             snapshots: self.local.snapshots.clone(),
+            next_timer_ms: self.next_timer_due(),
         };
         *lock_view(&self.local.view) = view;
     }
@@ -443,5 +453,17 @@ impl StateHandle {
     /// The services, in name order.
     pub fn services(&self) -> Vec<ServiceInfo> {
         lock_view(&self.view).services.clone()
+    }
+
+    /// When the earliest pending timer that a guest can take is due (ms since the Unix
+    /// epoch), as of the last apply: the leader proposes a `FireTimers` entry once it is.
+    pub fn next_timer_due(&self) -> Option<u64> {
+        lock_view(&self.view).next_timer_ms
+    }
+
+    /// A receiver told each time the state machine applied something (the events history's
+    /// signal): the timer proposer wakes on it to see a timer set sooner than it waits for.
+    pub fn applied_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.subscribe()
     }
 }

@@ -115,6 +115,8 @@ pub struct HealService {
     pub history: Vec<VersionRecord>,
     /// The guest's instance history.
     pub form: ReplayForm,
+    /// Pending timers, by key.
+    pub timers: Vec<(String, super::Timer)>,
 }
 
 /// What a replica that agreed with the majority kept for dissenting members.
@@ -187,6 +189,7 @@ impl SmState {
                             deployed_at: svc.deployed_at,
                             history: svc.history.clone(),
                             form: svc.guest.replay_form(),
+                            timers: svc.timers.records(),
                         }
                     });
                     kept.services.insert(name.clone(), svc);
@@ -295,6 +298,7 @@ impl SmState {
                     guest,
                     deployed_at: svc.deployed_at,
                     history: svc.history,
+                    timers: super::Timers::from_records(svc.timers),
                 }),
             ));
         }

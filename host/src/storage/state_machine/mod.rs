@@ -21,6 +21,7 @@ mod heal;
 mod observe;
 mod persist;
 mod store;
+mod timers;
 mod versions;
 
 pub use audit::{AuditStatus, DigestReply, Divergence, HealRecord};
@@ -28,6 +29,7 @@ pub use handle::{QueryError, ServiceInfo, StateHandle};
 pub use heal::{HEAL_DEADLINE, HealPlan, HealReply, HealRequest, HealService, HealSource, Healer};
 pub use observe::{APPLY_BUCKETS_US, ServiceMetrics, ServiceStats, SnapshotStats};
 pub use store::{SnapshotBuilder, StateMachineStore};
+pub use timers::{MAX_FIRES_PER_ENTRY, MAX_PENDING_TIMERS, Timer, Timers};
 
 /// Responses to the entries applied, and the heal to run before the rest (returned) are.
 type Applied = (Vec<Response>, Option<(HealPlan, Vec<Entry>)>);
@@ -46,6 +48,8 @@ struct Service {
     deployed_at: u64,
     /// Versions kept for rollback, oldest first; the last one is active.
     history: Vec<VersionRecord>,
+    /// Pending timers (replicated; they outlive versions: a hot-swap keeps them).
+    timers: Timers,
 }
 
 /// Versions kept per service (their modules stay in every node's module store and in
@@ -108,6 +112,9 @@ fn guest_response(result: Result<Vec<u8>, GuestError>) -> Response {
     match result {
         Ok(reply) => Response::Reply(reply),
         Err(GuestError::Rejected(msg)) => Response::Rejected(msg),
+        Err(GuestError::Refused(msg)) => {
+            Response::Rejected(format!("waft refused what the command did: {msg}"))
+        }
         Err(e) => Response::Trapped(e.to_string()),
     }
 }

@@ -56,4 +56,8 @@ pub struct ServiceStats {
     pub latency_buckets: [u64; 11],
     /// Sum of apply latencies, µs.
     pub latency_sum_us: u64,
+    /// Timers delivered (`fire` answered `ok`).
+    pub timers_fired: u64,
+    /// Timers whose delivery failed (a trap, `err`, effects refused): dropped.
+    pub timer_failures: u64,
 }

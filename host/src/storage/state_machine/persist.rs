@@ -21,7 +21,10 @@ impl SmState {
             // Replaying the history rebuilds the instance byte for byte, which a fresh instance
             // restored from the guest's own snapshot would not (state hidden in a language
             // runtime), and it works for a guest whose `snapshot` traps.
-            let state = crate::storage::codec::encode(&svc.guest.replay_form())?;
+            let state = crate::storage::codec::encode(&snapshot::ServiceState {
+                form: svc.guest.replay_form(),
+                timers: svc.timers.records(),
+            })?;
             let replay = true;
             services.push(ServiceRecord {
                 name: name.clone(),
@@ -180,9 +183,9 @@ pub(super) fn load_services(
             .map(|v| v.limits)
             .unwrap_or_default()
             .apply_to(runtime.limits().clone());
-        let form = snapshot::service_form(reader.format, record, state)?;
+        let state = snapshot::service_state(reader.format, record, state)?;
         let guest = runtime
-            .from_replay(module, &record.name, limits, &form)
+            .from_replay(module, &record.name, limits, &state.form)
             .map_err(|e| {
                 io::Error::other(format!(
                     "service {} refused its snapshot state: {e}",
@@ -196,6 +199,7 @@ pub(super) fn load_services(
                 guest,
                 deployed_at: record.deployed_at,
                 history: record.history.clone(),
+                timers: super::Timers::from_records(state.timers),
             },
         );
     }

@@ -74,6 +74,7 @@ impl SmState {
         };
         let limits_now = limits.apply_to(self.runtime.limits().clone());
         let mut history = Vec::new();
+        let mut timers = super::Timers::default();
         let mut state = None;
         if let Some(old) = self.rep.services.get_mut(service) {
             // A replicated call on the old instance (every replica makes it here).
@@ -86,6 +87,7 @@ impl SmState {
                 }
             };
             history = old.history.clone();
+            timers = old.timers.clone();
         }
         let had_state = state.is_some();
         let guest = match self.runtime.open(&loaded, service, limits_now, ctx, state) {
@@ -116,6 +118,7 @@ impl SmState {
                 guest,
                 deployed_at: index,
                 history,
+                timers,
             },
         );
         self.prune_modules();

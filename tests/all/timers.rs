@@ -1,0 +1,348 @@
+//! Guest timers and events (`waft:fsm@0.2.0`) on real in-process clusters: timers fire once,
+//! never early, across a leader change and a restart; their effects are undone with a rejected
+//! or trapped call; the caps refuse with words and lose nothing; a hot-swap to a 0.1.0 guest
+//! keeps them pending (reported) until a 0.2.0 version serves again; replicas stay identical,
+//! pending timers included.
+
+use crate::support::cluster::{TestCluster, test_settings};
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use waft_client::proto::watch_event::Outcome as WatchOutcome;
+use waft_client::{Client, Consistency, Outcome, Watch};
+use waft_testkit::guests::{EXAMPLE_JOBS, TEST_LEGACY, TEST_TICKER};
+
+async fn submit(client: &Client, service: &str, command: &str) -> Outcome {
+    client
+        .submit(service, command.as_bytes().to_vec())
+        .await
+        .unwrap_or_else(|e| panic!("{command}: {e}"))
+        .outcome
+}
+
+async fn ok(client: &Client, service: &str, command: &str) -> String {
+    match submit(client, service, command).await {
+        Outcome::Ok(reply) => String::from_utf8_lossy(&reply).into_owned(),
+        other => panic!("{command}: {other:?}"),
+    }
+}
+
+async fn query(client: &Client, service: &str, request: &str) -> String {
+    match client
+        .query(
+            service,
+            request.as_bytes().to_vec(),
+            Consistency::Linearizable,
+        )
+        .await
+        .expect("query")
+        .outcome
+    {
+        Outcome::Ok(reply) => String::from_utf8_lossy(&reply).into_owned(),
+        other => panic!("query {request}: {other:?}"),
+    }
+}
+
+/// Every running node's pending timers per service (count and earliest due), once all of them
+/// applied the same index; asserts they agree, as the guests' states must.
+async fn assert_identical(cluster: &TestCluster) -> BTreeMap<String, (usize, Option<u64>)> {
+    let leader = cluster.wait_leader().await;
+    let applied = cluster
+        .node(leader)
+        .state()
+        .last_applied()
+        .map_or(0, |l| l.index);
+    cluster.wait_applied(applied).await;
+    cluster.assert_identical().await;
+    let mut first: Option<BTreeMap<String, (usize, Option<u64>)>> = None;
+    for node in cluster.nodes.iter().flatten() {
+        let timers: BTreeMap<String, (usize, Option<u64>)> = node
+            .state()
+            .services()
+            .into_iter()
+            .map(|s| (s.name, (s.pending_timers, s.next_timer_ms)))
+            .collect();
+        match &first {
+            None => first = Some(timers),
+            Some(f) => assert_eq!(f, &timers, "node {} has other timers", node.id()),
+        }
+    }
+    first.expect("a node runs")
+}
+
+/// Events a watch delivers until it has `at_least` and then nothing more for `quiet` (30 s
+/// at most).
+async fn collect(
+    watch: &mut Watch,
+    at_least: usize,
+    quiet: Duration,
+) -> Vec<(String, String, u64)> {
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout(quiet, watch.next()).await {
+            Ok(Some(Ok(e))) => {
+                let (kind, detail) = match e.outcome {
+                    Some(WatchOutcome::Emitted(topic)) => ("event", topic),
+                    Some(WatchOutcome::Fired(key)) => ("timer", key),
+                    other => ("other", format!("{other:?}")),
+                };
+                got.push((
+                    format!("{kind} {detail}"),
+                    String::from_utf8_lossy(&e.payload).into_owned(),
+                    e.timestamp_ms,
+                ));
+            }
+            Ok(Some(Err(e))) => panic!("the watch failed: {e}"),
+            Ok(None) => panic!("the watch ended"),
+            Err(_) if got.len() >= at_least => return got,
+            Err(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "only {} events: {got:?}",
+                got.len()
+            ),
+        }
+    }
+}
+
+async fn wait_for(client: &Client, service: &str, request: &str, want: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..150 {
+        last = query(client, service, request).await;
+        if last.contains(want) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{request} never showed {want:?}; last: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_jobs_visibility_timeout_fires_once_and_never_early_across_a_leader_change() {
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let client = Client::builder(cluster.addrs.clone())
+        .connect()
+        .await
+        .expect("connects");
+    client
+        .deploy("jobs", &waft_testkit::wasm(EXAMPLE_JOBS))
+        .await
+        .expect("deploys");
+    let mut watch = client.watch_events(Some("jobs"), "jobs/", Some(1));
+
+    ok(&client, "jobs", r#"{"Enqueue":{"id":"j1","body":"one"}}"#).await;
+    ok(&client, "jobs", r#"{"Enqueue":{"id":"j2","body":"two"}}"#).await;
+    let delayed = ok(
+        &client,
+        "jobs",
+        r#"{"Enqueue":{"id":"j3","body":"three","delay_ms":700}}"#,
+    )
+    .await;
+    let j3_ready_at: u64 = delayed
+        .parse()
+        .expect("enqueue with a delay answers its time");
+    let taken = ok(
+        &client,
+        "jobs",
+        r#"{"Take":{"worker":"w1","visibility_ms":900}}"#,
+    )
+    .await;
+    assert!(taken.contains(r#""id":"j1""#), "{taken}");
+    let j1_visible_at: u64 = taken
+        .split(r#""until_ms":"#)
+        .nth(1)
+        .and_then(|t| t.trim_end_matches('}').parse().ok())
+        .expect("until_ms");
+    let taken = ok(
+        &client,
+        "jobs",
+        r#"{"Take":{"worker":"w2","visibility_ms":60000}}"#,
+    )
+    .await;
+    assert!(taken.contains(r#""id":"j2""#), "{taken}");
+    ok(&client, "jobs", r#"{"Ack":{"id":"j2","worker":"w2"}}"#).await;
+    // A stranger cannot acknowledge a job, and the refusal changes nothing.
+    match submit(&client, "jobs", r#"{"Ack":{"id":"j1","worker":"w9"}}"#).await {
+        Outcome::Rejected(m) => assert!(m.contains("taken by \"w1\""), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let timers = assert_identical(&cluster).await;
+    assert_eq!(
+        timers["jobs"].0, 2,
+        "j1's visibility and j3's delay are pending"
+    );
+
+    // The leader goes while both timers are pending: the next leader delivers them.
+    let leader = cluster.wait_leader().await;
+    cluster.stop(leader).await;
+    let stats = wait_for(
+        &client,
+        "jobs",
+        r#""Stats""#,
+        r#"{"ready":2,"delayed":0,"taken":0,"dead":0}"#,
+    )
+    .await;
+    tracing::info!(%stats, "both timers fired");
+
+    let events = collect(&mut watch, 8, Duration::from_secs(2)).await;
+    let kinds: Vec<String> = events.iter().map(|(k, p, _)| format!("{k} {p}")).collect();
+    assert_eq!(
+        kinds,
+        [
+            "event jobs/enqueued j1",
+            "event jobs/enqueued j2",
+            "event jobs/enqueued j3",
+            "event jobs/taken j1",
+            "event jobs/taken j2",
+            "event jobs/done j2",
+            "event jobs/ready j3",
+            "event jobs/expired j1",
+        ][..],
+        "each event once, in log order (the delay was due first)"
+    );
+    // Never early: the entries that delivered them are stamped at or after the due times.
+    let at = |what: &str| {
+        events
+            .iter()
+            .find(|(k, p, _)| format!("{k} {p}") == what)
+            .expect(what)
+            .2
+    };
+    assert!(at("event jobs/ready j3") >= j3_ready_at);
+    assert!(at("event jobs/expired j1") >= j1_visible_at);
+
+    // The stopped node comes back and catches up to the same state and timers.
+    cluster.restart(leader).await;
+    let again = ok(
+        &client,
+        "jobs",
+        r#"{"Take":{"worker":"w3","visibility_ms":60000}}"#,
+    )
+    .await;
+    assert!(again.contains(r#""attempt":"#), "{again}");
+    let timers = assert_identical(&cluster).await;
+    assert_eq!(timers["jobs"].0, 1);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_guest_keeps_them_pending()
+ {
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let client = Client::builder(cluster.addrs.clone())
+        .connect()
+        .await
+        .expect("connects");
+    client
+        .deploy("t", &waft_testkit::wasm(TEST_TICKER))
+        .await
+        .expect("deploys");
+    let mut fired_events = client.watch_events(Some("t"), "fired/", Some(1));
+
+    // A timer in the past fires at once, once; one after a delay fires after it.
+    ok(&client, "t", "set past 1 hello").await;
+    ok(&client, "t", "after soon 300 later").await;
+    wait_for(&client, "t", "fired", "soon").await;
+    let fired = query(&client, "t", "fired").await;
+    assert_eq!(fired.matches("past ").count(), 1, "{fired}");
+    assert_eq!(fired.matches("soon ").count(), 1, "{fired}");
+
+    // Effects of a rejected or trapped call do not survive it.
+    match submit(&client, "t", "set-then-reject r").await {
+        Outcome::Rejected(m) => assert!(m.contains("rejected after"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    match submit(&client, "t", "set-then-panic p").await {
+        Outcome::Trapped(m) => assert!(m.contains("panicked after setting"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        query(&client, "t", "notes").await,
+        "",
+        "the trapped call left nothing"
+    );
+    assert_eq!(
+        assert_identical(&cluster).await["t"].0,
+        0,
+        "no timer from either"
+    );
+
+    // The caps: an oversized event, too many events, too many pending timers. Each is refused
+    // as a whole (the state unchanged) with the reason, on every replica alike.
+    match submit(&client, "t", "emit-big big 70000").await {
+        Outcome::Rejected(m) => assert!(m.contains("over the 65536-byte limit"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    match submit(&client, "t", "emit-n 1001 flood").await {
+        Outcome::Rejected(m) => assert!(m.contains("more than 1000 events"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    ok(&client, "t", "many 6000 a 600000").await;
+    match submit(&client, "t", "many 6000 b 600000").await {
+        Outcome::Rejected(m) => assert!(m.contains("limit of 10000"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    ok(&client, "t", "cancel a0").await;
+    ok(&client, "t", "note still-here").await;
+    assert_eq!(assert_identical(&cluster).await["t"].0, 5999);
+
+    // A timer whose delivery panics is dropped, reported; a periodic one fires twice.
+    ok(&client, "t", "after boom 10 panic").await;
+    ok(&client, "t", "after tick 10 again:50").await;
+    wait_for(&client, "t", "fired", "tick").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fired = query(&client, "t", "fired").await;
+    assert_eq!(fired.matches("tick ").count(), 2, "{fired}");
+    assert!(!fired.contains("boom"), "{fired}");
+
+    // A follower restarted from a snapshot (format 5) has the same pending timers.
+    let leader = cluster.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    cluster
+        .node(follower)
+        .raft()
+        .trigger()
+        .snapshot()
+        .await
+        .expect("snapshot");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.stop(follower).await;
+    cluster.restart(follower).await;
+    assert_eq!(assert_identical(&cluster).await["t"].0, 5999);
+
+    // Hot-swap to a 0.1.0 guest: the timers stay pending (reported), none is delivered; back
+    // to the 0.2.0 guest, the one due in between fires.
+    ok(&client, "t", "after during-legacy 200").await;
+    client
+        .deploy("t", &waft_testkit::wasm(TEST_LEGACY))
+        .await
+        .expect("deploys the 0.1.0 guest");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let services = client.services().await.expect("services");
+    let t = services.iter().find(|s| s.name == "t").expect("service t");
+    assert_eq!(t.pending_timers, 6000, "pending timers are reported: {t:?}");
+    client
+        .deploy("t", &waft_testkit::wasm(TEST_TICKER))
+        .await
+        .expect("deploys the 0.2.0 guest again");
+    wait_for(&client, "t", "fired", "during-legacy").await;
+    assert_eq!(query(&client, "t", "notes").await, "still-here");
+
+    // The watch with a topic prefix saw the deliveries' events only, each once.
+    let events = collect(&mut fired_events, 5, Duration::from_secs(1)).await;
+    let topics: Vec<&str> = events.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(
+        topics,
+        [
+            "event fired/past",
+            "event fired/soon",
+            "event fired/tick",
+            "event fired/tick",
+            "event fired/during-legacy",
+        ]
+    );
+    assert_eq!(assert_identical(&cluster).await["t"].0, 5999);
+    cluster.shutdown().await;
+}

@@ -63,6 +63,10 @@ pub struct WatchArgs {
     /// Stop after this many events (default: follow until interrupted).
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
+    /// Only the events guests emit (waft:fsm@0.2.0), of topics that start with PREFIX ("" for
+    /// every topic). Without it: commands, version changes, timers and events.
+    #[arg(long, value_name = "PREFIX")]
+    pub events: Option<String>,
 }
 
 /// Arguments of `waft deploy`.
@@ -281,7 +285,10 @@ pub async fn watch(client: &Client, args: &WatchArgs) -> anyhow::Result<ExitCode
     use api::watch_event::Outcome;
     // Through waft-client: a watch whose node goes away resumes on another from the next index.
     let waft = client.connector.client_on(&client.endpoint).await?;
-    let mut stream = waft.watch(args.service.as_deref(), args.from);
+    let mut stream = match &args.events {
+        Some(prefix) => waft.watch_events(args.service.as_deref(), prefix, args.from),
+        None => waft.watch(args.service.as_deref(), args.from),
+    };
     let mut seen = 0u64;
     let mut next = args.from;
     while args.count.is_none_or(|c| seen < c) {

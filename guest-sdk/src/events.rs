@@ -5,8 +5,8 @@
 //! filtered by service and topic prefix, resumable from a log index. Emitting is an effect of
 //! the call: it counts only if the call returns `Ok`.
 //!
-//! Limits (a call over one is refused as a whole, its changes undone): 64 KiB per event (topic
-//! and data), 1,000 events per call.
+//! Limits (a call over one is refused as a whole, its changes undone): 4 MiB per event (topic
+//! and data), 1,000 events and 16 MiB per call.
 
 /// Publishes `data` under `topic`.
 pub fn emit(topic: &str, data: &[u8]) {

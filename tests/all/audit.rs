@@ -46,8 +46,9 @@ pub fn tamper_with_snapshot(path: &Path, service: &str, command: &str) {
             .iter()
             .position(|s| s.name == service)
             .expect("service in snapshot");
-        let mut form: waft::runtime::ReplayForm =
-            postcard::from_bytes(&states[i]).expect("a replay form");
+        let mut state: waft::storage::snapshot::ServiceState =
+            postcard::from_bytes(&states[i]).expect("a service state");
+        let form = &mut state.form;
         let last = form.journal.last().map_or(form.opened_at, |e| e.at);
         form.journal.push(waft::runtime::ReplayEntry {
             at: waft::runtime::ReplayPoint {
@@ -58,7 +59,7 @@ pub fn tamper_with_snapshot(path: &Path, service: &str, command: &str) {
                 command.as_bytes().to_vec(),
             )),
         });
-        states[i] = postcard::to_allocvec(&form).expect("encode");
+        states[i] = postcard::to_allocvec(&state).expect("encode");
     });
 }
 

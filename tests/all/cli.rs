@@ -92,7 +92,7 @@ fn check_describes_a_good_guest() {
     let out = stdout(&o);
     for needle in [
         "sha256:",
-        "waft:fsm/state-machine@0.1.0",
+        "waft:fsm/state-machine@0.2.0",
         "wasi:cli/stdout",
         "verdict:   OK",
     ] {
@@ -114,7 +114,7 @@ fn check_rejects_bad_files_with_one_line_and_a_failure_status() {
         (TEST_DIAL, "which waft does not provide"),
         (
             TEST_WRONG_WORLD,
-            "does not export waft:fsm/state-machine@0.1.0",
+            "does not export waft:fsm/state-machine@0.2.0 or waft:fsm/state-machine@0.1.0",
         ),
         (missing.to_str().expect("utf-8 path"), "cannot read"),
     ] {

@@ -271,8 +271,8 @@ async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_gue
 
     // The caps: an oversized event, too many events, too many pending timers. Each is refused
     // as a whole (the state unchanged) with the reason, on every replica alike.
-    match submit(&client, "t", "emit-big big 70000").await {
-        Outcome::Rejected(m) => assert!(m.contains("over the 65536-byte limit"), "{m}"),
+    match submit(&client, "t", "emit-big big 4200000").await {
+        Outcome::Rejected(m) => assert!(m.contains("over the 4194304-byte limit"), "{m}"),
         other => panic!("{other:?}"),
     }
     match submit(&client, "t", "emit-n 1001 flood").await {

@@ -18,6 +18,8 @@
 //! requires the token as waft's own API does (etcd's own auth is not implemented).
 
 mod cluster;
+mod lease;
+mod watch;
 pub use cluster::{API_VERSION, EtcdAdmin};
 
 use crate::Raft;
@@ -36,6 +38,8 @@ pub struct EtcdKv {
     raft: Raft,
     identity: Arc<crate::raft::Identity>,
     service: String,
+    /// What this node applied: the guest's key-value events, for `Watch`.
+    state: crate::storage::StateHandle,
 }
 
 impl std::fmt::Debug for EtcdKv {
@@ -66,12 +70,14 @@ impl EtcdKv {
         raft: Raft,
         identity: Arc<crate::raft::Identity>,
         service: String,
+        state: crate::storage::StateHandle,
     ) -> EtcdKv {
         EtcdKv {
             api,
             raft,
             identity,
             service,
+            state,
         }
     }
 
@@ -196,6 +202,15 @@ impl EtcdKv {
         bytes: Vec<u8>,
         header: impl FnOnce(&mut M) -> &mut Option<ResponseHeader>,
     ) -> Result<Response<M>, Status> {
+        self.complete(bytes, header).map(Response::new)
+    }
+
+    /// The guest's response decoded, with the header completed.
+    pub(super) fn complete<M: crate::pb::Message + Default>(
+        &self,
+        bytes: Vec<u8>,
+        header: impl FnOnce(&mut M) -> &mut Option<ResponseHeader>,
+    ) -> Result<M, Status> {
         let mut msg = M::decode(bytes.as_slice())
             .map_err(|e| Status::internal(format!("the etcd guest's reply is malformed: {e}")))?;
         let h = header(&mut msg).get_or_insert_with(ResponseHeader::default);
@@ -203,7 +218,7 @@ impl EtcdKv {
         h.cluster_id = ours.cluster_id;
         h.member_id = ours.member_id;
         h.raft_term = ours.raft_term;
-        Ok(Response::new(msg))
+        Ok(msg)
     }
 }
 

@@ -87,6 +87,7 @@ pub(super) async fn serve(
                 raft.clone(),
                 identity.clone(),
                 config.etcd_service.clone(),
+                core.state.clone(),
             );
             let scheme = if config.net.tls.is_some() {
                 "https"
@@ -98,7 +99,7 @@ pub(super) async fn serve(
             let task = tokio::spawn(async move {
                 let served = builder
                     .add_service(
-                        crate::pb::etcd::kv_server::KvServer::new(kv)
+                        crate::pb::etcd::kv_server::KvServer::new(kv.clone())
                             .max_decoding_message_size(api_max)
                             .max_encoding_message_size(api_max),
                     )
@@ -108,6 +109,12 @@ pub(super) async fn serve(
                     .add_service(crate::pb::etcd::maintenance_server::MaintenanceServer::new(
                         admin,
                     ))
+                    .add_service(crate::pb::etcd::lease_server::LeaseServer::new(kv.clone()))
+                    .add_service(
+                        crate::pb::etcd::watch_server::WatchServer::new(kv.clone())
+                            .max_decoding_message_size(api_max)
+                            .max_encoding_message_size(api_max),
+                    )
                     .serve_with_incoming(incoming(l, Accepted::default()))
                     .await;
                 if let Err(e) = served {

@@ -15,8 +15,11 @@ use super::wasi::HostState;
 pub const MAX_TIMER_KEY_BYTES: usize = 256;
 /// Largest timer payload, bytes.
 pub const MAX_TIMER_PAYLOAD_BYTES: usize = 64 << 10;
-/// Largest event (topic and data), bytes.
-pub const MAX_EVENT_BYTES: usize = 64 << 10;
+/// Largest event (topic and data), bytes: room for an etcd value at etcd's request limit with
+/// the value it replaced.
+pub const MAX_EVENT_BYTES: usize = 4 << 20;
+/// Most event bytes one call may emit.
+pub const MAX_EVENT_BYTES_PER_CALL: usize = 16 << 20;
 /// Most events one call may emit.
 pub const MAX_EVENTS_PER_CALL: usize = 1000;
 /// Most timer operations (sets and cancels) one call may make.
@@ -44,6 +47,7 @@ pub(super) struct EffectLog {
     pub(super) list: Vec<Effect>,
     pub(super) over: Option<String>,
     events: usize,
+    event_bytes: usize,
     timer_ops: usize,
 }
 
@@ -53,6 +57,7 @@ impl EffectLog {
         self.list.clear();
         self.over = None;
         self.events = 0;
+        self.event_bytes = 0;
         self.timer_ops = 0;
     }
 
@@ -126,10 +131,17 @@ impl events::Host for HostState {
             ));
             return;
         }
-        if topic.len() + data.len() > MAX_EVENT_BYTES {
+        let size = topic.len() + data.len();
+        if size > MAX_EVENT_BYTES {
             log.refuse(format!(
-                "an event of {} bytes (topic {topic:?}) is over the {MAX_EVENT_BYTES}-byte limit",
-                topic.len() + data.len()
+                "an event of {size} bytes (topic {topic:?}) is over the {MAX_EVENT_BYTES}-byte limit"
+            ));
+            return;
+        }
+        log.event_bytes += size;
+        if log.event_bytes > MAX_EVENT_BYTES_PER_CALL {
+            log.refuse(format!(
+                "the call emitted more than {MAX_EVENT_BYTES_PER_CALL} bytes of events"
             ));
             return;
         }

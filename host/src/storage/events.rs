@@ -209,6 +209,11 @@ impl Events {
         self.grew.send_replace(last);
     }
 
+    /// The oldest index the history covers (events before it are no longer kept).
+    pub fn first(&self) -> u64 {
+        self.lock().first
+    }
+
     /// The last index applied here.
     pub fn last(&self) -> u64 {
         self.lock().last

@@ -11,21 +11,36 @@
 //! | `P` | `PutRequest` | command |
 //! | `D` | `DeleteRangeRequest` | command |
 //! | `T` | `TxnRequest` | command, or query when it only reads |
+//! | `G` | `LeaseGrantRequest` | command |
+//! | `V` | `LeaseRevokeRequest` | command |
+//! | `K` | `LeaseKeepAliveRequest` | command (one per keep-alive) |
+//! | `L` | `LeaseTimeToLiveRequest` | command (it reads the log's clock) |
+//! | `Q` | `LeaseLeasesRequest` | query |
 //!
 //! Revisions follow etcd: the store starts at revision 1; every request that changes something
 //! (a put, a delete that deletes, a transaction with writes) advances it by one, and each key
 //! keeps its `create_revision`, `mod_revision` and `version` (1 at creation, +1 per put, reset
 //! by a delete). Writes are atomic: a request that fails changes nothing.
 //!
+//! Leases (`waft:fsm@0.2.0` timers): a lease is granted for a TTL in seconds (at least 2, as
+//! etcd's default minimum), kept alive by keep-alives, and when its timer fires (the TTL after
+//! the last grant or keep-alive, by the log's clock) it is revoked: every key attached to it is
+//! deleted in one revision.
+//!
+//! Events: every key a write changes is emitted (topic `kv`) as etcd's `mvccpb.Event` (type,
+//! the key-value after, the one before), in the order the request changed them; the endpoint's
+//! `Watch` serves them.
+//!
 //! Not kept: history. A read at an older revision is refused as compacted, as etcd refuses one
-//! before its compaction point. Leases do not exist, so a put with a lease is refused.
+//! before its compaction point (watches can start at an older revision while the node's event
+//! history still holds it).
 //!
 //! Errors are `CODE|message`, CODE a gRPC status name, message etcd's own wording.
 
 use prost::Message;
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use waft_guest::{Context, StateMachine};
+use waft_guest::{Context, StateMachine, events, timers};
 
 #[allow(clippy::all, missing_docs)]
 mod pb {
@@ -40,6 +55,12 @@ use pb::*;
 
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
+/// The shortest lease etcd grants with its default timings (1.5 s rounded up).
+const MIN_LEASE_TTL: i64 = 2;
+/// etcd's longest lease TTL.
+const MAX_LEASE_TTL: i64 = 9_000_000_000;
+/// The topic of key-value change events.
+const KV_TOPIC: &str = "kv";
 const SNAPSHOT_MAGIC: &[u8] = b"WETCD1";
 
 /// A refusal: a gRPC status name and etcd's message.
@@ -51,10 +72,27 @@ fn invalid(msg: &str) -> Fail {
     Fail("InvalidArgument", format!("etcdserver: {msg}"))
 }
 
-/// The store: every live key and the current revision.
+/// The store: every live key, the current revision, the leases.
 struct Store {
     revision: i64,
     kvs: BTreeMap<Vec<u8>, KeyValue>,
+    leases: BTreeMap<i64, Lease>,
+    /// The id the next lease granted without one gets (ids are never reused).
+    next_lease: i64,
+}
+
+/// A lease: its TTL, when it expires (the log's clock), the keys attached to it.
+#[derive(Clone, PartialEq, Message)]
+struct Lease {
+    #[prost(int64, tag = "1")]
+    id: i64,
+    #[prost(int64, tag = "2")]
+    ttl: i64,
+    #[prost(uint64, tag = "3")]
+    expires_ms: u64,
+    /// Attached keys, in order (a set in memory; a sorted list in the image).
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    keys: Vec<Vec<u8>>,
 }
 
 impl Default for Store {
@@ -62,6 +100,8 @@ impl Default for Store {
         Store {
             revision: 1,
             kvs: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            next_lease: 1,
         }
     }
 }
@@ -73,6 +113,19 @@ struct Image {
     revision: i64,
     #[prost(message, repeated, tag = "2")]
     kvs: Vec<KeyValue>,
+    /// Leases by id (images written before leases existed have none).
+    #[prost(message, repeated, tag = "3")]
+    leases: Vec<Lease>,
+    #[prost(int64, tag = "4")]
+    next_lease: i64,
+}
+
+fn lease_timer(id: i64) -> String {
+    format!("lease/{id}")
+}
+
+fn lease_not_found() -> Fail {
+    Fail("NotFound", "etcdserver: requested lease not found".into())
 }
 
 /// The key range a request names, as etcd reads `key` and `range_end`.
@@ -101,7 +154,10 @@ fn empty(key: &[u8], end: &[u8]) -> bool {
 /// the whole request succeeds.
 struct Work<'a> {
     base: &'a BTreeMap<Vec<u8>, KeyValue>,
+    leases: &'a BTreeMap<i64, Lease>,
     changes: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// The keys changed, in the order the request changed them (for the events).
+    order: Vec<Vec<u8>>,
     /// The store's revision before this request.
     revision: i64,
     wrote: bool,
@@ -111,7 +167,9 @@ impl<'a> Work<'a> {
     fn new(store: &'a Store) -> Work<'a> {
         Work {
             base: &store.kvs,
+            leases: &store.leases,
             changes: BTreeMap::new(),
+            order: Vec::new(),
             revision: store.revision,
             wrote: false,
         }
@@ -243,11 +301,8 @@ impl<'a> Work<'a> {
         if p.key.is_empty() {
             return Err(invalid("key is not provided"));
         }
-        if p.lease != 0 {
-            return Err(Fail(
-                "NotFound",
-                "etcdserver: requested lease not found".into(),
-            ));
+        if p.lease != 0 && !self.leases.contains_key(&p.lease) {
+            return Err(lease_not_found());
         }
         let prev = self.get(&p.key);
         let value = if p.ignore_value {
@@ -265,8 +320,13 @@ impl<'a> Work<'a> {
             mod_revision: rev,
             version: prev.as_ref().map_or(1, |kv| kv.version + 1),
             value,
-            lease: 0,
+            lease: if p.ignore_lease {
+                prev.as_ref().map_or(0, |kv| kv.lease)
+            } else {
+                p.lease
+            },
         };
+        self.order.push(p.key.clone());
         self.changes.insert(p.key.clone(), Some(kv));
         self.wrote = true;
         Ok(PutResponse {
@@ -281,6 +341,7 @@ impl<'a> Work<'a> {
         }
         let doomed = self.range(&d.key, &d.range_end);
         for kv in &doomed {
+            self.order.push(kv.key.clone());
             self.changes.insert(kv.key.clone(), None);
         }
         if !doomed.is_empty() {
@@ -413,10 +474,17 @@ fn decode<M: Message + Default>(bytes: &[u8]) -> Res<M> {
 
 impl Store {
     /// Applies one tagged request: all of its writes take effect, or none.
-    fn run(&mut self, input: &[u8]) -> Res<Vec<u8>> {
+    fn run(&mut self, ctx: &Context, input: &[u8]) -> Res<Vec<u8>> {
         let (&tag, body) = input
             .split_first()
             .ok_or_else(|| Fail("InvalidArgument", "empty request".into()))?;
+        match tag {
+            b'G' => return self.grant(ctx, &decode(body)?).map(|r| r.encode_to_vec()),
+            b'V' => return self.revoke(decode::<LeaseRevokeRequest>(body)?.id),
+            b'K' => return Ok(self.keep_alive(ctx, &decode(body)?).encode_to_vec()),
+            b'L' => return Ok(self.time_to_live(ctx, &decode(body)?).encode_to_vec()),
+            _ => {}
+        }
         let mut work = Work::new(self);
         let reply = match tag {
             b'R' => work.do_range(&decode(body)?)?.encode_to_vec(),
@@ -430,24 +498,172 @@ impl Store {
             other => {
                 return Err(Fail(
                     "InvalidArgument",
-                    format!("unknown request tag {other:#04x}; expected R, P, D or T"),
+                    format!("unknown request tag {other:#04x}; expected R, P, D, T, G, V, K or L"),
                 ));
             }
         };
         if !work.wrote {
             return Ok(reply);
         }
-        let Work {
-            changes, revision, ..
-        } = work;
-        for (key, change) in changes {
-            match change {
-                Some(kv) => self.kvs.insert(key, kv),
+        let Work { changes, order, .. } = work;
+        self.commit(changes, order);
+        Ok(reply)
+    }
+
+    /// Makes a request's changes at the next revision: keys, the keys' leases, and one event
+    /// per key changed, in the order the request changed them.
+    fn commit(&mut self, mut changes: BTreeMap<Vec<u8>, Option<KeyValue>>, order: Vec<Vec<u8>>) {
+        let revision = self.revision + 1;
+        let mut emitted = Vec::with_capacity(order.len());
+        for key in order {
+            let Some(change) = changes.remove(&key) else {
+                continue; // changed twice in one request: its one event is out already
+            };
+            let prev = match &change {
+                Some(kv) => self.kvs.insert(key.clone(), kv.clone()),
                 None => self.kvs.remove(&key),
             };
+            if let Some(old) = prev.as_ref().filter(|kv| kv.lease != 0)
+                && let Some(lease) = self.leases.get_mut(&old.lease)
+                && let Ok(at) = lease.keys.binary_search(&key)
+            {
+                lease.keys.remove(at);
+            }
+            if let Some(new) = change.as_ref().filter(|kv| kv.lease != 0)
+                && let Some(lease) = self.leases.get_mut(&new.lease)
+                && let Err(at) = lease.keys.binary_search(&key)
+            {
+                lease.keys.insert(at, key.clone());
+            }
+            let event = match change {
+                Some(kv) => Event {
+                    r#type: event::EventType::Put as i32,
+                    kv: Some(kv),
+                    prev_kv: prev,
+                },
+                None => Event {
+                    r#type: event::EventType::Delete as i32,
+                    kv: Some(KeyValue {
+                        key,
+                        mod_revision: revision,
+                        ..Default::default()
+                    }),
+                    prev_kv: prev,
+                },
+            };
+            emitted.push(event.encode_to_vec());
         }
-        self.revision = revision + 1;
-        Ok(reply)
+        self.revision = revision;
+        for data in emitted {
+            events::emit(KV_TOPIC, &data);
+        }
+    }
+
+    fn header(&self) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            revision: self.revision,
+            ..Default::default()
+        })
+    }
+
+    fn grant(&mut self, ctx: &Context, g: &LeaseGrantRequest) -> Res<LeaseGrantResponse> {
+        if g.ttl > MAX_LEASE_TTL {
+            return Err(Fail("OutOfRange", "etcdserver: too large lease TTL".into()));
+        }
+        if g.id < 0 {
+            return Err(invalid("lease ID must be positive"));
+        }
+        let id = if g.id != 0 {
+            if self.leases.contains_key(&g.id) {
+                return Err(Fail(
+                    "FailedPrecondition",
+                    "etcdserver: lease already exists".into(),
+                ));
+            }
+            g.id
+        } else {
+            let mut id = self.next_lease.max(1);
+            while self.leases.contains_key(&id) {
+                id += 1;
+            }
+            self.next_lease = id + 1;
+            id
+        };
+        let ttl = g.ttl.max(MIN_LEASE_TTL);
+        let expires_ms = ctx.timestamp_ms.saturating_add(ttl as u64 * 1000);
+        self.leases.insert(
+            id,
+            Lease {
+                id,
+                ttl,
+                expires_ms,
+                keys: Vec::new(),
+            },
+        );
+        timers::set(&lease_timer(id), expires_ms, b"");
+        Ok(LeaseGrantResponse {
+            header: self.header(),
+            id,
+            ttl,
+            error: String::new(),
+        })
+    }
+
+    /// Revokes lease `id`: its keys go in one revision.
+    fn revoke(&mut self, id: i64) -> Res<Vec<u8>> {
+        let lease = self.leases.remove(&id).ok_or_else(lease_not_found)?;
+        timers::cancel(&lease_timer(id));
+        if !lease.keys.is_empty() {
+            let changes = lease.keys.iter().map(|k| (k.clone(), None)).collect();
+            self.commit(changes, lease.keys);
+        }
+        Ok(LeaseRevokeResponse {
+            header: self.header(),
+        }
+        .encode_to_vec())
+    }
+
+    fn keep_alive(&mut self, ctx: &Context, k: &LeaseKeepAliveRequest) -> LeaseKeepAliveResponse {
+        let header = self.header();
+        let Some(lease) = self.leases.get_mut(&k.id) else {
+            // etcd answers a keep-alive for an unknown (expired) lease with TTL 0.
+            return LeaseKeepAliveResponse {
+                header,
+                id: k.id,
+                ttl: 0,
+            };
+        };
+        lease.expires_ms = ctx.timestamp_ms.saturating_add(lease.ttl as u64 * 1000);
+        timers::set(&lease_timer(k.id), lease.expires_ms, b"");
+        LeaseKeepAliveResponse {
+            header,
+            id: k.id,
+            ttl: lease.ttl,
+        }
+    }
+
+    fn time_to_live(&self, ctx: &Context, t: &LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse {
+        match self.leases.get(&t.id) {
+            // etcd answers TTL -1 for a lease it does not have.
+            None => LeaseTimeToLiveResponse {
+                header: self.header(),
+                id: t.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            },
+            Some(lease) => LeaseTimeToLiveResponse {
+                header: self.header(),
+                id: t.id,
+                ttl: (lease.expires_ms.saturating_sub(ctx.timestamp_ms) / 1000) as i64,
+                granted_ttl: lease.ttl,
+                keys: if t.keys {
+                    lease.keys.clone()
+                } else {
+                    Vec::new()
+                },
+            },
+        }
     }
 }
 
@@ -456,8 +672,22 @@ fn failure(Fail(code, msg): Fail) -> String {
 }
 
 impl StateMachine for Store {
-    fn apply(&mut self, _ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String> {
-        self.run(command).map_err(failure)
+    fn apply(&mut self, ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String> {
+        self.run(ctx, command).map_err(failure)
+    }
+
+    fn fire(&mut self, ctx: &Context, key: &str, _payload: &[u8]) -> Result<(), String> {
+        let id: i64 = key
+            .strip_prefix("lease/")
+            .and_then(|id| id.parse().ok())
+            .ok_or_else(|| format!("unknown timer {key:?}"))?;
+        match self.leases.get(&id) {
+            Some(lease) if lease.expires_ms <= ctx.timestamp_ms => {
+                self.revoke(id).map(drop).map_err(failure)
+            }
+            // Kept alive since (its timer was set again) or revoked: nothing to do.
+            _ => Ok(()),
+        }
     }
 
     fn query(&self, request: &[u8]) -> Result<Vec<u8>, String> {
@@ -476,6 +706,15 @@ impl StateMachine for Store {
                     .and_then(|()| work.do_txn(&t))
                     .map(|r| r.encode_to_vec())
             }
+            b'Q' => Ok(LeaseLeasesResponse {
+                header: self.header(),
+                leases: self
+                    .leases
+                    .keys()
+                    .map(|id| LeaseStatus { id: *id })
+                    .collect(),
+            }
+            .encode_to_vec()),
             _ => Err(Fail(
                 "InvalidArgument",
                 "only ranges and read-only transactions are queries".into(),
@@ -495,6 +734,8 @@ impl StateMachine for Store {
         let image = Image {
             revision: self.revision,
             kvs: self.kvs.values().cloned().collect(),
+            leases: self.leases.values().cloned().collect(),
+            next_lease: self.next_lease,
         };
         let mut out = SNAPSHOT_MAGIC.to_vec();
         out.extend(image.encode_to_vec());
@@ -515,9 +756,28 @@ impl StateMachine for Store {
                 return Err("etcd-kv snapshot holds a key twice".into());
             }
         }
+        let mut leases = BTreeMap::new();
+        for lease in image.leases {
+            let sorted = lease.keys.windows(2).all(|w| w[0] < w[1]);
+            let attached = lease
+                .keys
+                .iter()
+                .all(|k| kvs.get(k).is_some_and(|kv: &KeyValue| kv.lease == lease.id));
+            if !sorted || !attached || leases.insert(lease.id, lease).is_some() {
+                return Err("etcd-kv snapshot holds an impossible lease".into());
+            }
+        }
+        if kvs
+            .values()
+            .any(|kv| kv.lease != 0 && !leases.contains_key(&kv.lease))
+        {
+            return Err("etcd-kv snapshot holds a key of a missing lease".into());
+        }
         Ok(Store {
             revision: image.revision,
             kvs,
+            leases,
+            next_lease: image.next_lease.max(1),
         })
     }
 }

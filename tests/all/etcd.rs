@@ -111,7 +111,7 @@ const SESSION: &[(&[&str], Option<&str>)] = &[
 
 /// etcdctl's output with what legitimately differs between two clusters (their ids and Raft
 /// terms) blanked.
-fn normalize(out: &str) -> String {
+pub(crate) fn normalize(out: &str) -> String {
     let mut text = out.to_owned();
     for field in ["cluster_id", "member_id", "raft_term"] {
         while let Some(at) = text.find(&format!("\"{field}\":")) {

@@ -18,6 +18,7 @@ mod compiled;
 mod determinism;
 mod docs;
 mod etcd;
+mod etcd_concurrency;
 mod fuzz;
 mod hostile;
 mod hotswap;

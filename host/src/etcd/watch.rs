@@ -110,10 +110,21 @@ impl EtcdKv {
     }
 
     /// The oldest revision whose events this node's history still holds, given the revision
-    /// now: the first event's, or the next revision when it holds none.
+    /// now: every one (1) when the history reaches back to the service's first deploy, else the
+    /// first event's, or the next revision when it holds none.
     fn oldest_kept(&self, current: i64) -> i64 {
         let events = self.state.events();
         let first = events.first();
+        let whole = self
+            .state
+            .services()
+            .into_iter()
+            .find(|s| s.name == self.service)
+            .and_then(|s| s.history.first().cloned())
+            .is_some_and(|v| v.version == 1 && first <= v.deployed_at);
+        if whole {
+            return 1;
+        }
         match events.since(first, &self.kv_filter(), 1) {
             Since::Events { events, .. } => decode(&events)
                 .first()

@@ -582,7 +582,10 @@ impl Store {
             }
             g.id
         } else {
-            let mut id = self.next_lease.max(1);
+            // Large, increasing and never reused, like etcd's: bit 62, then the entry's index.
+            let mut id = self
+                .next_lease
+                .max((1 << 62) | ((ctx.index as i64 & ((1 << 46) - 1)) << 16));
             while self.leases.contains_key(&id) {
                 id += 1;
             }

@@ -510,7 +510,8 @@ pub async fn services(client: &Client) -> anyhow::Result<ExitCode> {
                         "module_size": s.module_size, "deployed_at_index": s.deployed_at_index,
                         "state_bytes": s.state_bytes, "fuel_per_apply": s.fuel_per_apply,
                         "max_memory_bytes": s.max_memory_bytes, "memory_bytes": s.memory_bytes,
-                        "code_bytes": s.code_bytes, "history": history})
+                        "code_bytes": s.code_bytes, "history": history, "fsm_version": s.fsm_version,
+                        "pending_timers": s.pending_timers, "next_timer_ms": s.next_timer_ms})
                 })
                 .collect();
             println!("{}", serde_json::Value::Array(list));
@@ -546,6 +547,20 @@ pub async fn services(client: &Client) -> anyhow::Result<ExitCode> {
                     s.memory_bytes,
                     s.code_bytes
                 );
+                if s.pending_timers > 0 {
+                    let held = if s.fsm_version == "0.1.0" {
+                        format!(
+                            "; not delivered while version {} (waft:fsm@0.1.0, no timers) serves",
+                            s.version
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "  TIMERS: {} pending, the next due at {} ms{held}",
+                        s.pending_timers, s.next_timer_ms
+                    );
+                }
                 let active = s.history.iter().find(|v| v.version == s.version);
                 if let Some(v) = active.filter(|v| !v.forced.is_empty()) {
                     println!(

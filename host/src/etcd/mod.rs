@@ -11,9 +11,9 @@
 //! cluster id, member id and Raft term. Errors keep etcd's gRPC codes and wording.
 //!
 //! `cluster.rs` serves `Cluster.MemberList` and `Maintenance.Status` (for `etcdctl member list`
-//! and `endpoint status`). Not served: Watch, Lease, Auth and the other Cluster and Maintenance
-//! calls (UNIMPLEMENTED), reads at an older
-//! revision (no history is kept: OUT_OF_RANGE, "compacted"), puts with a lease (NOT_FOUND).
+//! and `endpoint status`); `lease.rs` the `Lease` service and `watch.rs` the `Watch` service, on
+//! the guest's timers and events. Not served: Auth and the other Cluster and Maintenance calls
+//! (UNIMPLEMENTED), reads at an older revision (no history is kept: OUT_OF_RANGE, "compacted").
 //! A caller's `authorization` header is passed on, so with `--client-token` the endpoint
 //! requires the token as waft's own API does (etcd's own auth is not implemented).
 

@@ -85,6 +85,19 @@ const FOREIGN: &[Foreign] = &[
         run_in: "",
     },
     Foreign {
+        dir: "examples/guests/locks-python",
+        constant: "EXAMPLE_LOCKS_PYTHON",
+        sources: &[
+            "app.py",
+            "../helpers/python/waft_det.py",
+            "../helpers/python/waft_json.py",
+        ],
+        tool: "componentize-py",
+        args: PYTHON_V2_ARGS,
+        install: "pip install componentize-py==0.25.1",
+        run_in: "",
+    },
+    Foreign {
         dir: "tests/guests/det-python",
         constant: "TEST_DET_PYTHON",
         sources: &[
@@ -183,6 +196,21 @@ const PYTHON_ARGS: &[&str] = &[
     "-o",
     "{out}",
 ];
+/// The same, against the 0.2.0 world (timers, events).
+const PYTHON_V2_ARGS: &[&str] = &[
+    "-d",
+    "{wit}/v0.2",
+    "-w",
+    "guest",
+    "componentize",
+    "app",
+    "-p",
+    ".",
+    "-p",
+    "{helpers}/python",
+    "-o",
+    "{out}",
+];
 
 /// Builds a foreign guest into `target_dir` unless its component is newer than its sources, the
 /// WIT and the tool. A missing tool does not stop the build (tests that do not need the guest
@@ -195,6 +223,7 @@ fn foreign(root: &Path, guest: &Foreign, target_dir: &Path) -> Result<String, St
     let out = target_dir.join(format!("{name}.wasm"));
     let mut inputs: Vec<PathBuf> = guest.sources.iter().map(|s| dir.join(s)).collect();
     inputs.push(wit.join("fsm.wit"));
+    inputs.push(wit.join("v0.2").join("fsm.wit"));
     for input in &inputs {
         println!("cargo:rerun-if-changed={}", input.display());
     }

@@ -346,3 +346,109 @@ async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_gue
     assert_eq!(assert_identical(&cluster).await["t"].0, 5999);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_python_lock_expires_by_its_timer_once_across_a_leader_change() {
+    let path = waft_testkit::guests::EXAMPLE_LOCKS_PYTHON
+        .unwrap_or_else(|why| panic!("the Python lock service is not built: {why}"));
+    let mut cluster = TestCluster::start(3, test_settings()).await;
+    cluster.form().await;
+    let client = Client::builder(cluster.addrs.clone())
+        .deploy_timeout(Duration::from_secs(120))
+        .connect()
+        .await
+        .expect("connects");
+    client
+        .deploy("locks", &waft_testkit::wasm(path))
+        .await
+        .expect("deploys");
+    let mut watch = client.watch_events(Some("locks"), "locks/", Some(1));
+
+    let first = ok(
+        &client,
+        "locks",
+        r#"{"acquire":{"lock":"L","owner":"a","ttl_ms":1200}}"#,
+    )
+    .await;
+    assert!(first.contains(r#""granted":true"#), "{first}");
+    let busy = ok(
+        &client,
+        "locks",
+        r#"{"acquire":{"lock":"L","owner":"b","ttl_ms":1000}}"#,
+    )
+    .await;
+    assert!(busy.contains(r#""granted":false,"holder":"a""#), "{busy}");
+    // A release by someone else, or with another token, is refused and changes nothing.
+    match submit(
+        &client,
+        "locks",
+        r#"{"release":{"lock":"L","owner":"b","token":1}}"#,
+    )
+    .await
+    {
+        Outcome::Rejected(m) => assert!(m.contains("does not hold"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // A short lock taken and released: its timer goes with it.
+    let other = ok(
+        &client,
+        "locks",
+        r#"{"acquire":{"lock":"M","owner":"a","ttl_ms":600000}}"#,
+    )
+    .await;
+    let token: u64 = other
+        .split(r#""token":"#)
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|t| t.parse().ok())
+        .expect("token");
+    ok(
+        &client,
+        "locks",
+        &format!(r#"{{"release":{{"lock":"M","owner":"a","token":{token}}}}}"#),
+    )
+    .await;
+    assert_eq!(
+        assert_identical(&cluster).await["locks"].0,
+        1,
+        "only L's timer"
+    );
+
+    // The leader goes while L's timer is pending; b gets the lock once it expired.
+    let leader = cluster.wait_leader().await;
+    cluster.stop(leader).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let granted = loop {
+        let reply = ok(
+            &client,
+            "locks",
+            r#"{"acquire":{"lock":"L","owner":"b","ttl_ms":60000}}"#,
+        )
+        .await;
+        if reply.contains(r#""granted":true"#) {
+            break reply;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "L never expired: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!granted.contains(&format!(r#""token":{token}"#)));
+    let events = collect(&mut watch, 5, Duration::from_secs(1)).await;
+    let seen: Vec<String> = events.iter().map(|(k, p, _)| format!("{k} {p}")).collect();
+    assert_eq!(
+        seen,
+        [
+            "event locks/acquired L",
+            "event locks/acquired M",
+            "event locks/released M",
+            "event locks/expired L",
+            "event locks/acquired L",
+        ][..],
+        "every event once"
+    );
+    cluster.restart(leader).await;
+    assert_eq!(assert_identical(&cluster).await["locks"].0, 1);
+    cluster.shutdown().await;
+}

@@ -70,7 +70,7 @@ def _wrap(method):
     return call
 
 
-EXPORTS = ("apply", "apply_batch", "query", "snapshot", "restore")
+EXPORTS = ("apply", "apply_batch", "fire", "query", "snapshot", "restore")
 
 
 def deterministic(cls):

@@ -25,6 +25,10 @@ snapshot is the state as canonical JSON (keys sorted), and a rejection is an exc
     class StateMachine(exports.StateMachine):
         pass
 
+A waft:fsm@0.2.0 guest (built with `-d wit/v0.2`) may also implement `fire(context, key,
+payload)` for its timers, and set timers and emit events with the generated imports
+(`from wit_world.imports import timers, events`; see examples/guests/locks-python).
+
 The state is the instance's attributes (`vars(self)`), which must be JSON: dicts with string
 keys, lists, strings, numbers (no NaN), booleans, None. Override `state()` and `from_state()`
 to choose another shape. Replies keep the order in which their dicts were built (deterministic
@@ -53,6 +57,11 @@ class JsonStateMachine:
 
     def query(self, request):
         raise NotImplementedError
+
+    def fire(self, context, key, payload):
+        """A due timer (waft:fsm@0.2.0 guests that set timers): `payload` is bytes. Raise
+        `Reject` to refuse it (the state must be unchanged; the timer is dropped)."""
+        raise Reject("this guest sets no timers (timer %s)" % key)
 
     def state(self):
         """What the snapshot holds: by default the instance's attributes."""
@@ -155,6 +164,12 @@ def json_exports(machine_class):
                 results.append(e)
         return results
 
+    def fire(self, context, key, payload):
+        try:
+            holder["machine"].fire(context, key, bytes(payload))
+        except Reject as e:
+            raise Err(str(e))
+
     def query(self, request):
         parsed = _parse("query", request)
         try:
@@ -184,7 +199,8 @@ def json_exports(machine_class):
         holder["machine"] = machine
 
     def decorate(cls):
-        for f in (apply, apply_batch, query, snapshot, restore):
+        # A waft:fsm@0.1.0 world has no `fire` export; defining it there is harmless.
+        for f in (apply, apply_batch, fire, query, snapshot, restore):
             setattr(cls, f.__name__, f)
         # The exports are abstract methods of the generated base class: recount them now.
         abc.update_abstractmethods(cls)

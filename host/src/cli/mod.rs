@@ -6,6 +6,7 @@
 mod admin;
 mod backup;
 mod bench;
+mod bench_events;
 mod client;
 mod connect;
 mod guest;
@@ -100,6 +101,16 @@ pub enum Command {
         waft bench --endpoints 127.0.0.1:7001,127.0.0.1:7002 --compare-etcd 127.0.0.1:2379 --clients 64\n  \
         waft bench --read-ratio 0.9 --consistency lease --output json")]
     Bench(bench::BenchArgs),
+    /// Watch fan-out through etcd's API: many watchers on one prefix while writers put under
+    /// it; waft's etcd endpoint and (side by side) a real etcd.
+    #[command(after_help = "Example:\n  \
+        waft bench-watch --etcd 127.0.0.1:2379,127.0.0.1:2380 --compare-etcd 127.0.0.1:23791 --watchers 1000")]
+    BenchWatch(bench_events::WatchBenchArgs),
+    /// Timer delivery lag through etcd's API: leases that run out while writers load the
+    /// cluster; on waft a lease is a guest timer. waft's etcd endpoint and a real etcd.
+    #[command(after_help = "Example:\n  \
+        waft bench-timers --etcd 127.0.0.1:2379 --compare-etcd 127.0.0.1:23791 --timers 200 --load 16")]
+    BenchTimers(bench_events::TimerBenchArgs),
     /// Make TLS certificates: a cluster CA (created in DIR on first use) and a certificate it
     /// signs for a node or a client, for `--tls-ca`, `--tls-cert` and `--tls-key`.
     #[command(after_help = "Examples:\n  \
@@ -269,6 +280,8 @@ async fn run_async(flags: &connect::ClientArgs, command: Command) -> anyhow::Res
         Command::Rollback(args) => client::rollback(client, &args).await,
         Command::Cluster(c) => admin::cluster(client, &c).await,
         Command::Bench(args) => bench::bench(client, &args).await,
+        Command::BenchWatch(args) => bench_events::bench_watch(client.output, &args).await,
+        Command::BenchTimers(args) => bench_events::bench_timers(client.output, &args).await,
         Command::Backup(args) => backup::backup(client, &args).await,
         Command::Restore(args) => backup::restore(client, &args).await,
         Command::Check(_) | Command::Exec(_) | Command::Certs(_) | Command::Dev(_) => {

@@ -154,7 +154,7 @@ pub struct DevArgs {
     /// The guest to deploy as service `kv` (default: the example kv guest, built if needed).
     #[arg(long)]
     pub guest: Option<PathBuf>,
-    /// Also serve etcd's v3 KV API: node i on 127.0.0.1:(PORT + i), backed by the example
+    /// Also serve etcd's v3 API (KV, Watch, Lease): node i on 127.0.0.1:(PORT + i), backed by the example
     /// etcd-kv guest deployed as service `etcd` (try `etcdctl --endpoints=127.0.0.1:PORT put a 1`).
     #[arg(long, value_name = "PORT")]
     pub etcd_base_port: Option<u16>,

@@ -19,6 +19,7 @@ mod determinism;
 mod docs;
 mod etcd;
 mod etcd_concurrency;
+mod etcd_library;
 mod fuzz;
 mod hostile;
 mod hotswap;

@@ -170,9 +170,17 @@ impl FanOut {
     }
 }
 
-async fn fan_out(target: &'static str, endpoints: &[String], a: &WatchBenchArgs) -> anyhow::Result<FanOut> {
+async fn fan_out(
+    target: &'static str,
+    endpoints: &[String],
+    a: &WatchBenchArgs,
+) -> anyhow::Result<FanOut> {
     let prefix = format!("fanout/{target}/{}/", std::process::id()).into_bytes();
-    let streams = if a.streams == 0 { a.watchers } else { a.streams.min(a.watchers) };
+    let streams = if a.streams == 0 {
+        a.watchers
+    } else {
+        a.streams.min(a.watchers)
+    };
     let mut channels = Vec::new();
     for e in endpoints {
         channels.push(channel(e).await?);
@@ -252,7 +260,10 @@ async fn fan_out(target: &'static str, endpoints: &[String], a: &WatchBenchArgs)
     for r in readers {
         let _ = r.await;
     }
-    let latency = latency.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let latency = latency
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
     Ok(FanOut {
         target,
         puts,
@@ -323,7 +334,11 @@ impl Lag {
     }
 }
 
-async fn timer_lag(target: &'static str, endpoints: &[String], a: &TimerBenchArgs) -> anyhow::Result<Lag> {
+async fn timer_lag(
+    target: &'static str,
+    endpoints: &[String],
+    a: &TimerBenchArgs,
+) -> anyhow::Result<Lag> {
     let prefix = format!("lag/{target}/{}/", std::process::id()).into_bytes();
     let mut channels = Vec::new();
     for e in endpoints {
@@ -332,7 +347,10 @@ async fn timer_lag(target: &'static str, endpoints: &[String], a: &TimerBenchArg
     let epoch = Instant::now();
     // Keys deleted, with when the delete arrived.
     let mut watch = open_watchers(channels[0].clone(), &prefix, 1).await?;
-    let arrivals = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<Vec<u8>, u64>::new()));
+    let arrivals = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        Vec<u8>,
+        u64,
+    >::new()));
     let sink = arrivals.clone();
     let reader = tokio::spawn(async move {
         while let Ok(Some(r)) = watch.message().await {

@@ -141,4 +141,30 @@ impl Maintenance for EtcdAdmin {
                 .any(|l| l == me),
         }))
     }
+
+    /// A hash of this node's key-value state: the first 32 bits of the sha256 of the etcd
+    /// guest's canonical snapshot (etcd hashes its database file; equal stores hash alike
+    /// either way, and members that applied the same entries agree).
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        use sha2::Digest;
+        self.kv.authorize(request.metadata()).await?;
+        let revision = self.revision(request.metadata()).await;
+        let state = self
+            .kv
+            .state
+            .service_state(&self.kv.service)
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: cannot read the store: {e}")))?
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "etcdserver: waft has no service {:?} to serve the etcd API",
+                    self.kv.service
+                ))
+            })?;
+        let digest = sha2::Sha256::digest(&state);
+        Ok(Response::new(HashResponse {
+            header: Some(self.header(revision)),
+            hash: u32::from_be_bytes(digest[..4].try_into().expect("4 bytes")),
+        }))
+    }
 }

@@ -276,6 +276,16 @@ impl Kv for EtcdKv {
         self.finish(bytes, |m: &mut DeleteRangeResponse| &mut m.header)
     }
 
+    async fn compact(
+        &self,
+        request: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let bytes = self
+            .write(request.metadata(), b'C', request.get_ref())
+            .await?;
+        self.finish(bytes, |m: &mut CompactionResponse| &mut m.header)
+    }
+
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let caller = request.metadata().clone();
         let t = request.into_inner();

@@ -96,17 +96,19 @@ impl EtcdKv {
         }
     }
 
-    /// The store's revision now (a linearizable read of one key).
-    async fn current_revision(&self, caller: &tonic::metadata::MetadataMap) -> Result<i64, Status> {
-        let probe = RangeRequest {
-            key: vec![0],
-            count_only: true,
-            ..Default::default()
-        };
-        let bytes = self.read(caller, b'R', &probe, false).await?;
-        let r = RangeResponse::decode(bytes.as_slice())
+    /// The store's revision now and its last compaction's (a linearizable read).
+    async fn revisions(&self, caller: &tonic::metadata::MetadataMap) -> Result<(i64, i64), Status> {
+        let bytes = self
+            .read(caller, b'S', &WatchProgressRequest {}, false)
+            .await?;
+        let r = WatchResponse::decode(bytes.as_slice())
             .map_err(|e| Status::internal(format!("the etcd guest's reply is malformed: {e}")))?;
-        Ok(r.header.map_or(0, |h| h.revision))
+        Ok((r.header.map_or(0, |h| h.revision), r.compact_revision))
+    }
+
+    /// The store's revision now.
+    async fn current_revision(&self, caller: &tonic::metadata::MetadataMap) -> Result<i64, Status> {
+        Ok(self.revisions(caller).await?.0)
     }
 
     /// The oldest revision whose events this node's history still holds, given the revision
@@ -228,12 +230,13 @@ async fn serve(
                             send(tx, r).await?;
                             continue;
                         }
-                        let current = kv.current_revision(&caller).await?;
+                        let (current, compacted) = kv.revisions(&caller).await?;
                         let mut created = kv.response(id, current);
                         created.created = true;
                         send(tx, created).await?;
                         let start = if c.start_revision > 0 { c.start_revision } else { current + 1 };
-                        let oldest = kv.oldest_kept(current);
+                        // Before the last compaction, or before what this node's history holds.
+                        let oldest = kv.oldest_kept(current).max(compacted);
                         if start < oldest && start <= current {
                             let mut r = kv.response(id, current);
                             r.canceled = true;

@@ -16,6 +16,8 @@
 //! | `K` | `LeaseKeepAliveRequest` | command (one per keep-alive) |
 //! | `L` | `LeaseTimeToLiveRequest` | command (it reads the log's clock) |
 //! | `Q` | `LeaseLeasesRequest` | query |
+//! | `C` | `CompactionRequest` | command |
+//! | `S` | (nothing) | query: a `WatchResponse` with the revision and the compaction revision |
 //!
 //! Revisions follow etcd: the store starts at revision 1; every request that changes something
 //! (a put, a delete that deletes, a transaction with writes) advances it by one, and each key
@@ -79,6 +81,8 @@ struct Store {
     leases: BTreeMap<i64, Lease>,
     /// The id the next lease granted without one gets (ids are never reused).
     next_lease: i64,
+    /// The last compaction's revision: watches may not start before it.
+    compacted: i64,
 }
 
 /// A lease: its TTL, when it expires (the log's clock), the keys attached to it.
@@ -102,6 +106,7 @@ impl Default for Store {
             kvs: BTreeMap::new(),
             leases: BTreeMap::new(),
             next_lease: 1,
+            compacted: 0,
         }
     }
 }
@@ -118,6 +123,8 @@ struct Image {
     leases: Vec<Lease>,
     #[prost(int64, tag = "4")]
     next_lease: i64,
+    #[prost(int64, tag = "5")]
+    compacted: i64,
 }
 
 fn lease_timer(id: i64) -> String {
@@ -483,6 +490,7 @@ impl Store {
             b'V' => return self.revoke(decode::<LeaseRevokeRequest>(body)?.id),
             b'K' => return Ok(self.keep_alive(ctx, &decode(body)?).encode_to_vec()),
             b'L' => return Ok(self.time_to_live(ctx, &decode(body)?).encode_to_vec()),
+            b'C' => return self.compact(&decode(body)?).map(|r| r.encode_to_vec()),
             _ => {}
         }
         let mut work = Work::new(self);
@@ -563,6 +571,27 @@ impl Store {
         Some(ResponseHeader {
             revision: self.revision,
             ..Default::default()
+        })
+    }
+
+    /// Records a compaction: no history is kept anyway, but watches may no longer start
+    /// before it, as in etcd.
+    fn compact(&mut self, c: &CompactionRequest) -> Res<CompactionResponse> {
+        if c.revision > self.revision {
+            return Err(Fail(
+                "OutOfRange",
+                "etcdserver: mvcc: required revision is a future revision".into(),
+            ));
+        }
+        if c.revision <= self.compacted {
+            return Err(Fail(
+                "OutOfRange",
+                "etcdserver: mvcc: required revision has been compacted".into(),
+            ));
+        }
+        self.compacted = c.revision;
+        Ok(CompactionResponse {
+            header: self.header(),
         })
     }
 
@@ -709,6 +738,12 @@ impl StateMachine for Store {
                     .and_then(|()| work.do_txn(&t))
                     .map(|r| r.encode_to_vec())
             }
+            b'S' => Ok(WatchResponse {
+                header: self.header(),
+                compact_revision: self.compacted,
+                ..Default::default()
+            }
+            .encode_to_vec()),
             b'Q' => Ok(LeaseLeasesResponse {
                 header: self.header(),
                 leases: self
@@ -739,6 +774,7 @@ impl StateMachine for Store {
             kvs: self.kvs.values().cloned().collect(),
             leases: self.leases.values().cloned().collect(),
             next_lease: self.next_lease,
+            compacted: self.compacted,
         };
         let mut out = SNAPSHOT_MAGIC.to_vec();
         out.extend(image.encode_to_vec());
@@ -781,6 +817,7 @@ impl StateMachine for Store {
             kvs,
             leases,
             next_lease: image.next_lease.max(1),
+            compacted: image.compacted,
         })
     }
 }

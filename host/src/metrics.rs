@@ -131,7 +131,7 @@ pub fn render(sources: &Sources) -> String {
             .map(|m| (format!("{{service=\"{}\"}}", escape(&m.name)), f(m)))
             .collect()
     };
-    let per_service: [(&str, &str, &str, ServiceValue); 9] = [
+    let per_service: [(&str, &str, &str, ServiceValue); 12] = [
         (
             "waft_service_version",
             "Active version of each service.",
@@ -155,6 +155,24 @@ pub fn render(sources: &Sources) -> String {
             "Commands that trapped and were rolled back.",
             "counter",
             |m| m.stats.trapped as f64,
+        ),
+        (
+            "waft_service_timers_pending",
+            "Pending guest timers (replicated state).",
+            "gauge",
+            |m| m.pending_timers as f64,
+        ),
+        (
+            "waft_service_timers_fired_total",
+            "Guest timers delivered (fire answered ok).",
+            "counter",
+            |m| m.stats.timers_fired as f64,
+        ),
+        (
+            "waft_service_timer_failures_total",
+            "Guest timers whose delivery trapped, was refused or went over a cap: dropped.",
+            "counter",
+            |m| m.stats.timer_failures as f64,
         ),
         (
             "waft_service_fuel_total",

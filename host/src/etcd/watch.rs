@@ -79,12 +79,18 @@ fn in_range(k: &[u8], key: &[u8], end: &[u8]) -> bool {
     }
 }
 
-/// The guest's events in `found`, decoded, with the last log index looked at.
-fn decode(found: &[Arc<Applied>]) -> Vec<Event> {
+/// The guest's key-value events in `found`, decoded: once per node, the first watcher to read
+/// an event leaves the decoded form in its memo for every other.
+fn decode(found: &[Arc<Applied>]) -> Vec<Arc<Option<Event>>> {
     found
         .iter()
         .filter(|e| matches!(&e.outcome, Outcome::Emitted(t) if t == KV_TOPIC))
-        .filter_map(|e| Event::decode(e.payload.as_slice()).ok())
+        .map(|e| {
+            let decode = || Event::decode(e.payload.as_slice()).ok();
+            e.memo
+                .get_or_init(decode)
+                .unwrap_or_else(|| Arc::new(decode()))
+        })
         .collect()
 }
 
@@ -129,8 +135,8 @@ impl EtcdKv {
         }
         match events.since(first, &self.kv_filter(), 1) {
             Since::Events { events, .. } => decode(&events)
-                .first()
-                .and_then(|e| e.kv.as_ref())
+                .iter()
+                .find_map(|e| e.as_ref().as_ref().and_then(|e| e.kv.as_ref()))
                 .map_or(current + 1, |kv| kv.mod_revision),
             Since::Gone { .. } => current + 1,
         }
@@ -324,7 +330,10 @@ async fn deliver(kv: &EtcdKv, id: i64, w: &mut Watcher, tx: &Out) -> Result<bool
         };
         let more = found.len() == READ_AHEAD;
         w.cursor = w.cursor.max(upto + 1);
-        let mut events: Vec<Event> = decode(&found).into_iter().filter(|e| w.wants(e)).collect();
+        let mut events: Vec<Event> = decode(&found)
+            .iter()
+            .filter_map(|e| e.as_ref().as_ref().filter(|e| w.wants(e)).cloned())
+            .collect();
         if !w.prev_kv {
             for e in &mut events {
                 e.prev_kv = None;

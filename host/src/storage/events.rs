@@ -43,7 +43,44 @@ pub struct Event {
     pub payload: Vec<u8>,
     /// How it ended.
     pub outcome: Outcome,
+    /// What a reader made of the event, kept for the next reader (the etcd endpoint decodes each
+    /// key-value event once per node, not once per watcher).
+    pub memo: Memo,
 }
+
+/// A slot for one value derived from an event, filled by its first reader. It takes no part in
+/// comparisons.
+#[derive(Default, Clone)]
+pub struct Memo(std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Memo {
+    /// The value in the slot, made by `make` if the slot is empty; `None` if it holds a value
+    /// of another type (another reader's).
+    pub fn get_or_init<T: Send + Sync + 'static>(
+        &self,
+        make: impl FnOnce() -> T,
+    ) -> Option<Arc<T>> {
+        self.0
+            .get_or_init(|| Arc::new(make()))
+            .clone()
+            .downcast::<T>()
+            .ok()
+    }
+}
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memo")
+    }
+}
+
+impl PartialEq for Memo {
+    fn eq(&self, _: &Memo) -> bool {
+        true
+    }
+}
+
+impl Eq for Memo {}
 
 impl Event {
     fn bytes(&self) -> usize {
@@ -273,6 +310,7 @@ mod tests {
             timestamp_ms: 1,
             payload: vec![0; payload],
             outcome: Outcome::Reply(b"ok".to_vec()),
+            memo: Memo::default(),
         }
     }
 

@@ -19,6 +19,10 @@
 //   }
 //   export const stateMachine = jsonExports(Counters);
 //
+// A waft:fsm@0.2.0 guest (built with `--wit wit/v0.2`) may implement `fire(context, key,
+// payload)` for its timers and import `waft:fsm/timers@0.2.0` and `waft:fsm/events@0.2.0` to
+// set timers and emit events.
+//
 // Numbers: JSON integers outside JavaScript's safe range (2^53) would lose digits in a plain
 // `JSON.parse`, so this parser reads every integer as a BigInt (`field(v, "int", ...)` checks
 // for one); floats stay Numbers. BigInts are written back as their digits, so 64-bit values
@@ -37,6 +41,12 @@ export class JsonStateMachine {
 
   query(_request) {
     throw new Error("query is not implemented");
+  }
+
+  // A due timer (waft:fsm@0.2.0 guests that set timers; `payload` is a Uint8Array). Throw
+  // `Reject` to refuse it (the state must be unchanged; the timer is dropped).
+  fire(_context, key, _payload) {
+    throw new Reject(`this guest sets no timers (timer ${key})`);
   }
 
   // What the snapshot holds: by default the instance's own fields.
@@ -304,6 +314,11 @@ export function jsonExports(Machine) {
           throw e;
         }
       });
+    },
+
+    // Exported only by waft:fsm@0.2.0 worlds; a 0.1.0 guest ignores it.
+    fire(context, key, payload) {
+      guarded(() => machine.fire(context, key, payload));
     },
 
     query(request) {

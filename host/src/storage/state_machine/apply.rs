@@ -396,6 +396,7 @@ impl SmState {
                     Response::Rejected(m) => Outcome::Rejected(m.clone()),
                     other => Outcome::Failed(failure(other)),
                 },
+                memo: Default::default(),
             });
             if let Some(events) = events {
                 self.emitted(&name, ctx, events);
@@ -422,6 +423,7 @@ impl SmState {
             timestamp_ms,
             payload: Vec::new(),
             outcome,
+            memo: Default::default(),
         });
     }
 

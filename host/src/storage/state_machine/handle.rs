@@ -132,6 +132,7 @@ impl SmState {
                     memory_bytes: svc.guest.memory_bytes() as u64,
                     code_bytes: svc.guest.module().info().code_bytes as u64,
                     history_bytes: svc.guest.history_bytes() as u64,
+                    pending_timers: svc.timers.len() as u64,
                     stats: self.local.stats.get(name).cloned().unwrap_or_default(),
                 })
                 .collect(),

@@ -39,6 +39,8 @@ pub struct ServiceMetrics {
     pub code_bytes: u64,
     /// Its instance history kept in memory (base state and journal), bytes.
     pub history_bytes: u64,
+    /// Pending guest timers.
+    pub pending_timers: u64,
     /// Counters and apply latency.
     pub stats: ServiceStats,
 }

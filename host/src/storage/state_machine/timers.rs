@@ -166,6 +166,7 @@ impl SmState {
                 timestamp_ms: ctx.timestamp_ms,
                 payload: data,
                 outcome: Outcome::Emitted(topic),
+                memo: Default::default(),
             });
         }
     }
@@ -224,6 +225,7 @@ impl SmState {
                 timestamp_ms: ctx.timestamp_ms,
                 payload: timer.payload,
                 outcome,
+                memo: Default::default(),
             });
             self.emitted(&name, ctx, emitted);
         }

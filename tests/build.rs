@@ -178,6 +178,26 @@ const FOREIGN: &[Foreign] = &[
         install: "npm install --prefix examples/guests/kv-js",
         run_in: "..",
     },
+    Foreign {
+        dir: "examples/guests/locks-js",
+        constant: "EXAMPLE_LOCKS_JS",
+        sources: &["locks.js", "../helpers/js/waft_json.js"],
+        tool: "../kv-js/node_modules/.bin/componentize-js",
+        args: &[
+            "locks-js/locks.js",
+            "--wit",
+            "{wit}/v0.2",
+            "-n",
+            "guest",
+            "-d",
+            "http",
+            "fetch-event",
+            "-o",
+            "{out}",
+        ],
+        install: "npm install --prefix examples/guests/kv-js",
+        run_in: "..",
+    },
 ];
 
 /// componentize-py's arguments for a guest whose module is `app.py`, with the determinism

@@ -351,6 +351,25 @@ async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_gue
 async fn a_python_lock_expires_by_its_timer_once_across_a_leader_change() {
     let path = waft_testkit::guests::EXAMPLE_LOCKS_PYTHON
         .unwrap_or_else(|why| panic!("the Python lock service is not built: {why}"));
+    let other = waft_testkit::guests::EXAMPLE_LOCKS_JS
+        .unwrap_or_else(|why| panic!("the JavaScript lock service is not built: {why}"));
+    lock_service(path, other).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_javascript_lock_expires_by_its_timer_once_across_a_leader_change() {
+    let path = waft_testkit::guests::EXAMPLE_LOCKS_JS
+        .unwrap_or_else(|why| panic!("the JavaScript lock service is not built: {why}"));
+    let other = waft_testkit::guests::EXAMPLE_LOCKS_PYTHON
+        .unwrap_or_else(|why| panic!("the Python lock service is not built: {why}"));
+    lock_service(path, other).await;
+}
+
+/// The lock service in `path` on three nodes: grants, a refused release, a released lock's
+/// timer gone, the leader stopped while a lock's timer is pending and the lock expiring once;
+/// then the service moved by hot-swap to the same service in the other language (`swap_to`),
+/// holder and pending timer kept.
+async fn lock_service(path: &str, swap_to: &str) {
     let mut cluster = TestCluster::start(3, test_settings()).await;
     cluster.form().await;
     let client = Client::builder(cluster.addrs.clone())
@@ -449,6 +468,22 @@ async fn a_python_lock_expires_by_its_timer_once_across_a_leader_change() {
         "every event once"
     );
     cluster.restart(leader).await;
+    assert_eq!(assert_identical(&cluster).await["locks"].0, 1);
+
+    // The same service in the other language takes over the state and the pending timer.
+    client
+        .deploy("locks", &waft_testkit::wasm(swap_to))
+        .await
+        .expect("hot-swaps to the other language");
+    let holder = query(&client, "locks", r#"{"holder":{"lock":"L"}}"#).await;
+    assert!(holder.contains(r#""owner":"b""#), "{holder}");
+    let busy = ok(
+        &client,
+        "locks",
+        r#"{"acquire":{"lock":"L","owner":"c","ttl_ms":1000}}"#,
+    )
+    .await;
+    assert!(busy.contains(r#""granted":false,"holder":"b""#), "{busy}");
     assert_eq!(assert_identical(&cluster).await["locks"].0, 1);
     cluster.shutdown().await;
 }

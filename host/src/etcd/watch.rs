@@ -66,7 +66,7 @@ impl Watcher {
         let put = e.r#type == event::EventType::Put as i32;
         kv.mod_revision >= self.start
             && !(put && self.no_put)
-            && !(!put && self.no_delete)
+            && (put || !self.no_delete)
             && in_range(&kv.key, &self.key, &self.range_end)
     }
 }
@@ -266,13 +266,12 @@ async fn serve(
                             last_sent: tokio::time::Instant::now(),
                         });
                     }
-                    Some(RequestUnion::CancelRequest(c)) => {
-                        if watchers.remove(&c.watch_id).is_some() {
-                            let mut r = kv.response(c.watch_id, 0);
-                            r.canceled = true;
-                            send(tx, r).await?;
-                        }
+                    Some(RequestUnion::CancelRequest(c)) if watchers.remove(&c.watch_id).is_some() => {
+                        let mut r = kv.response(c.watch_id, 0);
+                        r.canceled = true;
+                        send(tx, r).await?;
                     }
+                    Some(RequestUnion::CancelRequest(_)) => {}
                     Some(RequestUnion::ProgressRequest(_)) => {
                         // To every watcher of the stream (etcd's id -1 means "broadcast").
                         let current = kv.current_revision(&caller).await?;

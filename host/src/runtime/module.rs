@@ -360,8 +360,9 @@ fn check_world(imports: &[String], exports: &[String]) -> Result<FsmVersion, Loa
         .iter()
         .map(String::as_str)
         .filter(|i| {
-            !(WAFT_IMPORTS.contains(i) && i.ends_with(&own))
-                && !ALLOWED_IMPORT_PREFIXES.iter().any(|p| i.starts_with(p))
+            let waft_own = WAFT_IMPORTS.contains(i) && i.ends_with(&own);
+            let wasi = ALLOWED_IMPORT_PREFIXES.iter().any(|p| i.starts_with(p));
+            !waft_own && !wasi
         })
         .collect();
     if !refused.is_empty() {

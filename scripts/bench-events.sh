@@ -25,6 +25,8 @@ ETCD_KV=examples/guests/target/wasm32-wasip2/release/etcd_kv.wasm
 
 DIR=$(mktemp -d)
 PIDS=()
+ETCD_PIDS=()
+WAFT_PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -32,29 +34,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-CLUSTER="e1=http://127.0.0.1:23801,e2=http://127.0.0.1:23802,e3=http://127.0.0.1:23803"
-for i in 1 2 3; do
-  etcd --name "e$i" --data-dir "$DIR/e$i" \
-    --listen-client-urls "http://127.0.0.1:2379$i" --advertise-client-urls "http://127.0.0.1:2379$i" \
-    --listen-peer-urls "http://127.0.0.1:2380$i" --initial-advertise-peer-urls "http://127.0.0.1:2380$i" \
-    --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token waft-bench \
-    >"$DIR/etcd$i.log" 2>&1 &
-  PIDS+=($!)
-done
-"$WAFT" node --id 1 --listen 127.0.0.1:17001 --etcd-listen 127.0.0.1:24791 --data-dir "$DIR/w1" 2>"$DIR/waft1.log" &
-PIDS+=($!)
-for _ in $(seq 50); do "$WAFT" --endpoint 127.0.0.1:17001 cluster status >/dev/null 2>&1 && break; sleep 0.2; done
-"$WAFT" --endpoint 127.0.0.1:17001 cluster init >/dev/null
-for i in 2 3; do
-  "$WAFT" node --id $i --listen 127.0.0.1:1700$i --etcd-listen 127.0.0.1:2479$i --data-dir "$DIR/w$i" \
-    --join 127.0.0.1:17001 2>"$DIR/waft$i.log" &
-  PIDS+=($!)
-done
-for _ in $(seq 100); do
-  voters=$("$WAFT" --endpoint 127.0.0.1:17001 --output json cluster status 2>/dev/null | grep -o '"voter":true' | wc -l || true)
-  [ "$voters" = 3 ] && break
-  sleep 0.2
-done
+# shellcheck source=lib/bench-cluster.sh
+. scripts/lib/bench-cluster.sh
+waft_args() { echo "--etcd-listen 127.0.0.1:2479$1"; }
+start_etcd "$DIR"
+start_waft "$DIR" "$WAFT"
 "$WAFT" --endpoint 127.0.0.1:17001 deploy "$ETCD_KV" --service etcd >/dev/null
 for _ in $(seq 50); do ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:23791 put warmup 1 >/dev/null 2>&1 && break; sleep 0.2; done
 

@@ -72,35 +72,10 @@ cpu_seconds() {
 
 ETCD_PIDS=()
 WAFT_PIDS=()
-CLUSTER="e1=http://127.0.0.1:23801,e2=http://127.0.0.1:23802,e3=http://127.0.0.1:23803"
-for i in 1 2 3; do
-  etcd --name "e$i" --data-dir "$DIR/e$i" \
-    --listen-client-urls "http://127.0.0.1:2379$i" --advertise-client-urls "http://127.0.0.1:2379$i" \
-    --listen-peer-urls "http://127.0.0.1:2380$i" --initial-advertise-peer-urls "http://127.0.0.1:2380$i" \
-    --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token waft-bench \
-    >"$DIR/etcd$i.log" 2>&1 &
-  PIDS+=($!)
-  ETCD_PIDS+=($!)
-  confine "etcd$i" $!
-done
-
-"$WAFT" node --id 1 --listen 127.0.0.1:17001 --data-dir "$DIR/w1" 2>"$DIR/waft1.log" &
-PIDS+=($!)
-WAFT_PIDS+=($!)
-confine waft1 $!
-for _ in $(seq 50); do "$WAFT" --endpoint 127.0.0.1:17001 cluster status >/dev/null 2>&1 && break; sleep 0.2; done
-"$WAFT" --endpoint 127.0.0.1:17001 cluster init >/dev/null
-for i in 2 3; do
-  "$WAFT" node --id $i --listen 127.0.0.1:1700$i --data-dir "$DIR/w$i" --join 127.0.0.1:17001 2>"$DIR/waft$i.log" &
-  PIDS+=($!)
-  WAFT_PIDS+=($!)
-  confine "waft$i" $!
-done
-for _ in $(seq 100); do
-  voters=$("$WAFT" --endpoint 127.0.0.1:17001 --output json cluster status 2>/dev/null | grep -o '"voter":true' | wc -l || true)
-  [ "$voters" = 3 ] && break
-  sleep 0.2
-done
+# shellcheck source=lib/bench-cluster.sh
+. scripts/lib/bench-cluster.sh
+start_etcd "$DIR"
+start_waft "$DIR" "$WAFT"
 "$WAFT" --endpoint 127.0.0.1:17001 deploy "$KV" --service kv >/dev/null
 for _ in $(seq 50); do ETCDCTL_API=3 etcdctl --endpoints 127.0.0.1:23791 put warmup 1 >/dev/null 2>&1 && break; sleep 0.2; done
 

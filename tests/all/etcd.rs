@@ -194,12 +194,7 @@ async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
         .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
         .await;
     let waft_endpoint = fresh.node(0).etcd_addr().expect("etcd").to_string();
-    for _ in 0..100 {
-        if etcdctl(&real.addr, &["endpoint", "health"], None).await.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_healthy(&real.addr).await;
     let theirs = run_session(&real.addr).await;
     let ours = run_session(&waft_endpoint).await;
     for (t, o) in theirs.iter().zip(&ours) {
@@ -207,6 +202,33 @@ async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
     }
     fresh.shutdown().await;
     cluster.shutdown().await;
+}
+
+/// Three nodes serving etcd's API with the etcd-kv guest deployed, and a follower's endpoint
+/// (every call through it is forwarded; watches are served from its own history).
+pub(crate) async fn etcd_cluster() -> (TestCluster, String) {
+    let cluster = TestCluster::start_with(3, test_settings(), with_etcd).await;
+    cluster.form().await;
+    cluster
+        .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
+        .await;
+    let leader = cluster.wait_leader().await;
+    let endpoint = cluster
+        .node((leader + 1) % 3)
+        .etcd_addr()
+        .expect("etcd endpoint")
+        .to_string();
+    (cluster, endpoint)
+}
+
+/// Waits (up to 20 s) until the etcd at `addr` answers.
+pub(crate) async fn wait_healthy(addr: &str) {
+    for _ in 0..100 {
+        if etcdctl(addr, &["endpoint", "health"], None).await.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn kv(addr: std::net::SocketAddr) -> KvClient<Channel> {
@@ -530,12 +552,7 @@ async fn etcdctl_member_list_and_endpoint_status_work_against_waft() {
 
     // The same commands against a real etcd print the same JSON shape.
     let real = Etcd::start();
-    for _ in 0..100 {
-        if etcdctl(&real.addr, &["endpoint", "health"], None).await.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_healthy(&real.addr).await;
     let theirs = etcdctl_json(&real.addr, &["member", "list"]).await;
     assert_eq!(
         shape(&theirs),

@@ -4,17 +4,10 @@
 
 use crate::etcd::etcdctl;
 use crate::support::Etcd;
-use crate::support::cluster::{TestCluster, test_settings};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use waft::node::NodeConfig;
-use waft_testkit::guests::EXAMPLE_ETCD_KV;
-
-fn with_etcd(c: &mut NodeConfig) {
-    c.etcd_listen = Some("127.0.0.1:0".parse().expect("addr"));
-}
 
 /// An etcdctl that keeps running (a watch, a held lock, a campaign), its output collected.
 struct Running {
@@ -109,6 +102,12 @@ fn lease_id(out: &str) -> String {
     out.split_whitespace().nth(1).expect("lease id").to_owned()
 }
 
+/// The lease id in the key etcdctl's lock and elect print first ("NAME/LEASE").
+fn key_lease(out: &str) -> String {
+    let key = out.lines().next().expect("a key");
+    key.rsplit('/').next().expect("a lease").to_owned()
+}
+
 /// Blanks `ids` (hex, as etcdctl prints them, and decimal, as its JSON does) and the seconds a
 /// lease has left (both servers count down on their own clocks).
 fn blank(out: &str, ids: &[String]) -> String {
@@ -195,7 +194,7 @@ async fn session(endpoint: &str) -> Vec<String> {
     // A lock: the second holder waits for the first to let go.
     let first = Running::start(endpoint, &["lock", "L"]);
     let held = first.wait_lines(1).await;
-    ids.push(held.trim().rsplit('/').next().expect("lease").to_owned());
+    ids.push(key_lease(&held));
     step(&ids, "lock held", true, &held);
     let second = Running::start(endpoint, &["lock", "L", "echo", "second holder"]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -207,15 +206,7 @@ async fn session(endpoint: &str) -> Vec<String> {
     // An election: a leader, an observer that sees it, then the next leader when it resigns.
     let leader = Running::start(endpoint, &["elect", "E", "alpha"]);
     let said = leader.wait_lines(2).await;
-    ids.push(
-        said.lines()
-            .next()
-            .expect("key")
-            .rsplit('/')
-            .next()
-            .expect("lease")
-            .to_owned(),
-    );
+    ids.push(key_lease(&said));
     step(&ids, "elected", true, &said);
     let observer = Running::start(endpoint, &["elect", "-l", "E"]);
     let seen = observer.wait_lines(2).await;
@@ -225,15 +216,7 @@ async fn session(endpoint: &str) -> Vec<String> {
     step(&ids, "beta waits", true, &next.output());
     leader.interrupt().await;
     let said = next.wait_lines(2).await;
-    ids.push(
-        said.lines()
-            .next()
-            .expect("key")
-            .rsplit('/')
-            .next()
-            .expect("lease")
-            .to_owned(),
-    );
+    ids.push(key_lease(&said));
     step(&ids, "beta elected", true, &said);
     let seen = observer.wait_lines(4).await;
     step(&ids, "observer saw beta", true, &seen);
@@ -246,24 +229,9 @@ async fn session(endpoint: &str) -> Vec<String> {
 async fn etcdctl_watch_lease_lock_and_elect_match_a_real_etcd() {
     crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
     let real = Etcd::start();
-    let cluster = TestCluster::start_with(3, test_settings(), with_etcd).await;
-    cluster.form().await;
-    cluster
-        .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
-        .await;
-    let leader = cluster.wait_leader().await;
     // Through a follower: every call is forwarded, watches are served from its own history.
-    let endpoint = cluster
-        .node((leader + 1) % 3)
-        .etcd_addr()
-        .expect("etcd endpoint")
-        .to_string();
-    for _ in 0..100 {
-        if etcdctl(&real.addr, &["endpoint", "health"], None).await.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (cluster, endpoint) = crate::etcd::etcd_cluster().await;
+    crate::etcd::wait_healthy(&real.addr).await;
     let theirs = session(&real.addr).await;
     let ours = session(&endpoint).await;
     tracing::info!("the session against waft:\n{}", ours.join("\n"));

@@ -6,12 +6,8 @@
 //! pinned dependencies into `target/etcd3`; without them this test fails, saying so.
 
 use crate::support::Etcd;
-use crate::support::cluster::{TestCluster, test_settings};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
-use waft::node::NodeConfig;
-use waft_testkit::guests::EXAMPLE_ETCD_KV;
 
 /// Cases that pass against etcd and not against waft, and why.
 const DIFFERENCES: &[(&str, &str)] = &[(
@@ -20,10 +16,6 @@ const DIFFERENCES: &[(&str, &str)] = &[(
      `etcdctl snapshot status`; waft's backups are its own format (`waft backup`), and the \
      endpoint does not serve Snapshot",
 )];
-
-fn with_etcd(c: &mut NodeConfig) {
-    c.etcd_listen = Some("127.0.0.1:0".parse().expect("addr"));
-}
 
 fn suite() -> (PathBuf, PathBuf) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/etcd3");
@@ -97,26 +89,8 @@ async fn python_etcd3s_own_suite_passes_against_waft_wherever_it_passes_against_
     crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
     suite();
     let real = Etcd::start();
-    let cluster = TestCluster::start_with(3, test_settings(), with_etcd).await;
-    cluster.form().await;
-    cluster
-        .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
-        .await;
-    let leader = cluster.wait_leader().await;
-    let endpoint = cluster
-        .node((leader + 1) % 3)
-        .etcd_addr()
-        .expect("etcd endpoint")
-        .to_string();
-    for _ in 0..100 {
-        if crate::etcd::etcdctl(&real.addr, &["endpoint", "health"], None)
-            .await
-            .0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (cluster, endpoint) = crate::etcd::etcd_cluster().await;
+    crate::etcd::wait_healthy(&real.addr).await;
     let theirs = run(&real.addr).await;
     let ours = run(&endpoint).await;
     let mut missing = Vec::new();

@@ -117,18 +117,25 @@ async fn wait_for(client: &Client, service: &str, request: &str, want: &str) -> 
     panic!("{request} never showed {want:?}; last: {last}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_jobs_visibility_timeout_fires_once_and_never_early_across_a_leader_change() {
-    let mut cluster = TestCluster::start(3, test_settings()).await;
+/// Three nodes formed, a client on all of them, `module` deployed as `service`.
+async fn cluster_with(service: &str, module: &str) -> (TestCluster, Client) {
+    let cluster = TestCluster::start(3, test_settings()).await;
     cluster.form().await;
     let client = Client::builder(cluster.addrs.clone())
+        .deploy_timeout(Duration::from_secs(120))
         .connect()
         .await
         .expect("connects");
     client
-        .deploy("jobs", &waft_testkit::wasm(EXAMPLE_JOBS))
+        .deploy(service, &waft_testkit::wasm(module))
         .await
         .expect("deploys");
+    (cluster, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_jobs_visibility_timeout_fires_once_and_never_early_across_a_leader_change() {
+    let (mut cluster, client) = cluster_with("jobs", EXAMPLE_JOBS).await;
     let mut watch = client.watch_events(Some("jobs"), "jobs/", Some(1));
 
     ok(&client, "jobs", r#"{"Enqueue":{"id":"j1","body":"one"}}"#).await;
@@ -229,16 +236,7 @@ async fn a_jobs_visibility_timeout_fires_once_and_never_early_across_a_leader_ch
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_guest_keeps_them_pending()
  {
-    let mut cluster = TestCluster::start(3, test_settings()).await;
-    cluster.form().await;
-    let client = Client::builder(cluster.addrs.clone())
-        .connect()
-        .await
-        .expect("connects");
-    client
-        .deploy("t", &waft_testkit::wasm(TEST_TICKER))
-        .await
-        .expect("deploys");
+    let (mut cluster, client) = cluster_with("t", TEST_TICKER).await;
     let mut fired_events = client.watch_events(Some("t"), "fired/", Some(1));
 
     // A timer in the past fires at once, once; one after a delay fires after it.
@@ -370,17 +368,7 @@ async fn a_javascript_lock_expires_by_its_timer_once_across_a_leader_change() {
 /// then the service moved by hot-swap to the same service in the other language (`swap_to`),
 /// holder and pending timer kept.
 async fn lock_service(path: &str, swap_to: &str) {
-    let mut cluster = TestCluster::start(3, test_settings()).await;
-    cluster.form().await;
-    let client = Client::builder(cluster.addrs.clone())
-        .deploy_timeout(Duration::from_secs(120))
-        .connect()
-        .await
-        .expect("connects");
-    client
-        .deploy("locks", &waft_testkit::wasm(path))
-        .await
-        .expect("deploys");
+    let (mut cluster, client) = cluster_with("locks", path).await;
     let mut watch = client.watch_events(Some("locks"), "locks/", Some(1));
 
     let first = ok(

@@ -11,7 +11,7 @@ use waft::node::NodeConfig;
 use waft::pb::etcd::{self as pb, kv_client::KvClient};
 use waft_testkit::guests::EXAMPLE_ETCD_KV;
 
-fn with_etcd(c: &mut NodeConfig) {
+pub(crate) fn with_etcd(c: &mut NodeConfig) {
     c.etcd_listen = Some("127.0.0.1:0".parse().expect("addr"));
 }
 

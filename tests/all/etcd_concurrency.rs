@@ -250,3 +250,117 @@ async fn etcdctl_watch_lease_lock_and_elect_match_a_real_etcd() {
     cluster.assert_identical().await;
     cluster.shutdown().await;
 }
+
+/// The first two responses of a watch of `key` from `start` on the etcd at `endpoint`, and the
+/// events that follow within a second.
+async fn watch_from(endpoint: &str, key: &[u8], start: i64) -> Vec<waft::pb::etcd::WatchResponse> {
+    use waft::pb::etcd::{self as pb, watch_client::WatchClient};
+    let mut client = WatchClient::connect(format!("http://{endpoint}"))
+        .await
+        .expect("connect");
+    let create = pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: key.to_vec(),
+                start_revision: start,
+                ..Default::default()
+            },
+        )),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(create).await.expect("send");
+    let mut stream = client
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_secs(1), stream.message()).await
+    {
+        out.push(r);
+    }
+    drop(tx);
+    out
+}
+
+/// A watch that starts before what the node it asks still holds (its event history starts at
+/// its last snapshot install or start), or before a compaction, is created and then cancelled
+/// with the oldest revision it could have, as etcd cancels one below its compaction point; from
+/// that revision on it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_from_before_what_a_node_holds_is_cancelled_as_compacted() {
+    crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
+    let mut cluster = crate::support::cluster::TestCluster::start_with(
+        3,
+        crate::support::cluster::test_settings(),
+        crate::etcd::with_etcd,
+    )
+    .await;
+    cluster.form().await;
+    cluster
+        .deploy(
+            "etcd",
+            waft_testkit::wasm(waft_testkit::guests::EXAMPLE_ETCD_KV),
+        )
+        .await;
+    let leader = cluster.wait_leader().await;
+    let f = (leader + 1) % 3;
+    let at = |c: &crate::support::cluster::TestCluster| {
+        c.node(f).etcd_addr().expect("etcd endpoint").to_string()
+    };
+    for v in ["1", "2", "3"] {
+        assert!(etcdctl(&at(&cluster), &["put", "k", v], None).await.0); // revisions 2, 3, 4
+    }
+    // The follower snapshots everything and restarts from its snapshot.
+    let last = cluster.node(leader).metrics().last_log_index.expect("log");
+    cluster.wait_applied(last).await;
+    let node = cluster.node(f);
+    node.raft().trigger().snapshot().await.expect("snapshot");
+    node.raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= last),
+            "snapshot built",
+        )
+        .await
+        .expect("snapshot built");
+    cluster.stop(f).await;
+    cluster.restart(f).await;
+    assert!(etcdctl(&at(&cluster), &["put", "k", "4"], None).await.0); // revision 5
+    let last = cluster.node(leader).metrics().last_log_index.expect("log");
+    cluster.wait_applied(last).await;
+
+    let old = watch_from(&at(&cluster), b"k", 2).await;
+    assert!(old.len() >= 2, "{old:?}");
+    assert!(old[0].created && !old[0].canceled, "{old:?}");
+    assert!(old[1].canceled, "{old:?}");
+    assert_eq!(old[1].compact_revision, 5, "{old:?}");
+    assert!(old[1].cancel_reason.contains("compacted"), "{old:?}");
+    // From the revision it was told, the watch works.
+    let from = watch_from(&at(&cluster), b"k", 5).await;
+    let values: Vec<Vec<u8>> = from
+        .iter()
+        .flat_map(|r| &r.events)
+        .filter_map(|e| e.kv.as_ref().map(|kv| kv.value.clone()))
+        .collect();
+    assert_eq!(values, [b"4".to_vec()], "{from:?}");
+
+    // A compaction moves the oldest start for every member, the leader included.
+    assert!(etcdctl(&at(&cluster), &["put", "k", "5"], None).await.0); // revision 6
+    let (ok, _, err) = etcdctl(&at(&cluster), &["compact", "6"], None).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = etcdctl(&at(&cluster), &["compact", "6"], None).await;
+    assert!(
+        !ok && err.contains("required revision has been compacted"),
+        "{err}"
+    );
+    let on_leader = cluster.node(leader).etcd_addr().expect("etcd").to_string();
+    let compacted = watch_from(&on_leader, b"k", 5).await;
+    assert!(
+        compacted.len() >= 2 && compacted[1].canceled,
+        "{compacted:?}"
+    );
+    assert_eq!(compacted[1].compact_revision, 6, "{compacted:?}");
+    cluster.assert_identical().await;
+    cluster.shutdown().await;
+}

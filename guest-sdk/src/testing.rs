@@ -137,6 +137,36 @@ impl<S: StateMachine> Native<S> {
     pub fn new(state: S) -> Native<S> {
         Native(state, Vec::new())
     }
+
+    /// Makes one replicated call (an apply, a fire) with the context given: its effects are
+    /// kept when it succeeds. A failed call must leave the state unchanged (the runtime rolls
+    /// back every effect of a failed call; natively, that is the guest's promise): checked
+    /// here, and `what` names the call when it did not.
+    fn call<T>(
+        &mut self,
+        (index, term, timestamp_ms): (u64, u64, u64),
+        what: impl FnOnce() -> String,
+        call: impl FnOnce(&mut S, &Context) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let ctx = Context {
+            index,
+            term,
+            timestamp_ms,
+        };
+        let before = self.0.snapshot();
+        take_recorded();
+        let result = call(&mut self.0, &ctx);
+        let effects = take_recorded();
+        self.1 = if result.is_ok() { effects } else { Vec::new() };
+        if result.is_err() && self.0.snapshot() != before {
+            panic!(
+                "{} returned Err but changed the state: a refused call must leave the state as \
+                 it was",
+                what()
+            );
+        }
+        result
+    }
 }
 
 impl<S: StateMachine> Target for Native<S> {
@@ -152,20 +182,11 @@ impl<S: StateMachine> Target for Native<S> {
         key: &str,
         payload: &[u8],
     ) -> Result<(), String> {
-        let ctx = Context {
-            index,
-            term,
-            timestamp_ms,
-        };
-        let before = self.0.snapshot();
-        take_recorded();
-        let result = self.0.fire(&ctx, key, payload);
-        let effects = take_recorded();
-        if result.is_err() && self.0.snapshot() != before {
-            panic!("fire of timer {key:?} returned Err but changed the state");
-        }
-        self.1 = if result.is_ok() { effects } else { Vec::new() };
-        result
+        self.call(
+            (index, term, timestamp_ms),
+            || format!("fire of timer {key:?}"),
+            |s, ctx| s.fire(ctx, key, payload),
+        )
     }
 
     fn take_effects(&mut self) -> Vec<Effect> {
@@ -179,26 +200,16 @@ impl<S: StateMachine> Target for Native<S> {
         timestamp_ms: u64,
         command: &[u8],
     ) -> Result<Vec<u8>, String> {
-        let ctx = Context {
-            index,
-            term,
-            timestamp_ms,
-        };
-        // A rejection must leave the state unchanged (the runtime rolls back every effect of
-        // a failed call; natively, that is the guest's promise): checked here.
-        let before = self.0.snapshot();
-        take_recorded();
-        let result = self.0.apply(&ctx, command);
-        let effects = take_recorded();
-        self.1 = if result.is_ok() { effects } else { Vec::new() };
-        if result.is_err() && self.0.snapshot() != before {
-            panic!(
-                "apply of entry {index} returned Err but changed the state: a rejected command \
-                 must leave the state as it was ({:?})",
-                String::from_utf8_lossy(command)
-            );
-        }
-        result
+        self.call(
+            (index, term, timestamp_ms),
+            || {
+                format!(
+                    "apply of entry {index} ({:?})",
+                    String::from_utf8_lossy(command)
+                )
+            },
+            |s, ctx| s.apply(ctx, command),
+        )
     }
 
     fn query(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {

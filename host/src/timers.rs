@@ -13,20 +13,21 @@ use crate::storage::StateHandle;
 use crate::types::{Request, now_ms};
 use std::time::Duration;
 
-/// Longest sleep between two looks (a timer set while the task sleeps wakes it sooner through
-/// the apply signal; this bounds what a missed signal could cost).
+/// Longest sleep between two looks. A change of the earliest due time wakes the task at once;
+/// this bounds how long a node that just became leader takes to see overdue timers.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Spawns the task for this node.
 pub fn spawn(raft: Raft, state: StateHandle) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut applied = state.applied_signal();
+        let mut due = state.timer_due();
         loop {
             let leads = {
                 use openraft::async_runtime::WatchReceiver;
                 raft.metrics().borrow_watched().state.is_leader()
             };
-            let wait = match state.next_timer_due().filter(|_| leads) {
+            let next = *due.borrow_and_update();
+            let wait = match next.filter(|_| leads) {
                 Some(at) => {
                     let now = now_ms();
                     if at <= now {
@@ -46,10 +47,9 @@ pub fn spawn(raft: Raft, state: StateHandle) -> tokio::task::JoinHandle<()> {
                 }
                 None => MAX_WAIT,
             };
-            applied.borrow_and_update();
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                changed = applied.changed() => if changed.is_err() { return },
+                changed = due.changed() => if changed.is_err() { return },
             }
         }
     })

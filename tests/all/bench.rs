@@ -200,3 +200,67 @@ async fn bench_speaks_etcds_kv_api_and_compares() {
     }
     cluster.shutdown().await;
 }
+
+/// `waft bench-watch` and `waft bench-timers` load waft's etcd endpoint and a real etcd alike
+/// and report every event delivered, every lease expired, and the ratios.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_watch_and_bench_timers_measure_waft_and_etcd_alike() {
+    crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
+    let etcd = crate::support::Etcd::start();
+    crate::etcd::wait_healthy(&etcd.addr).await;
+    let (cluster, endpoint) = crate::etcd::etcd_cluster().await;
+    let d = json(
+        &waft(&[
+            "--output",
+            "json",
+            "bench-watch",
+            "--etcd",
+            &endpoint,
+            "--compare-etcd",
+            &etcd.addr,
+            "--watchers",
+            "20",
+            "--streams",
+            "4",
+            "--writers",
+            "2",
+            "--duration",
+            "1",
+        ])
+        .await,
+    );
+    for r in d["results"].as_array().expect("results") {
+        assert!(r["puts"].as_u64().expect("puts") > 0, "{d}");
+        assert_eq!(
+            r["delivered"], r["expected"],
+            "every put reached every watcher: {d}"
+        );
+    }
+    assert!(
+        d["ratio"]["events_per_sec"].as_f64().expect("ratio") > 0.0,
+        "{d}"
+    );
+    let d = json(
+        &waft(&[
+            "--output",
+            "json",
+            "bench-timers",
+            "--etcd",
+            &endpoint,
+            "--compare-etcd",
+            &etcd.addr,
+            "--timers",
+            "5",
+            "--spread",
+            "0.5",
+            "--load",
+            "2",
+        ])
+        .await,
+    );
+    for r in d["results"].as_array().expect("results") {
+        assert_eq!(r["expired"], 5, "every lease ran out and was seen: {d}");
+    }
+    assert!(d["ratio"]["p99_lag"].as_f64().expect("ratio") > 0.0, "{d}");
+    cluster.shutdown().await;
+}

@@ -330,6 +330,14 @@ async fn a_watch_from_before_what_a_node_holds_is_cancelled_as_compacted() {
     let last = cluster.node(leader).metrics().last_log_index.expect("log");
     cluster.wait_applied(last).await;
 
+    // No key: created and cancelled with etcd's words.
+    let empty = watch_from(&at(&cluster), b"", 0).await;
+    assert!(
+        empty.len() == 1 && empty[0].created && empty[0].canceled,
+        "{empty:?}"
+    );
+    assert_eq!(empty[0].cancel_reason, "etcdserver: key is not provided");
+
     let old = watch_from(&at(&cluster), b"k", 2).await;
     assert!(old.len() >= 2, "{old:?}");
     assert!(old[0].created && !old[0].canceled, "{old:?}");

@@ -188,6 +188,7 @@ async fn serve(
     tx: &Out,
 ) -> Result<(), Status> {
     let history = kv.state.events();
+    let filter = kv.kv_filter();
     let mut grew = history.subscribe();
     let mut watchers: BTreeMap<i64, Watcher> = BTreeMap::new();
     let mut next_id: i64 = 0;
@@ -198,7 +199,7 @@ async fn serve(
         grew.borrow_and_update();
         let mut cancelled = Vec::new();
         for (id, w) in watchers.iter_mut() {
-            if !deliver(&kv, *id, w, tx).await? {
+            if !deliver(&kv, &filter, *id, w, tx).await? {
                 cancelled.push(*id);
             }
         }
@@ -310,10 +311,16 @@ async fn send(tx: &Out, r: WatchResponse) -> Result<(), Status> {
 
 /// Sends watcher `id` the events of the history it has not read; false when the history no
 /// longer holds them (the watcher is cancelled, as etcd cancels a compacted one).
-async fn deliver(kv: &EtcdKv, id: i64, w: &mut Watcher, tx: &Out) -> Result<bool, Status> {
+async fn deliver(
+    kv: &EtcdKv,
+    filter: &Filter,
+    id: i64,
+    w: &mut Watcher,
+    tx: &Out,
+) -> Result<bool, Status> {
     let history = kv.state.events();
     loop {
-        let (found, upto) = match history.since(w.cursor, &kv.kv_filter(), READ_AHEAD) {
+        let (found, upto) = match history.since(w.cursor, filter, READ_AHEAD) {
             Since::Events { events, upto } => (events, upto),
             Since::Gone { first } => {
                 let mut r = kv.response(id, w.sent);

@@ -50,8 +50,6 @@ pub(super) struct View {
     pub(super) metrics: Vec<ServiceMetrics>,
     pub(super) audit: AuditStatus,
     pub(super) snapshots: SnapshotStats,
-    /// When the earliest timer some guest can take is due.
-    pub(super) next_timer_ms: Option<u64>,
 }
 
 /// Read access to the live state, shared with the API (queries). Methods that are not
@@ -63,6 +61,8 @@ pub struct StateHandle {
     pub(super) view: Arc<Mutex<View>>,
     pub(super) runtime: crate::runtime::Runtime,
     pub(super) events: Arc<Events>,
+    /// When the earliest timer a guest can take is due (see [`StateHandle::timer_due`]).
+    pub(super) timer_due: Arc<tokio::sync::watch::Sender<Option<u64>>>,
     /// How a diverged replica reaches its peers (set by the node once its network exists).
     pub(super) healer: Arc<Mutex<heal::HealerSlot>>,
     /// This node's modules (the state machine's own store).
@@ -138,8 +138,14 @@ impl SmState {
                 .collect(),
             audit: self.local.audit.status.clone(),
             snapshots: self.local.snapshots.clone(),
-            next_timer_ms: self.next_timer_due(),
         };
+        // Told only when it changes: the timer proposer must not wake on every apply.
+        let due = self.next_timer_due();
+        self.local.timer_due.send_if_modified(|v| {
+            let changed = *v != due;
+            *v = due;
+            changed
+        });
         *lock_view(&self.local.view) = view;
     }
 }
@@ -457,14 +463,9 @@ impl StateHandle {
     }
 
     /// When the earliest pending timer that a guest can take is due (ms since the Unix
-    /// epoch), as of the last apply: the leader proposes a `FireTimers` entry once it is.
-    pub fn next_timer_due(&self) -> Option<u64> {
-        lock_view(&self.view).next_timer_ms
-    }
-
-    /// A receiver told each time the state machine applied something (the events history's
-    /// signal): the timer proposer wakes on it to see a timer set sooner than it waits for.
-    pub fn applied_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.events.subscribe()
+    /// epoch), as of the last apply, told each time it changes: the leader proposes a
+    /// `FireTimers` entry once it is due.
+    pub fn timer_due(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
+        self.timer_due.subscribe()
     }
 }

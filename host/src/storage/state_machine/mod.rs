@@ -95,6 +95,8 @@ struct Local {
     pending_events: Vec<Event>,
     /// Where [`SmState::publish`] puts what readers on async threads see.
     view: Arc<Mutex<handle::View>>,
+    /// When the earliest timer a guest can take is due, published when it changes.
+    timer_due: Arc<tokio::sync::watch::Sender<Option<u64>>>,
 }
 
 use crate::sync::lock_or_stop as lock;
@@ -125,6 +127,7 @@ impl SmState {
         modules: ModuleStore,
         events: Arc<Events>,
         view: Arc<Mutex<handle::View>>,
+        timer_due: Arc<tokio::sync::watch::Sender<Option<u64>>>,
     ) -> SmState {
         SmState {
             runtime,
@@ -144,6 +147,7 @@ impl SmState {
                 events,
                 pending_events: Vec::new(),
                 view,
+                timer_due,
             },
         }
     }

@@ -57,11 +57,13 @@ impl StateMachineStore {
         std::fs::create_dir_all(dir)?;
         let events = Arc::new(Events::new(history));
         let view = Arc::new(Mutex::new(super::handle::View::default()));
+        let timer_due = Arc::new(tokio::sync::watch::channel(None).0);
         let state = SmState::new(
             runtime.clone(),
             modules.clone(),
             events.clone(),
             view.clone(),
+            timer_due.clone(),
         );
         state.publish();
         Ok(StateMachineStore {
@@ -70,6 +72,7 @@ impl StateMachineStore {
                 view,
                 runtime,
                 events,
+                timer_due,
                 healer: Arc::default(),
                 modules,
                 module_peers: Arc::default(),

@@ -343,6 +343,30 @@ fn the_readme_tour_runs_as_written() {
         "the Python tour:\n{out}{}",
         String::from_utf8_lossy(&python.stderr)
     );
+    // And with the Rust crate: `cargo test --workspace` (the test command) builds its examples
+    // next to this test's own binary.
+    let tour = std::env::current_exe()
+        .expect("this test's path")
+        .parent()
+        .and_then(Path::parent)
+        .expect("the profile's directory")
+        .join("examples")
+        .join(format!("tour{}", std::env::consts::EXE_SUFFIX));
+    let rust = std::process::Command::new(&tour)
+        .args([port(7001), port(7002), port(7003)])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "run {} ({e}): `cargo test --workspace` builds it, or `cargo build -p waft-client --example tour`",
+                tour.display()
+            )
+        });
+    let out = String::from_utf8_lossy(&rust.stdout);
+    assert!(
+        rust.status.success() && out.contains("get greeting: hello") && out.contains("kv version"),
+        "the Rust tour:\n{out}{}",
+        String::from_utf8_lossy(&rust.stderr)
+    );
     let status = dev.stop();
     assert!(status.success(), "waft dev exited with {status}");
 }

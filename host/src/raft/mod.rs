@@ -2,6 +2,7 @@
 //! identity checks on every Raft message and the audit/heal RPCs between nodes. The vocabulary
 //! (type config, requests, responses) is [`crate::types`].
 
+pub mod append_gate;
 pub mod identity;
 pub mod modules;
 pub mod network;

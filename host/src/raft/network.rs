@@ -7,7 +7,8 @@
 //! multiplexes everything too, but its frames go through one connection task and one TCP
 //! window: a snapshot transfer or a burst of forwarded requests then queues behind (or in
 //! front of) the replication stream. Appends use one bidirectional stream per replication session, so the
-//! leader pipelines requests instead of waiting for each reply. Snapshots are sent in chunks
+//! leader pipelines requests instead of waiting for each reply; small ones are coalesced while
+//! one is in flight (at most [`NetConfig::append_hold`], see [`super::append_gate`]). Snapshots are sent in chunks
 //! from a reader task while the receiver consumes them: the sender never waits for a reply
 //! before sending the next chunk.
 
@@ -57,7 +58,15 @@ pub struct NetConfig {
     /// serves its own. Members then run machine code another member made, so a node refuses
     /// to start with it unless the nodes authenticate each other with mutual TLS.
     pub share_compiled: bool,
+    /// Longest an entry waits for the append in flight to a follower to be answered before it
+    /// goes out in a request of its own (see [`super::append_gate`]); zero pipelines every
+    /// request at once.
+    pub append_hold: Duration,
 }
+
+/// [`NetConfig::append_hold`] unless set: a round trip between nodes on one network is well
+/// below it.
+pub const DEFAULT_APPEND_HOLD: Duration = Duration::from_millis(1);
 
 /// Most connections a node keeps to one peer.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -74,6 +83,7 @@ impl Default for NetConfig {
             tls: None,
             connections: 3,
             share_compiled: false,
+            append_hold: DEFAULT_APPEND_HOLD,
         }
     }
 }
@@ -396,6 +406,15 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
             let sending = in_flight.clone();
             // An entry that cannot be encoded ends the stream (openraft then retries); it is
             // logged, never skipped, since skipping would leave a gap in the follower's log.
+            // Entries proposed while a request is in flight go out together in the next.
+            let gate = Arc::new(super::append_gate::AppendGate::new(self.config.append_hold));
+            let answered = gate.clone();
+            let input = futures::stream::unfold((input, gate), |(mut input, gate)| async move {
+                gate.ready().await;
+                let request = input.next().await?;
+                gate.sent();
+                Some((request, (input, gate)))
+            });
             let outgoing = input
                 .inspect(move |req| sending.sent(req.entries.is_empty()))
                 .map(move |req| match pb::encode(&req) {
@@ -429,6 +448,7 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
                 }
             };
             let results = replies.map(move |item| {
+                answered.replied();
                 in_flight.replied();
                 let msg = item.map_err(|s| rpc_error(target, &addr, &s))?;
                 pb::decode::<StreamAppendResult<TypeConfig>>(&msg).map_err(|s| rpc_error(target, &addr, &s))

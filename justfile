@@ -61,8 +61,9 @@ chaos secs="120" seed="":
 # load to its leader (a leader-aware client) and writes vs-etcd-to-leader.*;
 # `just bench-vs-etcd-batch 16` sends 16 writes per request (SubmitBatch vs etcd's Txn);
 # waft's writes go over one Session stream per node (`WAFT_BENCH_API=unary`: a call each).
-bench-vs-etcd secs="10":
-    scripts/bench-vs-etcd.sh {{secs}}
+# `repeat` runs each point's pair that many times and keeps the median ratio.
+bench-vs-etcd secs="8" repeat="3":
+    WAFT_BENCH_REPEAT={{repeat}} scripts/bench-vs-etcd.sh {{secs}}
 
 bench-vs-etcd-to-leader secs="10":
     WAFT_BENCH_TO_LEADER=1 scripts/bench-vs-etcd.sh {{secs}}
@@ -72,8 +73,8 @@ bench-vs-etcd-batch n="16" secs="10":
 
 # The same with every waft node and etcd member confined to half a core (cgroup v1 quota), as
 # if each ran on a machine of its own: writes vs-etcd-cpu0.5.*.
-bench-vs-etcd-quota cpu="0.5" secs="10":
-    WAFT_BENCH_CPU={{cpu}} scripts/bench-vs-etcd.sh {{secs}}
+bench-vs-etcd-quota cpu="0.5" secs="8" repeat="3":
+    WAFT_BENCH_CPU={{cpu}} WAFT_BENCH_REPEAT={{repeat}} scripts/bench-vs-etcd.sh {{secs}}
 
 # The kv guest in Rust, Python, JS and C on one 3-node cluster, puts/s against the Rust guest.
 bench-languages secs="8":

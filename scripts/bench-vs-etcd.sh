@@ -16,11 +16,16 @@
 # WAFT_BENCH_API=unary sends each waft request as its own unary call instead of over the
 # connection's Session stream (waft bench's default; results: vs-etcd[...]-unary.*).
 # WAFT_BENCH_CONNECTIONS=N: HTTP/2 connections per system (default: one per client, up to 64).
+# WAFT_BENCH_REPEAT=N: each point's pair N times, the median ratio kept (see below).
 # Every point also prints the CPU time (user and system, from /proc) each system's three
 # processes spent per put, and their ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
+# WAFT_BENCH_REPEAT=N runs each point's waft/etcd pair N times in a row (the pair with the
+# median ratio is kept; CPU per put counts all of them): the machine's noise moves single runs
+# by ±10%.
+REPEAT=${WAFT_BENCH_REPEAT:-1}
 shift || true
 CLIENTS=${*:-1 16 64 256}
 
@@ -118,15 +123,32 @@ for c in $CLIENTS; do
   etcd_cpu=$(cpu_seconds "${ETCD_PIDS[@]}")
   waft_sys=$(FIELD=15 cpu_seconds "${WAFT_PIDS[@]}")
   etcd_sys=$(FIELD=15 cpu_seconds "${ETCD_PIDS[@]}")
-  "$WAFT" --output json bench --endpoints 127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003 \
-    --compare-etcd 127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793 \
-    --clients "$c" --duration "$SECS" --warmup "$WARMUP" --value-size 64 "${ROUTE[@]}" >>"$OUT"
+  : >"$DIR/runs.jsonl"
+  for _ in $(seq "$REPEAT"); do
+    "$WAFT" --output json bench --endpoints 127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003 \
+      --compare-etcd 127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793 \
+      --clients "$c" --duration "$SECS" --warmup "$WARMUP" --value-size 64 "${ROUTE[@]}" >>"$DIR/runs.jsonl"
+  done
+  # The pair with the median throughput ratio stands for the point; every ratio is printed.
+  python3 -c "
+import json, sys
+runs = [json.loads(l) for l in open('$DIR/runs.jsonl') if l.strip()]
+ratios = [r['ratio']['throughput'] for r in runs]
+if len(runs) > 1:
+    print('  ratios of the %d pairs: %s' % (len(runs), ', '.join('%.2f' % x for x in ratios)), file=sys.stderr)
+median = sorted(range(len(runs)), key=lambda i: ratios[i])[len(runs) // 2]
+print(json.dumps(runs[median]))
+" >>"$OUT"
   tail -n1 "$OUT" | python3 scripts/bench_report.py --summary
   # CPU per put: each system is loaded in turn (its warmup, then SECS), idle otherwise; the
   # warmup's share of the CPU is taken out at the measured rate.
-  tail -n1 "$OUT" | python3 -c "
+  python3 -c "
 import json, sys
-r = {x['target']: x for x in json.load(sys.stdin)['results']}
+r = {}
+for line in open('$DIR/runs.jsonl'):
+    if line.strip():
+        for x in json.loads(line)['results']:
+            r.setdefault(x['target'], {'ops': 0})['ops'] += x['ops']
 spent = {'waft': $(cpu_seconds "${WAFT_PIDS[@]}") - $waft_cpu, 'etcd': $(cpu_seconds "${ETCD_PIDS[@]}") - $etcd_cpu}
 kernel = {'waft': $(FIELD=15 cpu_seconds "${WAFT_PIDS[@]}") - $waft_sys, 'etcd': $(FIELD=15 cpu_seconds "${ETCD_PIDS[@]}") - $etcd_sys}
 per = {t: spent[t] * $SECS / ($SECS + $WARMUP) / r[t]['ops'] * 1e6 for t in spent}

@@ -14,28 +14,26 @@
 //! is longer, requests go out at least every `hold`, pipelined as before. A backlog (a
 //! follower catching up) goes out in full requests either way. Zero turns the gate off.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use super::rtt::InFlight;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// One replication stream's gate (see the module docs).
+/// One replication stream's gate (see the module docs), over the stream's record of the
+/// requests awaiting replies (which also times them for `/metrics`).
 #[derive(Debug)]
 pub struct AppendGate {
     hold: Duration,
-    in_flight: AtomicUsize,
-    last_sent: Mutex<Option<Instant>>,
+    requests: InFlight,
     replied: Notify,
 }
 
 impl AppendGate {
-    /// A gate that holds a request back at most `hold` (zero: never).
-    pub fn new(hold: Duration) -> AppendGate {
+    /// A gate that holds a request back at most `hold` (zero: never), keeping `requests`.
+    pub fn new(hold: Duration, requests: InFlight) -> AppendGate {
         AppendGate {
             hold,
-            in_flight: AtomicUsize::new(0),
-            last_sent: Mutex::new(None),
+            requests,
             replied: Notify::new(),
         }
     }
@@ -51,10 +49,7 @@ impl AppendGate {
             tokio::pin!(replied);
             // Registered before looking, so that a reply in between still wakes this.
             replied.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            let Some(sent) = *crate::sync::lock(&self.last_sent) else {
+            let Some(sent) = self.requests.newest() else {
                 return;
             };
             let deadline = sent + self.hold;
@@ -68,17 +63,14 @@ impl AppendGate {
         }
     }
 
-    /// A request went out.
-    pub fn sent(&self) {
-        *crate::sync::lock(&self.last_sent) = Some(Instant::now());
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    /// A request (a heartbeat if it carries no entries) went out.
+    pub fn sent(&self, heartbeat: bool) {
+        self.requests.sent(heartbeat);
     }
 
     /// The reply to the oldest request in flight came.
     pub fn replied(&self) {
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.requests.replied();
         self.replied.notify_waiters();
     }
 }
@@ -86,13 +78,21 @@ impl AppendGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    fn gate(hold: Duration) -> AppendGate {
+        AppendGate::new(
+            hold,
+            InFlight::new(Arc::new(super::super::rtt::PeerRtt::default())),
+        )
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_waits_for_the_reply_or_the_hold_whichever_comes_first() {
-        let gate = std::sync::Arc::new(AppendGate::new(Duration::from_millis(5)));
+        let gate = Arc::new(gate(Duration::from_millis(5)));
         // Nothing in flight: at once.
         gate.ready().await;
-        gate.sent();
+        gate.sent(false);
         // One in flight: held until its reply.
         let start = Instant::now();
         let waiting = tokio::spawn({
@@ -112,7 +112,7 @@ mod tests {
         );
         // In flight with no reply: released after the hold, counted from the send.
         gate.ready().await;
-        gate.sent();
+        gate.sent(false);
         let start = Instant::now();
         gate.ready().await;
         assert_eq!(
@@ -120,7 +120,7 @@ mod tests {
             Duration::from_millis(5),
             "released by the hold"
         );
-        // A reply to nothing in flight does not wrap the count.
+        // A reply to nothing in flight changes nothing.
         gate.replied();
         gate.replied();
         gate.replied();
@@ -129,9 +129,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_zero_hold_never_waits() {
-        let gate = AppendGate::new(Duration::ZERO);
-        gate.sent();
-        gate.sent();
+        let gate = gate(Duration::ZERO);
+        gate.sent(false);
+        gate.sent(false);
         let start = Instant::now();
         gate.ready().await;
         assert_eq!(Instant::now(), start);

@@ -402,21 +402,20 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
                 tokio::time::sleep_until(at).await;
             }
             let (target, addr) = (self.target, self.addr.clone());
-            let in_flight = Arc::new(super::rtt::InFlight::new(self.rtt.clone()));
-            let sending = in_flight.clone();
-            // An entry that cannot be encoded ends the stream (openraft then retries); it is
+            // Entries proposed while a request is in flight go out together in the next. An
+            // entry that cannot be encoded ends the stream (openraft then retries); it is
             // logged, never skipped, since skipping would leave a gap in the follower's log.
-            // Entries proposed while a request is in flight go out together in the next.
-            let gate = Arc::new(super::append_gate::AppendGate::new(self.config.append_hold));
+            let gate = Arc::new(super::append_gate::AppendGate::new(
+                self.config.append_hold,
+                super::rtt::InFlight::new(self.rtt.clone()),
+            ));
             let answered = gate.clone();
-            let input = futures::stream::unfold((input, gate), |(mut input, gate)| async move {
+            let outgoing = futures::stream::unfold((input, gate), |(mut input, gate)| async move {
                 gate.ready().await;
                 let request = input.next().await?;
-                gate.sent();
+                gate.sent(request.entries.is_empty());
                 Some((request, (input, gate)))
-            });
-            let outgoing = input
-                .inspect(move |req| sending.sent(req.entries.is_empty()))
+            })
                 .map(move |req| match pb::encode(&req) {
                     Ok(msg) => Some(msg),
                     Err(e) => {
@@ -449,7 +448,6 @@ impl NetStreamAppend<TypeConfig> for PeerClient {
             };
             let results = replies.map(move |item| {
                 answered.replied();
-                in_flight.replied();
                 let msg = item.map_err(|s| rpc_error(target, &addr, &s))?;
                 pb::decode::<StreamAppendResult<TypeConfig>>(&msg).map_err(|s| rpc_error(target, &addr, &s))
             });

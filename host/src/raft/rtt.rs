@@ -10,7 +10,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock (the system's outside tests), so that tests on a paused clock can time it.
+use tokio::time::Instant;
 
 /// Upper bounds of the histogram's buckets, seconds: 0.1 ms up to about 2.6 s in steps of
 /// 1.5×, fine enough that a percentile read from it is within a step of the truth.
@@ -104,6 +106,11 @@ impl InFlight {
     /// A request (a heartbeat if it carries no entries) goes out.
     pub fn sent(&self, heartbeat: bool) {
         crate::sync::lock(&self.sent).push_back((Instant::now(), heartbeat));
+    }
+
+    /// When the newest request awaiting its reply went out; `None` when none awaits one.
+    pub fn newest(&self) -> Option<Instant> {
+        crate::sync::lock(&self.sent).back().map(|(at, _)| *at)
     }
 
     /// The oldest request's reply came.

@@ -207,18 +207,24 @@ async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
 /// Three nodes serving etcd's API with the etcd-kv guest deployed, and a follower's endpoint
 /// (every call through it is forwarded; watches are served from its own history).
 pub(crate) async fn etcd_cluster() -> (TestCluster, String) {
+    let (cluster, _, follower) = etcd_nodes().await;
+    let endpoint = cluster
+        .node(follower)
+        .etcd_addr()
+        .expect("etcd endpoint")
+        .to_string();
+    (cluster, endpoint)
+}
+
+/// The same three nodes, with the leader's and a follower's index.
+pub(crate) async fn etcd_nodes() -> (TestCluster, usize, usize) {
     let cluster = TestCluster::start_with(3, test_settings(), with_etcd).await;
     cluster.form().await;
     cluster
         .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
         .await;
     let leader = cluster.wait_leader().await;
-    let endpoint = cluster
-        .node((leader + 1) % 3)
-        .etcd_addr()
-        .expect("etcd endpoint")
-        .to_string();
-    (cluster, endpoint)
+    (cluster, leader, (leader + 1) % 3)
 }
 
 /// Waits (up to 20 s) until the etcd at `addr` answers.
@@ -473,13 +479,7 @@ fn shape(v: &serde_json::Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcdctl_member_list_and_endpoint_status_work_against_waft() {
     crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
-    let cluster = TestCluster::start_with(3, test_settings(), with_etcd).await;
-    cluster.form().await;
-    cluster
-        .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
-        .await;
-    let leader = cluster.wait_leader().await;
-    let follower = (leader + 1) % 3;
+    let (cluster, leader, follower) = etcd_nodes().await;
     let endpoint = cluster
         .node(follower)
         .etcd_addr()

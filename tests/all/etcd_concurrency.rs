@@ -290,21 +290,7 @@ async fn watch_from(endpoint: &str, key: &[u8], start: i64) -> Vec<waft::pb::etc
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_watch_from_before_what_a_node_holds_is_cancelled_as_compacted() {
     crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
-    let mut cluster = crate::support::cluster::TestCluster::start_with(
-        3,
-        crate::support::cluster::test_settings(),
-        crate::etcd::with_etcd,
-    )
-    .await;
-    cluster.form().await;
-    cluster
-        .deploy(
-            "etcd",
-            waft_testkit::wasm(waft_testkit::guests::EXAMPLE_ETCD_KV),
-        )
-        .await;
-    let leader = cluster.wait_leader().await;
-    let f = (leader + 1) % 3;
+    let (mut cluster, leader, f) = crate::etcd::etcd_nodes().await;
     let at = |c: &crate::support::cluster::TestCluster| {
         c.node(f).etcd_addr().expect("etcd endpoint").to_string()
     };

@@ -16,26 +16,14 @@ cd "$(dirname "$0")/.."
 WATCHERS=${1:-1000}
 SECS=${2:-10}
 
-command -v etcd >/dev/null || apt-get install -y etcd-server etcd-client >/dev/null
-cargo build --release --quiet
-rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
-cargo build --release --quiet --target wasm32-wasip2 --manifest-path examples/guests/Cargo.toml
-WAFT=target/release/waft
-ETCD_KV=examples/guests/target/wasm32-wasip2/release/etcd_kv.wasm
-
-DIR=$(mktemp -d)
-PIDS=()
-ETCD_PIDS=()
-WAFT_PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-
 # shellcheck source=lib/bench-cluster.sh
 . scripts/lib/bench-cluster.sh
+bench_setup
+trap stop_all EXIT
+ETCD_KV=examples/guests/target/wasm32-wasip2/release/etcd_kv.wasm
+ETCD_PIDS=()
+WAFT_PIDS=()
+
 waft_args() { echo "--etcd-listen 127.0.0.1:2479$1"; }
 start_etcd "$DIR"
 start_waft "$DIR" "$WAFT"

@@ -29,23 +29,10 @@ REPEAT=${WAFT_BENCH_REPEAT:-1}
 shift || true
 CLIENTS=${*:-1 16 64 256}
 
-if ! command -v etcd >/dev/null; then
-  echo "etcd is not installed; installing Debian's etcd-server (needs root)" >&2
-  apt-get install -y etcd-server etcd-client >/dev/null
-fi
-cargo build --release --quiet
-rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
-cargo build --release --quiet --target wasm32-wasip2 --manifest-path examples/guests/Cargo.toml
-WAFT=target/release/waft
+# shellcheck source=lib/bench-cluster.sh
+. scripts/lib/bench-cluster.sh
+bench_setup
 KV=examples/guests/target/wasm32-wasip2/release/kv.wasm
-
-DIR=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$DIR"
-}
 
 CPU=${WAFT_BENCH_CPU:-}
 CG=/sys/fs/cgroup/cpu/waft-bench-$$
@@ -64,7 +51,7 @@ uncage() {
   for d in "$CG"/*/; do rmdir "$d" 2>/dev/null || true; done
   rmdir "$CG" 2>/dev/null || true
 }
-trap 'cleanup; uncage' EXIT
+trap 'stop_all; uncage' EXIT
 # User + system CPU seconds of the given processes (all their threads); with FIELD=14 user
 # only, FIELD=15 system only.
 cpu_seconds() {
@@ -77,8 +64,6 @@ cpu_seconds() {
 
 ETCD_PIDS=()
 WAFT_PIDS=()
-# shellcheck source=lib/bench-cluster.sh
-. scripts/lib/bench-cluster.sh
 start_etcd "$DIR"
 start_waft "$DIR" "$WAFT"
 "$WAFT" --endpoint 127.0.0.1:17001 deploy "$KV" --service kv >/dev/null

@@ -1,5 +1,8 @@
 # Sourced by the benchmark scripts: a 3-member etcd and a 3-node waft on loopback.
 #
+# bench_setup: installs etcd if missing, builds the release binary (WAFT) and the example
+#   guests, makes a scratch directory DIR and an empty PIDS list; stop_all kills every pid in
+#   PIDS and removes DIR (the scripts trap it on EXIT).
 # start_etcd DIR: members e1..e3, clients on 127.0.0.1:2379{1,2,3}, peers on 2380{1,2,3};
 #   their pids are appended to PIDS and ETCD_PIDS.
 # start_waft DIR WAFT: nodes 1..3 on 127.0.0.1:1700{1,2,3} (node 1 initializes, 2 and 3 join),
@@ -46,4 +49,24 @@ start_waft() {
     [ "$voters" = 3 ] && break
     sleep 0.2
   done
+}
+
+bench_setup() {
+  if ! command -v etcd >/dev/null; then
+    echo "etcd is not installed; installing Debian's etcd-server (needs root)" >&2
+    apt-get install -y etcd-server etcd-client >/dev/null
+  fi
+  cargo build --release --quiet
+  rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
+  cargo build --release --quiet --target wasm32-wasip2 --manifest-path examples/guests/Cargo.toml
+  WAFT=target/release/waft
+  DIR=$(mktemp -d)
+  PIDS=()
+}
+
+stop_all() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DIR"
 }

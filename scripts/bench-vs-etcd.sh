@@ -16,15 +16,14 @@
 # WAFT_BENCH_API=unary sends each waft request as its own unary call instead of over the
 # connection's Session stream (waft bench's default; results: vs-etcd[...]-unary.*).
 # WAFT_BENCH_CONNECTIONS=N: HTTP/2 connections per system (default: one per client, up to 64).
-# WAFT_BENCH_REPEAT=N: each point's pair N times, the median ratio kept (see below).
+# WAFT_BENCH_REPEAT=N runs each point's waft/etcd pair N times in a row and keeps the pair with
+# the median ratio (CPU per put counts all of them): the machine's noise moves single runs by
+# ±10%.
 # Every point also prints the CPU time (user and system, from /proc) each system's three
 # processes spent per put, and their ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
-# WAFT_BENCH_REPEAT=N runs each point's waft/etcd pair N times in a row (the pair with the
-# median ratio is kept; CPU per put counts all of them): the machine's noise moves single runs
-# by ±10%.
 REPEAT=${WAFT_BENCH_REPEAT:-1}
 shift || true
 CLIENTS=${*:-1 16 64 256}

@@ -310,17 +310,28 @@ async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_gue
     cluster.restart(follower).await;
     assert_eq!(assert_identical(&cluster).await["t"].0, 5999);
 
-    // Hot-swap to a 0.1.0 guest: the timers stay pending (reported), none is delivered; back
-    // to the 0.2.0 guest, the one due in between fires.
-    ok(&client, "t", "after during-legacy 200").await;
+    // Hot-swap to a 0.1.0 guest: the timers stay pending (reported), none is delivered, not
+    // even one that falls due under it; back to the 0.2.0 guest, that one fires. (Its delay
+    // leaves the swap seconds to land first on a loaded machine; the test then waits past it.)
+    let due = tokio::time::Instant::now() + Duration::from_secs(4);
+    ok(&client, "t", "after during-legacy 4000").await;
     client
         .deploy("t", &waft_testkit::wasm(TEST_LEGACY))
         .await
         .expect("deploys the 0.1.0 guest");
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let services = client.services().await.expect("services");
-    let t = services.iter().find(|s| s.name == "t").expect("service t");
-    assert_eq!(t.pending_timers, 6000, "pending timers are reported: {t:?}");
+    let pending = || async {
+        let services = client.services().await.expect("services");
+        let t = services.iter().find(|s| s.name == "t").expect("service t");
+        (t.pending_timers, format!("{t:?}"))
+    };
+    let (n, t) = pending().await;
+    assert_eq!(n, 6000, "pending timers are reported: {t}");
+    tokio::time::sleep_until(due + Duration::from_millis(800)).await;
+    let (n, t) = pending().await;
+    assert_eq!(
+        n, 6000,
+        "a timer due under a 0.1.0 guest stays pending: {t}"
+    );
     client
         .deploy("t", &waft_testkit::wasm(TEST_TICKER))
         .await

@@ -108,7 +108,9 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
             )
         }
         LogEngine::Wal => {
-            let log = crate::storage::WalLog::open(&log_path)?.on_deploy(deploy_hook);
+            let log = crate::storage::WalLog::open(&log_path)?
+                .on_deploy(deploy_hook)
+                .of_node(config.id);
             let memory = log.memory();
             (
                 Raft::new(config.id, raft_config, network.clone(), log, sm).await,

@@ -32,14 +32,21 @@ async fn openraft_storage_conformance_suite_passes() {
         .expect("openraft's storage suite");
 }
 
-struct WalBuilder;
+/// A WAL log; `follower`: of a node no entry's leader is, so every append that may be is
+/// written in place on the calling task instead of by the writer thread.
+struct WalBuilder {
+    follower: bool,
+}
 
 impl StoreBuilder<TypeConfig, WalLog, StateMachineStore, TempDir> for WalBuilder {
     async fn build(
         &self,
     ) -> Result<(TempDir, WalLog, StateMachineStore), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = WalLog::open(&dir.path().join("log.wal")).expect("open log");
+        let mut log = WalLog::open(&dir.path().join("log.wal")).expect("open log");
+        if self.follower {
+            log = log.of_node(u64::MAX);
+        }
         let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
         let sm =
             StateMachineStore::new(runtime, &dir.path().join("snapshots")).expect("state machine");
@@ -50,9 +57,12 @@ impl StoreBuilder<TypeConfig, WalLog, StateMachineStore, TempDir> for WalBuilder
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_log_passes_openraft_storage_conformance_suite() {
     init_tracing();
-    Suite::test_all(WalBuilder)
+    Suite::test_all(WalBuilder { follower: false })
         .await
         .expect("openraft's storage suite");
+    Suite::test_all(WalBuilder { follower: true })
+        .await
+        .expect("openraft's storage suite, entries written in place");
 }
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
@@ -339,4 +349,105 @@ async fn a_cluster_on_the_redb_engine_replicates_restarts_and_agrees() {
     cluster.assert_identical().await;
     assert!(!dir.join("log.wal").exists(), "still on redb");
     cluster.shutdown().await;
+}
+
+/// A follower whose log cannot grow (a full disk: a file size limit on its process) fails the
+/// write of the leader's entries, which it does in place, and stops in words; the cluster
+/// loses nothing: the two others acknowledge every write, and the follower, started again
+/// with room, catches up to the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_whose_log_cannot_grow_stops_and_the_cluster_loses_nothing() {
+    use crate::support::procs::ProcCluster;
+    use std::time::Duration;
+    use waft_client::{Client, Consistency, Outcome};
+    let mut c = ProcCluster::start(3, &[]).await;
+    c.deploy("kv", waft_testkit::guests::EXAMPLE_KV).await;
+    let l = c
+        .wait_leader(Duration::from_secs(20))
+        .await
+        .expect("a leader");
+    let f = (l + 1) % 3;
+    c.kill(f);
+    // Room for 16 KB more of records (the zeros written ahead of them do not count).
+    let records = std::fs::read(c.data_dir(f).join("log.wal"))
+        .map_or(0, |b| b.iter().rposition(|x| *x != 0).map_or(0, |i| i + 1));
+    c.spawn(f, Some(records as u64 + 16_000));
+    let client = Client::connect(c.addrs[l].clone()).await.expect("client");
+    for i in 0..400 {
+        let applied = client
+            .submit("kv", format!("put key{i:03} value-{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("put {i}: {e}"));
+        assert!(matches!(applied.outcome, Outcome::Ok(_)), "{applied:?}");
+    }
+    let mut stopped = None;
+    for _ in 0..300 {
+        if let Some(status) = c.exited(f) {
+            stopped = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = stopped.unwrap_or_else(|| {
+        panic!(
+            "the follower kept running with a log it cannot write:\n{}",
+            c.log_tail(f, 20)
+        )
+    });
+    assert!(!status.success(), "{status}");
+    assert!(
+        c.log(f).contains("log write failed"),
+        "{}",
+        c.log_tail(f, 20)
+    );
+    let get = |key: &'static str| {
+        let client = client.clone();
+        async move {
+            match client
+                .query("kv", key.as_bytes().to_vec(), Consistency::Linearizable)
+                .await
+                .expect("query")
+                .outcome
+            {
+                Outcome::Ok(v) => String::from_utf8_lossy(&v).into_owned(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    assert_eq!(get("get key399").await, "value-399");
+    // Started again with room: it cuts the torn record, catches up, and answers alike.
+    c.spawn(f, None);
+    let leader_applied = c.status(l).await.expect("leader status").applied_index;
+    let mut caught_up = false;
+    for _ in 0..300 {
+        if c.status(f)
+            .await
+            .is_some_and(|s| s.applied_index >= leader_applied)
+        {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(caught_up, "{}", c.log_tail(f, 20));
+    // The follower's own state (a stale read is answered by the node asked).
+    let ch = crate::support::procs::connect(&c.addrs[f])
+        .await
+        .expect("connect");
+    let mut on_f = waft::pb::api::waft_client::WaftClient::new(ch);
+    for key in ["get key000", "get key200", "get key399"] {
+        let reply = on_f
+            .query(waft::pb::api::QueryRequest {
+                service: "kv".into(),
+                payload: key.as_bytes().to_vec(),
+                consistency: waft::pb::api::Consistency::Stale as i32,
+            })
+            .await
+            .expect("query")
+            .into_inner();
+        let Some(waft::pb::api::query_reply::Outcome::Ok(v)) = reply.outcome else {
+            panic!("{reply:?}");
+        };
+        assert_eq!(String::from_utf8_lossy(&v), get(key).await, "{key}");
+    }
 }

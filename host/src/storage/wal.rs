@@ -25,9 +25,10 @@
 //! A follower writes the entries it receives from the leader in place, on the Raft task that
 //! appends them, and returns once they are synced: the Raft core has nothing else to do with
 //! them before they are durable (it answers the leader only then), and the hand-off to the
-//! writer thread and the wake-up back cost two thread switches per append, which on a busy
-//! machine were a twelfth of a relayed write's time. Entries this node proposed as leader, and
-//! every other record, go through the writer thread, so the leader's Raft task keeps
+//! writer thread and the wake-up back cost two thread switches per append (+6% writes per
+//! second at 16 clients, docs/benchmarks.md). Appends over [`IN_PLACE_MAX`] (a follower catching
+//! up), entries this node proposed as leader, and every other record go through the writer
+//! thread, so the leader's Raft task keeps
 //! replicating while its own disk writes. An append is written in place only when nothing
 //! sent to the writer thread is still unwritten, so records reach the file in the order they
 //! were submitted either way.
@@ -56,6 +57,9 @@ use super::{
 const COMPACT_ABOVE: u64 = 64 << 20;
 /// Zeros written past the records at a time, so that appends do not change the file's size.
 const PREALLOCATE: u64 = 1 << 20;
+/// The largest append a follower writes in place; larger ones (a follower catching up) go to
+/// the writer thread, so the Raft task is never held for long.
+const IN_PLACE_MAX: usize = 1 << 20;
 /// The longest record accepted when reading (an entry carries at most a module or a backup).
 const MAX_RECORD: usize = 1 << 30;
 
@@ -667,10 +671,12 @@ impl RaftLogStorage<TypeConfig> for WalLog {
                 m.insert(entry, bytes.len() - before - FRAME_HEADER);
             }
         }
-        // Entries another leader proposed (this node follows), with nothing queued before them.
+        // Entries another leader proposed (this node follows), not many, with nothing queued
+        // before them.
         let in_place = self
             .node
             .is_some_and(|me| proposer.is_some_and(|p| p != me))
+            && bytes.len() <= IN_PLACE_MAX
             && self.queued.load(Ordering::Acquire) == 0;
         if in_place {
             callback.io_completed(self.write_in_place(&bytes));
@@ -749,10 +755,17 @@ mod tests {
         let flushed = rx.try_recv().expect("flushed before append returned");
         flushed.expect("written");
         assert_eq!(indexes_in_file(&path), [1, 2, 3, 4, 5]);
-        // This node's own entries go to the writer thread; others' right behind them wait
-        // their turn there instead of overtaking them in the file.
+        // This node's own entries go to the writer thread, and so do more than a megabyte of
+        // another's; others' right behind them wait their turn there instead of overtaking them
+        // in the file.
         let mut waits = Vec::new();
-        for (leader, range) in [(1, 6..=400), (2, 401..=405), (1, 406..=410), (2, 411..=415)] {
+        for (leader, range) in [
+            (1, 6..=400),
+            (2, 401..=405),
+            (2, 406..=6000),
+            (1, 6001..=6005),
+            (2, 6006..=6010),
+        ] {
             let (tx, rx) = TypeConfig::oneshot();
             log.append(range.map(|i| proposed_by(leader, i)), IOFlushed::signal(tx))
                 .await
@@ -763,22 +776,22 @@ mod tests {
             let flushed: Result<(), io::Error> = rx.await.expect("callback");
             flushed.expect("written");
         }
-        assert_eq!(indexes_in_file(&path), (1..=415).collect::<Vec<_>>());
+        assert_eq!(indexes_in_file(&path), (1..=6010).collect::<Vec<_>>());
         // A truncation (through the writer) and then a follower's append in place.
-        log.truncate_after(Some(proposed_by(2, 412).log_id))
+        log.truncate_after(Some(proposed_by(2, 6007).log_id))
             .await
             .expect("truncate");
-        append(&mut log, (413..=420).map(|i| proposed_by(3, i))).await;
+        append(&mut log, (6008..=6015).map(|i| proposed_by(3, i))).await;
         drop(log);
         let reopened = WalLog::open(&path).expect("reopen");
         let m = lock(&reopened.mem);
         assert_eq!(
             m.entries.keys().copied().collect::<Vec<_>>(),
-            (1..=420).collect::<Vec<_>>()
+            (1..=6015).collect::<Vec<_>>()
         );
         assert!(
             m.entries
-                .range(413..)
+                .range(6008..)
                 .all(|(_, (e, _))| e.log_id.leader_id.node_id == 3)
         );
     }

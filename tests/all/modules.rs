@@ -638,25 +638,16 @@ async fn a_node_whose_disk_is_full_stops_at_a_deploy_it_cannot_store() {
     c.kill(f);
     // No file of its may grow past 40 KB: its log has room, the 77 KB module has not.
     // (The log's records, not the zeros it writes ahead of them.)
-    let wal = std::fs::read(c.data_dir(f).join("log.wal"))
-        .map_or(0, |b| b.iter().rposition(|x| *x != 0).map_or(0, |i| i + 1));
+    let wal = c.wal_records(f);
     assert!(wal < 24_000, "the log is small ({wal} bytes)");
     c.spawn(f, Some(40_000));
     c.deploy("kv", TEST_KV2).await;
-    let mut stopped = None;
-    for _ in 0..600 {
-        if let Some(status) = c.exited(f) {
-            stopped = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let status = stopped.unwrap_or_else(|| {
+    let Some(status) = c.wait_exited(f, Duration::from_secs(60)).await else {
         panic!(
             "the node kept running without the module:\n{}",
             c.log_tail(f, 20)
         )
-    });
+    };
     assert!(!status.success(), "{status}");
     let log = c.log(f);
     assert!(log.contains("cannot store module"), "{}", c.log_tail(f, 20));

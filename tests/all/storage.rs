@@ -369,9 +369,8 @@ async fn a_follower_whose_log_cannot_grow_stops_and_the_cluster_loses_nothing() 
     let f = (l + 1) % 3;
     c.kill(f);
     // Room for 16 KB more of records (the zeros written ahead of them do not count).
-    let records = std::fs::read(c.data_dir(f).join("log.wal"))
-        .map_or(0, |b| b.iter().rposition(|x| *x != 0).map_or(0, |i| i + 1));
-    c.spawn(f, Some(records as u64 + 16_000));
+    let records = c.wal_records(f);
+    c.spawn(f, Some(records + 16_000));
     let client = Client::connect(c.addrs[l].clone()).await.expect("client");
     for i in 0..400 {
         let applied = client
@@ -380,20 +379,12 @@ async fn a_follower_whose_log_cannot_grow_stops_and_the_cluster_loses_nothing() 
             .unwrap_or_else(|e| panic!("put {i}: {e}"));
         assert!(matches!(applied.outcome, Outcome::Ok(_)), "{applied:?}");
     }
-    let mut stopped = None;
-    for _ in 0..300 {
-        if let Some(status) = c.exited(f) {
-            stopped = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let status = stopped.unwrap_or_else(|| {
+    let Some(status) = c.wait_exited(f, Duration::from_secs(30)).await else {
         panic!(
             "the follower kept running with a log it cannot write:\n{}",
             c.log_tail(f, 20)
         )
-    });
+    };
     assert!(!status.success(), "{status}");
     assert!(
         c.log(f).contains("log write failed"),

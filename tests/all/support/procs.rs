@@ -186,6 +186,28 @@ impl ProcCluster {
         Some(status)
     }
 
+    /// Waits (up to `within`) for node `i`'s process to end by itself; how it ended.
+    pub async fn wait_exited(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.exited(i) {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    /// The bytes of node `i`'s WAL file that hold records (not the zeros written ahead).
+    pub fn wal_records(&self, i: usize) -> u64 {
+        std::fs::read(self.data_dir(i).join("log.wal"))
+            .map_or(0, |b| b.iter().rposition(|x| *x != 0).map_or(0, |i| i + 1)) as u64
+    }
+
     /// The tail of node `i`'s log, for messages.
     pub fn log_tail(&self, i: usize, lines: usize) -> String {
         let text = self.log(i);

@@ -143,11 +143,7 @@ async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
     cluster.form().await;
     let leader = cluster.wait_leader().await;
     let follower = (leader + 1) % 3;
-    let endpoint = cluster
-        .node(follower)
-        .etcd_addr()
-        .expect("etcd endpoint")
-        .to_string();
+    let endpoint = etcd_endpoint(&cluster, follower);
 
     // Before the guest is deployed: a clear error, not a hang.
     let (ok, _, err) = etcdctl(&endpoint, &["put", "x", "1"], None).await;
@@ -181,7 +177,7 @@ async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
         etcdctl(&endpoint, &["del", "greeting"], None).await.1,
         "1\n"
     );
-    let other = cluster.node(leader).etcd_addr().expect("etcd").to_string();
+    let other = etcd_endpoint(&cluster, leader);
     assert_eq!(etcdctl(&other, &["get", "greeting"], None).await.1, "");
 
     // A real etcd, when installed: the same session must print the same things, revisions
@@ -193,7 +189,7 @@ async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
     fresh
         .deploy("etcd", waft_testkit::wasm(EXAMPLE_ETCD_KV))
         .await;
-    let waft_endpoint = fresh.node(0).etcd_addr().expect("etcd").to_string();
+    let waft_endpoint = etcd_endpoint(&fresh, 0);
     wait_healthy(&real.addr).await;
     let theirs = run_session(&real.addr).await;
     let ours = run_session(&waft_endpoint).await;
@@ -208,12 +204,17 @@ async fn etcdctl_works_against_waft_and_matches_a_real_etcd() {
 /// (every call through it is forwarded; watches are served from its own history).
 pub(crate) async fn etcd_cluster() -> (TestCluster, String) {
     let (cluster, _, follower) = etcd_nodes().await;
-    let endpoint = cluster
-        .node(follower)
+    let endpoint = etcd_endpoint(&cluster, follower);
+    (cluster, endpoint)
+}
+
+/// Node `i`'s etcd endpoint, as etcdctl takes it.
+pub(crate) fn etcd_endpoint(cluster: &TestCluster, i: usize) -> String {
+    cluster
+        .node(i)
         .etcd_addr()
         .expect("etcd endpoint")
-        .to_string();
-    (cluster, endpoint)
+        .to_string()
 }
 
 /// The same three nodes, with the leader's and a follower's index.
@@ -480,11 +481,7 @@ fn shape(v: &serde_json::Value) -> Vec<String> {
 async fn etcdctl_member_list_and_endpoint_status_work_against_waft() {
     crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
     let (cluster, leader, follower) = etcd_nodes().await;
-    let endpoint = cluster
-        .node(follower)
-        .etcd_addr()
-        .expect("etcd")
-        .to_string();
+    let endpoint = etcd_endpoint(&cluster, follower);
     assert!(etcdctl(&endpoint, &["put", "a", "1"], None).await.0);
     // Status reports what the node asked has applied: let it catch up first.
     let last = cluster

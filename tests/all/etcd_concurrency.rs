@@ -302,9 +302,7 @@ async fn watch_from(endpoint: &str, key: &[u8], start: i64) -> Vec<waft::pb::etc
 async fn a_watch_from_before_what_a_node_holds_is_cancelled_as_compacted() {
     crate::support::require_tool("etcdctl", &["version"], "apt-get install etcd-client");
     let (mut cluster, leader, f) = crate::etcd::etcd_nodes().await;
-    let at = |c: &crate::support::cluster::TestCluster| {
-        c.node(f).etcd_addr().expect("etcd endpoint").to_string()
-    };
+    let at = |c: &crate::support::cluster::TestCluster| crate::etcd::etcd_endpoint(c, f);
     for v in ["1", "2", "3"] {
         assert!(etcdctl(&at(&cluster), &["put", "k", v], None).await.0); // revisions 2, 3, 4
     }
@@ -359,7 +357,7 @@ async fn a_watch_from_before_what_a_node_holds_is_cancelled_as_compacted() {
         !ok && err.contains("required revision has been compacted"),
         "{err}"
     );
-    let on_leader = cluster.node(leader).etcd_addr().expect("etcd").to_string();
+    let on_leader = crate::etcd::etcd_endpoint(&cluster, leader);
     let compacted = watch_from(&on_leader, b"k", 5).await;
     assert!(
         compacted.len() >= 2 && compacted[1].canceled,

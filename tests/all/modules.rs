@@ -628,14 +628,7 @@ async fn a_peer_that_never_answers_a_fetch_is_passed_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_whose_disk_is_full_stops_at_a_deploy_it_cannot_store() {
     use crate::support::procs::{ProcCluster, connect};
-    let mut c = ProcCluster::start(3, &[]).await;
-    c.deploy("kv", EXAMPLE_KV).await;
-    let l = c
-        .wait_leader(Duration::from_secs(20))
-        .await
-        .expect("a leader");
-    let f = (l + 1) % 3;
-    c.kill(f);
+    let (mut c, _, f) = ProcCluster::kv_with_a_follower_stopped(EXAMPLE_KV).await;
     // No file of its may grow past 40 KB: its log has room, the 77 KB module has not.
     // (The log's records, not the zeros it writes ahead of them.)
     let wal = c.wal_records(f);

@@ -360,14 +360,8 @@ async fn a_follower_whose_log_cannot_grow_stops_and_the_cluster_loses_nothing() 
     use crate::support::procs::ProcCluster;
     use std::time::Duration;
     use waft_client::{Client, Consistency, Outcome};
-    let mut c = ProcCluster::start(3, &[]).await;
-    c.deploy("kv", waft_testkit::guests::EXAMPLE_KV).await;
-    let l = c
-        .wait_leader(Duration::from_secs(20))
-        .await
-        .expect("a leader");
-    let f = (l + 1) % 3;
-    c.kill(f);
+    let (mut c, l, f) =
+        ProcCluster::kv_with_a_follower_stopped(waft_testkit::guests::EXAMPLE_KV).await;
     // Room for 16 KB more of records (the zeros written ahead of them do not count).
     let records = c.wal_records(f);
     c.spawn(f, Some(records + 16_000));

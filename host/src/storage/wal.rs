@@ -26,12 +26,11 @@
 //! appends them, and returns once they are synced: the Raft core has nothing else to do with
 //! them before they are durable (it answers the leader only then), and the hand-off to the
 //! writer thread and the wake-up back cost two thread switches per append (+6% writes per
-//! second at 16 clients, docs/benchmarks.md). Appends over [`IN_PLACE_MAX`] (a follower catching
-//! up), entries this node proposed as leader, and every other record go through the writer
-//! thread, so the leader's Raft task keeps
-//! replicating while its own disk writes. An append is written in place only when nothing
-//! sent to the writer thread is still unwritten, so records reach the file in the order they
-//! were submitted either way.
+//! second at 16 clients, docs/benchmarks.md). Appends over [`IN_PLACE_MAX`] (a follower
+//! catching up), entries this node proposed as leader, and every other record go through the
+//! writer thread, so the leader's Raft task keeps replicating while its own disk writes. An
+//! append is written in place only when nothing sent to the writer thread is still unwritten,
+//! so records reach the file in the order they were submitted either way.
 //!
 //! When a purge leaves the file mostly dead (over 64 MiB, less than a quarter of it live), the
 //! writer rewrites it with only the live state (to a new file, fsynced, renamed over the old).
@@ -371,12 +370,6 @@ impl WalLog {
         })
     }
 
-    /// Appends `bytes` to the file and syncs them, here and now (nothing may be queued).
-    fn write_in_place(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut disk = lock(&self.disk);
-        disk.write(bytes, true)
-    }
-
     async fn write_and_wait(&self, record: Record, purged: bool) -> io::Result<()> {
         let mut bytes = Vec::new();
         frame(&record, &mut bytes)?;
@@ -679,7 +672,7 @@ impl RaftLogStorage<TypeConfig> for WalLog {
             && bytes.len() <= IN_PLACE_MAX
             && self.queued.load(Ordering::Acquire) == 0;
         if in_place {
-            callback.io_completed(self.write_in_place(&bytes));
+            callback.io_completed(lock(&self.disk).write(&bytes, true));
             return Ok(());
         }
         self.send(Op::Write {

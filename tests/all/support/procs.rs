@@ -186,6 +186,20 @@ impl ProcCluster {
         Some(status)
     }
 
+    /// Three nodes with `kv` (a guest's path) deployed as `kv`, then one follower killed:
+    /// the cluster, the leader and the stopped follower.
+    pub async fn kv_with_a_follower_stopped(kv: &str) -> (ProcCluster, usize, usize) {
+        let mut c = ProcCluster::start(3, &[]).await;
+        c.deploy("kv", kv).await;
+        let l = c
+            .wait_leader(Duration::from_secs(20))
+            .await
+            .expect("a leader");
+        let f = (l + 1) % 3;
+        c.kill(f);
+        (c, l, f)
+    }
+
     /// Waits (up to `within`) for node `i`'s process to end by itself; how it ended.
     pub async fn wait_exited(
         &mut self,

@@ -39,3 +39,4 @@ mod testing_kit;
 mod tidy;
 mod timers;
 mod tls;
+mod watch;

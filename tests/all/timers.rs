@@ -289,7 +289,14 @@ async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_gue
     // A timer whose delivery panics is dropped, reported; a periodic one fires twice.
     ok(&client, "t", "after boom 10 panic").await;
     ok(&client, "t", "after tick 10 again:50").await;
-    wait_for(&client, "t", "fired", "tick").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while query(&client, "t", "fired").await.matches("tick ").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tick never fired twice"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let fired = query(&client, "t", "fired").await;
     assert_eq!(fired.matches("tick ").count(), 2, "{fired}");
@@ -311,10 +318,17 @@ async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_gue
     assert_eq!(assert_identical(&cluster).await["t"].0, 5999);
 
     // Hot-swap to a 0.1.0 guest: the timers stay pending (reported), none is delivered, not
-    // even one that falls due under it; back to the 0.2.0 guest, that one fires. (Its delay
-    // leaves the swap seconds to land first on a loaded machine; the test then waits past it.)
-    let due = tokio::time::Instant::now() + Duration::from_secs(4);
-    ok(&client, "t", "after during-legacy 4000").await;
+    // even one that falls due under it; back to the 0.2.0 guest, that one fires. The 0.1.0
+    // guest is first deployed as a service of its own, so that every node holds and compiled
+    // it before the timer is set: a compile waits behind the big guests other tests compile in
+    // this process (a minute, seen), the swap itself only for consensus. The timer's delay
+    // leaves it 10 s; the test then waits past it.
+    client
+        .deploy("warm", &waft_testkit::wasm(TEST_LEGACY))
+        .await
+        .expect("deploys the 0.1.0 guest as a service of its own");
+    let due = tokio::time::Instant::now() + Duration::from_secs(10);
+    ok(&client, "t", "after during-legacy 10000").await;
     client
         .deploy("t", &waft_testkit::wasm(TEST_LEGACY))
         .await
@@ -385,7 +399,7 @@ async fn lock_service(path: &str, swap_to: &str) {
     let first = ok(
         &client,
         "locks",
-        r#"{"acquire":{"lock":"L","owner":"a","ttl_ms":1200}}"#,
+        r#"{"acquire":{"lock":"L","owner":"a","ttl_ms":10000}}"#,
     )
     .await;
     assert!(first.contains(r#""granted":true"#), "{first}");
@@ -440,7 +454,7 @@ async fn lock_service(path: &str, swap_to: &str) {
         let reply = ok(
             &client,
             "locks",
-            r#"{"acquire":{"lock":"L","owner":"b","ttl_ms":60000}}"#,
+            r#"{"acquire":{"lock":"L","owner":"b","ttl_ms":600000}}"#,
         )
         .await;
         if reply.contains(r#""granted":true"#) {

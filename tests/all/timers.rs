@@ -121,8 +121,11 @@ async fn wait_for(client: &Client, service: &str, request: &str, want: &str) -> 
 async fn cluster_with(service: &str, module: &str) -> (TestCluster, Client) {
     let cluster = TestCluster::start(3, test_settings()).await;
     cluster.form().await;
+    // A deploy of a big guest (CPython or a JS engine inside) compiles it on every node; in
+    // this process the compiles of every test share the compiler's threads, and on a slow
+    // machine that took over two minutes: the bound is only against a hang.
     let client = Client::builder(cluster.addrs.clone())
-        .deploy_timeout(Duration::from_secs(120))
+        .deploy_timeout(Duration::from_secs(480))
         .connect()
         .await
         .expect("connects");

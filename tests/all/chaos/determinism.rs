@@ -7,7 +7,7 @@
 //! every replica's audit matches with nothing healed, and the replies each node's `Watch`
 //! reports for the same entries are equal.
 
-use crate::support::procs::{ProcCluster, connect};
+use crate::support::procs::{ProcCluster, connect, connect_with_deadline};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,8 +66,10 @@ async fn writer(addrs: Vec<String>, stop: Arc<AtomicBool>) -> u64 {
 
 /// Waits until node `i` has applied `index`.
 async fn wait_applied(c: &ProcCluster, i: usize, index: u64) {
-    // Generous: a node that starts loads three big components, and CI runs other tests beside.
-    let deadline = Instant::now() + Duration::from_secs(180);
+    // Generous: a node that starts loads three big components, and CI runs other tests beside
+    // (a node rejoining without its data compiles them all: over 3 minutes seen on a slow
+    // machine). The bound is only against a hang.
+    let deadline = Instant::now() + Duration::from_secs(480);
     loop {
         if c.status(i).await.is_some_and(|s| s.applied_index >= index) {
             return;
@@ -260,9 +262,13 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         fuel_per_apply: 2_000_000_000,
         ..Default::default()
     };
+    // The deploy and the rollback wait for the voters' compiles: minutes on a loaded machine.
+    let admin = |addr: String| async move {
+        let ch = connect_with_deadline(&addr, Duration::from_secs(300)).await;
+        WaftClient::new(ch.expect("leader")).max_encoding_message_size(usize::MAX)
+    };
     let (l, _) = last_index(&c).await;
-    let mut w = WaftClient::new(connect(&c.addrs[l]).await.expect("leader"))
-        .max_encoding_message_size(usize::MAX);
+    let mut w = admin(c.addrs[l].clone()).await;
     // UNAVAILABLE means "retry" (the API's contract; `waft deploy` does): a retry of a deploy
     // that did go through changes nothing. Seen here since deploys wait for the voters'
     // compiles: an UNAVAILABLE "leadership moved (leader now None)" with no election in any
@@ -285,8 +291,7 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         tracing::warn!(error = %e, "hot-swap answered UNAVAILABLE; retrying");
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (l, _) = last_index(&c).await;
-        w = WaftClient::new(connect(&c.addrs[l]).await.expect("leader"))
-            .max_encoding_message_size(usize::MAX);
+        w = admin(c.addrs[l].clone()).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     w.rollback(api::RollbackRequest {

@@ -35,10 +35,16 @@ impl Drop for ProcCluster {
 
 /// A gRPC channel to `addr` that fails fast when the node is down.
 pub async fn connect(addr: &str) -> Option<Channel> {
+    connect_with_deadline(addr, Duration::from_secs(3)).await
+}
+
+/// [`connect`] with another deadline for each call on the channel (a deploy that compiles a
+/// module on every node needs far more than 3 s on a loaded machine).
+pub async fn connect_with_deadline(addr: &str, deadline: Duration) -> Option<Channel> {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .ok()?
         .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(3))
+        .timeout(deadline)
         .tcp_nodelay(true)
         .connect()
         .await

@@ -106,15 +106,29 @@ async fn collect(
 }
 
 async fn wait_for(client: &Client, service: &str, request: &str, want: &str) -> String {
+    wait_until(client, service, request, want, |answer| {
+        answer.contains(want)
+    })
+    .await
+}
+
+/// Queries `request` until its answer passes `ok` (15 s at most; `what` names it if not).
+async fn wait_until(
+    client: &Client,
+    service: &str,
+    request: &str,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) -> String {
     let mut last = String::new();
     for _ in 0..150 {
         last = query(client, service, request).await;
-        if last.contains(want) {
+        if ok(&last) {
             return last;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{request} never showed {want:?}; last: {last}");
+    panic!("{request} never showed {what:?}; last: {last}");
 }
 
 /// Three nodes formed, a client on all of them, `module` deployed as `service`.
@@ -292,14 +306,10 @@ async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_gue
     // A timer whose delivery panics is dropped, reported; a periodic one fires twice.
     ok(&client, "t", "after boom 10 panic").await;
     ok(&client, "t", "after tick 10 again:50").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while query(&client, "t", "fired").await.matches("tick ").count() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tick never fired twice"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(&client, "t", "fired", "tick fired twice", |f| {
+        f.matches("tick ").count() >= 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let fired = query(&client, "t", "fired").await;
     assert_eq!(fired.matches("tick ").count(), 2, "{fired}");

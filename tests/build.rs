@@ -119,6 +119,15 @@ const FOREIGN: &[Foreign] = &[
         run_in: "",
     },
     Foreign {
+        dir: "tests/guests/hostile-python",
+        constant: "TEST_HOSTILE_PYTHON",
+        sources: &["app.py"],
+        tool: "componentize-py",
+        args: PYTHON_ARGS,
+        install: "pip install componentize-py==0.25.1",
+        run_in: "",
+    },
+    Foreign {
         dir: "examples/guests/kv-js",
         constant: "EXAMPLE_KV_JS",
         sources: &["kv.js", "package.json", "package-lock.json"],

@@ -131,7 +131,7 @@ pub fn render(sources: &Sources) -> String {
             .map(|m| (format!("{{service=\"{}\"}}", escape(&m.name)), f(m)))
             .collect()
     };
-    let per_service: [(&str, &str, &str, ServiceValue); 12] = [
+    let per_service: [(&str, &str, &str, ServiceValue); 13] = [
         (
             "waft_service_version",
             "Active version of each service.",
@@ -185,6 +185,12 @@ pub fn render(sources: &Sources) -> String {
             "Times the guest was rebuilt after a trap.",
             "counter",
             |m| m.recoveries as f64,
+        ),
+        (
+            "waft_service_host_faults_total",
+            "Guest calls that hit a fault in waft's host code, contained as a trap of the call.",
+            "counter",
+            |m| m.host_faults as f64,
         ),
         (
             "waft_service_memory_bytes",
@@ -371,6 +377,12 @@ pub fn render(sources: &Sources) -> String {
             "Guest modules whose compiled code this node fetched from a member (--share-compiled).",
             "counter",
             fetched as f64,
+        ),
+        (
+            "waft_host_faults_total",
+            "Guest calls of any kind (applies, queries, deploy checks, verifies) that hit a fault in waft's host code, contained as a trap of the call.",
+            "counter",
+            crate::runtime::host_faults() as f64,
         ),
         (
             "waft_snapshot_built_total",

@@ -31,6 +31,7 @@ mod modules;
 mod process;
 mod rolling;
 mod runtime;
+mod sandbox;
 mod rust_client;
 mod session;
 mod storage;

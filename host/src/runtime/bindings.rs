@@ -5,6 +5,7 @@
 //! [`Bindings`] makes the calls of either through one set of methods, so the rest of the
 //! runtime does not care which version a guest speaks, except for `fire`.
 
+use super::contain;
 use super::guest::ApplyCtx;
 use super::wasi::HostState;
 use wasmtime::Store;
@@ -81,9 +82,11 @@ impl Pre {
     }
 
     pub(super) fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Bindings> {
-        Ok(match self {
-            Pre::V0_1(p) => Bindings::V0_1(p.instantiate(store)?),
-            Pre::V0_2(p) => Bindings::V0_2(p.instantiate(store)?),
+        contain::call(|| {
+            Ok(match self {
+                Pre::V0_1(p) => Bindings::V0_1(p.instantiate(&mut *store)?),
+                Pre::V0_2(p) => Bindings::V0_2(p.instantiate(&mut *store)?),
+            })
         })
     }
 }
@@ -111,12 +114,12 @@ impl Bindings {
         ctx: ApplyCtx,
         command: &[u8],
     ) -> wasmtime::Result<Reply> {
-        match self {
+        contain::call(|| match self {
             Bindings::V0_1(g) => g.waft_fsm_state_machine().call_apply(store, ctx, command),
             Bindings::V0_2(g) => g
                 .waft_fsm_state_machine()
                 .call_apply(store, ctx2(ctx), command),
-        }
+        })
     }
 
     pub(super) fn apply_batch(
@@ -124,7 +127,7 @@ impl Bindings {
         store: &mut Store<HostState>,
         entries: &[(ApplyCtx, &[u8])],
     ) -> wasmtime::Result<Vec<Reply>> {
-        match self {
+        contain::call(|| match self {
             Bindings::V0_1(g) => {
                 let batch: Vec<v1::waft::fsm::types::Entry> = entries
                     .iter()
@@ -145,7 +148,7 @@ impl Bindings {
                     .collect();
                 g.waft_fsm_state_machine().call_apply_batch(store, &batch)
             }
-        }
+        })
     }
 
     /// `fire`, or `None` for a 0.1.0 guest (which has no timers to fire).
@@ -158,12 +161,10 @@ impl Bindings {
     ) -> Option<wasmtime::Result<Result<(), String>>> {
         match self {
             Bindings::V0_1(_) => None,
-            Bindings::V0_2(g) => {
-                Some(
-                    g.waft_fsm_state_machine()
-                        .call_fire(store, ctx2(ctx), key, payload),
-                )
-            }
+            Bindings::V0_2(g) => Some(contain::call(|| {
+                g.waft_fsm_state_machine()
+                    .call_fire(store, ctx2(ctx), key, payload)
+            })),
         }
     }
 
@@ -172,17 +173,17 @@ impl Bindings {
         store: &mut Store<HostState>,
         request: &[u8],
     ) -> wasmtime::Result<Reply> {
-        match self {
+        contain::call(|| match self {
             Bindings::V0_1(g) => g.waft_fsm_state_machine().call_query(store, request),
             Bindings::V0_2(g) => g.waft_fsm_state_machine().call_query(store, request),
-        }
+        })
     }
 
     pub(super) fn snapshot(&self, store: &mut Store<HostState>) -> wasmtime::Result<Vec<u8>> {
-        match self {
+        contain::call(|| match self {
             Bindings::V0_1(g) => g.waft_fsm_state_machine().call_snapshot(store),
             Bindings::V0_2(g) => g.waft_fsm_state_machine().call_snapshot(store),
-        }
+        })
     }
 
     pub(super) fn restore(
@@ -190,9 +191,9 @@ impl Bindings {
         store: &mut Store<HostState>,
         bytes: &[u8],
     ) -> wasmtime::Result<Result<(), String>> {
-        match self {
+        contain::call(|| match self {
             Bindings::V0_1(g) => g.waft_fsm_state_machine().call_restore(store, bytes),
             Bindings::V0_2(g) => g.waft_fsm_state_machine().call_restore(store, bytes),
-        }
+        })
     }
 }

@@ -51,6 +51,9 @@ pub enum TrapKind {
     Panic,
     /// The reply was larger than the configured cap.
     ReplyTooLarge,
+    /// Host code the call reached (a WASI function, waft's bindings) failed: a bug of the
+    /// host's, contained to the call (see `runtime/contain.rs`), not the guest's doing.
+    HostFault,
     /// Any other trap (stack overflow, bad memory access, a host error).
     Other,
 }
@@ -62,6 +65,7 @@ impl fmt::Display for TrapKind {
             TrapKind::OutOfMemory => "exceeded its memory limit",
             TrapKind::Panic => "panicked",
             TrapKind::ReplyTooLarge => "returned a reply over the size limit",
+            TrapKind::HostFault => "call hit a host fault",
             TrapKind::Other => "trapped",
         })
     }

@@ -3,6 +3,7 @@
 use super::bindings::Bindings;
 use super::bindings::v1::waft::fsm::types::ApplyContext;
 use super::config::{CheckpointPolicy, Limits};
+use super::contain::HostFault;
 use super::effects::Effect;
 use super::error::{GuestError, LoadError, TrapKind};
 use super::module::{GuestModule, ModuleHash, root_message};
@@ -135,6 +136,8 @@ pub struct Guest {
     fuel_total: u64,
     recoveries: u64,
     rebases: u64,
+    /// Calls that hit a host fault (see `contain.rs`), replays included.
+    host_faults: u64,
 }
 
 impl std::fmt::Debug for Guest {
@@ -245,6 +248,7 @@ impl Guest {
             fuel_total: 0,
             recoveries: 0,
             rebases: 0,
+            host_faults: 0,
         };
         guest.open_call(base.as_deref())?;
         guest.base = base;
@@ -348,6 +352,11 @@ impl Guest {
     /// How many times this guest was rebuilt after a trap.
     pub fn recoveries(&self) -> u64 {
         self.recoveries
+    }
+
+    /// How many calls hit a host fault (contained as traps; see `runtime/contain.rs`).
+    pub fn host_faults(&self) -> u64 {
+        self.host_faults
     }
 
     /// How many times the instance was replaced by a fresh one restored from its own snapshot
@@ -637,6 +646,7 @@ impl Guest {
         self.journal_bytes = fresh.journal_bytes;
         self.last_ctx = fresh.last_ctx;
         self.fuel_total = self.fuel_total.saturating_add(fresh.fuel_total);
+        self.host_faults += fresh.host_faults;
     }
 
     fn call_snapshot(&mut self) -> Result<Vec<u8>, GuestError> {
@@ -722,6 +732,13 @@ impl Guest {
     }
 
     fn classify(&mut self, e: &wasmtime::Error, stderr: &str) -> GuestError {
+        if let Some(fault) = e.downcast_ref::<HostFault>() {
+            self.host_faults += 1;
+            return GuestError::Trap {
+                kind: TrapKind::HostFault,
+                detail: fault.to_string(),
+            };
+        }
         let trap = e.downcast_ref::<Trap>().copied();
         let limit_hit = self.store.data_mut().limiter.hit.take();
         let said = explain_stderr(stderr);
@@ -930,10 +947,16 @@ impl Stderr {
         let location =
             header[header.find("panicked at ")? + "panicked at ".len()..].trim_end_matches(':');
         let message = self.lines[at + 1..].join(" ");
-        Some(if message.is_empty() {
-            format!("panic at {location}")
-        } else {
-            format!("{message} (at {location})")
+        // componentize-py turns an uncaught Python exception into a Rust panic after printing
+        // the traceback: its last line (the exception) says what happened.
+        let exception = self.lines[..at]
+            .iter()
+            .rposition(|l| l.starts_with("Traceback (most recent call last)"))
+            .and_then(|_| self.lines[..at].last());
+        Some(match (exception, message.is_empty()) {
+            (Some(exception), _) => format!("uncaught {exception}"),
+            (None, true) => format!("panic at {location}"),
+            (None, false) => format!("{message} (at {location})"),
         })
     }
 

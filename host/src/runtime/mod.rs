@@ -13,6 +13,8 @@ mod error;
 mod functions;
 mod guest;
 mod module;
+mod nonblocking;
+mod contain;
 pub mod testing;
 mod wasi;
 
@@ -21,6 +23,7 @@ pub use config::{CHECKPOINT_BYTES_PER_ENTRY, CheckpointPolicy, Limits, RuntimeCo
 pub use effects::{
     Effect, MAX_EVENT_BYTES, MAX_EVENTS_PER_CALL, MAX_TIMER_KEY_BYTES, MAX_TIMER_PAYLOAD_BYTES,
 };
+pub use contain::{HostFault, host_faults};
 pub use engine::WASMTIME_VERSION;
 pub use error::{GuestError, LoadError, TrapKind};
 pub use guest::{ApplyCtx, Guest, OpenError, ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
@@ -150,6 +153,7 @@ impl Runtime {
         let link =
             |e: wasmtime::Error| LoadError::Invalid(format!("cannot link host functions: {e}"));
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link)?;
+        nonblocking::link(&mut linker).map_err(link)?;
         bindings::add_to_linker(&mut linker).map_err(link)?;
         let fingerprint = engine::fingerprint(&config.limits, &config.checkpoints);
         let artifact_key = engine::artifact_key(&engine);

@@ -12,9 +12,10 @@
 //! hint (a crash that loses it means a longer replay, and the leader tells the rest): it rides
 //! in front of the next append instead of costing a write of its own.
 //!
-//! A torn tail (a crash in the middle of a write: a short record, or zeros) is cut off when the
-//! file is opened. A record with a bad checksum that is not at the tail is corruption: the
-//! store refuses to open rather than lose acknowledged entries silently.
+//! A torn tail (a crash in the middle of a write: a short record, zeros, or the rest of a write
+//! that failed on a full disk) is cut off when the file is opened: a bad record with no valid
+//! record after it. A bad record followed by a valid one is corruption: the store refuses to
+//! open rather than lose acknowledged entries silently. A write that fails is cut off at once.
 //!
 //! The file is kept longer than its records, filled with zeros (written, not just reserved)
 //! [`PREALLOCATE`] at a time: appending inside that space does not change the file's size, so
@@ -225,21 +226,24 @@ impl Drop for WalLog {
     }
 }
 
-/// Reads every record of `bytes`; returns them and the length of the valid prefix.
 /// The records in `bytes`, each with the size of its body, and how many bytes are valid.
+///
+/// A bad record with nothing valid after it (zeros, or the rest of one write that failed: a
+/// full disk, a crash) is a torn tail: replay stops there and the caller cuts it off. Such a
+/// write was never synced, so never acknowledged. A bad record followed by a valid one is
+/// corruption of what was acknowledged: refused.
 fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<(Record, usize)>, usize)> {
     let mut records = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
         let rest = &bytes[at..];
-        let torn = || rest.iter().all(|b| *b == 0);
         if rest.len() < FRAME_HEADER {
             break; // a short header: torn
         }
         let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
         if len == 0 || len > MAX_RECORD {
-            if torn() {
+            if !valid_record_after(bytes, at) {
                 break;
             }
             return Err(corrupt(path, at, "impossible record length"));
@@ -249,8 +253,8 @@ fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<(Record, usize)>, usize)
         }
         let body = &rest[FRAME_HEADER..FRAME_HEADER + len];
         if crc32fast::hash(body) != crc {
-            if rest[FRAME_HEADER + len..].iter().all(|b| *b == 0) {
-                break; // the last record (nothing but zeros after it), torn
+            if !valid_record_after(bytes, at) {
+                break; // the last record, torn
             }
             return Err(corrupt(path, at, "checksum mismatch"));
         }
@@ -259,6 +263,22 @@ fn replay(bytes: &[u8], path: &Path) -> io::Result<(Vec<(Record, usize)>, usize)
         at += FRAME_HEADER + len;
     }
     Ok((records, at))
+}
+
+/// Whether a whole, valid record starts anywhere in `bytes` after the bad one at `bad`: its
+/// length plausible, its checksum right and its body a record. Only then is the bad record in
+/// the middle of the log rather than its torn tail. (Runs only when a record is bad.)
+fn valid_record_after(bytes: &[u8], bad: usize) -> bool {
+    (bad + 1..bytes.len().saturating_sub(FRAME_HEADER)).any(|at| {
+        let rest = &bytes[at..];
+        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        if len == 0 || len > MAX_RECORD || rest.len() < FRAME_HEADER + len {
+            return false;
+        }
+        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+        let body = &rest[FRAME_HEADER..FRAME_HEADER + len];
+        crc32fast::hash(body) == crc && decode::<Record>("log record", body).is_ok()
+    })
 }
 
 fn corrupt(path: &Path, at: usize, why: impl std::fmt::Display) -> io::Error {
@@ -404,7 +424,8 @@ struct Disk {
 
 impl Disk {
     /// Appends `bytes` after the records, synced if `sync`. After a failure, nothing more is
-    /// written: the file may hold a torn record, which only a restart (replay) cuts off.
+    /// written, and what the failed write left is cut off (or, if that fails too, by replay
+    /// at the next start).
     fn write(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
         if let Some(why) = &self.failed {
             return Err(io_err(
@@ -412,11 +433,19 @@ impl Disk {
                 format!("an earlier write failed ({why}); this node writes no more"),
             ));
         }
+        let before = self.end;
         let result = append_at_end(&self.file, &mut self.end, bytes)
             .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         if let Err(e) = &result {
             tracing::error!(error = %e, "log write failed; this node stops accepting log writes");
             self.failed = Some(e.to_string());
+            // What the failed write left (part of it, or all of it unsynced) was never
+            // acknowledged: cut it now, so a restart finds the log ending at its last whole
+            // record. If even that fails, replay cuts it (a bad record with nothing valid after).
+            match self.file.set_len(before.size).and_then(|()| self.file.sync_all()) {
+                Ok(()) => self.end = End { size: before.size, allocated: before.size },
+                Err(cut) => tracing::warn!(error = %cut, "cannot cut the failed write off the log"),
+            }
         }
         result
     }
@@ -929,5 +958,29 @@ mod tests {
         first_bad[9] ^= 1;
         let e = replay(&first_bad, p).err().expect("corrupt");
         assert!(e.to_string().contains("corrupt at byte 0"), "{e}");
+    }
+
+    /// Issue 36: a write that failed on a full disk left a bad record and, after it, the rest
+    /// of that write (not zeros); the node refused to start. Nothing valid follows the bad
+    /// record, so it is the torn tail of a write never acknowledged: cut.
+    #[test]
+    fn the_rest_of_a_failed_write_after_a_bad_record_is_a_torn_tail() {
+        let p = Path::new("test.wal");
+        let kept = framed(&[Record::Truncate(5), Record::Committed(None)]);
+        let failed = framed(&[Record::Entry(entry(6)), Record::Entry(entry(7))]);
+        // The failed write: its first record's body damaged, the rest of it garbage.
+        let mut torn = [kept.as_slice(), &failed[..]].concat();
+        torn[kept.len() + FRAME_HEADER + 1] ^= 0x55;
+        let n = torn.len();
+        for (i, b) in torn[kept.len() + failed.len() / 2..n].iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31) | 1;
+        }
+        let (r, valid) = replay(&torn, p).expect("a torn tail, not corruption");
+        assert_eq!((r.len(), valid), (2, kept.len()));
+        // The same bad record with a whole valid record after it: corruption, refused.
+        let mut damaged = [kept.as_slice(), &failed[..]].concat();
+        damaged[kept.len() + FRAME_HEADER + 1] ^= 0x55;
+        let e = replay(&damaged, p).err().expect("corrupt");
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
     }
 }

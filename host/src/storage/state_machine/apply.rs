@@ -50,6 +50,7 @@ impl SmState {
         let mut entries = entries.into_iter();
         while let Some(entry) = entries.next() {
             let log_id = entry.log_id();
+            self.local.applying = (log_id.index(), None);
             let term = log_id.committed_leader_id().term();
             // A deploy written by an earlier release, with its module inline, applies as one
             // that names its module (which joins the store first).
@@ -322,6 +323,7 @@ impl SmState {
         }
         let entries = std::mem::take(batch);
         let name: Arc<str> = Arc::from(service);
+        self.local.applying = (entries[0].0.index, Some(name.clone()));
         // Per entry, the events its call emitted (guests that import timers or events).
         let mut emitted: Vec<Emitted> = Vec::new();
         let responses: Vec<Response> = match self.rep.services.get_mut(service) {

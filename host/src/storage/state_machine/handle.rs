@@ -129,6 +129,7 @@ impl SmState {
                     version: svc.history.last().map_or(0, |r| r.version),
                     fuel: svc.guest.fuel_total(),
                     recoveries: svc.guest.recoveries(),
+                    host_faults: svc.guest.host_faults(),
                     memory_bytes: svc.guest.memory_bytes() as u64,
                     code_bytes: svc.guest.module().info().code_bytes as u64,
                     history_bytes: svc.guest.history_bytes() as u64,

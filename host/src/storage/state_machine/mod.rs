@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 mod apply;
 mod audit;
+mod fault;
 mod handle;
 mod heal;
 mod observe;
@@ -97,6 +98,9 @@ struct Local {
     view: Arc<Mutex<handle::View>>,
     /// When the earliest timer a guest can take is due, published when it changes.
     timer_due: Arc<tokio::sync::watch::Sender<Option<u64>>>,
+    /// The entry being applied and, once its batch reaches a guest, its service: what a
+    /// fault that stops the node names (see `fault.rs`).
+    applying: (u64, Option<Arc<str>>),
 }
 
 use crate::sync::lock_or_stop as lock;
@@ -148,6 +152,7 @@ impl SmState {
                 pending_events: Vec::new(),
                 view,
                 timer_due,
+                applying: (0, None),
             },
         }
     }

@@ -32,6 +32,8 @@ pub struct ServiceMetrics {
     pub fuel: u64,
     /// Times its guest was rebuilt after a trap.
     pub recoveries: u64,
+    /// Calls on its guest that hit a host fault (contained as traps).
+    pub host_faults: u64,
     /// Linear memory its live instance holds on this node, bytes.
     pub memory_bytes: u64,
     /// Compiled code of the module it runs, bytes (shared with any other service or version

@@ -14,12 +14,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::fault::FaultRecord;
 use super::{SmState, Snapshot, StateHandle, lock};
+use crate::sync::try_lock_or_stop;
 
 /// openraft's state machine: applies entries to guests, builds and installs snapshots.
 pub struct StateMachineStore {
     pub(super) handle: StateHandle,
     pub(super) dir: PathBuf,
+    /// The entry whose application last stopped this node, if any (see `fault.rs`).
+    fault: Arc<Mutex<FaultRecord>>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -79,6 +83,7 @@ impl StateMachineStore {
                 compiled_fetched: Arc::default(),
             },
             dir: dir.to_path_buf(),
+            fault: Arc::new(Mutex::new(FaultRecord::open(dir))),
         })
     }
 
@@ -187,8 +192,9 @@ impl StateMachineStore {
 
     /// Applies `pending` on this (async) thread when that is cheap, saving the two thread
     /// switches of a hand-off to the blocking pool; `None` (and `pending` untouched) otherwise.
-    /// Cheap: a multi-threaded runtime (another worker keeps the node going meanwhile), the
-    /// state free at once, and a batch of at most [`INLINE_ENTRIES`] commands whose services
+    /// Guest calls may run here because none of them ever waits or enters the async runtime
+    /// (`runtime/nonblocking.rs`). Cheap: a multi-threaded runtime (another worker keeps the
+    /// node going meanwhile), the state free at once, and a batch of at most [`INLINE_ENTRIES`] commands whose services
     /// have taken [`INLINE_BUDGET_US`] in all at their measured average (see
     /// [`SmState::cheap_to_apply`]).
     fn apply_inline(&self, pending: &mut Vec<Entry>) -> Option<io::Result<super::Applied>> {
@@ -198,17 +204,20 @@ impl StateMachineStore {
         if !multi || pending.len() > INLINE_ENTRIES {
             return None;
         }
-        let mut st = match self.handle.state.try_lock() {
-            Ok(st) => st,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
+        let mut st = try_lock_or_stop(&self.handle.state)?;
         if !st.cheap_to_apply(pending, INLINE_BUDGET_US) {
             return None;
         }
-        let result = st.apply_entries(std::mem::take(pending));
+        let result = crate::sync::lock(&self.fault).apply(&mut st, std::mem::take(pending));
         st.publish();
         Some(result)
+    }
+
+    /// Applies `pending` on a blocking thread.
+    async fn apply_blocking(&self, pending: Vec<Entry>) -> io::Result<super::Applied> {
+        let fault = self.fault.clone();
+        self.blocking(move |st| crate::sync::lock(&fault).apply(st, pending))
+            .await
     }
 
     async fn blocking<R: Send + 'static>(
@@ -256,7 +265,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         loop {
             let (out, heal) = match self.apply_inline(&mut pending) {
                 Some(applied) => applied?,
-                None => self.blocking(move |st| st.apply_entries(pending)).await?,
+                None => self.apply_blocking(pending).await?,
             };
             responses.extend(out);
             let Some((plan, rest)) = heal else { break };

@@ -7,6 +7,14 @@
 //! - `huge BYTES`: replies with that many bytes
 //! - `log N`: writes N log lines and N lines to stdout
 //! - `reject-after-set NAME VALUE`: changes state, then answers `err` (breaks the contract)
+//! - `print-flush N`: N lines to stdout and to stderr, each flushed at once
+//! - `print-mb N`: N MiB to stdout, in one flushed write per 4 KiB
+//! - `stdin`: reads stdin to its end (always empty in waft) and replies with the byte count
+//! - `sleep MS`: sleeps (waft's clock stands still during a call: returns at once)
+//! - `udp`: tries to open a UDP socket (refused) and replies with the error
+//! - `recurse`: recurses until the stack overflows
+//! - `panic-stderr`: writes to stderr, flushed, then panics
+//! The same words as queries (but `set`) do the same without changing anything.
 //! Snapshots: `restore` of the bytes `TRAP` traps, of `BAD` answers `err`; `snapshot` traps when
 //! the state holds the name `trap-on-snapshot`.
 
@@ -60,7 +68,7 @@ impl StateMachine for Hostile {
                 }
                 Ok(b"OK".to_vec())
             }
-            _ => Err(format!("unknown command {text:?}")),
+            other => io_misbehaviour(other).unwrap_or_else(|| Err(format!("unknown command {text:?}"))),
         }
     }
 
@@ -75,7 +83,7 @@ impl StateMachine for Hostile {
             ["loop"] => loop {
                 std::hint::black_box(());
             },
-            _ => Err("unknown query".to_owned()),
+            other => io_misbehaviour(other).unwrap_or_else(|| Err("unknown query".to_owned())),
         }
     }
 
@@ -108,6 +116,63 @@ impl StateMachine for Hostile {
             }
         }
     }
+}
+
+/// The misbehaviour with WASI's streams, clocks and sockets, the same in `apply` and `query`;
+/// `None` for any other command.
+fn io_misbehaviour(words: &[&str]) -> Option<Result<Vec<u8>, String>> {
+    use std::io::{Read, Write};
+    Some(match words {
+        ["print-flush", n] => {
+            let n: usize = n.parse().map_err(|_| "print-flush takes a count").ok()?;
+            for i in 0..n {
+                let _ = writeln!(std::io::stdout(), "flushed stdout line {i}");
+                let _ = std::io::stdout().flush();
+                let _ = writeln!(std::io::stderr(), "flushed stderr line {i}");
+                let _ = std::io::stderr().flush();
+            }
+            Ok(b"OK".to_vec())
+        }
+        ["print-mb", n] => {
+            let n: usize = n.parse().ok()?;
+            let chunk = [b'x'; 4096];
+            let mut out = std::io::stdout();
+            for _ in 0..n * 256 {
+                let _ = out.write_all(&chunk);
+                let _ = out.flush();
+            }
+            Ok(b"OK".to_vec())
+        }
+        ["stdin"] => {
+            let mut buf = Vec::new();
+            match std::io::stdin().read_to_end(&mut buf) {
+                Ok(n) => Ok(format!("read {n} bytes").into_bytes()),
+                Err(e) => Err(format!("stdin: {e}")),
+            }
+        }
+        ["sleep", ms] => {
+            let ms: u64 = ms.parse().ok()?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(b"slept".to_vec())
+        }
+        ["udp"] => match std::net::UdpSocket::bind("127.0.0.1:0") {
+            Ok(_) => Ok(b"bound".to_vec()),
+            Err(e) => Err(format!("udp: {e}")),
+        },
+        ["recurse"] => Ok(recurse(0).to_le_bytes().to_vec()),
+        ["panic-stderr"] => {
+            let _ = writeln!(std::io::stderr(), "about to panic");
+            let _ = std::io::stderr().flush();
+            panic!("deliberate panic after a flushed stderr line");
+        }
+        _ => return None,
+    })
+}
+
+/// Recurses without end (the stack overflows first).
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 64]);
+    recurse(depth + 1).wrapping_add(frame[(depth % 64) as usize])
 }
 
 waft_guest::export!(Hostile);

@@ -1,0 +1,160 @@
+//! A fault in waft's own apply code (outside any guest call): the node stops alone, loudly,
+//! naming the entry, and remembers it across a restart.
+//!
+//! Faults inside a guest call are contained as traps of that call (`runtime/contain.rs`). A
+//! panic anywhere else while entries are applied (sessions, timers, deploys: waft's own code)
+//! leaves the replicated state half-changed, so the node must stop rather than carry on. Every
+//! replica applies the same entry, so a deterministic bug there stops each of them at the same
+//! index: each must say so in words an operator can act on, and never silently, nor again at
+//! the same entry after a restart without saying that it already did.
+//!
+//! The fault is written to `apply-fault.json` beside the snapshots (index, service, message,
+//! how many times). On restart the node reads it: when it reaches that entry again it logs that
+//! this entry stopped it before; if the entry stops it again the message counts the times;
+//! once the entry applies, the record is removed. What an operator does is in
+//! docs/operations.md ("A node stopped applying an entry").
+
+use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use super::{Applied, SmState};
+use crate::types::Entry;
+use openraft::entry::RaftEntry;
+
+/// The file a fault is recorded in, in the state machine's directory.
+pub(super) const FAULT_FILE: &str = "apply-fault.json";
+
+/// An entry whose application stopped this node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ApplyFault {
+    /// Log index of the entry (or of the first entry of the service's batch).
+    pub index: u64,
+    /// The service whose commands were being applied, if the fault came while applying them.
+    pub service: Option<String>,
+    /// What failed.
+    pub message: String,
+    /// How many times applying this entry stopped this node.
+    pub times: u32,
+}
+
+/// The fault record of one state machine directory.
+#[derive(Debug)]
+pub(super) struct FaultRecord {
+    path: PathBuf,
+    /// The fault read at start or written since, while its entry has not been applied.
+    last: Option<ApplyFault>,
+}
+
+impl FaultRecord {
+    /// Reads the record in `dir`, if a fault stopped this node before.
+    pub(super) fn open(dir: &Path) -> FaultRecord {
+        let path = dir.join(FAULT_FILE);
+        let last = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ApplyFault>(&b).ok());
+        if let Some(f) = &last {
+            tracing::warn!(
+                index = f.index,
+                service = f.service.as_deref().unwrap_or("-"),
+                times = f.times,
+                "applying entry {} stopped this node before ({}); it will be applied again",
+                f.index,
+                f.message
+            );
+        }
+        FaultRecord { path, last }
+    }
+
+    /// Applies `entries` to `st`; a panic becomes an error that stops the node, naming the
+    /// entry, and is recorded.
+    pub(super) fn apply(&mut self, st: &mut SmState, entries: Vec<Entry>) -> io::Result<Applied> {
+        let (Some(first), Some(last)) = (
+            entries.first().map(|e| e.log_id().index()),
+            entries.last().map(|e| e.log_id().index()),
+        ) else {
+            return st.apply_entries(entries);
+        };
+        if let Some(f) = &self.last
+            && (first..=last).contains(&f.index)
+        {
+            tracing::warn!(
+                index = f.index,
+                "applying entry {} again, which stopped this node {} time(s) before: {}",
+                f.index,
+                f.times,
+                f.message
+            );
+        }
+        match catch_unwind(AssertUnwindSafe(|| st.apply_entries(entries))) {
+            Ok(applied) => {
+                if self.last.as_ref().is_some_and(|f| f.index <= last) && applied.is_ok() {
+                    let f = self.last.take();
+                    let _ = std::fs::remove_file(&self.path);
+                    if let Some(f) = f {
+                        tracing::info!(index = f.index, "the entry that stopped this node before applied this time");
+                    }
+                }
+                applied
+            }
+            Err(payload) => Err(self.stopped(st, panic_message(payload.as_ref()))),
+        }
+    }
+
+    /// Records the fault that interrupted the entry `st` was applying; the error that stops
+    /// the node.
+    fn stopped(&mut self, st: &SmState, what: String) -> io::Error {
+        let (index, service) = st.local.applying.clone();
+        let service = service.map(|s| s.to_string());
+        let times = match &self.last {
+            Some(f) if f.index == index => f.times.saturating_add(1),
+            _ => 1,
+        };
+        let fault = ApplyFault {
+            index,
+            service: service.clone(),
+            message: what.clone(),
+            times,
+        };
+        if let Ok(bytes) = serde_json::to_vec_pretty(&fault)
+            && let Err(e) = std::fs::write(&self.path, bytes)
+        {
+            tracing::error!(error = %e, path = %self.path.display(), "cannot record the apply fault");
+        }
+        self.last = Some(fault);
+        let whose = match &service {
+            Some(s) => format!(" (service {s:?})"),
+            None => String::new(),
+        };
+        let again = if times > 1 {
+            format!(" This is the {} time this entry stopped this node.", ordinal(times))
+        } else {
+            String::new()
+        };
+        let msg = format!(
+            "applying entry {index}{whose} failed in waft's own code: {what}. This node stops \
+             rather than carry on from a half-applied entry; its log and snapshots are intact.{again} \
+             Every replica applies this entry: if others stopped at it too, it is a waft bug that \
+             needs a fixed build (see docs/operations.md, \"A node stopped applying an entry\")."
+        );
+        tracing::error!(index, service = service.as_deref().unwrap_or("-"), "{msg}");
+        io::Error::other(msg)
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+fn ordinal(n: u32) -> String {
+    match n {
+        2 => "second".to_owned(),
+        3 => "third".to_owned(),
+        n => format!("{n}th"),
+    }
+}

@@ -1,0 +1,148 @@
+//! The sandbox holds on any thread: a guest call never waits and never enters the async
+//! runtime, so what a guest does with WASI's streams, clocks, stdin and sockets answers the
+//! same on an async worker as on a plain thread (issue 36: a Python guest's flushed `print`
+//! panicked every node at once on the inline apply path, which runs on a tokio worker).
+
+use crate::support::{ctx, guest, runtime_with};
+use waft::runtime::{CheckpointPolicy, Guest, GuestError, Limits, RuntimeConfig};
+use waft_testkit::guests::{TEST_HOSTILE, TEST_HOSTILE_PYTHON};
+
+/// Every misbehaviour with WASI a guest can reach, and the same words as queries.
+const MISBEHAVIOUR: &[&str] = &[
+    "print-flush 50",
+    "print-mb 3",
+    "stdin",
+    "sleep 3600000",
+    "udp",
+    "recurse",
+    "panic-stderr",
+    "set a 1",
+];
+
+fn hostile() -> Guest {
+    let rt = runtime_with(RuntimeConfig {
+        limits: Limits {
+            fuel_per_apply: 200_000_000,
+            fuel_per_query: 200_000_000,
+            max_memory_bytes: 64 << 20,
+            ..Limits::default()
+        },
+        checkpoints: CheckpointPolicy::default(),
+        ..RuntimeConfig::default()
+    });
+    guest(&rt, TEST_HOSTILE)
+}
+
+/// Outcomes of every misbehaviour applied, then queried, then applied in one batch, and the
+/// state after.
+fn run_all(g: &mut Guest) -> Vec<String> {
+    run_all_of(g, MISBEHAVIOUR)
+}
+
+/// [`run_all`] with these commands.
+fn run_all_of(g: &mut Guest, commands: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (n, cmd) in (10..).zip(commands) {
+        out.push(format!("apply {cmd}: {:?}", outcome(g.apply(ctx(n), cmd.as_bytes()))));
+        out.push(format!("query {cmd}: {:?}", outcome(g.query(cmd.as_bytes()))));
+    }
+    let batch: Vec<_> = (100..)
+        .zip(commands)
+        .map(|(n, c)| (ctx(n), c.as_bytes()))
+        .collect();
+    for (cmd, r) in commands.iter().zip(g.apply_batch(&batch)) {
+        out.push(format!("batched {cmd}: {:?}", outcome(r)));
+    }
+    out.push(format!("state: {:?}", g.snapshot().map(String::from_utf8)));
+    out
+}
+
+/// An outcome without the parts that legitimately vary (none should).
+fn outcome(r: Result<Vec<u8>, GuestError>) -> Result<String, String> {
+    r.map(|b| String::from_utf8_lossy(&b).chars().take(64).collect())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn every_wasi_misbehaviour_answers_in_words_on_a_plain_thread() {
+    let mut g = hostile();
+    let out = run_all(&mut g);
+    let find = |prefix: &str| {
+        out.iter()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {out:#?}"))
+            .clone()
+    };
+    tracing::info!("flushed output, megabytes of it, stdin and sleep answer normally");
+    assert!(find("apply print-flush").contains("Ok(\"OK\")"), "{out:#?}");
+    assert!(find("apply print-mb").contains("Ok(\"OK\")"), "{out:#?}");
+    assert!(find("apply stdin").contains("read 0 bytes"), "{out:#?}");
+    assert!(
+        find("apply sleep").contains("slept"),
+        "an hour's sleep returns at once: {out:#?}"
+    );
+    tracing::info!("a socket is refused; a stack overflow and a panic trap");
+    assert!(find("apply udp").contains("Err(\"udp:"), "{out:#?}");
+    assert!(find("apply recurse").contains("trapped"), "{out:#?}");
+    assert!(find("apply panic-stderr").contains("deliberate panic"), "{out:#?}");
+    assert!(find("state").contains("a=1"), "{out:#?}");
+    assert_eq!(g.host_faults(), 0, "no host fault: {out:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_calls_on_an_async_worker_answer_exactly_as_on_a_plain_thread() {
+    tracing::info!("the same calls on a plain thread and on a tokio worker (the inline apply path)");
+    let plain = std::thread::spawn(|| run_all(&mut hostile()))
+        .join()
+        .expect("plain thread");
+    // Directly on this worker: no spawn_blocking, no block_in_place.
+    let on_worker = run_all(&mut hostile());
+    assert_eq!(plain, on_worker);
+}
+
+/// What the Python guest is asked: its misbehaviour (issue 36's two: a flushed print and an
+/// uncaught exception) among ordinary commands.
+const PYTHON_MISBEHAVIOUR: &[&str] = &[
+    "set a 1",
+    "print",
+    "print-flush",
+    "raise",
+    "raise-after-set a 2",
+    "sleep 3600",
+    "stdin",
+    "recurse",
+    "set b 2",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_guest_that_prints_flushed_and_raises_answers_alike_on_a_worker_and_a_thread() {
+    let path = TEST_HOSTILE_PYTHON.unwrap_or_else(|e| panic!("{e}"));
+    let rt = runtime_with(RuntimeConfig::default());
+    let module = rt.load(&waft_testkit::wasm(path)).expect("loads");
+    let run = |rt: &waft::runtime::Runtime| {
+        let mut g = rt.instantiate(&module, "py").expect("instantiates");
+        let out = run_all_of(&mut g, PYTHON_MISBEHAVIOUR);
+        (out, g.host_faults())
+    };
+    tracing::info!("on a plain thread");
+    let plain = std::thread::scope(|s| s.spawn(|| run(&rt)).join().expect("plain thread"));
+    tracing::info!("directly on a tokio worker (the inline apply path)");
+    let on_worker = run(&rt);
+    assert_eq!(plain, on_worker);
+    let (out, faults) = on_worker;
+    assert_eq!(faults, 0, "{out:#?}");
+    let has = |prefix: &str, part: &str| {
+        assert!(
+            out.iter().any(|l| l.starts_with(prefix) && l.contains(part)),
+            "{prefix:?} should mention {part:?}: {out:#?}"
+        )
+    };
+    has("apply print-flush", "printed");
+    has("apply raise:", "guest panicked: uncaught ValueError: deliberate uncaught exception");
+    has("query raise:", "guest panicked: uncaught ValueError");
+    has("apply recurse", "RecursionError");
+    has("apply raise-after-set", "RuntimeError");
+    has("apply sleep", "slept");
+    has("apply stdin", "read 0 bytes");
+    has("state", "\\\"a\\\": \\\"1\\\"");
+}

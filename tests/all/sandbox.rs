@@ -43,8 +43,14 @@ fn run_all(g: &mut Guest) -> Vec<String> {
 fn run_all_of(g: &mut Guest, commands: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     for (n, cmd) in (10..).zip(commands) {
-        out.push(format!("apply {cmd}: {:?}", outcome(g.apply(ctx(n), cmd.as_bytes()))));
-        out.push(format!("query {cmd}: {:?}", outcome(g.query(cmd.as_bytes()))));
+        out.push(format!(
+            "apply {cmd}: {:?}",
+            outcome(g.apply(ctx(n), cmd.as_bytes()))
+        ));
+        out.push(format!(
+            "query {cmd}: {:?}",
+            outcome(g.query(cmd.as_bytes()))
+        ));
     }
     let batch: Vec<_> = (100..)
         .zip(commands)
@@ -84,14 +90,19 @@ fn every_wasi_misbehaviour_answers_in_words_on_a_plain_thread() {
     tracing::info!("a socket is refused; a stack overflow and a panic trap");
     assert!(find("apply udp").contains("Err(\"udp:"), "{out:#?}");
     assert!(find("apply recurse").contains("trapped"), "{out:#?}");
-    assert!(find("apply panic-stderr").contains("deliberate panic"), "{out:#?}");
+    assert!(
+        find("apply panic-stderr").contains("deliberate panic"),
+        "{out:#?}"
+    );
     assert!(find("state").contains("a=1"), "{out:#?}");
     assert_eq!(g.host_faults(), 0, "no host fault: {out:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_calls_on_an_async_worker_answer_exactly_as_on_a_plain_thread() {
-    tracing::info!("the same calls on a plain thread and on a tokio worker (the inline apply path)");
+    tracing::info!(
+        "the same calls on a plain thread and on a tokio worker (the inline apply path)"
+    );
     let plain = std::thread::spawn(|| run_all(&mut hostile()))
         .join()
         .expect("plain thread");
@@ -133,12 +144,16 @@ async fn a_python_guest_that_prints_flushed_and_raises_answers_alike_on_a_worker
     assert_eq!(faults, 0, "{out:#?}");
     let has = |prefix: &str, part: &str| {
         assert!(
-            out.iter().any(|l| l.starts_with(prefix) && l.contains(part)),
+            out.iter()
+                .any(|l| l.starts_with(prefix) && l.contains(part)),
             "{prefix:?} should mention {part:?}: {out:#?}"
         )
     };
     has("apply print-flush", "printed");
-    has("apply raise:", "guest panicked: uncaught ValueError: deliberate uncaught exception");
+    has(
+        "apply raise:",
+        "guest panicked: uncaught ValueError: deliberate uncaught exception",
+    );
     has("query raise:", "guest panicked: uncaught ValueError");
     has("apply recurse", "RecursionError");
     has("apply raise-after-set", "RuntimeError");

@@ -134,6 +134,47 @@ fn the_architecture_invariants_hold() {
             .all(|(path, _)| path.ends_with("runtime/bindings.rs")),
         "the host's bindgen!s are in runtime/bindings.rs"
     );
+    // Issue 36: a guest call never waits or enters the async runtime (ARCHITECTURE.md): the
+    // WASI functions wasmtime-wasi runs with block_on are replaced wherever WASI is linked.
+    for (path, code) in files
+        .iter()
+        .filter(|(_, c)| c.contains("add_to_linker_sync("))
+    {
+        let linked = code.find("add_to_linker_sync(").expect("found");
+        let replaced = code.find("nonblocking::link(");
+        assert!(
+            replaced.is_some_and(|r| r > linked),
+            "{path} links wasmtime-wasi's WASI without replacing its waiting functions after \
+             it (nonblocking::link)"
+        );
+    }
+    // Every entry into guest code goes through contain::call (a host fault is the call's).
+    let entries = [".call_", "p.instantiate("];
+    for (path, code) in &files {
+        let calls_guest =
+            entries.iter().any(|e| code.contains(e)) && code.contains("waft_fsm_state_machine()");
+        if calls_guest {
+            assert!(
+                path.ends_with("runtime/bindings.rs"),
+                "{path} calls guest exports; only runtime/bindings.rs may (through contain::call)"
+            );
+        }
+    }
+    let bindings = &files
+        .iter()
+        .find(|(p, _)| p.ends_with("runtime/bindings.rs"))
+        .expect("runtime/bindings.rs")
+        .1;
+    for function in bindings.split("fn ").skip(1) {
+        let body = function.split("\n    }\n").next().unwrap_or_default();
+        if entries.iter().any(|e| body.contains(e)) {
+            assert!(
+                body.contains("contain::call("),
+                "a guest call in runtime/bindings.rs outside contain::call: fn {}",
+                body.lines().next().unwrap_or_default()
+            );
+        }
+    }
     let sdk = sources(&root().join("guest-sdk"), "src");
     assert_eq!(
         count(&sdk, "generate!("),

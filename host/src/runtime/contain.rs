@@ -42,7 +42,10 @@ pub(super) fn call<T>(f: impl FnOnce() -> wasmtime::Result<T>) -> wasmtime::Resu
                 .map(String::as_str)
                 .or_else(|| payload.downcast_ref::<&str>().copied())
                 .unwrap_or("a panic without a message");
-            tracing::error!(fault = what, "host fault in a guest call, contained as a trap");
+            tracing::error!(
+                fault = what,
+                "host fault in a guest call, contained as a trap"
+            );
             Err(wasmtime::Error::new(HostFault(what.to_owned())))
         }
     }

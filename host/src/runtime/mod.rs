@@ -7,6 +7,7 @@
 
 mod bindings;
 mod config;
+mod contain;
 mod effects;
 mod engine;
 mod error;
@@ -14,16 +15,15 @@ mod functions;
 mod guest;
 mod module;
 mod nonblocking;
-mod contain;
 pub mod testing;
 mod wasi;
 
 pub use bindings::FsmVersion;
 pub use config::{CHECKPOINT_BYTES_PER_ENTRY, CheckpointPolicy, Limits, RuntimeConfig};
+pub use contain::{HostFault, host_faults};
 pub use effects::{
     Effect, MAX_EVENT_BYTES, MAX_EVENTS_PER_CALL, MAX_TIMER_KEY_BYTES, MAX_TIMER_PAYLOAD_BYTES,
 };
-pub use contain::{HostFault, host_faults};
 pub use engine::WASMTIME_VERSION;
 pub use error::{GuestError, LoadError, TrapKind};
 pub use guest::{ApplyCtx, Guest, OpenError, ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};

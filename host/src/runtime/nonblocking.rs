@@ -24,19 +24,19 @@ use std::task::{Context, Poll, Waker};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::WasiView;
 use wasmtime_wasi::clocks::{WasiClocksCtxView, WasiClocksView};
-use wasmtime_wasi::p2::bindings::sockets::network;
-use wasmtime_wasi::sockets::{WasiSocketsCtxView, WasiSocketsView};
 use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
-use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
-use wasmtime_wasi::p2::bindings::sync::sockets::udp_create_socket;
 use wasmtime_wasi::p2::bindings::io::poll as async_poll;
 use wasmtime_wasi::p2::bindings::io::streams::{
     Host as AsyncStreams, HostInputStream as AsyncIn, HostOutputStream as AsyncOut,
 };
+use wasmtime_wasi::p2::bindings::sockets::network;
+use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
+use wasmtime_wasi::p2::bindings::sync::sockets::udp_create_socket;
 use wasmtime_wasi::p2::{
     DynInputStream, DynOutputStream, DynPollable, Pollable, SocketResult, StreamError,
     StreamResult, UdpSocket, subscribe,
 };
+use wasmtime_wasi::sockets::{WasiSocketsCtxView, WasiSocketsView};
 
 /// Links the non-waiting versions of the functions above over those `add_to_linker_sync`
 /// linked (which must come first).
@@ -105,10 +105,7 @@ impl poll::HostPollable for Io<'_> {
 }
 
 impl streams::Host for Io<'_> {
-    fn convert_stream_error(
-        &mut self,
-        err: StreamError,
-    ) -> wasmtime::Result<streams::StreamError> {
+    fn convert_stream_error(&mut self, err: StreamError) -> wasmtime::Result<streams::StreamError> {
         AsyncStreams::convert_stream_error(self.0, err).map(Into::into)
     }
 }
@@ -135,7 +132,9 @@ impl streams::HostOutputStream for Io<'_> {
         stream: Resource<DynOutputStream>,
         len: u64,
     ) -> StreamResult<()> {
-        stream_at_once(AsyncOut::blocking_write_zeroes_and_flush(self.0, stream, len))
+        stream_at_once(AsyncOut::blocking_write_zeroes_and_flush(
+            self.0, stream, len,
+        ))
     }
     fn subscribe(
         &mut self,

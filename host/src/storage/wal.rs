@@ -442,8 +442,17 @@ impl Disk {
             // What the failed write left (part of it, or all of it unsynced) was never
             // acknowledged: cut it now, so a restart finds the log ending at its last whole
             // record. If even that fails, replay cuts it (a bad record with nothing valid after).
-            match self.file.set_len(before.size).and_then(|()| self.file.sync_all()) {
-                Ok(()) => self.end = End { size: before.size, allocated: before.size },
+            match self
+                .file
+                .set_len(before.size)
+                .and_then(|()| self.file.sync_all())
+            {
+                Ok(()) => {
+                    self.end = End {
+                        size: before.size,
+                        allocated: before.size,
+                    }
+                }
                 Err(cut) => tracing::warn!(error = %cut, "cannot cut the failed write off the log"),
             }
         }
@@ -972,7 +981,10 @@ mod tests {
         let mut torn = [kept.as_slice(), &failed[..]].concat();
         torn[kept.len() + FRAME_HEADER + 1] ^= 0x55;
         let n = torn.len();
-        for (i, b) in torn[kept.len() + failed.len() / 2..n].iter_mut().enumerate() {
+        for (i, b) in torn[kept.len() + failed.len() / 2..n]
+            .iter_mut()
+            .enumerate()
+        {
             *b = (i as u8).wrapping_mul(31) | 1;
         }
         let (r, valid) = replay(&torn, p).expect("a torn tail, not corruption");

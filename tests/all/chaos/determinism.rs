@@ -19,7 +19,7 @@ const SERVICES: [&str; 3] = ["rust", "python", "js"];
 
 /// Submits `payload` to `service` through any node, retrying with the same sequence (applied
 /// once) until it is acknowledged; returns the outcome.
-async fn submit(
+pub(super) async fn submit(
     addrs: &[String],
     service: &str,
     payload: &[u8],
@@ -65,7 +65,7 @@ async fn writer(addrs: Vec<String>, stop: Arc<AtomicBool>) -> u64 {
 }
 
 /// Waits until node `i` has applied `index`.
-async fn wait_applied(c: &ProcCluster, i: usize, index: u64) {
+pub(super) async fn wait_applied(c: &ProcCluster, i: usize, index: u64) {
     // Generous: a node that starts loads three big components, and CI runs other tests beside
     // (a node rejoining without its data compiles them all: over 3 minutes seen on a slow
     // machine). The bound is only against a hang.
@@ -83,7 +83,7 @@ async fn wait_applied(c: &ProcCluster, i: usize, index: u64) {
     }
 }
 
-async fn last_index(c: &ProcCluster) -> (usize, u64) {
+pub(super) async fn last_index(c: &ProcCluster) -> (usize, u64) {
     let l = c
         .wait_leader(Duration::from_secs(30))
         .await

@@ -8,6 +8,7 @@
 //! runs longer). Each prints the operations done, the faults injected and the verdicts.
 
 mod determinism;
+mod hostile;
 mod workload;
 
 use crate::support::procs::ProcCluster;

@@ -92,7 +92,10 @@ impl FaultRecord {
                     let f = self.last.take();
                     let _ = std::fs::remove_file(&self.path);
                     if let Some(f) = f {
-                        tracing::info!(index = f.index, "the entry that stopped this node before applied this time");
+                        tracing::info!(
+                            index = f.index,
+                            "the entry that stopped this node before applied this time"
+                        );
                     }
                 }
                 applied
@@ -127,7 +130,10 @@ impl FaultRecord {
             None => String::new(),
         };
         let again = if times > 1 {
-            format!(" This is the {} time this entry stopped this node.", ordinal(times))
+            format!(
+                " This is the {} time this entry stopped this node.",
+                ordinal(times)
+            )
         } else {
             String::new()
         };

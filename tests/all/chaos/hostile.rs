@@ -1,0 +1,175 @@
+//! The hostile-guest campaign on processes (issue 36): a Python guest that prints with flush
+//! and raises uncaught exceptions, and a Rust one that prints with flush and panics, hundreds
+//! of times among ordinary commands, on three
+//! `waft node` processes while 16 clients write to another service. Before the fix the inline
+//! apply path (a tokio worker) panicked in wasmtime-wasi's `block_on` and every node stopped
+//! at the same index. At the end: every node alive, every call answered in words, no
+//! acknowledged write lost, the other service unaffected, every replica's audit equal.
+
+use super::determinism::{last_index, submit, wait_applied};
+use crate::support::procs::{ProcCluster, connect};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use waft::pb::api::{self, submit_reply::Outcome, waft_client::WaftClient};
+use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE, TEST_HOSTILE_PYTHON};
+
+/// Rounds of (sets, print-flush, raise) on the Python guest.
+const ROUNDS: u64 = 200;
+/// Ordinary commands per round: enough that the service's average apply stays cheap, so its
+/// batches take the inline path (on an async worker), where issue 36's panic happened.
+const SETS_PER_ROUND: u64 = 3;
+/// Clients writing to the kv service meanwhile.
+const LOAD_CLIENTS: u64 = 16;
+
+/// One load client: puts to kv until `stop`, each acknowledged with `OK`; returns how many.
+async fn kv_load(addrs: Vec<String>, id: u64, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>) {
+    let mut seq = 0;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let put = format!("put load{id} {seq}");
+        let outcome = submit(&addrs, "kv", put.as_bytes(), 0x10ad_0000 + id, seq).await;
+        assert!(
+            matches!(&outcome, Some(Outcome::Ok(r)) if r == b"OK"),
+            "load client {id}, put {seq}: {outcome:?}"
+        );
+        acked.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn query(addr: &str, service: &str, q: &str) -> Option<api::query_reply::Outcome> {
+    let ch = connect(addr).await?;
+    WaftClient::new(ch)
+        .query(api::QueryRequest {
+            service: service.into(),
+            payload: q.as_bytes().to_vec(),
+            consistency: api::Consistency::Stale as i32,
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_python_guest_printing_flushed_and_raising_under_load_never_stops_a_node() {
+    crate::support::init_tracing();
+    let py = TEST_HOSTILE_PYTHON.unwrap_or_else(|e| panic!("the hostile Python guest: {e}"));
+    let c = ProcCluster::start(3, &["--snapshot-every", "300", "--audit-interval", "0"]).await;
+    c.deploy("kv", EXAMPLE_KV).await;
+    c.deploy("py", py).await;
+    // The Rust one's calls take microseconds: its batches surely take the inline path.
+    c.deploy("evil", TEST_HOSTILE).await;
+
+    tracing::info!("16 clients write to kv throughout");
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..LOAD_CLIENTS)
+        .map(|id| tokio::spawn(kv_load(c.addrs.clone(), id, stop.clone(), acked.clone())))
+        .collect();
+
+    tracing::info!("{ROUNDS} flushed prints and {ROUNDS} uncaught exceptions among sets");
+    let mut seq = 0;
+    let mut next = || {
+        seq += 1;
+        seq
+    };
+    for n in 0..ROUNDS {
+        for i in 0..SETS_PER_ROUND {
+            let set = format!("set k{n} {i}");
+            let o = submit(&c.addrs, "py", set.as_bytes(), 0xb0b, next()).await;
+            assert!(
+                matches!(&o, Some(Outcome::Ok(r)) if r == b"OK"),
+                "{set}: {o:?}"
+            );
+        }
+        let o = submit(&c.addrs, "py", b"print-flush", 0xb0b, next()).await;
+        assert!(
+            matches!(&o, Some(Outcome::Ok(r)) if r == b"printed"),
+            "print {n}: {o:?}"
+        );
+        let o = submit(&c.addrs, "py", b"raise", 0xb0b, next()).await;
+        assert!(
+            matches!(&o, Some(Outcome::Trapped(m)) if m.contains("ValueError: deliberate uncaught exception")),
+            "raise {n}: {o:?}"
+        );
+        for i in 0..SETS_PER_ROUND {
+            let set = format!("set r{n} {i}");
+            let o = submit(&c.addrs, "evil", set.as_bytes(), 0xe7, next()).await;
+            assert!(
+                matches!(&o, Some(Outcome::Ok(r)) if r == b"OK"),
+                "{set}: {o:?}"
+            );
+        }
+        let o = submit(&c.addrs, "evil", b"print-flush 2", 0xe7, next()).await;
+        assert!(
+            matches!(&o, Some(Outcome::Ok(r)) if r == b"OK"),
+            "evil print {n}: {o:?}"
+        );
+        let o = submit(&c.addrs, "evil", b"panic-stderr", 0xe7, next()).await;
+        assert!(
+            matches!(&o, Some(Outcome::Trapped(m)) if m.contains("deliberate panic after a flushed stderr line")),
+            "evil panic {n}: {o:?}"
+        );
+        for i in 0..3 {
+            assert!(
+                c.running(i),
+                "node {} stopped after round {n}: {}",
+                i + 1,
+                c.log_tail(i, 20)
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.expect("a load client failed");
+    }
+    let acked = acked.load(Ordering::Relaxed);
+    assert!(acked > 0, "the load wrote nothing");
+
+    tracing::info!("every node alive, every set on every node, kv's writes all there");
+    let (_, last) = last_index(&c).await;
+    for i in 0..3 {
+        assert!(
+            c.running(i),
+            "node {} stopped: {}",
+            i + 1,
+            c.log_tail(i, 20)
+        );
+        wait_applied(&c, i, last).await;
+        for n in [0, ROUNDS / 2, ROUNDS - 1] {
+            let got = query(&c.addrs[i], "py", &format!("get k{n}")).await;
+            let last = (SETS_PER_ROUND - 1).to_string().into_bytes();
+            assert_eq!(got, Some(api::query_reply::Outcome::Ok(last)));
+        }
+        let got = query(&c.addrs[i], "evil", &format!("get r{}", ROUNDS - 1)).await;
+        let last = (SETS_PER_ROUND - 1).to_string().into_bytes();
+        assert_eq!(got, Some(api::query_reply::Outcome::Ok(last)));
+        let got = query(&c.addrs[i], "kv", "get load0").await;
+        assert!(
+            matches!(got, Some(api::query_reply::Outcome::Ok(_))),
+            "node {}: {got:?}",
+            i + 1
+        );
+    }
+
+    tracing::info!("every replica's audit equal, nothing healed");
+    let (l, _) = last_index(&c).await;
+    let mut cl = c.cluster_client(l).await.expect("leader");
+    let audit = cl
+        .audit(api::AuditRequest {})
+        .await
+        .expect("audit")
+        .into_inner();
+    for i in 0..3 {
+        wait_applied(&c, i, audit.report_index).await;
+        let a = c.status(i).await.expect("status").audit.unwrap_or_default();
+        assert!(a.divergences.is_empty(), "node {}: {a:?}", i + 1);
+        assert!(a.heals.is_empty(), "node {}: {a:?}", i + 1);
+        assert_eq!(a.last_checked_index, Some(audit.index), "node {}", i + 1);
+    }
+    eprintln!(
+        "hostile campaign: {ROUNDS} rounds of set/print-flush/raise on py, {acked} kv puts \
+         acknowledged meanwhile, 3 nodes alive, audit at {} equal",
+        audit.index
+    );
+}

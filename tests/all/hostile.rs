@@ -241,70 +241,94 @@ async fn a_guest_reading_clocks_and_randomness_stays_identical_on_every_node() {
 /// leader's heartbeat streams were reset one by one, HTTP/2 closed the connection for too many
 /// resets, replication stream included, and a deploy under load cost elections (issue 18).
 /// Before the fix, these reads returned only after the call.
+///
+/// Independent of the machine's speed: the proof that the reads did not wait is that they
+/// returned while the call still ran and saw the state from before it (had they waited, they
+/// would see it applied). A loop that ends before the reads return proves nothing either way,
+/// so the test tries again with four times the fuel, up to four times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_the_node_state_never_wait_for_a_running_guest_call() {
     use waft::types::{Request, Response};
     let cluster = TestCluster::start(1, test_settings()).await;
     cluster.form().await;
     let addr = cluster.addrs[0].clone();
-    // Enough fuel that the loop runs for a good while on any machine.
-    deploy(&addr, "evil", TEST_HOSTILE, 4_000_000_000, 0).await;
     let node = cluster.node(0);
-    let before = node.state().last_applied().map_or(0, |l| l.index);
-    let raft = node.raft().clone();
-    let looping = tokio::spawn(async move {
-        raft.client_write(Request::Command {
-            service: "evil".into(),
-            payload: b"loop".to_vec(),
-            client: None,
-            timestamp_ms: 1,
+    let mut tried = Vec::new();
+    let mut fuel: u64 = 2_000_000_000;
+    let proved = loop {
+        if tried.len() == 4 {
+            break false;
+        }
+        let service = format!("evil{}", tried.len());
+        deploy(&addr, &service, TEST_HOSTILE, fuel, 0).await;
+        let before = node.state().last_applied().map_or(0, |l| l.index);
+        let raft = node.raft().clone();
+        let looping = tokio::spawn(async move {
+            raft.client_write(Request::Command {
+                service,
+                payload: b"loop".to_vec(),
+                client: None,
+                timestamp_ms: 1,
+            })
+            .await
+        });
+        // The loop's entry is committed, not yet applied: its apply is running (or about to).
+        let entry = before + 1;
+        node.raft()
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.local_committed.is_some_and(|c| c.index >= entry),
+                "the loop's entry is committed",
+            )
+            .await
+            .expect("committed");
+        // Give the apply a moment to take the lock (it holds it for the whole loop). On a
+        // machine too slow for that, the reads prove less, but never fail.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let state = node.state().clone();
+        let reads = tokio::task::spawn_blocking(move || {
+            (
+                state.last_applied(),
+                state.services().len(),
+                state.audit_status().checks,
+                state.service_metrics().len(),
+                state.snapshot_stats().built,
+            )
         })
         .await
-    });
-    // The loop's entry is committed, not yet applied: its apply is running (or about to).
-    let entry = before + 1;
-    node.raft()
-        .wait(Some(Duration::from_secs(30)))
-        .metrics(
-            |m| m.local_committed.is_some_and(|c| c.index >= entry),
-            "the loop's entry is committed",
-        )
-        .await
-        .expect("committed");
-    // Give the apply a moment to take the lock (it will hold it for the whole loop).
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let state = node.state().clone();
-    let reads = tokio::task::spawn_blocking(move || {
-        (
-            state.last_applied(),
-            state.services().len(),
-            state.audit_status().checks,
-            state.service_metrics().len(),
-            state.snapshot_stats().built,
-        )
-    })
-    .await
-    .expect("reads");
+        .expect("reads");
+        let still_running = !looping.is_finished();
+        let written = looping.await.expect("join").expect("the write commits");
+        assert!(
+            matches!(&written.data, Response::Trapped(m) if m.contains("fuel")),
+            "{:?}",
+            written.data
+        );
+        // After the call, the published view has caught up.
+        assert!(
+            node.state()
+                .last_applied()
+                .is_some_and(|l| l.index >= entry)
+        );
+        if still_running && reads.0.is_some_and(|l| l.index < entry) {
+            assert_eq!(
+                reads.1,
+                tried.len() + 1,
+                "the service list is there: {reads:?}"
+            );
+            break true;
+        }
+        tracing::info!(
+            fuel,
+            "the loop ended before the reads returned; again with more fuel"
+        );
+        tried.push(fuel);
+        fuel *= 4;
+    };
     assert!(
-        !looping.is_finished(),
-        "the guest call was still running when the reads returned"
-    );
-    assert!(
-        reads.0.is_some_and(|l| l.index < entry),
-        "the reads saw the state before the running call: {reads:?}"
-    );
-    assert_eq!(reads.1, 1, "the service list is there: {reads:?}");
-    let written = looping.await.expect("join").expect("the write commits");
-    assert!(
-        matches!(&written.data, Response::Trapped(m) if m.contains("fuel")),
-        "{:?}",
-        written.data
-    );
-    // After the call, the published view has caught up.
-    assert!(
-        node.state()
-            .last_applied()
-            .is_some_and(|l| l.index >= entry)
+        proved,
+        "the reads of the node's state returned only after the guest call ended, every time \
+         (loops of {tried:?} fuel): they wait for a running guest call"
     );
     cluster.shutdown().await;
 }

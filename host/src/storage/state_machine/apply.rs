@@ -51,6 +51,8 @@ impl SmState {
         while let Some(entry) = entries.next() {
             let log_id = entry.log_id();
             self.local.applying = (log_id.index(), None);
+            #[cfg(test)]
+            super::fault::tests::maybe_panic(log_id.index());
             let term = log_id.committed_leader_id().term();
             // A deploy written by an earlier release, with its module inline, applies as one
             // that names its module (which joins the store first).

@@ -164,3 +164,95 @@ fn ordinal(n: u32) -> String {
         n => format!("{n}th"),
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::runtime::{Runtime, RuntimeConfig};
+    use crate::storage::events::{Events, HistoryLimits};
+    use crate::storage::modules::ModuleStore;
+    use crate::types::LogId;
+    use std::cell::Cell;
+    use std::sync::{Arc, Mutex};
+
+    thread_local! {
+        /// The index at which this thread's apply panics, as a bug in waft's apply would.
+        static PANIC_AT: Cell<Option<u64>> = const { Cell::new(None) };
+    }
+
+    /// Called by `apply_all` for each entry (tests only).
+    pub(in crate::storage::state_machine) fn maybe_panic(index: u64) {
+        if PANIC_AT.with(|p| p.get()) == Some(index) {
+            panic!("an injected fault at entry {index}");
+        }
+    }
+
+    fn blank(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(
+                openraft::impls::leader_id_adv::LeaderId {
+                    term: 1,
+                    node_id: 1,
+                },
+                index,
+            ),
+            payload: openraft::EntryPayload::Blank,
+        }
+    }
+
+    fn state(dir: &Path) -> SmState {
+        let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+        let modules = ModuleStore::open(&dir.join("modules")).expect("modules");
+        SmState::new(
+            runtime,
+            modules,
+            Arc::new(Events::new(HistoryLimits::default())),
+            Arc::new(Mutex::new(Default::default())),
+            Arc::new(tokio::sync::watch::channel(None).0),
+        )
+    }
+
+    #[test]
+    fn a_fault_in_waft_s_apply_stops_naming_the_entry_and_is_remembered_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        PANIC_AT.with(|p| p.set(Some(3)));
+        let mut st = state(dir.path());
+        let mut record = FaultRecord::open(dir.path());
+        let e = record
+            .apply(&mut st, (1..=5).map(blank).collect())
+            .expect_err("the fault stops the apply");
+        assert!(
+            e.to_string().contains(
+                "applying entry 3 failed in waft's own code: an injected fault at entry 3"
+            ),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("second time"), "{e}");
+
+        // A restart: the record is read back, the same entry stops it again, and says so.
+        let mut st = state(dir.path());
+        let mut record = FaultRecord::open(dir.path());
+        assert_eq!(
+            record.last.as_ref().map(|f| (f.index, f.times)),
+            Some((3, 1))
+        );
+        let e = record
+            .apply(&mut st, (1..=5).map(blank).collect())
+            .expect_err("stops again");
+        assert!(
+            e.to_string()
+                .contains("the second time this entry stopped this node"),
+            "{e}"
+        );
+
+        // Fixed (a new build): the entry applies, and the record is gone.
+        PANIC_AT.with(|p| p.set(None));
+        let mut st = state(dir.path());
+        let mut record = FaultRecord::open(dir.path());
+        record
+            .apply(&mut st, (1..=5).map(blank).collect())
+            .expect("applies");
+        assert!(record.last.is_none());
+        assert!(!dir.path().join(FAULT_FILE).exists());
+    }
+}

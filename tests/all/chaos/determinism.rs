@@ -92,6 +92,32 @@ pub(super) async fn last_index(c: &ProcCluster) -> (usize, u64) {
     (l, s.last_log_index)
 }
 
+/// Runs an audit through the leader (again when it meets a leader change) and checks that
+/// every node's digest matched at it, nothing healed; the audit's reply.
+pub(super) async fn audit_equal(c: &ProcCluster) -> api::AuditReply {
+    let mut attempts = Vec::new();
+    let audit = loop {
+        let (l, _) = last_index(c).await;
+        let mut cl = c.cluster_client(l).await.expect("leader");
+        match cl.audit(api::AuditRequest {}).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) if attempts.len() < 10 => {
+                attempts.push(e.message().to_owned());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("the audit kept failing: {e}; before: {attempts:?}"),
+        }
+    };
+    for i in 0..c.len() {
+        wait_applied(c, i, audit.report_index).await;
+        let a = c.status(i).await.expect("status").audit.unwrap_or_default();
+        assert!(a.divergences.is_empty(), "node {}: {a:?}", i + 1);
+        assert!(a.heals.is_empty(), "node {}: {a:?}", i + 1);
+        assert_eq!(a.last_checked_index, Some(audit.index), "node {}", i + 1);
+    }
+    audit
+}
+
 /// Every event node `i` still keeps, from its history's first index to `until`.
 /// Where node `i`'s watch history starts (it starts again when the node restarts or installs a
 /// snapshot).
@@ -344,27 +370,7 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         started.elapsed().as_secs_f64()
     );
     tracing::info!("every audit matches, nothing was healed");
-    // An audit can meet a leader change (the restarts just happened): try again.
-    let mut attempts = Vec::new();
-    let audit = loop {
-        let (l, _) = last_index(&c).await;
-        let mut cl = c.cluster_client(l).await.expect("leader");
-        match cl.audit(api::AuditRequest {}).await {
-            Ok(r) => break r.into_inner(),
-            Err(e) if attempts.len() < 10 => {
-                attempts.push(e.message().to_owned());
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => panic!("the audit kept failing: {e}; before: {attempts:?}"),
-        }
-    };
-    for i in 0..3 {
-        wait_applied(&c, i, audit.report_index).await;
-        let a = c.status(i).await.expect("status").audit.unwrap_or_default();
-        assert!(a.divergences.is_empty(), "node {}: {a:?}", i + 1);
-        assert!(a.heals.is_empty(), "node {}: {a:?}", i + 1);
-        assert_eq!(a.last_checked_index, Some(audit.index), "node {}", i + 1);
-    }
+    let audit = audit_equal(&c).await;
     assert_eq!(audit.services.len(), 3);
 
     eprintln!(

@@ -6,7 +6,7 @@
 //! at the same index. At the end: every node alive, every call answered in words, no
 //! acknowledged write lost, the other service unaffected, every replica's audit equal.
 
-use super::determinism::{last_index, submit, wait_applied};
+use super::determinism::{audit_equal, last_index, submit, wait_applied};
 use crate::support::procs::{ProcCluster, connect};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +33,30 @@ async fn kv_load(addrs: Vec<String>, id: u64, stop: Arc<AtomicBool>, acked: Arc<
             "load client {id}, put {seq}: {outcome:?}"
         );
         acked.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A service's part of a round: its name, its client id, its set's key prefix, and each
+/// misbehaviour with what its answer must be.
+type Plan = (&'static str, u64, &'static str, [(&'static str, Expect); 2]);
+
+/// What a call must answer.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// `Ok` with these bytes.
+    Ok(&'static str),
+    /// `Trapped`, naming this.
+    Trapped(&'static str),
+}
+
+impl Expect {
+    fn check(self, got: &Option<Outcome>, what: &str) {
+        let right = match (self, got) {
+            (Expect::Ok(want), Some(Outcome::Ok(r))) => r == want.as_bytes(),
+            (Expect::Trapped(want), Some(Outcome::Trapped(m))) => m.contains(want),
+            _ => false,
+        };
+        assert!(right, "{what}: expected {self:?}, got {got:?}");
     }
 }
 
@@ -68,48 +92,44 @@ async fn a_python_guest_printing_flushed_and_raising_under_load_never_stops_a_no
         .collect();
 
     tracing::info!("{ROUNDS} flushed prints and {ROUNDS} uncaught exceptions among sets");
+    let plan: [Plan; 2] = [
+        (
+            "py",
+            0xb0b,
+            "k",
+            [
+                ("print-flush", Expect::Ok("printed")),
+                (
+                    "raise",
+                    Expect::Trapped("ValueError: deliberate uncaught exception"),
+                ),
+            ],
+        ),
+        (
+            "evil",
+            0xe7,
+            "r",
+            [
+                ("print-flush 2", Expect::Ok("OK")),
+                (
+                    "panic-stderr",
+                    Expect::Trapped("deliberate panic after a flushed stderr line"),
+                ),
+            ],
+        ),
+    ];
     let mut seq = 0;
-    let mut next = || {
-        seq += 1;
-        seq
-    };
     for n in 0..ROUNDS {
-        for i in 0..SETS_PER_ROUND {
-            let set = format!("set k{n} {i}");
-            let o = submit(&c.addrs, "py", set.as_bytes(), 0xb0b, next()).await;
-            assert!(
-                matches!(&o, Some(Outcome::Ok(r)) if r == b"OK"),
-                "{set}: {o:?}"
-            );
+        for (service, client, prefix, misbehaviour) in &plan {
+            let sets =
+                (0..SETS_PER_ROUND).map(|i| (format!("set {prefix}{n} {i}"), Expect::Ok("OK")));
+            let bad = misbehaviour.iter().map(|(cmd, e)| (cmd.to_string(), *e));
+            for (cmd, expect) in sets.chain(bad) {
+                seq += 1;
+                let o = submit(&c.addrs, service, cmd.as_bytes(), *client, seq).await;
+                expect.check(&o, &format!("{service} round {n}: {cmd}"));
+            }
         }
-        let o = submit(&c.addrs, "py", b"print-flush", 0xb0b, next()).await;
-        assert!(
-            matches!(&o, Some(Outcome::Ok(r)) if r == b"printed"),
-            "print {n}: {o:?}"
-        );
-        let o = submit(&c.addrs, "py", b"raise", 0xb0b, next()).await;
-        assert!(
-            matches!(&o, Some(Outcome::Trapped(m)) if m.contains("ValueError: deliberate uncaught exception")),
-            "raise {n}: {o:?}"
-        );
-        for i in 0..SETS_PER_ROUND {
-            let set = format!("set r{n} {i}");
-            let o = submit(&c.addrs, "evil", set.as_bytes(), 0xe7, next()).await;
-            assert!(
-                matches!(&o, Some(Outcome::Ok(r)) if r == b"OK"),
-                "{set}: {o:?}"
-            );
-        }
-        let o = submit(&c.addrs, "evil", b"print-flush 2", 0xe7, next()).await;
-        assert!(
-            matches!(&o, Some(Outcome::Ok(r)) if r == b"OK"),
-            "evil print {n}: {o:?}"
-        );
-        let o = submit(&c.addrs, "evil", b"panic-stderr", 0xe7, next()).await;
-        assert!(
-            matches!(&o, Some(Outcome::Trapped(m)) if m.contains("deliberate panic after a flushed stderr line")),
-            "evil panic {n}: {o:?}"
-        );
         for i in 0..3 {
             assert!(
                 c.running(i),
@@ -153,20 +173,7 @@ async fn a_python_guest_printing_flushed_and_raising_under_load_never_stops_a_no
     }
 
     tracing::info!("every replica's audit equal, nothing healed");
-    let (l, _) = last_index(&c).await;
-    let mut cl = c.cluster_client(l).await.expect("leader");
-    let audit = cl
-        .audit(api::AuditRequest {})
-        .await
-        .expect("audit")
-        .into_inner();
-    for i in 0..3 {
-        wait_applied(&c, i, audit.report_index).await;
-        let a = c.status(i).await.expect("status").audit.unwrap_or_default();
-        assert!(a.divergences.is_empty(), "node {}: {a:?}", i + 1);
-        assert!(a.heals.is_empty(), "node {}: {a:?}", i + 1);
-        assert_eq!(a.last_checked_index, Some(audit.index), "node {}", i + 1);
-    }
+    let audit = audit_equal(&c).await;
     eprintln!(
         "hostile campaign: {ROUNDS} rounds of set/print-flush/raise on py, {acked} kv puts \
          acknowledged meanwhile, 3 nodes alive, audit at {} equal",

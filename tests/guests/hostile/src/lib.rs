@@ -10,8 +10,6 @@
 //! - `print-flush N`: N lines to stdout and to stderr, each flushed at once
 //! - `print-mb N`: N MiB to stdout, in one flushed write per 4 KiB
 //! - `stdin`: reads stdin to its end (always empty in waft) and replies with the byte count
-//! - `sleep MS`: sleeps (waft's clock stands still during a call: returns at once)
-//! - `udp`: tries to open a UDP socket (refused) and replies with the error
 //! - `recurse`: recurses until the stack overflows
 //! - `panic-stderr`: writes to stderr, flushed, then panics
 //! The same words as queries (but `set`) do the same without changing anything.
@@ -150,15 +148,6 @@ fn io_misbehaviour(words: &[&str]) -> Option<Result<Vec<u8>, String>> {
                 Err(e) => Err(format!("stdin: {e}")),
             }
         }
-        ["sleep", ms] => {
-            let ms: u64 = ms.parse().ok()?;
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-            Ok(b"slept".to_vec())
-        }
-        ["udp"] => match std::net::UdpSocket::bind("127.0.0.1:0") {
-            Ok(_) => Ok(b"bound".to_vec()),
-            Err(e) => Err(format!("udp: {e}")),
-        },
         ["recurse"] => Ok(recurse(0).to_le_bytes().to_vec()),
         ["panic-stderr"] => {
             let _ = writeln!(std::io::stderr(), "about to panic");

@@ -37,16 +37,21 @@ pub(super) fn call<T>(f: impl FnOnce() -> wasmtime::Result<T>) -> wasmtime::Resu
         Ok(result) => result,
         Err(payload) => {
             CAUGHT.fetch_add(1, Ordering::Relaxed);
-            let what = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("a panic without a message");
+            let what = panic_message(payload.as_ref());
             tracing::error!(
                 fault = what,
                 "host fault in a guest call, contained as a trap"
             );
-            Err(wasmtime::Error::new(HostFault(what.to_owned())))
+            Err(wasmtime::Error::new(HostFault(what)))
         }
     }
+}
+
+/// What a caught panic says (its message, when it has one).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }

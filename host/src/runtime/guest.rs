@@ -736,7 +736,7 @@ impl Guest {
             self.host_faults += 1;
             return GuestError::Trap {
                 kind: TrapKind::HostFault,
-                detail: fault.to_string(),
+                detail: format!("{} (a bug in waft, not the guest's doing)", fault.0),
             };
         }
         let trap = e.downcast_ref::<Trap>().copied();

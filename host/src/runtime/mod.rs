@@ -20,7 +20,7 @@ mod wasi;
 
 pub use bindings::FsmVersion;
 pub use config::{CHECKPOINT_BYTES_PER_ENTRY, CheckpointPolicy, Limits, RuntimeConfig};
-pub use contain::{HostFault, host_faults};
+pub use contain::{HostFault, host_faults, panic_message};
 pub use effects::{
     Effect, MAX_EVENT_BYTES, MAX_EVENTS_PER_CALL, MAX_TIMER_KEY_BYTES, MAX_TIMER_PAYLOAD_BYTES,
 };

@@ -16,8 +16,8 @@
 //! a sleep ends at once and a loop waiting for time to pass runs until its fuel is spent.
 //!
 //! Architecture invariant: a guest call never waits and never enters the async runtime, so
-//! it behaves the same on any thread (an async worker included); `runtime::tests` and the
-//! hostile-guest tests check it on a worker.
+//! it behaves the same on any thread (an async worker included); `tests/all/sandbox.rs` and
+//! `tests/all/chaos/hostile.rs` check it on a worker.
 
 use std::future::Future;
 use std::task::{Context, Poll, Waker};

@@ -19,6 +19,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use super::{Applied, SmState};
+use crate::runtime::panic_message;
 use crate::types::Entry;
 use openraft::entry::RaftEntry;
 
@@ -146,15 +147,6 @@ impl FaultRecord {
         tracing::error!(index, service = service.as_deref().unwrap_or("-"), "{msg}");
         io::Error::other(msg)
     }
-}
-
-/// The text of a panic's payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 fn ordinal(n: u32) -> String {

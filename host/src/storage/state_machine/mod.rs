@@ -2,9 +2,11 @@
 //!
 //! The guests' state lives in their WebAssembly instances, in memory. Durability comes from the
 //! log and from snapshots: on restart openraft installs the last snapshot and re-applies the
-//! committed entries after it (the log store persists the committed log id for that). Guest
-//! calls are CPU work and never run on the async runtime: each batch of entries is applied on a
-//! blocking thread, with the state behind a mutex that queries share.
+//! committed entries after it (the log store persists the committed log id for that). A batch
+//! of entries is applied on the async worker when it is measured cheap, else on a blocking
+//! thread (`store.rs`); a guest call behaves the same on either, because none ever waits or
+//! enters the async runtime (`runtime/nonblocking.rs`). The state is behind a mutex that
+//! queries share.
 
 use crate::runtime::{Guest, GuestError, GuestModule, ModuleHash, Runtime};
 use crate::storage::events::{Event, Events};

@@ -401,6 +401,16 @@ async fn a_javascript_lock_expires_by_its_timer_once_across_a_leader_change() {
     lock_service(path, other).await;
 }
 
+/// The fencing token in a lock service's grant (`{"granted":true,"token":N,...}`).
+fn token_of(reply: &str) -> u64 {
+    reply
+        .split(r#""token":"#)
+        .nth(1)
+        .and_then(|t| t.split([',', '}']).next())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no token in {reply}"))
+}
+
 /// The lock service in `path` on three nodes: grants, a refused release, a released lock's
 /// timer gone, the leader stopped while a lock's timer is pending and the lock expiring once;
 /// then the service moved by hot-swap to the same service in the other language (`swap_to`),
@@ -441,12 +451,7 @@ async fn lock_service(path: &str, swap_to: &str) {
         r#"{"acquire":{"lock":"M","owner":"a","ttl_ms":600000}}"#,
     )
     .await;
-    let token: u64 = other
-        .split(r#""token":"#)
-        .nth(1)
-        .and_then(|t| t.split(',').next())
-        .and_then(|t| t.parse().ok())
-        .expect("token");
+    let token = token_of(&other);
     ok(
         &client,
         "locks",
@@ -479,7 +484,10 @@ async fn lock_service(path: &str, swap_to: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(!granted.contains(&format!(r#""token":{token}"#)));
+    assert!(
+        token_of(&granted) > token_of(&first),
+        "a new holder's fencing token is above the expired holder's: {first} then {granted}"
+    );
     let events = collect(&mut watch, 5, Duration::from_secs(1)).await;
     let seen: Vec<String> = events.iter().map(|(k, p, _)| format!("{k} {p}")).collect();
     assert_eq!(

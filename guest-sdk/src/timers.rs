@@ -1,8 +1,10 @@
 //! Timers: wake-ups a guest asks for while it applies an entry (`waft:fsm@0.2.0`).
 //!
 //! [`set`] names a timer and says when it is due, on the log's clock (the scale of
-//! [`Context::timestamp_ms`](crate::Context)); when the leader's clock reaches that time it
-//! proposes an entry that delivers it, and every replica calls your
+//! [`Context::timestamp_ms`](crate::Context)). The delay that makes (due time minus the
+//! setting entry's timestamp) passes in real time, measured by the leader's monotonic clock,
+//! whatever any node's wall clock says; then the leader proposes an entry that delivers the
+//! timer (its timestamp at or after the due time), and every replica calls your
 //! [`StateMachine::fire`](crate::StateMachine::fire) with it at that entry, once. Timers are
 //! replicated state kept by waft (in its snapshots, backups and audits): your snapshot need not
 //! hold them, and a hot-swap keeps them.

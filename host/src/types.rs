@@ -188,12 +188,33 @@ pub enum Request {
         /// For a forced deploy, what the determinism verifier found, one finding per line.
         findings: Option<String>,
     },
-    /// Delivers the guest timers due by `timestamp_ms` (the leader's clock when it proposed
-    /// this), oldest first; proposed by the leader when one is due (see `crate::timers`).
+    /// Delivers the guest timers due by `timestamp_ms` on the log's clock, oldest first. Only
+    /// read from logs of older builds: timers fall due by `FireDue` now (the leader's wall
+    /// clock let leases end early when it ran ahead).
     FireTimers {
         /// The leader's clock.
         timestamp_ms: u64,
     },
+    /// Delivers the named guest timers, in this order: those whose deadlines passed on the
+    /// proposing leader's monotonic clock (see `crate::timers`). A timer no longer pending as
+    /// the setting named is skipped.
+    FireDue {
+        /// The leader's wall clock (the entry's clock is moved up to the timers' due times).
+        timestamp_ms: u64,
+        /// The timers to deliver.
+        timers: Vec<TimerRef>,
+    },
+}
+
+/// One setting of one pending guest timer: what a [`Request::FireDue`] entry names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerRef {
+    /// The service whose timer it is.
+    pub service: String,
+    /// The timer's key.
+    pub key: String,
+    /// The log index of the entry that set it (a timer set again since is another setting).
+    pub set_index: u64,
 }
 
 /// A digest of the replicated state at one log index: what replicas compare to prove they hold
@@ -273,6 +294,14 @@ impl fmt::Debug for Request {
                 .debug_struct("FireTimers")
                 .field("timestamp_ms", timestamp_ms)
                 .finish(),
+            Request::FireDue {
+                timestamp_ms,
+                timers,
+            } => f
+                .debug_struct("FireDue")
+                .field("timestamp_ms", timestamp_ms)
+                .field("timers", &timers.len())
+                .finish(),
             Request::Restore { backup, force, .. } => f
                 .debug_struct("Restore")
                 .field("backup_len", &backup.len())
@@ -331,7 +360,7 @@ pub enum Response {
     Audited(StateDigest),
     /// A backup was restored: the services it brought.
     Restored(Vec<String>),
-    /// A `FireTimers` entry was applied: timers delivered, and those whose delivery failed.
+    /// A `FireDue` (or `FireTimers`) entry was applied: timers delivered, and those whose delivery failed.
     TimersFired {
         /// Delivered (`fire` answered `ok`).
         fired: u32,

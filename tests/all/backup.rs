@@ -204,7 +204,7 @@ async fn a_backup_seeds_an_empty_data_dir_offline() {
     // A truncated backup, and one from a later waft (a format this build does not know,
     // checksum intact): each refused in words, nothing written.
     let mut newer = bytes.clone();
-    newer[7] = b'6';
+    newer[7] = b'7';
     let body = newer.len() - 32;
     let sum = <sha2::Sha256 as sha2::Digest>::digest(&newer[..body]);
     newer[body..].copy_from_slice(&sum);
@@ -218,7 +218,7 @@ async fn a_backup_seeds_an_empty_data_dir_offline() {
         (
             "newer.backup",
             &newer[..],
-            "written by a newer waft (snapshot format 6)",
+            "written by a newer waft (snapshot format 7)",
         ),
     ] {
         let bad = dir.path().join(name);

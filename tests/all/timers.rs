@@ -315,7 +315,7 @@ async fn timer_and_event_effects_follow_their_call_the_caps_refuse_and_a_0_1_gue
     assert_eq!(fired.matches("tick ").count(), 2, "{fired}");
     assert!(!fired.contains("boom"), "{fired}");
 
-    // A follower restarted from a snapshot (format 5) has the same pending timers.
+    // A follower restarted from a snapshot (format 6) has the same pending timers.
     let leader = cluster.wait_leader().await;
     let follower = (leader + 1) % 3;
     cluster

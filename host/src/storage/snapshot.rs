@@ -1,10 +1,10 @@
 //! The snapshot file: everything a node needs to rebuild the replicated state.
 //!
-//! Layout: `WAFTSNP5`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
+//! Layout: `WAFTSNP6`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
 //! of every module in header order, the state of every service in header order (a postcard
 //! [`ServiceState`]: the history of its guest's instance and its pending timers; formats 3 and
-//! 4 had the history alone), and a trailer: the sha256 of
-//! everything before it. Format 2 files (a service's state was its guest's snapshot, or a
+//! 4 had the history alone, format 5's timers did not say when they were set), and a trailer:
+//! the sha256 of everything before it. Format 2 files (a service's state was its guest's snapshot, or a
 //! checkpoint + journal of commands) are still read: see [`service_form`]; formats 2 and 3
 //! kept no verifier findings with each version ([`VersionRecord::forced`]). A reader checks the trailer before
 //! believing anything else, so a truncated or corrupted file (or transfer) is refused whole.
@@ -19,15 +19,15 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"WAFTSNP5";
+const MAGIC: &[u8; 8] = b"WAFTSNP6";
 /// The format this build writes.
-pub const FORMAT: u8 = 5;
+pub const FORMAT: u8 = 6;
 /// The oldest format this build reads.
 const OLDEST_FORMAT: u8 = 2;
 /// Largest header accepted when reading (it holds names and sessions, not bulk data).
 const MAX_HEADER: u32 = 256 << 20;
 
-/// A pending guest timer (format 5 keeps a service's with its state section).
+/// A pending guest timer (kept with its service's state section from format 5 on).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timer {
     /// Due time, milliseconds since the Unix epoch (the log's clock).
@@ -35,6 +35,33 @@ pub struct Timer {
     /// What the guest's `fire` is given.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// The log index of the entry that set it: which setting of its key a delivery names.
+    pub set_index: u64,
+    /// The log's clock at that entry: `at_ms - set_ms` is the delay the guest asked for,
+    /// which no node lets pass faster than its own monotonic clock (see `crate::timers`).
+    pub set_ms: u64,
+}
+
+impl Timer {
+    /// The delay the guest asked for when it set the timer.
+    pub fn delay_ms(&self) -> u64 {
+        self.at_ms.saturating_sub(self.set_ms)
+    }
+}
+
+/// A pending timer as format 5 kept it: no record of when it was set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct TimerV5 {
+    at_ms: u64,
+    #[serde(with = "serde_bytes")]
+    payload: Vec<u8>,
+}
+
+/// A service's state section as format 5 kept it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ServiceStateV5 {
+    form: ReplayForm,
+    timers: Vec<(String, TimerV5)>,
 }
 
 /// A service's state section from format 5 on: its guest's instance history and its pending
@@ -288,7 +315,7 @@ pub struct Reader<'a> {
     remaining: u64,
     /// The header.
     pub header: SnapshotHeader,
-    /// The file's format (2 or 3).
+    /// The file's format (2 to [`FORMAT`]).
     pub format: u8,
 }
 
@@ -385,17 +412,42 @@ impl<'a> Reader<'a> {
 
 /// A service's state section as the history of its guest's instance, and its timers.
 ///
-/// Format 5 stores a [`ServiceState`]; format 3 and 4 the history alone (no timers). Format 2 stored the guest's own snapshot (or, for a guest
+/// Format 6 stores a [`ServiceState`]; format 5 one whose timers do not say when they were set
+/// (they count as set at the snapshot's last entry, `header`'s index and clock: a node never
+/// lets them fall due sooner than the time left then); format 3 and 4 the history alone (no
+/// timers). Format 2 stored the guest's own snapshot (or, for a guest
 /// whose `snapshot` failed, a checkpoint and the commands applied since): it becomes an instance
 /// opened at index 0 with that snapshot (and those commands). Nodes that load format 2 files
 /// share instance histories again from the first rebase after the upgrade.
 pub fn service_state(
     format: u8,
+    header: &SnapshotHeader,
     record: &ServiceRecord,
     state: Vec<u8>,
 ) -> io::Result<ServiceState> {
-    if format >= 5 {
+    if format >= 6 {
         return decode("service state", &state);
+    }
+    if format == 5 {
+        let old: ServiceStateV5 = decode("service state (format 5)", &state)?;
+        let set_index = header.meta.last_log_id.map_or(0, |l| l.index);
+        let set_ms = header.last_timestamp_ms;
+        return Ok(ServiceState {
+            form: old.form,
+            timers: old
+                .timers
+                .into_iter()
+                .map(|(key, t)| {
+                    let timer = Timer {
+                        at_ms: t.at_ms,
+                        payload: t.payload,
+                        set_index,
+                        set_ms: set_ms.min(t.at_ms),
+                    };
+                    (key, timer)
+                })
+                .collect(),
+        });
     }
     Ok(ServiceState {
         form: service_form(format, record, state)?,

@@ -7,8 +7,11 @@
 //! long faults are injected per campaign (default 12 s, the bounded form CI runs; `just chaos`
 //! runs longer). Each prints the operations done, the faults injected and the verdicts.
 
+mod clocks;
 mod determinism;
+mod disk;
 mod hostile;
+mod locks;
 mod workload;
 
 use crate::support::procs::ProcCluster;
@@ -17,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use waft::pb::api;
-use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_KV};
+use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_ETCD_KV, EXAMPLE_KV};
 use workload::Recorder;
 
 /// SplitMix64: small, seedable, good enough to pick faults.
@@ -105,9 +108,14 @@ enum Nemesis {
     /// command nobody applied, then restarted), sometimes made leader: the audits must find it
     /// and heal it from the majority while the clients go on.
     Divergence,
+    /// Wall clocks set far ahead, far behind, or jumping back and forth on one node at a
+    /// time, which is often made leader; meanwhile workers take a lock on etcd leases (see
+    /// `locks.rs`): no two may hold it at once, and it must keep changing hands.
+    Clocks,
 }
 
 const KEYS: usize = 5;
+const LOCK_WORKERS: usize = 3;
 const KV_CLIENTS: usize = 4;
 const COUNTER_CLIENTS: usize = 2;
 
@@ -273,6 +281,58 @@ impl Nemesis {
                 f.note(format!("node {} restarted with space", victim + 1));
                 sleep(rng.millis(1500, 2500)).await;
             }
+            Nemesis::Clocks => {
+                let victim = rng.below(n as u64) as usize;
+                // Offsets grow through the run: the log's clock never goes back, so a node
+                // ahead matters once it is ahead of every clock that stamped entries before.
+                let secs = 30 + 60 * f.log.len() as i64 + rng.below(30) as i64;
+                match rng.below(4) {
+                    0 => {
+                        c.set_clock(victim, secs);
+                        f.note(format!("node {}'s clock {secs} s ahead", victim + 1));
+                    }
+                    1 => {
+                        c.set_clock(victim, -secs);
+                        f.note(format!("node {}'s clock {secs} s behind", victim + 1));
+                    }
+                    2 => {
+                        c.set_clock(victim, secs);
+                        f.note(format!("node {}'s clock jumps {secs} s ahead", victim + 1));
+                        sleep(rng.millis(1000, 2500)).await;
+                        c.set_clock(victim, -secs);
+                        f.note(format!("node {}'s clock jumps {secs} s behind", victim + 1));
+                    }
+                    _ => {
+                        for i in 0..n {
+                            c.set_clock(i, 0);
+                        }
+                        f.note("every clock true again");
+                    }
+                }
+                // Then the skewed node takes over most of the time, once its clock moved
+                // (libfaketime rereads it every second) and while leases granted under the
+                // old leader's clock are pending: a new leader whose clock is ahead must not
+                // expire them early, nor one whose clock is behind late.
+                sleep(rng.millis(1200, 2000)).await;
+                if rng.below(4) != 0
+                    && let Some(l) = c.leader().await
+                    && l != victim
+                    && let Some(mut cl) = c.cluster_client(l).await
+                {
+                    let r = cl
+                        .transfer_leader(api::TransferLeaderRequest {
+                            to: victim as u64 + 1,
+                        })
+                        .await;
+                    f.note(format!(
+                        "transfer leadership {} -> {} ({})",
+                        l + 1,
+                        victim + 1,
+                        if r.is_ok() { "requested" } else { "refused" }
+                    ));
+                }
+                sleep(rng.millis(1500, 3000)).await;
+            }
             Nemesis::Divergence => {
                 let victim = rng.below(n as u64) as usize;
                 let Some(mut cl) = c.cluster_client(victim).await else {
@@ -337,9 +397,26 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
             .bytes()
             .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
     let mut rng = Rng::new(seed);
-    let mut cluster = ProcCluster::start(3, node_args).await;
+    let clocks = matches!(nemesis, Nemesis::Clocks);
+    let mut cluster = ProcCluster::unformed(3, node_args).await;
+    let mut etcd_addrs = Vec::new();
+    if clocks {
+        cluster.skew_clocks();
+        for i in 0..cluster.len() {
+            let addr = crate::support::free_addr();
+            cluster.add_node_args(i, &["--etcd-listen", &addr]);
+            etcd_addrs.push(addr);
+        }
+    }
+    for i in 0..cluster.len() {
+        cluster.spawn(i, None);
+    }
+    cluster.form().await;
     cluster.deploy("kv", EXAMPLE_KV).await;
     cluster.deploy("counter", EXAMPLE_COUNTER).await;
+    if clocks {
+        cluster.deploy("etcd", EXAMPLE_ETCD_KV).await;
+    }
 
     let rec = Arc::new(Recorder::new(
         name,
@@ -373,6 +450,14 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
         })
         .collect();
 
+    let lockers: Vec<_> = if clocks {
+        let etcd = workload::channels(&etcd_addrs, Duration::from_secs(2));
+        (0..LOCK_WORKERS)
+            .map(|w| tokio::spawn(locks::worker(w, etcd.clone(), rng.fork(), stop.clone())))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut faults = Faults {
         start: Instant::now(),
         log: Vec::new(),
@@ -399,6 +484,11 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     for t in counters {
         increments.extend(t.await.expect("counter client"));
     }
+    let mut holds = Vec::new();
+    for t in lockers {
+        holds.extend(t.await.expect("lock worker"));
+    }
+    let (overlaps, holds) = locks::overlaps(holds);
     workload::final_reads(chans.clone(), rec.clone(), KEYS).await;
 
     let counted = workload::counter_value(&chans).await;
@@ -421,7 +511,7 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
          snapshots received by followers: {received}\n\
          linearizable: {}\n\
          exactly-once: counter {counted} after {} acknowledged increments, {} duplicate replies\n\
-         replicas byte-identical: {} ({audit_detail})\n",
+         replicas byte-identical: {} ({audit_detail})\n{}",
         s.ok.load(Ordering::Relaxed),
         s.failed.load(Ordering::Relaxed),
         s.unknown.load(Ordering::Relaxed),
@@ -439,8 +529,23 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
         increments.len(),
         doubled.len(),
         if agreed { "yes" } else { "NO" },
+        if clocks {
+            format!(
+                "lock on {} s leases: taken {} times; held by two at once: {}\n",
+                locks::TTL_SECS,
+                holds.len(),
+                if overlaps.is_empty() {
+                    "never".to_owned()
+                } else {
+                    format!("{} times:\n  {}", overlaps.len(), overlaps.join("\n  "))
+                }
+            )
+        } else {
+            String::new()
+        },
     );
     let failed = !bad_keys.is_empty()
+        || !overlaps.is_empty()
         || !doubled.is_empty()
         || counted != increments.len() as i64
         || !agreed;
@@ -474,6 +579,18 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
             .map_or(String::new(), |d| d.display().to_string())
     );
     assert!(doubled.is_empty(), "increments applied twice: {doubled:?}");
+    assert!(
+        overlaps.is_empty(),
+        "two clients held the lock at once: {overlaps:?}"
+    );
+    if clocks {
+        // It changes hands only when a lease expires: leases must keep expiring.
+        assert!(
+            holds.len() >= 3,
+            "the lock was taken only {} times: leases stopped expiring",
+            holds.len()
+        );
+    }
     assert_eq!(
         counted,
         increments.len() as i64,
@@ -689,6 +806,14 @@ async fn chaos_divergence_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_disk_full() {
     campaign("disk-full", Nemesis::DiskFull, &[]).await;
+}
+
+/// Wall clocks far ahead, far behind and jumping, on the leader as often as not: the kv history
+/// stays linearizable and a lock on etcd leases never has two holders (a timer falls due by
+/// real time, never by a wall clock), yet keeps changing hands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_clocks() {
+    campaign("clocks", Nemesis::Clocks, &[]).await;
 }
 
 /// A leader killed and restarted at once must not resume leadership in its old term: entries it

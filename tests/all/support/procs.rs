@@ -1,6 +1,7 @@
 //! A cluster of real `waft node` processes on loopback, each peer link through its own proxy
 //! (see [`super::proxy`]), with the faults a harness needs: SIGKILL and restart, SIGSTOP and
-//! SIGCONT, a file-size limit that makes writes fail like a full disk, and partitions. The
+//! SIGCONT, a file-size limit that makes writes fail like a full disk, wall clocks set ahead,
+//! behind or jumping (Debian's libfaketime, [`ProcCluster::skew_clocks`]), and partitions. The
 //! chaos campaigns use it formed ([`ProcCluster::start`]); the operator-workflow tests start
 //! it empty ([`ProcCluster::unformed`]) and form it through the CLI.
 
@@ -22,7 +23,15 @@ pub struct ProcCluster {
     paused: Vec<bool>,
     node_args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Per node: arguments and environment of its own (added to the shared ones).
+    own: Vec<OwnSettings>,
 }
+
+/// A node's own arguments and environment variables.
+type OwnSettings = (Vec<String>, Vec<(String, String)>);
+
+/// Debian's libfaketime (package `libfaketime`, installed by `scripts/test`).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 impl Drop for ProcCluster {
     fn drop(&mut self) {
@@ -82,7 +91,52 @@ impl ProcCluster {
             paused: vec![false; n],
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            own: (0..n).map(|_| Default::default()).collect(),
         }
+    }
+
+    /// Adds arguments for node `i` on every start from now on.
+    pub fn add_node_args(&mut self, i: usize, args: &[&str]) {
+        self.own[i].0.extend(args.iter().map(|a| a.to_string()));
+    }
+
+    /// Gives every node started from now on a wall clock of its own that
+    /// [`ProcCluster::set_clock`] moves while it runs (libfaketime, its offset re-read every
+    /// second). Monotonic clocks stay true, as they do when NTP steps a real machine's clock.
+    /// Panics, saying what to install, when libfaketime is missing: the test must not pass
+    /// without it.
+    pub fn skew_clocks(&mut self) {
+        assert!(
+            std::path::Path::new(LIBFAKETIME).exists(),
+            "{LIBFAKETIME} is missing: install Debian's faketime (scripts/test does)"
+        );
+        for i in 0..self.len() {
+            let file = self.clock_file(i);
+            std::fs::write(&file, "+0\n").expect("clock file");
+            let env = &mut self.own[i].1;
+            env.push(("LD_PRELOAD".into(), LIBFAKETIME.into()));
+            env.push((
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                file.to_string_lossy().into_owned(),
+            ));
+            env.push(("FAKETIME_CACHE_DURATION".into(), "1".into()));
+            env.push(("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()));
+        }
+    }
+
+    /// Sets node `i`'s wall clock `offset_secs` from the true time (see
+    /// [`ProcCluster::skew_clocks`]); it takes effect within a second.
+    pub fn set_clock(&self, i: usize, offset_secs: i64) {
+        // libfaketime's relative form: "+N" or "-N" seconds.
+        let line = format!("{offset_secs:+}\n");
+        let file = self.clock_file(i);
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, line).expect("clock file");
+        std::fs::rename(&tmp, &file).expect("clock file");
+    }
+
+    fn clock_file(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("clock-node{}", i + 1))
     }
 
     /// Sets an environment variable for every node started from now on.
@@ -120,12 +174,13 @@ impl ProcCluster {
             .open(self.dir.path().join(format!("node{}.log", i + 1)))
             .expect("log file");
         let mut cmd = super::bin::waft();
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+        cmd.envs(self.env.iter().chain(&self.own[i].1).map(|(k, v)| (k, v)))
             .args(["--log", "info,cranelift=warn,wasmtime=warn", "node", "--id"])
             .arg((i + 1).to_string())
             .args(["--listen", &self.addrs[i], "--data-dir"])
             .arg(self.data_dir(i))
             .args(&self.node_args)
+            .args(&self.own[i].0)
             .args(extra)
             .args(self.net.dial_args(i, &self.addrs))
             .stdout(Stdio::null())
@@ -276,7 +331,7 @@ impl ProcCluster {
         None
     }
 
-    async fn form(&self) {
+    pub async fn form(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut c = loop {
             if let Some(c) = self.cluster_client(0).await {

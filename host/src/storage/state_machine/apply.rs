@@ -163,6 +163,13 @@ impl SmState {
                     };
                     out.push(self.fire_timers(ctx));
                 }
+                EntryPayload::Normal(Request::FireDue {
+                    timestamp_ms,
+                    timers,
+                }) => {
+                    self.flush(&batch_service, &mut batch, &mut out);
+                    out.push(self.fire_due(log_id.index(), term, timestamp_ms, &timers));
+                }
                 EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
                     self.flush(&batch_service, &mut batch, &mut out);
                     self.advance_clock(timestamp_ms);
@@ -345,7 +352,7 @@ impl SmState {
                             let t: &super::Timers = timers;
                             let mut check = |e: &[crate::runtime::Effect]| t.check(e);
                             let (result, effects) = guest.apply_effects(*ctx, cmd, &mut check);
-                            emitted.push(timers.apply(effects));
+                            emitted.push(timers.apply(*ctx, effects));
                             guest_response(result)
                         })
                         .collect()

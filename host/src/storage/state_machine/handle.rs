@@ -61,8 +61,9 @@ pub struct StateHandle {
     pub(super) view: Arc<Mutex<View>>,
     pub(super) runtime: crate::runtime::Runtime,
     pub(super) events: Arc<Events>,
-    /// When the earliest timer a guest can take is due (see [`StateHandle::timer_due`]).
-    pub(super) timer_due: Arc<tokio::sync::watch::Sender<Option<u64>>>,
+    /// When the earliest timer a guest can take falls due here (see
+    /// [`StateHandle::timer_deadline`]).
+    pub(super) timer_deadline: Arc<tokio::sync::watch::Sender<Option<std::time::Instant>>>,
     /// How a diverged replica reaches its peers (set by the node once its network exists).
     pub(super) healer: Arc<Mutex<heal::HealerSlot>>,
     /// This node's modules (the state machine's own store).
@@ -141,8 +142,8 @@ impl SmState {
             snapshots: self.local.snapshots.clone(),
         };
         // Told only when it changes: the timer proposer must not wake on every apply.
-        let due = self.next_timer_due();
-        self.local.timer_due.send_if_modified(|v| {
+        let due = self.next_timer_deadline();
+        self.local.timer_deadline.send_if_modified(|v| {
             let changed = *v != due;
             *v = due;
             changed
@@ -463,10 +464,19 @@ impl StateHandle {
         lock_view(&self.view).services.clone()
     }
 
-    /// When the earliest pending timer that a guest can take is due (ms since the Unix
-    /// epoch), as of the last apply, told each time it changes: the leader proposes a
-    /// `FireTimers` entry once it is due.
-    pub fn timer_due(&self) -> tokio::sync::watch::Receiver<Option<u64>> {
-        self.timer_due.subscribe()
+    /// When the earliest pending timer that a guest can take falls due on this node's
+    /// monotonic clock, told each time it changes: once it passes, the leader proposes a
+    /// `FireDue` entry naming [`StateHandle::due_timers`].
+    pub fn timer_deadline(&self) -> tokio::sync::watch::Receiver<Option<std::time::Instant>> {
+        self.timer_deadline.subscribe()
+    }
+
+    /// The timers whose deadlines on this node passed by now, earliest first (at most
+    /// `MAX_FIRES_PER_ENTRY`), read on a blocking thread.
+    pub async fn due_timers(&self) -> Vec<crate::types::TimerRef> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || lock(&state).due_timers(std::time::Instant::now()))
+            .await
+            .unwrap_or_default()
     }
 }

@@ -98,8 +98,9 @@ struct Local {
     pending_events: Vec<Event>,
     /// Where [`SmState::publish`] puts what readers on async threads see.
     view: Arc<Mutex<handle::View>>,
-    /// When the earliest timer a guest can take is due, published when it changes.
-    timer_due: Arc<tokio::sync::watch::Sender<Option<u64>>>,
+    /// When the earliest timer a guest can take falls due on this node's monotonic clock,
+    /// published when it changes.
+    timer_deadline: Arc<tokio::sync::watch::Sender<Option<std::time::Instant>>>,
     /// The entry being applied and, once its batch reaches a guest, its service: what a
     /// fault that stops the node names (see `fault.rs`).
     applying: (u64, Option<Arc<str>>),
@@ -133,7 +134,7 @@ impl SmState {
         modules: ModuleStore,
         events: Arc<Events>,
         view: Arc<Mutex<handle::View>>,
-        timer_due: Arc<tokio::sync::watch::Sender<Option<u64>>>,
+        timer_deadline: Arc<tokio::sync::watch::Sender<Option<std::time::Instant>>>,
     ) -> SmState {
         SmState {
             runtime,
@@ -153,7 +154,7 @@ impl SmState {
                 events,
                 pending_events: Vec::new(),
                 view,
-                timer_due,
+                timer_deadline,
                 applying: (0, None),
             },
         }

@@ -183,7 +183,7 @@ pub(super) fn load_services(
             .map(|v| v.limits)
             .unwrap_or_default()
             .apply_to(runtime.limits().clone());
-        let state = snapshot::service_state(reader.format, record, state)?;
+        let state = snapshot::service_state(reader.format, &header, record, state)?;
         let guest = runtime
             .from_replay(module, &record.name, limits, &state.form)
             .map_err(|e| {

@@ -61,13 +61,13 @@ impl StateMachineStore {
         std::fs::create_dir_all(dir)?;
         let events = Arc::new(Events::new(history));
         let view = Arc::new(Mutex::new(super::handle::View::default()));
-        let timer_due = Arc::new(tokio::sync::watch::channel(None).0);
+        let timer_deadline = Arc::new(tokio::sync::watch::channel(None).0);
         let state = SmState::new(
             runtime.clone(),
             modules.clone(),
             events.clone(),
             view.clone(),
-            timer_due.clone(),
+            timer_deadline.clone(),
         );
         state.publish();
         Ok(StateMachineStore {
@@ -76,7 +76,7 @@ impl StateMachineStore {
                 view,
                 runtime,
                 events,
-                timer_due,
+                timer_deadline,
                 healer: Arc::default(),
                 modules,
                 module_peers: Arc::default(),

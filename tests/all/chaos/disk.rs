@@ -1,0 +1,181 @@
+//! A disk that fills up, for real: a follower's data directory on a small tmpfs, so its writes
+//! fail with ENOSPC the way a full disk's do (short writes included), whatever it is writing
+//! (its log, a snapshot, a module, compiled code). The `chaos_disk_full` campaign limits file
+//! sizes instead (EFBIG); this is the issue-36 case itself: the node must stop alone without
+//! acknowledging what it did not persist, the others go on, and once the disk has room again
+//! it must start (cutting off the write that failed), catch up and hold every acknowledged
+//! write, byte-identical to the others.
+
+use super::determinism::{audit_equal, last_index, submit, wait_applied};
+use crate::support::procs::{ProcCluster, connect};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use waft::pb::api::{self, submit_reply::Outcome, waft_client::WaftClient};
+use waft_testkit::guests::EXAMPLE_KV;
+
+/// A tmpfs mounted on a directory (unmounted when dropped). Needs root (CAP_SYS_ADMIN), as
+/// the suite has on its machines: without it the test fails, saying so.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mount point");
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            o.status.success(),
+            "cannot mount a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Tmpfs(path.to_path_buf())
+    }
+
+    /// Gives the file system `kib` KiB in all.
+    fn resize(&self, kib: u64) {
+        let o = Command::new("mount")
+            .args(["-o", &format!("remount,size={kib}k")])
+            .arg(&self.0)
+            .output()
+            .expect("run mount");
+        assert!(
+            o.status.success(),
+            "cannot resize the tmpfs: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// KiB in use.
+    fn used_kib(&self) -> u64 {
+        let o = Command::new("df")
+            .args(["-k", "--output=used"])
+            .arg(&self.0)
+            .output()
+            .expect("run df");
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df's figure")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A value of about 60 KB, different per key.
+fn value(i: u64) -> String {
+    format!("{i}-{}", "v".repeat(60_000))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_once_it_has_room()
+{
+    crate::support::init_tracing();
+    let mut c = ProcCluster::unformed(3, &[]).await;
+    let victim = 2;
+    let disk = Tmpfs::mount(&c.data_dir(victim), 256);
+    for i in 0..c.len() {
+        c.spawn(i, None);
+    }
+    c.form().await;
+    c.deploy("kv", EXAMPLE_KV).await;
+    let (_, index) = last_index(&c).await;
+    wait_applied(&c, victim, index).await;
+    // What the follower has written so far (its module, compiled code, log), plus 3 MiB.
+    let room = disk.used_kib() + 3 * 1024;
+    disk.resize(room);
+    tracing::info!("node {} has {room} KiB of disk", victim + 1);
+
+    // Writes through the other nodes until the follower stops on its full disk; every one of
+    // them acknowledged all the same.
+    let others: Vec<String> = (0..c.len())
+        .filter(|&i| i != victim)
+        .map(|i| c.addrs[i].clone())
+        .collect();
+    let mut acked = 0u64;
+    let stopped = loop {
+        acked += 1;
+        let put = format!("put k{acked} {}", value(acked));
+        let outcome = submit(&others, "kv", put.as_bytes(), 0xd15c, acked).await;
+        assert!(
+            matches!(&outcome, Some(Outcome::Ok(r)) if r == b"OK"),
+            "put {acked}: {outcome:?}"
+        );
+        if let Some(status) = c.exited(victim) {
+            break status;
+        }
+        assert!(
+            acked < 2000,
+            "node {} never ran out of its {room} KiB",
+            victim + 1
+        );
+    };
+    assert!(!stopped.success(), "a node that cannot write must not exit 0");
+    let log = c.log(victim);
+    assert!(
+        log.contains("No space left on device"),
+        "the node says why it stopped: {}",
+        c.log_tail(victim, 20)
+    );
+    // The others go on without it.
+    for _ in 0..20 {
+        acked += 1;
+        let put = format!("put k{acked} {}", value(acked));
+        let outcome = submit(&others, "kv", put.as_bytes(), 0xd15c, acked).await;
+        assert!(
+            matches!(&outcome, Some(Outcome::Ok(r)) if r == b"OK"),
+            "put {acked} with node {} down: {outcome:?}",
+            victim + 1
+        );
+    }
+
+    // Room again: it starts (no "corrupt" refusal), catches up and agrees.
+    disk.resize(256 * 1024);
+    c.spawn(victim, None);
+    let (_, index) = last_index(&c).await;
+    wait_applied(&c, victim, index).await;
+    assert!(
+        c.running(victim) && c.exited(victim).is_none(),
+        "node {} stopped again: {}",
+        victim + 1,
+        c.log_tail(victim, 20)
+    );
+    audit_equal(&c).await;
+    // Every acknowledged write, read from the node that ran out of disk.
+    let mut w = WaftClient::new(connect(&c.addrs[victim]).await.expect("connect"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 1..=acked {
+        let reply = loop {
+            let r = w
+                .query(api::QueryRequest {
+                    service: "kv".into(),
+                    payload: format!("get k{i}").into_bytes(),
+                    consistency: api::Consistency::Stale as i32,
+                })
+                .await;
+            match r.map(|r| r.into_inner().outcome) {
+                Ok(Some(api::query_reply::Outcome::Ok(v))) => break v,
+                other => {
+                    assert!(Instant::now() < deadline, "get k{i}: {other:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert!(
+            reply == value(i).as_bytes(),
+            "k{i} on node {}: {} bytes, not the {} acknowledged",
+            victim + 1,
+            reply.len(),
+            value(i).len()
+        );
+    }
+    drop(c);
+    drop(disk);
+}

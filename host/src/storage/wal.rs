@@ -465,16 +465,23 @@ impl Disk {
 fn append_at_end(file: &std::fs::File, end: &mut End, buf: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let needed = end.size + buf.len() as u64;
-    if needed > end.allocated {
+    // Zeros go after the records and after the zeros already there, never over a record:
+    // once a write-ahead failed, records are appended past the zeros written (`size` beyond
+    // `allocated`), and zeros written from `allocated` would wipe records already synced and
+    // acknowledged (a follower whose disk filled lost 16 entries so, and its leader stopped on
+    // the log's reversion).
+    let from = end.allocated.max(end.size);
+    if needed > from {
         let to = needed + PREALLOCATE;
-        let zeros = vec![0u8; (to - end.allocated) as usize];
-        match file.write_all_at(&zeros, end.allocated) {
+        let zeros = vec![0u8; (to - from) as usize];
+        match file.write_all_at(&zeros, from) {
             Ok(()) => end.allocated = to,
             // No room to write ahead (a full disk, a file size limit): cut what was written
             // of it and append without; the records may still fit.
             Err(e) => {
                 tracing::debug!(error = %e, "cannot write zeros ahead in the log");
-                file.set_len(end.allocated.max(end.size))?;
+                file.set_len(from)?;
+                end.allocated = from;
             }
         }
     }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use waft::pb::api::{self, waft_client::WaftClient};
+use waft::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
 use waft_testkit::guests::{TEST_DET_JS, TEST_DET_PYTHON, TEST_NONDET};
 
 const SERVICES: [&str; 3] = ["rust", "python", "js"];
@@ -98,8 +98,11 @@ pub(super) async fn audit_equal(c: &ProcCluster) -> api::AuditReply {
     let mut attempts = Vec::new();
     let audit = loop {
         let (l, _) = last_index(c).await;
-        let mut cl = c.cluster_client(l).await.expect("leader");
-        match cl.audit(api::AuditRequest {}).await {
+        // An audit digests every replica's whole state: seconds for a big one.
+        let ch = connect_with_deadline(&c.addrs[l], Duration::from_secs(60))
+            .await
+            .expect("leader");
+        match ClusterClient::new(ch).audit(api::AuditRequest {}).await {
             Ok(r) => break r.into_inner(),
             Err(e) if attempts.len() < 10 => {
                 attempts.push(e.message().to_owned());

@@ -69,14 +69,24 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The last line in which node `i` said it stopped.
+fn stop_line(c: &ProcCluster, i: usize) -> String {
+    c.log(i)
+        .lines()
+        .rev()
+        .find(|l| l.contains("stopped:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
 /// A value of about 60 KB, different per key.
 fn value(i: u64) -> String {
     format!("{i}-{}", "v".repeat(60_000))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_once_it_has_room()
-{
+async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_once_it_has_room() {
     crate::support::init_tracing();
     let mut c = ProcCluster::unformed(3, &[]).await;
     let victim = 2;
@@ -93,13 +103,55 @@ async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_onc
     disk.resize(room);
     tracing::info!("node {} has {room} KiB of disk", victim + 1);
 
-    // Writes through the other nodes until the follower stops on its full disk; every one of
-    // them acknowledged all the same.
     let others: Vec<String> = (0..c.len())
         .filter(|&i| i != victim)
         .map(|i| c.addrs[i].clone())
         .collect();
     let mut acked = 0u64;
+
+    // About 2 MiB of writes, then a snapshot on the follower, which has no room for it: the
+    // node stops on the failed write, saying why, and starts again once it has room.
+    for _ in 0..33 {
+        acked += 1;
+        let put = format!("put k{acked} {}", value(acked));
+        let outcome = submit(&others, "kv", put.as_bytes(), 0xd15c, acked).await;
+        assert!(
+            matches!(&outcome, Some(Outcome::Ok(r)) if r == b"OK"),
+            "put {acked}: {outcome:?}"
+        );
+    }
+    let (_, index) = last_index(&c).await;
+    wait_applied(&c, victim, index).await;
+    let mut cl = c.cluster_client(victim).await.expect("follower");
+    let _ = cl.trigger_snapshot(api::TriggerSnapshotRequest {}).await;
+    let stopped = c
+        .wait_exited(victim, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "node {} wrote a snapshot bigger than its disk's room: {}",
+                victim + 1,
+                c.log_tail(victim, 10)
+            )
+        });
+    assert!(
+        !stopped.success(),
+        "a node that cannot write must not exit 0"
+    );
+    assert!(
+        c.log(victim).contains("No space left on device"),
+        "the node says why it stopped: {}",
+        c.log_tail(victim, 20)
+    );
+    let said = c.log(victim).matches("No space left on device").count();
+    eprintln!("after the snapshot: {}", stop_line(&c, victim));
+    let room = disk.used_kib() + 3 * 1024;
+    disk.resize(room);
+    c.spawn(victim, None);
+    tracing::info!("node {} restarted with {room} KiB of disk", victim + 1);
+
+    // Writes through the other nodes until the follower stops on its full disk (its log
+    // this time); every one of them acknowledged all the same.
     let stopped = loop {
         acked += 1;
         let put = format!("put k{acked} {}", value(acked));
@@ -117,13 +169,16 @@ async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_onc
             victim + 1
         );
     };
-    assert!(!stopped.success(), "a node that cannot write must not exit 0");
-    let log = c.log(victim);
     assert!(
-        log.contains("No space left on device"),
+        !stopped.success(),
+        "a node that cannot write must not exit 0"
+    );
+    assert!(
+        c.log(victim).matches("No space left on device").count() > said,
         "the node says why it stopped: {}",
         c.log_tail(victim, 20)
     );
+    eprintln!("after the writes: {}", stop_line(&c, victim));
     // The others go on without it.
     for _ in 0..20 {
         acked += 1;

@@ -4,7 +4,8 @@
 //! sizes instead (EFBIG); this is the issue-36 case itself: the node must stop alone without
 //! acknowledging what it did not persist, the others go on, and once the disk has room again
 //! it must start (cutting off the write that failed), catch up and hold every acknowledged
-//! write, byte-identical to the others.
+//! write, byte-identical to the others. Each kind of write is made to fail in turn: a
+//! snapshot, the log, a deployed module.
 
 use super::determinism::{audit_equal, last_index, submit, wait_applied};
 use crate::support::procs::{ProcCluster, connect};
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use waft::pb::api::{self, submit_reply::Outcome, waft_client::WaftClient};
-use waft_testkit::guests::EXAMPLE_KV;
+use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_KV};
 
 /// A tmpfs mounted on a directory (unmounted when dropped). Needs root (CAP_SYS_ADMIN), as
 /// the suite has on its machines: without it the test fails, saying so.
@@ -231,6 +232,54 @@ async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_onc
             value(i).len()
         );
     }
+
+    // A deploy while the follower has no room for the module: the others take it.
+    let room = disk.used_kib() + 128;
+    disk.resize(room);
+    let module = waft_testkit::wasm(EXAMPLE_COUNTER);
+    let leader = last_index(&c).await.0;
+    let ch =
+        crate::support::procs::connect_with_deadline(&c.addrs[leader], Duration::from_secs(120))
+            .await
+            .expect("leader");
+    let r = WaftClient::new(ch)
+        .max_encoding_message_size(usize::MAX)
+        .deploy(tokio_stream::iter(waft::pb::deploy_chunks(
+            "counter", &module, false,
+        )))
+        .await;
+    r.expect("the deploy takes effect on the nodes that have room");
+    let stopped = c
+        .wait_exited(victim, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("node {} never needed the module's room", victim + 1));
+    assert!(
+        !stopped.success(),
+        "a node that cannot write must not exit 0"
+    );
+    let said = stop_line(&c, victim);
+    eprintln!("after the deploy: {said}");
+    assert!(
+        said.contains("cannot store module") && said.contains("No space left on device"),
+        "the node says which module it could not keep and why: {said}"
+    );
+    disk.resize(256 * 1024);
+    c.spawn(victim, None);
+    let (_, index) = last_index(&c).await;
+    wait_applied(&c, victim, index).await;
+    audit_equal(&c).await;
+    let counted = submit(
+        &c.addrs[victim..=victim],
+        "counter",
+        br#"{"add": {"name": "hits", "by": 2}}"#,
+        0xc0,
+        1,
+    )
+    .await;
+    assert!(
+        matches!(&counted, Some(Outcome::Ok(_))),
+        "the new service answers through the node that ran out of disk: {counted:?}"
+    );
     drop(c);
     drop(disk);
 }

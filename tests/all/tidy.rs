@@ -134,6 +134,38 @@ fn the_architecture_invariants_hold() {
             .all(|(path, _)| path.ends_with("runtime/bindings.rs")),
         "the host's bindgen!s are in runtime/bindings.rs"
     );
+    // Issue 36: no wall clock decides when a timer falls due (ARCHITECTURE.md). The timer
+    // task reads the wall clock only to stamp its entry; the state machine's timers never read
+    // it; only older logs' `FireTimers` (due by the entry's clock) is still applied, and
+    // nothing proposes it.
+    let code_of = |end: &str| -> &str {
+        files
+            .iter()
+            .find(|(p, _)| p.ends_with(end))
+            .map(|(_, c)| c.as_str())
+            .unwrap_or_else(|| panic!("{end} exists"))
+    };
+    let task = code_of("src/timers.rs");
+    assert_eq!(
+        task.matches("now_ms()").count(),
+        1,
+        "the timer task reads the wall clock once, to stamp its FireDue entry"
+    );
+    assert!(task.contains("timestamp_ms: now_ms(),"));
+    for clock in ["now_ms()", "SystemTime"] {
+        assert!(
+            !code_of("storage/state_machine/timers.rs").contains(clock),
+            "the state machine's timers never read a wall clock ({clock})"
+        );
+    }
+    for (path, code) in &files {
+        if code.contains("Request::FireTimers {") {
+            assert!(
+                path.ends_with("state_machine/apply.rs") || path.ends_with("src/types.rs"),
+                "{path} proposes FireTimers, which lets a wall clock decide when timers fall due"
+            );
+        }
+    }
     // Issue 36: a guest call never waits or enters the async runtime (ARCHITECTURE.md): the
     // WASI functions wasmtime-wasi runs with block_on are replaced wherever WASI is linked.
     for (path, code) in files

@@ -152,11 +152,11 @@ impl Timers {
         (p.timer.set_index == set_index).then_some(p.timer.at_ms)
     }
 
-    /// Removes and returns the earliest timer if it is due at `now_ms` by the log's clock
+    /// Removes and returns the earliest timer if it is due at `log_ms` by the log's clock
     /// (what a `FireTimers` entry of an older log delivers).
-    fn pop_due(&mut self, now_ms: u64) -> Option<(String, Timer)> {
+    fn pop_due(&mut self, log_ms: u64) -> Option<(String, Timer)> {
         let (at, key) = self.by_due.first()?.clone();
-        if at > now_ms {
+        if at > log_ms {
             return None;
         }
         let timer = self.cancel(&key)?;

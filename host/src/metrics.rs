@@ -379,6 +379,12 @@ pub fn render(sources: &Sources) -> String {
             fetched as f64,
         ),
         (
+            "waft_log_clock_offset_seconds",
+            "The log's clock (the last applied entry's timestamp, the leader's wall clock when it proposed it) minus this node's wall clock, as of its last apply: far from 0, wall clocks disagree (timers keep real time; guests' timestamps follow the log's clock).",
+            "gauge",
+            state.log_clock_offset_ms() as f64 / 1000.0,
+        ),
+        (
             "waft_host_faults_total",
             "Guest calls of any kind (applies, queries, deploy checks, verifies) that hit a fault in waft's host code, contained as a trap of the call.",
             "counter",

@@ -6,7 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use waft::types::Request;
 use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE};
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+pub(crate) async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
     c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
@@ -16,7 +16,7 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
-fn value(text: &str, series: &str) -> f64 {
+pub(crate) fn value(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))

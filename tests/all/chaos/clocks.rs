@@ -22,17 +22,19 @@ const LATE: Duration = Duration::from_secs(15);
 struct Leases {
     cluster: ProcCluster,
     etcd: Vec<Channel>,
+    metrics: Vec<std::net::SocketAddr>,
 }
 
 impl Leases {
     async fn start() -> Leases {
         let mut cluster = ProcCluster::unformed(3, &[]).await;
         cluster.skew_clocks();
-        let mut addrs = Vec::new();
+        let (mut addrs, mut metrics) = (Vec::new(), Vec::new());
         for i in 0..cluster.len() {
-            let addr = crate::support::free_addr();
-            cluster.add_node_args(i, &["--etcd-listen", &addr]);
+            let (addr, m) = (crate::support::free_addr(), crate::support::free_addr());
+            cluster.add_node_args(i, &["--etcd-listen", &addr, "--metrics-listen", &m]);
             addrs.push(addr);
+            metrics.push(m.parse().expect("addr"));
         }
         for i in 0..cluster.len() {
             cluster.spawn(i, None);
@@ -40,7 +42,17 @@ impl Leases {
         cluster.form().await;
         cluster.deploy("etcd", EXAMPLE_ETCD_KV).await;
         let etcd = super::workload::channels(&addrs, Duration::from_secs(5));
-        Leases { cluster, etcd }
+        Leases {
+            cluster,
+            etcd,
+            metrics,
+        }
+    }
+
+    /// Node `i`'s `waft_log_clock_offset_seconds`.
+    async fn offset(&self, i: usize) -> f64 {
+        let text = crate::metrics::get(self.metrics[i], "/metrics").await;
+        crate::metrics::value(&text, "waft_log_clock_offset_seconds")
     }
 
     /// Makes node `to` the leader.
@@ -152,6 +164,16 @@ async fn a_lease_lives_its_ttl_in_real_time_whatever_the_leaders_clock_says() {
     l.lead(1).await;
     l.lives_its_ttl("ahead", sent, 8, "leader 120 s ahead")
         .await;
+    // The metric shows it: the log's clock, stamped by node 2, is 2 minutes ahead of node 1's
+    // and node 3's clocks, and agrees with node 2's own.
+    for (i, lo, hi) in [(0, 100.0, 140.0), (2, 100.0, 140.0), (1, -20.0, 20.0)] {
+        let offset = l.offset(i).await;
+        assert!(
+            (lo..hi).contains(&offset),
+            "node {}'s waft_log_clock_offset_seconds is {offset}, not in {lo}..{hi}",
+            i + 1
+        );
+    }
 
     // The log's clock is now 120 s ahead of true time (it never goes back). A leader that is
     // behind it, and behind true time too, must still let leases expire on time.

@@ -50,6 +50,9 @@ pub(super) struct View {
     pub(super) metrics: Vec<ServiceMetrics>,
     pub(super) audit: AuditStatus,
     pub(super) snapshots: SnapshotStats,
+    /// The log's clock minus this node's wall clock, ms, when it last applied (see
+    /// [`StateHandle::log_clock_offset_ms`]).
+    pub(super) log_clock_offset_ms: i64,
 }
 
 /// Read access to the live state, shared with the API (queries). Methods that are not
@@ -140,6 +143,7 @@ impl SmState {
                 .collect(),
             audit: self.local.audit.status.clone(),
             snapshots: self.local.snapshots.clone(),
+            log_clock_offset_ms: self.log_clock_offset_ms(),
         };
         // Told only when it changes: the timer proposer must not wake on every apply.
         let due = self.next_timer_deadline();
@@ -149,6 +153,16 @@ impl SmState {
             changed
         });
         *lock_view(&self.local.view) = view;
+    }
+}
+
+impl SmState {
+    /// See [`StateHandle::log_clock_offset_ms`] (0 before the first timestamped entry).
+    fn log_clock_offset_ms(&self) -> i64 {
+        match self.rep.last_timestamp_ms {
+            0 => 0,
+            log => log as i64 - crate::types::now_ms() as i64,
+        }
     }
 }
 
@@ -392,6 +406,14 @@ impl StateHandle {
         })
         .await
         .map_err(io::Error::other)?
+    }
+
+    /// The log's clock (the last applied entry's timestamp: the leader's wall clock when it
+    /// proposed it, never going back) minus this node's wall clock, in ms, as of its last
+    /// apply. Near 0 (within a commit's latency) when clocks agree; far from it, wall clocks
+    /// disagree, or a leader's ran ahead. Timers do not depend on it; guests' timestamps do.
+    pub fn log_clock_offset_ms(&self) -> i64 {
+        lock_view(&self.view).log_clock_offset_ms
     }
 
     /// Snapshots built and installed by this node.

@@ -5,7 +5,7 @@
 
 use crate::support::{ctx, guest, runtime_with};
 use waft::runtime::{CheckpointPolicy, Guest, GuestError, Limits, RuntimeConfig};
-use waft_testkit::guests::{TEST_HOSTILE, TEST_HOSTILE_PYTHON, TEST_NET};
+use waft_testkit::guests::{TEST_HOSTILE, TEST_HOSTILE_JS, TEST_HOSTILE_PYTHON, TEST_NET};
 
 /// Every misbehaviour with WASI a guest can reach, and the same words as queries.
 const MISBEHAVIOUR: &[&str] = &[
@@ -169,4 +169,53 @@ async fn a_python_guest_that_prints_flushed_and_raises_answers_alike_on_a_worker
     has("apply sleep", "slept");
     has("apply stdin", "read 0 bytes");
     has("state", "\\\"a\\\": \\\"1\\\"");
+}
+
+/// What the hostile JavaScript guest is told, in order: the same calls on a worker and a thread.
+const JS_MISBEHAVIOUR: &[&str] = &[
+    "set a 1",
+    "print",
+    "print-flush",
+    "print-mb 1",
+    "throw",
+    "recurse",
+    "set b 2",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_guest_that_prints_and_throws_answers_alike_on_a_worker_and_a_thread() {
+    let path = TEST_HOSTILE_JS.unwrap_or_else(|e| panic!("{e}"));
+    let rt = runtime_with(RuntimeConfig::default());
+    let module = rt.load(&waft_testkit::wasm(path)).expect("loads");
+    let run = |rt: &waft::runtime::Runtime| {
+        let mut g = rt.instantiate(&module, "js").expect("instantiates");
+        let out = run_all_of(&mut g, JS_MISBEHAVIOUR);
+        (out, g.host_faults())
+    };
+    tracing::info!("on a plain thread");
+    let plain = std::thread::scope(|s| s.spawn(|| run(&rt)).join().expect("plain thread"));
+    tracing::info!("directly on a tokio worker (the inline apply path)");
+    let on_worker = run(&rt);
+    assert_eq!(plain, on_worker);
+    let (out, faults) = on_worker;
+    assert_eq!(faults, 0, "{out:#?}");
+    let has = |prefix: &str, part: &str| {
+        assert!(
+            out.iter()
+                .any(|l| l.starts_with(prefix) && l.contains(part)),
+            "{prefix:?} should mention {part:?}: {out:#?}"
+        )
+    };
+    has("apply print-flush", "printed");
+    has("apply print-mb", "printed");
+    has("batched print-flush", "printed");
+    // An uncaught Error is a trap (a thrown string would be the WIT `err`); so is a stack
+    // overflow. Either way the call is answered and the guest goes on.
+    has("apply throw:", "guest panicked");
+    has("query throw:", "guest panicked");
+    has("batched throw:", "guest panicked");
+    has("apply recurse:", "guest panicked");
+    has("apply set b 2", "OK");
+    has("state", "\\\"a\\\":\\\"1\\\"");
+    has("state", "\\\"b\\\":\\\"2\\\"");
 }

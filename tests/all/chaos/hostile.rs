@@ -1,7 +1,7 @@
 //! The hostile-guest campaign on processes (issue 36): a Python guest that prints with flush
-//! and raises uncaught exceptions, and a Rust one that prints with flush and panics, hundreds
-//! of times among ordinary commands, on three
-//! `waft node` processes while 16 clients write to another service. Before the fix the inline
+//! and raises uncaught exceptions, a JavaScript one that logs to stdout and stderr and throws,
+//! and a Rust one that prints with flush and panics, hundreds of times among ordinary
+//! commands, on three `waft node` processes while 16 clients write to another service. Before the fix the inline
 //! apply path (a tokio worker) panicked in wasmtime-wasi's `block_on` and every node stopped
 //! at the same index. At the end: every node alive, every call answered in words, no
 //! acknowledged write lost, the other service unaffected, every replica's audit equal.
@@ -11,7 +11,7 @@ use crate::support::procs::{ProcCluster, connect};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use waft::pb::api::{self, submit_reply::Outcome, waft_client::WaftClient};
-use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE, TEST_HOSTILE_PYTHON};
+use waft_testkit::guests::{EXAMPLE_KV, TEST_HOSTILE, TEST_HOSTILE_JS, TEST_HOSTILE_PYTHON};
 
 /// Rounds of (sets, print-flush, raise) on the Python guest.
 const ROUNDS: u64 = 200;
@@ -75,12 +75,14 @@ async fn query(addr: &str, service: &str, q: &str) -> Option<api::query_reply::O
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_python_guest_printing_flushed_and_raising_under_load_never_stops_a_node() {
+async fn guests_printing_flushed_and_raising_under_load_never_stop_a_node() {
     crate::support::init_tracing();
     let py = TEST_HOSTILE_PYTHON.unwrap_or_else(|e| panic!("the hostile Python guest: {e}"));
     let c = ProcCluster::start(3, &["--snapshot-every", "300", "--audit-interval", "0"]).await;
     c.deploy("kv", EXAMPLE_KV).await;
     c.deploy("py", py).await;
+    let js = TEST_HOSTILE_JS.unwrap_or_else(|e| panic!("the hostile JavaScript guest: {e}"));
+    c.deploy("js", js).await;
     // The Rust one's calls take microseconds: its batches surely take the inline path.
     c.deploy("evil", TEST_HOSTILE).await;
 
@@ -92,7 +94,7 @@ async fn a_python_guest_printing_flushed_and_raising_under_load_never_stops_a_no
         .collect();
 
     tracing::info!("{ROUNDS} flushed prints and {ROUNDS} uncaught exceptions among sets");
-    let plan: [Plan; 2] = [
+    let plan: [Plan; 3] = [
         (
             "py",
             0xb0b,
@@ -103,6 +105,16 @@ async fn a_python_guest_printing_flushed_and_raising_under_load_never_stops_a_no
                     "raise",
                     Expect::Trapped("ValueError: deliberate uncaught exception"),
                 ),
+            ],
+        ),
+        (
+            "js",
+            0x15,
+            "j",
+            [
+                ("print-flush", Expect::Ok("printed")),
+                // An Error nobody catches: a trap (ComponentizeJS aborts).
+                ("throw", Expect::Trapped("guest panicked")),
             ],
         ),
         (
@@ -161,6 +173,9 @@ async fn a_python_guest_printing_flushed_and_raising_under_load_never_stops_a_no
             let last = (SETS_PER_ROUND - 1).to_string().into_bytes();
             assert_eq!(got, Some(api::query_reply::Outcome::Ok(last)));
         }
+        let got = query(&c.addrs[i], "js", &format!("get j{}", ROUNDS - 1)).await;
+        let last = (SETS_PER_ROUND - 1).to_string().into_bytes();
+        assert_eq!(got, Some(api::query_reply::Outcome::Ok(last)));
         let got = query(&c.addrs[i], "evil", &format!("get r{}", ROUNDS - 1)).await;
         let last = (SETS_PER_ROUND - 1).to_string().into_bytes();
         assert_eq!(got, Some(api::query_reply::Outcome::Ok(last)));

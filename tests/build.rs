@@ -33,10 +33,15 @@ fn main() {
             guest.dir, guest.constant, built
         ));
     }
-    let built = c_guest(&root, "examples/guests/kv-c", &["kv.c"], &target_dir);
-    constants.push_str(&format!(
-        "/// `examples/guests/kv-c`, or why it could not be built here.\npub const EXAMPLE_KV_C: Result<&str, &str> = {built:?};\n"
-    ));
+    for (dir, source, constant) in [
+        ("examples/guests/kv-c", "kv.c", "EXAMPLE_KV_C"),
+        ("tests/guests/hostile-c", "hostile.c", "TEST_HOSTILE_C"),
+    ] {
+        let built = c_guest(&root, dir, &[source], &target_dir);
+        constants.push_str(&format!(
+            "/// `{dir}`, or why it could not be built here.\npub const {constant}: Result<&str, &str> = {built:?};\n"
+        ));
+    }
     let out =
         PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("guests.rs");
     std::fs::write(&out, constants).expect("write guests.rs");

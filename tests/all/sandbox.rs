@@ -5,7 +5,9 @@
 
 use crate::support::{ctx, guest, runtime_with};
 use waft::runtime::{CheckpointPolicy, Guest, GuestError, Limits, RuntimeConfig};
-use waft_testkit::guests::{TEST_HOSTILE, TEST_HOSTILE_JS, TEST_HOSTILE_PYTHON, TEST_NET};
+use waft_testkit::guests::{
+    TEST_HOSTILE, TEST_HOSTILE_C, TEST_HOSTILE_JS, TEST_HOSTILE_PYTHON, TEST_NET,
+};
 
 /// Every misbehaviour with WASI a guest can reach, and the same words as queries.
 const MISBEHAVIOUR: &[&str] = &[
@@ -137,27 +139,7 @@ const PYTHON_MISBEHAVIOUR: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_guest_that_prints_flushed_and_raises_answers_alike_on_a_worker_and_a_thread() {
     let path = TEST_HOSTILE_PYTHON.unwrap_or_else(|e| panic!("{e}"));
-    let rt = runtime_with(RuntimeConfig::default());
-    let module = rt.load(&waft_testkit::wasm(path)).expect("loads");
-    let run = |rt: &waft::runtime::Runtime| {
-        let mut g = rt.instantiate(&module, "py").expect("instantiates");
-        let out = run_all_of(&mut g, PYTHON_MISBEHAVIOUR);
-        (out, g.host_faults())
-    };
-    tracing::info!("on a plain thread");
-    let plain = std::thread::scope(|s| s.spawn(|| run(&rt)).join().expect("plain thread"));
-    tracing::info!("directly on a tokio worker (the inline apply path)");
-    let on_worker = run(&rt);
-    assert_eq!(plain, on_worker);
-    let (out, faults) = on_worker;
-    assert_eq!(faults, 0, "{out:#?}");
-    let has = |prefix: &str, part: &str| {
-        assert!(
-            out.iter()
-                .any(|l| l.starts_with(prefix) && l.contains(part)),
-            "{prefix:?} should mention {part:?}: {out:#?}"
-        )
-    };
+    let has = misbehaves_alike(path, PYTHON_MISBEHAVIOUR);
     has("apply print-flush", "printed");
     has(
         "apply raise:",
@@ -169,6 +151,34 @@ async fn a_python_guest_that_prints_flushed_and_raises_answers_alike_on_a_worker
     has("apply sleep", "slept");
     has("apply stdin", "read 0 bytes");
     has("state", "\\\"a\\\": \\\"1\\\"");
+}
+
+/// Runs `commands` (see [`run_all_of`]) on the guest at `path` on a plain thread and directly
+/// on a tokio worker (the inline apply path), asserts the answers are the same and no host
+/// fault was contained; returns a check that some answer starting with a prefix mentions a
+/// text.
+fn misbehaves_alike(path: &str, commands: &[&str]) -> impl Fn(&str, &str) {
+    let rt = runtime_with(RuntimeConfig::default());
+    let module = rt.load(&waft_testkit::wasm(path)).expect("loads");
+    let run = |rt: &waft::runtime::Runtime| {
+        let mut g = rt.instantiate(&module, "guest").expect("instantiates");
+        let out = run_all_of(&mut g, commands);
+        (out, g.host_faults())
+    };
+    tracing::info!("on a plain thread");
+    let plain = std::thread::scope(|s| s.spawn(|| run(&rt)).join().expect("plain thread"));
+    tracing::info!("directly on a tokio worker (the inline apply path)");
+    let on_worker = run(&rt);
+    assert_eq!(plain, on_worker);
+    let (out, faults) = on_worker;
+    assert_eq!(faults, 0, "{out:#?}");
+    move |prefix: &str, part: &str| {
+        assert!(
+            out.iter()
+                .any(|l| l.starts_with(prefix) && l.contains(part)),
+            "{prefix:?} should mention {part:?}: {out:#?}"
+        )
+    }
 }
 
 /// What the hostile JavaScript guest is told, in order: the same calls on a worker and a thread.
@@ -185,27 +195,7 @@ const JS_MISBEHAVIOUR: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_javascript_guest_that_prints_and_throws_answers_alike_on_a_worker_and_a_thread() {
     let path = TEST_HOSTILE_JS.unwrap_or_else(|e| panic!("{e}"));
-    let rt = runtime_with(RuntimeConfig::default());
-    let module = rt.load(&waft_testkit::wasm(path)).expect("loads");
-    let run = |rt: &waft::runtime::Runtime| {
-        let mut g = rt.instantiate(&module, "js").expect("instantiates");
-        let out = run_all_of(&mut g, JS_MISBEHAVIOUR);
-        (out, g.host_faults())
-    };
-    tracing::info!("on a plain thread");
-    let plain = std::thread::scope(|s| s.spawn(|| run(&rt)).join().expect("plain thread"));
-    tracing::info!("directly on a tokio worker (the inline apply path)");
-    let on_worker = run(&rt);
-    assert_eq!(plain, on_worker);
-    let (out, faults) = on_worker;
-    assert_eq!(faults, 0, "{out:#?}");
-    let has = |prefix: &str, part: &str| {
-        assert!(
-            out.iter()
-                .any(|l| l.starts_with(prefix) && l.contains(part)),
-            "{prefix:?} should mention {part:?}: {out:#?}"
-        )
-    };
+    let has = misbehaves_alike(path, JS_MISBEHAVIOUR);
     has("apply print-flush", "printed");
     has("apply print-mb", "printed");
     has("batched print-flush", "printed");
@@ -218,4 +208,32 @@ async fn a_javascript_guest_that_prints_and_throws_answers_alike_on_a_worker_and
     has("apply set b 2", "OK");
     has("state", "\\\"a\\\":\\\"1\\\"");
     has("state", "\\\"b\\\":\\\"2\\\"");
+}
+
+/// What the hostile C guest is told, in order.
+const C_MISBEHAVIOUR: &[&str] = &[
+    "set a 1",
+    "print",
+    "print-flush",
+    "print-mb 1",
+    "abort",
+    "recurse",
+    "huge 1000",
+    "set b 2",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c_guest_that_prints_and_aborts_answers_alike_on_a_worker_and_a_thread() {
+    let path = TEST_HOSTILE_C.unwrap_or_else(|e| panic!("{e}"));
+    let has = misbehaves_alike(path, C_MISBEHAVIOUR);
+    has("apply print-flush", "printed");
+    has("apply print-mb", "printed");
+    has("batched print-flush", "printed");
+    has("apply abort:", "deliberate abort");
+    has("query abort:", "deliberate abort");
+    has("batched abort:", "deliberate abort");
+    has("apply recurse:", "trap");
+    has("apply huge 1000", "xxxx");
+    has("apply set b 2", "OK");
+    has("state", "a=1\\nb=2\\n");
 }

@@ -22,31 +22,19 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(path: &Path, mib: u64) -> Tmpfs {
         std::fs::create_dir_all(path).expect("mount point");
-        let o = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(path)
-            .output()
-            .expect("run mount");
-        assert!(
-            o.status.success(),
-            "cannot mount a tmpfs (this test needs root): {}",
-            String::from_utf8_lossy(&o.stderr)
+        let size = format!("size={mib}m");
+        mount(
+            &["-t", "tmpfs", "-o", &size, "tmpfs"],
+            path,
+            "mount a tmpfs (needs root)",
         );
         Tmpfs(path.to_path_buf())
     }
 
     /// Gives the file system `kib` KiB in all.
     fn resize(&self, kib: u64) {
-        let o = Command::new("mount")
-            .args(["-o", &format!("remount,size={kib}k")])
-            .arg(&self.0)
-            .output()
-            .expect("run mount");
-        assert!(
-            o.status.success(),
-            "cannot resize the tmpfs: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let size = format!("remount,size={kib}k");
+        mount(&["-o", &size], &self.0, "resize the tmpfs");
     }
 
     /// KiB in use.
@@ -62,6 +50,20 @@ impl Tmpfs {
             .and_then(|l| l.trim().parse().ok())
             .expect("df's figure")
     }
+}
+
+/// Runs `mount ARGS PATH`; panics saying it could not `what`.
+fn mount(args: &[&str], path: &Path, what: &str) {
+    let o = Command::new("mount")
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("run mount");
+    assert!(
+        o.status.success(),
+        "cannot {what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 impl Drop for Tmpfs {

@@ -314,22 +314,8 @@ impl Nemesis {
                 // old leader's clock are pending: a new leader whose clock is ahead must not
                 // expire them early, nor one whose clock is behind late.
                 sleep(rng.millis(1200, 2000)).await;
-                if rng.below(4) != 0
-                    && let Some(l) = c.leader().await
-                    && l != victim
-                    && let Some(mut cl) = c.cluster_client(l).await
-                {
-                    let r = cl
-                        .transfer_leader(api::TransferLeaderRequest {
-                            to: victim as u64 + 1,
-                        })
-                        .await;
-                    f.note(format!(
-                        "transfer leadership {} -> {} ({})",
-                        l + 1,
-                        victim + 1,
-                        if r.is_ok() { "requested" } else { "refused" }
-                    ));
+                if rng.below(4) != 0 {
+                    hand_over(c, victim, "", f).await;
                 }
                 sleep(rng.millis(1500, 3000)).await;
             }
@@ -364,26 +350,31 @@ impl Nemesis {
                 ));
                 if rng.below(2) == 0 {
                     sleep(Duration::from_millis(1500)).await;
-                    if let Some(l) = c.leader().await
-                        && l != victim
-                        && let Some(mut cl) = c.cluster_client(l).await
-                    {
-                        let r = cl
-                            .transfer_leader(api::TransferLeaderRequest {
-                                to: victim as u64 + 1,
-                            })
-                            .await;
-                        f.note(format!(
-                            "transfer leadership to the damaged node {} ({})",
-                            victim + 1,
-                            if r.is_ok() { "requested" } else { "refused" }
-                        ));
-                    }
+                    hand_over(c, victim, ", the damaged node", f).await;
                 }
                 // Audits run every second: one finds the damage and the node heals.
                 sleep(rng.millis(3000, 4000)).await;
             }
         }
+    }
+}
+
+/// Asks the leader, unless it is node `to` already, to hand leadership to `to`, and notes it
+/// (`what` says more about `to`).
+async fn hand_over(c: &ProcCluster, to: usize, what: &str, f: &mut Faults) {
+    if let Some(l) = c.leader().await
+        && l != to
+        && let Some(mut cl) = c.cluster_client(l).await
+    {
+        let r = cl
+            .transfer_leader(api::TransferLeaderRequest { to: to as u64 + 1 })
+            .await;
+        f.note(format!(
+            "transfer leadership {} -> {}{what} ({})",
+            l + 1,
+            to + 1,
+            if r.is_ok() { "requested" } else { "refused" }
+        ));
     }
 }
 

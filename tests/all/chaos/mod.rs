@@ -147,18 +147,7 @@ impl Nemesis {
                     c.resume(i);
                     f.note(format!("SIGCONT node {}", i + 1));
                 } else if let Some(l) = c.leader().await {
-                    let to = rng.other_than(l, n);
-                    if let Some(mut cl) = c.cluster_client(l).await {
-                        let r = cl
-                            .transfer_leader(api::TransferLeaderRequest { to: to as u64 + 1 })
-                            .await;
-                        f.note(format!(
-                            "transfer leadership {} -> {} ({})",
-                            l + 1,
-                            to + 1,
-                            if r.is_ok() { "requested" } else { "refused" }
-                        ));
-                    }
+                    hand_over(c, rng.other_than(l, n), "", f).await;
                 }
                 sleep(rng.millis(1000, 2500)).await;
             }

@@ -501,3 +501,79 @@ struct ReplayEntryV2 {
     #[serde(with = "serde_bytes")]
     command: Vec<u8>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A format-5 timer did not record when it was set: it counts as set at the snapshot's
+    /// last entry and clock, so a node reckons no more than the time then left (never a
+    /// delay longer than the guest asked for; none for a timer already due).
+    #[test]
+    fn format_5_timers_count_as_set_at_the_snapshots_last_entry() {
+        let header = SnapshotHeader {
+            meta: SnapshotMeta {
+                last_log_id: Some(crate::types::LogId::new(
+                    openraft::impls::leader_id_adv::LeaderId {
+                        term: 2,
+                        node_id: 1,
+                    },
+                    40,
+                )),
+                ..Default::default()
+            },
+            last_timestamp_ms: 10_000,
+            engine: String::new(),
+            sessions: Vec::new(),
+            modules: Vec::new(),
+            services: Vec::new(),
+        };
+        let record = ServiceRecord {
+            name: "locks".into(),
+            module: String::new(),
+            deployed_at: 1,
+            state_len: 0,
+            replay: true,
+            version: 1,
+            history: Vec::new(),
+        };
+        let old = ServiceStateV5 {
+            form: ReplayForm::default(),
+            timers: vec![
+                (
+                    "later".into(),
+                    TimerV5 {
+                        at_ms: 15_000,
+                        payload: b"p".to_vec(),
+                    },
+                ),
+                (
+                    "overdue".into(),
+                    TimerV5 {
+                        at_ms: 9_000,
+                        payload: Vec::new(),
+                    },
+                ),
+            ],
+        };
+        let bytes = encode(&old).expect("encodes");
+        let state = service_state(5, &header, &record, bytes).expect("format 5 reads");
+        let [(later, a), (overdue, b)] = &state.timers[..] else {
+            panic!("{:?}", state.timers)
+        };
+        assert_eq!(
+            (later.as_str(), a.set_index, a.delay_ms()),
+            ("later", 40, 5_000)
+        );
+        assert_eq!(a.payload, b"p");
+        assert_eq!((overdue.as_str(), b.delay_ms()), ("overdue", 0));
+        // Format 6 keeps what it wrote.
+        let now = ServiceState {
+            form: ReplayForm::default(),
+            timers: state.timers.clone(),
+        };
+        let again = service_state(6, &header, &record, encode(&now).expect("encodes"))
+            .expect("format 6 reads");
+        assert_eq!(again, now);
+    }
+}

@@ -83,6 +83,19 @@ fn stop_line(c: &ProcCluster, i: usize) -> String {
         .to_owned()
 }
 
+/// Puts key `k{n}` (n = `acked` + 1) with [`value`] through `nodes`, asserts it was
+/// acknowledged, and returns n.
+async fn put_next(nodes: &[String], acked: u64) -> u64 {
+    let n = acked + 1;
+    let put = format!("put k{n} {}", value(n));
+    let outcome = submit(nodes, "kv", put.as_bytes(), 0xd15c, n).await;
+    assert!(
+        matches!(&outcome, Some(Outcome::Ok(r)) if r == b"OK"),
+        "put {n}: {outcome:?}"
+    );
+    n
+}
+
 /// A value of about 60 KB, different per key.
 fn value(i: u64) -> String {
     format!("{i}-{}", "v".repeat(60_000))
@@ -115,13 +128,7 @@ async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_onc
     // About 2 MiB of writes, then a snapshot on the follower, which has no room for it: the
     // node stops on the failed write, saying why, and starts again once it has room.
     for _ in 0..33 {
-        acked += 1;
-        let put = format!("put k{acked} {}", value(acked));
-        let outcome = submit(&others, "kv", put.as_bytes(), 0xd15c, acked).await;
-        assert!(
-            matches!(&outcome, Some(Outcome::Ok(r)) if r == b"OK"),
-            "put {acked}: {outcome:?}"
-        );
+        acked = put_next(&others, acked).await;
     }
     let (_, index) = last_index(&c).await;
     wait_applied(&c, victim, index).await;
@@ -156,13 +163,7 @@ async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_onc
     // Writes through the other nodes until the follower stops on its full disk (its log
     // this time); every one of them acknowledged all the same.
     let stopped = loop {
-        acked += 1;
-        let put = format!("put k{acked} {}", value(acked));
-        let outcome = submit(&others, "kv", put.as_bytes(), 0xd15c, acked).await;
-        assert!(
-            matches!(&outcome, Some(Outcome::Ok(r)) if r == b"OK"),
-            "put {acked}: {outcome:?}"
-        );
+        acked = put_next(&others, acked).await;
         if let Some(status) = c.exited(victim) {
             break status;
         }
@@ -184,14 +185,7 @@ async fn a_follower_whose_disk_fills_stops_alone_and_catches_up_without_loss_onc
     eprintln!("after the writes: {}", stop_line(&c, victim));
     // The others go on without it.
     for _ in 0..20 {
-        acked += 1;
-        let put = format!("put k{acked} {}", value(acked));
-        let outcome = submit(&others, "kv", put.as_bytes(), 0xd15c, acked).await;
-        assert!(
-            matches!(&outcome, Some(Outcome::Ok(r)) if r == b"OK"),
-            "put {acked} with node {} down: {outcome:?}",
-            victim + 1
-        );
+        acked = put_next(&others, acked).await;
     }
 
     // Room again: it starts (no "corrupt" refusal), catches up and agrees.

@@ -109,13 +109,13 @@ impl Timers {
     }
 
     /// The timers whose deadlines on this node passed by `now`, earliest first, at most `max`:
-    /// key and the entry that set it.
-    pub fn due_by(&self, now: Instant, max: usize) -> Vec<(String, u64)> {
+    /// deadline, key and the entry that set it.
+    pub fn due_by(&self, now: Instant, max: usize) -> Vec<(Instant, String, u64)> {
         self.by_deadline
             .iter()
             .take_while(|(at, _)| *at <= now)
             .take(max)
-            .map(|(_, key)| (key.clone(), self.by_key[key].timer.set_index))
+            .map(|(at, key)| (*at, key.clone(), self.by_key[key].timer.set_index))
             .collect()
     }
 
@@ -386,8 +386,7 @@ impl SmState {
             if !svc.module.info().fires_timers() {
                 continue;
             }
-            for (key, set_index) in svc.timers.due_by(now, MAX_FIRES_PER_ENTRY) {
-                let at = svc.timers.by_key[&key].deadline;
+            for (at, key, set_index) in svc.timers.due_by(now, MAX_FIRES_PER_ENTRY) {
                 due.push((
                     at,
                     TimerRef {

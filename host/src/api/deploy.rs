@@ -352,9 +352,13 @@ impl Api {
                          rebase; give some with --replay FILE",
                     ));
                 }
-                let report =
-                    crate::verify::verify_fresh(runtime.limits().clone(), &bytes, commands)
-                        .map_err(|e| Status::internal(format!("the verifier failed: {e}")))?;
+                let report = crate::verify::verify_fresh(
+                    runtime.limits().clone(),
+                    runtime.cache_dir().map(std::path::Path::to_path_buf),
+                    &bytes,
+                    commands,
+                )
+                .map_err(|e| Status::internal(format!("the verifier failed: {e}")))?;
                 findings = report.findings.iter().map(ToString::to_string).collect();
             }
             let trial = trial.map(convert::trial_report);

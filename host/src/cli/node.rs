@@ -131,6 +131,14 @@ pub struct NodeArgs {
         value_name = "MIB"
     )]
     pub compiled_cache_mib: u64,
+    /// Rebuild each guest instance from its own snapshot (a rebase) after it has journaled
+    /// this many entries. Hidden: for tests that want rebases to happen often. Every member
+    /// must use the same value, since it decides where each instance's history restarts: it is
+    /// part of the engine fingerprint, so a member with another value stops at the next deploy
+    /// rather than diverge.
+    #[arg(long, env = "WAFT_REBASE_EVERY", hide = true, default_value_t = crate::runtime::CheckpointPolicy::default().entries as u64,
+          value_name = "ENTRIES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rebase_every: u64,
 }
 
 fn parse_dial(s: &str) -> Result<(String, String), String> {
@@ -224,6 +232,7 @@ fn node_config(
     config.net.share_compiled = args.share_compiled;
     config.runtime.compiled_cache_bytes =
         usize::try_from(args.compiled_cache_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+    config.runtime.checkpoints.entries = usize::try_from(args.rebase_every).unwrap_or(usize::MAX);
     config.api.max_guest_memory = args.max_guest_memory.map(|m| m.saturating_mul(1 << 20));
     config.metrics_listen = args.metrics_listen;
     config.etcd_listen = args.etcd_listen;

@@ -186,6 +186,11 @@ impl Runtime {
         &self.inner.artifact_key
     }
 
+    /// The disk cache's directory, if this runtime keeps one.
+    pub fn cache_dir(&self) -> Option<&std::path::Path> {
+        self.inner.config.cache_dir.as_deref()
+    }
+
     /// Where the disk cache keeps (or would keep) the compiled code of module `hash`; `None`
     /// without a disk cache. A file put there is loaded like code compiled here (wasmtime
     /// checks that it was made for this engine, and it is compiled again if not), so only

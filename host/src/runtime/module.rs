@@ -313,16 +313,17 @@ fn write_cache(bytes: &[u8], path: &Path) -> Result<(), LoadError> {
     // Write a file of this writer's own, then rename it, so a crash never leaves a half-written
     // artifact under the real name and two loads of one module at once (two nodes sharing the
     // cache, or two services) never rename each other's file away.
-    let cannot_write = |e: std::io::Error| {
-        LoadError::Cache(format!("cannot write {}: {e}", path.display()))
-    };
+    let cannot_write =
+        |e: std::io::Error| LoadError::Cache(format!("cannot write {}: {e}", path.display()));
     let mut tmp = tempfile::Builder::new()
         .prefix(".cwasm-")
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(cannot_write)?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(cannot_write)?;
-    tmp.persist(path).map(drop).map_err(|e| cannot_write(e.error))
+    tmp.persist(path)
+        .map(drop)
+        .map_err(|e| cannot_write(e.error))
 }
 
 /// Lists the component's imports and exports by name.

@@ -5,15 +5,16 @@
 //! apply path (a tokio worker) panicked in wasmtime-wasi's `block_on` and every node stopped
 //! at the same index. At the end: every node alive, every call answered in words, no
 //! acknowledged write lost, the other service unaffected, every replica's audit equal.
+//!
+//! Then, on the same cluster and under the same load, every misbehaviour on every path a guest
+//! call takes (`hostile_paths.rs`).
 
 use super::determinism::{audit_equal, last_index, submit, wait_applied};
 use crate::support::procs::{ProcCluster, connect};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use waft::pb::api::{self, submit_reply::Outcome, waft_client::WaftClient};
-use waft_testkit::guests::{
-    EXAMPLE_KV, TEST_HOSTILE, TEST_HOSTILE_C, TEST_HOSTILE_JS, TEST_HOSTILE_PYTHON,
-};
+use waft_testkit::guests::EXAMPLE_KV;
 
 /// Rounds of (sets, print-flush, raise) on the Python guest.
 const ROUNDS: u64 = 200;
@@ -23,8 +24,9 @@ const SETS_PER_ROUND: u64 = 3;
 /// Clients writing to the kv service meanwhile.
 const LOAD_CLIENTS: u64 = 16;
 
-/// One load client: puts to kv until `stop`, each acknowledged with `OK`; returns how many.
-async fn kv_load(addrs: Vec<String>, id: u64, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>) {
+/// One load client: puts to kv until `stop`, each acknowledged with `OK`; returns its last
+/// sequence (its value is what `get load{id}` must read at the end).
+async fn kv_load(addrs: Vec<String>, id: u64, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>) -> u64 {
     let mut seq = 0;
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
@@ -36,6 +38,7 @@ async fn kv_load(addrs: Vec<String>, id: u64, stop: Arc<AtomicBool>, acked: Arc<
         );
         acked.fetch_add(1, Ordering::Relaxed);
     }
+    seq
 }
 
 /// A service's part of a round: its name, its client id, its set's key prefix, each
@@ -85,19 +88,13 @@ async fn query(addr: &str, service: &str, q: &str) -> Option<api::query_reply::O
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn guests_printing_flushed_and_raising_under_load_never_stop_a_node() {
+async fn guests_misbehaving_on_every_path_under_load_never_stop_a_node() {
     crate::support::init_tracing();
-    let py = TEST_HOSTILE_PYTHON.unwrap_or_else(|e| panic!("the hostile Python guest: {e}"));
-    let c = ProcCluster::start(3, &["--snapshot-every", "300", "--audit-interval", "0"]).await;
+    let mut c = ProcCluster::start(3, super::hostile_paths::NODE_ARGS).await;
     c.deploy("kv", EXAMPLE_KV).await;
-    c.deploy("py", py).await;
-    let js = TEST_HOSTILE_JS.unwrap_or_else(|e| panic!("the hostile JavaScript guest: {e}"));
-    c.deploy("js", js).await;
-    let cg = TEST_HOSTILE_C.unwrap_or_else(|e| panic!("the hostile C guest: {e}"));
-    c.deploy("c", cg).await;
-    // The Rust one's calls take microseconds: its batches surely take the inline path.
-    c.deploy("evil", TEST_HOSTILE).await;
-
+    // py, js and c; and evil in Rust, whose calls take microseconds: its batches surely take
+    // the inline path.
+    super::hostile_paths::deploy_all(&c).await;
     tracing::info!("16 clients write to kv throughout");
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
@@ -179,9 +176,12 @@ async fn guests_printing_flushed_and_raising_under_load_never_stop_a_node() {
             );
         }
     }
+    super::hostile_paths::every_path(&mut c).await;
+
     stop.store(true, Ordering::Relaxed);
+    let mut last_seqs = Vec::new();
     for l in load {
-        l.await.expect("a load client failed");
+        last_seqs.push(l.await.expect("a load client failed"));
     }
     let acked = acked.load(Ordering::Relaxed);
     assert!(acked > 0, "the load wrote nothing");
@@ -209,11 +209,17 @@ async fn guests_printing_flushed_and_raising_under_load_never_stop_a_node() {
         let got = query(&c.addrs[i], "evil", &format!("get r{}", ROUNDS - 1)).await;
         let last = (SETS_PER_ROUND - 1).to_string().into_bytes();
         assert_eq!(got, Some(api::query_reply::Outcome::Ok(last)));
-        let got = query(&c.addrs[i], "kv", "get load0").await;
-        assert!(
-            matches!(got, Some(api::query_reply::Outcome::Ok(_))),
-            "node {}: {got:?}",
-            i + 1
+        for (id, seq) in last_seqs.iter().enumerate() {
+            let got = query(&c.addrs[i], "kv", &format!("get load{id}")).await;
+            let want = api::query_reply::Outcome::Ok(seq.to_string().into_bytes());
+            assert_eq!(got, Some(want), "node {}, load client {id}", i + 1);
+        }
+        assert_eq!(
+            c.log(i).matches("host fault").count(),
+            0,
+            "node {} contained a host fault: {}",
+            i + 1,
+            c.log_tail(i, 30)
         );
     }
 

@@ -11,6 +11,7 @@ mod clocks;
 mod determinism;
 mod disk;
 mod hostile;
+mod hostile_paths;
 mod locks;
 mod workload;
 

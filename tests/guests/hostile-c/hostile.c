@@ -10,6 +10,8 @@
 // - `bomb`:        mallocs and touches 4 MiB blocks until memory runs out
 // - `recurse`:     recurses until the stack overflows
 // - `huge N`:      replies with N bytes
+// `snapshot` and `restore` (so every snapshot, rebase and restore) print a flushed line to
+// stdout and to stderr.
 //
 // Built by tests/build.rs like examples/guests/kv-c (wit-bindgen c, clang, the preview1
 // reactor adapter).
@@ -178,6 +180,10 @@ bool exports_waft_fsm_state_machine_query(guest_list_u8_t *request, guest_list_u
 
 // NAME=VALUE lines in the order the names were first set (the same on every replica).
 void exports_waft_fsm_state_machine_snapshot(guest_list_u8_t *ret) {
+    printf("snapshot of %zu values\n", count);
+    fflush(stdout);
+    fprintf(stderr, "snapshot, on stderr\n");
+    fflush(stderr);
     size_t len = 0;
     for (size_t i = 0; i < count; i++) len += strlen(names[i]) + strlen(values[i]) + 2;
     ret->ptr = malloc(len + 1);
@@ -215,6 +221,10 @@ static bool read_lines(const guest_list_u8_t *data, bool store) {
 
 bool exports_waft_fsm_state_machine_restore(guest_list_u8_t *data, guest_string_t *err) {
     bool ok = read_lines(data, false) && read_lines(data, true);
+    printf("restored %zu values\n", count);
+    fflush(stdout);
+    fprintf(stderr, "restored, on stderr\n");
+    fflush(stderr);
     guest_list_u8_free(data);
     return ok || refuse(err, "not a snapshot of this guest");
 }

@@ -10,6 +10,7 @@
 // - `bomb`:        allocates until its memory runs out
 // - `recurse`:     recurses until the stack overflows
 // - `huge N`:      replies with N bytes
+// `snapshot` and `restore` (so every snapshot, rebase and restore) log to stdout and stderr.
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 let state = {};
@@ -84,9 +85,13 @@ export const stateMachine = {
     return encoder.encode(reply);
   },
   snapshot() {
+    console.log("snapshot");
+    console.error("snapshot, on stderr");
     return encoder.encode(JSON.stringify(state));
   },
   restore(snapshot) {
     state = snapshot.length ? JSON.parse(decoder.decode(snapshot)) : {};
+    console.log("restored");
+    console.error("restored, on stderr");
   },
 };

@@ -13,7 +13,8 @@ Misbehaviour, as commands and (but `set`) as queries:
 - `bomb`:         allocates until its memory runs out
 - `recurse`:      recurses until Python's recursion limit
 - `huge N`:       replies with N bytes
-The same exports raise on `snapshot` when the state holds `raise-on-snapshot`.
+The same exports raise on `snapshot` when the state holds `raise-on-snapshot`. `snapshot` and
+`restore` (so every snapshot, rebase and restore) print a flushed line to stdout and stderr.
 """
 
 import json
@@ -102,6 +103,8 @@ class StateMachine(exports.StateMachine):
         return reply
 
     def snapshot(self):
+        print("snapshot of %d values" % len(STATE), flush=True)
+        print("snapshot, on stderr", file=sys.stderr, flush=True)
         if "raise-on-snapshot" in STATE:
             raise RuntimeError("deliberate exception in snapshot")
         return json.dumps(STATE, sort_keys=True).encode()
@@ -109,3 +112,5 @@ class StateMachine(exports.StateMachine):
     def restore(self, snapshot):
         global STATE
         STATE = json.loads(bytes(snapshot)) if snapshot else {}
+        print("restored %d values" % len(STATE), flush=True)
+        print("restored, on stderr", file=sys.stderr, flush=True)

@@ -12,12 +12,17 @@
 //! - `stdin`: reads stdin to its end (always empty in waft) and replies with the byte count
 //! - `recurse`: recurses until the stack overflows
 //! - `panic-stderr`: writes to stderr, flushed, then panics
-//! The same words as queries (but `set`) do the same without changing anything.
+//! - `timer KEY MS ACTION`: sets the timer KEY due MS after this entry; when it fires it does
+//!   ACTION: `print-flush` (prints, flushed, then records `fired-KEY` = the entry's index),
+//!   `panic-stderr` or `loop`
+//! The same words as queries (but `set` and `timer`) do the same without changing anything.
+//! `snapshot` and `restore` (so every snapshot, rebase and restore) print a flushed line to
+//! stdout and to stderr.
 //! Snapshots: `restore` of the bytes `TRAP` traps, of `BAD` answers `err`; `snapshot` traps when
 //! the state holds the name `trap-on-snapshot`.
 
 use std::collections::BTreeMap;
-use waft_guest::{Context, Level, StateMachine};
+use waft_guest::{Context, Level, StateMachine, timers};
 
 #[derive(Default)]
 struct Hostile {
@@ -26,7 +31,7 @@ struct Hostile {
 }
 
 impl StateMachine for Hostile {
-    fn apply(&mut self, _ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String> {
+    fn apply(&mut self, ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String> {
         let text = String::from_utf8_lossy(command);
         let words: Vec<&str> = text.split_whitespace().collect();
         match words.as_slice() {
@@ -58,6 +63,11 @@ impl StateMachine for Hostile {
                 let n: usize = bytes.parse().map_err(|_| "huge takes a byte count")?;
                 Ok(vec![b'x'; n])
             }
+            ["timer", key, ms, action] => {
+                let ms: u64 = ms.parse().map_err(|_| "timer takes a delay in ms")?;
+                timers::set_after(ctx, key, ms, action.as_bytes());
+                Ok(b"OK".to_vec())
+            }
             ["log", n] => {
                 let n: usize = n.parse().map_err(|_| "log takes a count")?;
                 for i in 0..n {
@@ -81,11 +91,42 @@ impl StateMachine for Hostile {
             ["loop"] => loop {
                 std::hint::black_box(());
             },
+            ["bomb"] => {
+                let mut hoard = Vec::new();
+                loop {
+                    let mut chunk = Vec::with_capacity(4 << 20);
+                    chunk.push(1u8);
+                    hoard.push(chunk);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            ["huge", bytes] => {
+                let n: usize = bytes.parse().map_err(|_| "huge takes a byte count")?;
+                Ok(vec![b'x'; n])
+            }
             other => io_misbehaviour(other).unwrap_or_else(|| Err("unknown query".to_owned())),
         }
     }
 
+    fn fire(&mut self, ctx: &Context, key: &str, payload: &[u8]) -> Result<(), String> {
+        match payload {
+            b"print-flush" => {
+                io_misbehaviour(&["print-flush", "1"]);
+                self.values
+                    .insert(format!("fired-{key}"), ctx.index.to_string());
+                Ok(())
+            }
+            b"panic-stderr" => {
+                let _ = io_misbehaviour(&["panic-stderr"]);
+                Ok(())
+            }
+            b"loop" => self.apply(ctx, b"loop").map(drop),
+            other => Err(format!("unknown timer action {:?}", String::from_utf8_lossy(other))),
+        }
+    }
+
     fn snapshot(&self) -> Vec<u8> {
+        say("snapshot");
         if self.values.contains_key("trap-on-snapshot") {
             panic!("deliberate panic in snapshot");
         }
@@ -101,6 +142,7 @@ impl StateMachine for Hostile {
             b"TRAP" => panic!("deliberate panic in restore"),
             b"BAD" => Err("snapshot rejected: BAD".to_owned()),
             _ => {
+                say("restored");
                 let text = std::str::from_utf8(snapshot).map_err(|_| "not UTF-8")?;
                 let mut values = BTreeMap::new();
                 for line in text.lines() {
@@ -158,7 +200,17 @@ fn io_misbehaviour(words: &[&str]) -> Option<Result<Vec<u8>, String>> {
     })
 }
 
+/// One line to stdout and one to stderr, each flushed.
+fn say(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{what}");
+    let _ = std::io::stdout().flush();
+    let _ = writeln!(std::io::stderr(), "{what}, on stderr");
+    let _ = std::io::stderr().flush();
+}
+
 /// Recurses without end (the stack overflows first).
+#[allow(unconditional_recursion)]
 fn recurse(depth: u64) -> u64 {
     let frame = std::hint::black_box([depth; 64]);
     recurse(depth + 1).wrapping_add(frame[(depth % 64) as usize])

@@ -73,7 +73,7 @@ impl Drop for Tmpfs {
 }
 
 /// The last line in which node `i` said it stopped.
-fn stop_line(c: &ProcCluster, i: usize) -> String {
+pub(super) fn stop_line(c: &ProcCluster, i: usize) -> String {
     c.log(i)
         .lines()
         .rev()

@@ -12,6 +12,7 @@ mod determinism;
 mod disk;
 mod hostile;
 mod hostile_paths;
+mod io_faults;
 mod locks;
 mod workload;
 

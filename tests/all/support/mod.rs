@@ -3,10 +3,12 @@
 //! - [`procs`]: clusters of `waft node` processes (`ProcCluster`), each peer link through a
 //!   [`proxy`] that can stall or cut it, for the binary, the campaigns and operator workflows;
 //! - [`bin`]: the `waft` binary (the CLI, `waft dev` as a process);
+//! - [`faults`]: a disk that fails (EIO on fsync or write, torn writes) under a node process;
 //! - here: tracing, guests in a bare runtime, gRPC channels, free ports, etcd, required tools.
 
 pub mod bin;
 pub mod cluster;
+pub mod faults;
 pub mod procs;
 pub mod proxy;
 

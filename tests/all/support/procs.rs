@@ -139,6 +139,11 @@ impl ProcCluster {
         self.dir.path().join(format!("clock-node{}", i + 1))
     }
 
+    /// Sets an environment variable for node `i` on every start from now on.
+    pub fn set_node_env(&mut self, i: usize, key: &str, value: &str) {
+        self.own[i].1.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Sets an environment variable for every node started from now on.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.to_owned(), value.to_owned()));

@@ -53,7 +53,7 @@ pub enum Command {
         waft node --id 1 --listen 127.0.0.1:7001 --data-dir data/1\n  \
         waft cluster init --endpoint 127.0.0.1:7001\n  \
         waft node --id 2 --listen 127.0.0.1:7002 --data-dir data/2 --join 127.0.0.1:7001")]
-    Node(node::NodeArgs),
+    Node(Box<node::NodeArgs>),
     /// Start a local cluster (3 nodes by default) with the example kv guest deployed as `kv`.
     Dev(node::DevArgs),
     /// Upload a guest and make it serve a service.

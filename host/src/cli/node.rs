@@ -139,6 +139,12 @@ pub struct NodeArgs {
     #[arg(long, env = "WAFT_REBASE_EVERY", hide = true, default_value_t = crate::runtime::CheckpointPolicy::default().entries as u64,
           value_name = "ENTRIES", value_parser = clap::value_parser!(u64).range(1..))]
     pub rebase_every: u64,
+    /// Apply cheap batches on the async worker that receives them (the inline path) rather
+    /// than on a blocking thread. Hidden: off only to measure what the inline path saves
+    /// (`scripts/bench-inline-apply.sh`); replies and state do not depend on it.
+    #[arg(long, env = "WAFT_INLINE_APPLY", hide = true, default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub inline_apply: bool,
 }
 
 fn parse_dial(s: &str) -> Result<(String, String), String> {
@@ -228,6 +234,7 @@ fn node_config(
     config.net.connections = args.peer_connections as usize;
     config.net.append_hold = std::time::Duration::from_micros(args.append_hold_us);
     config.watch_history.events = args.watch_history as usize;
+    config.inline_apply = args.inline_apply;
     config.net.tls = tls;
     config.net.share_compiled = args.share_compiled;
     config.runtime.compiled_cache_bytes =
@@ -688,7 +695,7 @@ mod tests {
             .expect("parses")
             .command
         {
-            crate::cli::Command::Node(args) => args,
+            crate::cli::Command::Node(args) => *args,
             other => panic!("not a node command: {other:?}"),
         }
     }

@@ -78,6 +78,9 @@ pub struct NodeConfig {
     pub log_engine: Option<LogEngine>,
     /// How much of what it applied a node keeps for watchers starting from an earlier index.
     pub watch_history: crate::storage::events::HistoryLimits,
+    /// Whether cheap batches are applied on the async worker that receives them rather than
+    /// handed to a blocking thread (true; false only to measure what that saves).
+    pub inline_apply: bool,
 }
 
 impl NodeConfig {
@@ -98,6 +101,7 @@ impl NodeConfig {
             tokens: crate::auth::Tokens::default(),
             log_engine: None,
             watch_history: Default::default(),
+            inline_apply: true,
         }
     }
 }

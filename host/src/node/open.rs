@@ -75,12 +75,15 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
             });
     });
     let engine = LogEngine::resolve(config.log_engine, &config.data_dir)?;
-    let sm = StateMachineStore::with_history(
+    let mut sm = StateMachineStore::with_history(
         runtime.clone(),
         &snapshot_dir,
         modules,
         config.watch_history,
     )?;
+    if !config.inline_apply {
+        sm = sm.without_inline_apply();
+    }
     let state = sm.handle();
     let identity = Arc::new(
         Identity::load(config.id, &config.data_dir)?

@@ -364,7 +364,7 @@ pub(super) async fn every_path(c: &mut ProcCluster) {
     }
 
     tracing::info!("queries: stale on each follower, linearizable through the leader");
-    let (leader, _) = last_index(&c).await;
+    let (leader, _) = last_index(c).await;
     for h in &services {
         for (cmd, expect) in &h.misbehaviour {
             for (i, consistency) in [
@@ -409,7 +409,7 @@ pub(super) async fn every_path(c: &mut ProcCluster) {
         "node 3 comes back: the entries it missed are purged, so it installs a snapshot"
     );
     c.spawn(2, None);
-    let (_, last) = last_index(&c).await;
+    let (_, last) = last_index(c).await;
     for i in 0..3 {
         wait_applied(c, i, last).await;
     }

@@ -24,6 +24,9 @@ pub struct StateMachineStore {
     pub(super) dir: PathBuf,
     /// The entry whose application last stopped this node, if any (see `fault.rs`).
     fault: Arc<Mutex<FaultRecord>>,
+    /// Whether cheap batches are applied on the async worker (`apply_inline`); off only to
+    /// measure what that saves.
+    inline: bool,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -84,7 +87,15 @@ impl StateMachineStore {
             },
             dir: dir.to_path_buf(),
             fault: Arc::new(Mutex::new(FaultRecord::open(dir))),
+            inline: true,
         })
+    }
+
+    /// Applies every batch on a blocking thread, never inline (for the A/B benchmark of the
+    /// inline path, `scripts/bench-inline-apply.sh`).
+    pub fn without_inline_apply(mut self) -> StateMachineStore {
+        self.inline = false;
+        self
     }
 
     /// A handle for queries and inspection.
@@ -201,7 +212,7 @@ impl StateMachineStore {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let multi =
             Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-        if !multi || pending.len() > INLINE_ENTRIES {
+        if !self.inline || !multi || pending.len() > INLINE_ENTRIES {
             return None;
         }
         let mut st = try_lock_or_stop(&self.handle.state)?;

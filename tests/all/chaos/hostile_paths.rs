@@ -10,7 +10,7 @@
 //!   trap recovery replaying the instance's history after each trap;
 //! - rebases (every few entries, `--rebase-every`), snapshots and a restore (a node that missed
 //!   purged entries installs a snapshot);
-//! - timers that print, panic and loop when they fire;
+//! - timers that print, panic and loop when they fire (the `ticker` test guest);
 //! - queries, stale on a follower and linearizable through the leader;
 //! - a dry run (deploy validation against the current state, replay through the running module
 //!   and the new one) with the verifier, and, off the cluster, `waft exec --verify` and
@@ -25,7 +25,9 @@ use crate::support::bin::waft_cli;
 use crate::support::procs::{ProcCluster, connect};
 use std::time::{Duration, Instant};
 use waft::pb::api::{self, waft_client::WaftClient};
-use waft_testkit::guests::{TEST_HOSTILE, TEST_HOSTILE_C, TEST_HOSTILE_JS, TEST_HOSTILE_PYTHON};
+use waft_testkit::guests::{
+    TEST_HOSTILE, TEST_HOSTILE_C, TEST_HOSTILE_JS, TEST_HOSTILE_PYTHON, TEST_TICKER,
+};
 
 /// Fuel per call for the hostile services: a loop is spent in a fraction of a second.
 const FUEL: &str = "300000000";
@@ -273,6 +275,18 @@ fn assert_running(c: &ProcCluster, nodes: &[usize], after: &str) {
     }
 }
 
+/// The keys of the timers the ticker guest's `fired` query lists.
+fn fired(got: &Option<Answer>) -> Vec<String> {
+    match got {
+        Some(Answer::Ok(f)) => String::from_utf8_lossy(f)
+            .lines()
+            .filter_map(|l| l.split(' ').next())
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// How many times `needle` appears in node `i`'s log.
 fn in_log(c: &ProcCluster, i: usize, needle: &str) -> usize {
     c.log(i).matches(needle).count()
@@ -293,11 +307,14 @@ pub(super) const NODE_ARGS: &[&str] = &[
     "0",
 ];
 
-/// Deploys the hostile services (`py`, `js`, `c`, `evil`) with their limits.
+/// Deploys the hostile services (`py`, `js`, `c`, `evil`) with their limits, and `ticker`,
+/// whose timers misbehave when they fire. (A guest that sets timers is never given batches,
+/// so the hostile guests set none.)
 pub(super) async fn deploy_all(c: &ProcCluster) {
     for h in hostile_services() {
         deploy(c, h.service, h.path, h.memory_mib).await;
     }
+    deploy(c, "ticker", TEST_TICKER, "64").await;
 }
 
 /// Every misbehaviour of every hostile service on every path (see the module's comment), on
@@ -353,14 +370,17 @@ pub(super) async fn every_path(c: &mut ProcCluster) {
     }
 
     tracing::info!("timers that print, panic and loop when they fire");
-    for (key, action) in [
-        ("t1", "print-flush"),
-        ("t2", "panic-stderr"),
-        ("t3", "loop"),
-    ] {
+    for (key, action) in [("t1", "print"), ("t2", "panic"), ("t3", "loop")] {
         seq += 1;
-        let got = apply(c, "evil", &format!("timer {key} 200 {action}"), 0x7000, seq).await;
-        Expect::Ok("OK").check(&got, &format!("timer {key}"));
+        let got = apply(
+            c,
+            "ticker",
+            &format!("after {key} 200 {action}"),
+            0x7000,
+            seq,
+        )
+        .await;
+        Expect::Ok("ok").check(&got, &format!("timer {key}"));
     }
 
     tracing::info!("queries: stale on each follower, linearizable through the leader");
@@ -392,8 +412,8 @@ pub(super) async fn every_path(c: &mut ProcCluster) {
     let deadline = Instant::now() + Duration::from_secs(120);
     for i in [0, 1] {
         loop {
-            let got = query(c, i, "evil", "get fired-t1", api::Consistency::Stale).await;
-            if matches!(got, Some(Answer::Ok(_))) {
+            let got = query(c, i, "ticker", "fired", api::Consistency::Stale).await;
+            if fired(&got).contains(&"t1".to_owned()) {
                 break;
             }
             assert!(
@@ -403,6 +423,33 @@ pub(super) async fn every_path(c: &mut ProcCluster) {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    for i in [0, 1] {
+        loop {
+            let log = c.log(i);
+            let failed: Vec<bool> = ["t2", "t3"]
+                .iter()
+                .map(|key| {
+                    log.lines().any(|l| {
+                        l.contains("a timer's delivery failed")
+                            && l.contains(&format!("timer={key}"))
+                    })
+                })
+                .collect();
+            if failed.iter().all(|f| *f) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: did timers t2 and t3 fail? {failed:?}\n{}",
+                i + 1,
+                c.log_tail(i, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let got = query(c, i, "ticker", "fired", api::Consistency::Stale).await;
+        assert_eq!(fired(&got), ["t1"], "node {}: {got:?}", i + 1);
     }
 
     tracing::info!(
@@ -423,11 +470,8 @@ pub(super) async fn every_path(c: &mut ProcCluster) {
         "node 3 restored fewer guests from the snapshot than there are: {}",
         log3.matches("restored").count()
     );
-    let got = query(c, 2, "evil", "get fired-t1", api::Consistency::Stale).await;
-    assert!(
-        matches!(got, Some(Answer::Ok(_))),
-        "node 3's timer state: {got:?}"
-    );
+    let on_3 = query(c, 2, "ticker", "fired", api::Consistency::Stale).await;
+    assert_eq!(fired(&on_3), ["t1"], "node 3's timers: {on_3:?}");
 
     tracing::info!("a dry run with the verifier replays each service's misbehaviour on a node");
     let dir = tempfile::tempdir().expect("temp dir");

@@ -12,17 +12,14 @@
 //! - `stdin`: reads stdin to its end (always empty in waft) and replies with the byte count
 //! - `recurse`: recurses until the stack overflows
 //! - `panic-stderr`: writes to stderr, flushed, then panics
-//! - `timer KEY MS ACTION`: sets the timer KEY due MS after this entry; when it fires it does
-//!   ACTION: `print-flush` (prints, flushed, then records `fired-KEY` = the entry's index),
-//!   `panic-stderr` or `loop`
-//! The same words as queries (but `set` and `timer`) do the same without changing anything.
+//! The same words as queries (but `set`) do the same without changing anything.
 //! `snapshot` and `restore` (so every snapshot, rebase and restore) print a flushed line to
 //! stdout and to stderr.
 //! Snapshots: `restore` of the bytes `TRAP` traps, of `BAD` answers `err`; `snapshot` traps when
 //! the state holds the name `trap-on-snapshot`.
 
 use std::collections::BTreeMap;
-use waft_guest::{Context, Level, StateMachine, timers};
+use waft_guest::{Context, Level, StateMachine};
 
 #[derive(Default)]
 struct Hostile {
@@ -31,7 +28,7 @@ struct Hostile {
 }
 
 impl StateMachine for Hostile {
-    fn apply(&mut self, ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String> {
+    fn apply(&mut self, _ctx: &Context, command: &[u8]) -> Result<Vec<u8>, String> {
         let text = String::from_utf8_lossy(command);
         let words: Vec<&str> = text.split_whitespace().collect();
         match words.as_slice() {
@@ -62,11 +59,6 @@ impl StateMachine for Hostile {
             ["huge", bytes] => {
                 let n: usize = bytes.parse().map_err(|_| "huge takes a byte count")?;
                 Ok(vec![b'x'; n])
-            }
-            ["timer", key, ms, action] => {
-                let ms: u64 = ms.parse().map_err(|_| "timer takes a delay in ms")?;
-                timers::set_after(ctx, key, ms, action.as_bytes());
-                Ok(b"OK".to_vec())
             }
             ["log", n] => {
                 let n: usize = n.parse().map_err(|_| "log takes a count")?;
@@ -105,23 +97,6 @@ impl StateMachine for Hostile {
                 Ok(vec![b'x'; n])
             }
             other => io_misbehaviour(other).unwrap_or_else(|| Err("unknown query".to_owned())),
-        }
-    }
-
-    fn fire(&mut self, ctx: &Context, key: &str, payload: &[u8]) -> Result<(), String> {
-        match payload {
-            b"print-flush" => {
-                io_misbehaviour(&["print-flush", "1"]);
-                self.values
-                    .insert(format!("fired-{key}"), ctx.index.to_string());
-                Ok(())
-            }
-            b"panic-stderr" => {
-                let _ = io_misbehaviour(&["panic-stderr"]);
-                Ok(())
-            }
-            b"loop" => self.apply(ctx, b"loop").map(drop),
-            other => Err(format!("unknown timer action {:?}", String::from_utf8_lossy(other))),
         }
     }
 

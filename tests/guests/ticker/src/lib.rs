@@ -7,10 +7,13 @@
 //! - `note TEXT`: changes the state only
 //!
 //! `fire` records each delivery (key, index, timestamp, payload) in the state and emits
-//! `fired/KEY`; payload `panic` panics, `reject` rejects, `again:MS` sets the timer again
-//! MS later (once). Queries: `fired` (one line per delivery), `notes`.
+//! `fired/KEY`; payload `panic` panics (after a flushed line on stderr), `reject` rejects,
+//! `loop` loops until its fuel runs out, `print` prints a flushed line to stdout and to stderr
+//! first, `again:MS` sets the timer again MS later (once). Queries: `fired` (one line per
+//! delivery), `notes`.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use waft_guest::{Context, StateMachine, events, timers};
 
 #[derive(Default)]
@@ -71,7 +74,23 @@ impl StateMachine for Ticker {
     fn fire(&mut self, ctx: &Context, key: &str, payload: &[u8]) -> Result<(), String> {
         let payload = String::from_utf8_lossy(payload);
         match payload.as_ref() {
-            "panic" => panic!("timer {key} panics"),
+            "panic" => {
+                let _ = writeln!(std::io::stderr(), "timer {key} is about to panic");
+                let _ = std::io::stderr().flush();
+                panic!("timer {key} panics")
+            }
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "print" => {
+                let _ = writeln!(std::io::stdout(), "timer {key} fired");
+                let _ = std::io::stdout().flush();
+                let _ = writeln!(std::io::stderr(), "timer {key} fired, on stderr");
+                let _ = std::io::stderr().flush();
+            }
             "reject" => return Err(format!("timer {key} rejected")),
             p => {
                 if let Some(ms) = p.strip_prefix("again:") {

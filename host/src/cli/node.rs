@@ -145,6 +145,11 @@ pub struct NodeArgs {
     #[arg(long, env = "WAFT_INLINE_APPLY", hide = true, default_value_t = true,
           action = clap::ArgAction::Set, value_name = "BOOL")]
     pub inline_apply: bool,
+    /// Fault injection: panic in waft's own apply code (outside any guest call) at every
+    /// command whose payload is exactly this text, as a bug there would. Hidden: only
+    /// `tests/all/chaos/apply_fault.rs` uses it, to show such a fault stops a node loudly.
+    #[arg(long, hide = true, value_name = "PAYLOAD")]
+    pub inject_apply_panic: Option<String>,
 }
 
 fn parse_dial(s: &str) -> Result<(String, String), String> {
@@ -235,6 +240,7 @@ fn node_config(
     config.net.append_hold = std::time::Duration::from_micros(args.append_hold_us);
     config.watch_history.events = args.watch_history as usize;
     config.inline_apply = args.inline_apply;
+    config.inject_apply_panic = args.inject_apply_panic.clone().map(String::into_bytes);
     config.net.tls = tls;
     config.net.share_compiled = args.share_compiled;
     config.runtime.compiled_cache_bytes =

@@ -81,6 +81,9 @@ pub struct NodeConfig {
     /// Whether cheap batches are applied on the async worker that receives them rather than
     /// handed to a blocking thread (true; false only to measure what that saves).
     pub inline_apply: bool,
+    /// A command payload at which this node's apply code panics (fault injection for the
+    /// tests; None outside them).
+    pub inject_apply_panic: Option<Vec<u8>>,
 }
 
 impl NodeConfig {
@@ -102,6 +105,7 @@ impl NodeConfig {
             log_engine: None,
             watch_history: Default::default(),
             inline_apply: true,
+            inject_apply_panic: None,
         }
     }
 }

@@ -84,6 +84,9 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
     if !config.inline_apply {
         sm = sm.without_inline_apply();
     }
+    if let Some(payload) = &config.inject_apply_panic {
+        sm = sm.inject_apply_panic(payload.clone());
+    }
     let state = sm.handle();
     let identity = Arc::new(
         Identity::load(config.id, &config.data_dir)?

@@ -20,11 +20,11 @@ use waft_testkit::guests::EXAMPLE_KV;
 const WRITERS: u64 = 4;
 
 /// Every put acknowledged so far: (client, sequence).
-type Acked = Arc<Mutex<Vec<(u64, u64)>>>;
+pub(super) type Acked = Arc<Mutex<Vec<(u64, u64)>>>;
 
 /// One client: puts `k{id}-{seq} {seq}` until `stop`, each retried with its sequence (applied
 /// once) until acknowledged, through whichever node answers.
-async fn writer(addrs: Vec<String>, id: u64, stop: Arc<AtomicBool>, acked: Acked) {
+pub(super) async fn writer(addrs: Vec<String>, id: u64, stop: Arc<AtomicBool>, acked: Acked) {
     let mut seq = 0;
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
@@ -44,7 +44,7 @@ fn acked_count(acked: &Acked) -> usize {
 }
 
 /// Waits until `more` further puts are acknowledged (the cluster goes on without the node).
-async fn more_acked(acked: &Acked, more: usize) {
+pub(super) async fn more_acked(acked: &Acked, more: usize) {
     let target = acked_count(acked) + more;
     for _ in 0..600 {
         if acked_count(acked) >= target {
@@ -165,11 +165,24 @@ async fn a_node_whose_disk_fails_stops_alone_and_returns_without_loss() {
         w.await.expect("a writer failed");
     }
     let acked = acked.lock().expect("acked").clone();
-    let (_, index) = last_index(&c).await;
+    every_put_everywhere(&c, &acked).await;
+    let audit = audit_equal(&c).await;
+    eprintln!(
+        "io faults: fsync, write and torn-write failures on followers and leaders, each node \
+         stopped alone and came back; {} acknowledged puts on every node; audit at {} equal",
+        acked.len(),
+        audit.index
+    );
+}
+
+/// Waits until every node applied the last entry, then reads every acknowledged put back from
+/// each.
+pub(super) async fn every_put_everywhere(c: &ProcCluster, acked: &[(u64, u64)]) {
+    let (_, index) = last_index(c).await;
     for i in 0..3 {
-        wait_applied(&c, i, index).await;
+        wait_applied(c, i, index).await;
         let mut w = WaftClient::new(connect(&c.addrs[i]).await.expect("connect"));
-        for (id, seq) in &acked {
+        for (id, seq) in acked {
             let got = w
                 .query(api::QueryRequest {
                     service: "kv".into(),
@@ -188,11 +201,4 @@ async fn a_node_whose_disk_fails_stops_alone_and_returns_without_loss() {
             );
         }
     }
-    let audit = audit_equal(&c).await;
-    eprintln!(
-        "io faults: fsync, write and torn-write failures on followers and leaders, each node \
-         stopped alone and came back; {} acknowledged puts on every node; audit at {} equal",
-        acked.len(),
-        audit.index
-    );
 }

@@ -7,6 +7,7 @@
 //! long faults are injected per campaign (default 12 s, the bounded form CI runs; `just chaos`
 //! runs longer). Each prints the operations done, the faults injected and the verdicts.
 
+mod apply_fault;
 mod clocks;
 mod determinism;
 mod disk;

@@ -64,6 +64,10 @@ impl SmState {
                     client,
                     timestamp_ms,
                 }) => {
+                    if self.local.inject_panic_at.as_deref() == Some(payload.as_slice()) {
+                        self.local.applying.1 = Some(service.as_str().into());
+                        panic!("a fault injected by --inject-apply-panic");
+                    }
                     let ctx = ApplyCtx {
                         index: log_id.index(),
                         term,

@@ -104,6 +104,9 @@ struct Local {
     /// The entry being applied and, once its batch reaches a guest, its service: what a
     /// fault that stops the node names (see `fault.rs`).
     applying: (u64, Option<Arc<str>>),
+    /// The command payload at which waft's own apply code panics, as a bug there would: set
+    /// only by the hidden node flag `--inject-apply-panic`, for `tests/all/chaos/apply_fault.rs`.
+    inject_panic_at: Option<Vec<u8>>,
 }
 
 use crate::sync::lock_or_stop as lock;
@@ -156,6 +159,7 @@ impl SmState {
                 view,
                 timer_deadline,
                 applying: (0, None),
+                inject_panic_at: None,
             },
         }
     }

@@ -98,6 +98,14 @@ impl StateMachineStore {
         self
     }
 
+    /// Makes waft's own apply code panic, as a bug there would, at every command whose
+    /// payload is `payload` (for the campaign `tests/all/chaos/apply_fault.rs`; see `fault.rs`).
+    pub fn inject_apply_panic(self, payload: Vec<u8>) -> StateMachineStore {
+        tracing::warn!("--inject-apply-panic is set: this node will stop applying that command");
+        lock(&self.handle.state).local.inject_panic_at = Some(payload);
+        self
+    }
+
     /// A handle for queries and inspection.
     pub fn handle(&self) -> StateHandle {
         self.handle.clone()

@@ -79,15 +79,17 @@ pub mod codec;
 pub mod connect;
 mod error;
 pub mod pipe;
+mod pool;
 pub mod proto;
+mod reply;
 mod session;
 mod watch;
 
-pub use client::{
-    Answer, Applied, Client, ClientBuilder, Consistency, Deployed, Outcome, Progress, deploy_chunks,
-};
+pub use client::{Client, Progress, deploy_chunks};
 pub use connect::{Conn, Tls};
 pub use error::Error;
+pub use pool::ClientBuilder;
+pub use reply::{Answer, Applied, Consistency, Deployed, Outcome};
 pub use session::{Session, from_result};
 pub use watch::{Event, Watch};
 

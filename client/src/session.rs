@@ -1,18 +1,19 @@
 //! [`Session`]: commands pipelined over one `Session` stream, answered in order, reopened
 //! when it ends; and the retry loop that sends each command until it has an answer.
 
-use crate::client::Applied;
+use crate::Error;
 use crate::connect::Conn;
 use crate::pipe::Pipe;
+use crate::pool::{Pool, random_id, waft};
 use crate::proto::{self, waft_client::WaftClient};
-use crate::{Client, Error};
+use crate::reply::Applied;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// A `Session` stream (`waft.v1.Waft/Session`): many requests in flight on one HTTP/2 stream,
 /// each answered in the order sent, with a result per command. Cheap to clone; clones share
 /// the stream. Opened on first use and again after it ends (on the node the client then
-/// finds, for a session made by [`Client::session`]).
+/// finds, for a session made by [`crate::Client::session`]).
 ///
 /// A client id has one command in flight at a time, so each [`Session::submit`] in flight uses
 /// a client session of its own (a lane): pipelining stays exactly-once.
@@ -25,15 +26,15 @@ pub struct Session {
 #[derive(Debug, Clone)]
 enum Source {
     /// Follows the client's current node.
-    Client(Client),
+    Pool(Arc<Pool>),
     /// One connection, always.
     Conn(Box<WaftClient<Conn>>, u32),
 }
 
 impl Session {
-    pub(crate) fn new(client: Client) -> Session {
+    pub(crate) fn new(pool: Arc<Pool>) -> Session {
         Session {
-            source: Source::Client(client),
+            source: Source::Pool(pool),
             pipe: Arc::default(),
         }
     }
@@ -53,12 +54,12 @@ impl Session {
             return Ok(pipe.clone());
         }
         let mut conn = match &self.source {
-            Source::Client(c) => {
+            Source::Pool(c) => {
                 if slot.is_some() {
                     // It broke: find the leader again.
                     c.reconnect().await;
                 }
-                crate::client::waft(c.conn().await?)
+                waft(c.conn().await?)
             }
             Source::Conn(c, _) => (**c).clone(),
         };
@@ -96,17 +97,17 @@ impl Session {
         P::Item: Into<Vec<u8>>,
     {
         let (id, first) = match &self.source {
-            Source::Client(c) => c.take_lane(),
-            Source::Conn(..) => (crate::client::random_id(), 1),
+            Source::Pool(c) => c.take_lane(),
+            Source::Conn(..) => (random_id(), 1),
         };
         let commands = numbered(service, payloads, id, first);
         let next = first + commands.len() as u64;
         let attempts = match &self.source {
-            Source::Client(c) => c.attempts_setting(),
+            Source::Pool(c) => c.attempts(),
             Source::Conn(_, a) => *a,
         };
         let result = send_until_answered(self, commands, attempts).await;
-        if let Source::Client(c) = &self.source {
+        if let Source::Pool(c) = &self.source {
             c.put_lane((id, next));
         }
         result

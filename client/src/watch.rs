@@ -1,10 +1,12 @@
 //! [`Watch`]: a `Watch` stream that resumes after the last event seen when its connection
 //! breaks or its node stops.
 
+use crate::Error;
+use crate::pool::{Pool, retryable, waft};
 use crate::proto;
-use crate::{Client, Error};
 use futures::{Stream, StreamExt};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,7 +33,7 @@ impl std::fmt::Debug for Watch {
 }
 
 struct State {
-    client: Client,
+    client: Arc<Pool>,
     service: String,
     /// Guest events only, with this topic prefix (`None`: every event).
     topic_prefix: Option<String>,
@@ -48,7 +50,7 @@ struct State {
 
 impl Watch {
     pub(crate) fn new(
-        client: Client,
+        client: Arc<Pool>,
         service: String,
         topic_prefix: Option<String>,
         from: u64,
@@ -104,7 +106,7 @@ async fn step(mut s: State) -> Option<(Result<Event, Error>, State)> {
                 return Some((Ok(event), s));
             }
             Ok(None) => Error::Unavailable("the node ended the watch".to_owned()),
-            Err(status) if crate::client::retryable(&status) => Error::from(status),
+            Err(status) if retryable(&status) => Error::from(status),
             Err(status) => {
                 s.done = true;
                 return Some((Err(status.into()), s));
@@ -113,7 +115,7 @@ async fn step(mut s: State) -> Option<(Result<Event, Error>, State)> {
         // Broken: open again after the last event delivered.
         s.open = None;
         s.failures += 1;
-        if s.failures >= s.client.attempts_setting() {
+        if s.failures >= s.client.attempts() {
             s.done = true;
             return Some((Err(failure), s));
         }
@@ -134,7 +136,7 @@ async fn open(s: &State) -> Result<tonic::Streaming<Event>, Error> {
         .client
         .retrying(|c| {
             let r = request.clone();
-            async move { crate::client::waft(c).watch(r).await }
+            async move { waft(c).watch(r).await }
         })
         .await?;
     Ok(stream.into_inner())

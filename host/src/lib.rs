@@ -2,23 +2,25 @@
 //!
 //! # Layout
 //!
-//! Layers, lowest first; a module uses only modules of lower layers (`tests/all/tidy.rs`
-//! checks it):
+//! Layers, lowest first; a module uses only modules of lower layers. This list is the one
+//! source: `tests/all/tidy.rs` reads the layers from it (the linked names of each item),
+//! checks every `crate::` path against them, and checks that ARCHITECTURE.md lists the same.
 //!
 //! 1. [`sync`], [`pb`], [`auth`], [`tls`], [`discovery`]: leaves (lock helpers, generated gRPC
 //!    code and codecs, tokens, TLS settings, mDNS).
 //! 2. [`runtime`]: the guest runtime, the only module that touches wasmtime.
 //! 3. [`verify`], [`trial`]: the determinism verifier and try-before-deploy, on the runtime.
 //! 4. [`types`]: the Raft vocabulary (type config, requests, responses, the leader clock).
-//! 5. [`storage`]: the Raft log (WAL or redb), the state machine, snapshots; [`budget`]: the
-//!    node's guest memory budget, over the services the state machine runs.
-//! 6. [`raft`]: the Raft transport between nodes (gRPC client and server).
-//! 7. [`audit`], [`autoremove`], [`purge`], [`timers`]: policies over Raft (divergence audits,
+//! 5. [`storage`]: the Raft log (WAL or redb), the state machine, snapshots.
+//! 6. [`budget`]: the node's guest memory budget, over the services the state machine runs.
+//! 7. [`Raft`]: the node's Raft handle, openraft over waft's types and storage.
+//! 8. [`raft`]: the Raft transport between nodes (gRPC client and server).
+//! 9. [`audit`], [`autoremove`], [`purge`], [`timers`]: policies over Raft (divergence audits,
 //!    removing dead voters, purging the log, proposing the delivery of due guest timers).
-//! 8. [`api`]: the client API (`waft.v1`).
-//! 9. [`etcd`], [`metrics`]: the etcd endpoint and the Prometheus endpoint, on the API.
-//! 10. [`node`]: one node, assembled.
-//! 11. [`cli`]: the `waft` command line.
+//! 10. [`api`]: the client API (`waft.v1`).
+//! 11. [`etcd`], [`metrics`]: the etcd endpoint and the Prometheus endpoint, on the API.
+//! 12. [`node`]: one node, assembled.
+//! 13. [`cli`]: the `waft` command line.
 //!
 //! ARCHITECTURE.md has the full code map and the invariants.
 

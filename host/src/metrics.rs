@@ -45,15 +45,63 @@ pub fn render(sources: &Sources) -> String {
     } = sources;
     use openraft::async_runtime::WatchReceiver;
     let m: openraft::RaftMetrics<TypeConfig> = raft.metrics().borrow_watched().clone();
-    let mut out = String::with_capacity(4096);
-    let mut gauge = |name: &str, help: &str, kind: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    let mut out = Exposition(String::with_capacity(4096));
+    raft_metrics(&mut out, &m);
+    service_metrics(&mut out, state);
+    rpc_metrics(&mut out, rpc);
+    rtt_metrics(&mut out, rtt);
+    node_metrics(&mut out, state, log.as_ref());
+    audit_metrics(&mut out, state);
+    process_metrics(&mut out);
+    out.0
+}
+
+/// The text exposition being written, one metric family at a time.
+struct Exposition(String);
+
+impl Exposition {
+    fn header(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// A family of samples, each with its labels (`{a="b"}`, or empty).
+    fn family(&mut self, name: &str, help: &str, kind: &str, samples: Vec<(String, f64)>) {
+        self.header(name, help, kind);
         for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
+            let _ = writeln!(self.0, "{name}{labels} {v}");
         }
-    };
+    }
+
+    /// A family of one sample without labels.
+    fn single(&mut self, name: &str, help: &str, kind: &str, v: f64) {
+        self.family(name, help, kind, vec![(String::new(), v)]);
+    }
+
+    /// One histogram's samples under `labels` (`a="b"`): a cumulative count per upper bound in
+    /// `bounds` (then `+Inf`, from the overflow count `buckets` ends with), the sum and the count.
+    fn histogram(&mut self, name: &str, labels: &str, bounds: &[f64], buckets: &[u64], sum: f64) {
+        let mut cumulative = 0;
+        for (bound, n) in bounds.iter().zip(buckets) {
+            cumulative += n;
+            let _ = writeln!(
+                self.0,
+                "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += buckets.get(bounds.len()).copied().unwrap_or(0);
+        let _ = writeln!(
+            self.0,
+            "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}\n\
+             {name}_sum{{{labels}}} {sum}\n\
+             {name}_count{{{labels}}} {cumulative}"
+        );
+    }
+}
+
+/// Raft's view: role, term, leader, indexes, each peer's lag.
+fn raft_metrics(out: &mut Exposition, m: &openraft::RaftMetrics<TypeConfig>) {
     let role = format!("{:?}", m.state).to_lowercase();
-    gauge(
+    out.family(
         "waft_raft_role",
         "1 for this node's current Raft role.",
         "gauge",
@@ -62,25 +110,25 @@ pub fn render(sources: &Sources) -> String {
             .map(|r| (format!("{{role=\"{r}\"}}"), f64::from(u8::from(role == *r))))
             .collect(),
     );
-    gauge(
+    out.family(
         "waft_raft_term",
         "Current term.",
         "gauge",
         vec![(String::new(), m.current_term as f64)],
     );
-    gauge(
+    out.family(
         "waft_raft_leader_id",
         "The leader this node knows of (-1: none).",
         "gauge",
         vec![(String::new(), m.current_leader.map_or(-1.0, |l| l as f64))],
     );
-    gauge(
+    out.family(
         "waft_raft_last_log_index",
         "Index of the last entry in this node's log.",
         "gauge",
         vec![(String::new(), m.last_log_index.unwrap_or(0) as f64)],
     );
-    gauge(
+    out.family(
         "waft_raft_committed_index",
         "Index this node knows to be committed.",
         "gauge",
@@ -89,13 +137,13 @@ pub fn render(sources: &Sources) -> String {
             m.local_committed.map_or(0, |l| l.index) as f64,
         )],
     );
-    gauge(
+    out.family(
         "waft_raft_applied_index",
         "Index this node's state machine has applied.",
         "gauge",
         vec![(String::new(), m.last_applied.map_or(0, |l| l.index) as f64)],
     );
-    gauge(
+    out.family(
         "waft_raft_snapshot_index",
         "Index of this node's last snapshot.",
         "gauge",
@@ -118,12 +166,16 @@ pub fn render(sources: &Sources) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    gauge(
+    out.family(
         "waft_raft_replication_lag_entries",
         "On the leader: entries each peer is behind this node's log.",
         "gauge",
         lag,
     );
+}
+
+/// Each service: version, counts, timers, fuel, memory, code, apply latency.
+fn service_metrics(out: &mut Exposition, state: &StateHandle) {
     let services = state.service_metrics();
     let per = |f: ServiceValue| -> Vec<(String, f64)> {
         services
@@ -212,123 +264,105 @@ pub fn render(sources: &Sources) -> String {
         ),
     ];
     for (name, help, kind, f) in per_service {
-        gauge(name, help, kind, per(f));
+        out.family(name, help, kind, per(f));
     }
-    let _ = writeln!(
-        out,
-        "# HELP waft_service_apply_seconds Time to apply one command in the guest.\n# TYPE waft_service_apply_seconds histogram"
+    out.header(
+        "waft_service_apply_seconds",
+        "Time to apply one command in the guest.",
+        "histogram",
     );
+    let bounds: Vec<f64> = APPLY_BUCKETS_US.iter().map(|b| *b as f64 / 1e6).collect();
     for m in &services {
-        let (name, s) = (escape(&m.name), &m.stats);
-        let mut cumulative = 0;
-        for (i, bound) in APPLY_BUCKETS_US.iter().enumerate() {
-            cumulative += s.latency_buckets[i];
-            let _ = writeln!(
-                out,
-                "waft_service_apply_seconds_bucket{{service=\"{name}\",le=\"{}\"}} {cumulative}",
-                *bound as f64 / 1e6
-            );
-        }
-        cumulative += s.latency_buckets[APPLY_BUCKETS_US.len()];
-        let _ = writeln!(
-            out,
-            "waft_service_apply_seconds_bucket{{service=\"{name}\",le=\"+Inf\"}} {cumulative}"
-        );
-        let _ = writeln!(
-            out,
-            "waft_service_apply_seconds_sum{{service=\"{name}\"}} {}",
-            s.latency_sum_us as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "waft_service_apply_seconds_count{{service=\"{name}\"}} {cumulative}"
+        let s = &m.stats;
+        out.histogram(
+            "waft_service_apply_seconds",
+            &format!("service=\"{}\"", escape(&m.name)),
+            &bounds,
+            &s.latency_buckets,
+            s.latency_sum_us as f64 / 1e6,
         );
     }
+}
+
+/// The client calls this node served, and what it forwarded to the leader.
+fn rpc_metrics(out: &mut Exposition, rpc: &RpcMetrics) {
     let calls = rpc.snapshot();
-    let _ = writeln!(
-        out,
-        "# HELP waft_grpc_requests_total Client calls served by this node, by method and status code.\n# TYPE waft_grpc_requests_total counter"
+    out.header(
+        "waft_grpc_requests_total",
+        "Client calls served by this node, by method and status code.",
+        "counter",
     );
     for (method, m) in &calls {
         for (code, n) in &m.codes {
             let _ = writeln!(
-                out,
+                out.0,
                 "waft_grpc_requests_total{{method=\"{}\",code=\"{code}\"}} {n}",
                 escape(method)
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP waft_grpc_request_seconds Time to answer a client call (to the reply's headers).\n# TYPE waft_grpc_request_seconds histogram"
+    out.header(
+        "waft_grpc_request_seconds",
+        "Time to answer a client call (to the reply's headers).",
+        "histogram",
     );
     for (method, m) in &calls {
-        let method = escape(method);
-        let mut cumulative = 0;
-        for (i, bound) in RPC_BUCKETS_S.iter().enumerate() {
-            cumulative += m.buckets[i];
-            let _ = writeln!(
-                out,
-                "waft_grpc_request_seconds_bucket{{method=\"{method}\",le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        cumulative += m.buckets[RPC_BUCKETS_S.len()];
-        let _ = writeln!(
-            out,
-            "waft_grpc_request_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {cumulative}\n\
-             waft_grpc_request_seconds_sum{{method=\"{method}\"}} {}\n\
-             waft_grpc_request_seconds_count{{method=\"{method}\"}} {cumulative}",
-            m.sum_seconds
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP waft_peer_round_trip_seconds Round trips of the Raft messages this node sent as leader, from the request to its reply (one not answered counts with the time it waited).\n# TYPE waft_peer_round_trip_seconds histogram"
-    );
-    let (heartbeats, appends) = rtt.read();
-    for (kind, h) in [("heartbeat", heartbeats), ("append", appends)] {
-        let mut cumulative = 0;
-        for (i, bound) in RTT_BUCKETS_S.iter().enumerate() {
-            cumulative += h.buckets[i];
-            let _ = writeln!(
-                out,
-                "waft_peer_round_trip_seconds_bucket{{kind=\"{kind}\",le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        cumulative += h.buckets[RTT_BUCKETS_S.len()];
-        let _ = writeln!(
-            out,
-            "waft_peer_round_trip_seconds_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {cumulative}\n\
-             waft_peer_round_trip_seconds_sum{{kind=\"{kind}\"}} {}\n\
-             waft_peer_round_trip_seconds_count{{kind=\"{kind}\"}} {cumulative}",
-            h.sum_seconds
+        out.histogram(
+            "waft_grpc_request_seconds",
+            &format!("method=\"{}\"", escape(method)),
+            &RPC_BUCKETS_S,
+            &m.buckets,
+            m.sum_seconds,
         );
     }
     let (batches, commands) = rpc.forwarded_counts();
-    let _ = writeln!(
-        out,
-        "# HELP waft_forwarded_batches_total Batches of Submits this follower forwarded to the leader.\n# TYPE waft_forwarded_batches_total counter\nwaft_forwarded_batches_total {batches}\n\
-         # HELP waft_forwarded_commands_total Submits this follower forwarded to the leader.\n# TYPE waft_forwarded_commands_total counter\nwaft_forwarded_commands_total {commands}"
+    out.single(
+        "waft_forwarded_batches_total",
+        "Batches of Submits this follower forwarded to the leader.",
+        "counter",
+        batches as f64,
     );
-    let audit = state.audit_status();
-    let mut gauge = |name: &str, help: &str, kind: &str, v: f64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+    out.single(
+        "waft_forwarded_commands_total",
+        "Submits this follower forwarded to the leader.",
+        "counter",
+        commands as f64,
+    );
+}
+
+/// Round trips of the Raft messages this node sent as leader.
+fn rtt_metrics(out: &mut Exposition, rtt: &PeerRtt) {
+    out.header(
+        "waft_peer_round_trip_seconds",
+        "Round trips of the Raft messages this node sent as leader, from the request to its reply (one not answered counts with the time it waited).",
+        "histogram",
+    );
+    let (heartbeats, appends) = rtt.read();
+    for (kind, h) in [("heartbeat", heartbeats), ("append", appends)] {
+        out.histogram(
+            "waft_peer_round_trip_seconds",
+            &format!("kind=\"{kind}\""),
+            &RTT_BUCKETS_S,
+            &h.buckets,
+            h.sum_seconds,
         );
-    };
+    }
+}
+
+/// The node's own: log memory, watch history, snapshots, compiles.
+fn node_metrics(out: &mut Exposition, state: &StateHandle, log: Option<&LogMemory>) {
     let snaps = state.snapshot_stats();
     let (compiles, fetched) = state.compile_stats();
     let (watch_events, watch_bytes) = state.watch_history();
     if let Some(log) = log {
         let (entries, bytes) = log.held();
-        gauge(
+        out.single(
             "waft_log_memory_entries",
             "Log entries this node holds in memory (the WAL keeps them from the last purge on).",
             "gauge",
             entries as f64,
         );
-        gauge(
+        out.single(
             "waft_log_memory_bytes",
             "Bytes of the log entries this node holds in memory (their size in the log file).",
             "gauge",
@@ -427,58 +461,67 @@ pub fn render(sources: &Sources) -> String {
             snaps.last_install_seconds,
         ),
     ] {
-        gauge(name, help, kind, v);
+        out.single(name, help, kind, v);
     }
-    gauge(
+}
+
+/// Audits and heals: what this node compared, found and rebuilt.
+fn audit_metrics(out: &mut Exposition, state: &StateHandle) {
+    let audit = state.audit_status();
+    out.single(
         "waft_audit_checks_total",
         "State audits compared with this node's own digest.",
         "counter",
         audit.checks as f64,
     );
-    gauge(
+    out.single(
         "waft_audit_skipped_total",
         "State audits this node had no digest for.",
         "counter",
         audit.skipped as f64,
     );
-    gauge(
+    out.single(
         "waft_audit_divergences",
         "State mismatches with the majority (or the leader) kept for status (the most recent 16).",
         "gauge",
         audit.divergences.len() as f64,
     );
-    gauge(
+    out.single(
         "waft_audit_divergences_total",
         "State mismatches with the majority (or the leader) found since the node started.",
         "counter",
         audit.divergences_total as f64,
     );
-    gauge(
+    out.single(
         "waft_heals_total",
         "Diverged state rebuilt from a majority replica since the node started.",
         "counter",
         audit.heals_total as f64,
     );
-    gauge(
+    out.single(
         "waft_heal_failures_total",
         "Heals that could not complete (no majority replica gave the state in time).",
         "counter",
         audit.heal_failures_total as f64,
     );
-    gauge(
+    out.single(
         "waft_services_unavailable",
         "Services this node refuses to read from: diverged and not rebuilt yet. Above 0 for long needs a person.",
         "gauge",
         audit.unavailable.len() as f64,
     );
-    gauge(
+    out.single(
         "waft_audit_last_checked_index",
         "Log index of the last audit compared.",
         "gauge",
         audit.last_checked_index.unwrap_or(0) as f64,
     );
+}
+
+/// The process's memory (every node it runs).
+fn process_metrics(out: &mut Exposition) {
     if let Some(rss) = resident_bytes() {
-        gauge(
+        out.single(
             "process_resident_memory_bytes",
             "Resident memory of the process (every node it runs).",
             "gauge",
@@ -486,20 +529,19 @@ pub fn render(sources: &Sources) -> String {
         );
     }
     if let Some(a) = ALLOCATOR.get().and_then(|read| read()) {
-        gauge(
+        out.single(
             "waft_allocator_allocated_bytes",
             "Bytes the process has allocated on its heap and not freed (every node it runs).",
             "gauge",
             a.allocated as f64,
         );
-        gauge(
+        out.single(
             "waft_allocator_resident_bytes",
             "Heap memory the allocator keeps resident: what is allocated, its own slack, and freed pages not returned yet.",
             "gauge",
             a.resident as f64,
         );
     }
-    out
 }
 
 /// What the process's allocator holds (see [`set_allocator_stats`]).

@@ -480,3 +480,120 @@ fn the_cli_reference_matches_the_cli() {
          and commit it"
     );
 }
+
+/// The etcd services the endpoint registers (`node/server.rs`), by etcd's names.
+fn etcd_services_served() -> Vec<String> {
+    let server = std::fs::read_to_string(root().join("host/src/node/server.rs"))
+        .expect("host/src/node/server.rs");
+    let mut served: Vec<String> = server
+        .split("crate::pb::etcd::")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("_server::").map(|(name, _)| name))
+        .map(|name| match name {
+            "kv" => "KV".to_owned(),
+            other => {
+                let mut c = other.chars();
+                c.next()
+                    .map(|f| f.to_uppercase().chain(c).collect())
+                    .unwrap_or_default()
+            }
+        })
+        .collect();
+    served.sort();
+    served.dedup();
+    served
+}
+
+#[test]
+fn the_etcd_services_named_in_the_help_and_docs_are_the_ones_served() {
+    use clap::CommandFactory;
+    let served = etcd_services_served();
+    assert!(
+        served.len() >= 3,
+        "found too few etcd services in node/server.rs (has it moved?): {served:?}"
+    );
+    let cmd = waft::cli::Cli::command();
+    let node = cmd.find_subcommand("node").expect("waft node");
+    let help = node
+        .get_arguments()
+        .find(|a| a.get_id() == "etcd_listen")
+        .and_then(|a| a.get_long_help().or(a.get_help()))
+        .map(|h| h.to_string())
+        .expect("--etcd-listen has help");
+    let doc = std::fs::read_to_string(root().join("docs/etcd.md")).expect("docs/etcd.md");
+    // The opening paragraph, which says what the endpoint serves.
+    let opening = doc
+        .split("\n\n")
+        .find(|p| p.contains("--etcd-listen"))
+        .expect("docs/etcd.md names --etcd-listen")
+        .to_owned();
+    for name in [
+        "KV",
+        "Watch",
+        "Lease",
+        "Cluster",
+        "Maintenance",
+        "Auth",
+        "Election",
+        "Lock",
+    ] {
+        let is_served = served.iter().any(|s| s == name);
+        let in_help = help
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w == name);
+        let in_doc = opening.contains(&format!("`{name}`"));
+        assert_eq!(
+            in_help, is_served,
+            "`waft node --help` on --etcd-listen ({help:?}) and the services node/server.rs \
+             serves ({served:?}) disagree about {name}"
+        );
+        assert_eq!(
+            in_doc, is_served,
+            "docs/etcd.md's opening paragraph and the services node/server.rs serves \
+             ({served:?}) disagree about {name}"
+        );
+    }
+}
+
+#[test]
+fn the_snapshot_format_named_in_architecture_md_is_the_one_written() {
+    let code = std::fs::read_to_string(root().join("host/src/storage/snapshot.rs"))
+        .expect("host/src/storage/snapshot.rs");
+    let magic = code
+        .split("const MAGIC: &[u8; 8] = b\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("snapshot.rs defines MAGIC");
+    let arch = std::fs::read_to_string(root().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let named: Vec<&str> = arch
+        .match_indices("WAFTSNP")
+        .map(|(i, _)| &arch[i..(i + 8).min(arch.len())])
+        .collect();
+    assert!(
+        !named.is_empty(),
+        "ARCHITECTURE.md no longer names the snapshot format ({magic})"
+    );
+    for n in named {
+        assert_eq!(
+            n, magic,
+            "ARCHITECTURE.md names snapshot format {n}; the code writes {magic}"
+        );
+    }
+    // The code map says the format's number in words too.
+    let flat = arch.split_whitespace().collect::<Vec<_>>().join(" ");
+    let number = &magic["WAFTSNP".len()..];
+    let said: Vec<&str> = flat
+        .match_indices("snapshot file format, ")
+        .map(|(i, m)| &flat[i + m.len()..i + m.len() + 1])
+        .collect();
+    assert!(
+        !said.is_empty(),
+        "the code map no longer says the snapshot file format"
+    );
+    for n in said {
+        assert_eq!(
+            n, number,
+            "ARCHITECTURE.md's code map says snapshot file format {n}; the code writes {number}"
+        );
+    }
+}

@@ -38,6 +38,7 @@ mod storage;
 mod support;
 mod testing_kit;
 mod tidy;
+mod tidy_rings;
 mod timers;
 mod tls;
 mod watch;

@@ -108,7 +108,7 @@ fn the_architecture_invariants_hold() {
             "src/tls.rs",
         ],
         "tonic is used only by the gRPC layers (raft/, api/, pb/, cli/, etcd/, the node's \
-         server assembly in node.rs, auth.rs and tls.rs), never by runtime/ or storage/",
+         server assembly in node/, auth.rs and tls.rs), never by runtime/ or storage/",
     );
     assert_only(&files, &["prost"], &["src/pb/"], "prost types stay in pb/");
     assert_only(
@@ -215,27 +215,73 @@ fn the_architecture_invariants_hold() {
     );
 }
 
-/// The layers of host/src, lowest first (lib.rs and ARCHITECTURE.md list them): a module may
-/// use only modules of lower layers, so there is no import cycle between them. `Raft` is the
-/// handle lib.rs declares over `types` and `storage`.
-const LAYERS: &[&[&str]] = &[
-    &["sync", "pb", "auth", "tls", "discovery"],
-    &["runtime"],
-    &["verify", "trial"],
-    &["types"],
-    &["storage"],
-    &["budget"],
-    &["Raft"],
-    &["raft"],
-    &["audit", "autoremove", "purge", "timers"],
-    &["api"],
-    &["etcd", "metrics"],
-    &["node"],
-    &["cli"],
-];
+/// The layers of host/src, lowest first, as lib.rs lists them (its one list: each numbered
+/// item of its module documentation is a layer, holding the names it links, `[`name`]`): a
+/// module may use only modules of lower layers, so there is no import cycle between them.
+/// `Raft` is the handle lib.rs declares over `types` and `storage`.
+fn layers() -> &'static [Vec<String>] {
+    static LAYERS: std::sync::OnceLock<Vec<Vec<String>>> = std::sync::OnceLock::new();
+    LAYERS.get_or_init(|| {
+        let lib = std::fs::read_to_string(root().join("host/src/lib.rs")).expect("lib.rs");
+        let mut layers: Vec<Vec<String>> = Vec::new();
+        for line in lib.lines().filter_map(|l| l.strip_prefix("//!")) {
+            let text = line.trim_start();
+            let numbered = text
+                .split_once(". ")
+                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+            if numbered {
+                layers.push(Vec::new());
+            } else if text.is_empty() || !line.starts_with("    ") {
+                // A blank line or unindented text ends the item.
+                if !layers.is_empty() && !text.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            if let Some(layer) = layers.last_mut() {
+                layer.extend(
+                    text.split("[`")
+                        .skip(1)
+                        .filter_map(|r| r.split_once("`]").map(|(name, _)| name.to_owned())),
+                );
+            }
+        }
+        assert!(
+            layers.len() >= 5 && layers.iter().all(|l| !l.is_empty()),
+            "cannot read the layer list in lib.rs: {layers:?}"
+        );
+        layers
+    })
+}
 
 fn layer(module: &str) -> Option<usize> {
-    LAYERS.iter().position(|l| l.contains(&module))
+    layers().iter().position(|l| l.iter().any(|m| m == module))
+}
+
+#[test]
+fn architecture_md_lists_the_layers_of_lib_rs() {
+    let arch = std::fs::read_to_string(root().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let list = arch
+        .split("host/src reads, lowest first:")
+        .nth(1)
+        .and_then(|rest| rest.split("A module uses only").next())
+        .expect("ARCHITECTURE.md has its layer list (\"host/src reads, lowest first: ...\")");
+    let listed: Vec<Vec<String>> = list
+        .split('→')
+        .map(|layer| {
+            layer
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        layers(),
+        "ARCHITECTURE.md's layer list differs from lib.rs's (the one source)"
+    );
 }
 
 /// The top-level module a file of host/src belongs to (`src/raft/network.rs` → `raft`).
@@ -255,7 +301,7 @@ fn layer_violations(files: &[(String, String)]) -> Vec<String> {
         }
         let Some(from) = layer(user) else {
             out.push(format!(
-                "{file}: module `{user}` is in no layer (add it to LAYERS)"
+                "{file}: module `{user}` is in no layer (add it to lib.rs's list)"
             ));
             continue;
         };
@@ -329,4 +375,126 @@ fn the_checker_sees_what_it_checks() {
     ];
     assert_eq!(users(&files, &["tonic"]), vec!["src/a.rs".to_owned()]);
     assert_eq!(users(&files, &["env"]), vec!["src/c.rs".to_owned()]);
+}
+
+/// Every std lock in host/src is taken through `sync.rs`, whose names say what a poisoned lock
+/// does (`lock_anyway`, `read_anyway`, `write_anyway` use it as it is; `lock_or_stop`,
+/// `try_lock_or_stop` stop the node), and no file renames them: `lock(&m)` must not mean
+/// "stop" in one file and "carry on" in another.
+#[test]
+fn every_std_lock_goes_through_sync_rs_by_its_own_name() {
+    let files = sources(&root().join("host"), "src");
+    let mut offenders = Vec::new();
+    for (file, code) in &files {
+        if file == "src/sync.rs" {
+            continue;
+        }
+        for bad in ["PoisonError", "lock_or_stop as", "lock_anyway as"] {
+            if code.contains(bad) {
+                offenders.push(format!("{file}: {bad}"));
+            }
+        }
+        // A lock taken by hand: its result unwrapped, mapped or matched on the spot (an
+        // awaited lock is tokio's, which cannot be poisoned).
+        for method in [".lock()", ".try_lock()", ".read()", ".write()"] {
+            for (i, _) in code.match_indices(method) {
+                let rest = code[i + method.len()..].trim_start();
+                let before = &code[..i];
+                let statement = &before[before.rfind([';', '{', '}']).map_or(0, |s| s + 1)..];
+                let by_hand = [".unwrap", ".expect", ".map", ".ok()", ".is_ok", ".is_err"]
+                    .iter()
+                    .any(|m| rest.starts_with(m))
+                    || statement.contains("let Ok(")
+                    || statement.contains("let Err(");
+                if by_hand {
+                    offenders.push(format!("{file}: {method} taken by hand"));
+                }
+            }
+        }
+    }
+    offenders.sort();
+    offenders.dedup();
+    assert!(
+        offenders.is_empty(),
+        "ARCHITECTURE.md says every lock goes through sync.rs's named policies: {offenders:?}"
+    );
+}
+
+/// Functions of one screen or two, files a reader can hold: no function in the host or client
+/// crates over 150 lines, no source file over 800 (a file's unit tests may live beside it, in
+/// `NAME/tests.rs`).
+#[test]
+fn functions_and_files_stay_readable() {
+    const MAX_FN_LINES: usize = 150;
+    const MAX_FILE_LINES: usize = 800;
+    let mut long = Vec::new();
+    for dir in ["host/src", "client/src"] {
+        let mut stack = vec![root().join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).expect("read dir") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("read source");
+                let lines: Vec<&str> = text.lines().collect();
+                let name = path
+                    .strip_prefix(root())
+                    .expect("under root")
+                    .display()
+                    .to_string();
+                if lines.len() > MAX_FILE_LINES {
+                    long.push(format!("{name}: {} lines", lines.len()));
+                }
+                for (i, line) in lines.iter().enumerate() {
+                    let Some((indent, name_of_fn)) = fn_start(line) else {
+                        continue;
+                    };
+                    let close = format!("{indent}}}");
+                    if let Some(end) = lines[i + 1..].iter().position(|l| *l == close) {
+                        let n = end + 2;
+                        if n > MAX_FN_LINES {
+                            long.push(format!("{name}:{}: fn {name_of_fn} is {n} lines", i + 1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    long.sort();
+    assert!(
+        long.is_empty(),
+        "split these along their steps (at most {MAX_FN_LINES} lines a function, \
+         {MAX_FILE_LINES} a file): {long:#?}"
+    );
+}
+
+/// A line that opens a function's body: its indentation and the function's name.
+fn fn_start(line: &str) -> Option<(&str, &str)> {
+    let body = line.trim_start();
+    let indent = &line[..line.len() - body.len()];
+    if body.trim_end().ends_with(';') {
+        return None;
+    }
+    let mut rest = body;
+    for prefix in [
+        "pub(crate) ",
+        "pub(super) ",
+        "pub ",
+        "const ",
+        "async ",
+        "unsafe ",
+    ] {
+        rest = rest.strip_prefix(prefix).unwrap_or(rest);
+    }
+    let rest = rest.strip_prefix("async ").unwrap_or(rest);
+    let name = rest.strip_prefix("fn ")?;
+    let end = name
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(name.len());
+    (end > 0).then(|| (indent, &name[..end]))
 }

@@ -10,7 +10,7 @@ use crate::pb::api;
 use crate::pb::upload::Upload;
 use crate::types::{Request, Response, ServiceLimits, now_ms};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
 /// How long the leader waits for the members to fetch and compile a module.
@@ -72,25 +72,10 @@ impl Api {
         // Deploying what the service already runs, as it runs it, changes nothing: no entry,
         // no new version (a deploy retried after its connection dropped, though the first
         // attempt went through, must not add one).
-        if !header.dry_run {
-            let sha = crate::runtime::ModuleHash::of(&module).to_hex();
-            let active = self
-                .state
-                .services()
-                .into_iter()
-                .find(|s| s.name == header.service)
-                .and_then(|s| s.history.last().cloned())
-                .filter(|v| v.module == sha && v.limits == limits);
-            if let Some(active) = active {
-                return Ok(GrpcResponse::new(api::DeployReply {
-                    module_sha256: sha,
-                    index: active.deployed_at,
-                    dry_run: false,
-                    version: active.version,
-                    unchanged: true,
-                    ..Default::default()
-                }));
-            }
+        if !header.dry_run
+            && let Some(unchanged) = self.already_running(&header.service, &module, limits)
+        {
+            return Ok(GrpcResponse::new(unchanged));
         }
         let size = module.len() as u64;
         let shared = Arc::new(module);
@@ -131,26 +116,9 @@ impl Api {
                 findings,
             }));
         }
-        if !findings.is_empty() && !header.force {
-            return Err(Status::failed_precondition(format!(
-                "the determinism verifier found {} problem(s) with the new module, so it was not \
-                 deployed (deploy with --force to override):\n{}",
-                findings.len(),
-                findings.join("\n")
-            )));
-        }
-        if !findings.is_empty() {
-            tracing::warn!(
-                service = %header.service,
-                findings = findings.len(),
-                "deploying a module the determinism verifier flagged (forced)"
-            );
-        }
-        let findings = (!findings.is_empty()).then(|| findings.join("\n"));
-        let (service, engine) = (
-            header.service.clone(),
-            self.runtime.fingerprint().to_owned(),
-        );
+        let findings = forced_findings(&header, findings)?;
+        let engine = self.runtime.fingerprint().to_owned();
+        let service = header.service;
         let entry = match held {
             Held::Stored => Request::DeployStored {
                 service,
@@ -164,26 +132,37 @@ impl Api {
             // A member of an earlier release: the entry carries the bytes, as it did there.
             Held::Inline => {
                 let module = Arc::try_unwrap(shared).unwrap_or_else(|m| m.as_ref().clone());
-                match findings {
-                    Some(findings) => Request::ForcedDeploy {
-                        service,
-                        module,
-                        engine,
-                        limits,
-                        timestamp_ms: now_ms(),
-                        findings,
-                    },
-                    None => Request::Deploy {
-                        service,
-                        module,
-                        engine,
-                        limits,
-                        timestamp_ms: now_ms(),
-                    },
-                }
+                inline_deploy(service, module, engine, limits, findings)
             }
         };
         self.propose_swap(entry, "deploy").await
+    }
+
+    /// The reply to a deploy of what `service` already runs, as it runs it (a deploy retried
+    /// after its connection dropped, though the first attempt went through): it changes
+    /// nothing, adding neither an entry nor a version.
+    fn already_running(
+        &self,
+        service: &str,
+        module: &[u8],
+        limits: ServiceLimits,
+    ) -> Option<api::DeployReply> {
+        let sha = crate::runtime::ModuleHash::of(module).to_hex();
+        let active = self
+            .state
+            .services()
+            .into_iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.history.last().cloned())
+            .filter(|v| v.module == sha && v.limits == limits)?;
+        Some(api::DeployReply {
+            module_sha256: sha,
+            index: active.deployed_at,
+            dry_run: false,
+            version: active.version,
+            unchanged: true,
+            ..Default::default()
+        })
     }
 
     /// `Waft.Rollback`.
@@ -520,10 +499,7 @@ impl Api {
 
     /// Waits for this node's turn to deploy to `service` (see `Api::deploying`).
     async fn deploy_turn(&self, service: &str) -> DeployTurn {
-        let lock = self
-            .deploying
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let lock = crate::sync::lock_anyway(&self.deploying)
             .entry(service.to_owned())
             .or_default()
             .clone();
@@ -575,10 +551,62 @@ struct DeployTurn {
     all: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
+/// What the determinism verifier found, as the deploy entry keeps it: refused unless the
+/// deploy is forced (then logged).
+fn forced_findings(
+    header: &api::DeployHeader,
+    findings: Vec<String>,
+) -> Result<Option<String>, Status> {
+    if findings.is_empty() {
+        return Ok(None);
+    }
+    if !header.force {
+        return Err(Status::failed_precondition(format!(
+            "the determinism verifier found {} problem(s) with the new module, so it was not \
+             deployed (deploy with --force to override):\n{}",
+            findings.len(),
+            findings.join("\n")
+        )));
+    }
+    tracing::warn!(
+        service = %header.service,
+        findings = findings.len(),
+        "deploying a module the determinism verifier flagged (forced)"
+    );
+    Ok(Some(findings.join("\n")))
+}
+
+/// A deploy entry that carries its module, for a cluster with a member of an earlier release.
+fn inline_deploy(
+    service: String,
+    module: Vec<u8>,
+    engine: String,
+    limits: ServiceLimits,
+    findings: Option<String>,
+) -> Request {
+    match findings {
+        Some(findings) => Request::ForcedDeploy {
+            service,
+            module,
+            engine,
+            limits,
+            timestamp_ms: now_ms(),
+            findings,
+        },
+        None => Request::Deploy {
+            service,
+            module,
+            engine,
+            limits,
+            timestamp_ms: now_ms(),
+        },
+    }
+}
+
 impl Drop for DeployTurn {
     fn drop(&mut self) {
         self.guard.take();
-        let mut all = self.all.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all = crate::sync::lock_anyway(&self.all);
         if all
             .get(&self.service)
             .is_some_and(|l| Arc::strong_count(l) == 1)

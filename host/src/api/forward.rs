@@ -17,7 +17,7 @@ use super::Api;
 use super::route::{Caller, relay_failure};
 use crate::pb::api;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
@@ -82,7 +82,7 @@ impl Forwarder {
                 // The queue closed as it went idle: open a new one.
                 Err(mpsc::error::SendError(p)) => {
                     pending = p;
-                    let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut queues = crate::sync::lock_anyway(&self.queues);
                     if queues.get(&key).is_some_and(|q| q.same_channel(&queue)) {
                         queues.remove(&key);
                     }
@@ -97,7 +97,7 @@ impl Forwarder {
     }
 
     fn queue(self: &Arc<Self>, api: &Api, key: &Key) -> mpsc::Sender<Pending> {
-        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queues = crate::sync::lock_anyway(&self.queues);
         if let Some(q) = queues.get(key) {
             return q.clone();
         }
@@ -120,10 +120,7 @@ async fn run(forwarder: Arc<Forwarder>, api: Api, key: Key, mut rx: mpsc::Receiv
                 // last look; what slipped in before is still sent.
                 let mut left = Vec::new();
                 {
-                    let mut queues = forwarder
-                        .queues
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
+                    let mut queues = crate::sync::lock_anyway(&forwarder.queues);
                     rx.close();
                     while let Ok(p) = rx.try_recv() {
                         left.push(p);

@@ -6,16 +6,14 @@
 //! twice), carrying the caller's token and request id, and a lost connection becomes a
 //! retryable `UNAVAILABLE`.
 
-use super::{Api, trace};
+use super::Api;
+use super::trace::{self, FORWARDED};
 use crate::auth::Role;
 use crate::pb::api::{cluster_client::ClusterClient, waft_client::WaftClient};
 use crate::types::{Request, Response, TypeConfig};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use tonic::transport::Channel;
 use tonic::{Request as GrpcRequest, Status};
-
-/// The header that marks a forwarded call; its value is the forwarder's cluster id.
-pub(super) const FORWARDED: &str = "waft-forwarded";
 
 /// How long a call waits for an election to produce a leader before answering UNAVAILABLE.
 const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);

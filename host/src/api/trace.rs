@@ -20,6 +20,9 @@ use tracing::Instrument;
 
 /// The request id header, in requests and replies.
 pub const REQUEST_ID: &str = "x-request-id";
+
+/// The header that marks a forwarded call; its value is the forwarder's cluster id.
+pub(super) const FORWARDED: &str = "waft-forwarded";
 /// The reply header naming the node whose handler served the call.
 pub const SERVED_BY: &str = "waft-served-by";
 
@@ -80,10 +83,7 @@ impl RpcMetrics {
     }
 
     fn record(&self, method: &str, code: &str, took: std::time::Duration) {
-        let mut methods = self
-            .methods
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut methods = crate::sync::lock_anyway(&self.methods);
         let key = if methods.contains_key(method) || methods.len() < MAX_METHODS {
             method
         } else {
@@ -113,10 +113,7 @@ impl RpcMetrics {
 
     /// Every method's counters so far.
     pub fn snapshot(&self) -> BTreeMap<String, MethodStats> {
-        self.methods
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::sync::lock_anyway(&self.methods).clone()
     }
 }
 
@@ -235,7 +232,7 @@ where
                 id
             }
         };
-        let forwarded = req.headers().contains_key(super::route::FORWARDED);
+        let forwarded = req.headers().contains_key(FORWARDED);
         let node = self.layer.node;
         let span = tracing::info_span!("rpc", node, %method, request_id = %id, forwarded);
         let fut = self.inner.call(req).instrument(span);

@@ -197,7 +197,8 @@ async fn fan_out(
         readers.push(tokio::spawn(async move {
             while let Ok(Some(r)) = stream.message().await {
                 let now = epoch.elapsed().as_micros() as u64;
-                if let Ok(mut h) = latency.lock() {
+                {
+                    let mut h = crate::sync::lock_anyway(&latency);
                     for e in &r.events {
                         let sent = e
                             .kv
@@ -261,10 +262,7 @@ async fn fan_out(
     for r in readers {
         let _ = r.await;
     }
-    let latency = latency
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|_| histogram());
+    let latency = crate::sync::lock_anyway(&latency).clone();
     Ok(FanOut {
         target,
         puts,
@@ -359,9 +357,8 @@ async fn timer_lag(
             for e in r.events {
                 if e.r#type == etcd::event::EventType::Delete as i32
                     && let Some(kv) = e.kv
-                    && let Ok(mut map) = sink.lock()
                 {
-                    map.entry(kv.key).or_insert(now);
+                    crate::sync::lock_anyway(&sink).entry(kv.key).or_insert(now);
                 }
             }
         }
@@ -416,7 +413,7 @@ async fn timer_lag(
     // Wait for every expiry (the TTL, then at most 20 s).
     let deadline = Instant::now() + Duration::from_secs(a.ttl as u64 + 20);
     loop {
-        let seen = arrivals.lock().map(|m| m.len()).unwrap_or(0);
+        let seen = crate::sync::lock_anyway(&arrivals).len();
         if seen >= a.timers || Instant::now() > deadline {
             break;
         }
@@ -427,7 +424,7 @@ async fn timer_lag(
         let _ = l.await;
     }
     reader.abort();
-    let arrived = arrivals.lock().map(|m| m.clone()).unwrap_or_default();
+    let arrived = crate::sync::lock_anyway(&arrivals).clone();
     let mut lag = histogram();
     let mut expired = 0;
     for (key, at) in &due {

@@ -68,8 +68,9 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "WAFT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Serve etcd's v3 KV API (Range, Put, DeleteRange, Txn) on ADDR, for etcdctl and etcd
-    /// clients, backed by the service named by --etcd-service (deploy examples/guests/etcd-kv).
+    /// Serve etcd's v3 gRPC services (KV, Watch, Lease, Cluster, Maintenance) on ADDR, for
+    /// etcdctl and etcd clients, backed by the service named by --etcd-service (deploy
+    /// examples/guests/etcd-kv; docs/etcd.md says what is served).
     #[arg(long, env = "WAFT_ETCD_LISTEN", value_name = "ADDR")]
     pub etcd_listen: Option<std::net::SocketAddr>,
     /// Require this token of submit, query, services and status (the cluster token, --token,

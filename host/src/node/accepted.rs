@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -22,10 +22,7 @@ impl Accepted {
     /// Tracks `stream` until it is dropped.
     pub(super) fn track(&self, stream: TcpStream) -> Tracked {
         let fd = stream.as_raw_fd();
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(fd);
+        crate::sync::lock_anyway(&self.0).insert(fd);
         Tracked {
             inner: stream,
             fd,
@@ -35,7 +32,7 @@ impl Accepted {
 
     /// Shuts every open connection down (both ways): their tasks see the end and finish.
     pub(super) fn close_all(&self) {
-        let open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = crate::sync::lock_anyway(&self.0);
         for fd in open.iter() {
             // SAFETY: the descriptor is open: a connection leaves the set (under this lock)
             // before its socket is closed (see `Drop for Tracked`). shutdown(2) only ends the
@@ -57,11 +54,7 @@ pub(super) struct Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         // Before `inner` closes the descriptor (fields drop after this body).
-        self.accepted
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.fd);
+        crate::sync::lock_anyway(&self.accepted.0).remove(&self.fd);
     }
 }
 

@@ -23,7 +23,7 @@ use crate::types::{NodeId, TypeConfig};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -147,17 +147,14 @@ impl Identity {
 
     /// The cluster id, once known.
     pub fn cluster(&self) -> Option<String> {
-        self.cluster
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        crate::sync::lock_anyway(&self.cluster).clone()
     }
 
     /// Gives this node a new cluster id, for a node about to initialize a new cluster (whose
     /// Raft state is empty). An id it adopted from a stranger's message before is replaced:
     /// initializing means starting a cluster of its own. Returns the id.
     pub fn create(&self) -> io::Result<String> {
-        let mut cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cluster = crate::sync::lock_anyway(&self.cluster);
         // Two independently seeded std hashers: 128 bits from the OS's randomness.
         let half = || {
             std::collections::hash_map::RandomState::new()
@@ -229,7 +226,7 @@ impl Identity {
                 Some(theirs)
             }
         };
-        let mut cluster = self.cluster.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cluster = crate::sync::lock_anyway(&self.cluster);
         if cluster.is_none() {
             self.check_not_lost(metadata, message)?;
         }

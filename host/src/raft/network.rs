@@ -27,7 +27,7 @@ use openraft::raft::{
 use openraft::{OptionalSend, RaftNetworkFactory};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
@@ -186,7 +186,7 @@ impl NetworkFactory {
     }
 
     fn pool(&self, addr: &str) -> Result<Arc<Pool>, String> {
-        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pools = crate::sync::lock_anyway(&self.pools);
         if let Some(p) = pools.get(addr) {
             return Ok(p.clone());
         }

@@ -105,17 +105,19 @@ impl InFlight {
 
     /// A request (a heartbeat if it carries no entries) goes out.
     pub fn sent(&self, heartbeat: bool) {
-        crate::sync::lock(&self.sent).push_back((Instant::now(), heartbeat));
+        crate::sync::lock_anyway(&self.sent).push_back((Instant::now(), heartbeat));
     }
 
     /// When the newest request awaiting its reply went out; `None` when none awaits one.
     pub fn newest(&self) -> Option<Instant> {
-        crate::sync::lock(&self.sent).back().map(|(at, _)| *at)
+        crate::sync::lock_anyway(&self.sent)
+            .back()
+            .map(|(at, _)| *at)
     }
 
     /// The oldest request's reply came.
     pub fn replied(&self) {
-        if let Some((at, heartbeat)) = crate::sync::lock(&self.sent).pop_front() {
+        if let Some((at, heartbeat)) = crate::sync::lock_anyway(&self.sent).pop_front() {
             self.rtt.observe(heartbeat, at.elapsed());
         }
     }
@@ -123,7 +125,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        for (at, heartbeat) in crate::sync::lock(&self.sent).drain(..) {
+        for (at, heartbeat) in crate::sync::lock_anyway(&self.sent).drain(..) {
             self.rtt.observe(heartbeat, at.elapsed());
         }
     }

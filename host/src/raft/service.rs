@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -323,7 +323,7 @@ impl raft_server::Raft for RaftService {
                         if status.code() != tonic::Code::Cancelled {
                             tracing::warn!(error = %status, "bad append stream from a peer");
                         }
-                        *record.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
+                        *crate::sync::lock_anyway(&record) = Some(status);
                         None
                     }
                 }
@@ -337,13 +337,8 @@ impl raft_server::Raft for RaftService {
                 Ok(r) => pb::encode(&r),
                 Err(fatal) => Err(Status::unavailable(format!("this node stopped: {fatal}"))),
             });
-        let tail = futures::stream::once(async move {
-            failure
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-        })
-        .filter_map(|s| futures::future::ready(s.map(Err)));
+        let tail = futures::stream::once(async move { crate::sync::lock_anyway(&failure).take() })
+            .filter_map(|s| futures::future::ready(s.map(Err)));
         Ok(Response::new(Box::pin(replies.chain(tail))))
     }
 

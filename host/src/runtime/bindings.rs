@@ -5,11 +5,17 @@
 //! [`Bindings`] makes the calls of either through one set of methods, so the rest of the
 //! runtime does not care which version a guest speaks, except for `fire`.
 
+//!
+//! This file knows nothing of the store's data (`wasi::HostState`, which implements what the
+//! guest imports and links it): the types here are generic over it, so the files that use the
+//! bindings are above it, never beside it in a ring.
+
 use super::contain;
-use super::guest::ApplyCtx;
-use super::wasi::HostState;
 use wasmtime::Store;
-use wasmtime::component::{HasSelf, InstancePre, Linker};
+use wasmtime::component::InstancePre;
+
+/// The context of one applied entry, as both versions pass it (0.1.0's type).
+type ApplyCtx = v1::waft::fsm::types::ApplyContext;
 
 /// `waft:fsm@0.1.0`: one `bindgen!` per contract version.
 pub(super) mod v1 {
@@ -60,28 +66,21 @@ impl std::fmt::Display for FsmVersion {
     }
 }
 
-/// Adds what either version of the contract imports to `linker`.
-pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    v1::Guest::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
-    v2::Guest::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
-    Ok(())
-}
-
 /// A module linked and checked against its version's world, ready to instantiate.
-pub(super) enum Pre {
-    V0_1(v1::GuestPre<HostState>),
-    V0_2(v2::GuestPre<HostState>),
+pub(super) enum Pre<T: 'static> {
+    V0_1(v1::GuestPre<T>),
+    V0_2(v2::GuestPre<T>),
 }
 
-impl Pre {
-    pub(super) fn new(version: FsmVersion, pre: InstancePre<HostState>) -> wasmtime::Result<Pre> {
+impl<T: 'static> Pre<T> {
+    pub(super) fn new(version: FsmVersion, pre: InstancePre<T>) -> wasmtime::Result<Pre<T>> {
         Ok(match version {
             FsmVersion::V0_1 => Pre::V0_1(v1::GuestPre::new(pre)?),
             FsmVersion::V0_2 => Pre::V0_2(v2::GuestPre::new(pre)?),
         })
     }
 
-    pub(super) fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Bindings> {
+    pub(super) fn instantiate(&self, store: &mut Store<T>) -> wasmtime::Result<Bindings> {
         contain::call(|| {
             Ok(match self {
                 Pre::V0_1(p) => Bindings::V0_1(p.instantiate(&mut *store)?),
@@ -108,9 +107,9 @@ fn ctx2(c: ApplyCtx) -> v2::waft::fsm::types::ApplyContext {
 }
 
 impl Bindings {
-    pub(super) fn apply(
+    pub(super) fn apply<T: 'static>(
         &self,
-        store: &mut Store<HostState>,
+        store: &mut Store<T>,
         ctx: ApplyCtx,
         command: &[u8],
     ) -> wasmtime::Result<Reply> {
@@ -122,9 +121,9 @@ impl Bindings {
         })
     }
 
-    pub(super) fn apply_batch(
+    pub(super) fn apply_batch<T: 'static>(
         &self,
-        store: &mut Store<HostState>,
+        store: &mut Store<T>,
         entries: &[(ApplyCtx, &[u8])],
     ) -> wasmtime::Result<Vec<Reply>> {
         contain::call(|| match self {
@@ -152,9 +151,9 @@ impl Bindings {
     }
 
     /// `fire`, or `None` for a 0.1.0 guest (which has no timers to fire).
-    pub(super) fn fire(
+    pub(super) fn fire<T: 'static>(
         &self,
-        store: &mut Store<HostState>,
+        store: &mut Store<T>,
         ctx: ApplyCtx,
         key: &str,
         payload: &[u8],
@@ -168,9 +167,9 @@ impl Bindings {
         }
     }
 
-    pub(super) fn query(
+    pub(super) fn query<T: 'static>(
         &self,
-        store: &mut Store<HostState>,
+        store: &mut Store<T>,
         request: &[u8],
     ) -> wasmtime::Result<Reply> {
         contain::call(|| match self {
@@ -179,16 +178,16 @@ impl Bindings {
         })
     }
 
-    pub(super) fn snapshot(&self, store: &mut Store<HostState>) -> wasmtime::Result<Vec<u8>> {
+    pub(super) fn snapshot<T: 'static>(&self, store: &mut Store<T>) -> wasmtime::Result<Vec<u8>> {
         contain::call(|| match self {
             Bindings::V0_1(g) => g.waft_fsm_state_machine().call_snapshot(store),
             Bindings::V0_2(g) => g.waft_fsm_state_machine().call_snapshot(store),
         })
     }
 
-    pub(super) fn restore(
+    pub(super) fn restore<T: 'static>(
         &self,
-        store: &mut Store<HostState>,
+        store: &mut Store<T>,
         bytes: &[u8],
     ) -> wasmtime::Result<Result<(), String>> {
         contain::call(|| match self {

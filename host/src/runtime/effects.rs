@@ -9,7 +9,6 @@
 //! makes the same changes.
 
 use super::bindings::v2::waft::fsm::{events, timers};
-use super::wasi::HostState;
 
 /// Longest timer key, bytes.
 pub const MAX_TIMER_KEY_BYTES: usize = 256;
@@ -90,9 +89,10 @@ impl EffectLog {
     }
 }
 
-impl timers::Host for HostState {
+/// `waft:fsm/timers`, linked over each store's effect log (`wasi::add_to_linker`).
+impl timers::Host for EffectLog {
     fn set(&mut self, key: String, at_ms: u64, payload: Vec<u8>) {
-        let log = &mut self.effects;
+        let log = self;
         if !log.timer_op(&key) {
             return;
         }
@@ -111,16 +111,17 @@ impl timers::Host for HostState {
     }
 
     fn cancel(&mut self, key: String) {
-        let log = &mut self.effects;
+        let log = self;
         if log.timer_op(&key) {
             log.list.push(Effect::CancelTimer { key });
         }
     }
 }
 
-impl events::Host for HostState {
+/// `waft:fsm/events`, linked like the timers.
+impl events::Host for EffectLog {
     fn emit(&mut self, topic: String, data: Vec<u8>) {
-        let log = &mut self.effects;
+        let log = self;
         if log.over.is_some() {
             return;
         }
@@ -146,22 +147,5 @@ impl events::Host for HostState {
             return;
         }
         log.list.push(Effect::Emit { topic, data });
-    }
-}
-
-impl super::bindings::v2::waft::fsm::types::Host for HostState {}
-
-impl super::bindings::v2::waft::fsm::host::Host for HostState {
-    fn log(&mut self, level: super::bindings::v2::waft::fsm::host::Level, message: String) {
-        use super::bindings::v1::waft::fsm::host::Level as L1;
-        use super::bindings::v2::waft::fsm::host::Level as L2;
-        let level = match level {
-            L2::Trace => L1::Trace,
-            L2::Debug => L1::Debug,
-            L2::Info => L1::Info,
-            L2::Warn => L1::Warn,
-            L2::Error => L1::Error,
-        };
-        self.call.log(level, &message);
     }
 }

@@ -105,3 +105,23 @@ impl GuestError {
         matches!(self, GuestError::Trap { .. })
     }
 }
+
+/// Why a guest could not be opened with a state.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The module could not be instantiated.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The guest refused or trapped on the state.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+impl From<OpenError> for GuestError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Load(l) => GuestError::Poisoned(l.to_string()),
+            OpenError::Guest(g) => g,
+        }
+    }
+}

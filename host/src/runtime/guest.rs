@@ -3,91 +3,13 @@
 use super::bindings::Bindings;
 use super::bindings::v1::waft::fsm::types::ApplyContext;
 use super::config::{CheckpointPolicy, Limits};
-use super::contain::HostFault;
 use super::effects::Effect;
-use super::error::{GuestError, LoadError, TrapKind};
+use super::error::{GuestError, LoadError, OpenError, TrapKind};
 use super::module::{GuestModule, ModuleHash, root_message};
+use super::replay::{ApplyCtx, ReplayCall, ReplayEntry, ReplayForm};
 use super::wasi::{CallKind, HostState};
 use std::sync::Arc;
-use wasmtime::{Engine, Store, Trap};
-
-/// Deterministic facts about a log entry, passed to the guest with its command.
-pub type ApplyCtx = ApplyContext;
-
-/// Where an instance's history starts: the context of its opening call, and the state it
-/// was opened with (`None`: a fresh module, opened by a warm-up `snapshot` call instead).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct ReplayPoint {
-    /// Log index.
-    pub index: u64,
-    /// Term of the leader that proposed it.
-    pub term: u64,
-    /// The entry's timestamp.
-    pub timestamp_ms: u64,
-}
-
-impl From<ApplyContext> for ReplayPoint {
-    fn from(c: ApplyContext) -> Self {
-        ReplayPoint {
-            index: c.index,
-            term: c.term,
-            timestamp_ms: c.timestamp_ms,
-        }
-    }
-}
-
-impl From<ReplayPoint> for ApplyContext {
-    fn from(p: ReplayPoint) -> Self {
-        ApplyContext {
-            index: p.index,
-            term: p.term,
-            timestamp_ms: p.timestamp_ms,
-        }
-    }
-}
-
-/// A guest's state as the history of its instance: open a fresh instance at `opened_at`
-/// (restoring `base`, or with the warm-up call when there is none), then make the calls of
-/// `journal` in order. This is what snapshots, backups and trap recovery carry: replaying it
-/// rebuilds not only the state the guest serializes but every byte of its instance, including
-/// state hidden in a language runtime (a generator seeded once, a hash map's keys), because
-/// the instance goes through exactly the calls the live one went through.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ReplayForm {
-    /// The context of the opening call.
-    pub opened_at: ReplayPoint,
-    /// The snapshot the instance was opened with, if any.
-    #[serde(with = "serde_bytes")]
-    pub base: Option<Vec<u8>>,
-    /// The calls made on the instance since, in order.
-    pub journal: Vec<ReplayEntry>,
-}
-
-/// One call of a [`ReplayForm`]'s journal.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ReplayEntry {
-    /// The context the call ran with.
-    pub at: ReplayPoint,
-    /// What was called.
-    pub call: ReplayCall,
-}
-
-/// A replicated call on a guest instance.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ReplayCall {
-    /// `apply` with these command bytes (applied or rejected; trapped calls are not kept).
-    Apply(serde_bytes::ByteBuf),
-    /// `snapshot` (an audit, a deploy reading the state): its bytes are not kept, only the fact
-    /// that the instance was asked.
-    Snapshot,
-    /// `fire` of the timer `key` with `payload` (0.2.0 guests; delivered or refused by the
-    /// guest: trapped calls are not kept).
-    Fire {
-        key: String,
-        #[serde(with = "serde_bytes")]
-        payload: Vec<u8>,
-    },
-}
+use wasmtime::{Engine, Store};
 
 /// A call made on the live instance, kept for replay.
 #[derive(Debug, Clone)]
@@ -192,26 +114,6 @@ fn instantiate(
         .map_err(|e| LoadError::Instantiate(root_message(&e)))?;
     store.data().call.finish();
     Ok((store, bindings))
-}
-
-/// Why a guest could not be opened with a state.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The module could not be instantiated.
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    /// The guest refused or trapped on the state.
-    #[error(transparent)]
-    Guest(#[from] GuestError),
-}
-
-impl From<OpenError> for GuestError {
-    fn from(e: OpenError) -> Self {
-        match e {
-            OpenError::Load(l) => GuestError::Poisoned(l.to_string()),
-            OpenError::Guest(g) => g,
-        }
-    }
 }
 
 impl Guest {
@@ -732,39 +634,12 @@ impl Guest {
     }
 
     fn classify(&mut self, e: &wasmtime::Error, stderr: &str) -> GuestError {
-        if let Some(fault) = e.downcast_ref::<HostFault>() {
-            self.host_faults += 1;
-            return GuestError::Trap {
-                kind: TrapKind::HostFault,
-                detail: format!("{} (a bug in waft, not the guest's doing)", fault.0),
-            };
-        }
-        let trap = e.downcast_ref::<Trap>().copied();
         let limit_hit = self.store.data_mut().limiter.hit.take();
-        let said = explain_stderr(stderr);
-        let (kind, detail) = match (limit_hit, trap) {
-            (Some(why), _) => (TrapKind::OutOfMemory, why),
-            (None, Some(Trap::OutOfFuel)) => (
-                TrapKind::OutOfFuel,
-                format!("the call used all of its fuel ({} units)", self.last_fuel),
-            ),
-            (None, Some(Trap::UnreachableCodeReached)) => match said.take_panic() {
-                Some(panic) => {
-                    return GuestError::Trap {
-                        kind: TrapKind::Panic,
-                        detail: panic,
-                    };
-                }
-                None => (TrapKind::Panic, Trap::UnreachableCodeReached.to_string()),
-            },
-            (None, Some(other)) => (TrapKind::Other, other.to_string()),
-            (None, None) => (TrapKind::Other, first_line(&root_message(e))),
-        };
-        let detail = match said.text() {
-            Some(text) => format!("{detail} (stderr: {text})"),
-            None => detail,
-        };
-        GuestError::Trap { kind, detail }
+        let (error, host_fault) = super::trap::classify(e, stderr, limit_hit, self.last_fuel);
+        if host_fault {
+            self.host_faults += 1;
+        }
+        error
     }
 
     fn check_reply(&self, reply: Vec<u8>) -> Result<Vec<u8>, GuestError> {
@@ -911,60 +786,5 @@ impl Guest {
         }
         self.journal = journal;
         replayed
-    }
-}
-
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().to_owned()
-}
-
-/// What a trapped guest last wrote to stderr, boiled down to one line.
-struct Stderr {
-    lines: Vec<String>,
-}
-
-/// Keeps the meaningful lines of a stderr tail (Rust's "run with RUST_BACKTRACE" hint is not).
-fn explain_stderr(stderr: &str) -> Stderr {
-    Stderr {
-        lines: stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
-            .map(str::to_owned)
-            .collect(),
-    }
-}
-
-impl Stderr {
-    /// A Rust panic ("thread '..' panicked at FILE:LINE:COL:" then the message) as
-    /// "MESSAGE (at FILE:LINE:COL)".
-    fn take_panic(&self) -> Option<String> {
-        let at = self
-            .lines
-            .iter()
-            .rposition(|l| l.contains("panicked at "))?;
-        let header = &self.lines[at];
-        let location =
-            header[header.find("panicked at ")? + "panicked at ".len()..].trim_end_matches(':');
-        let message = self.lines[at + 1..].join(" ");
-        // componentize-py turns an uncaught Python exception into a Rust panic after printing
-        // the traceback: its last line (the exception) says what happened.
-        let exception = self.lines[..at]
-            .iter()
-            .rposition(|l| l.starts_with("Traceback (most recent call last)"))
-            .and_then(|_| self.lines[..at].last());
-        Some(match (exception, message.is_empty()) {
-            (Some(exception), _) => format!("uncaught {exception}"),
-            (None, true) => format!("panic at {location}"),
-            (None, false) => format!("{message} (at {location})"),
-        })
-    }
-
-    fn text(&self) -> Option<String> {
-        if self.lines.is_empty() {
-            return None;
-        }
-        let start = self.lines.len().saturating_sub(3);
-        Some(self.lines[start..].join(" / "))
     }
 }

@@ -15,7 +15,9 @@ mod functions;
 mod guest;
 mod module;
 mod nonblocking;
+mod replay;
 pub mod testing;
+mod trap;
 mod wasi;
 
 pub use bindings::FsmVersion;
@@ -25,13 +27,15 @@ pub use effects::{
     Effect, MAX_EVENT_BYTES, MAX_EVENTS_PER_CALL, MAX_TIMER_KEY_BYTES, MAX_TIMER_PAYLOAD_BYTES,
 };
 pub use engine::WASMTIME_VERSION;
+pub use error::OpenError;
 pub use error::{GuestError, LoadError, TrapKind};
-pub use guest::{ApplyCtx, Guest, OpenError, ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
+pub use guest::Guest;
 pub use module::{GuestModule, HOST_IMPORT, ModuleHash, ModuleInfo, STATE_MACHINE_EXPORT};
+pub use replay::{ApplyCtx, ReplayCall, ReplayEntry, ReplayForm, ReplayPoint};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use wasi::HostState;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
@@ -154,7 +158,7 @@ impl Runtime {
             |e: wasmtime::Error| LoadError::Invalid(format!("cannot link host functions: {e}"));
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link)?;
         nonblocking::link(&mut linker).map_err(link)?;
-        bindings::add_to_linker(&mut linker).map_err(link)?;
+        wasi::add_to_linker(&mut linker).map_err(link)?;
         let fingerprint = engine::fingerprint(&config.limits, &config.checkpoints);
         let artifact_key = engine::artifact_key(&engine);
         Ok(Runtime {
@@ -240,7 +244,7 @@ impl Runtime {
         }
         let hash = ModuleHash::of(bytes);
         let slot = self.modules().entry(hash).or_default().clone();
-        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = crate::sync::lock_anyway(&slot);
         if let Some(m) = slot.as_ref().and_then(Held::get) {
             self.keep_recent(&m);
             return Ok(m);
@@ -286,7 +290,7 @@ impl Runtime {
     /// for them; without a disk cache every module stays anyway).
     fn keep_recent(&self, module: &Arc<GuestModule>) {
         if self.inner.config.cache_dir.is_some() {
-            crate::sync::lock(&self.inner.recent)
+            crate::sync::lock_anyway(&self.inner.recent)
                 .touch(module, self.inner.config.compiled_cache_bytes);
         }
     }
@@ -297,8 +301,7 @@ impl Runtime {
         self.modules()
             .values()
             .filter_map(|slot| {
-                slot.try_lock()
-                    .ok()
+                crate::sync::try_lock_anyway(slot)
                     .and_then(|held| held.as_ref().and_then(Held::get))
             })
             .map(|m| m.info.code_bytes)
@@ -368,9 +371,6 @@ impl Runtime {
     }
 
     fn modules(&self) -> std::sync::MutexGuard<'_, HashMap<ModuleHash, ModuleSlot>> {
-        self.inner
-            .modules
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock_anyway(&self.inner.modules)
     }
 }

@@ -122,7 +122,7 @@ impl ModuleInfo {
 /// A compiled, validated guest ready to be instantiated any number of times.
 pub struct GuestModule {
     pub(super) info: ModuleInfo,
-    pub(super) pre: Pre,
+    pub(super) pre: Pre<HostState>,
 }
 
 impl GuestModule {
@@ -250,9 +250,13 @@ pub(super) fn load(
         let loaded = std::fs::read(path)
             .map_err(wasmtime::Error::from)
             .and_then(|artifact| {
-                // SAFETY: the artifact was written by `Component::serialize` of this wasmtime build
-                // (the file name carries the engine's compatibility key) into this node's cache
-                // directory; wasmtime checks its header and the engine configuration on load.
+                // SAFETY: the artifact was written into this node's cache directory by
+                // `Component::serialize` of a wasmtime build with this engine's compatibility
+                // key (the file name carries it): by this node, by another node sharing the
+                // directory, or fetched from the member that compiled it (`--share-compiled`,
+                // only under mutual TLS: see `storage/compiled.rs`), so the cache directory and
+                // those members are trusted. wasmtime checks the header and the engine
+                // configuration on load; it cannot check the machine code itself.
                 unsafe { Component::deserialize(engine, &artifact) }
             });
         match loaded {

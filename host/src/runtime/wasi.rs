@@ -8,8 +8,13 @@
 //! stream seeded from the module hash and the log index; stdout and stderr go to the host's logs
 //! with a per-call cap (and the tail of stderr is kept to explain a trap).
 
-use super::bindings::v1::waft::fsm::host::{Host, Level};
+use super::bindings::v1::{
+    self,
+    waft::fsm::host::{Host, Level},
+};
+use super::bindings::v2::waft::fsm as v2;
 use super::config::Limits;
+use super::effects::EffectLog;
 use bytes::Bytes;
 use chacha20::ChaCha20Rng;
 use rand_core::{SeedableRng, TryRng};
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use wasmtime::ResourceLimiter;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
@@ -36,7 +41,7 @@ pub struct HostState {
     pub(super) limiter: Limiter,
     pub(super) call: Arc<CallState>,
     /// Timers and events of the call in progress (0.2.0 guests; see `effects.rs`).
-    pub(super) effects: super::effects::EffectLog,
+    pub(super) effects: EffectLog,
 }
 
 impl WasiView for HostState {
@@ -154,15 +159,15 @@ impl CallState {
                 h.update(index.to_le_bytes());
                 h.update([kind as u8, stream]);
                 let seed: [u8; 32] = h.finalize().into();
-                *lock(rng) = ChaCha20Rng::from_seed(seed);
+                *lock_anyway(rng) = ChaCha20Rng::from_seed(seed);
             }
         }
-        *lock(&self.output) = OutputBudget::new(limits);
+        *lock_anyway(&self.output) = OutputBudget::new(limits);
     }
 
     /// Ends a call: flushes partial output lines and reports what the budget dropped.
     pub fn finish(&self) {
-        let mut out = lock(&self.output);
+        let mut out = lock_anyway(&self.output);
         let index = self.index.load(Ordering::Relaxed);
         let partials = [
             (Stream::Stdout, std::mem::take(&mut out.stdout_line)),
@@ -187,11 +192,11 @@ impl CallState {
 
     /// The tail of what the guest wrote to stderr during the call (explains a trap).
     pub fn stderr_tail(&self) -> String {
-        String::from_utf8_lossy(&lock(&self.output).stderr_tail).into_owned()
+        String::from_utf8_lossy(&lock_anyway(&self.output).stderr_tail).into_owned()
     }
 }
 
-use crate::sync::lock;
+use crate::sync::lock_anyway;
 
 struct OutputBudget {
     bytes_left: usize,
@@ -242,7 +247,7 @@ fn emit_output(label: &str, index: u64, stream: Stream, line: &[u8]) {
 impl CallState {
     fn write(&self, stream: Stream, bytes: &[u8]) {
         let index = self.index.load(Ordering::Relaxed);
-        let mut out = lock(&self.output);
+        let mut out = lock_anyway(&self.output);
         if stream == Stream::Stderr {
             out.stderr_tail.extend_from_slice(bytes);
             let excess = out.stderr_tail.len().saturating_sub(STDERR_TAIL);
@@ -265,7 +270,7 @@ impl CallState {
     pub(super) fn log(&self, level: Level, message: &str) {
         let index = self.index.load(Ordering::Relaxed);
         {
-            let mut out = lock(&self.output);
+            let mut out = lock_anyway(&self.output);
             if out.lines_left == 0 {
                 out.dropped_lines += 1;
                 return;
@@ -304,6 +309,34 @@ impl Host for HostState {
     fn log(&mut self, level: Level, message: String) {
         self.call.log(level, &message);
     }
+}
+
+impl v2::types::Host for HostState {}
+
+impl v2::host::Host for HostState {
+    fn log(&mut self, level: v2::host::Level, message: String) {
+        use Level as L1;
+        use v2::host::Level as L2;
+        let level = match level {
+            L2::Trace => L1::Trace,
+            L2::Debug => L1::Debug,
+            L2::Info => L1::Info,
+            L2::Warn => L1::Warn,
+            L2::Error => L1::Error,
+        };
+        self.call.log(level, &message);
+    }
+}
+
+/// Adds what either version of the contract imports to `linker`: logging and the types on the
+/// store's data, 0.2.0's timers and events on its effect log (`effects.rs`).
+pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    v1::Guest::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
+    v2::types::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
+    v2::host::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
+    v2::timers::add_to_linker::<HostState, HasSelf<EffectLog>>(linker, |s| &mut s.effects)?;
+    v2::events::add_to_linker::<HostState, HasSelf<EffectLog>>(linker, |s| &mut s.effects)?;
+    Ok(())
 }
 
 /// Wall and monotonic clock that read the timestamp of the entry being applied.
@@ -351,7 +384,7 @@ impl SharedRng {
         } else {
             &self.call.rng
         };
-        f(&mut lock(rng))
+        f(&mut lock_anyway(rng))
     }
 }
 

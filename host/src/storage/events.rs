@@ -11,7 +11,7 @@
 //! compacted.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 /// How an applied entry ended, for watchers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,7 +197,7 @@ impl Events {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, History> {
-        self.history.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock_anyway(&self.history)
     }
 
     /// Events held, and the bytes of their payloads and replies.

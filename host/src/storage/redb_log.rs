@@ -62,7 +62,7 @@ enum Op {
 
 type Pending = Arc<Mutex<BTreeMap<u64, Entry>>>;
 
-use crate::sync::lock_or_stop as lock;
+use crate::sync::lock_or_stop;
 
 /// The redb-backed Raft log. See the module docs for how it meets openraft's contract.
 pub struct RedbLog {
@@ -238,7 +238,7 @@ fn writer_loop(db: &Database, pending: &Pending, rx: &mpsc::Receiver<Op>) {
             match op {
                 Op::Append { entries, callback } => {
                     if r.is_ok() {
-                        let mut p = lock(pending);
+                        let mut p = lock_or_stop(pending);
                         for (index, log_id, _) in &entries {
                             if p.get(index).is_some_and(|e| &e.log_id() == log_id) {
                                 p.remove(index);
@@ -331,7 +331,7 @@ impl LogReader {
         // Copy the overlay before reading redb: the writer removes an entry from the overlay
         // only after it is committed, so every entry is in one or the other.
         let overlay: Vec<Entry> = {
-            let p = lock(&self.pending);
+            let p = lock_or_stop(&self.pending);
             match end {
                 Some(end) => p.range(start..end).map(|(_, e)| e.clone()).collect(),
                 None => p.range(start..).map(|(_, e)| e.clone()).collect(),
@@ -388,7 +388,10 @@ impl RaftLogStorage<TypeConfig> for RedbLog {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged: Option<LogId> = self.read_meta(KEY_PURGED)?;
-        let pending_last = lock(&self.pending).values().next_back().map(|e| e.log_id());
+        let pending_last = lock_or_stop(&self.pending)
+            .values()
+            .next_back()
+            .map(|e| e.log_id());
         let stored_last = {
             let txn = self.db.begin_read().map_err(|e| io_err("begin read", e))?;
             let log = txn.open_table(LOG).map_err(|e| io_err("open log", e))?;
@@ -444,7 +447,7 @@ impl RaftLogStorage<TypeConfig> for RedbLog {
     {
         let mut encoded = Vec::new();
         {
-            let mut p = lock(&self.pending);
+            let mut p = lock_or_stop(&self.pending);
             for entry in entries {
                 let bytes = encode(&entry)?;
                 encoded.push((entry.index(), entry.log_id(), bytes));
@@ -460,13 +463,13 @@ impl RaftLogStorage<TypeConfig> for RedbLog {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        lock(&self.pending).retain(|index, _| *index < from);
+        lock_or_stop(&self.pending).retain(|index, _| *index < from);
         self.send_and_wait(|done| Op::Truncate { from, done }).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let upto = log_id.index();
-        lock(&self.pending).retain(|index, _| *index > upto);
+        lock_or_stop(&self.pending).retain(|index, _| *index > upto);
         self.send_and_wait(|done| Op::Purge { upto: log_id, done })
             .await
     }

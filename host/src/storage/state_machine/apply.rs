@@ -17,15 +17,18 @@ use std::io;
 use std::sync::Arc;
 
 use super::{
-    APPLY_BUCKETS_US, Applied, MAX_SESSIONS, ServiceStats, SmState, failure, guest_response,
+    APPLY_BUCKETS_US, Applied, HealPlan, MAX_SESSIONS, ServiceStats, SmState, failure,
+    guest_response,
 };
 
 impl SmState {
     /// Applies committed entries in order and returns one response per entry.
     ///
-    /// Fails only when a deploy was validated by an engine with another fingerprint: applying it
-    /// could make this replica diverge, so the node must stop instead (openraft treats the
-    /// error as fatal).
+    /// Fails, stopping the node (openraft treats the error as fatal), when carrying on could
+    /// make this replica diverge or lose what it applied: a deploy validated by an engine with
+    /// another fingerprint, or a module the store cannot read or write while a deploy, rollback
+    /// or restore is applied (a full or failing disk). Everything a guest does is an answer,
+    /// never an error here.
     ///
     /// Stops after an audit's votes entry that leaves this replica in the minority: the
     /// entries after it are returned with the heal to run first (see [`heal`]).
@@ -82,23 +85,7 @@ impl SmState {
                         self.flush(&batch_service, &mut batch, &mut out);
                         batch_service = service;
                     }
-                    if let Some(c) = client
-                        && let Some(s) = self
-                            .rep
-                            .sessions
-                            .get(&c.client_id)
-                            .filter(|s| c.seq <= s.seq)
-                    {
-                        // A retry of a command already applied: same answer, no effect.
-                        let response = if c.seq == s.seq {
-                            s.response.clone()
-                        } else {
-                            Response::Rejected(format!(
-                                "sequence {} of client {:x} is older than its last applied command ({}); \
-                                     its reply is no longer kept",
-                                c.seq, c.client_id, s.seq
-                            ))
-                        };
+                    if let Some(response) = self.already_applied(client) {
                         self.flush(&batch_service, &mut batch, &mut out);
                         out.push(response);
                         self.rep.last_applied = Some(log_id);
@@ -106,113 +93,145 @@ impl SmState {
                     }
                     batch.push((ctx, payload, client));
                 }
-                EntryPayload::Normal(Request::DeployStored {
-                    service,
-                    module,
-                    size: _,
-                    engine,
-                    limits,
-                    timestamp_ms,
-                    findings,
-                }) => {
+                other => {
                     self.flush(&batch_service, &mut batch, &mut out);
-                    self.check_engine(&engine, &service, log_id.index())?;
-                    let at = self.advance_clock(timestamp_ms);
-                    let ctx = ApplyCtx {
-                        index: log_id.index(),
-                        term,
-                        timestamp_ms: at,
-                    };
-                    let response = self.deploy_stored(&service, &module, limits, ctx, findings)?;
-                    self.version_event(log_id.index(), &service, at, &response);
-                    out.push(response);
-                }
-                EntryPayload::Normal(Request::Rollback {
-                    service,
-                    to,
-                    timestamp_ms,
-                }) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    let at = self.advance_clock(timestamp_ms);
-                    let ctx = ApplyCtx {
-                        index: log_id.index(),
-                        term,
-                        timestamp_ms: at,
-                    };
-                    let response = self.rollback(&service, to, ctx)?;
-                    self.version_event(log_id.index(), &service, at, &response);
-                    out.push(response);
-                }
-                EntryPayload::Normal(Request::Restore {
-                    backup,
-                    force,
-                    timestamp_ms,
-                }) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    self.advance_clock(timestamp_ms);
-                    let response = self.restore_backup(backup, force)?;
-                    if matches!(response, Response::Restored(_)) {
-                        // Every service's state was replaced: watchers read it afresh.
-                        self.local.pending_events.clear();
-                        self.local.events.reset(log_id.index());
-                    }
-                    out.push(response);
-                }
-                EntryPayload::Normal(Request::FireTimers { timestamp_ms }) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    let ctx = ApplyCtx {
-                        index: log_id.index(),
-                        term,
-                        timestamp_ms: self.advance_clock(timestamp_ms),
-                    };
-                    out.push(self.fire_timers(ctx));
-                }
-                EntryPayload::Normal(Request::FireDue {
-                    timestamp_ms,
-                    timers,
-                }) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    out.push(self.fire_due(log_id.index(), term, timestamp_ms, &timers));
-                }
-                EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    self.advance_clock(timestamp_ms);
-                    out.push(Response::Audited(self.record_digest(log_id.index())?));
-                }
-                EntryPayload::Normal(Request::AuditReport { digest }) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    self.check_report(&digest);
-                    out.push(Response::Empty);
-                }
-                EntryPayload::Normal(Request::AuditVotes {
-                    index,
-                    proposer,
-                    votes,
-                }) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    out.push(Response::Empty);
-                    self.rep.last_applied = Some(log_id);
-                    if let Some(plan) = self.check_votes(log_id.index(), index, proposer, &votes) {
+                    if let Some(plan) = self.apply_other(log_id, other, &mut out)? {
                         return Ok((out, Some((plan, entries.collect()))));
                     }
-                }
-                EntryPayload::Normal(Request::Deploy { .. } | Request::ForcedDeploy { .. }) => {
-                    unreachable!("an inline deploy is applied as a stored one (see above)")
-                }
-                EntryPayload::Membership(m) => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    self.rep.membership = StoredMembership::new(Some(log_id), m);
-                    out.push(Response::Empty);
-                }
-                EntryPayload::Blank => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    out.push(Response::Empty);
                 }
             }
             self.rep.last_applied = Some(log_id);
         }
         self.flush(&batch_service, &mut batch, &mut out);
         Ok((out, None))
+    }
+
+    /// The reply to a command its client's session already applied (a retry: the same answer,
+    /// no effect), or a refusal when it is older than the last one applied.
+    fn already_applied(&self, client: Option<ClientSeq>) -> Option<Response> {
+        let c = client?;
+        let s = self
+            .rep
+            .sessions
+            .get(&c.client_id)
+            .filter(|s| c.seq <= s.seq)?;
+        Some(if c.seq == s.seq {
+            s.response.clone()
+        } else {
+            Response::Rejected(format!(
+                "sequence {} of client {:x} is older than its last applied command ({}); its \
+                 reply is no longer kept",
+                c.seq, c.client_id, s.seq
+            ))
+        })
+    }
+
+    /// Applies an entry that is not a command (the batch before it already flushed): deploys,
+    /// rollbacks, restores, timers, audits, membership, blanks. Returns the heal plan when an
+    /// audit's votes leave this replica in the minority.
+    fn apply_other(
+        &mut self,
+        log_id: crate::types::LogId,
+        payload: Payload,
+        out: &mut Vec<Response>,
+    ) -> io::Result<Option<HealPlan>> {
+        let term = log_id.committed_leader_id().term();
+        match payload {
+            EntryPayload::Normal(Request::DeployStored {
+                service,
+                module,
+                size: _,
+                engine,
+                limits,
+                timestamp_ms,
+                findings,
+            }) => {
+                self.check_engine(&engine, &service, log_id.index())?;
+                let at = self.advance_clock(timestamp_ms);
+                let ctx = ApplyCtx {
+                    index: log_id.index(),
+                    term,
+                    timestamp_ms: at,
+                };
+                let response = self.deploy_stored(&service, &module, limits, ctx, findings)?;
+                self.version_event(log_id.index(), &service, at, &response);
+                out.push(response);
+            }
+            EntryPayload::Normal(Request::Rollback {
+                service,
+                to,
+                timestamp_ms,
+            }) => {
+                let at = self.advance_clock(timestamp_ms);
+                let ctx = ApplyCtx {
+                    index: log_id.index(),
+                    term,
+                    timestamp_ms: at,
+                };
+                let response = self.rollback(&service, to, ctx)?;
+                self.version_event(log_id.index(), &service, at, &response);
+                out.push(response);
+            }
+            EntryPayload::Normal(Request::Restore {
+                backup,
+                force,
+                timestamp_ms,
+            }) => {
+                self.advance_clock(timestamp_ms);
+                let response = self.restore_backup(backup, force)?;
+                if matches!(response, Response::Restored(_)) {
+                    // Every service's state was replaced: watchers read it afresh.
+                    self.local.pending_events.clear();
+                    self.local.events.reset(log_id.index());
+                }
+                out.push(response);
+            }
+            EntryPayload::Normal(Request::FireTimers { timestamp_ms }) => {
+                let ctx = ApplyCtx {
+                    index: log_id.index(),
+                    term,
+                    timestamp_ms: self.advance_clock(timestamp_ms),
+                };
+                out.push(self.fire_timers(ctx));
+            }
+            EntryPayload::Normal(Request::FireDue {
+                timestamp_ms,
+                timers,
+            }) => {
+                out.push(self.fire_due(log_id.index(), term, timestamp_ms, &timers));
+            }
+            EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
+                self.advance_clock(timestamp_ms);
+                out.push(Response::Audited(self.record_digest(log_id.index())?));
+            }
+            EntryPayload::Normal(Request::AuditReport { digest }) => {
+                self.check_report(&digest);
+                out.push(Response::Empty);
+            }
+            EntryPayload::Normal(Request::AuditVotes {
+                index,
+                proposer,
+                votes,
+            }) => {
+                out.push(Response::Empty);
+                self.rep.last_applied = Some(log_id);
+                return Ok(self.check_votes(log_id.index(), index, proposer, &votes));
+            }
+            EntryPayload::Normal(Request::Deploy { .. } | Request::ForcedDeploy { .. }) => {
+                unreachable!("an inline deploy is applied as a stored one (see above)")
+            }
+            EntryPayload::Membership(m) => {
+                self.rep.membership = StoredMembership::new(Some(log_id), m);
+                out.push(Response::Empty);
+            }
+            EntryPayload::Blank => {
+                out.push(Response::Empty);
+            }
+            EntryPayload::Normal(Request::Command { .. }) => {
+                unreachable!("commands are batched by apply_all")
+            }
+        }
+        Ok(None)
     }
 
     /// Turns a deploy entry that carries its module (written by an earlier release) into one

@@ -14,7 +14,6 @@
 //! Everything here is a local observation: never replicated, never in snapshots.
 
 use super::SmState;
-use super::heal::HealPlan;
 use crate::storage::snapshot::Session;
 use crate::types::{NodeId, ServiceDigest, StateDigest};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -71,6 +70,18 @@ pub struct Divergence {
     pub expected: String,
     /// Whether `expected` is a majority's value (then the item is healed); false: report only.
     pub majority: bool,
+}
+
+/// What a diverged replica must rebuild, decided by applying an `AuditVotes` entry.
+#[derive(Debug, Clone)]
+pub struct HealPlan {
+    /// The audit index the divergence was found at.
+    pub audit_index: u64,
+    /// The votes entry's index: the state is rebuilt as of this entry.
+    pub at_index: u64,
+    pub(super) items: Vec<Item>,
+    /// Majority replicas, with their addresses, in the order to ask them.
+    pub sources: Vec<(NodeId, String)>,
 }
 
 /// One rebuild of diverged items from a majority replica.

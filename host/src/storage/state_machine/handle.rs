@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{
     AuditStatus, DigestReply, HealReply, HealRequest, Healer, ServiceMetrics, SmState,
-    SnapshotStats, heal, lock,
+    SnapshotStats, heal, lock_or_stop,
 };
 
 /// A service as seen from outside the state machine.
@@ -100,7 +100,7 @@ pub enum QueryError {
 
 /// The view's lock is held only to copy it in or out.
 fn lock_view(view: &Mutex<View>) -> std::sync::MutexGuard<'_, View> {
-    crate::sync::lock(view)
+    crate::sync::lock_anyway(view)
 }
 
 impl SmState {
@@ -177,7 +177,7 @@ impl StateHandle {
         let state = self.state.clone();
         let service = service.to_owned();
         tokio::task::spawn_blocking(move || {
-            let mut st = lock(&state);
+            let mut st = lock_or_stop(&state);
             if let Some(why) = st.local.audit.status.unavailable.get(&service) {
                 return Err(QueryError::Diverged(why.clone()));
             }
@@ -223,9 +223,11 @@ impl StateHandle {
     pub async fn service_state(&self, service: &str) -> Result<Option<Vec<u8>>, GuestError> {
         let state = self.state.clone();
         let service = service.to_owned();
-        tokio::task::spawn_blocking(move || match lock(&state).rep.services.get_mut(&service) {
-            Some(svc) => svc.guest.state().map(Some),
-            None => Ok(None),
+        tokio::task::spawn_blocking(move || {
+            match lock_or_stop(&state).rep.services.get_mut(&service) {
+                Some(svc) => svc.guest.state().map(Some),
+                None => Ok(None),
+            }
         })
         .await
         .unwrap_or_else(|e| Err(GuestError::Poisoned(format!("snapshot task failed: {e}"))))
@@ -234,7 +236,7 @@ impl StateHandle {
     /// A service's module, limits and instance history, for a trial (see [`crate::trial`]).
     /// Blocking: call it on a blocking thread.
     pub fn running(&self, service: &str) -> Option<crate::trial::Running> {
-        let st = lock(&self.state);
+        let st = lock_or_stop(&self.state);
         let svc = st.rep.services.get(service)?;
         Some(crate::trial::Running {
             module: svc.module.clone(),
@@ -378,11 +380,11 @@ impl StateHandle {
 
     /// Lets this node fetch the modules it lacks through `peers` (the node's network).
     pub fn set_module_peers(&self, peers: Arc<dyn ModulePeers>) {
-        *crate::sync::lock(&self.module_peers) = Some(peers);
+        *crate::sync::lock_anyway(&self.module_peers) = Some(peers);
     }
 
     pub(super) fn module_peers(&self) -> Option<Arc<dyn ModulePeers>> {
-        crate::sync::lock(&self.module_peers).clone()
+        crate::sync::lock_anyway(&self.module_peers).clone()
     }
 
     /// The engine fingerprint of this node's runtime.
@@ -429,7 +431,7 @@ impl StateHandle {
     /// Lets a diverged replica heal through `healer` (the node's network); `None` stops it
     /// (the node is shutting down).
     pub fn set_healer(&self, healer: Option<Arc<dyn Healer>>) {
-        *lock(&self.healer) = match healer {
+        *lock_or_stop(&self.healer) = match healer {
             Some(h) => heal::HealerSlot::Ready(h),
             None => heal::HealerSlot::Closed,
         };
@@ -437,7 +439,7 @@ impl StateHandle {
 
     /// This replica's digest at an audit index, for the leader collecting votes.
     pub fn digest_at(&self, index: u64) -> DigestReply {
-        let st = lock(&self.state);
+        let st = lock_or_stop(&self.state);
         match st.digest_at(index) {
             Some(d) => DigestReply::Ready(d.clone()),
             None if st.rep.last_applied.is_none_or(|l| l.index() < index) => DigestReply::NotYet {
@@ -449,7 +451,7 @@ impl StateHandle {
 
     /// Answers a diverged replica's request for the state it must rebuild.
     pub fn heal_source(&self, request: &HealRequest) -> HealReply {
-        lock(&self.state).answer_heal(request)
+        lock_or_stop(&self.state).answer_heal(request)
     }
 
     /// The last applied log id.
@@ -466,7 +468,7 @@ impl StateHandle {
     pub async fn service_states(&self) -> io::Result<BTreeMap<String, Vec<u8>>> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let st = lock(&state);
+            let st = lock_or_stop(&state);
             let mut out = BTreeMap::new();
             for (name, svc) in &st.rep.services {
                 let bytes = svc
@@ -497,8 +499,10 @@ impl StateHandle {
     /// `MAX_FIRES_PER_ENTRY`), read on a blocking thread.
     pub async fn due_timers(&self) -> Vec<crate::types::TimerRef> {
         let state = self.state.clone();
-        tokio::task::spawn_blocking(move || lock(&state).due_timers(std::time::Instant::now()))
-            .await
-            .unwrap_or_default()
+        tokio::task::spawn_blocking(move || {
+            lock_or_stop(&state).due_timers(std::time::Instant::now())
+        })
+        .await
+        .unwrap_or_default()
     }
 }

@@ -12,8 +12,8 @@
 //! replica can give the item within [`HEAL_DEADLINE`], the heal fails, the item stays
 //! unavailable (for services), and the next audit tries again.
 
-use super::audit::{HealRecord, Item};
-use super::{Service, SmState, lock};
+use super::audit::{HealPlan, Item};
+use super::{Service, SmState};
 use crate::runtime::{ModuleHash, ReplayForm};
 use crate::storage::snapshot::{Session, VersionRecord};
 use crate::types::NodeId;
@@ -27,24 +27,12 @@ use std::time::Duration;
 /// leaving the item unavailable until the next audit).
 pub const HEAL_DEADLINE: Duration = Duration::from_secs(20);
 /// Pause between attempts while the majority replicas have not reached the votes entry.
-const HEAL_RETRY: Duration = Duration::from_millis(100);
+pub(super) const HEAL_RETRY: Duration = Duration::from_millis(100);
 /// Audits whose heal sources a replica keeps.
 const KEPT_SOURCES: usize = 2;
 
-/// What a diverged replica must rebuild, decided by applying an `AuditVotes` entry.
-#[derive(Debug, Clone)]
-pub struct HealPlan {
-    /// The audit index the divergence was found at.
-    pub audit_index: u64,
-    /// The votes entry's index: the state is rebuilt as of this entry.
-    pub at_index: u64,
-    pub(super) items: Vec<Item>,
-    /// Majority replicas, with their addresses, in the order to ask them.
-    pub sources: Vec<(NodeId, String)>,
-}
-
 impl HealPlan {
-    fn request(&self, have_modules: Vec<String>) -> HealRequest {
+    pub(super) fn request(&self, have_modules: Vec<String>) -> HealRequest {
         HealRequest {
             index: self.at_index,
             services: self
@@ -60,7 +48,7 @@ impl HealPlan {
         }
     }
 
-    fn labels(&self) -> Vec<String> {
+    pub(super) fn labels(&self) -> Vec<String> {
         self.items.iter().map(Item::label).collect()
     }
 }
@@ -325,134 +313,5 @@ impl SmState {
         // The healed items' state jumped: watchers read it afresh.
         self.local.events.reset(plan.at_index);
         Ok(())
-    }
-}
-
-impl super::StateMachineStore {
-    /// Rebuilds the planned items from a majority replica; never fails the apply (a heal that
-    /// cannot complete is recorded, and the items stay unavailable).
-    pub(super) async fn heal(&self, plan: HealPlan) {
-        let healer = self.wait_for_healer().await;
-        let record = |source: Option<NodeId>, error: Option<String>| HealRecord {
-            audit_index: plan.audit_index,
-            at_index: plan.at_index,
-            items: plan.labels(),
-            source,
-            error,
-        };
-        let outcome = match healer {
-            None => Err("this node has no network to heal through".to_owned()),
-            Some(healer) => self.fetch_and_install(&plan, healer).await,
-        };
-        let rec = match outcome {
-            Ok(source) => {
-                tracing::warn!(
-                    items = ?plan.labels(),
-                    audit_index = plan.audit_index,
-                    at_index = plan.at_index,
-                    source,
-                    "HEALED: rebuilt the diverged state from a majority replica"
-                );
-                record(Some(source), None)
-            }
-            Err(e) => {
-                tracing::error!(
-                    items = ?plan.labels(),
-                    audit_index = plan.audit_index,
-                    error = %e,
-                    "heal failed: the diverged state stays unavailable until the next audit"
-                );
-                record(None, Some(e))
-            }
-        };
-        // On a blocking thread: a query may hold the lock for as long as its guest call.
-        let state = self.handle.state.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let mut st = lock(&state);
-            st.note_heal(rec);
-            st.publish();
-        })
-        .await;
-    }
-
-    /// The healer, waiting (up to [`HEAL_DEADLINE`]) while the node is still starting.
-    async fn wait_for_healer(&self) -> Option<Arc<dyn Healer>> {
-        let deadline = tokio::time::Instant::now() + HEAL_DEADLINE;
-        loop {
-            match &*lock(&self.handle.healer) {
-                HealerSlot::Ready(h) => return Some(h.clone()),
-                HealerSlot::Closed => return None,
-                HealerSlot::Starting if tokio::time::Instant::now() >= deadline => return None,
-                HealerSlot::Starting => {}
-            }
-            tokio::time::sleep(HEAL_RETRY).await;
-        }
-    }
-
-    async fn fetch_and_install(
-        &self,
-        plan: &HealPlan,
-        healer: Arc<dyn Healer>,
-    ) -> Result<NodeId, String> {
-        let me = healer.me();
-        let mut plan = plan.clone();
-        plan.sources.retain(|(n, _)| *n != me);
-        let plan = &plan;
-        if plan.sources.is_empty() {
-            return Err("no other majority replica has an address in the membership".into());
-        }
-        healer
-            .step_down(plan.sources.iter().map(|(n, _)| *n).collect())
-            .await;
-        let store = self.handle.modules.clone();
-        let have: Vec<String> = tokio::task::spawn_blocking(move || {
-            store.hashes().iter().map(ModuleHash::to_hex).collect()
-        })
-        .await
-        .map_err(|e| format!("heal task failed: {e}"))?;
-        let request = plan.request(have);
-        let deadline = tokio::time::Instant::now() + HEAL_DEADLINE;
-        let mut gone = vec![false; plan.sources.len()];
-        let mut last_error = String::from("no majority replica answered");
-        for attempt in 0usize.. {
-            let i = attempt % plan.sources.len();
-            if gone.iter().all(|g| *g) {
-                return Err(format!(
-                    "no majority replica still holds the state as of index {}",
-                    plan.at_index
-                ));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!("gave up after {HEAL_DEADLINE:?}: {last_error}"));
-            }
-            if gone[i] {
-                continue;
-            }
-            let (node, addr) = plan.sources[i].clone();
-            match healer.fetch(node, addr, request.clone()).await {
-                Ok(HealReply::Ready(source)) => {
-                    let state = self.handle.state.clone();
-                    let plan = plan.clone();
-                    return tokio::task::spawn_blocking(move || {
-                        let mut st = lock(&state);
-                        let installed = st.install_heal(&plan, source);
-                        st.publish();
-                        installed
-                    })
-                    .await
-                    .map_err(|e| format!("heal task failed: {e}"))?
-                    .map(|()| node);
-                }
-                Ok(HealReply::Gone) => gone[i] = true,
-                Ok(HealReply::NotYet { applied }) => {
-                    last_error = format!("node {node} has applied up to {applied} only");
-                }
-                Err(e) => last_error = format!("node {node}: {e}"),
-            }
-            if i + 1 == plan.sources.len() {
-                tokio::time::sleep(HEAL_RETRY).await;
-            }
-        }
-        unreachable!("the loop returns")
     }
 }

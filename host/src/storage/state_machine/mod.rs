@@ -21,15 +21,16 @@ mod audit;
 mod fault;
 mod handle;
 mod heal;
+mod heal_task;
 mod observe;
 mod persist;
 mod store;
 mod timers;
 mod versions;
 
-pub use audit::{AuditStatus, DigestReply, Divergence, HealRecord};
+pub use audit::{AuditStatus, DigestReply, Divergence, HealPlan, HealRecord};
 pub use handle::{QueryError, ServiceInfo, StateHandle};
-pub use heal::{HEAL_DEADLINE, HealPlan, HealReply, HealRequest, HealService, HealSource, Healer};
+pub use heal::{HEAL_DEADLINE, HealReply, HealRequest, HealService, HealSource, Healer};
 pub use observe::{APPLY_BUCKETS_US, ServiceMetrics, ServiceStats, SnapshotStats};
 pub use store::{SnapshotBuilder, StateMachineStore};
 pub use timers::{MAX_FIRES_PER_ENTRY, MAX_PENDING_TIMERS, Timer, Timers};
@@ -109,7 +110,7 @@ struct Local {
     inject_panic_at: Option<Vec<u8>>,
 }
 
-use crate::sync::lock_or_stop as lock;
+use crate::sync::lock_or_stop;
 
 /// Why an entry did not produce a reply, in words (for watchers).
 fn failure(response: &Response) -> String {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::fault::FaultRecord;
-use super::{SmState, Snapshot, StateHandle, lock};
+use super::{SmState, Snapshot, StateHandle, lock_or_stop};
 use crate::sync::try_lock_or_stop;
 
 /// openraft's state machine: applies entries to guests, builds and installs snapshots.
@@ -102,7 +102,7 @@ impl StateMachineStore {
     /// payload is `payload` (for the campaign `tests/all/chaos/apply_fault.rs`; see `fault.rs`).
     pub fn inject_apply_panic(self, payload: Vec<u8>) -> StateMachineStore {
         tracing::warn!("--inject-apply-panic is set: this node will stop applying that command");
-        lock(&self.handle.state).local.inject_panic_at = Some(payload);
+        lock_or_stop(&self.handle.state).local.inject_panic_at = Some(payload);
         self
     }
 
@@ -227,7 +227,7 @@ impl StateMachineStore {
         if !st.cheap_to_apply(pending, INLINE_BUDGET_US) {
             return None;
         }
-        let result = crate::sync::lock(&self.fault).apply(&mut st, std::mem::take(pending));
+        let result = crate::sync::lock_anyway(&self.fault).apply(&mut st, std::mem::take(pending));
         st.publish();
         Some(result)
     }
@@ -235,7 +235,7 @@ impl StateMachineStore {
     /// Applies `pending` on a blocking thread.
     async fn apply_blocking(&self, pending: Vec<Entry>) -> io::Result<super::Applied> {
         let fault = self.fault.clone();
-        self.blocking(move |st| crate::sync::lock(&fault).apply(st, pending))
+        self.blocking(move |st| crate::sync::lock_anyway(&fault).apply(st, pending))
             .await
     }
 
@@ -245,7 +245,7 @@ impl StateMachineStore {
     ) -> io::Result<R> {
         let state = self.handle.state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut st = lock(&state);
+            let mut st = lock_or_stop(&state);
             let result = f(&mut st);
             st.publish();
             result
@@ -363,13 +363,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // Capture under the lock (guest snapshots are in-memory copies), write outside it so
             // applies continue while the file is written.
             let started = std::time::Instant::now();
-            let captured = lock(&state).capture()?;
+            let captured = lock_or_stop(&state).capture()?;
             let modules: Vec<&[u8]> = captured.modules.iter().map(Vec::as_slice).collect();
             let states: Vec<&[u8]> = captured.states.iter().map(Vec::as_slice).collect();
             snapshot::write(&path, &captured.header, &modules, &states)?;
             let file = SnapshotFile::open(&path)?;
             {
-                let mut st = lock(&state);
+                let mut st = lock_or_stop(&state);
                 let s = &mut st.local.snapshots;
                 s.built += 1;
                 s.last_built_bytes = file.size;

@@ -1,8 +1,9 @@
 //! `waft node` (one node) and `waft dev` (a local cluster in one process).
 
 use super::connect::Connector;
+use crate::node::join::Joined;
 use crate::node::{Node, NodeConfig};
-use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
+use crate::pb::api::{self, waft_client::WaftClient};
 use anyhow::{Context, bail};
 use clap::Args;
 use std::collections::BTreeMap;
@@ -301,7 +302,14 @@ pub async fn node(
         },
     };
     if let Some(seed) = &args.join
-        && let Err(e) = join(&connector, seed, args.id, node.addr(), fresh(&node)).await
+        && let Err(e) = join(
+            &connector,
+            seed,
+            args.id,
+            node.addr(),
+            crate::node::join::is_fresh(&node),
+        )
+        .await
     {
         eprintln!("error: joining through {seed} failed: {e:#}");
         node.shutdown().await?;
@@ -365,53 +373,7 @@ async fn seed_addrs(seeds: &str) -> Vec<(String, Option<String>)> {
     out
 }
 
-/// A connection to a member of the cluster that knows a leader, through the first of `seeds`
-/// that answers with one; retried for a minute while seeds are unreachable or leaderless.
-async fn find_member(
-    connector: &Connector,
-    seeds: &str,
-) -> anyhow::Result<(ClusterClient<super::connect::Conn>, api::StatusReply)> {
-    let mut last = String::from("no seed address given");
-    for _ in 0..60 {
-        for (addr, name) in seed_addrs(seeds).await {
-            let mut e = connector
-                .endpoint(&addr)?
-                .connect_timeout(Duration::from_secs(3));
-            if let Some(name) = &name
-                && let Some(tls) = connector.client_tls()
-            {
-                e = e.tls_config(tls.domain_name(name.clone()))?;
-            }
-            let channel = match e.connect().await {
-                Ok(c) => c,
-                Err(err) => {
-                    last = format!(
-                        "cannot reach {addr}: {}",
-                        super::connect::connect_error(&err)
-                    );
-                    continue;
-                }
-            };
-            let mut cluster = ClusterClient::new(connector.authorized(channel));
-            match cluster.status(api::StatusRequest {}).await {
-                Ok(s) if s.get_ref().leader_id.is_some() => return Ok((cluster, s.into_inner())),
-                Ok(_) => last = format!("{addr} knows no leader (not initialized yet?)"),
-                Err(s) => last = format!("{addr}: {}", s.message()),
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    bail!("no seed led to a cluster with a leader; last: {last}")
-}
-
-/// Whether `node` has never been part of a cluster: no cluster id, nothing in its log.
-fn fresh(node: &Node) -> bool {
-    node.cluster_id().is_none() && node.metrics().last_log_index.is_none()
-}
-
-/// Adds this node as a learner through one of `seeds`, then makes it a voter. A `fresh` node
-/// (empty data directory) that the cluster lists already is a member that lost its data: it
-/// is removed first, then added back and copies the log again.
+/// Joins node `id` (at `addr`) through `seeds`, saying what happened.
 async fn join(
     connector: &Connector,
     seeds: &str,
@@ -419,95 +381,43 @@ async fn join(
     addr: &str,
     fresh: bool,
 ) -> anyhow::Result<()> {
-    let (cluster, status) = find_member(connector, seeds).await?;
-    if let Some(m) = status.members.iter().find(|m| m.id == id && m.addr != addr) {
-        bail!(
-            "node id {id} is already taken by {} in that cluster",
-            m.addr
-        );
-    }
-    let listed = status.members.iter().find(|m| m.id == id);
-    match listed {
-        Some(m) if fresh => {
-            eprintln!(
-                "node {id} is a {} of that cluster, but this data directory is new: node {id} \
-                 lost its data. Removing node {id} from the cluster and adding it back.",
-                if m.voter { "voter" } else { "learner" }
-            );
-            let remove = api::RemoveNodeRequest { id };
-            retry_admin(|| {
-                let mut c = cluster.clone();
-                async move {
-                    match c.remove_node(remove).await {
-                        // Removed already (a retry after a lost reply).
-                        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
-                        other => other.map(drop),
-                    }
-                }
-            })
+    let connect = async |addr: &str, name: Option<&str>| -> Result<super::connect::Conn, String> {
+        let mut e = connector
+            .endpoint(addr)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(3));
+        if let Some(name) = name
+            && let Some(tls) = connector.client_tls()
+        {
+            e = e
+                .tls_config(tls.domain_name(name.to_owned()))
+                .map_err(|e| e.to_string())?;
+        }
+        let channel = e
+            .connect()
             .await
-            .with_context(|| format!("cannot remove node {id}"))?;
-        }
-        Some(m) if m.voter => {
-            eprintln!("node {id} is already a voter; nothing to join");
-            return Ok(());
-        }
-        _ => {}
-    }
-    let learner = api::AddLearnerRequest {
-        id,
-        addr: addr.to_owned(),
+            .map_err(|e| super::connect::connect_error(&e))?;
+        Ok(connector.authorized(channel))
     };
-    retry_admin(|| {
-        let mut c = cluster.clone();
-        let req = learner.clone();
-        async move { c.add_learner(req).await.map(drop) }
-    })
-    .await?;
-    // Promote with "add voter" (not "replace voters"), so nodes joining at once do not undo
-    // each other.
-    let promote = api::ChangeMembershipRequest {
-        voters: vec![],
-        retain: false,
-        add_voters: vec![id],
-    };
-    retry_admin(|| {
-        let mut c = cluster.clone();
-        let req = promote.clone();
-        async move { c.change_membership(req).await.map(drop) }
-    })
-    .await?;
-    eprintln!(
-        "node {id} joined the cluster (leader {}) and is a voter",
-        status.leader_addr
-    );
-    Ok(())
-}
-
-/// Runs a membership call, retrying while another membership change is in flight or the
-/// leader is changing.
-async fn retry_admin<F, Fut>(mut call: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), tonic::Status>>,
-{
-    let mut tries = 0;
-    loop {
-        match call().await {
-            Ok(()) => return Ok(()),
-            Err(s)
-                if tries < 50
-                    && matches!(
-                        s.code(),
-                        tonic::Code::FailedPrecondition | tonic::Code::Unavailable
-                    ) =>
-            {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    match crate::node::join::join(async || seed_addrs(seeds).await, connect, id, addr, fresh)
+        .await?
+    {
+        Joined::AlreadyVoter => eprintln!("node {id} is already a voter; nothing to join"),
+        Joined::Voter {
+            leader_addr,
+            readded,
+        } => {
+            if let Some(was_voter) = readded {
+                eprintln!(
+                    "node {id} was a {} of that cluster, but this data directory was new: node \
+                     {id} lost its data, so it was removed from the cluster and added back",
+                    if was_voter { "voter" } else { "learner" }
+                );
             }
-            Err(s) => bail!("{}", s.message()),
+            eprintln!("node {id} joined the cluster (leader {leader_addr}) and is a voter");
         }
     }
+    Ok(())
 }
 
 /// The example guests, built with this binary (host/build.rs).

@@ -7,6 +7,7 @@
 
 mod accepted;
 mod config;
+pub mod join;
 mod open;
 mod seed;
 mod server;

@@ -30,6 +30,7 @@ mod metrics;
 mod modules;
 mod process;
 mod rolling;
+mod routing;
 mod runtime;
 mod rust_client;
 mod sandbox;

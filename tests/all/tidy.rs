@@ -498,3 +498,76 @@ fn fn_start(line: &str) -> Option<(&str, &str)> {
         .unwrap_or(name.len());
     (end > 0).then(|| (indent, &name[..end]))
 }
+
+/// Every file and folder of the repository (tracked or not), relative to its root, with `/`
+/// between components; build output and dependencies left out.
+fn tree() -> Vec<String> {
+    let base = root();
+    let mut out = Vec::new();
+    let mut stack = vec![base.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .expect("a name")
+                .to_string_lossy()
+                .into_owned();
+            if name.starts_with('.') || name == "target" || name == "node_modules" {
+                continue;
+            }
+            let rel = path
+                .strip_prefix(&base)
+                .expect("under the root")
+                .to_string_lossy()
+                .replace('\\', "/");
+            if path.is_dir() {
+                out.push(format!("{rel}/"));
+                stack.push(path);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn architecture_md_s_code_map_matches_the_tree() {
+    let arch = std::fs::read_to_string(root().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let tree = tree();
+    let exists = |named: &str| {
+        tree.iter()
+            .any(|p| p == named || p.ends_with(&format!("/{named}")))
+    };
+    // What the map names in backticks: source files (`x.rs`, `dir/x.rs`) and folders (`dir/`);
+    // a placeholder in capitals (`NAME/tests.rs`) names no file.
+    let named: Vec<&str> = arch
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|t| (t.ends_with(".rs") || t.ends_with('/')) && t.len() > 1)
+        .filter(|t| !t.contains(' ') && !t.chars().any(|c| c.is_ascii_uppercase()))
+        .collect();
+    assert!(named.len() > 100, "the checker found only {named:?}");
+    let missing: Vec<&str> = named.iter().copied().filter(|n| !exists(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md names files and folders that are not in the tree: {missing:?}"
+    );
+    // And every source file of the host and the client is on the map, by its name.
+    let unmapped: Vec<&String> = tree
+        .iter()
+        .filter(|p| {
+            (p.starts_with("host/src/") || p.starts_with("client/src/")) && p.ends_with(".rs")
+        })
+        .filter(|p| {
+            let file = p.rsplit('/').next().expect("a name");
+            !named.iter().any(|n| n.rsplit('/').next() == Some(file))
+        })
+        .collect();
+    assert!(
+        unmapped.is_empty(),
+        "these source files are not on ARCHITECTURE.md's code map: {unmapped:?}"
+    );
+}

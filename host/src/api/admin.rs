@@ -1,17 +1,53 @@
 //! The admin plane, `waft.v1.Cluster`: membership (init, learners, voters, removal, leader
 //! transfer), status, audits and snapshots; backups and restores are in [`super::backup`].
 
-use super::route::{Caller, Clients, write_error};
-use super::{Api, convert};
-use crate::auth::Role;
-use crate::pb::api::{self, cluster_server};
+use super::router::{Caller, Clients, Router, write_error};
+use super::{ApiLimits, convert};
+use crate::pb::api;
+use crate::runtime::Runtime;
+use crate::storage::StateHandle;
 use crate::types::{Node as RaftNode, NodeId, TypeConfig};
 use openraft::ChangeMembers;
 use openraft::error::{ClientWriteError, RaftError};
 use std::collections::{BTreeMap, BTreeSet};
-use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
-impl Api {
+/// Membership, status, audits and snapshots of one node.
+#[derive(Clone)]
+pub(super) struct Admin {
+    router: Router,
+    /// The address this node's peers and clients reach it at.
+    addr: String,
+    state: StateHandle,
+    runtime: Runtime,
+    limits: ApiLimits,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    pub(super) fn new(
+        router: Router,
+        addr: String,
+        state: StateHandle,
+        runtime: Runtime,
+        limits: ApiLimits,
+    ) -> Admin {
+        Admin {
+            router,
+            addr,
+            state,
+            runtime,
+            limits,
+        }
+    }
+
     /// The reply to a membership change; where another node leads, `req` goes there through
     /// `call` instead.
     async fn membership_outcome<T, F, Fut>(
@@ -31,7 +67,7 @@ impl Api {
         match result {
             Ok(r) => Ok(GrpcResponse::new(self.membership_reply(r.log_id.index))),
             Err(e) if e.forward_to_leader().is_some() => {
-                self.leader_of(&e, caller)?.relay(req, call).await
+                self.router.leader_of(&e, caller)?.relay(req, call).await
             }
             Err(e) => Err(write_error(&e)),
         }
@@ -39,36 +75,17 @@ impl Api {
 
     fn membership_reply(&self, index: u64) -> api::MembershipReply {
         api::MembershipReply {
-            members: convert::members(&self.metrics()),
+            members: convert::members(&self.router.metrics()),
             index,
         }
     }
 }
 
-#[tonic::async_trait]
-impl cluster_server::Cluster for Api {
-    type BackupStream = super::backup::BackupStream;
-
-    async fn backup(
+impl Admin {
+    pub(super) async fn init(
         &self,
-        request: GrpcRequest<api::BackupRequest>,
-    ) -> Result<GrpcResponse<Self::BackupStream>, Status> {
-        self.stream_backup(request).await
-    }
-
-    async fn restore(
-        &self,
-        request: GrpcRequest<Streaming<api::BackupChunk>>,
-    ) -> Result<GrpcResponse<api::RestoreReply>, Status> {
-        self.restore_backup(request).await
-    }
-
-    async fn init(
-        &self,
-        request: GrpcRequest<api::InitRequest>,
+        req: api::InitRequest,
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
-        self.authorize(&request, Role::Admin)?;
-        let req = request.into_inner();
         let mut members: BTreeMap<NodeId, RaftNode> = req
             .members
             .into_iter()
@@ -76,7 +93,7 @@ impl cluster_server::Cluster for Api {
             .collect();
         if members.is_empty() {
             members.insert(
-                self.id,
+                self.router.id(),
                 RaftNode {
                     addr: self.addr.clone(),
                 },
@@ -85,36 +102,41 @@ impl cluster_server::Cluster for Api {
         // A cluster id first (see raft::identity), unless this node is already a member, in
         // which case initialize refuses below and nothing changes.
         let initialized = self
-            .raft
+            .router
+            .raft()
             .is_initialized()
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         if !initialized {
-            self.peers.identity().create().map_err(|e| {
+            self.router.peers().identity().create().map_err(|e| {
                 Status::unavailable(format!("cannot record the new cluster's id: {e}"))
             })?;
         }
-        self.raft.initialize(members).await.map_err(|e| match e {
-            RaftError::APIError(e) => Status::failed_precondition(e.to_string()),
-            RaftError::Fatal(f) => Status::unavailable(f.to_string()),
-        })?;
+        self.router
+            .raft()
+            .initialize(members)
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(e) => Status::failed_precondition(e.to_string()),
+                RaftError::Fatal(f) => Status::unavailable(f.to_string()),
+            })?;
         // Return once the first leader has committed the initial membership, so the next admin
         // call (add a learner) is not refused as "a membership change is in progress". A cluster
         // whose other members are not up yet cannot get there: then return anyway.
         let _ = self
-            .raft
+            .router
+            .raft()
             .wait(Some(std::time::Duration::from_secs(5)))
             .applied_index_at_least(Some(1), "initial membership committed")
             .await;
         Ok(GrpcResponse::new(self.membership_reply(0)))
     }
 
-    async fn add_learner(
+    pub(super) async fn add_learner(
         &self,
-        request: GrpcRequest<api::AddLearnerRequest>,
+        caller: &Caller,
+        req: api::AddLearnerRequest,
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        let req = request.into_inner();
         if req.addr.is_empty() {
             return Err(Status::invalid_argument(
                 "the learner's address is required",
@@ -123,6 +145,7 @@ impl cluster_server::Cluster for Api {
         // openraft keeps a member's old address when it is added again: a node that reuses a
         // member's id from another address would be told yes and never hear from the leader.
         if let Some(at) = self
+            .router
             .metrics()
             .membership_config
             .membership()
@@ -137,7 +160,8 @@ impl cluster_server::Cluster for Api {
             )));
         }
         let result = self
-            .raft
+            .router
+            .raft()
             .add_learner(
                 req.id,
                 RaftNode {
@@ -146,18 +170,17 @@ impl cluster_server::Cluster for Api {
                 true,
             )
             .await;
-        self.membership_outcome(result, &auth, req, |mut c, r| async move {
+        self.membership_outcome(result, caller, req, |mut c, r| async move {
             c.cluster.add_learner(r).await
         })
         .await
     }
 
-    async fn change_membership(
+    pub(super) async fn change_membership(
         &self,
-        request: GrpcRequest<api::ChangeMembershipRequest>,
+        caller: &Caller,
+        req: api::ChangeMembershipRequest,
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        let req = request.into_inner();
         let change = match (req.voters.is_empty(), req.add_voters.is_empty()) {
             (true, true) => {
                 return Err(Status::invalid_argument(
@@ -172,20 +195,23 @@ impl cluster_server::Cluster for Api {
             (false, true) => ChangeMembers::ReplaceAllVoters(req.voters.iter().copied().collect()),
             (true, false) => ChangeMembers::AddVoterIds(req.add_voters.iter().copied().collect()),
         };
-        let result = self.raft.change_membership(change, req.retain).await;
-        self.membership_outcome(result, &auth, req, |mut c, r| async move {
+        let result = self
+            .router
+            .raft()
+            .change_membership(change, req.retain)
+            .await;
+        self.membership_outcome(result, caller, req, |mut c, r| async move {
             c.cluster.change_membership(r).await
         })
         .await
     }
 
-    async fn remove_node(
+    pub(super) async fn remove_node(
         &self,
-        request: GrpcRequest<api::RemoveNodeRequest>,
+        caller: &Caller,
+        req: api::RemoveNodeRequest,
     ) -> Result<GrpcResponse<api::MembershipReply>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        let req = request.into_inner();
-        let m = self.metrics();
+        let m = self.router.metrics();
         let membership = m.membership_config.membership();
         let is_voter = membership.voter_ids().any(|v| v == req.id);
         let is_member = membership.get_node(&req.id).is_some();
@@ -207,20 +233,19 @@ impl cluster_server::Cluster for Api {
             ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
         };
         // `retain = false`: a removed voter leaves the cluster, it is not kept as a learner.
-        let result = self.raft.change_membership(change, false).await;
-        self.membership_outcome(result, &auth, req, |mut c, r| async move {
+        let result = self.router.raft().change_membership(change, false).await;
+        self.membership_outcome(result, caller, req, |mut c, r| async move {
             c.cluster.remove_node(r).await
         })
         .await
     }
 
-    async fn transfer_leader(
+    pub(super) async fn transfer_leader(
         &self,
-        request: GrpcRequest<api::TransferLeaderRequest>,
+        caller: &Caller,
+        req: api::TransferLeaderRequest,
     ) -> Result<GrpcResponse<api::TransferLeaderReply>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        let req = request.into_inner();
-        let m = self.metrics();
+        let m = self.router.metrics();
         if !m
             .membership_config
             .membership()
@@ -232,7 +257,7 @@ impl cluster_server::Cluster for Api {
                 req.to
             )));
         }
-        if let Some(leader) = self.leader(&auth).await? {
+        if let Some(leader) = self.router.leader(caller).await? {
             return leader
                 .relay(
                     req,
@@ -240,7 +265,8 @@ impl cluster_server::Cluster for Api {
                 )
                 .await;
         }
-        self.raft
+        self.router
+            .raft()
             .trigger()
             .transfer_leader(req.to)
             .await
@@ -248,12 +274,8 @@ impl cluster_server::Cluster for Api {
         Ok(GrpcResponse::new(api::TransferLeaderReply {}))
     }
 
-    async fn status(
-        &self,
-        request: GrpcRequest<api::StatusRequest>,
-    ) -> Result<GrpcResponse<api::StatusReply>, Status> {
-        self.authorize(&request, Role::Client)?;
-        let m = self.metrics();
+    pub(super) async fn status(&self) -> Result<GrpcResponse<api::StatusReply>, Status> {
+        let m = self.router.metrics();
         let leader_addr = m
             .current_leader
             .and_then(|l| {
@@ -264,7 +286,7 @@ impl cluster_server::Cluster for Api {
             })
             .unwrap_or_default();
         Ok(GrpcResponse::new(api::StatusReply {
-            node_id: self.id,
+            node_id: self.router.id(),
             role: format!("{:?}", m.state).to_lowercase(),
             term: m.current_term,
             leader_id: m.current_leader,
@@ -276,17 +298,16 @@ impl cluster_server::Cluster for Api {
             members: convert::members(&m),
             engine: self.runtime.fingerprint().to_owned(),
             audit: Some(convert::audit_status(&self.state.audit_status())),
-            cluster_id: self.peers.identity().cluster().unwrap_or_default(),
+            cluster_id: self.router.peers().identity().cluster().unwrap_or_default(),
             guest_memory: Some(self.guest_memory()),
         }))
     }
 
-    async fn audit(
+    pub(super) async fn audit(
         &self,
-        request: GrpcRequest<api::AuditRequest>,
+        caller: &Caller,
     ) -> Result<GrpcResponse<api::AuditReply>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        match crate::audit::audit_now(&self.raft, &self.peers).await {
+        match crate::audit::audit_now(self.router.raft(), self.router.peers()).await {
             Ok(o) => Ok(GrpcResponse::new(api::AuditReply {
                 index: o.digest.index,
                 report_index: o.report_index,
@@ -305,7 +326,8 @@ impl cluster_server::Cluster for Api {
                 sessions_sha256: o.digest.sessions,
             })),
             Err(crate::audit::AuditError::Raft(e)) if e.forward_to_leader().is_some() => {
-                self.leader_of(&e, &auth)?
+                self.router
+                    .leader_of(&e, caller)?
                     .relay(api::AuditRequest {}, |mut c, r| async move {
                         c.cluster.audit(r).await
                     })
@@ -316,12 +338,11 @@ impl cluster_server::Cluster for Api {
         }
     }
 
-    async fn trigger_snapshot(
+    pub(super) async fn trigger_snapshot(
         &self,
-        request: GrpcRequest<api::TriggerSnapshotRequest>,
     ) -> Result<GrpcResponse<api::TriggerSnapshotReply>, Status> {
-        self.authorize(&request, Role::Admin)?;
-        self.raft
+        self.router
+            .raft()
             .trigger()
             .snapshot()
             .await
@@ -330,7 +351,7 @@ impl cluster_server::Cluster for Api {
     }
 }
 
-impl super::Api {
+impl Admin {
     /// This node's guest memory: held now, reserved, and the budget.
     pub(super) fn guest_memory(&self) -> crate::pb::api::GuestMemory {
         let reserved = crate::budget::Reservations::of_node(&self.state);

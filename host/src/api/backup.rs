@@ -2,14 +2,14 @@
 //! `Cluster.Restore` takes one back (checked on the leader, then proposed as one entry that
 //! every replica applies).
 
-use super::Api;
-use super::route::Caller;
-use crate::auth::Role;
+use super::ApiLimits;
+use super::router::{Caller, Router};
 use crate::pb::api;
 use crate::pb::upload::Upload;
+use crate::storage::StateHandle;
 use crate::types::{Request, Response, now_ms};
 use std::sync::Arc;
-use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+use tonic::{Response as GrpcResponse, Status, Streaming};
 
 pub(super) type BackupStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<api::BackupChunk, Status>> + Send>>;
@@ -35,18 +35,56 @@ pub fn restore_chunks(bytes: &[u8], force: bool) -> Vec<api::BackupChunk> {
     backup_chunks(bytes.to_vec(), 0, force)
 }
 
-impl Api {
+/// Backups and restores on one node.
+#[derive(Clone)]
+pub(super) struct Backups {
+    router: Router,
+    state: StateHandle,
+    limits: ApiLimits,
+    /// Where this node's snapshots live (backups are read from there).
+    snapshot_dir: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Backups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backups")
+            .field("snapshot_dir", &self.snapshot_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backups {
+    pub(super) fn new(
+        router: Router,
+        state: StateHandle,
+        limits: ApiLimits,
+        snapshot_dir: std::path::PathBuf,
+    ) -> Backups {
+        Backups {
+            router,
+            state,
+            limits,
+            snapshot_dir,
+        }
+    }
+
     /// Takes a snapshot now (this node leads) and returns its bytes and index.
     async fn take_backup(&self) -> Result<(Vec<u8>, u64), Status> {
         let applied = self.state.last_applied().map_or(0, |l| l.index);
-        self.raft
+        self.router
+            .raft()
             .trigger()
             .snapshot()
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
-            if self.metrics().snapshot.is_some_and(|s| s.index >= applied) {
+            if self
+                .router
+                .metrics()
+                .snapshot
+                .is_some_and(|s| s.index >= applied)
+            {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -74,12 +112,11 @@ impl Api {
     }
 
     /// `Cluster.Backup`: the leader snapshots now and streams the file.
-    pub(super) async fn stream_backup(
+    pub(super) async fn backup(
         &self,
-        request: GrpcRequest<api::BackupRequest>,
+        caller: &Caller,
     ) -> Result<GrpcResponse<BackupStream>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        if let Some(leader) = self.leader(&auth).await? {
+        if let Some(leader) = self.router.leader(caller).await? {
             let upstream = leader
                 .relay(api::BackupRequest {}, |mut c, r| async move {
                     c.cluster.backup(r).await
@@ -96,12 +133,11 @@ impl Api {
     }
 
     /// `Cluster.Restore`: the backup is checked on the leader, then proposed as one entry.
-    pub(super) async fn restore_backup(
+    pub(super) async fn restore(
         &self,
-        request: GrpcRequest<Streaming<api::BackupChunk>>,
+        caller: &Caller,
+        mut input: Streaming<api::BackupChunk>,
     ) -> Result<GrpcResponse<api::RestoreReply>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        let mut input = request.into_inner();
         let upload = Upload {
             call: "restore",
             item: "backup",
@@ -109,7 +145,7 @@ impl Api {
             chunk_timeout: None,
         };
         let (header, bytes) = upload.read(&mut input, |_| Ok(())).await?;
-        if let Some(leader) = self.leader(&auth).await? {
+        if let Some(leader) = self.router.leader(caller).await? {
             let chunks = backup_chunks(bytes, header.index, header.force);
             return leader
                 .relay(futures::stream::iter(chunks), |mut c, r| async move {
@@ -129,7 +165,7 @@ impl Api {
             force: header.force,
             timestamp_ms: now_ms(),
         };
-        match self.write(entry, &Caller::local()).await? {
+        match self.router.write(entry, &Caller::local()).await? {
             Ok((index, Response::Restored(services))) => {
                 Ok(GrpcResponse::new(api::RestoreReply { index, services }))
             }

@@ -168,3 +168,28 @@ pub(super) fn service_info(s: crate::storage::ServiceInfo, state_bytes: u64) -> 
         name: s.name,
     }
 }
+
+/// A command's result as its own Submit would have answered.
+pub(super) fn from_result(result: api::SubmitResult) -> Result<api::SubmitReply, Status> {
+    match result.result {
+        Some(api::submit_result::Result::Reply(r)) => Ok(r),
+        Some(api::submit_result::Result::Failure(f)) => {
+            Err(Status::new(tonic::Code::from(f.code), f.message))
+        }
+        None => Err(Status::internal("the leader sent an empty result")),
+    }
+}
+
+/// The result that stands for `answer` in a batch reply.
+pub(super) fn to_result(answer: Result<api::SubmitReply, Status>) -> api::SubmitResult {
+    use api::submit_result::Result as R;
+    api::SubmitResult {
+        result: Some(match answer {
+            Ok(reply) => R::Reply(reply),
+            Err(s) => R::Failure(api::Failure {
+                code: s.code() as i32,
+                message: s.message().to_owned(),
+            }),
+        }),
+    }
+}

@@ -1,31 +1,75 @@
-//! The data plane, `waft.v1.Waft`: commands (`Submit`, `SubmitBatch`; `Session` is in
-//! [`super::session`]), reads (`Query`),
-//! `Watch` and the service list; deploys and rollbacks are in [`super::deploy`].
+//! The data handler: commands (`Submit`, `SubmitBatch`; `Session` is in [`super::session`]),
+//! reads (`Query`) and the service list.
+//!
+//! A command takes one way: checked here, then proposed here when this node leads, or sent to
+//! the leader by the router (a follower's single `Submit`s in its batches, a `SubmitBatch` or
+//! a session's groups as they are). Single and batched commands are proposed alike, in one
+//! message to Raft per call or group ([`Data::propose_here`]).
 
-use super::route::write_error;
-use super::{Api, convert, forward, trace};
-use crate::auth::Role;
-use crate::pb::api::{self, waft_server};
-use crate::storage::QueryError;
+use super::router::{Caller, Router, write_error};
+use super::{ApiLimits, MAX_BATCH_COMMANDS, convert, trace};
+use crate::pb::api;
+use crate::storage::{QueryError, StateHandle};
 use crate::types::{ClientSeq, Request, now_ms};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use openraft::ReadPolicy;
 use openraft::error::{ClientWriteError, RaftError};
-use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+use tonic::{Response as GrpcResponse, Status};
 
 /// A `SubmitBatch` may always carry this many payload bytes (more if single payloads may be
 /// larger).
 const MIN_BATCH_BYTES: usize = 16 << 20;
 
-impl Api {
-    /// The log entry for a Submit, or why it cannot be one.
+/// Commands, reads and the service list of one node.
+#[derive(Clone)]
+pub struct Data {
+    pub(super) router: Router,
+    state: StateHandle,
+    limits: ApiLimits,
+}
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Data").finish_non_exhaustive()
+    }
+}
+
+impl Data {
+    pub(super) fn new(router: Router, state: StateHandle, limits: ApiLimits) -> Data {
+        Data {
+            router,
+            state,
+            limits,
+        }
+    }
+
+    /// Refuses a payload over the limit.
     #[allow(clippy::result_large_err)]
-    fn command(&self, req: api::SubmitRequest) -> Result<Request, Status> {
+    fn check_payload(&self, len: usize) -> Result<(), Status> {
+        if len > self.limits.max_payload_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "payload of {len} bytes is over the {}-byte limit",
+                self.limits.max_payload_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Why a Submit of `req` cannot be a log entry, if it cannot.
+    #[allow(clippy::result_large_err)]
+    fn check_command(&self, req: &api::SubmitRequest) -> Result<(), Status> {
         self.check_payload(req.payload.len())?;
         if req.service.is_empty() {
             return Err(Status::invalid_argument("a service name is required"));
         }
+        Ok(())
+    }
+
+    /// The log entry for a Submit, or why it cannot be one.
+    #[allow(clippy::result_large_err)]
+    fn command(&self, req: api::SubmitRequest) -> Result<Request, Status> {
+        self.check_command(&req)?;
         let client = (req.client_id != 0).then_some(ClientSeq {
             client_id: req.client_id,
             seq: req.sequence,
@@ -42,10 +86,9 @@ impl Api {
     #[allow(clippy::result_large_err)]
     pub(super) fn batch_limits(&self, commands: &[api::SubmitRequest]) -> Result<(), Status> {
         let n = commands.len();
-        if n > forward::MAX_COMMANDS {
+        if n > MAX_BATCH_COMMANDS {
             return Err(Status::resource_exhausted(format!(
-                "a batch of {n} commands is over the limit of {}; split it",
-                forward::MAX_COMMANDS
+                "a batch of {n} commands is over the limit of {MAX_BATCH_COMMANDS}; split it"
             )));
         }
         let bytes: usize = commands.iter().map(|c| c.payload.len()).sum();
@@ -75,14 +118,15 @@ impl Api {
                     entries.push(entry);
                     slots.push(i);
                 }
-                Err(s) => results[i] = Some(forward::to_result(Err(s))),
+                Err(s) => results[i] = Some(convert::to_result(Err(s))),
             }
         }
         let answers = if entries.is_empty() {
             None
         } else {
             Some(
-                self.raft
+                self.router
+                    .raft()
                     .client_write_many(entries)
                     .await
                     .map_err(|e| Status::unavailable(format!("raft stopped: {e}")))?,
@@ -107,49 +151,43 @@ impl Api {
                         }
                         None => Err(Status::unavailable("raft stopped; retry")),
                     };
-                    results[slot] = Some(forward::to_result(answer));
+                    results[slot] = Some(convert::to_result(answer));
                 }
             }
             results.into_iter().flatten().collect()
         }
         .boxed())
     }
-}
 
-#[tonic::async_trait]
-impl waft_server::Waft for Api {
-    async fn submit(
+    /// `Waft.Submit`: one command, proposed here when this node leads, else sent to the
+    /// leader in this node's next batch for it.
+    pub async fn submit(
         &self,
-        request: GrpcRequest<api::SubmitRequest>,
+        caller: &Caller,
+        req: api::SubmitRequest,
     ) -> Result<GrpcResponse<api::SubmitReply>, Status> {
-        let auth = self.authorize(&request, Role::Client)?;
-        let req = request.into_inner();
-        let entry = self.command(req.clone())?;
-        match self.write(entry, &auth).await? {
-            Ok((index, response)) => Ok(GrpcResponse::new(convert::submit_reply(index, response)?)),
-            // Joins the follower's batch for the leader (see `forward`).
-            Err(leader) => {
-                let (reply, served_by) = self
-                    .forwarder
-                    .submit(self, leader.addr(), &auth, req)
-                    .await?;
-                let mut reply = GrpcResponse::new(reply);
-                if let Some(leader) = served_by {
-                    reply.metadata_mut().insert(trace::SERVED_BY, leader);
-                }
-                Ok(reply)
-            }
+        self.check_command(&req)?;
+        let Some(leader) = self.router.leader(caller).await? else {
+            let mut results = self.propose_here(vec![req]).await?.await;
+            let result = results.pop().ok_or_else(|| Status::internal("no result"))?;
+            return convert::from_result(result).map(GrpcResponse::new);
+        };
+        let (reply, served_by) = self.router.forward_submit(&leader, caller, req).await?;
+        let mut reply = GrpcResponse::new(reply);
+        if let Some(leader) = served_by {
+            reply.metadata_mut().insert(trace::SERVED_BY, leader);
         }
+        Ok(reply)
     }
 
-    async fn submit_batch(
+    /// `Waft.SubmitBatch`: the commands proposed together on the leader.
+    pub async fn submit_batch(
         &self,
-        request: GrpcRequest<api::SubmitBatchRequest>,
+        caller: &Caller,
+        req: api::SubmitBatchRequest,
     ) -> Result<GrpcResponse<api::SubmitBatchReply>, Status> {
-        let auth = self.authorize(&request, Role::Client)?;
-        let req = request.into_inner();
         self.batch_limits(&req.commands)?;
-        if let Some(leader) = self.leader(&auth).await? {
+        if let Some(leader) = self.router.leader(caller).await? {
             return leader
                 .relay(req, |mut c, r| async move { c.waft.submit_batch(r).await })
                 .await;
@@ -158,21 +196,13 @@ impl waft_server::Waft for Api {
         Ok(GrpcResponse::new(api::SubmitBatchReply { results }))
     }
 
-    type SessionStream = super::session::SessionStream;
-
-    async fn session(
+    /// `Waft.Query`: a read at the consistency the caller asks for; linearizable and lease
+    /// reads are served by the leader.
+    pub async fn query(
         &self,
-        request: GrpcRequest<Streaming<api::SessionRequest>>,
-    ) -> Result<GrpcResponse<Self::SessionStream>, Status> {
-        self.open_session(request)
-    }
-
-    async fn query(
-        &self,
-        request: GrpcRequest<api::QueryRequest>,
+        caller: &Caller,
+        req: api::QueryRequest,
     ) -> Result<GrpcResponse<api::QueryReply>, Status> {
-        let auth = self.authorize(&request, Role::Client)?;
-        let req = request.into_inner();
         self.check_payload(req.payload.len())?;
         let consistency = api::Consistency::try_from(req.consistency).map_err(|_| {
             Status::invalid_argument(format!("unknown consistency level {}", req.consistency))
@@ -183,13 +213,14 @@ impl waft_server::Waft for Api {
             api::Consistency::Stale => None,
         };
         if policy.is_some() {
-            self.await_leader().await;
+            self.router.await_leader().await;
         }
         if let Some(policy) = policy
-            && let Err(e) = self.raft.ensure_linearizable(policy).await
+            && let Err(e) = self.router.raft().ensure_linearizable(policy).await
         {
             return self
-                .leader_of(&e, &auth)?
+                .router
+                .leader_of(&e, caller)?
                 .relay(req, |mut c, r| async move { c.waft.query(r).await })
                 .await;
         }
@@ -203,7 +234,7 @@ impl waft_server::Waft for Api {
             Err(QueryError::Diverged(why)) => {
                 return Err(Status::unavailable(format!(
                     "node {} cannot serve this read: {why}; read from another node",
-                    self.id
+                    self.router.id()
                 )));
             }
             Err(QueryError::Guest(crate::runtime::GuestError::Rejected(m))) => Outcome::Rejected(m),
@@ -215,34 +246,8 @@ impl waft_server::Waft for Api {
         }))
     }
 
-    async fn deploy(
-        &self,
-        request: GrpcRequest<Streaming<api::DeployChunk>>,
-    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
-        self.deploy_upload(request).await
-    }
-
-    type WatchStream = super::watch::WatchStream;
-
-    async fn watch(
-        &self,
-        request: GrpcRequest<api::WatchRequest>,
-    ) -> Result<GrpcResponse<Self::WatchStream>, Status> {
-        self.open_watch(request)
-    }
-
-    async fn rollback(
-        &self,
-        request: GrpcRequest<api::RollbackRequest>,
-    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
-        self.rollback_to(request).await
-    }
-
-    async fn list_services(
-        &self,
-        request: GrpcRequest<api::ListServicesRequest>,
-    ) -> Result<GrpcResponse<api::ListServicesReply>, Status> {
-        self.authorize(&request, Role::Client)?;
+    /// `Waft.ListServices`: what this node runs, as it applied it.
+    pub async fn list_services(&self) -> Vec<api::ServiceInfo> {
         let sizes = self.state.service_states().await.unwrap_or_default();
         let memory: std::collections::HashMap<String, (u64, u64)> = self
             .state
@@ -250,8 +255,7 @@ impl waft_server::Waft for Api {
             .into_iter()
             .map(|m| (m.name, (m.memory_bytes, m.code_bytes)))
             .collect();
-        let services = self
-            .state
+        self.state
             .services()
             .into_iter()
             .map(|s| {
@@ -263,7 +267,6 @@ impl waft_server::Waft for Api {
                     ..convert::service_info(s, state_bytes)
                 }
             })
-            .collect();
-        Ok(GrpcResponse::new(api::ListServicesReply { services }))
+            .collect()
     }
 }

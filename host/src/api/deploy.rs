@@ -3,15 +3,16 @@
 //! against the running version and the determinism verifier), one deploy at a time per
 //! service, and the proposal.
 
-use super::route::Caller;
-use super::{Api, convert};
-use crate::auth::Role;
+use super::router::{Caller, Router};
+use super::{ApiLimits, convert};
 use crate::pb::api;
 use crate::pb::upload::Upload;
+use crate::runtime::Runtime;
+use crate::storage::StateHandle;
 use crate::types::{Request, Response, ServiceLimits, now_ms};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+use tonic::{Response as GrpcResponse, Status, Streaming};
 
 /// How long the leader waits for the members to fetch and compile a module.
 const PREPARE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -24,17 +25,50 @@ enum Held {
     Inline,
 }
 
-/// One lock per service being deployed on this node (see `Api::deploying`).
-pub(super) type DeployLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+/// One lock per service being deployed on this node (see `Deploys::deploying`).
+type DeployLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
-impl Api {
+/// Deploys and rollbacks on one node.
+#[derive(Clone)]
+pub(super) struct Deploys {
+    router: Router,
+    state: StateHandle,
+    runtime: Runtime,
+    limits: ApiLimits,
+    /// One deploy at a time per service on this node, from the look at what the service runs
+    /// to the new version's apply: an identical deploy that arrives meanwhile (a retry) then
+    /// finds it running and changes nothing.
+    deploying: DeployLocks,
+}
+
+impl std::fmt::Debug for Deploys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deploys").finish_non_exhaustive()
+    }
+}
+
+impl Deploys {
+    pub(super) fn new(
+        router: Router,
+        state: StateHandle,
+        runtime: Runtime,
+        limits: ApiLimits,
+    ) -> Deploys {
+        Deploys {
+            router,
+            state,
+            runtime,
+            limits,
+            deploying: Arc::default(),
+        }
+    }
+
     /// `Waft.Deploy`.
-    pub(super) async fn deploy_upload(
+    pub(super) async fn deploy(
         &self,
-        request: GrpcRequest<Streaming<api::DeployChunk>>,
+        caller: &Caller,
+        mut input: Streaming<api::DeployChunk>,
     ) -> Result<GrpcResponse<api::DeployReply>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        let mut input = request.into_inner();
         let upload = Upload {
             call: "deploy",
             item: "module",
@@ -52,7 +86,7 @@ impl Api {
                 Ok(())
             })
             .await?;
-        if let Some(leader) = self.leader(&auth).await? {
+        if let Some(leader) = self.router.leader(caller).await? {
             let chunks = crate::pb::deploy_chunks_with(header, &module);
             return leader
                 .relay(futures::stream::iter(chunks), |mut c, r| async move {
@@ -85,7 +119,7 @@ impl Api {
         // they drop unused modules); with shared compiled code, after.
         let ((hash, code_bytes), held) = if header.dry_run {
             (validated.await?, Held::Inline)
-        } else if self.peers.config().share_compiled {
+        } else if self.router.peers().config().share_compiled {
             // The members fetch the code this node compiles: it compiles first (alone on the
             // machine's cores when members share machines), they fetch instead of compiling.
             let sha = self.keep_module(shared.clone()).await?;
@@ -166,13 +200,12 @@ impl Api {
     }
 
     /// `Waft.Rollback`.
-    pub(super) async fn rollback_to(
+    pub(super) async fn rollback(
         &self,
-        request: GrpcRequest<api::RollbackRequest>,
+        caller: &Caller,
+        req: api::RollbackRequest,
     ) -> Result<GrpcResponse<api::DeployReply>, Status> {
-        let auth = self.authorize(&request, Role::Admin)?;
-        let req = request.into_inner();
-        if let Some(leader) = self.leader(&auth).await? {
+        if let Some(leader) = self.router.leader(caller).await? {
             return leader
                 .relay(req, |mut c, r| async move { c.waft.rollback(r).await })
                 .await;
@@ -363,14 +396,6 @@ impl Api {
             })
     }
 
-    /// Has every other member hold module `sha256` (fetched from this node, or from a member
-    /// that has it already) and compile it, and waits until a majority of the voters, this one
-    /// included, holds it: a deploy entry that names a module by hash commits only where a
-    /// majority can run it, and a node that lacks it later fetches it from one of them. The
-    /// others get as long again as the majority took (at least 10 s; [`PREPARE_DEADLINE`] in
-    /// all): a member that compiles at apply time stalls its own Raft for that long, harmless
-    /// to the quorum but not to its clients. A member of an earlier release (no module store)
-    /// makes it [`Held::Inline`]: the entry must carry the bytes.
     /// What a member asked to hold a module for `service` checks against its budget.
     fn reserve(&self, service: &str, limits: ServiceLimits) -> crate::raft::modules::Reserve {
         crate::raft::modules::Reserve {
@@ -381,6 +406,14 @@ impl Api {
         }
     }
 
+    /// Has every other member hold module `sha256` (fetched from this node, or from a member
+    /// that has it already) and compile it, and waits until a majority of the voters, this one
+    /// included, holds it: a deploy entry that names a module by hash commits only where a
+    /// majority can run it, and a node that lacks it later fetches it from one of them. The
+    /// others get as long again as the majority took (at least 10 s; [`PREPARE_DEADLINE`] in
+    /// all): a member that compiles at apply time stalls its own Raft for that long, harmless
+    /// to the quorum but not to its clients. A member of an earlier release (no module store)
+    /// makes it [`Held::Inline`]: the entry must carry the bytes.
     async fn hold_members(
         &self,
         sha256: &str,
@@ -389,12 +422,13 @@ impl Api {
     ) -> Result<Held, Status> {
         use crate::raft::modules::{HoldError, hold_module};
         use futures::StreamExt;
-        let m = self.metrics();
+        let m = self.router.metrics();
+        let id = self.router.id();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
         let others: Vec<(u64, String)> = membership
             .nodes()
-            .filter(|(id, _)| **id != self.id)
+            .filter(|(other, _)| **other != id)
             .map(|(id, n)| (*id, n.addr.clone()))
             .collect();
         // A majority of the voters, less this node.
@@ -402,9 +436,7 @@ impl Api {
         if others.is_empty() {
             return Ok(Held::Stored);
         }
-        let me = membership
-            .get_node(&self.id)
-            .map(|n| (self.id, n.addr.clone()));
+        let me = membership.get_node(&id).map(|n| (id, n.addr.clone()));
         let started = std::time::Instant::now();
         let mut calls: futures::stream::FuturesUnordered<_> = others
             .iter()
@@ -416,8 +448,11 @@ impl Api {
                     .cloned()
                     .chain(others.iter().filter(|(o, _)| *o != id).cloned())
                     .collect();
-                let (peers, sha, reserve) =
-                    (self.peers.clone(), sha256.to_owned(), reserve.clone());
+                let (peers, sha, reserve) = (
+                    self.router.peers().clone(),
+                    sha256.to_owned(),
+                    reserve.clone(),
+                );
                 async move {
                     let r = hold_module(
                         &peers,
@@ -516,7 +551,7 @@ impl Api {
         entry: Request,
         what: &str,
     ) -> Result<GrpcResponse<api::DeployReply>, Status> {
-        match self.write(entry, &Caller::local()).await? {
+        match self.router.write(entry, &Caller::local()).await? {
             Ok((index, Response::Deployed { module, version })) => {
                 Ok(GrpcResponse::new(api::DeployReply {
                     module_sha256: module,

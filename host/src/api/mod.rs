@@ -5,28 +5,35 @@
 //! keeps its client id and sequence, so a retry after a leader change is still applied once).
 //! A forwarded call carries the `waft-forwarded` header and is never forwarded again: if the
 //! leadership moved in between, the client gets `UNAVAILABLE` and retries. It also carries the
-//! caller's request id, so the call's tracing spans on both nodes share it (see [`trace`]).
+//! caller's request id and deadline, so the call's tracing spans on both nodes share the id (see
+//! [`trace`]).
 //!
-//! One concern per file: [`route`] (forward to the leader or handle here), `pb::upload` (deploy
-//! and restore streams), [`data`] (`waft.v1.Waft`: commands, reads, the service list),
-//! [`deploy`] (deploys, rollbacks, their checks), [`watch`], [`admin`] (`waft.v1.Cluster`:
-//! membership, status, audits), [`backup`] (backups and restores), [`convert`] (mapping to
-//! the API's messages), [`forward`] (follower-side batching of `Submit`s), [`session`] (pipelined commands on
-//! one stream), [`trace`].
+//! The shape: [`services`] is the gRPC surface: it checks each call's token for the role the
+//! method needs ([`router::Router::authorize`] makes the [`Caller`]) and hands the message to
+//! the handler of its concern, each holding only what it needs: [`Data`] (commands, reads, the
+//! service list; [`session`]: pipelined commands on one stream), [`deploy::Deploys`] (deploys,
+//! rollbacks, their checks), [`watch::Watches`], [`admin::Admin`] (membership, status,
+//! audits), [`backup::Backups`]. Every handler that needs the leader asks the [`Router`], the
+//! one way a call travels to another node (a follower's `Submit`s go in its batches:
+//! `router::forward`). The etcd endpoint calls the same handlers in-process with typed
+//! messages and a `Caller` of its own. `pb::upload` reads deploy and restore streams;
+//! [`convert`] maps to the API's messages.
 
 mod admin;
 mod backup;
 mod convert;
 mod data;
 mod deploy;
-pub(crate) mod forward;
-mod route;
+mod router;
+mod services;
 mod session;
 pub mod trace;
 mod watch;
 
 pub use backup::restore_chunks;
-pub use route::forwarding_check;
+pub use data::Data;
+pub use router::{Caller, Router, forwarding_check};
+pub use services::{ClusterService, WaftService};
 
 use crate::Raft;
 use crate::auth::Tokens;
@@ -35,7 +42,9 @@ use crate::runtime::Runtime;
 use crate::storage::StateHandle;
 use crate::types::NodeId;
 use std::sync::Arc;
-use tonic::Status;
+
+/// The most commands one `SubmitBatch` (or one group of a session) may carry.
+pub(crate) const MAX_BATCH_COMMANDS: usize = 1024;
 
 /// Limits on client requests.
 #[derive(Debug, Clone)]
@@ -62,96 +71,106 @@ impl Default for ApiLimits {
     }
 }
 
-/// Both API services share this.
-#[derive(Clone)]
-pub struct Api {
-    id: NodeId,
-    addr: String,
-    raft: Raft,
-    state: StateHandle,
-    runtime: Runtime,
-    peers: NetworkFactory,
-    limits: ApiLimits,
-    snapshot_dir: std::path::PathBuf,
-    tokens: Arc<Tokens>,
-    forwarder: Arc<forward::Forwarder>,
-    rpc: Arc<trace::RpcMetrics>,
-    /// One deploy at a time per service on this node, from the look at what the service runs
-    /// to the new version's apply: an identical deploy that arrives meanwhile (a retry) then
-    /// finds it running and changes nothing.
-    deploying: deploy::DeployLocks,
-    /// Open `Watch` streams, at most `limits.max_watches`.
-    watches: Arc<tokio::sync::Semaphore>,
+/// What a node's API is made of.
+pub struct ApiParts {
+    /// This node's id and the address its peers and clients reach it at.
+    pub id: NodeId,
+    pub addr: String,
+    pub raft: Raft,
+    pub state: StateHandle,
+    pub runtime: Runtime,
+    pub peers: NetworkFactory,
+    pub limits: ApiLimits,
+    /// Where this node's snapshots live (backups are read from there).
+    pub snapshot_dir: std::path::PathBuf,
+    /// The tokens calls need (see [`crate::auth`]).
+    pub tokens: Tokens,
+    /// Where this node counts its calls (shared with the metrics endpoint).
+    pub rpc: Arc<trace::RpcMetrics>,
 }
 
-impl std::fmt::Debug for Api {
+impl std::fmt::Debug for ApiParts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Api")
+        f.debug_struct("ApiParts")
             .field("id", &self.id)
+            .field("addr", &self.addr)
             .finish_non_exhaustive()
     }
 }
 
+/// A node's API: its router and the handler of each concern.
+#[derive(Clone, Debug)]
+pub struct Api {
+    router: Router,
+    data: Data,
+    deploys: deploy::Deploys,
+    watches: watch::Watches,
+    admin: admin::Admin,
+    backups: backup::Backups,
+}
+
 impl Api {
-    /// Requires tokens (see [`crate::auth`]).
-    pub fn with_tokens(mut self, tokens: Tokens) -> Api {
-        self.tokens = Arc::new(tokens);
-        self
-    }
-
-    /// The API of the node with this Raft handle and state.
-    pub fn new(
-        id: NodeId,
-        addr: String,
-        raft: Raft,
-        state: StateHandle,
-        runtime: Runtime,
-        peers: NetworkFactory,
-        limits: ApiLimits,
-    ) -> Api {
-        let watches = Arc::new(tokio::sync::Semaphore::new(limits.max_watches));
+    /// The API of a node made of `parts`.
+    pub fn new(parts: ApiParts) -> Api {
+        let router = Router::new(
+            parts.id,
+            parts.raft,
+            parts.peers,
+            Arc::new(parts.tokens),
+            parts.rpc,
+        );
         Api {
-            id,
-            addr,
-            raft,
-            state,
-            runtime,
-            peers,
-            limits,
-            snapshot_dir: std::path::PathBuf::new(),
-            tokens: Arc::default(),
-            forwarder: Arc::default(),
-            deploying: Arc::default(),
-            watches,
-            rpc: Arc::default(),
+            data: Data::new(router.clone(), parts.state.clone(), parts.limits.clone()),
+            deploys: deploy::Deploys::new(
+                router.clone(),
+                parts.state.clone(),
+                parts.runtime.clone(),
+                parts.limits.clone(),
+            ),
+            watches: watch::Watches::new(parts.state.clone(), &parts.limits),
+            admin: admin::Admin::new(
+                router.clone(),
+                parts.addr,
+                parts.state.clone(),
+                parts.runtime,
+                parts.limits.clone(),
+            ),
+            backups: backup::Backups::new(
+                router.clone(),
+                parts.state,
+                parts.limits,
+                parts.snapshot_dir,
+            ),
+            router,
         }
     }
 
-    /// Where this node counts its calls (shared with the metrics endpoint).
-    pub fn with_rpc_metrics(mut self, rpc: Arc<trace::RpcMetrics>) -> Api {
-        self.rpc = rpc;
-        self
+    /// The `waft.v1.Waft` gRPC service.
+    pub fn waft_service(&self) -> WaftService {
+        WaftService::new(
+            self.router.clone(),
+            self.data.clone(),
+            self.deploys.clone(),
+            self.watches.clone(),
+        )
     }
 
-    /// Where this node's snapshots live (backups are read from there).
-    pub fn with_snapshot_dir(mut self, dir: std::path::PathBuf) -> Api {
-        self.snapshot_dir = dir;
-        self
+    /// The `waft.v1.Cluster` gRPC service.
+    pub fn cluster_service(&self) -> ClusterService {
+        ClusterService::new(
+            self.router.clone(),
+            self.admin.clone(),
+            self.backups.clone(),
+        )
     }
 
-    #[allow(clippy::result_large_err)]
-    fn check_payload(&self, len: usize) -> Result<(), Status> {
-        if len > self.limits.max_payload_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "payload of {len} bytes is over the {}-byte limit",
-                self.limits.max_payload_bytes
-            )));
-        }
-        Ok(())
+    /// Where this node's calls run (the etcd endpoint authorizes its callers here).
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
-    fn metrics(&self) -> openraft::RaftMetrics<crate::types::TypeConfig> {
-        use openraft::async_runtime::WatchReceiver;
-        self.raft.metrics().borrow_watched().clone()
+    /// The data handler (the etcd endpoint's commands and reads go through it).
+    pub fn data(&self) -> &Data {
+        &self.data
     }
 }

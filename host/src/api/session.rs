@@ -14,9 +14,8 @@
 //! itself ends only when the client ends it, or with an error status when a request does not
 //! decode (the requests read before it may then go unanswered: their outcome is unknown).
 
-use super::route::{Caller, Leader, relay_failure};
-use super::{Api, forward};
-use crate::auth::Role;
+use super::router::{Caller, Leader, relay_failure};
+use super::{Data, MAX_BATCH_COMMANDS, convert};
 use crate::pb::session::Pipe;
 use crate::pb::{api, copy_status};
 use futures::future::BoxFuture;
@@ -24,12 +23,12 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+use tonic::{Response as GrpcResponse, Status, Streaming};
 
 /// Commands read from one stream and not yet answered.
 const MAX_OUTSTANDING: usize = 4096;
 /// The most commands proposed together.
-const GROUP_COMMANDS: usize = forward::MAX_COMMANDS;
+const GROUP_COMMANDS: usize = MAX_BATCH_COMMANDS;
 /// A group stops growing past this many payload bytes.
 const GROUP_BYTES: usize = 4 << 20;
 
@@ -41,16 +40,17 @@ struct Upstream {
     pipe: Pipe,
 }
 
-impl Api {
+impl Data {
+    /// `Waft.Session`: serves `input` until the client ends it.
     pub(super) fn open_session(
         &self,
-        request: GrpcRequest<Streaming<api::SessionRequest>>,
-    ) -> Result<GrpcResponse<SessionStream>, Status> {
-        let caller = self.authorize(&request, Role::Client)?;
+        caller: Caller,
+        input: Streaming<api::SessionRequest>,
+    ) -> GrpcResponse<SessionStream> {
         let (tx, rx) = mpsc::channel(64);
-        let api = self.clone();
-        tokio::spawn(async move { api.serve_session(caller, request.into_inner(), tx).await });
-        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+        let data = self.clone();
+        tokio::spawn(async move { data.serve_session(caller, input, tx).await });
+        GrpcResponse::new(ReceiverStream::new(rx))
     }
 
     async fn serve_session(
@@ -146,7 +146,7 @@ impl Api {
         let results: BoxFuture<'static, Vec<api::SubmitResult>> = if commands.is_empty() {
             futures::future::ready(Vec::new()).boxed()
         } else {
-            match self.leader(caller).await {
+            match self.router.leader(caller).await {
                 Err(status) => failed(proposed, &status),
                 Ok(None) => match self.propose_here(commands).await {
                     Ok(results) => results,
@@ -163,7 +163,7 @@ impl Api {
                 .map(|(n, refused)| api::SessionReply {
                     results: match refused {
                         Some(status) => (0..n)
-                            .map(|_| forward::to_result(Err(copy_status(&status))))
+                            .map(|_| convert::to_result(Err(copy_status(&status))))
                             .collect(),
                         None => results.by_ref().take(n).collect(),
                     },
@@ -202,7 +202,7 @@ impl Api {
             }
         }
         let pipe = &upstream.as_ref().expect("opened above").pipe;
-        self.rpc.forwarded(n);
+        self.router.count_forwarded(n);
         let reply = pipe.send(api::SessionRequest { commands });
         async move {
             match reply.await {
@@ -231,7 +231,7 @@ fn payload_bytes(request: &api::SessionRequest) -> usize {
 /// `n` results that each fail with `status`.
 fn failed(n: usize, status: &Status) -> BoxFuture<'static, Vec<api::SubmitResult>> {
     let results = (0..n)
-        .map(|_| forward::to_result(Err(copy_status(status))))
+        .map(|_| convert::to_result(Err(copy_status(status))))
         .collect();
     futures::future::ready(results).boxed()
 }

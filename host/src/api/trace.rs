@@ -4,7 +4,7 @@
 //! node, the method, whether a peer forwarded it, and a request id: the caller's `x-request-id`
 //! header when it sends one (a printable ASCII string of up to 128 bytes), otherwise one this
 //! node makes up. A follower that forwards the call to the leader passes the same id along
-//! (see `Api::mark`), so grepping one id in the logs of all nodes shows the request's whole
+//! (see `Router::mark`), so grepping one id in the logs of all nodes shows the request's whole
 //! path. The reply carries the id in `x-request-id` and the node that served it (the leader,
 //! for a forwarded write) in `waft-served-by`.
 //!

@@ -1,12 +1,15 @@
 //! `Watch`: a stream of what this node applied (commands with their outcomes, version
-//! changes, timers delivered, events guests emitted; filtered by service and topic), from a start index inside the node's event history, then live. Bounded: at most
-//! `ApiLimits::max_watches` streams, [`WATCH_BUFFER`] events ahead of a slow reader.
+//! changes, timers delivered, events guests emitted; filtered by service and topic), from a
+//! start index inside the node's event history, then live. Bounded: at most
+//! `ApiLimits::max_watches` streams, [`WATCH_BUFFER`] events ahead of a slow reader. A watch
+//! is served where it lands: it needs no leader.
 
-use super::{Api, convert};
-use crate::auth::Role;
+use super::{ApiLimits, convert};
 use crate::pb::api;
+use crate::storage::StateHandle;
 use crate::storage::events::{Filter, Since};
-use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
+use std::sync::Arc;
+use tonic::{Response as GrpcResponse, Status};
 
 pub(super) type WatchStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<api::WatchEvent, Status>> + Send>>;
@@ -23,20 +26,40 @@ fn history_gone(from: u64, first: u64) -> Status {
     ))
 }
 
-impl Api {
+/// The watches of one node.
+#[derive(Clone)]
+pub(super) struct Watches {
+    state: StateHandle,
+    /// Open `Watch` streams, at most `max`.
+    open: Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+impl std::fmt::Debug for Watches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watches")
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watches {
+    pub(super) fn new(state: StateHandle, limits: &ApiLimits) -> Watches {
+        Watches {
+            state,
+            open: Arc::new(tokio::sync::Semaphore::new(limits.max_watches)),
+            max: limits.max_watches,
+        }
+    }
+
     /// `Waft.Watch`: the events from the requested index on, then as they are applied.
     #[allow(clippy::result_large_err)]
-    pub(super) fn open_watch(
-        &self,
-        request: GrpcRequest<api::WatchRequest>,
-    ) -> Result<GrpcResponse<WatchStream>, Status> {
-        self.authorize(&request, Role::Client)?;
-        let req = request.into_inner();
-        let Ok(permit) = self.watches.clone().try_acquire_owned() else {
+    pub(super) fn open(&self, req: api::WatchRequest) -> Result<GrpcResponse<WatchStream>, Status> {
+        let Ok(permit) = self.open.clone().try_acquire_owned() else {
             return Err(Status::resource_exhausted(format!(
                 "this node already serves {} watches, its limit; watch through another node or \
                  end a watch first",
-                self.limits.max_watches
+                self.max
             )));
         };
         let filter = Filter {

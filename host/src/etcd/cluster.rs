@@ -4,7 +4,6 @@
 //! other Cluster and Maintenance calls stay UNIMPLEMENTED.
 
 use super::{EtcdKv, member_id};
-use crate::pb::api::waft_server::Waft;
 use crate::pb::etcd::cluster_server::Cluster;
 use crate::pb::etcd::maintenance_server::Maintenance;
 use crate::pb::etcd::*;
@@ -31,7 +30,7 @@ impl EtcdAdmin {
 
     /// The etcd guest's current revision (a serializable count of nothing); 0 if there is no
     /// etcd service yet.
-    async fn revision(&self, caller: &tonic::metadata::MetadataMap) -> i64 {
+    async fn revision(&self, caller: &crate::api::Caller) -> i64 {
         let probe = RangeRequest {
             key: vec![0],
             count_only: true,
@@ -60,7 +59,7 @@ impl Cluster for EtcdAdmin {
         &self,
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
-        self.kv.authorize(request.metadata()).await?;
+        self.kv.authorize(request.metadata())?;
         let m = self.kv.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let cluster = self.kv.identity.cluster();
@@ -95,19 +94,10 @@ impl Maintenance for EtcdAdmin {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        self.kv.authorize(request.metadata()).await?;
-        let revision = self.revision(request.metadata()).await;
+        let caller = self.kv.authorize(request.metadata())?;
+        let revision = self.revision(&caller).await;
         // The etcd guest's state is etcd's database here.
-        let services = self
-            .kv
-            .api
-            .list_services(EtcdKv::inner(
-                request.metadata(),
-                crate::pb::api::ListServicesRequest {},
-            ))
-            .await?
-            .into_inner()
-            .services;
+        let services = self.kv.api.data().list_services().await;
         let db = services
             .iter()
             .find(|s| s.name == self.kv.service)
@@ -147,8 +137,8 @@ impl Maintenance for EtcdAdmin {
     /// either way, and members that applied the same entries agree).
     async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         use sha2::Digest;
-        self.kv.authorize(request.metadata()).await?;
-        let revision = self.revision(request.metadata()).await;
+        let caller = self.kv.authorize(request.metadata())?;
+        let revision = self.revision(&caller).await;
         let state = self
             .kv
             .state

@@ -24,7 +24,11 @@ impl Lease for EtcdKv {
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let bytes = self
-            .write(request.metadata(), b'G', request.get_ref())
+            .write(
+                &self.authorize(request.metadata())?,
+                b'G',
+                request.get_ref(),
+            )
             .await?;
         self.finish(bytes, |m: &mut LeaseGrantResponse| &mut m.header)
     }
@@ -34,7 +38,11 @@ impl Lease for EtcdKv {
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let bytes = self
-            .write(request.metadata(), b'V', request.get_ref())
+            .write(
+                &self.authorize(request.metadata())?,
+                b'V',
+                request.get_ref(),
+            )
             .await?;
         self.finish(bytes, |m: &mut LeaseRevokeResponse| &mut m.header)
     }
@@ -45,8 +53,7 @@ impl Lease for EtcdKv {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
-        let caller = request.metadata().clone();
-        self.authorize(&caller).await?;
+        let caller = self.authorize(request.metadata())?;
         let mut incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_BUFFER);
         let this = self.clone();
@@ -82,7 +89,11 @@ impl Lease for EtcdKv {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let bytes = self
-            .write(request.metadata(), b'L', request.get_ref())
+            .write(
+                &self.authorize(request.metadata())?,
+                b'L',
+                request.get_ref(),
+            )
             .await?;
         self.finish(bytes, |m: &mut LeaseTimeToLiveResponse| &mut m.header)
     }
@@ -92,7 +103,12 @@ impl Lease for EtcdKv {
         request: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         let bytes = self
-            .read(request.metadata(), b'Q', request.get_ref(), false)
+            .read(
+                &self.authorize(request.metadata())?,
+                b'Q',
+                request.get_ref(),
+                false,
+            )
             .await?;
         self.finish(bytes, |m: &mut LeaseLeasesResponse| &mut m.header)
     }

@@ -3,7 +3,8 @@
 //! (`examples/guests/etcd-kv`, deployed as the service named by `--etcd-service`, "etcd" by
 //! default). `etcdctl` and etcd's client libraries work against it unchanged.
 //!
-//! Each call becomes a waft command or query through this node's own API, so it is replicated,
+//! Each call becomes a waft command or query handed to this node's own data handler (typed
+//! messages, in-process; the caller's token checked by the API's router), so it is replicated,
 //! forwarded to the leader, limited and retried like any other: writes (puts, deletes and
 //! transactions that write) are log entries; a range is a linearizable query, or a stale one
 //! when the client asks for a serializable read; a transaction that only reads is a query.
@@ -23,8 +24,9 @@ mod watch;
 pub use cluster::{API_VERSION, EtcdAdmin};
 
 use crate::Raft;
-use crate::api::Api;
-use crate::pb::api::{self as wapi, waft_server::Waft};
+use crate::api::{Api, Caller};
+use crate::auth::Role;
+use crate::pb::api as wapi;
 use crate::pb::etcd::kv_server::Kv;
 use crate::pb::etcd::*;
 use openraft::async_runtime::WatchReceiver;
@@ -93,34 +95,23 @@ impl EtcdKv {
         }
     }
 
-    /// A request to this node's API carrying the caller's token and request id.
-    pub(super) fn inner<T>(caller: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        for header in [crate::auth::HEADER, crate::api::trace::REQUEST_ID] {
-            if let Some(value) = caller.get(header) {
-                req.metadata_mut().insert(header, value.clone());
-            }
-        }
-        req
-    }
-
+    /// `request` as a command to the etcd guest, tagged `tag`: the guest's reply.
     async fn write(
         &self,
-        caller: &tonic::metadata::MetadataMap,
+        caller: &Caller,
         tag: u8,
         request: &impl crate::pb::Message,
     ) -> Result<Vec<u8>, Status> {
+        let command = wapi::SubmitRequest {
+            service: self.service.clone(),
+            payload: crate::pb::tagged(tag, request),
+            client_id: 0,
+            sequence: 0,
+        };
         let reply = self
             .api
-            .submit(Self::inner(
-                caller,
-                wapi::SubmitRequest {
-                    service: self.service.clone(),
-                    payload: crate::pb::tagged(tag, request),
-                    client_id: 0,
-                    sequence: 0,
-                },
-            ))
+            .data()
+            .submit(caller, command)
             .await
             .map_err(|s| self.missing(s))?
             .into_inner();
@@ -134,9 +125,11 @@ impl EtcdKv {
         }
     }
 
+    /// `request` as a query of the etcd guest, tagged `tag` (stale when `serializable`): the
+    /// guest's reply.
     pub(super) async fn read(
         &self,
-        caller: &tonic::metadata::MetadataMap,
+        caller: &Caller,
         tag: u8,
         request: &impl crate::pb::Message,
         serializable: bool,
@@ -146,16 +139,15 @@ impl EtcdKv {
         } else {
             wapi::Consistency::Linearizable
         };
+        let query = wapi::QueryRequest {
+            service: self.service.clone(),
+            payload: crate::pb::tagged(tag, request),
+            consistency: consistency as i32,
+        };
         let reply = self
             .api
-            .query(Self::inner(
-                caller,
-                wapi::QueryRequest {
-                    service: self.service.clone(),
-                    payload: crate::pb::tagged(tag, request),
-                    consistency: consistency as i32,
-                },
-            ))
+            .data()
+            .query(caller, query)
             .await
             .map_err(|s| self.missing(s))?
             .into_inner();
@@ -169,16 +161,13 @@ impl EtcdKv {
         }
     }
 
-    /// Checks the caller's token as the data calls of waft's own API do.
-    pub(super) async fn authorize(
+    /// Checks the token in a caller's `metadata` as the data calls of waft's own API do.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn authorize(
         &self,
-        caller: &tonic::metadata::MetadataMap,
-    ) -> Result<(), Status> {
-        use crate::pb::api::cluster_server::Cluster as _;
-        self.api
-            .status(Self::inner(caller, wapi::StatusRequest {}))
-            .await
-            .map(|_| ())
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Caller, Status> {
+        self.api.router().authorize(metadata, Role::Client)
     }
 
     /// A header with this node's cluster id, member id and Raft term.
@@ -253,7 +242,7 @@ impl Kv for EtcdKv {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
-        let caller = request.metadata().clone();
+        let caller = self.authorize(request.metadata())?;
         let r = request.into_inner();
         let bytes = self.read(&caller, b'R', &r, r.serializable).await?;
         self.finish(bytes, |m: &mut RangeResponse| &mut m.header)
@@ -261,7 +250,11 @@ impl Kv for EtcdKv {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let bytes = self
-            .write(request.metadata(), b'P', request.get_ref())
+            .write(
+                &self.authorize(request.metadata())?,
+                b'P',
+                request.get_ref(),
+            )
             .await?;
         self.finish(bytes, |m: &mut PutResponse| &mut m.header)
     }
@@ -271,7 +264,11 @@ impl Kv for EtcdKv {
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let bytes = self
-            .write(request.metadata(), b'D', request.get_ref())
+            .write(
+                &self.authorize(request.metadata())?,
+                b'D',
+                request.get_ref(),
+            )
             .await?;
         self.finish(bytes, |m: &mut DeleteRangeResponse| &mut m.header)
     }
@@ -281,13 +278,17 @@ impl Kv for EtcdKv {
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let bytes = self
-            .write(request.metadata(), b'C', request.get_ref())
+            .write(
+                &self.authorize(request.metadata())?,
+                b'C',
+                request.get_ref(),
+            )
             .await?;
         self.finish(bytes, |m: &mut CompactionResponse| &mut m.header)
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let caller = request.metadata().clone();
+        let caller = self.authorize(request.metadata())?;
         let t = request.into_inner();
         let bytes = if read_only(&t) {
             self.read(&caller, b'T', &t, false).await?

@@ -14,6 +14,7 @@
 //! so a watcher resuming across that on this node is told the same; another node may hold more.
 
 use super::EtcdKv;
+use crate::api::Caller;
 use crate::pb::Message as _;
 use crate::pb::etcd::watch_create_request::FilterType;
 use crate::pb::etcd::watch_request::RequestUnion;
@@ -103,7 +104,7 @@ impl EtcdKv {
     }
 
     /// The store's revision now and its last compaction's (a linearizable read).
-    async fn revisions(&self, caller: &tonic::metadata::MetadataMap) -> Result<(i64, i64), Status> {
+    async fn revisions(&self, caller: &Caller) -> Result<(i64, i64), Status> {
         let bytes = self
             .read(caller, b'S', &WatchProgressRequest {}, false)
             .await?;
@@ -113,7 +114,7 @@ impl EtcdKv {
     }
 
     /// The store's revision now.
-    async fn current_revision(&self, caller: &tonic::metadata::MetadataMap) -> Result<i64, Status> {
+    async fn current_revision(&self, caller: &Caller) -> Result<i64, Status> {
         Ok(self.revisions(caller).await?.0)
     }
 
@@ -162,8 +163,7 @@ impl Watch for EtcdKv {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let caller = request.metadata().clone();
-        self.authorize(&caller).await?;
+        let caller = self.authorize(request.metadata())?;
         let incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let this = self.clone();
@@ -183,7 +183,7 @@ type Out = tokio::sync::mpsc::Sender<Result<WatchResponse, Status>>;
 /// Serves one watch stream until the client ends it or goes away.
 async fn serve(
     kv: EtcdKv,
-    caller: tonic::metadata::MetadataMap,
+    caller: Caller,
     mut incoming: Streaming<WatchRequest>,
     tx: &Out,
 ) -> Result<(), Status> {

@@ -3,7 +3,7 @@
 
 use super::accepted::Accepted;
 use super::{Core, NodeConfig, NodeError};
-use crate::api::Api;
+use crate::api::{Api, ApiParts, ClusterService, WaftService};
 use crate::pb::api::{cluster_server::ClusterServer, waft_server::WaftServer};
 use crate::pb::raft::raft_server::RaftServer;
 use crate::raft::RaftService;
@@ -47,23 +47,27 @@ pub(super) async fn serve(
     .max_guest_memory(config.api.max_guest_memory);
     let max = config.net.max_message_bytes;
     let trace = crate::api::trace::TraceLayer::new(config.id);
-    let api = Api::new(
-        config.id,
+    let api = Api::new(ApiParts {
+        id: config.id,
         addr,
-        raft.clone(),
-        core.state.clone(),
+        raft: raft.clone(),
+        state: core.state.clone(),
         runtime,
-        core.network.clone(),
-        config.api.clone(),
-    )
-    .with_snapshot_dir(snapshot_dir)
-    .with_tokens(config.tokens.clone())
-    .with_rpc_metrics(trace.metrics());
+        peers: core.network.clone(),
+        limits: config.api.clone(),
+        snapshot_dir,
+        tokens: config.tokens.clone(),
+        rpc: trace.metrics(),
+    });
     // Client messages: a payload, or a deploy chunk, plus framing.
     let api_max = config.api.max_payload_bytes.max(max_module) + (64 << 10);
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<WaftServer<Api>>().await;
-    health_reporter.set_serving::<ClusterServer<Api>>().await;
+    health_reporter
+        .set_serving::<WaftServer<WaftService>>()
+        .await;
+    health_reporter
+        .set_serving::<ClusterServer<ClusterService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(crate::pb::api::FILE_DESCRIPTOR_SET)
@@ -136,13 +140,13 @@ pub(super) async fn serve(
                     .max_encoding_message_size(max),
             )
             .add_service(tonic::service::interceptor::InterceptedService::new(
-                WaftServer::new(api.clone())
+                WaftServer::new(api.waft_service())
                     .max_decoding_message_size(api_max)
                     .max_encoding_message_size(api_max),
                 crate::api::forwarding_check(identity.clone()),
             ))
             .add_service(tonic::service::interceptor::InterceptedService::new(
-                ClusterServer::new(api),
+                ClusterServer::new(api.cluster_service()),
                 crate::api::forwarding_check(identity),
             ))
             .add_service(health)

@@ -1,29 +1,48 @@
-//! Forward to the leader or handle here: the one path every call that needs the leader takes.
+//! The router: where a call runs. Every handler that needs the leader asks it, and it is the
+//! one way a call travels to another node.
 //!
-//! A call finds out where it must run ([`Api::leader`] before anything is proposed, or
-//! [`Api::leader_of`] from the error openraft gave a proposal). When another node leads, the
-//! call goes there unchanged through [`Leader::relay`]: marked as forwarded (never forwarded
-//! twice), carrying the caller's token and request id, and a lost connection becomes a
-//! retryable `UNAVAILABLE`.
+//! A call first becomes a [`Caller`] ([`Router::authorize`]: its token checked for the role
+//! the call needs, its request id and deadline taken). Then it finds out where it must run
+//! ([`Router::leader`] before anything is proposed, or [`Router::leader_of`] from the error
+//! openraft gave a proposal). When another node leads, the call goes there unchanged through
+//! [`Leader::relay`] (or, for single `Submit`s, in the follower's batches: [`forward`]):
+//! marked as forwarded (never forwarded twice), carrying the caller's token, request id and
+//! deadline, and a lost connection becomes a retryable `UNAVAILABLE`.
+//!
+//! The router knows one leader, this node's group's; Raft groups will make it the place that
+//! maps a service to its group's leader.
 
-use super::Api;
+mod forward;
+
 use super::trace::{self, FORWARDED};
-use crate::auth::Role;
-use crate::pb::api::{cluster_client::ClusterClient, waft_client::WaftClient};
-use crate::types::{Request, Response, TypeConfig};
+use crate::Raft;
+use crate::auth::{Role, Tokens};
+use crate::pb::api::{self, cluster_client::ClusterClient, waft_client::WaftClient};
+use crate::raft::NetworkFactory;
+use crate::types::{NodeId, Request, Response, TypeConfig};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::Channel;
 use tonic::{Request as GrpcRequest, Status};
 
 /// How long a call waits for an election to produce a leader before answering UNAVAILABLE.
 const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Who made a call, as far as forwarding it goes: its token and request id (which a forwarded
-/// call carries on) and whether it was itself forwarded here (then it is never forwarded again).
-pub(super) struct Caller {
-    pub(super) token: Option<tonic::metadata::AsciiMetadataValue>,
-    pub(super) request_id: Option<tonic::metadata::AsciiMetadataValue>,
-    pub(super) forwarded: bool,
+/// The gRPC deadline header.
+const TIMEOUT: &str = "grpc-timeout";
+
+/// An authorized call, as far as routing it goes: its token, request id and deadline (which a
+/// forwarded call carries on) and whether it was itself forwarded here (then it is never
+/// forwarded again). Only [`Router::authorize`] makes one from a caller's metadata, so a
+/// handler that takes a `&Caller` cannot be reached by a call whose token was not checked.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    token: Option<AsciiMetadataValue>,
+    request_id: Option<AsciiMetadataValue>,
+    deadline: Option<Instant>,
+    forwarded: bool,
 }
 
 impl Caller {
@@ -33,9 +52,36 @@ impl Caller {
         Caller {
             token: None,
             request_id: None,
+            deadline: None,
             forwarded: true,
         }
     }
+}
+
+/// A `grpc-timeout` value (digits and a unit: H, M, S, m, u or n) as a duration.
+fn parse_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A duration as a `grpc-timeout` value (milliseconds, rounded up; at most 8 digits).
+fn timeout_value(left: Duration) -> AsciiMetadataValue {
+    let ms = left.as_micros().div_ceil(1000).clamp(1, 99_999_999);
+    format!("{ms}m")
+        .parse()
+        .expect("digits and a unit are ASCII")
 }
 
 /// The leader, when it is another node: where a call goes instead of running here.
@@ -46,9 +92,29 @@ pub(super) struct Leader {
 }
 
 /// Clients of the leader's two services, over one channel.
-pub(super) struct Clients {
+pub struct Clients {
     pub(super) waft: WaftClient<Channel>,
     pub(super) cluster: ClusterClient<Channel>,
+}
+
+/// Where this node's calls run: the leader lookup, relaying to it, the follower's batches of
+/// `Submit`s for it, and what a forwarded call carries.
+#[derive(Clone)]
+pub struct Router {
+    id: NodeId,
+    raft: Raft,
+    peers: NetworkFactory,
+    tokens: Arc<Tokens>,
+    rpc: Arc<trace::RpcMetrics>,
+    forwarder: Arc<forward::Forwarder>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Leader {
@@ -135,31 +201,78 @@ pub(super) fn write_error(e: &RaftError<TypeConfig, ClientWriteError<TypeConfig>
     }
 }
 
-impl Api {
-    /// Checks the caller's token for a call that needs `role`; returns what a forwarded call
-    /// carries on.
+impl Router {
+    /// The router of node `id`, checking callers' tokens against `tokens` and counting the
+    /// commands it forwards in `rpc`.
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        peers: NetworkFactory,
+        tokens: Arc<Tokens>,
+        rpc: Arc<trace::RpcMetrics>,
+    ) -> Router {
+        Router {
+            id,
+            raft,
+            peers,
+            tokens,
+            rpc,
+            forwarder: Arc::default(),
+        }
+    }
+
+    /// This node's id.
+    pub(super) fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// This node's Raft handle.
+    pub(super) fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// This node's connections to its peers.
+    pub(super) fn peers(&self) -> &NetworkFactory {
+        &self.peers
+    }
+
+    /// What this node's Raft reports now.
+    pub(super) fn metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
+        use openraft::async_runtime::WatchReceiver;
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Checks the token in a caller's `metadata` for a call that needs `role`; returns the
+    /// caller, with what a forwarded call carries on.
     #[allow(clippy::result_large_err)]
-    pub(super) fn authorize<T>(
-        &self,
-        request: &GrpcRequest<T>,
-        role: Role,
-    ) -> Result<Caller, Status> {
+    pub fn authorize(&self, metadata: &MetadataMap, role: Role) -> Result<Caller, Status> {
+        let deadline = metadata
+            .get(TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_timeout)
+            .map(|t| Instant::now() + t);
         Ok(Caller {
-            token: self.tokens.check(request.metadata(), role)?,
-            request_id: request.metadata().get(trace::REQUEST_ID).cloned(),
-            forwarded: request.metadata().contains_key(FORWARDED),
+            token: self.tokens.check(metadata, role)?,
+            request_id: metadata.get(trace::REQUEST_ID).cloned(),
+            deadline,
+            forwarded: metadata.contains_key(FORWARDED),
         })
     }
 
     /// The metadata of a call this node forwards for `caller`: marked as forwarded (so it is
-    /// not forwarded again) with this node's cluster id (so a stranger refuses it).
-    pub(super) fn mark(&self, caller: &Caller) -> tonic::metadata::MetadataMap {
-        let mut meta = tonic::metadata::MetadataMap::new();
+    /// not forwarded again) with this node's cluster id (so a stranger refuses it), with the
+    /// caller's token, request id and what is left of its deadline.
+    pub(super) fn mark(&self, caller: &Caller) -> MetadataMap {
+        let mut meta = MetadataMap::new();
         if let Some(token) = &caller.token {
             meta.insert(crate::auth::HEADER, token.clone());
         }
         if let Some(id) = &caller.request_id {
             meta.insert(trace::REQUEST_ID, id.clone());
+        }
+        if let Some(deadline) = caller.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            meta.insert(TIMEOUT, timeout_value(left));
         }
         let value = self
             .peers
@@ -273,19 +386,53 @@ impl Api {
         }
     }
 
-    /// A call to the leader at `addr` on behalf of `caller` (the follower-side batching of
+    /// A client of the `Waft` service of the leader at `addr` (the follower-side batching of
     /// `Submit`s uses it).
-    pub(super) fn waft_client(&self, addr: &str) -> Result<WaftClient<Channel>, Status> {
+    fn waft_client(&self, addr: &str) -> Result<WaftClient<Channel>, Status> {
         let ch = self.peers.channel(addr).map_err(Status::unavailable)?;
         Ok(WaftClient::new(ch)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX))
+    }
+
+    /// Sends `command` to `leader` in this node's next batch for it, and waits for its reply
+    /// and the id of the node that served it.
+    pub(super) async fn forward_submit(
+        &self,
+        leader: &Leader,
+        caller: &Caller,
+        command: api::SubmitRequest,
+    ) -> forward::Forwarded {
+        self.forwarder
+            .submit(self, leader.addr(), caller, command)
+            .await
+    }
+
+    /// Counts `commands` this node sent to the leader in one call.
+    pub(super) fn count_forwarded(&self, commands: usize) {
+        self.rpc.forwarded(commands);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_callers_deadline_is_read_in_every_unit_and_passed_on_in_milliseconds() {
+        assert_eq!(parse_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_timeout("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "S", "5", "5s", "-5S", "123456789S", "5 S"] {
+            assert_eq!(parse_timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(timeout_value(Duration::from_micros(1500)), "2m");
+        assert_eq!(timeout_value(Duration::ZERO), "1m");
+        assert_eq!(timeout_value(Duration::from_secs(1 << 40)), "99999999m");
+    }
 
     #[test]
     fn a_lost_connection_to_the_leader_is_retryable_and_a_leaders_status_is_kept() {

@@ -13,8 +13,9 @@
 //! the connection (the leader went away) fails each of its commands with UNAVAILABLE: their
 //! outcome is unknown, and a retry with the same client session applies each at most once.
 
-use super::Api;
-use super::route::{Caller, relay_failure};
+use super::{Caller, Router, relay_failure};
+use crate::api::MAX_BATCH_COMMANDS as MAX_COMMANDS;
+use crate::api::convert::from_result;
 use crate::pb::api;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,8 +26,6 @@ use tonic::metadata::AsciiMetadataValue;
 
 /// Batch calls one queue may have outstanding.
 const IN_FLIGHT: usize = 4;
-/// The most commands in one batch.
-pub(super) const MAX_COMMANDS: usize = 1024;
 /// A batch stops growing past this many payload bytes.
 const MAX_BYTES: usize = 4 << 20;
 /// Commands that may wait in one queue; senders wait beyond that.
@@ -60,7 +59,7 @@ impl Forwarder {
     /// for its reply.
     pub(super) async fn submit(
         self: &Arc<Self>,
-        api: &Api,
+        router: &Router,
         leader: &str,
         caller: &Caller,
         command: api::SubmitRequest,
@@ -76,7 +75,7 @@ impl Forwarder {
             reply,
         };
         loop {
-            let queue = self.queue(api, &key);
+            let queue = self.queue(router, &key);
             match queue.send(pending).await {
                 Ok(()) => break,
                 // The queue closed as it went idle: open a new one.
@@ -96,20 +95,20 @@ impl Forwarder {
         })
     }
 
-    fn queue(self: &Arc<Self>, api: &Api, key: &Key) -> mpsc::Sender<Pending> {
+    fn queue(self: &Arc<Self>, router: &Router, key: &Key) -> mpsc::Sender<Pending> {
         let mut queues = crate::sync::lock_anyway(&self.queues);
         if let Some(q) = queues.get(key) {
             return q.clone();
         }
         let (tx, rx) = mpsc::channel(QUEUE);
         queues.insert(key.clone(), tx.clone());
-        tokio::spawn(run(self.clone(), api.clone(), key.clone(), rx));
+        tokio::spawn(run(self.clone(), router.clone(), key.clone(), rx));
         tx
     }
 }
 
 /// One queue's task: takes what has queued up whenever a call slot is free, and sends it.
-async fn run(forwarder: Arc<Forwarder>, api: Api, key: Key, mut rx: mpsc::Receiver<Pending>) {
+async fn run(forwarder: Arc<Forwarder>, router: Router, key: Key, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let first = match tokio::time::timeout(IDLE, rx.recv()).await {
@@ -128,7 +127,7 @@ async fn run(forwarder: Arc<Forwarder>, api: Api, key: Key, mut rx: mpsc::Receiv
                     queues.remove(&key);
                 }
                 for chunk in chunks(left) {
-                    send(&api, &key, chunk).await;
+                    send(&router, &key, chunk).await;
                 }
                 return;
             }
@@ -148,9 +147,9 @@ async fn run(forwarder: Arc<Forwarder>, api: Api, key: Key, mut rx: mpsc::Receiv
                 Err(_) => break,
             }
         }
-        let (api, key) = (api.clone(), key.clone());
+        let (router, key) = (router.clone(), key.clone());
         tokio::spawn(async move {
-            send(&api, &key, batch).await;
+            send(&router, &key, batch).await;
             drop(slot);
         });
     }
@@ -166,8 +165,8 @@ fn chunks(mut all: Vec<Pending>) -> Vec<Vec<Pending>> {
 }
 
 /// One batch call; every command of `batch` gets its answer.
-async fn send(api: &Api, key: &Key, batch: Vec<Pending>) {
-    api.rpc.forwarded(batch.len());
+async fn send(router: &Router, key: &Key, batch: Vec<Pending>) {
+    router.count_forwarded(batch.len());
     // A batch of one keeps its caller's request id on the leader; a larger batch gets one of
     // its own there, logged here next to each command's.
     let caller = Caller {
@@ -176,6 +175,9 @@ async fn send(api: &Api, key: &Key, batch: Vec<Pending>) {
             [one] => one.request_id.clone(),
             _ => None,
         },
+        // Each command waits for its own reply as long as its caller does; the batch carries
+        // no deadline of its own.
+        deadline: None,
         forwarded: false,
     };
     let (commands, waiting): (Vec<_>, Vec<_>) = batch
@@ -184,18 +186,19 @@ async fn send(api: &Api, key: &Key, batch: Vec<Pending>) {
         .unzip();
     let n = commands.len();
     let call = async {
-        api.waft_client(&key.leader)?
+        router
+            .waft_client(&key.leader)?
             .submit_batch({
                 let mut req = tonic::Request::new(api::SubmitBatchRequest { commands });
-                *req.metadata_mut() = api.mark(&caller);
+                *req.metadata_mut() = router.mark(&caller);
                 req
             })
             .await
     };
     let outcome = match call.await {
         Ok(reply) => {
-            let served_by = reply.metadata().get(super::trace::SERVED_BY).cloned();
-            let batch_id = reply.metadata().get(super::trace::REQUEST_ID).cloned();
+            let served_by = reply.metadata().get(crate::api::trace::SERVED_BY).cloned();
+            let batch_id = reply.metadata().get(crate::api::trace::REQUEST_ID).cloned();
             let results = reply.into_inner().results;
             if results.len() == n {
                 if n > 1 {
@@ -225,30 +228,5 @@ async fn send(api: &Api, key: &Key, batch: Vec<Pending>) {
                 let _ = reply.send(Err(crate::pb::copy_status(&status)));
             }
         }
-    }
-}
-
-/// A command's result as its own Submit would have answered.
-pub(crate) fn from_result(result: api::SubmitResult) -> Result<api::SubmitReply, Status> {
-    match result.result {
-        Some(api::submit_result::Result::Reply(r)) => Ok(r),
-        Some(api::submit_result::Result::Failure(f)) => {
-            Err(Status::new(tonic::Code::from(f.code), f.message))
-        }
-        None => Err(Status::internal("the leader sent an empty result")),
-    }
-}
-
-/// The result that stands for `answer` in a batch reply.
-pub(super) fn to_result(answer: Result<api::SubmitReply, Status>) -> api::SubmitResult {
-    use api::submit_result::Result as R;
-    api::SubmitResult {
-        result: Some(match answer {
-            Ok(reply) => R::Reply(reply),
-            Err(s) => R::Failure(api::Failure {
-                code: s.code() as i32,
-                message: s.message().to_owned(),
-            }),
-        }),
     }
 }

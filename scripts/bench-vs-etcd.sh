@@ -19,6 +19,8 @@
 # WAFT_BENCH_REPEAT=N runs each point's waft/etcd pair N times in a row and keeps the pair with
 # the median ratio (CPU per put counts all of them): the machine's noise moves single runs by
 # ±10%.
+# WAFT_BIN=PATH runs that waft build instead of building target/release/waft: run the script
+# once per build, alternating, for a same-run A/B of two builds against the same etcd.
 # Every point also prints the CPU time (user and system, from /proc) each system's three
 # processes spent per put, and their ratio.
 set -euo pipefail

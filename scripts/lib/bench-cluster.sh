@@ -1,7 +1,7 @@
 # Sourced by the benchmark scripts: a 3-member etcd and a 3-node waft on loopback.
 #
-# bench_setup: installs etcd if missing, builds the release binary (WAFT) and the example
-#   guests, makes a scratch directory DIR and an empty PIDS list; stop_all kills every pid in
+# bench_setup: installs etcd if missing, builds the release binary (WAFT; WAFT_BIN=PATH uses
+#   that build instead, for a same-run A/B of two builds) and the example guests, makes a scratch directory DIR and an empty PIDS list; stop_all kills every pid in
 #   PIDS and removes DIR (the scripts trap it on EXIT).
 # start_etcd DIR: members e1..e3, clients on 127.0.0.1:2379{1,2,3}, peers on 2380{1,2,3};
 #   their pids are appended to PIDS and ETCD_PIDS.
@@ -56,10 +56,10 @@ bench_setup() {
     echo "etcd is not installed; installing Debian's etcd-server (needs root)" >&2
     apt-get install -y etcd-server etcd-client >/dev/null
   fi
-  cargo build --release --quiet
+  if [ -z "${WAFT_BIN:-}" ]; then cargo build --release --quiet; fi
   rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
   cargo build --release --quiet --target wasm32-wasip2 --manifest-path examples/guests/Cargo.toml
-  WAFT=target/release/waft
+  WAFT=${WAFT_BIN:-target/release/waft}
   DIR=$(mktemp -d)
   PIDS=()
 }

@@ -17,9 +17,17 @@ use std::io;
 use std::sync::Arc;
 
 use super::{
-    APPLY_BUCKETS_US, Applied, HealPlan, MAX_SESSIONS, ServiceStats, SmState, failure,
-    guest_response,
+    APPLY_BUCKETS_US, Applied, Env, HealPlan, MAX_SESSIONS, Replicated, ServiceStats, SmState,
+    failure, guest_response,
 };
+
+/// Commands read and not yet applied: consecutive commands for one service, applied as one
+/// batch.
+#[derive(Default)]
+struct Batch {
+    service: String,
+    commands: Vec<(ApplyCtx, Vec<u8>, Option<ClientSeq>)>,
+}
 
 impl SmState {
     /// Applies committed entries in order and returns one response per entry.
@@ -39,257 +47,99 @@ impl SmState {
         let first = first.log_id().index();
         let (out, heal) = self.apply_all(entries)?;
         let last = self.rep.last_applied.map_or(first, |l| l.index());
-        let events = std::mem::take(&mut self.local.pending_events);
+        let events = std::mem::take(&mut self.local.seen.pending_events);
         self.local.events.record(first..=last, events);
         Ok((out, heal))
     }
 
+    /// Applies `entries`: every entry but an audit's is the replicated state's to apply
+    /// ([`Replicated::apply_command`], [`Replicated::apply_other`]), with nothing of this
+    /// node but its [`Env`]; audit entries compare that state's digest with the others'
+    /// (`audit.rs`).
     pub(super) fn apply_all(&mut self, entries: Vec<Entry>) -> io::Result<Applied> {
         let mut out = Vec::with_capacity(entries.len());
-        // Consecutive commands for one service are applied as a batch (same outcome, fewer
-        // calls into the guest); anything else flushes the batch first.
-        let mut batch: Vec<(ApplyCtx, Vec<u8>, Option<ClientSeq>)> = Vec::new();
-        let mut batch_service = String::new();
+        let mut batch = Batch::default();
         let mut entries = entries.into_iter();
         while let Some(entry) = entries.next() {
             let log_id = entry.log_id();
-            self.local.applying = (log_id.index(), None);
+            let fault = self.local.inject_panic_at.clone();
+            let (rep, mut env) = self.split();
+            env.seen.applying = (log_id.index(), None);
             #[cfg(test)]
             super::fault::tests::maybe_panic(log_id.index());
-            let term = log_id.committed_leader_id().term();
             // A deploy written by an earlier release, with its module inline, applies as one
             // that names its module (which joins the store first).
-            let payload = self.store_inline(entry.payload)?;
-            match payload {
+            match rep.store_inline(&mut env, entry.payload)? {
                 EntryPayload::Normal(Request::Command {
                     service,
                     payload,
                     client,
                     timestamp_ms,
                 }) => {
-                    if self.local.inject_panic_at.as_deref() == Some(payload.as_slice()) {
-                        self.local.applying.1 = Some(service.as_str().into());
+                    if fault.as_deref() == Some(payload.as_slice()) {
+                        env.seen.applying.1 = Some(service.as_str().into());
                         panic!("a fault injected by --inject-apply-panic");
                     }
-                    let ctx = ApplyCtx {
-                        index: log_id.index(),
-                        term,
-                        timestamp_ms: self.advance_clock(timestamp_ms),
-                    };
-                    let repeat = client.is_some_and(|c| {
-                        batch
-                            .iter()
-                            .any(|(_, _, b)| b.is_some_and(|b| b.client_id == c.client_id))
-                    });
-                    if service != batch_service || repeat {
-                        self.flush(&batch_service, &mut batch, &mut out);
-                        batch_service = service;
+                    let command = (service, payload, client, timestamp_ms);
+                    rep.apply_command(&mut env, log_id, command, &mut batch, &mut out);
+                }
+                EntryPayload::Normal(
+                    audit @ (Request::Audit { .. }
+                    | Request::AuditReport { .. }
+                    | Request::AuditVotes { .. }),
+                ) => {
+                    rep.flush(&mut env, &mut batch, &mut out);
+                    if let Some(plan) = self.apply_audit(log_id, audit, &mut out)? {
+                        return Ok((out, Some((plan, entries.collect()))));
                     }
-                    if let Some(response) = self.already_applied(client) {
-                        self.flush(&batch_service, &mut batch, &mut out);
-                        out.push(response);
-                        self.rep.last_applied = Some(log_id);
-                        continue;
-                    }
-                    batch.push((ctx, payload, client));
                 }
                 other => {
-                    self.flush(&batch_service, &mut batch, &mut out);
-                    if let Some(plan) = self.apply_other(log_id, other, &mut out)? {
-                        return Ok((out, Some((plan, entries.collect()))));
+                    rep.flush(&mut env, &mut batch, &mut out);
+                    rep.apply_other(&mut env, log_id, other, &mut out)?;
+                    if matches!(out.last(), Some(Response::Restored(_))) {
+                        // Every service's state was replaced: watchers read it afresh.
+                        self.local.seen.pending_events.clear();
+                        self.local.events.reset(log_id.index());
                     }
                 }
             }
             self.rep.last_applied = Some(log_id);
         }
-        self.flush(&batch_service, &mut batch, &mut out);
+        let (rep, mut env) = self.split();
+        rep.flush(&mut env, &mut batch, &mut out);
         Ok((out, None))
     }
 
-    /// The reply to a command its client's session already applied (a retry: the same answer,
-    /// no effect), or a refusal when it is older than the last one applied.
-    fn already_applied(&self, client: Option<ClientSeq>) -> Option<Response> {
-        let c = client?;
-        let s = self
-            .rep
-            .sessions
-            .get(&c.client_id)
-            .filter(|s| c.seq <= s.seq)?;
-        Some(if c.seq == s.seq {
-            s.response.clone()
-        } else {
-            Response::Rejected(format!(
-                "sequence {} of client {:x} is older than its last applied command ({}); its \
-                 reply is no longer kept",
-                c.seq, c.client_id, s.seq
-            ))
-        })
-    }
-
-    /// Applies an entry that is not a command (the batch before it already flushed): deploys,
-    /// rollbacks, restores, timers, audits, membership, blanks. Returns the heal plan when an
-    /// audit's votes leave this replica in the minority.
-    fn apply_other(
+    /// Applies an audit's entry: this replica's digest of the replicated state, the leader's
+    /// report checked against it, or the votes. Returns the heal plan when the votes leave
+    /// this replica in the minority.
+    fn apply_audit(
         &mut self,
         log_id: crate::types::LogId,
-        payload: Payload,
+        audit: Request,
         out: &mut Vec<Response>,
     ) -> io::Result<Option<HealPlan>> {
-        let term = log_id.committed_leader_id().term();
-        match payload {
-            EntryPayload::Normal(Request::DeployStored {
-                service,
-                module,
-                size: _,
-                engine,
-                limits,
-                timestamp_ms,
-                findings,
-            }) => {
-                self.check_engine(&engine, &service, log_id.index())?;
-                let at = self.advance_clock(timestamp_ms);
-                let ctx = ApplyCtx {
-                    index: log_id.index(),
-                    term,
-                    timestamp_ms: at,
-                };
-                let response = self.deploy_stored(&service, &module, limits, ctx, findings)?;
-                self.version_event(log_id.index(), &service, at, &response);
-                out.push(response);
-            }
-            EntryPayload::Normal(Request::Rollback {
-                service,
-                to,
-                timestamp_ms,
-            }) => {
-                let at = self.advance_clock(timestamp_ms);
-                let ctx = ApplyCtx {
-                    index: log_id.index(),
-                    term,
-                    timestamp_ms: at,
-                };
-                let response = self.rollback(&service, to, ctx)?;
-                self.version_event(log_id.index(), &service, at, &response);
-                out.push(response);
-            }
-            EntryPayload::Normal(Request::Restore {
-                backup,
-                force,
-                timestamp_ms,
-            }) => {
-                self.advance_clock(timestamp_ms);
-                let response = self.restore_backup(backup, force)?;
-                if matches!(response, Response::Restored(_)) {
-                    // Every service's state was replaced: watchers read it afresh.
-                    self.local.pending_events.clear();
-                    self.local.events.reset(log_id.index());
-                }
-                out.push(response);
-            }
-            EntryPayload::Normal(Request::FireTimers { timestamp_ms }) => {
-                let ctx = ApplyCtx {
-                    index: log_id.index(),
-                    term,
-                    timestamp_ms: self.advance_clock(timestamp_ms),
-                };
-                out.push(self.fire_timers(ctx));
-            }
-            EntryPayload::Normal(Request::FireDue {
-                timestamp_ms,
-                timers,
-            }) => {
-                out.push(self.fire_due(log_id.index(), term, timestamp_ms, &timers));
-            }
-            EntryPayload::Normal(Request::Audit { timestamp_ms }) => {
-                self.advance_clock(timestamp_ms);
+        match audit {
+            Request::Audit { timestamp_ms } => {
+                self.rep.advance_clock(timestamp_ms);
                 out.push(Response::Audited(self.record_digest(log_id.index())?));
             }
-            EntryPayload::Normal(Request::AuditReport { digest }) => {
+            Request::AuditReport { digest } => {
                 self.check_report(&digest);
                 out.push(Response::Empty);
             }
-            EntryPayload::Normal(Request::AuditVotes {
+            Request::AuditVotes {
                 index,
                 proposer,
                 votes,
-            }) => {
+            } => {
                 out.push(Response::Empty);
                 self.rep.last_applied = Some(log_id);
                 return Ok(self.check_votes(log_id.index(), index, proposer, &votes));
             }
-            EntryPayload::Normal(Request::Deploy { .. } | Request::ForcedDeploy { .. }) => {
-                unreachable!("an inline deploy is applied as a stored one (see above)")
-            }
-            EntryPayload::Membership(m) => {
-                self.rep.membership = StoredMembership::new(Some(log_id), m);
-                out.push(Response::Empty);
-            }
-            EntryPayload::Blank => {
-                out.push(Response::Empty);
-            }
-            EntryPayload::Normal(Request::Command { .. }) => {
-                unreachable!("commands are batched by apply_all")
-            }
+            other => unreachable!("not an audit's entry: {other:?}"),
         }
         Ok(None)
-    }
-
-    /// Turns a deploy entry that carries its module (written by an earlier release) into one
-    /// that names it, after putting the module into the store; other entries pass unchanged.
-    /// Fails only when the store cannot take the module (a full disk): the node must stop
-    /// rather than answer differently from its peers.
-    fn store_inline(&self, payload: Payload) -> io::Result<Payload> {
-        let (service, module, engine, limits, timestamp_ms, findings) = match payload {
-            EntryPayload::Normal(Request::Deploy {
-                service,
-                module,
-                engine,
-                limits,
-                timestamp_ms,
-            }) => (service, module, engine, limits, timestamp_ms, None),
-            EntryPayload::Normal(Request::ForcedDeploy {
-                service,
-                module,
-                engine,
-                limits,
-                timestamp_ms,
-                findings,
-            }) => (
-                service,
-                module,
-                engine,
-                limits,
-                timestamp_ms,
-                Some(findings),
-            ),
-            other => return Ok(other),
-        };
-        let hash = self.modules.insert(&module)?;
-        Ok(EntryPayload::Normal(Request::DeployStored {
-            service,
-            module: hash.to_hex(),
-            size: module.len() as u64,
-            engine,
-            limits,
-            timestamp_ms,
-            findings,
-        }))
-    }
-
-    /// A deploy validated by an engine with another fingerprint could run differently here
-    /// than on the other replicas: the node stops instead.
-    fn check_engine(&self, engine: &str, service: &str, index: u64) -> io::Result<()> {
-        if engine == self.runtime.fingerprint() {
-            return Ok(());
-        }
-        let msg = format!(
-            "refusing to apply the deploy of service {service:?} at index {index}: it was validated by \
-             engine {engine}, this node runs {}; running it here could diverge from the other \
-             replicas. Run the same waft build (and limits) on every node.",
-            self.runtime.fingerprint()
-        );
-        tracing::error!("{msg}");
-        Err(io::Error::other(msg))
     }
 
     /// Whether `entries` are quick to apply: commands only (and blank or membership entries),
@@ -308,7 +158,7 @@ impl SmState {
                 EntryPayload::Normal(Request::Command {
                     service, payload, ..
                 }) => {
-                    let Some(stats) = self.local.stats.get(service.as_str()) else {
+                    let Some(stats) = self.local.seen.stats.get(service.as_str()) else {
                         return false;
                     };
                     let n = stats.applied + stats.rejected + stats.trapped;
@@ -337,28 +187,218 @@ impl SmState {
                 .is_some_and(|svc| !svc.guest.rebase_within(*count, *bytes))
         })
     }
+}
 
-    /// Time never goes backwards: a new leader with a slower clock gets the previous time.
-    pub(super) fn advance_clock(&mut self, proposed_ms: u64) -> u64 {
-        self.rep.last_timestamp_ms = self.rep.last_timestamp_ms.max(proposed_ms);
-        self.rep.last_timestamp_ms
-    }
-
-    pub(super) fn flush(
+impl Replicated {
+    /// Applies a command at `log_id`: answered from its client's session if it is a retry,
+    /// else queued in `batch` (which goes to the guest when the next entry is not a command
+    /// for the same service, or repeats a client's session).
+    fn apply_command(
         &mut self,
-        service: &str,
-        batch: &mut Vec<(ApplyCtx, Vec<u8>, Option<ClientSeq>)>,
+        env: &mut Env<'_>,
+        log_id: crate::types::LogId,
+        (service, payload, client, timestamp_ms): (String, Vec<u8>, Option<ClientSeq>, u64),
+        batch: &mut Batch,
         out: &mut Vec<Response>,
     ) {
-        if batch.is_empty() {
+        let ctx = ApplyCtx {
+            index: log_id.index(),
+            term: log_id.committed_leader_id().term(),
+            timestamp_ms: self.advance_clock(timestamp_ms),
+        };
+        let repeat = client.is_some_and(|c| {
+            batch
+                .commands
+                .iter()
+                .any(|(_, _, b)| b.is_some_and(|b| b.client_id == c.client_id))
+        });
+        if service != batch.service || repeat {
+            self.flush(env, batch, out);
+            batch.service = service;
+        }
+        if let Some(response) = self.already_applied(client) {
+            self.flush(env, batch, out);
+            out.push(response);
             return;
         }
-        let entries = std::mem::take(batch);
+        batch.commands.push((ctx, payload, client));
+    }
+
+    /// Applies an entry that is neither a command nor an audit's (the batch before it already
+    /// flushed): deploys, rollbacks, restores, timers, membership, blanks.
+    fn apply_other(
+        &mut self,
+        env: &mut Env<'_>,
+        log_id: crate::types::LogId,
+        payload: Payload,
+        out: &mut Vec<Response>,
+    ) -> io::Result<()> {
+        let term = log_id.committed_leader_id().term();
+        let ctx = |timestamp_ms| ApplyCtx {
+            index: log_id.index(),
+            term,
+            timestamp_ms,
+        };
+        match payload {
+            EntryPayload::Normal(Request::DeployStored {
+                service,
+                module,
+                size: _,
+                engine,
+                limits,
+                timestamp_ms,
+                findings,
+            }) => {
+                self.check_engine(env, &engine, &service, log_id.index())?;
+                let at = self.advance_clock(timestamp_ms);
+                let response =
+                    self.deploy_stored(env, &service, &module, limits, ctx(at), findings)?;
+                self.version_event(env, log_id.index(), &service, at, &response);
+                out.push(response);
+            }
+            EntryPayload::Normal(Request::Rollback {
+                service,
+                to,
+                timestamp_ms,
+            }) => {
+                let at = self.advance_clock(timestamp_ms);
+                let response = self.rollback(env, &service, to, ctx(at))?;
+                self.version_event(env, log_id.index(), &service, at, &response);
+                out.push(response);
+            }
+            EntryPayload::Normal(Request::Restore {
+                backup,
+                force,
+                timestamp_ms,
+            }) => {
+                self.advance_clock(timestamp_ms);
+                out.push(self.restore_backup(env, backup, force)?);
+            }
+            EntryPayload::Normal(Request::FireTimers { timestamp_ms }) => {
+                let at = self.advance_clock(timestamp_ms);
+                out.push(self.fire_timers(env, ctx(at)));
+            }
+            EntryPayload::Normal(Request::FireDue {
+                timestamp_ms,
+                timers,
+            }) => {
+                out.push(self.fire_due(env, log_id.index(), term, timestamp_ms, &timers));
+            }
+            EntryPayload::Membership(m) => {
+                self.membership = StoredMembership::new(Some(log_id), m);
+                out.push(Response::Empty);
+            }
+            EntryPayload::Blank => {
+                out.push(Response::Empty);
+            }
+            EntryPayload::Normal(Request::Deploy { .. } | Request::ForcedDeploy { .. }) => {
+                unreachable!("an inline deploy is applied as a stored one (see above)")
+            }
+            EntryPayload::Normal(
+                Request::Command { .. }
+                | Request::Audit { .. }
+                | Request::AuditReport { .. }
+                | Request::AuditVotes { .. },
+            ) => unreachable!("commands and audits are applied by apply_all"),
+        }
+        Ok(())
+    }
+
+    /// The reply to a command its client's session already applied (a retry: the same answer,
+    /// no effect), or a refusal when it is older than the last one applied.
+    fn already_applied(&self, client: Option<ClientSeq>) -> Option<Response> {
+        let c = client?;
+        let s = self.sessions.get(&c.client_id).filter(|s| c.seq <= s.seq)?;
+        Some(if c.seq == s.seq {
+            s.response.clone()
+        } else {
+            Response::Rejected(format!(
+                "sequence {} of client {:x} is older than its last applied command ({}); its \
+                 reply is no longer kept",
+                c.seq, c.client_id, s.seq
+            ))
+        })
+    }
+    /// Turns a deploy entry that carries its module (written by an earlier release) into one
+    /// that names it, after putting the module into the store; other entries pass unchanged.
+    /// Fails only when the store cannot take the module (a full disk): the node must stop
+    /// rather than answer differently from its peers.
+    fn store_inline(&self, env: &mut Env<'_>, payload: Payload) -> io::Result<Payload> {
+        let (service, module, engine, limits, timestamp_ms, findings) = match payload {
+            EntryPayload::Normal(Request::Deploy {
+                service,
+                module,
+                engine,
+                limits,
+                timestamp_ms,
+            }) => (service, module, engine, limits, timestamp_ms, None),
+            EntryPayload::Normal(Request::ForcedDeploy {
+                service,
+                module,
+                engine,
+                limits,
+                timestamp_ms,
+                findings,
+            }) => (
+                service,
+                module,
+                engine,
+                limits,
+                timestamp_ms,
+                Some(findings),
+            ),
+            other => return Ok(other),
+        };
+        let hash = env.modules.insert(&module)?;
+        Ok(EntryPayload::Normal(Request::DeployStored {
+            service,
+            module: hash.to_hex(),
+            size: module.len() as u64,
+            engine,
+            limits,
+            timestamp_ms,
+            findings,
+        }))
+    }
+    /// A deploy validated by an engine with another fingerprint could run differently here
+    /// than on the other replicas: the node stops instead.
+    fn check_engine(
+        &self,
+        env: &mut Env<'_>,
+        engine: &str,
+        service: &str,
+        index: u64,
+    ) -> io::Result<()> {
+        if engine == env.runtime.fingerprint() {
+            return Ok(());
+        }
+        let msg = format!(
+            "refusing to apply the deploy of service {service:?} at index {index}: it was validated by \
+             engine {engine}, this node runs {}; running it here could diverge from the other \
+             replicas. Run the same waft build (and limits) on every node.",
+            env.runtime.fingerprint()
+        );
+        tracing::error!("{msg}");
+        Err(io::Error::other(msg))
+    }
+    /// Time never goes backwards: a new leader with a slower clock gets the previous time.
+    pub(super) fn advance_clock(&mut self, proposed_ms: u64) -> u64 {
+        self.last_timestamp_ms = self.last_timestamp_ms.max(proposed_ms);
+        self.last_timestamp_ms
+    }
+    /// Applies the commands of `batch` (to one service, in one call where the guest allows)
+    /// and answers each.
+    fn flush(&mut self, env: &mut Env<'_>, batch: &mut Batch, out: &mut Vec<Response>) {
+        if batch.commands.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut batch.commands);
+        let service = batch.service.as_str();
         let name: Arc<str> = Arc::from(service);
-        self.local.applying = (entries[0].0.index, Some(name.clone()));
+        env.seen.applying = (entries[0].0.index, Some(name.clone()));
         // Per entry, the events its call emitted (guests that import timers or events).
         let mut emitted: Vec<Emitted> = Vec::new();
-        let responses: Vec<Response> = match self.rep.services.get_mut(service) {
+        let responses: Vec<Response> = match self.services.get_mut(service) {
             None => entries
                 .iter()
                 .map(|_| Response::NoSuchService(service.to_owned()))
@@ -392,12 +432,12 @@ impl SmState {
                 let per_entry_us =
                     (started.elapsed().as_micros() as u64) / (responses.len().max(1) as u64);
                 // The service's name is copied only the first time (this is the apply hot path).
-                if !self.local.stats.contains_key(service) {
-                    self.local
+                if !env.seen.stats.contains_key(service) {
+                    env.seen
                         .stats
                         .insert(service.to_owned(), ServiceStats::default());
                 }
-                let stats = self.local.stats.get_mut(service).expect("inserted above");
+                let stats = env.seen.stats.get_mut(service).expect("inserted above");
                 let bucket = APPLY_BUCKETS_US
                     .iter()
                     .position(|b| per_entry_us <= *b)
@@ -420,7 +460,7 @@ impl SmState {
                 self.remember(c, ctx.index, &response);
             }
             let events = emitted.next();
-            self.local.pending_events.push(Event {
+            env.seen.pending_events.push(Event {
                 index: ctx.index,
                 service: name.clone(),
                 timestamp_ms: ctx.timestamp_ms,
@@ -433,15 +473,15 @@ impl SmState {
                 memo: Default::default(),
             });
             if let Some(events) = events {
-                self.emitted(&name, ctx, events);
+                self.emitted(env, &name, ctx, events);
             }
             out.push(response);
         }
     }
-
     /// Records the outcome of a deploy or rollback for watchers.
     pub(super) fn version_event(
         &mut self,
+        env: &mut Env<'_>,
         index: u64,
         service: &str,
         timestamp_ms: u64,
@@ -451,7 +491,7 @@ impl SmState {
             Response::Deployed { version, .. } => Outcome::Version(*version),
             other => Outcome::Failed(failure(other)),
         };
-        self.local.pending_events.push(Event {
+        env.seen.pending_events.push(Event {
             index,
             service: Arc::from(service),
             timestamp_ms,
@@ -460,9 +500,8 @@ impl SmState {
             memo: Default::default(),
         });
     }
-
     pub(super) fn remember(&mut self, c: ClientSeq, index: u64, response: &Response) {
-        self.rep.sessions.insert(
+        self.sessions.insert(
             c.client_id,
             Session {
                 seq: c.seq,
@@ -470,14 +509,10 @@ impl SmState {
                 index,
             },
         );
-        if self.rep.sessions.len() > MAX_SESSIONS
-            && let Some((&oldest, _)) = self
-                .rep
-                .sessions
-                .iter()
-                .min_by_key(|(id, s)| (s.index, **id))
+        if self.sessions.len() > MAX_SESSIONS
+            && let Some((&oldest, _)) = self.sessions.iter().min_by_key(|(id, s)| (s.index, **id))
         {
-            self.rep.sessions.remove(&oldest);
+            self.sessions.remove(&oldest);
         }
     }
 }

@@ -108,7 +108,7 @@ impl FaultRecord {
     /// Records the fault that interrupted the entry `st` was applying; the error that stops
     /// the node.
     fn stopped(&mut self, st: &SmState, what: String) -> io::Error {
-        let (index, service) = st.local.applying.clone();
+        let (index, service) = st.local.seen.applying.clone();
         let service = service.map(|s| s.to_string());
         let times = match &self.last {
             Some(f) if f.index == index => f.times.saturating_add(1),

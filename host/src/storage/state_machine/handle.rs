@@ -138,7 +138,7 @@ impl SmState {
                     code_bytes: svc.guest.module().info().code_bytes as u64,
                     history_bytes: svc.guest.history_bytes() as u64,
                     pending_timers: svc.timers.len() as u64,
-                    stats: self.local.stats.get(name).cloned().unwrap_or_default(),
+                    stats: self.local.seen.stats.get(name).cloned().unwrap_or_default(),
                 })
                 .collect(),
             audit: self.local.audit.status.clone(),
@@ -146,7 +146,7 @@ impl SmState {
             log_clock_offset_ms: self.log_clock_offset_ms(),
         };
         // Told only when it changes: the timer proposer must not wake on every apply.
-        let due = self.next_timer_deadline();
+        let due = self.rep.next_timer_deadline();
         self.local.timer_deadline.send_if_modified(|v| {
             let changed = *v != due;
             *v = due;
@@ -500,7 +500,9 @@ impl StateHandle {
     pub async fn due_timers(&self) -> Vec<crate::types::TimerRef> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            lock_or_stop(&state).due_timers(std::time::Instant::now())
+            lock_or_stop(&state)
+                .rep
+                .due_timers(std::time::Instant::now())
         })
         .await
         .unwrap_or_default()

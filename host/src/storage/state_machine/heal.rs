@@ -309,7 +309,8 @@ impl SmState {
         if let Some(sessions) = source.sessions {
             self.rep.sessions = sessions.into_iter().collect();
         }
-        self.prune_modules();
+        let (rep, mut env) = self.split();
+        rep.prune_modules(&mut env);
         // The healed items' state jumped: watchers read it afresh.
         self.local.events.reset(plan.at_index);
         Ok(())

@@ -82,29 +82,49 @@ struct Replicated {
     sessions: BTreeMap<u64, Session>,
 }
 
+/// What applying entries may use besides the replicated state it builds: the engine and the
+/// module store (alike on every replica at the same index), and the sink where this replica
+/// records what it saw. The methods that build replicated state (`impl Replicated` in
+/// apply.rs, versions.rs, timers.rs and persist.rs) take one and reach nothing else of the
+/// node: not the audits, the heal sources, the watchers' history or the published view.
+struct Env<'a> {
+    runtime: &'a Runtime,
+    modules: &'a ModuleStore,
+    seen: &'a mut Seen,
+}
+
+/// What applying entries records on this replica alone: counters for metrics, the events for
+/// watchers, the entry being applied (for a fault's report). Written by the apply, never read
+/// by it: nothing here changes what an entry does.
+#[derive(Default)]
+struct Seen {
+    /// Per-service counters for metrics.
+    stats: BTreeMap<String, ServiceStats>,
+    /// Events of the entries being applied, recorded when the batch is done.
+    pending_events: Vec<Event>,
+    /// The entry being applied and, once its batch reaches a guest, its service: what a
+    /// fault that stops the node names (see `fault.rs`).
+    applying: (u64, Option<Arc<str>>),
+}
+
 /// What this replica observed while applying: never replicated, never in snapshots, and never
 /// read by a guest.
 struct Local {
+    /// What the apply records (the only part of `Local` it reaches).
+    seen: Seen,
     /// This replica's own digests and audit results.
     audit: audit::Audit,
     /// What dissenting replicas need to heal, kept at recent audits.
     heal_sources: heal::HealSources,
-    /// Per-service counters for metrics.
-    stats: BTreeMap<String, ServiceStats>,
     /// Snapshots built and installed here, for metrics.
     snapshots: SnapshotStats,
     /// What was applied, for watchers.
     events: Arc<Events>,
-    /// Events of the entries being applied, recorded when the batch is done.
-    pending_events: Vec<Event>,
     /// Where [`SmState::publish`] puts what readers on async threads see.
     view: Arc<Mutex<handle::View>>,
     /// When the earliest timer a guest can take falls due on this node's monotonic clock,
     /// published when it changes.
     timer_deadline: Arc<tokio::sync::watch::Sender<Option<std::time::Instant>>>,
-    /// The entry being applied and, once its batch reaches a guest, its service: what a
-    /// fault that stops the node names (see `fault.rs`).
-    applying: (u64, Option<Arc<str>>),
     /// The command payload at which waft's own apply code panics, as a bug there would: set
     /// only by the hidden node flag `--inject-apply-panic`, for `tests/all/chaos/apply_fault.rs`.
     inject_panic_at: Option<Vec<u8>>,
@@ -151,18 +171,31 @@ impl SmState {
                 sessions: BTreeMap::new(),
             },
             local: Local {
+                seen: Seen::default(),
                 audit: audit::Audit::default(),
                 heal_sources: heal::HealSources::default(),
-                stats: BTreeMap::new(),
                 snapshots: SnapshotStats::default(),
                 events,
-                pending_events: Vec::new(),
                 view,
                 timer_deadline,
-                applying: (0, None),
                 inject_panic_at: None,
             },
         }
+    }
+}
+
+impl SmState {
+    /// The replicated state and what building it may use, apart, so that both can be
+    /// borrowed at once.
+    fn split(&mut self) -> (&mut Replicated, Env<'_>) {
+        (
+            &mut self.rep,
+            Env {
+                runtime: &self.runtime,
+                modules: &self.modules,
+                seen: &mut self.local.seen,
+            },
+        )
     }
 }
 
@@ -194,17 +227,19 @@ impl Replicated {
     }
 }
 
-impl SmState {
+impl SmState {}
+
+impl Replicated {
     /// The module bytes of a kept version, from the module store. Missing means this node lost
     /// a file it must have (the apply fetches every kept version's module first): an error,
     /// never a different outcome from the other replicas.
-    fn module_of(&self, version: &VersionRecord) -> std::io::Result<Vec<u8>> {
+    fn module_of(&self, env: &mut Env<'_>, version: &VersionRecord) -> std::io::Result<Vec<u8>> {
         let hash = ModuleHash::from_hex(&version.module).ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("version {} names no module hash", version.version),
             )
         })?;
-        self.modules.read(&hash)
+        env.modules.read(&hash)
     }
 }

@@ -7,7 +7,7 @@ use crate::types::{Response, SnapshotMeta};
 use std::collections::BTreeMap;
 use std::io;
 
-use super::{Service, SmState};
+use super::{Env, Replicated, Service, SmState};
 
 impl SmState {
     /// Takes everything a snapshot needs; the guests' states are copied now, so later entries
@@ -83,55 +83,18 @@ impl SmState {
     pub(super) fn install_file(&mut self, file: std::fs::File) -> io::Result<()> {
         let reader = snapshot::Reader::open(file)?;
         let (header, services, modules) = load_services(&self.runtime, reader)?;
-        self.keep_modules(&modules)?;
-        self.rep.last_applied = header.meta.last_log_id;
-        self.rep.membership = header.meta.last_membership.clone();
-        self.rep.last_timestamp_ms = header.last_timestamp_ms;
-        self.rep.services = services;
-        self.rep.sessions = header.sessions.into_iter().collect();
-        self.prune_modules();
+        let (rep, mut env) = self.split();
+        rep.keep_modules(&mut env, &modules)?;
+        rep.last_applied = header.meta.last_log_id;
+        rep.membership = header.meta.last_membership.clone();
+        rep.last_timestamp_ms = header.last_timestamp_ms;
+        rep.services = services;
+        rep.sessions = header.sessions.into_iter().collect();
+        rep.prune_modules(&mut env);
         // The state jumped to the snapshot's: what came before it cannot be told.
         self.local
             .events
             .reset(header.meta.last_log_id.map_or(0, |l| l.index()));
-        Ok(())
-    }
-
-    /// Applies a `Restore` entry: the services, modules and sessions of a backup replace the
-    /// current ones; the log position and membership stay this cluster's. Refused (nothing
-    /// changes) if services exist already and `force` is off, or the backup does not load.
-    ///
-    /// Fails only when the module store cannot take the backup's modules (a full disk): the
-    /// node must stop rather than answer differently from its peers.
-    pub(super) fn restore_backup(&mut self, backup: Vec<u8>, force: bool) -> io::Result<Response> {
-        if !force && !self.rep.services.is_empty() {
-            return Ok(Response::DeployFailed(format!(
-                "restore refused: this cluster already runs {} service(s); restore into an empty \
-                 cluster, or force it to replace them",
-                self.rep.services.len()
-            )));
-        }
-        let loaded = snapshot::Reader::from_bytes(&backup)
-            .and_then(|reader| load_services(&self.runtime, reader));
-        match loaded {
-            Ok((header, services, modules)) => {
-                self.keep_modules(&modules)?;
-                let names: Vec<String> = services.keys().cloned().collect();
-                self.advance_clock(header.last_timestamp_ms);
-                self.rep.services = services;
-                self.rep.sessions = header.sessions.into_iter().collect();
-                self.prune_modules();
-                Ok(Response::Restored(names))
-            }
-            Err(e) => Ok(Response::DeployFailed(format!("restore failed: {e}"))),
-        }
-    }
-
-    /// Puts the modules of a snapshot or backup into the module store.
-    fn keep_modules(&self, modules: &[Vec<u8>]) -> io::Result<()> {
-        for bytes in modules {
-            self.modules.insert(bytes)?;
-        }
         Ok(())
     }
 }
@@ -210,4 +173,48 @@ pub(super) struct Captured {
     pub(super) header: SnapshotHeader,
     pub(super) modules: Vec<Vec<u8>>,
     pub(super) states: Vec<Vec<u8>>,
+}
+
+impl Replicated {
+    /// Applies a `Restore` entry: the services, modules and sessions of a backup replace the
+    /// current ones; the log position and membership stay this cluster's. Refused (nothing
+    /// changes) if services exist already and `force` is off, or the backup does not load.
+    ///
+    /// Fails only when the module store cannot take the backup's modules (a full disk): the
+    /// node must stop rather than answer differently from its peers.
+    pub(super) fn restore_backup(
+        &mut self,
+        env: &mut Env<'_>,
+        backup: Vec<u8>,
+        force: bool,
+    ) -> io::Result<Response> {
+        if !force && !self.services.is_empty() {
+            return Ok(Response::DeployFailed(format!(
+                "restore refused: this cluster already runs {} service(s); restore into an empty \
+                 cluster, or force it to replace them",
+                self.services.len()
+            )));
+        }
+        let loaded = snapshot::Reader::from_bytes(&backup)
+            .and_then(|reader| load_services(env.runtime, reader));
+        match loaded {
+            Ok((header, services, modules)) => {
+                self.keep_modules(env, &modules)?;
+                let names: Vec<String> = services.keys().cloned().collect();
+                self.advance_clock(header.last_timestamp_ms);
+                self.services = services;
+                self.sessions = header.sessions.into_iter().collect();
+                self.prune_modules(env);
+                Ok(Response::Restored(names))
+            }
+            Err(e) => Ok(Response::DeployFailed(format!("restore failed: {e}"))),
+        }
+    }
+    /// Puts the modules of a snapshot or backup into the module store.
+    fn keep_modules(&self, env: &mut Env<'_>, modules: &[Vec<u8>]) -> io::Result<()> {
+        for bytes in modules {
+            env.modules.insert(bytes)?;
+        }
+        Ok(())
+    }
 }

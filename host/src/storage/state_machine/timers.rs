@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::SmState;
+use super::{Env, Replicated};
 
 /// Most pending timers a service may have: a call that would leave more is refused.
 pub const MAX_PENDING_TIMERS: usize = 10_000;
@@ -241,11 +241,17 @@ impl Timers {
     }
 }
 
-impl SmState {
+impl Replicated {
     /// Records the events a call of `service` at `ctx` emitted, in order, for watchers.
-    pub(super) fn emitted(&mut self, service: &Arc<str>, ctx: ApplyCtx, emitted: Emitted) {
+    pub(super) fn emitted(
+        &mut self,
+        env: &mut Env<'_>,
+        service: &Arc<str>,
+        ctx: ApplyCtx,
+        emitted: Emitted,
+    ) {
         for (topic, data) in emitted {
-            self.local.pending_events.push(Event {
+            env.seen.pending_events.push(Event {
                 index: ctx.index,
                 service: service.clone(),
                 timestamp_ms: ctx.timestamp_ms,
@@ -255,13 +261,13 @@ impl SmState {
             });
         }
     }
-
     /// Applies a `FireDue` entry: delivers the timers it names (those still pending as the
     /// setting it names, of a service whose guest can take timers), in its order, up to
     /// [`MAX_FIRES_PER_ENTRY`]. The call's clock is the entry's, moved up to the latest due
     /// time among them (see the module doc).
     pub(super) fn fire_due(
         &mut self,
+        env: &mut Env<'_>,
         index: u64,
         term: u64,
         timestamp_ms: u64,
@@ -271,7 +277,7 @@ impl SmState {
         let latest = timers
             .iter()
             .filter_map(|r| {
-                let svc = self.rep.services.get(&r.service)?;
+                let svc = self.services.get(&r.service)?;
                 svc.timers.due_of(&r.key, r.set_index)
             })
             .max()
@@ -283,7 +289,7 @@ impl SmState {
         };
         let (mut fired, mut failed) = (0u32, 0u32);
         for r in timers {
-            let Some(svc) = self.rep.services.get_mut(&r.service) else {
+            let Some(svc) = self.services.get_mut(&r.service) else {
                 continue;
             };
             if !svc.module.info().fires_timers() {
@@ -294,7 +300,7 @@ impl SmState {
                 continue;
             };
             let name: Arc<str> = Arc::from(r.service.as_str());
-            if self.deliver(ctx, name, r.key.clone(), timer) {
+            if self.deliver(env, ctx, name, r.key.clone(), timer) {
                 fired += 1;
             } else {
                 failed += 1;
@@ -302,18 +308,16 @@ impl SmState {
         }
         Response::TimersFired { fired, failed }
     }
-
     /// Applies a `FireTimers` entry (written by a build before `FireDue`) at `ctx`: delivers
     /// every timer due by its timestamp on the log's clock, oldest first, up to
     /// [`MAX_FIRES_PER_ENTRY`]. Only services whose guest can take timers are considered (a
     /// 0.1.0 guest swapped in keeps its service's timers pending, reported in the service
     /// list, until a 0.2.0 version serves again).
-    pub(super) fn fire_timers(&mut self, ctx: ApplyCtx) -> Response {
+    pub(super) fn fire_timers(&mut self, env: &mut Env<'_>, ctx: ApplyCtx) -> Response {
         let (mut fired, mut failed) = (0u32, 0u32);
         while ((fired + failed) as usize) < MAX_FIRES_PER_ENTRY {
             // The earliest due timer over every service (ties: service name order).
             let next = self
-                .rep
                 .services
                 .iter()
                 .filter(|(_, s)| s.module.info().fires_timers())
@@ -323,14 +327,13 @@ impl SmState {
             let Some((_, name)) = next else { break };
             let name: Arc<str> = Arc::from(name.as_str());
             let svc = self
-                .rep
                 .services
                 .get_mut(&*name)
                 .expect("the service was just found");
             let Some((key, timer)) = svc.timers.pop_due(ctx.timestamp_ms) else {
                 break;
             };
-            if self.deliver(ctx, name, key, timer) {
+            if self.deliver(env, ctx, name, key, timer) {
                 fired += 1;
             } else {
                 failed += 1;
@@ -338,12 +341,17 @@ impl SmState {
         }
         Response::TimersFired { fired, failed }
     }
-
     /// Calls `service`'s guest's `fire` with a timer already taken off its table, makes the
     /// call's effects and records what happened for watchers. Whether it was delivered.
-    fn deliver(&mut self, ctx: ApplyCtx, name: Arc<str>, key: String, timer: Timer) -> bool {
+    fn deliver(
+        &mut self,
+        env: &mut Env<'_>,
+        ctx: ApplyCtx,
+        name: Arc<str>,
+        key: String,
+        timer: Timer,
+    ) -> bool {
         let svc = self
-            .rep
             .services
             .get_mut(&*name)
             .expect("the caller found the service");
@@ -351,7 +359,7 @@ impl SmState {
         let mut check = |effects: &[Effect]| timers.check(effects);
         let (result, effects) = svc.guest.fire(ctx, &key, &timer.payload, &mut check);
         let emitted = svc.timers.apply(ctx, effects);
-        let stats = self.local.stats.entry(name.to_string()).or_default();
+        let stats = env.seen.stats.entry(name.to_string()).or_default();
         let outcome = match result {
             Ok(()) => {
                 stats.timers_fired += 1;
@@ -365,7 +373,7 @@ impl SmState {
             }
         };
         let delivered = matches!(outcome, Outcome::Fired(_));
-        self.local.pending_events.push(Event {
+        env.seen.pending_events.push(Event {
             index: ctx.index,
             service: name.clone(),
             timestamp_ms: ctx.timestamp_ms,
@@ -373,16 +381,15 @@ impl SmState {
             outcome,
             memo: Default::default(),
         });
-        self.emitted(&name, ctx, emitted);
+        self.emitted(env, &name, ctx, emitted);
         delivered
     }
-
     /// The timers whose deadlines on this node passed by `now`, of services whose guest can
     /// take them, earliest first, at most [`MAX_FIRES_PER_ENTRY`]: what the leader names in
     /// a `FireDue` entry.
     pub(super) fn due_timers(&self, now: Instant) -> Vec<TimerRef> {
         let mut due: Vec<(Instant, TimerRef)> = Vec::new();
-        for (name, svc) in &self.rep.services {
+        for (name, svc) in &self.services {
             if !svc.module.info().fires_timers() {
                 continue;
             }
@@ -401,11 +408,9 @@ impl SmState {
         due.truncate(MAX_FIRES_PER_ENTRY);
         due.into_iter().map(|(_, r)| r).collect()
     }
-
     /// When the earliest pending timer some guest can take falls due on this node's clock.
     pub(super) fn next_timer_deadline(&self) -> Option<Instant> {
-        self.rep
-            .services
+        self.services
             .values()
             .filter(|s| s.module.info().fires_timers())
             .filter_map(|s| s.timers.next_deadline())

@@ -6,14 +6,15 @@ use crate::storage::snapshot::VersionRecord;
 use crate::types::{Response, ServiceLimits};
 use std::io;
 
-use super::{MAX_VERSIONS, Service, SmState};
+use super::{Env, MAX_VERSIONS, Replicated, Service};
 
-impl SmState {
+impl Replicated {
     /// Installs the stored module `hash` as `service`. The apply fetched it before taking the
     /// lock (see `StateMachineStore::fetch_modules`); missing now is an error that stops the
     /// node, not a refusal other replicas would not make.
     pub(super) fn deploy_stored(
         &mut self,
+        env: &mut Env<'_>,
         service: &str,
         hash: &str,
         limits: ServiceLimits,
@@ -26,18 +27,18 @@ impl SmState {
                 "{hash:?} is not a module hash"
             )));
         };
-        let module = self.modules.read(&h)?;
-        Ok(self.activate(service, &module, limits, ctx, forced))
+        let module = env.modules.read(&h)?;
+        Ok(self.activate(env, service, &module, limits, ctx, forced))
     }
-
     /// Makes an earlier version serve again (as a new version, so history only grows).
     pub(super) fn rollback(
         &mut self,
+        env: &mut Env<'_>,
         service: &str,
         to: Option<u32>,
         ctx: ApplyCtx,
     ) -> io::Result<Response> {
-        let Some(svc) = self.rep.services.get(service) else {
+        let Some(svc) = self.services.get(service) else {
             return Ok(Response::NoSuchService(service.to_owned()));
         };
         let Some(target) = svc.rollback_target(to) else {
@@ -51,16 +52,16 @@ impl SmState {
             }));
         };
         let target = target.clone();
-        let bytes = self.module_of(&target)?;
-        Ok(self.activate(service, &bytes, target.limits, ctx, target.forced))
+        let bytes = self.module_of(env, &target)?;
+        Ok(self.activate(env, service, &bytes, target.limits, ctx, target.forced))
     }
-
     /// Installs `module` as the next version of `service`, carrying the old module's state over
     /// through snapshot → restore. Any failure leaves the old version serving, on every replica
     /// alike. The new instance is opened at the deploy entry (its start-up code and `restore`
     /// see that entry's clock and randomness).
     pub(super) fn activate(
         &mut self,
+        env: &mut Env<'_>,
         service: &str,
         module: &[u8],
         limits: ServiceLimits,
@@ -68,15 +69,15 @@ impl SmState {
         forced: Option<String>,
     ) -> Response {
         let index = ctx.index;
-        let loaded = match self.runtime.load_committed(module) {
+        let loaded = match env.runtime.load_committed(module) {
             Ok(m) => m,
             Err(e) => return Response::DeployFailed(e.to_string()),
         };
-        let limits_now = limits.apply_to(self.runtime.limits().clone());
+        let limits_now = limits.apply_to(env.runtime.limits().clone());
         let mut history = Vec::new();
         let mut timers = super::Timers::default();
         let mut state = None;
-        if let Some(old) = self.rep.services.get_mut(service) {
+        if let Some(old) = self.services.get_mut(service) {
             // A replicated call on the old instance (every replica makes it here).
             match old.guest.snapshot() {
                 Ok(s) => state = Some(std::sync::Arc::from(s)),
@@ -90,7 +91,7 @@ impl SmState {
             timers = old.timers.clone();
         }
         let had_state = state.is_some();
-        let guest = match self.runtime.open(&loaded, service, limits_now, ctx, state) {
+        let guest = match env.runtime.open(&loaded, service, limits_now, ctx, state) {
             Ok(g) => g,
             Err(crate::runtime::OpenError::Guest(e)) if had_state => {
                 return Response::DeployFailed(format!(
@@ -111,7 +112,7 @@ impl SmState {
         if history.len() > MAX_VERSIONS {
             history.drain(..history.len() - MAX_VERSIONS);
         }
-        self.rep.services.insert(
+        self.services.insert(
             service.to_owned(),
             Service {
                 module: loaded,
@@ -121,18 +122,17 @@ impl SmState {
                 timers,
             },
         );
-        self.prune_modules();
+        self.prune_modules(env);
         Response::Deployed {
             module: hash.to_hex(),
             version,
         }
     }
-
     /// Removes from the store the modules no kept version uses (after [`UNUSED_GRACE`]: a
     /// module fetched for a deploy not applied yet is in no version). Local: the store is not
     /// replicated state, and a node missing a module fetches it again.
-    pub(super) fn prune_modules(&mut self) {
-        let used = self.rep.used_modules();
-        self.modules.retain(&used, UNUSED_GRACE);
+    pub(super) fn prune_modules(&mut self, env: &mut Env<'_>) {
+        let used = self.used_modules();
+        env.modules.retain(&used, UNUSED_GRACE);
     }
 }

@@ -131,10 +131,12 @@ impl Pool {
             return Ok(c.clone());
         }
         let mut last = None;
+        let mut failed: Vec<(String, String)> = Vec::new();
         for addr in &self.settings().endpoints {
             let c = match self.dial(addr).await {
                 Ok(c) => c,
                 Err(e) => {
+                    failed.push((addr.clone(), cause_of(&e)));
                     last = Some(e);
                     continue;
                 }
@@ -160,6 +162,7 @@ impl Pool {
                     if self.settings().tls.is_none() && crate::error::is_mismatch(&cause) {
                         cause.push_str(" (if the node serves TLS, connect with TLS and its CA)");
                     }
+                    failed.push((addr.clone(), cause.clone()));
                     last = Some(Error::Unreachable {
                         endpoint: addr.clone(),
                         cause,
@@ -180,7 +183,23 @@ impl Pool {
             tracing::debug!(endpoint = %chosen.0, "waft client connected");
             return Ok(chosen.1);
         }
-        Err(last.unwrap_or_else(|| Error::Config("no endpoint given".to_owned())))
+        Err(match (failed.len(), last) {
+            (0, _) | (_, None) => Error::Config("no endpoint given".to_owned()),
+            (1, Some(e)) => e,
+            // Several endpoints, none reachable: name each and why.
+            (_, Some(_)) => Error::Unreachable {
+                endpoint: failed
+                    .iter()
+                    .map(|(a, _)| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cause: failed
+                    .iter()
+                    .map(|(a, why)| format!("{a}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            },
+        })
     }
 
     /// Forgets the current connection (the next call finds a node again).
@@ -278,4 +297,12 @@ pub(crate) fn random_id() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish() | 1
+}
+
+/// Why an endpoint could not be used, without the words that name it.
+fn cause_of(e: &Error) -> String {
+    match e {
+        Error::Unreachable { cause, .. } => cause.clone(),
+        other => other.to_string(),
+    }
 }

@@ -169,8 +169,18 @@ async fn a_backup_seeds_an_empty_data_dir_offline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("waft.backup");
     let file_s = file.to_str().expect("utf-8");
+    // The file as etcdctl takes it (positional), and as the flag of earlier releases.
+    let o = waft(&["--endpoint", &a.addrs[0], "backup", file_s]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = waft(&["--endpoint", &a.addrs[0], "backup", "-o", file_s]).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!dir.path().join("waft.backup.partial").exists());
+    let o = waft(&["--endpoint", &a.addrs[0], "backup"]).await;
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("<FILE>"),
+        "a backup needs a file: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let expected = a.assert_identical().await;
     a.shutdown().await;
 

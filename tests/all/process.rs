@@ -131,6 +131,37 @@ fn survive_a_leader_kill(mut c: ProcCluster) {
         );
     }
 
+    tracing::info!("an endpoint list with the dead node first: the CLI goes on to the next");
+    let list = [killed - 1, killed % 3, (killed + 1) % 3]
+        .map(|i| addrs[i].clone())
+        .join(",");
+    let file = c.data_dir(0).with_file_name("listed.backup");
+    let file = file.to_str().expect("utf-8 path");
+    let listed: [&[&str]; 4] = [
+        &["cluster", "status"],
+        &["submit", "--service", "kv", "put x-list v"],
+        &["services"],
+        &["backup", file],
+    ];
+    for args in listed {
+        let o = cli(&list, args);
+        assert!(
+            o.status.success(),
+            "{args:?} with --endpoint {list}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let o = waft()
+        .env("WAFT_ENDPOINT", &list)
+        .args(["query", "--service", "kv", "get x-list"])
+        .output()
+        .expect("run waft");
+    assert_eq!(text(&o), "v\n", "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::path::Path::new(file).exists(),
+        "the backup was written"
+    );
+
     tracing::info!("restart the killed node: it catches up and every node agrees");
     c.spawn(killed - 1, None);
     let expected = "k1 v1\nk2 v2\nk3 v3\nk4 v4\nk5 v5\nk6 v6\n";
@@ -190,6 +221,21 @@ fn survive_a_leader_kill(mut c: ProcCluster) {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // A list of down nodes names each, for the client crate's commands and the others.
+    let other = free_addr();
+    let list = format!("{down},{other}");
+    for args in [
+        &["submit", "--service", "kv", "put a 1"][..],
+        &["cluster", "status"],
+    ] {
+        let o = cli(&list, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            err.contains(&down) && err.contains(&other),
+            "{args:?} names both down nodes: {err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

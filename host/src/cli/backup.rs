@@ -8,10 +8,28 @@ use std::process::ExitCode;
 
 /// Arguments of `waft backup`.
 #[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("backup_to")
+        .required(true)
+        .args(["file", "backup_file"])
+))]
 pub struct BackupArgs {
     /// Write the backup here (written to FILE.partial, renamed once complete and verified).
+    #[arg(value_name = "FILE")]
+    pub file: Option<std::path::PathBuf>,
+    /// The same as FILE, as a flag (the form of earlier releases).
     #[arg(short = 'o', long = "file", id = "backup_file", value_name = "FILE")]
-    pub file: std::path::PathBuf,
+    pub file_flag: Option<std::path::PathBuf>,
+}
+
+impl BackupArgs {
+    /// Where the backup goes (FILE or --file; clap requires one of them).
+    fn path(&self) -> &std::path::Path {
+        self.file
+            .as_deref()
+            .or(self.file_flag.as_deref())
+            .expect("clap requires FILE or --file")
+    }
 }
 
 /// Arguments of `waft restore`.
@@ -93,10 +111,14 @@ pub async fn backup(client: &Client, args: &BackupArgs) -> anyhow::Result<ExitCo
     );
     let summary = crate::storage::snapshot::Reader::from_bytes(&bytes)
         .context("the backup received does not verify")?;
-    let partial = args.file.with_extension("partial");
+    let file = args.path();
+    let partial = {
+        let mut p = file.as_os_str().to_owned();
+        p.push(".partial");
+        std::path::PathBuf::from(p)
+    };
     std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &args.file)
-        .with_context(|| format!("renaming to {}", args.file.display()))?;
+    std::fs::rename(&partial, file).with_context(|| format!("renaming to {}", file.display()))?;
     let services: Vec<String> = summary
         .header
         .services
@@ -106,15 +128,15 @@ pub async fn backup(client: &Client, args: &BackupArgs) -> anyhow::Result<ExitCo
     match client.output {
         Output::Json => println!(
             "{}",
-            serde_json::json!({"file": args.file, "bytes": bytes.len(), "index": header.index, "services": services})
+            serde_json::json!({"file": file, "bytes": bytes.len(), "index": header.index, "services": services})
         ),
         Output::Text => println!(
-            "backup of {} service(s) [{}] at log index {} written to {} ({} bytes)",
+            "backup of {} service(s) [{}] at log index {} written to {} ({})",
             services.len(),
             services.join(", "),
             header.index,
-            args.file.display(),
-            bytes.len()
+            file.display(),
+            super::output::size(bytes.len() as u64)
         ),
     }
     Ok(ExitCode::SUCCESS)

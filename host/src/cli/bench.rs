@@ -549,7 +549,7 @@ async fn leader_of(connector: &Connector, endpoints: &[String]) -> anyhow::Resul
 /// `waft bench`.
 pub async fn bench(client: &Client, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let endpoints = if args.endpoints.is_empty() {
-        vec![client.endpoint.clone()]
+        client.endpoints.clone()
     } else {
         args.endpoints.clone()
     };

@@ -130,7 +130,7 @@ fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
 /// client session, so the command is applied at most once).
 pub async fn submit(client: &Client, args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let payload = read_payload(&args.payload)?;
-    let waft = client.connector.client(&client.endpoint).await?;
+    let waft = client.connector.client(&client.endpoints).await?;
     if args.lines {
         return submit_lines(client, args, &waft, &payload).await;
     }
@@ -254,7 +254,7 @@ fn print_line_result(
 pub async fn query(client: &Client, args: &QueryArgs) -> anyhow::Result<ExitCode> {
     let payload = read_payload(&args.payload)?;
     // The node given answers (a stale read is its own copy); it forwards what needs the leader.
-    let waft = client.connector.client_on(&client.endpoint).await?;
+    let waft = client.connector.client_on(&client.endpoints).await?;
     let consistency = match args.consistency {
         Consistency::Linearizable => waft_client::Consistency::Linearizable,
         Consistency::Lease => waft_client::Consistency::Lease,
@@ -284,7 +284,7 @@ pub async fn query(client: &Client, args: &QueryArgs) -> anyhow::Result<ExitCode
 pub async fn watch(client: &Client, args: &WatchArgs) -> anyhow::Result<ExitCode> {
     use api::watch_event::Outcome;
     // Through waft-client: a watch whose node goes away resumes on another from the next index.
-    let waft = client.connector.client_on(&client.endpoint).await?;
+    let waft = client.connector.client_on(&client.endpoints).await?;
     let mut stream = match &args.events {
         Some(prefix) => waft.watch_events(args.service.as_deref(), prefix, args.from),
         None => waft.watch(args.service.as_deref(), args.from),
@@ -348,7 +348,7 @@ pub async fn watch(client: &Client, args: &WatchArgs) -> anyhow::Result<ExitCode
 pub async fn deploy(client: &Client, args: &DeployArgs) -> anyhow::Result<ExitCode> {
     let module = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let waft = client.connector.client(&client.endpoint).await?;
+    let waft = client.connector.client(&client.endpoints).await?;
     let size = module.len() as u64;
     let replay: Vec<Vec<u8>> = match &args.replay {
         None => Vec::new(),
@@ -540,12 +540,12 @@ pub async fn services(client: &Client) -> anyhow::Result<ExitCode> {
                     s.name,
                     s.version,
                     &s.module_sha256[..12.min(s.module_sha256.len())],
-                    s.module_size,
+                    output::size(s.module_size),
                     s.deployed_at_index,
-                    s.state_bytes,
+                    output::size(s.state_bytes),
                     fuel,
-                    s.memory_bytes,
-                    s.code_bytes
+                    output::size(s.memory_bytes),
+                    output::size(s.code_bytes)
                 );
                 if s.pending_timers > 0 {
                     let held = if s.fsm_version == "0.1.0" {

@@ -19,14 +19,18 @@ pub enum Output {
 /// Where the client connects and how it prints.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Address of any node (`host:port`). Followers forward to the leader.
+    /// Addresses of nodes (`host:port`, comma-separated, or the flag given again): the first
+    /// that answers is used, the next when one cannot be reached. Followers forward to the
+    /// leader.
     #[arg(
         long,
         global = true,
         env = "WAFT_ENDPOINT",
-        default_value = "127.0.0.1:7001"
+        default_value = "127.0.0.1:7001",
+        value_delimiter = ',',
+        value_name = "ADDR[,ADDR...]"
     )]
-    pub endpoint: String,
+    pub endpoint: Vec<String>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -117,20 +121,25 @@ impl Connector {
         tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(token))
     }
 
-    /// A `waft-client` client of the cluster at `endpoint` with these settings: it finds the
-    /// leader and retries with exactly-once client sessions.
-    pub async fn client(&self, endpoint: &str) -> anyhow::Result<waft_client::Client> {
-        self.build(endpoint, true).await
+    /// A `waft-client` client of the cluster at `endpoints` with these settings: it finds the
+    /// leader, tries the next endpoint when one cannot be reached, and retries with
+    /// exactly-once client sessions.
+    pub async fn client(&self, endpoints: &[String]) -> anyhow::Result<waft_client::Client> {
+        self.build(endpoints, true).await
     }
 
-    /// Like [`Connector::client`], staying on the node given (reads answered by that node;
-    /// it forwards what needs the leader).
-    pub async fn client_on(&self, endpoint: &str) -> anyhow::Result<waft_client::Client> {
-        self.build(endpoint, false).await
+    /// Like [`Connector::client`], staying on the first node of `endpoints` that answers
+    /// (reads answered by that node; it forwards what needs the leader).
+    pub async fn client_on(&self, endpoints: &[String]) -> anyhow::Result<waft_client::Client> {
+        self.build(endpoints, false).await
     }
 
-    async fn build(&self, endpoint: &str, follow: bool) -> anyhow::Result<waft_client::Client> {
-        let mut builder = waft_client::Client::builder([endpoint]).follow_leader(follow);
+    async fn build(
+        &self,
+        endpoints: &[String],
+        follow: bool,
+    ) -> anyhow::Result<waft_client::Client> {
+        let mut builder = waft_client::Client::builder(endpoints).follow_leader(follow);
         if let Some(tls) = &self.tls {
             builder = builder.tls(tls.for_client_crate());
         }
@@ -204,12 +213,12 @@ impl Connector {
     }
 }
 
-/// A client command's connection settings: the node to contact, the output format and the
+/// A client command's connection settings: the nodes to contact, the output format and the
 /// connector.
 #[derive(Clone)]
 pub struct Client {
-    /// The node to contact (`host:port`).
-    pub endpoint: String,
+    /// The nodes to contact (`host:port`), in the order they are tried.
+    pub endpoints: Vec<String>,
     /// How results are printed.
     pub output: Output,
     /// TLS and token.
@@ -219,16 +228,40 @@ pub struct Client {
 impl Client {
     /// The client the flags describe.
     pub fn from_args(args: &ClientArgs) -> anyhow::Result<Client> {
+        let endpoints: Vec<String> = args
+            .endpoint
+            .iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            bail!("--endpoint (or WAFT_ENDPOINT) names no node; give host:port[,host:port...]");
+        }
         Ok(Client {
-            endpoint: args.endpoint.clone(),
+            endpoints,
             output: args.output,
             connector: Connector::new(args.tls()?, args.token.as_deref())?,
         })
     }
 
-    /// A connection to the node at `--endpoint`.
+    /// A connection to the first node of `--endpoint` that answers.
     pub async fn connect(&self) -> anyhow::Result<Conn> {
-        self.connector.connect(&self.endpoint).await
+        let mut failures = Vec::new();
+        for addr in &self.endpoints {
+            match self.connector.connect(addr).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.len() == 1 {
+            return Err(failures.remove(0));
+        }
+        let each: Vec<String> = failures.iter().map(|e| format!("\n  {e}")).collect();
+        Err(anyhow::anyhow!(
+            "cannot reach any of the {} nodes given in --endpoint:{}",
+            failures.len(),
+            each.concat()
+        ))
     }
 
     /// See [`Connector::status_error`].

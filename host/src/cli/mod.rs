@@ -87,7 +87,7 @@ pub enum Command {
     #[command(subcommand)]
     Cluster(admin::ClusterCommand),
     /// Write a consistent backup of every service (modules, versions, states) to a file.
-    #[command(after_help = "Example:\n  waft backup -o waft.backup")]
+    #[command(after_help = "Example:\n  waft backup waft.backup")]
     Backup(backup::BackupArgs),
     /// Load a backup into a cluster (one that runs no services, unless --force), or seed a new
     /// node's data directory with it offline (--data-dir).

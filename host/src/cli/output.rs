@@ -4,6 +4,26 @@ use super::connect::Output;
 use crate::pb::api;
 use std::process::ExitCode;
 
+/// A size for people: bytes below 1 KiB, else KiB, MiB or GiB with one decimal below 10
+/// (`--output json` keeps exact bytes).
+pub(super) fn size(bytes: u64) -> String {
+    const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 10.0 {
+        format!("{value:.1} {}", UNITS[unit])
+    } else {
+        format!("{value:.0} {}", UNITS[unit])
+    }
+}
+
 pub(super) fn show_bytes(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(t) => t.to_owned(),
@@ -282,5 +302,21 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_in_the_unit_that_fits() {
+        use super::size;
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(451_848), "441 KiB");
+        assert_eq!(size(1_114_112), "1.1 MiB");
+        assert_eq!(size(18 << 20), "18 MiB");
+        assert_eq!(size(5 << 30), "5.0 GiB");
+        assert_eq!(size(3 << 40), "3072 GiB");
     }
 }

@@ -367,7 +367,7 @@ fn the_readme_tour_runs_as_written() {
         "the Rust tour:\n{out}{}",
         String::from_utf8_lossy(&rust.stderr)
     );
-    let status = dev.stop();
+    let (status, _) = dev.stop();
     assert!(status.success(), "waft dev exited with {status}");
 }
 

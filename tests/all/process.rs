@@ -221,6 +221,16 @@ fn survive_a_leader_kill(mut c: ProcCluster) {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // A malformed entry is named, before anything is tried.
+    let o = cli(
+        &format!("{},not an address", addrs[0]),
+        &["cluster", "status"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("\"not an address\" is not a node's address"),
+        "{err}"
+    );
     // A list of down nodes names each, for the client crate's commands and the others.
     let other = free_addr();
     let list = format!("{down},{other}");
@@ -277,10 +287,23 @@ async fn waft_dev_serves_the_etcd_api_when_asked() {
         .expect("range")
         .into_inner();
     assert_eq!(got.kvs[0].value, b"yes");
-    let status = tokio::task::spawn_blocking(move || dev.stop())
+    let (status, stderr) = tokio::task::spawn_blocking(move || dev.stop())
         .await
         .expect("join");
     assert!(status.success(), "waft dev exited with {status}");
+    // Ctrl-C stops every node's Raft before any server closes: one line per node, and no burst
+    // of replication warnings about peers that are already gone.
+    let stopping = stderr
+        .split_once("stopping 3 nodes")
+        .unwrap_or_else(|| panic!("waft dev says it stops its nodes: {stderr}"))
+        .1;
+    for n in 1..=3 {
+        assert!(stopping.contains(&format!("node {n} stopped")), "{stderr}");
+    }
+    assert!(
+        !stopping.contains("WARN") && !stopping.contains("ERROR"),
+        "a quiet stop: {stopping}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

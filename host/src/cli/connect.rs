@@ -162,18 +162,23 @@ impl Connector {
 
     /// A connection to the node at `addr` (3 s to connect), presenting the token.
     pub async fn connect(&self, addr: &str) -> anyhow::Result<Conn> {
-        self.endpoint(addr)?
+        self.dial(addr).await.map_err(|why| {
+            anyhow::anyhow!(
+                "cannot reach a waft node at {addr} (is it running? set --endpoint or \
+                 WAFT_ENDPOINT; --tls-ca if it serves TLS): {why}"
+            )
+        })
+    }
+
+    /// A connection to the node at `addr`, or why there is none.
+    async fn dial(&self, addr: &str) -> Result<Conn, String> {
+        self.endpoint(addr)
+            .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(3))
             .connect()
             .await
             .map(|c| self.authorized(c))
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach a waft node at {addr} (is it running? set --endpoint or \
-                     WAFT_ENDPOINT; --tls-ca if it serves TLS): {}",
-                    connect_error(&e)
-                )
-            })
+            .map_err(|e| connect_error(&e))
     }
 
     /// Words for a failed call: the status, its causes, a hint when a plain-text client seems
@@ -237,10 +242,16 @@ impl Client {
         if endpoints.is_empty() {
             bail!("--endpoint (or WAFT_ENDPOINT) names no node; give host:port[,host:port...]");
         }
+        let connector = Connector::new(args.tls()?, args.token.as_deref())?;
+        for e in &endpoints {
+            if let Err(why) = connector.endpoint(e) {
+                bail!("--endpoint: {e:?} is not a node's address (host:port): {why}");
+            }
+        }
         Ok(Client {
             endpoints,
             output: args.output,
-            connector: Connector::new(args.tls()?, args.token.as_deref())?,
+            connector,
         })
     }
 
@@ -248,20 +259,26 @@ impl Client {
     pub async fn connect(&self) -> anyhow::Result<Conn> {
         let mut failures = Vec::new();
         for addr in &self.endpoints {
-            match self.connector.connect(addr).await {
+            match self.connector.dial(addr).await {
                 Ok(conn) => return Ok(conn),
-                Err(e) => failures.push(e),
+                Err(why) => failures.push((addr, why)),
             }
         }
-        if failures.len() == 1 {
-            return Err(failures.remove(0));
-        }
-        let each: Vec<String> = failures.iter().map(|e| format!("\n  {e}")).collect();
-        Err(anyhow::anyhow!(
-            "cannot reach any of the {} nodes given in --endpoint:{}",
-            failures.len(),
-            each.concat()
-        ))
+        Err(match failures.as_slice() {
+            [(addr, why)] => anyhow::anyhow!(
+                "cannot reach a waft node at {addr} (is it running? set --endpoint or \
+                 WAFT_ENDPOINT; --tls-ca if it serves TLS): {why}"
+            ),
+            each => anyhow::anyhow!(
+                "cannot reach any of the {} nodes given in --endpoint (are they running? set \
+                 --endpoint or WAFT_ENDPOINT; --tls-ca if they serve TLS): {}",
+                each.len(),
+                each.iter()
+                    .map(|(addr, why)| format!("{addr}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        })
     }
 
     /// See [`Connector::status_error`].

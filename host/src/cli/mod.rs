@@ -185,14 +185,33 @@ impl LimitArgs {
     }
 }
 
+/// Set once every node of this process is being stopped (`waft dev`'s Ctrl-C): from then on,
+/// openraft's own lines about cores and peers that are stopping say nothing worth reading.
+static STOPPING_ALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Drops openraft's log lines from now on (every node of the process is stopping).
+pub(crate) fn quiet_openraft() {
+    STOPPING_ALL.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Sets up logging to stderr with the given filter.
 pub fn init_logging(filter: &str) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_new(log_filter(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stopping = tracing_subscriber::filter::filter_fn(|meta| {
+        !(STOPPING_ALL.load(std::sync::atomic::Ordering::Relaxed)
+            && meta.target().starts_with("openraft"))
+    });
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(stopping);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
         .try_init();
 }
 

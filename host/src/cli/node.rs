@@ -328,6 +328,7 @@ pub async fn node(
     }
     eprintln!("shutting down");
     node.shutdown().await?;
+    eprintln!("node {} stopped", args.id);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -586,8 +587,20 @@ pub async fn dev(args: &DevArgs, token: Option<&str>) -> anyhow::Result<ExitCode
     println!("Press Ctrl-C to stop.");
     shutdown_signal().await;
     eprintln!("stopping {} nodes", nodes.len());
-    for n in nodes {
-        n.shutdown().await?;
+    // Every node goes: what openraft says about peers and cores stopping is noise now.
+    super::quiet_openraft();
+    let mut failed = None;
+    for (id, stopped) in crate::node::Node::shutdown_together(nodes).await {
+        match stopped {
+            Ok(()) => eprintln!("node {id} stopped"),
+            Err(e) => {
+                eprintln!("node {id} stopped: {e}");
+                failed = Some(e);
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e.into());
     }
     drop(temp);
     Ok(ExitCode::SUCCESS)

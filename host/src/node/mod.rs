@@ -338,8 +338,40 @@ impl Node {
 
     /// Stops Raft, then the server, and waits for both. A leader hands leadership over first
     /// (see [`Node::step_down`]).
-    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+    pub async fn shutdown(self) -> Result<(), NodeError> {
         self.step_down(Duration::from_secs(3)).await;
+        self.stop().await
+    }
+
+    /// Stops every node of `nodes` (the whole cluster, in one process: `waft dev`) at once:
+    /// no leadership handover (nobody is left to lead), and every node's Raft stops before any
+    /// server closes, so no node keeps replicating to a peer that is gone (which would log a
+    /// warning per heartbeat). Heartbeats and elections stop first, then the leader, then the
+    /// others, so no message is in flight to a Raft that is stopping. Returns each node's id
+    /// and how its stop went, in order.
+    pub async fn shutdown_together(nodes: Vec<Node>) -> Vec<(NodeId, Result<(), NodeError>)> {
+        for n in &nodes {
+            n.raft.runtime_config().heartbeat(false);
+            n.raft.runtime_config().elect(false);
+        }
+        let (leaders, others): (Vec<&Node>, Vec<&Node>) =
+            nodes.iter().partition(|n| n.metrics().state.is_leader());
+        for group in [leaders, others] {
+            let rafts = group.into_iter().map(|n| {
+                let raft = n.raft.clone();
+                async move { raft.shutdown().await }
+            });
+            futures::future::join_all(rafts).await;
+        }
+        let stops = nodes.into_iter().map(|n| {
+            let id = n.id;
+            async move { (id, n.stop().await) }
+        });
+        futures::future::join_all(stops).await
+    }
+
+    /// Stops the node's tasks, Raft (if it still runs) and server.
+    async fn stop(mut self) -> Result<(), NodeError> {
         // A heal in progress gives up; the healer's Raft handle is released.
         self.state.set_healer(None);
         // Watches end, saying where to resume, before the server stops.

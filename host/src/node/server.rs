@@ -185,10 +185,17 @@ fn server_builder(tls: Option<&crate::tls::Tls>) -> Result<tonic::transport::Ser
 /// An error and its sources, in words (tonic's transport error alone says little).
 pub(crate) fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
+    let mut last = out.clone();
     let mut next = e.source();
     while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        // A layer that repeats the one it wraps ("tcp connect error: tcp connect error") says
+        // nothing new.
+        let text = s.to_string();
+        if text != last {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
         next = s.source();
     }
     out

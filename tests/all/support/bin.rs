@@ -46,7 +46,7 @@ pub fn consecutive_ports() -> u16 {
 /// killed on drop if not stopped.
 pub struct Dev {
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     /// The first node's port; node i listens on `base + i - 1`.
     pub base: u16,
     /// What it printed up to its "Press Ctrl-C" line.
@@ -60,13 +60,14 @@ impl Dev {
         use std::io::BufRead;
         let base = consecutive_ports();
         let dir = tempfile::tempdir().expect("tempdir");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr file");
         let mut child = waft()
             .args(["dev", "--base-port", &base.to_string()])
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(dir.path().join("data"))
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn waft dev");
         let stdout = child.stdout.take().expect("stdout");
@@ -81,7 +82,7 @@ impl Dev {
         }
         Dev {
             child: Some(child),
-            _dir: dir,
+            dir,
             base,
             banner,
         }
@@ -92,12 +93,16 @@ impl Dev {
         format!("127.0.0.1:{}", self.base + n - 1)
     }
 
-    /// Interrupts it as Ctrl-C would and waits for it to exit.
-    pub fn stop(mut self) -> ExitStatus {
+    /// Interrupts it as Ctrl-C would and waits for it to exit; what it wrote to stderr, all
+    /// along.
+    pub fn stop(mut self) -> (ExitStatus, String) {
         let mut child = self.child.take().expect("running");
         // SAFETY: signalling a child process we own and have not reaped.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        child.wait().expect("wait")
+        let status = child.wait().expect("wait");
+        let stderr =
+            std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+        (status, stderr)
     }
 }
 

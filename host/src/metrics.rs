@@ -9,19 +9,17 @@ use crate::api::trace::{RPC_BUCKETS_S, RpcMetrics};
 use crate::raft::rtt::{PeerRtt, RTT_BUCKETS_S};
 use crate::storage::{APPLY_BUCKETS_US, LogMemory, StateHandle};
 use crate::types::TypeConfig;
-use std::fmt::Write as _;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet, prometheus_text};
+use prometheus_client::metrics::MetricType;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// One number of a service, for a per-service metric.
 type ServiceValue = fn(&crate::storage::ServiceMetrics) -> f64;
 
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// A sample's labels, in order.
+type Labels = Vec<(&'static str, String)>;
 
 /// What one node's metrics are read from.
 #[derive(Clone, Debug)]
@@ -32,125 +30,173 @@ pub struct Sources {
     pub rtt: Arc<PeerRtt>,
     /// The WAL's entries in memory (none with redb).
     pub log: Option<LogMemory>,
+    /// The node's guest memory budget in bytes (`--max-guest-memory`), if it has one.
+    pub guest_memory_budget: Option<u64>,
 }
 
-/// The metrics of one node in Prometheus' text format (version 0.0.4).
-pub fn render(sources: &Sources) -> String {
-    let Sources {
-        raft,
-        state,
-        rpc,
-        rtt,
-        log,
-    } = sources;
-    use openraft::async_runtime::WatchReceiver;
-    let m: openraft::RaftMetrics<TypeConfig> = raft.metrics().borrow_watched().clone();
-    let mut out = Exposition(String::with_capacity(4096));
-    raft_metrics(&mut out, &m);
-    service_metrics(&mut out, state);
-    rpc_metrics(&mut out, rpc);
-    rtt_metrics(&mut out, rtt);
-    node_metrics(&mut out, state, log.as_ref());
-    audit_metrics(&mut out, state);
-    process_metrics(&mut out);
-    out.0
+/// The metrics of one node in Prometheus' text format (version 0.0.4), written by the
+/// `prometheus-client` library from what [`Sources`] hold at the time of the call.
+pub fn render(sources: &Sources) -> Result<String, std::fmt::Error> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(Node(sources.clone())));
+    let mut out = String::with_capacity(16 * 1024);
+    prometheus_text::encode(&mut out, &registry)?;
+    Ok(out)
 }
 
-/// The text exposition being written, one metric family at a time.
-struct Exposition(String);
+/// The node's metrics as a collector: read on every scrape, nothing kept between them.
+#[derive(Debug)]
+struct Node(Sources);
 
-impl Exposition {
-    fn header(&mut self, name: &str, help: &str, kind: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+impl Collector for Node {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Sources {
+            raft,
+            state,
+            rpc,
+            rtt,
+            log,
+            guest_memory_budget,
+        } = &self.0;
+        use openraft::async_runtime::WatchReceiver;
+        let m: openraft::RaftMetrics<TypeConfig> = raft.metrics().borrow_watched().clone();
+        let mut out = Exposition(encoder);
+        raft_metrics(&mut out, &m)?;
+        service_metrics(&mut out, state)?;
+        rpc_metrics(&mut out, rpc)?;
+        rtt_metrics(&mut out, rtt)?;
+        node_metrics(&mut out, state, log.as_ref())?;
+        budget_metrics(&mut out, state, *guest_memory_budget)?;
+        audit_metrics(&mut out, state)?;
+        process_metrics(&mut out)
     }
+}
 
-    /// A family of samples, each with its labels (`{a="b"}`, or empty).
-    fn family(&mut self, name: &str, help: &str, kind: &str, samples: Vec<(String, f64)>) {
-        self.header(name, help, kind);
+/// What a family's samples count or measure.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// A value that goes up and down.
+    Gauge,
+    /// A count that only grows; its name ends in `_total` (the library writes the suffix).
+    Counter,
+}
+
+/// One histogram's samples: its labels, the upper bounds of its buckets, the count in each
+/// bucket (not cumulative) followed by the count above the last bound, and the sum.
+struct Histogram<'a> {
+    labels: Labels,
+    bounds: &'a [f64],
+    buckets: &'a [u64],
+    sum: f64,
+}
+
+/// The exposition being written, one metric family at a time.
+struct Exposition<'a>(DescriptorEncoder<'a>);
+
+impl Exposition<'_> {
+    /// A family of samples, each with its labels (none for a family of one).
+    fn family(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: Kind,
+        samples: Vec<(Labels, f64)>,
+    ) -> std::fmt::Result {
+        let (base, metric_type) = match kind {
+            Kind::Gauge => (name, MetricType::Gauge),
+            Kind::Counter => (
+                name.strip_suffix("_total").ok_or(std::fmt::Error)?,
+                MetricType::Counter,
+            ),
+        };
+        let mut family = self.0.encode_descriptor(base, help, None, metric_type)?;
         for (labels, v) in samples {
-            let _ = writeln!(self.0, "{name}{labels} {v}");
+            let mut sample = family.encode_family(&labels)?;
+            match kind {
+                Kind::Gauge => sample.encode_gauge(&v)?,
+                Kind::Counter => sample.encode_counter::<NoLabelSet, f64, f64>(&v, None)?,
+            }
         }
+        Ok(())
     }
 
     /// A family of one sample without labels.
-    fn single(&mut self, name: &str, help: &str, kind: &str, v: f64) {
-        self.family(name, help, kind, vec![(String::new(), v)]);
+    fn single(&mut self, name: &str, help: &str, kind: Kind, v: f64) -> std::fmt::Result {
+        self.family(name, help, kind, vec![(Labels::new(), v)])
     }
 
-    /// One histogram's samples under `labels` (`a="b"`): a cumulative count per upper bound in
-    /// `bounds` (then `+Inf`, from the overflow count `buckets` ends with), the sum and the count.
-    fn histogram(&mut self, name: &str, labels: &str, bounds: &[f64], buckets: &[u64], sum: f64) {
-        let mut cumulative = 0;
-        for (bound, n) in bounds.iter().zip(buckets) {
-            cumulative += n;
-            let _ = writeln!(
-                self.0,
-                "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
-            );
+    /// A family of histograms.
+    fn histograms(&mut self, name: &str, help: &str, all: Vec<Histogram>) -> std::fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for h in all {
+            let mut buckets: Vec<(f64, u64)> = h
+                .bounds
+                .iter()
+                .copied()
+                .zip(h.buckets.iter().copied())
+                .collect();
+            let above = h.buckets.get(h.bounds.len()).copied().unwrap_or(0);
+            buckets.push((f64::INFINITY, above));
+            let count = buckets.iter().map(|(_, n)| n).sum();
+            family
+                .encode_family(&h.labels)?
+                .encode_histogram::<NoLabelSet>(h.sum, count, &buckets, None)?;
         }
-        cumulative += buckets.get(bounds.len()).copied().unwrap_or(0);
-        let _ = writeln!(
-            self.0,
-            "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}\n\
-             {name}_sum{{{labels}}} {sum}\n\
-             {name}_count{{{labels}}} {cumulative}"
-        );
+        Ok(())
     }
 }
 
 /// Raft's view: role, term, leader, indexes, each peer's lag.
-fn raft_metrics(out: &mut Exposition, m: &openraft::RaftMetrics<TypeConfig>) {
+fn raft_metrics(out: &mut Exposition, m: &openraft::RaftMetrics<TypeConfig>) -> std::fmt::Result {
     let role = format!("{:?}", m.state).to_lowercase();
     out.family(
         "waft_raft_role",
         "1 for this node's current Raft role.",
-        "gauge",
+        Kind::Gauge,
         ["leader", "follower", "candidate", "learner", "shutdown"]
             .iter()
-            .map(|r| (format!("{{role=\"{r}\"}}"), f64::from(u8::from(role == *r))))
+            .map(|r| {
+                (
+                    vec![("role", (*r).to_owned())],
+                    f64::from(u8::from(role == *r)),
+                )
+            })
             .collect(),
-    );
-    out.family(
-        "waft_raft_term",
-        "Current term.",
-        "gauge",
-        vec![(String::new(), m.current_term as f64)],
-    );
-    out.family(
-        "waft_raft_leader_id",
-        "The leader this node knows of (-1: none).",
-        "gauge",
-        vec![(String::new(), m.current_leader.map_or(-1.0, |l| l as f64))],
-    );
-    out.family(
-        "waft_raft_last_log_index",
-        "Index of the last entry in this node's log.",
-        "gauge",
-        vec![(String::new(), m.last_log_index.unwrap_or(0) as f64)],
-    );
-    out.family(
-        "waft_raft_committed_index",
-        "Index this node knows to be committed.",
-        "gauge",
-        vec![(
-            String::new(),
+    )?;
+    for (name, help, v) in [
+        ("waft_raft_term", "Current term.", m.current_term as f64),
+        (
+            "waft_raft_leader_id",
+            "The leader this node knows of (-1: none).",
+            m.current_leader.map_or(-1.0, |l| l as f64),
+        ),
+        (
+            "waft_raft_last_log_index",
+            "Index of the last entry in this node's log.",
+            m.last_log_index.unwrap_or(0) as f64,
+        ),
+        (
+            "waft_raft_committed_index",
+            "Index this node knows to be committed.",
             m.local_committed.map_or(0, |l| l.index) as f64,
-        )],
-    );
-    out.family(
-        "waft_raft_applied_index",
-        "Index this node's state machine has applied.",
-        "gauge",
-        vec![(String::new(), m.last_applied.map_or(0, |l| l.index) as f64)],
-    );
-    out.family(
-        "waft_raft_snapshot_index",
-        "Index of this node's last snapshot.",
-        "gauge",
-        vec![(String::new(), m.snapshot.map_or(0, |l| l.index) as f64)],
-    );
+        ),
+        (
+            "waft_raft_applied_index",
+            "Index this node's state machine has applied.",
+            m.last_applied.map_or(0, |l| l.index) as f64,
+        ),
+        (
+            "waft_raft_snapshot_index",
+            "Index of this node's last snapshot.",
+            m.snapshot.map_or(0, |l| l.index) as f64,
+        ),
+    ] {
+        out.single(name, help, Kind::Gauge, v)?;
+    }
     let last = m.last_log_index.unwrap_or(0);
-    let lag: Vec<(String, f64)> = m
+    let lag: Vec<(Labels, f64)> = m
         .replication
         .as_ref()
         .map(|r| {
@@ -159,7 +205,7 @@ fn raft_metrics(out: &mut Exposition, m: &openraft::RaftMetrics<TypeConfig>) {
                 .map(|(id, matched)| {
                     let matched = matched.as_ref().map_or(0, |l| l.index);
                     (
-                        format!("{{peer=\"{id}\"}}"),
+                        vec![("peer", id.to_string())],
                         last.saturating_sub(matched) as f64,
                     )
                 })
@@ -169,188 +215,211 @@ fn raft_metrics(out: &mut Exposition, m: &openraft::RaftMetrics<TypeConfig>) {
     out.family(
         "waft_raft_replication_lag_entries",
         "On the leader: entries each peer is behind this node's log.",
-        "gauge",
+        Kind::Gauge,
         lag,
-    );
+    )
 }
 
 /// Each service: version, counts, timers, fuel, memory, code, apply latency.
-fn service_metrics(out: &mut Exposition, state: &StateHandle) {
+fn service_metrics(out: &mut Exposition, state: &StateHandle) -> std::fmt::Result {
     let services = state.service_metrics();
-    let per = |f: ServiceValue| -> Vec<(String, f64)> {
+    let per = |f: ServiceValue| -> Vec<(Labels, f64)> {
         services
             .iter()
-            .map(|m| (format!("{{service=\"{}\"}}", escape(&m.name)), f(m)))
+            .map(|m| (vec![("service", m.name.clone())], f(m)))
             .collect()
     };
-    let per_service: [(&str, &str, &str, ServiceValue); 13] = [
+    let per_service: [(&str, &str, Kind, ServiceValue); 13] = [
         (
             "waft_service_version",
             "Active version of each service.",
-            "gauge",
+            Kind::Gauge,
             |m| f64::from(m.version),
         ),
         (
             "waft_service_applied_total",
             "Commands applied with a reply.",
-            "counter",
+            Kind::Counter,
             |m| m.stats.applied as f64,
         ),
         (
             "waft_service_rejected_total",
             "Commands the guest rejected.",
-            "counter",
+            Kind::Counter,
             |m| m.stats.rejected as f64,
         ),
         (
             "waft_service_trapped_total",
             "Commands that trapped and were rolled back.",
-            "counter",
+            Kind::Counter,
             |m| m.stats.trapped as f64,
         ),
         (
             "waft_service_timers_pending",
             "Pending guest timers (replicated state).",
-            "gauge",
+            Kind::Gauge,
             |m| m.pending_timers as f64,
         ),
         (
             "waft_service_timers_fired_total",
             "Guest timers delivered (fire answered ok).",
-            "counter",
+            Kind::Counter,
             |m| m.stats.timers_fired as f64,
         ),
         (
             "waft_service_timer_failures_total",
             "Guest timers whose delivery trapped, was refused or went over a cap: dropped.",
-            "counter",
+            Kind::Counter,
             |m| m.stats.timer_failures as f64,
         ),
         (
             "waft_service_fuel_total",
             "Fuel the guest consumed (all calls, replays included).",
-            "counter",
+            Kind::Counter,
             |m| m.fuel as f64,
         ),
         (
             "waft_service_recoveries_total",
             "Times the guest was rebuilt after a trap.",
-            "counter",
+            Kind::Counter,
             |m| m.recoveries as f64,
         ),
         (
             "waft_service_host_faults_total",
             "Guest calls that hit a fault in waft's host code, contained as a trap of the call.",
-            "counter",
+            Kind::Counter,
             |m| m.host_faults as f64,
         ),
         (
             "waft_service_memory_bytes",
             "Linear memory the service's live instance holds on this node.",
-            "gauge",
+            Kind::Gauge,
             |m| m.memory_bytes as f64,
         ),
         (
             "waft_service_history_bytes",
             "The instance history kept to rebuild the service's guest (base state and journal of calls).",
-            "gauge",
+            Kind::Gauge,
             |m| m.history_bytes as f64,
         ),
         (
             "waft_service_code_bytes",
             "Compiled code of the module the service runs (shared by the services and versions running the same module).",
-            "gauge",
+            Kind::Gauge,
             |m| m.code_bytes as f64,
         ),
     ];
     for (name, help, kind, f) in per_service {
-        out.family(name, help, kind, per(f));
+        out.family(name, help, kind, per(f))?;
     }
-    out.header(
+    let bounds: Vec<f64> = APPLY_BUCKETS_US.iter().map(|b| *b as f64 / 1e6).collect();
+    out.histograms(
         "waft_service_apply_seconds",
         "Time to apply one command in the guest.",
-        "histogram",
-    );
-    let bounds: Vec<f64> = APPLY_BUCKETS_US.iter().map(|b| *b as f64 / 1e6).collect();
-    for m in &services {
-        let s = &m.stats;
-        out.histogram(
-            "waft_service_apply_seconds",
-            &format!("service=\"{}\"", escape(&m.name)),
-            &bounds,
-            &s.latency_buckets,
-            s.latency_sum_us as f64 / 1e6,
-        );
-    }
+        services
+            .iter()
+            .map(|m| Histogram {
+                labels: vec![("service", m.name.clone())],
+                bounds: &bounds,
+                buckets: &m.stats.latency_buckets,
+                sum: m.stats.latency_sum_us as f64 / 1e6,
+            })
+            .collect(),
+    )
 }
 
 /// The client calls this node served, and what it forwarded to the leader.
-fn rpc_metrics(out: &mut Exposition, rpc: &RpcMetrics) {
+fn rpc_metrics(out: &mut Exposition, rpc: &RpcMetrics) -> std::fmt::Result {
     let calls = rpc.snapshot();
-    out.header(
+    out.family(
         "waft_grpc_requests_total",
         "Client calls served by this node, by method and status code.",
-        "counter",
-    );
-    for (method, m) in &calls {
-        for (code, n) in &m.codes {
-            let _ = writeln!(
-                out.0,
-                "waft_grpc_requests_total{{method=\"{}\",code=\"{code}\"}} {n}",
-                escape(method)
-            );
-        }
-    }
-    out.header(
+        Kind::Counter,
+        calls
+            .iter()
+            .flat_map(|(method, m)| {
+                m.codes.iter().map(move |(code, n)| {
+                    (
+                        vec![("method", method.to_string()), ("code", code.to_string())],
+                        *n as f64,
+                    )
+                })
+            })
+            .collect(),
+    )?;
+    out.histograms(
         "waft_grpc_request_seconds",
         "Time to answer a client call (to the reply's headers).",
-        "histogram",
-    );
-    for (method, m) in &calls {
-        out.histogram(
-            "waft_grpc_request_seconds",
-            &format!("method=\"{}\"", escape(method)),
-            &RPC_BUCKETS_S,
-            &m.buckets,
-            m.sum_seconds,
-        );
-    }
+        calls
+            .iter()
+            .map(|(method, m)| Histogram {
+                labels: vec![("method", method.to_string())],
+                bounds: &RPC_BUCKETS_S,
+                buckets: &m.buckets,
+                sum: m.sum_seconds,
+            })
+            .collect(),
+    )?;
     let (batches, commands) = rpc.forwarded_counts();
     out.single(
         "waft_forwarded_batches_total",
         "Batches of Submits this follower forwarded to the leader.",
-        "counter",
+        Kind::Counter,
         batches as f64,
-    );
+    )?;
     out.single(
         "waft_forwarded_commands_total",
         "Submits this follower forwarded to the leader.",
-        "counter",
+        Kind::Counter,
         commands as f64,
-    );
+    )
 }
 
 /// Round trips of the Raft messages this node sent as leader.
-fn rtt_metrics(out: &mut Exposition, rtt: &PeerRtt) {
-    out.header(
+fn rtt_metrics(out: &mut Exposition, rtt: &PeerRtt) -> std::fmt::Result {
+    let (heartbeats, appends) = rtt.read();
+    out.histograms(
         "waft_peer_round_trip_seconds",
         "Round trips of the Raft messages this node sent as leader, from the request to its reply (one not answered counts with the time it waited).",
-        "histogram",
-    );
-    let (heartbeats, appends) = rtt.read();
-    for (kind, h) in [("heartbeat", heartbeats), ("append", appends)] {
-        out.histogram(
-            "waft_peer_round_trip_seconds",
-            &format!("kind=\"{kind}\""),
-            &RTT_BUCKETS_S,
-            &h.buckets,
-            h.sum_seconds,
-        );
-    }
+        [("heartbeat", &heartbeats), ("append", &appends)]
+            .into_iter()
+            .map(|(kind, h)| Histogram {
+                labels: vec![("kind", kind.to_owned())],
+                bounds: &RTT_BUCKETS_S,
+                buckets: &h.buckets,
+                sum: h.sum_seconds,
+            })
+            .collect(),
+    )
+}
+
+/// What the node's services reserve of its guest memory budget (see [`crate::budget`]).
+fn budget_metrics(
+    out: &mut Exposition,
+    state: &StateHandle,
+    budget: Option<u64>,
+) -> std::fmt::Result {
+    out.single(
+        "waft_guest_memory_reserved_bytes",
+        "Guest memory this node's services reserve: each one's memory limit and its compiled code.",
+        Kind::Gauge,
+        crate::budget::Reservations::of_node(state).total() as f64,
+    )?;
+    out.single(
+        "waft_guest_memory_budget_bytes",
+        "This node's guest memory budget (--max-guest-memory); 0: no budget.",
+        Kind::Gauge,
+        budget.unwrap_or(0) as f64,
+    )?;
+    Ok(())
 }
 
 /// The node's own: log memory, watch history, snapshots, compiles.
-fn node_metrics(out: &mut Exposition, state: &StateHandle, log: Option<&LogMemory>) {
+fn node_metrics(
+    out: &mut Exposition,
+    state: &StateHandle,
+    log: Option<&LogMemory>,
+) -> std::fmt::Result {
     let snaps = state.snapshot_stats();
     let (compiles, fetched) = state.compile_stats();
     let (watch_events, watch_bytes) = state.watch_history();
@@ -359,189 +428,192 @@ fn node_metrics(out: &mut Exposition, state: &StateHandle, log: Option<&LogMemor
         out.single(
             "waft_log_memory_entries",
             "Log entries this node holds in memory (the WAL keeps them from the last purge on).",
-            "gauge",
+            Kind::Gauge,
             entries as f64,
-        );
+        )?;
         out.single(
             "waft_log_memory_bytes",
             "Bytes of the log entries this node holds in memory (their size in the log file).",
-            "gauge",
+            Kind::Gauge,
             bytes as f64,
-        );
+        )?;
     }
     for (name, help, kind, v) in [
         (
             "waft_watch_history_events",
             "Applied commands held in memory for watchers starting from an earlier index.",
-            "gauge",
+            Kind::Gauge,
             watch_events as f64,
         ),
         (
             "waft_watch_history_bytes",
             "Bytes of payloads and replies in the watch history.",
-            "gauge",
+            Kind::Gauge,
             watch_bytes as f64,
         ),
         (
             "waft_modules_compiled_total",
             "Guest modules this node compiled.",
-            "counter",
+            Kind::Counter,
             compiles.compiled as f64,
         ),
         (
             "waft_modules_compile_seconds_total",
             "Time this node spent compiling guest modules.",
-            "counter",
+            Kind::Counter,
             compiles.compile_seconds,
         ),
         (
             "waft_modules_loaded_compiled_total",
             "Guest modules this node loaded from compiled code on disk instead of compiling them.",
-            "counter",
+            Kind::Counter,
             compiles.loaded as f64,
         ),
         (
             "waft_modules_resident_code_bytes",
             "Compiled code this node holds in memory (modules in use, and recently used ones up to --compiled-cache-mib).",
-            "gauge",
+            Kind::Gauge,
             compiles.resident_code_bytes as f64,
         ),
         (
             "waft_modules_compiled_fetched_total",
             "Guest modules whose compiled code this node fetched from a member (--share-compiled).",
-            "counter",
+            Kind::Counter,
             fetched as f64,
         ),
         (
             "waft_log_clock_offset_seconds",
             "The log's clock (the last applied entry's timestamp, the leader's wall clock when it proposed it) minus this node's wall clock, as of its last apply: far from 0, wall clocks disagree (timers keep real time; guests' timestamps follow the log's clock).",
-            "gauge",
+            Kind::Gauge,
             state.log_clock_offset_ms() as f64 / 1000.0,
         ),
         (
             "waft_host_faults_total",
             "Guest calls of any kind (applies, queries, deploy checks, verifies) that hit a fault in waft's host code, contained as a trap of the call.",
-            "counter",
+            Kind::Counter,
             crate::runtime::host_faults() as f64,
         ),
         (
             "waft_snapshot_built_total",
             "Snapshots this node built.",
-            "counter",
+            Kind::Counter,
             snaps.built as f64,
         ),
         (
             "waft_snapshot_last_built_bytes",
             "Size of the last snapshot built.",
-            "gauge",
+            Kind::Gauge,
             snaps.last_built_bytes as f64,
         ),
         (
             "waft_snapshot_last_build_seconds",
             "Time the last snapshot build took.",
-            "gauge",
+            Kind::Gauge,
             snaps.last_build_seconds,
         ),
         (
             "waft_snapshot_installed_total",
             "Snapshots this node installed (sent by a leader).",
-            "counter",
+            Kind::Counter,
             snaps.installed as f64,
         ),
         (
             "waft_snapshot_last_installed_bytes",
             "Size of the last snapshot installed.",
-            "gauge",
+            Kind::Gauge,
             snaps.last_installed_bytes as f64,
         ),
         (
             "waft_snapshot_last_install_seconds",
             "Time the last snapshot install took.",
-            "gauge",
+            Kind::Gauge,
             snaps.last_install_seconds,
         ),
     ] {
-        out.single(name, help, kind, v);
+        out.single(name, help, kind, v)?;
     }
+    Ok(())
 }
 
 /// Audits and heals: what this node compared, found and rebuilt.
-fn audit_metrics(out: &mut Exposition, state: &StateHandle) {
+fn audit_metrics(out: &mut Exposition, state: &StateHandle) -> std::fmt::Result {
     let audit = state.audit_status();
     out.single(
         "waft_audit_checks_total",
         "State audits compared with this node's own digest.",
-        "counter",
+        Kind::Counter,
         audit.checks as f64,
-    );
+    )?;
     out.single(
         "waft_audit_skipped_total",
         "State audits this node had no digest for.",
-        "counter",
+        Kind::Counter,
         audit.skipped as f64,
-    );
+    )?;
     out.single(
         "waft_audit_divergences",
         "State mismatches with the majority (or the leader) kept for status (the most recent 16).",
-        "gauge",
+        Kind::Gauge,
         audit.divergences.len() as f64,
-    );
+    )?;
     out.single(
         "waft_audit_divergences_total",
         "State mismatches with the majority (or the leader) found since the node started.",
-        "counter",
+        Kind::Counter,
         audit.divergences_total as f64,
-    );
+    )?;
     out.single(
         "waft_heals_total",
         "Diverged state rebuilt from a majority replica since the node started.",
-        "counter",
+        Kind::Counter,
         audit.heals_total as f64,
-    );
+    )?;
     out.single(
         "waft_heal_failures_total",
         "Heals that could not complete (no majority replica gave the state in time).",
-        "counter",
+        Kind::Counter,
         audit.heal_failures_total as f64,
-    );
+    )?;
     out.single(
         "waft_services_unavailable",
         "Services this node refuses to read from: diverged and not rebuilt yet. Above 0 for long needs a person.",
-        "gauge",
+        Kind::Gauge,
         audit.unavailable.len() as f64,
-    );
+    )?;
     out.single(
         "waft_audit_last_checked_index",
         "Log index of the last audit compared.",
-        "gauge",
+        Kind::Gauge,
         audit.last_checked_index.unwrap_or(0) as f64,
-    );
+    )?;
+    Ok(())
 }
 
 /// The process's memory (every node it runs).
-fn process_metrics(out: &mut Exposition) {
+fn process_metrics(out: &mut Exposition) -> std::fmt::Result {
     if let Some(rss) = resident_bytes() {
         out.single(
             "process_resident_memory_bytes",
             "Resident memory of the process (every node it runs).",
-            "gauge",
+            Kind::Gauge,
             rss as f64,
-        );
+        )?;
     }
     if let Some(a) = ALLOCATOR.get().and_then(|read| read()) {
         out.single(
             "waft_allocator_allocated_bytes",
             "Bytes the process has allocated on its heap and not freed (every node it runs).",
-            "gauge",
+            Kind::Gauge,
             a.allocated as f64,
-        );
+        )?;
         out.single(
             "waft_allocator_resident_bytes",
             "Heap memory the allocator keeps resident: what is allocated, its own slack, and freed pages not returned yet.",
-            "gauge",
+            Kind::Gauge,
             a.resident as f64,
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// What the process's allocator holds (see [`set_allocator_stats`]).
@@ -620,7 +692,12 @@ async fn respond<B>(req: &hyper::Request<B>, sources: Sources) -> hyper::Respons
     // Reading the state machine takes its lock, which an apply may hold for a while: not on an
     // async worker.
     match tokio::task::spawn_blocking(move || render(&sources)).await {
-        Ok(body) => reply(200, "text/plain; version=0.0.4; charset=utf-8", body),
+        Ok(Ok(body)) => reply(200, prometheus_text::CONTENT_TYPE, body),
+        Ok(Err(std::fmt::Error)) => reply(
+            500,
+            "text/plain",
+            "rendering the metrics failed\n".to_owned(),
+        ),
         Err(e) => reply(
             500,
             "text/plain",

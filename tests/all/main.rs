@@ -15,6 +15,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod compiled;
+mod dashboards;
 mod determinism;
 mod docs;
 mod etcd;

@@ -91,9 +91,11 @@ async fn metrics_show_raft_progress_services_and_audits() {
         .expect("snapshot built");
     cluster.wait_applied(applied).await;
 
+    let mut served = Vec::new();
     for node in cluster.nodes.iter().flatten() {
         let addr = node.metrics_addr().expect("metrics served");
         let response = get(addr, "/metrics").await;
+        served.push(response.split("\r\n\r\n").nth(1).expect("body").to_owned());
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
         assert!(response.contains("text/plain; version=0.0.4"));
         let text = response.split("\r\n\r\n").nth(1).expect("body");
@@ -212,6 +214,8 @@ async fn metrics_show_raft_progress_services_and_audits() {
             }
         }
     }
+    // What deploy/ ships for Prometheus and Grafana names only what the nodes served.
+    crate::dashboards::check(&served.iter().map(String::as_str).collect::<Vec<_>>());
     let other = get(cluster.node(0).metrics_addr().expect("addr"), "/").await;
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
     cluster.shutdown().await;

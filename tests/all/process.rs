@@ -249,11 +249,47 @@ fn survive_a_leader_kill(mut c: ProcCluster) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waft_dev_serves_the_etcd_api_when_asked() {
+async fn waft_dev_serves_the_etcd_api_and_metrics_when_asked() {
     use waft::pb::etcd::{PutRequest, RangeRequest, kv_client::KvClient};
     let etcd = crate::support::bin::consecutive_ports();
-    let dev = Dev::start(&["--etcd-base-port", &etcd.to_string()]);
+    let metrics = crate::support::bin::consecutive_ports();
+    let dev = Dev::start(&[
+        "--etcd-base-port",
+        &etcd.to_string(),
+        "--metrics-base-port",
+        &metrics.to_string(),
+    ]);
     let ready = dev.banner.clone();
+    // Each node's metrics, where the banner says; what deploy/ ships for Prometheus and
+    // Grafana names only what the nodes of a real `waft` process serve.
+    let mut served = Vec::new();
+    for n in 0..3u16 {
+        let at = format!("127.0.0.1:{}", metrics + n);
+        assert!(
+            ready.contains(&format!("metrics http://{at}/metrics")),
+            "{ready}"
+        );
+        // A follower may not have applied the deploy yet when the banner shows.
+        let etcd_version = "waft_service_version{service=\"etcd\"} ";
+        let mut text = String::new();
+        for _ in 0..300 {
+            let response = crate::metrics::get(at.parse().expect("addr"), "/metrics").await;
+            text = response.split("\r\n\r\n").nth(1).expect("body").to_owned();
+            if text.contains(etcd_version) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(crate::metrics::value(&text, etcd_version.trim_end()), 1.0);
+        for heap in [
+            "waft_allocator_allocated_bytes",
+            "waft_allocator_resident_bytes",
+        ] {
+            assert!(crate::metrics::value(&text, heap) > 0.0, "{heap}");
+        }
+        served.push(text);
+    }
+    crate::dashboards::check(&served.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         ready.contains("service `kv` (and `etcd`) deployed"),
         "{ready}"

@@ -186,6 +186,10 @@ pub struct DevArgs {
     /// etcd-kv guest deployed as service `etcd` (try `etcdctl --endpoints=127.0.0.1:PORT put a 1`).
     #[arg(long, value_name = "PORT")]
     pub etcd_base_port: Option<u16>,
+    /// Also serve Prometheus metrics: node i at http://LISTEN_HOST:(PORT + i)/metrics
+    /// (deploy/prometheus/prometheus.yml scrapes 9101-9103: `--metrics-base-port 9101`).
+    #[arg(long, value_name = "PORT")]
+    pub metrics_base_port: Option<u16>,
     /// Serve TLS (mutual TLS between the nodes) with a throwaway CA and certificates made in
     /// DATA_DIR/tls; clients then need `--tls-ca DATA_DIR/tls/ca.pem` (printed at start).
     #[arg(long)]
@@ -463,6 +467,20 @@ async fn deploy_once(
 }
 
 /// `waft dev`.
+/// Node `i`'s address for a `waft dev` base port (`base` + i on the listen host), if the base
+/// port is given.
+fn dev_addr(
+    args: &DevArgs,
+    base: Option<u16>,
+    i: u64,
+    flag: &str,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let Some(base) = base else { return Ok(None) };
+    let port = u16::try_from(u64::from(base) + i)
+        .with_context(|| format!("{flag} plus --nodes goes past port 65535"))?;
+    Ok(Some(std::net::SocketAddr::new(args.listen_host, port)))
+}
+
 pub async fn dev(args: &DevArgs, token: Option<&str>) -> anyhow::Result<ExitCode> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
@@ -498,20 +516,16 @@ pub async fn dev(args: &DevArgs, token: Option<&str>) -> anyhow::Result<ExitCode
     let mut nodes = Vec::new();
     let mut members = BTreeMap::new();
     for i in 0..args.nodes {
-        let port = u16::try_from(args.base_port as u64 + i)
-            .context("--base-port plus --nodes goes past port 65535")?;
-        let at = std::net::SocketAddr::new(args.listen_host, port);
+        let at = dev_addr(args, Some(args.base_port), i, "--base-port")?
+            .context("a base port is given")?;
         let listener = TcpListener::bind(at)
             .await
             .with_context(|| format!("cannot listen on {at} (pick another --base-port?)"))?;
         let mut config = NodeConfig::new(i + 1, base.join(format!("node{}", i + 1)));
-        config.advertise = Some(format!("127.0.0.1:{port}"));
+        config.advertise = Some(format!("127.0.0.1:{}", at.port()));
         config.net.tls = tls.as_ref().map(|(_, t)| t.clone());
-        if let Some(etcd) = args.etcd_base_port {
-            let port = u16::try_from(etcd as u64 + i)
-                .context("--etcd-base-port plus --nodes goes past port 65535")?;
-            config.etcd_listen = Some(std::net::SocketAddr::new(args.listen_host, port));
-        }
+        config.etcd_listen = dev_addr(args, args.etcd_base_port, i, "--etcd-base-port")?;
+        config.metrics_listen = dev_addr(args, args.metrics_base_port, i, "--metrics-base-port")?;
         let node = Node::start(config, listener).await?;
         members.insert(
             i + 1,
@@ -549,7 +563,14 @@ pub async fn dev(args: &DevArgs, token: Option<&str>) -> anyhow::Result<ExitCode
         base.display()
     );
     for n in &nodes {
-        println!("  node {}  {}", n.id(), n.addr());
+        match n.metrics_addr() {
+            Some(m) => println!(
+                "  node {}  {}  metrics http://{m}/metrics",
+                n.id(),
+                n.addr()
+            ),
+            None => println!("  node {}  {}", n.id(), n.addr()),
+        }
     }
     println!();
     if let Some((files, _)) = &tls {

@@ -166,6 +166,7 @@ impl Node {
                         rpc: servers.rpc.clone(),
                         rtt: network.rtt().clone(),
                         log: log_memory,
+                        guest_memory_budget: config.api.max_guest_memory,
                     },
                 ));
                 Some((bound, task))

@@ -13,6 +13,29 @@ use std::time::Duration;
 /// Told of a deploy's upload: `None` when it (re)starts, `Some(bytes)` for each chunk sent.
 pub type Progress = Arc<dyn Fn(Option<u64>) + Send + Sync>;
 
+/// Told of each step of a deploy on the leader (see [`Client::deploy_watched`]).
+pub type Steps = Arc<dyn Fn(&proto::DeployStep) + Send + Sync>;
+
+/// A deploy's upload as a request: `chunks`, each told to `progress` as it goes out (from
+/// zero again on each attempt), under the deploy's deadline.
+fn upload(
+    chunks: &[proto::DeployChunk],
+    progress: Option<Progress>,
+    deadline: Duration,
+) -> tonic::Request<impl futures::Stream<Item = proto::DeployChunk> + use<>> {
+    if let Some(p) = &progress {
+        p(None);
+    }
+    let outgoing = futures::stream::iter(chunks.to_vec()).inspect(move |chunk| {
+        if let (Some(p), Some(proto::deploy_chunk::Kind::Data(d))) = (&progress, &chunk.kind) {
+            p(Some(d.len() as u64));
+        }
+    });
+    let mut r = tonic::Request::new(outgoing);
+    r.set_timeout(deadline);
+    r
+}
+
 impl ClientBuilder {
     /// Connects to the first endpoint that answers (then to the leader it names).
     pub async fn connect(self) -> Result<Client, Error> {
@@ -210,23 +233,55 @@ impl Client {
         let reply = self
             .pool
             .retrying(|c| {
-                let progress = progress.clone();
-                if let Some(p) = &progress {
-                    p(None);
-                }
-                let outgoing = futures::stream::iter(chunks.clone()).inspect(move |chunk| {
-                    if let (Some(p), Some(proto::deploy_chunk::Kind::Data(d))) =
-                        (&progress, &chunk.kind)
-                    {
-                        p(Some(d.len() as u64));
-                    }
-                });
-                let mut r = tonic::Request::new(outgoing);
-                r.set_timeout(deadline);
+                let r = upload(&chunks, progress.clone(), deadline);
                 async move { waft(c).deploy(r).await }
             })
             .await?;
         Ok(reply.into_inner())
+    }
+
+    /// [`Client::deploy_reply`], with `steps` told of each step on the leader as it happens:
+    /// which members compile the module, each one's compile, the leader's check, the proposal
+    /// (`Waft.DeployWatched`). Against a node of an earlier release, which does not know that
+    /// call, the deploy goes on without steps.
+    pub async fn deploy_watched(
+        &self,
+        header: proto::DeployHeader,
+        module: &[u8],
+        progress: Option<Progress>,
+        steps: Steps,
+    ) -> Result<proto::DeployReply, Error> {
+        use proto::deploy_progress::Kind;
+        let chunks = deploy_chunks(header, module);
+        let deadline = self.pool.settings().deploy_timeout;
+        self.pool
+            .retrying(|c| {
+                let r = upload(&chunks, progress.clone(), deadline);
+                let (chunks, progress, steps) = (chunks.clone(), progress.clone(), steps.clone());
+                async move {
+                    let mut stream = match waft(c.clone()).deploy_watched(r).await {
+                        Ok(s) => s.into_inner(),
+                        Err(s) if s.code() == tonic::Code::Unimplemented => {
+                            let r = upload(&chunks, progress, deadline);
+                            return waft(c).deploy(r).await.map(tonic::Response::into_inner);
+                        }
+                        Err(s) => return Err(s),
+                    };
+                    while let Some(m) = stream.message().await? {
+                        match m.kind {
+                            Some(Kind::Step(s)) => steps(&s),
+                            Some(Kind::Done(reply)) => return Ok(reply),
+                            None => {}
+                        }
+                    }
+                    Err(tonic::Status::unavailable(
+                        "the deploy's progress ended before its reply (the connection or the \
+                         leader went away); the deploy may have gone through: retry (deploying \
+                         what already runs changes nothing)",
+                    ))
+                }
+            })
+            .await
     }
 
     /// The services the cluster runs.

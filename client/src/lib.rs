@@ -85,7 +85,7 @@ mod reply;
 mod session;
 mod watch;
 
-pub use client::{Client, Progress, deploy_chunks};
+pub use client::{Client, Progress, Steps, deploy_chunks};
 pub use connect::{Conn, Tls};
 pub use error::Error;
 pub use pool::ClientBuilder;

@@ -30,6 +30,7 @@ mod memory;
 mod metrics;
 mod modules;
 mod process;
+mod progress;
 mod rolling;
 mod routing;
 mod runtime;

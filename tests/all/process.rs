@@ -99,12 +99,25 @@ fn survive_a_leader_kill(mut c: ProcCluster) {
                 .is_some_and(|m| m.iter().filter(|x| x["voter"] == true).count() == 3)
         })
     });
+    // Each joined node says how far it came.
+    for i in [1, 2] {
+        eventually("a joined node says it caught up", || {
+            c.log(i)
+                .contains(&format!("node {} caught up: log to index", i + 1))
+        });
+    }
 
     tracing::info!("deploy kv and submit through a follower");
     let o = cli(&addrs[1], &["deploy", EXAMPLE_KV, "--service", "kv"]);
     assert!(
         o.status.success(),
         "deploy: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Not a terminal: no progress drawn.
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
         String::from_utf8_lossy(&o.stderr)
     );
     let o = cli(&addrs[2], &["submit", "--service", "kv", "put k1 v1"]);

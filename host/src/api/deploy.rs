@@ -25,6 +25,31 @@ enum Held {
     Inline,
 }
 
+/// What `Waft.DeployWatched` answers: the steps of a deploy, then its reply or error.
+pub(super) type DeployProgressStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<api::DeployProgress, Status>> + Send>>;
+
+/// Where a deploy tells its steps as they happen: a `DeployWatched` caller's stream, or
+/// nowhere (`Deploy`).
+#[derive(Clone, Default)]
+struct Steps(Option<tokio::sync::mpsc::UnboundedSender<Result<api::DeployProgress, Status>>>);
+
+impl Steps {
+    /// Tells a step of `kind`, filled in by `fill`.
+    fn tell(&self, kind: api::deploy_step::Kind, fill: impl FnOnce(&mut api::DeployStep)) {
+        if let Some(tx) = &self.0 {
+            let mut step = api::DeployStep {
+                kind: kind as i32,
+                ..Default::default()
+            };
+            fill(&mut step);
+            let _ = tx.send(Ok(api::DeployProgress {
+                kind: Some(api::deploy_progress::Kind::Step(step)),
+            }));
+        }
+    }
+}
+
 /// One lock per service being deployed on this node (see `Deploys::deploying`).
 type DeployLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
@@ -69,23 +94,7 @@ impl Deploys {
         caller: &Caller,
         mut input: Streaming<api::DeployChunk>,
     ) -> Result<GrpcResponse<api::DeployReply>, Status> {
-        let upload = Upload {
-            call: "deploy",
-            item: "module",
-            max: self.runtime.limits().max_module_bytes as u64,
-            chunk_timeout: None,
-        };
-        let (header, module) = upload
-            .read(&mut input, |h: &api::DeployHeader| {
-                if h.service.is_empty() {
-                    return Err(Status::invalid_argument("a service name is required"));
-                }
-                if h.size == 0 {
-                    return Err(Status::invalid_argument("the module is empty (0 bytes)"));
-                }
-                Ok(())
-            })
-            .await?;
+        let (header, module) = self.upload(&mut input).await?;
         if let Some(leader) = self.router.leader(caller).await? {
             let chunks = crate::pb::deploy_chunks_with(header, &module);
             return leader
@@ -94,6 +103,80 @@ impl Deploys {
                 })
                 .await;
         }
+        self.deploy_here(header, module, &Steps::default())
+            .await
+            .map(GrpcResponse::new)
+    }
+
+    /// `Waft.DeployWatched`: [`Deploys::deploy`], with each step sent as it happens and the
+    /// reply (or the error) last. The deploy runs in a task of its own: a caller that goes away
+    /// stops hearing of it, not the deploy.
+    pub(super) async fn deploy_watched(
+        &self,
+        caller: &Caller,
+        mut input: Streaming<api::DeployChunk>,
+    ) -> Result<GrpcResponse<DeployProgressStream>, Status> {
+        use futures::StreamExt;
+        let (header, module) = self.upload(&mut input).await?;
+        if let Some(leader) = self.router.leader(caller).await? {
+            let chunks = crate::pb::deploy_chunks_with(header, &module);
+            let relayed = leader
+                .relay(futures::stream::iter(chunks), |mut c, r| async move {
+                    c.waft.deploy_watched(r).await
+                })
+                .await?;
+            let stream: DeployProgressStream = Box::pin(relayed.into_inner());
+            return Ok(GrpcResponse::new(stream));
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let steps = Steps(Some(tx.clone()));
+        steps.tell(api::deploy_step::Kind::Received, |s| {
+            s.node = self.router.id();
+        });
+        let this = self.clone();
+        tokio::spawn(async move {
+            let done = this.deploy_here(header, module, &steps).await;
+            let _ = tx.send(done.map(|reply| api::DeployProgress {
+                kind: Some(api::deploy_progress::Kind::Done(reply)),
+            }));
+        });
+        let stream: DeployProgressStream =
+            Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).fuse());
+        Ok(GrpcResponse::new(stream))
+    }
+
+    /// Reads a deploy's upload: the header, checked, then the module.
+    async fn upload(
+        &self,
+        input: &mut Streaming<api::DeployChunk>,
+    ) -> Result<(api::DeployHeader, Vec<u8>), Status> {
+        let upload = Upload {
+            call: "deploy",
+            item: "module",
+            max: self.runtime.limits().max_module_bytes as u64,
+            chunk_timeout: None,
+        };
+        upload
+            .read(input, |h: &api::DeployHeader| {
+                if h.service.is_empty() {
+                    return Err(Status::invalid_argument("a service name is required"));
+                }
+                if h.size == 0 {
+                    return Err(Status::invalid_argument("the module is empty (0 bytes)"));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// A deploy on this node, the leader, with the module uploaded: the checks, the members'
+    /// compiles, the proposal; each step told to `steps`.
+    async fn deploy_here(
+        &self,
+        header: api::DeployHeader,
+        module: Vec<u8>,
+        steps: &Steps,
+    ) -> Result<api::DeployReply, Status> {
         let limits = ServiceLimits {
             fuel_per_apply: (header.fuel_per_apply != 0).then_some(header.fuel_per_apply),
             max_memory_bytes: (header.max_memory_bytes != 0).then_some(header.max_memory_bytes),
@@ -109,11 +192,23 @@ impl Deploys {
         if !header.dry_run
             && let Some(unchanged) = self.already_running(&header.service, &module, limits)
         {
-            return Ok(GrpcResponse::new(unchanged));
+            return Ok(unchanged);
         }
         let size = module.len() as u64;
         let shared = Arc::new(module);
-        let validated = self.validate(&header.service, shared.clone(), limits, "the new module");
+        let validated = async {
+            let started = std::time::Instant::now();
+            let checked = self
+                .validate(&header.service, shared.clone(), limits, "the new module")
+                .await;
+            if checked.is_ok() {
+                steps.tell(api::deploy_step::Kind::Checked, |s| {
+                    s.node = self.router.id();
+                    s.millis = started.elapsed().as_millis() as u64;
+                });
+            }
+            checked
+        };
         // The members fetch the module from this node's store and compile it while this node
         // validates it (a module that fails validation is only left in their stores until
         // they drop unused modules); with shared compiled code, after.
@@ -125,12 +220,15 @@ impl Deploys {
             let sha = self.keep_module(shared.clone()).await?;
             let validated = validated.await?;
             let reserve = self.reserve(&header.service, limits);
-            (validated, self.hold_members(&sha, size, &reserve).await?)
+            (
+                validated,
+                self.hold_members(&sha, size, &reserve, steps).await?,
+            )
         } else {
             let sha = self.keep_module(shared.clone()).await?;
             let reserve = self.reserve(&header.service, limits);
             let (validated, held) =
-                tokio::join!(validated, self.hold_members(&sha, size, &reserve));
+                tokio::join!(validated, self.hold_members(&sha, size, &reserve, steps));
             (validated?, held?)
         };
         self.check_budget(&header.service, limits, &hash, code_bytes)?;
@@ -140,7 +238,7 @@ impl Deploys {
             (None, Vec::new())
         };
         if header.dry_run {
-            return Ok(GrpcResponse::new(api::DeployReply {
+            return Ok(api::DeployReply {
                 module_sha256: hash,
                 index: 0,
                 dry_run: true,
@@ -148,7 +246,7 @@ impl Deploys {
                 unchanged: false,
                 trial,
                 findings,
-            }));
+            });
         }
         let findings = forced_findings(&header, findings)?;
         let engine = self.runtime.fingerprint().to_owned();
@@ -169,6 +267,9 @@ impl Deploys {
                 inline_deploy(service, module, engine, limits, findings)
             }
         };
+        steps.tell(api::deploy_step::Kind::Proposed, |s| {
+            s.node = self.router.id();
+        });
         self.propose_swap(entry, "deploy").await
     }
 
@@ -245,7 +346,7 @@ impl Deploys {
         // cannot fetches it when it applies the rollback.
         let reserve = self.reserve(&req.service, limits);
         match self
-            .hold_members(&hash, module.len() as u64, &reserve)
+            .hold_members(&hash, module.len() as u64, &reserve, &Steps::default())
             .await
         {
             Err(e) if e.code() == tonic::Code::ResourceExhausted => return Err(e),
@@ -259,7 +360,9 @@ impl Deploys {
             to: Some(version),
             timestamp_ms: now_ms(),
         };
-        self.propose_swap(entry, "rollback").await
+        self.propose_swap(entry, "rollback")
+            .await
+            .map(GrpcResponse::new)
     }
 
     /// Refuses a change that would take this node's guest memory reservation over its budget
@@ -419,6 +522,7 @@ impl Deploys {
         sha256: &str,
         size: u64,
         reserve: &crate::raft::modules::Reserve,
+        steps: &Steps,
     ) -> Result<Held, Status> {
         use crate::raft::modules::{HoldError, hold_module};
         use futures::StreamExt;
@@ -436,6 +540,10 @@ impl Deploys {
         if others.is_empty() {
             return Ok(Held::Stored);
         }
+        steps.tell(api::deploy_step::Kind::MembersAsked, |s| {
+            s.nodes = others.iter().map(|(id, _)| *id).collect();
+            s.needed = needed as u32;
+        });
         let me = membership.get_node(&id).map(|n| (id, n.addr.clone()));
         let started = std::time::Instant::now();
         let mut calls: futures::stream::FuturesUnordered<_> = others
@@ -486,6 +594,10 @@ impl Deploys {
                     if voters.contains(&node) {
                         ready += 1;
                     }
+                    steps.tell(api::deploy_step::Kind::MemberReady, |s| {
+                        s.node = node;
+                        s.millis = compile_ms;
+                    });
                     tracing::info!(
                         node,
                         compile_ms,
@@ -506,6 +618,10 @@ impl Deploys {
                 }
                 Err(HoldError::Failed(e)) => {
                     tracing::warn!(node, error = %e, "a member does not hold the module");
+                    steps.tell(api::deploy_step::Kind::MemberFailed, |s| {
+                        s.node = node;
+                        s.detail = e.clone();
+                    });
                     errors.push(e);
                 }
             }
@@ -546,22 +662,16 @@ impl Deploys {
     }
 
     /// Proposes a deploy or rollback entry on this (leader) node and maps the outcome.
-    async fn propose_swap(
-        &self,
-        entry: Request,
-        what: &str,
-    ) -> Result<GrpcResponse<api::DeployReply>, Status> {
+    async fn propose_swap(&self, entry: Request, what: &str) -> Result<api::DeployReply, Status> {
         match self.router.write(entry, &Caller::local()).await? {
-            Ok((index, Response::Deployed { module, version })) => {
-                Ok(GrpcResponse::new(api::DeployReply {
-                    module_sha256: module,
-                    index,
-                    dry_run: false,
-                    version,
-                    unchanged: false,
-                    ..Default::default()
-                }))
-            }
+            Ok((index, Response::Deployed { module, version })) => Ok(api::DeployReply {
+                module_sha256: module,
+                index,
+                dry_run: false,
+                version,
+                unchanged: false,
+                ..Default::default()
+            }),
             Ok((_, Response::DeployFailed(why))) => {
                 Err(Status::failed_precondition(format!("{what} failed: {why}")))
             }

@@ -5,7 +5,7 @@
 use super::Data;
 use super::admin::Admin;
 use super::backup::{BackupStream, Backups};
-use super::deploy::Deploys;
+use super::deploy::{DeployProgressStream, Deploys};
 use super::router::Router;
 use super::session::SessionStream;
 use super::watch::{WatchStream, Watches};
@@ -75,6 +75,18 @@ impl waft_server::Waft for WaftService {
     ) -> Result<GrpcResponse<api::DeployReply>, Status> {
         let caller = self.router.authorize(request.metadata(), Role::Admin)?;
         self.deploys.deploy(&caller, request.into_inner()).await
+    }
+
+    type DeployWatchedStream = DeployProgressStream;
+
+    async fn deploy_watched(
+        &self,
+        request: GrpcRequest<Streaming<api::DeployChunk>>,
+    ) -> Result<GrpcResponse<Self::DeployWatchedStream>, Status> {
+        let caller = self.router.authorize(request.metadata(), Role::Admin)?;
+        self.deploys
+            .deploy_watched(&caller, request.into_inner())
+            .await
     }
 
     type WatchStream = WatchStream;

@@ -30,7 +30,8 @@ pub enum ClusterCommand {
         /// The node's id.
         id: u64,
     },
-    /// Hand leadership to another voter.
+    /// Hand leadership to another voter, and wait (up to 15 s) until the node asked sees it
+    /// lead; exit 1 if it does not.
     TransferLeader {
         /// The voter to lead.
         to: u64,
@@ -91,14 +92,7 @@ pub async fn cluster(client: &Client, command: &ClusterCommand) -> anyhow::Resul
                 .map_err(|s| client.status_error(s))?;
             output::print_members(client.output, r.get_ref());
         }
-        ClusterCommand::TransferLeader { to } => {
-            c.transfer_leader(api::TransferLeaderRequest { to: *to })
-                .await
-                .map_err(|s| client.status_error(s))?;
-            if client.output == Output::Text {
-                println!("leadership transfer to node {to} requested");
-            }
-        }
+        ClusterCommand::TransferLeader { to } => return transfer_leader(client, &mut c, *to).await,
         ClusterCommand::Snapshot => {
             c.trigger_snapshot(api::TriggerSnapshotRequest {})
                 .await
@@ -118,6 +112,65 @@ pub async fn cluster(client: &Client, command: &ClusterCommand) -> anyhow::Resul
         ClusterCommand::Audit => return audit(client, &mut c).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long `waft cluster transfer-leader` waits to see the new leader: a transfer is an
+/// election, which takes a few hundred milliseconds.
+const TRANSFER_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `waft cluster transfer-leader`: asks, then waits until the node asked sees `to` lead.
+async fn transfer_leader(
+    client: &Client,
+    c: &mut ClusterClient<Conn>,
+    to: u64,
+) -> anyhow::Result<ExitCode> {
+    c.transfer_leader(api::TransferLeaderRequest { to })
+        .await
+        .map_err(|s| client.status_error(s))?;
+    let spinner = super::progress::spinner(
+        client.output,
+        &format!("waiting for node {to} to take over"),
+    );
+    let started = std::time::Instant::now();
+    let seen = loop {
+        // A node may be between leaders for a moment: ask again.
+        let status = c
+            .status(api::StatusRequest {})
+            .await
+            .map(|r| r.into_inner());
+        let done = status.as_ref().is_ok_and(|s| s.leader_id == Some(to));
+        if done || started.elapsed() >= TRANSFER_WAIT {
+            break status.ok();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let (leader, term) = seen.map_or((None, 0), |s| (s.leader_id, s.term));
+    let moved = leader == Some(to);
+    match client.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"to": to, "leader": leader, "term": term, "moved": moved})
+        ),
+        Output::Text if moved => println!(
+            "node {to} leads (term {term}, after {:.1} s)",
+            started.elapsed().as_secs_f64()
+        ),
+        Output::Text => println!(
+            "asked node {to} to take over, but after {} s {}",
+            TRANSFER_WAIT.as_secs(),
+            leader.map_or("no leader is known".to_owned(), |l| format!(
+                "node {l} leads"
+            ))
+        ),
+    }
+    Ok(if moved {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn audit(client: &Client, c: &mut ClusterClient<Conn>) -> anyhow::Result<ExitCode> {

@@ -78,19 +78,7 @@ pub async fn backup(client: &Client, args: &BackupArgs) -> anyhow::Result<ExitCo
         Some(Kind::Header(h)) => h,
         _ => anyhow::bail!("the node sent a backup without a header"),
     };
-    let bar = (header.size > (4 << 20)
-        && client.output == Output::Text
-        && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-    .then(|| {
-        let bar = indicatif::ProgressBar::new(header.size);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "backup {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
+    let bar = super::progress::bytes(client.output, "backup", header.size);
     let mut bytes = Vec::with_capacity(header.size as usize);
     while let Some(chunk) = stream.message().await.map_err(|s| client.status_error(s))? {
         if let Some(Kind::Data(d)) = chunk.kind {
@@ -188,14 +176,41 @@ pub async fn restore(client: &Client, args: &RestoreArgs) -> anyhow::Result<Exit
     }
     let c = ClusterClient::new(client.connect().await?).max_encoding_message_size(usize::MAX);
     let chunks = crate::api::restore_chunks(&bytes, args.force);
+    // On a terminal: the upload counted, then the wait while the cluster applies the backup.
+    let spinner = super::progress::spinner(client.output, "uploading");
+    let total = bytes.len() as u64;
     let reply = retrying(|| {
         let mut c = c.clone();
         let chunks = chunks.clone();
-        async move { c.restore(futures::stream::iter(chunks)).await }
+        let counted = spinner.clone().map(|s| super::progress::upload(s, total));
+        if let Some(count) = &counted {
+            count(None);
+        }
+        let spinner = spinner.clone();
+        use futures::StreamExt;
+        let outgoing = futures::stream::iter(chunks).inspect(move |chunk| {
+            if let (Some(count), Some(api::backup_chunk::Kind::Data(d))) = (&counted, &chunk.kind) {
+                count(Some(d.len() as u64));
+            }
+        });
+        // After the last chunk: what the wait is for.
+        let outgoing = outgoing
+            .map(Some)
+            .chain(futures::stream::once(async move {
+                if let Some(s) = spinner {
+                    s.set_message("the cluster restores the backup (every node at the same entry)");
+                }
+                None
+            }))
+            .filter_map(futures::future::ready);
+        async move { c.restore(outgoing).await }
     })
     .await
-    .map_err(|s| client.status_error(s))?
-    .into_inner();
+    .map_err(|s| client.status_error(s));
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let reply = reply?.into_inner();
     match client.output {
         Output::Json => println!(
             "{}",

@@ -367,20 +367,6 @@ pub async fn deploy(client: &Client, args: &DeployArgs) -> anyhow::Result<ExitCo
                 .map_or(String::new(), |p| p.display().to_string())
         );
     }
-    // A progress bar for uploads worth watching, on a terminal, in text mode.
-    let bar = (size > (4 << 20)
-        && client.output == Output::Text
-        && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-    .then(|| {
-        let bar = indicatif::ProgressBar::new(size);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "uploading {bytes}/{total_bytes} [{bar:30}] {bytes_per_sec}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
     let header = api::DeployHeader {
         service: args.service.clone(),
         size,
@@ -391,20 +377,24 @@ pub async fn deploy(client: &Client, args: &DeployArgs) -> anyhow::Result<ExitCo
         force: args.force,
         replay,
     };
-    let progress: Option<waft_client::Progress> = bar.clone().map(|b| {
-        std::sync::Arc::new(move |sent: Option<u64>| match sent {
-            None => b.set_position(0),
-            Some(n) => b.inc(n),
-        }) as waft_client::Progress
-    });
+    // On a terminal in text mode: a spinner that counts the upload, then a line for each step
+    // on the leader (each member's compile, the check, the proposal).
+    let spinner = super::progress::spinner(client.output, "uploading");
     // Through waft-client: to the leader, retried while the cluster cannot take it.
-    let reply = waft
-        .deploy_reply(header, &module, progress)
-        .await
-        .map_err(|e| client.connector.client_error(e))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
+    let reply = match &spinner {
+        Some(s) => {
+            let progress = super::progress::upload(s.clone(), size);
+            let told = super::progress::deploy_steps(s.clone());
+            waft.deploy_watched(header, &module, Some(progress), told)
+                .await
+        }
+        None => waft.deploy_reply(header, &module, None).await,
     }
+    .map_err(|e| client.connector.client_error(e));
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let reply = reply?;
     let trial = reply.trial.as_ref().map(|t| {
         serde_json::json!({"source": t.source, "commands": t.commands, "differing": t.differing,
             "from_index": t.from_index, "to_index": t.to_index,

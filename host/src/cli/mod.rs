@@ -12,6 +12,7 @@ mod connect;
 mod guest;
 mod node;
 mod output;
+mod progress;
 
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;

@@ -306,18 +306,29 @@ pub async fn node(
         },
     };
     if let Some(seed) = &args.join
-        && let Err(e) = join(
-            &connector,
-            seed,
-            args.id,
-            node.addr(),
-            crate::node::join::is_fresh(&node),
-        )
-        .await
+        && let Err(e) = tokio::select! {
+            joined = join(
+                &connector,
+                seed,
+                args.id,
+                node.addr(),
+                crate::node::join::is_fresh(&node),
+            ) => joined,
+            never = report_catch_up(&node) => match never {},
+        }
     {
         eprintln!("error: joining through {seed} failed: {e:#}");
         node.shutdown().await?;
         return Ok(ExitCode::FAILURE);
+    }
+    if args.join.is_some() {
+        let m = node.metrics();
+        eprintln!(
+            "node {} caught up: log to index {}, applied to {}",
+            args.id,
+            m.last_log_index.unwrap_or(0),
+            m.last_applied.map_or(0, |l| l.index)
+        );
     }
     tokio::select! {
         _ = shutdown_signal() => {}
@@ -376,6 +387,37 @@ async fn seed_addrs(seeds: &str) -> Vec<(String, Option<String>)> {
         }
     }
     out
+}
+
+/// While a node joins (the leader adds it as a learner and waits for it to catch up), says
+/// every few seconds how far its log and state machine have come, and when a snapshot was
+/// installed: a big state takes a while to arrive.
+async fn report_catch_up(node: &Node) -> std::convert::Infallible {
+    let mut told = (0, 0, 0);
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let m = node.metrics();
+        let now = (
+            m.last_log_index.unwrap_or(0),
+            m.last_applied.map_or(0, |l| l.index),
+            m.snapshot.map_or(0, |l| l.index),
+        );
+        if now == told {
+            continue;
+        }
+        let snapshot = if now.2 > told.2 {
+            format!(", snapshot at index {}", now.2)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "node {} catching up: log to index {}, applied to {}{snapshot}",
+            node.id(),
+            now.0,
+            now.1
+        );
+        told = now;
+    }
 }
 
 /// Joins node `id` (at `addr`) through `seeds`, saying what happened.

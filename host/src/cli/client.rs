@@ -454,14 +454,23 @@ pub async fn rollback(client: &Client, args: &RollbackArgs) -> anyhow::Result<Ex
         service: args.service.clone(),
         to_version: args.to.unwrap_or(0),
     };
+    // On a terminal: a spinner while the members compile the target's module and the switch
+    // commits (a rollback is one call; its steps are not streamed).
+    let spinner = super::progress::spinner(
+        client.output,
+        "rolling back: the members compile the version's module, then the switch commits",
+    );
     let reply = retrying(|| {
         let mut w = waft.clone();
         let r = request.clone();
         async move { w.rollback(r).await }
     })
     .await
-    .map_err(|s| client.status_error(s))?
-    .into_inner();
+    .map_err(|s| client.status_error(s));
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let reply = reply?.into_inner();
     match client.output {
         Output::Json => println!(
             "{}",

@@ -304,3 +304,38 @@ async fn the_python_package_passes_its_pytest_suite() {
     assert!(out.status.success(), "pytest failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("2 passed"), "{stdout}");
 }
+
+/// The Node.js/TypeScript client package (clients/js) passes its own test suite against real
+/// `waft node` processes of this build: the leader killed between two submits, exactly once,
+/// every consistency, deploy with its steps, a watch resumed, the bad input it must name, and a
+/// TLS cluster with tokens. The test command (`scripts/test`) builds the package (`npm ci`),
+/// generating its stubs and types from proto/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_js_package_passes_its_test_suite() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/js");
+    assert!(
+        std::path::Path::new(dir).join("dist/index.js").exists(),
+        "clients/js is not built, and this test needs it: run the test command (scripts/test), \
+         which runs `npm ci --prefix clients/js`"
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .args(["--test", "test/client.test.mjs"])
+            .current_dir(dir)
+            .env("WAFT_BIN", crate::support::bin::BIN)
+            .env("WAFT_KV_WASM", EXAMPLE_KV)
+            .output()
+            .expect("run node (Node.js 18 or later; the guests' JavaScript tools need it too)")
+    })
+    .await
+    .expect("join");
+    let (stdout, stderr) = text(&out);
+    assert!(
+        out.status.success(),
+        "node --test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("# pass 3") && stdout.contains("# fail 0"),
+        "{stdout}"
+    );
+}

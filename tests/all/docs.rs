@@ -343,6 +343,18 @@ fn the_readme_tour_runs_as_written() {
         "the Python tour:\n{out}{}",
         String::from_utf8_lossy(&python.stderr)
     );
+    // And with the Node.js package (built by the test command: npm ci --prefix clients/js).
+    let js = std::process::Command::new("node")
+        .arg(root().join("clients/js/examples/tour.mjs"))
+        .args([port(7001), port(7002), port(7003)])
+        .output()
+        .expect("run node (scripts/test builds clients/js)");
+    let out = String::from_utf8_lossy(&js.stdout);
+    assert!(
+        js.status.success() && out.contains("get greeting: hello") && out.contains("kv version"),
+        "the Node.js tour:\n{out}{}",
+        String::from_utf8_lossy(&js.stderr)
+    );
     // And with the Rust crate: `cargo test --workspace` (the test command) builds its examples
     // next to this test's own binary.
     let tour = std::env::current_exe()

@@ -1,0 +1,30 @@
+// waft's Node.js/TypeScript client: see README.md and docs/clients.md.
+export {
+  Client,
+  type Answer,
+  type Applied,
+  type ClientOptions,
+  type Consistency,
+  type DeployOptions,
+  type DeployStep,
+  type Deployed,
+  type Event,
+  type Payload,
+  type ServiceInfo,
+  type StatusReply,
+} from "./client";
+export {
+  ConfigError,
+  FailedPrecondition,
+  InvalidArgument,
+  NotFound,
+  OutOfRange,
+  PermissionDenied,
+  ServerError,
+  Timeout,
+  TooLarge,
+  Unauthenticated,
+  Unavailable,
+  Unreachable,
+  WaftError,
+} from "./errors";

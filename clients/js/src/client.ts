@@ -209,6 +209,12 @@ export class Client {
     if (list.length === 0 || list.some((e) => e === "")) {
       throw new ConfigError("no endpoint given");
     }
+    for (const e of list) {
+      const port = /^(?:\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d{1,5})$/.exec(e);
+      if (!port || Number(port[1]) < 1 || Number(port[1]) > 65535) {
+        throw new ConfigError(`endpoint ${JSON.stringify(e)} is not host:port`);
+      }
+    }
     let credentials = grpc.credentials.createInsecure();
     if (options.tlsCa) {
       const read = (path: string) => {
@@ -316,14 +322,14 @@ export class Client {
   }
 
   private async choose(): Promise<Conn> {
-    let last: Unreachable | undefined;
+    const down: Unreachable[] = [];
     for (const address of this.endpoints) {
       let reached: [Conn, StatusReply__Output | undefined];
       try {
         reached = await this.reach(address);
       } catch (e) {
         if (e instanceof Unreachable) {
-          last = e;
+          down.push(e);
           continue;
         }
         throw e;
@@ -343,7 +349,14 @@ export class Client {
       this.current = chosen;
       return chosen;
     }
-    throw last ?? new ConfigError("no endpoint given");
+    // One error for the whole list, naming each node and why.
+    if (down.length === 1) {
+      throw down[0];
+    }
+    throw new Unreachable(
+      down.map((d) => d.endpoint).join(", "),
+      down.map((d) => `${d.endpoint}: ${d.cause}`).join("; "),
+    );
   }
 
   /** Makes `call` until it succeeds, fails for good or the attempts run out. */

@@ -106,6 +106,15 @@ test("names what is wrong", async () => {
   const dead = `127.0.0.1:${await freePort()}`;
   await assert.rejects(Client.connect(dead, { attempts: 2, connectTimeoutMs: 1000 }), (e) => e instanceof Unreachable && e.endpoint === dead);
   await assert.rejects(Client.connect([]), ConfigError);
+  // A malformed entry in a list is named before anything is dialled.
+  await assert.rejects(Client.connect([dead, "127.0.0.1:notaport"]), (e) => e instanceof ConfigError && e.message.includes('"127.0.0.1:notaport"'));
+  await assert.rejects(Client.connect("http://127.0.0.1:7001"), ConfigError);
+  // Every endpoint down: one error naming each, not one per address.
+  const dead2 = `127.0.0.1:${await freePort()}`;
+  await assert.rejects(
+    Client.connect([dead, dead2], { attempts: 1, connectTimeoutMs: 1000 }),
+    (e) => e instanceof Unreachable && e.endpoint === `${dead}, ${dead2}` && e.cause.includes(`${dead}: `) && e.cause.includes(`${dead2}: `),
+  );
   await assert.rejects(Client.connect(dead, { tlsCa: "/no/such/ca.pem" }), ConfigError);
 
   const kv = kvWasm();

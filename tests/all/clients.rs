@@ -332,7 +332,7 @@ async fn the_js_package_passes_its_test_suite() {
     let (stdout, stderr) = text(&out);
     assert!(
         out.status.success(),
-        "node --test failed:\n{stdout}\n{stderr}"
+        "npm test failed:\n{stdout}\n{stderr}"
     );
     assert!(
         stdout.contains("# pass 3") && stdout.contains("# fail 0"),

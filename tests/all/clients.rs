@@ -330,10 +330,7 @@ async fn the_js_package_passes_its_test_suite() {
     .await
     .expect("join");
     let (stdout, stderr) = text(&out);
-    assert!(
-        out.status.success(),
-        "npm test failed:\n{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "npm test failed:\n{stdout}\n{stderr}");
     assert!(
         stdout.contains("# pass 3") && stdout.contains("# fail 0"),
         "{stdout}"

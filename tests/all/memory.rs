@@ -58,6 +58,7 @@ async fn services(addr: &str) -> Vec<api::ServiceInfo> {
 async fn guest_memory_is_shown_and_bounded_by_the_budget_before_anything_is_proposed() {
     let mut cluster = TestCluster::start_with(1, test_settings(), |c| {
         c.api.max_guest_memory = Some(300 * MIB);
+        c.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
     })
     .await;
     cluster.form().await;
@@ -79,6 +80,19 @@ async fn guest_memory_is_shown_and_bounded_by_the_budget_before_anything_is_prop
     assert_eq!(memory.code_bytes, kv_info.code_bytes);
     assert_eq!(memory.reserved_bytes, 256 * MIB + kv_info.code_bytes);
     assert_eq!(memory.budget_bytes, 300 * MIB);
+    // The same on /metrics, for the alert on a budget nearly used up.
+    let scraped =
+        crate::metrics::get(cluster.node(0).metrics_addr().expect("metrics"), "/metrics").await;
+    for (series, want) in [
+        ("waft_guest_memory_reserved_bytes", memory.reserved_bytes),
+        ("waft_guest_memory_budget_bytes", memory.budget_bytes),
+    ] {
+        assert_eq!(
+            crate::metrics::value(&scraped, series),
+            want as f64,
+            "{series}"
+        );
+    }
 
     // A second service with the default limit would reserve over 512 MiB: refused in words,
     // and nothing reaches the log.

@@ -157,6 +157,12 @@ async fn metrics_show_raft_progress_services_and_audits() {
             "{held} {bytes}"
         );
         assert!(value(text, "process_resident_memory_bytes") > 0.0);
+        // No --max-guest-memory: no budget; kv and evil reserve their limits and code.
+        assert_eq!(value(text, "waft_guest_memory_budget_bytes"), 0.0);
+        assert!(
+            value(text, "waft_guest_memory_reserved_bytes")
+                > value(text, "waft_service_code_bytes{service=\"kv\"}")
+        );
         if is_leader {
             // The leader timed its heartbeats and appends to the followers.
             for kind in ["heartbeat", "append"] {

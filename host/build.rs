@@ -25,7 +25,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::pb::codec::WaftCodec")
         .compile_protos(&["../proto/etcd.proto"], &["../proto"])?;
     example_guests(&out)?;
+    commit();
     Ok(())
+}
+
+/// Names the commit this binary is built from (`WAFT_COMMIT`, for `waft --version` and
+/// `waft cluster status`): from `git` in a checkout, else from the environment's `WAFT_COMMIT`
+/// (a build from a source archive), else "unknown". Built again when the checkout's commit
+/// changes.
+fn commit() {
+    println!("cargo:rerun-if-env-changed=WAFT_COMMIT");
+    let root = waft_guest_build::root();
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let from_git = git(&["rev-parse", "--short=12", "HEAD"]);
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let dir = std::path::PathBuf::from(dir);
+        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("packed-refs").display()
+        );
+        if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={}", dir.join(branch).display());
+        }
+    }
+    let commit = from_git
+        .or_else(|| std::env::var("WAFT_COMMIT").ok())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=WAFT_COMMIT={commit}");
 }
 
 /// Builds examples/guests and writes `examples.rs`: the bytes of the example guests `waft dev`

@@ -302,7 +302,7 @@ impl Client {
         Ok(self
             .pool
             .retrying(|c| {
-                let r = self.pool.request(proto::StatusRequest {});
+                let r = self.pool.request(proto::StatusRequest::default());
                 async move { ClusterClient::new(c).status(r).await }
             })
             .await?

@@ -143,7 +143,7 @@ impl Pool {
             };
             // Every connection is proved with a Status call: a node that does not speak this
             // client's protocol (TLS on one side only) is found here, not by the first call.
-            let mut req = tonic::Request::new(proto::StatusRequest {});
+            let mut req = tonic::Request::new(proto::StatusRequest::default());
             req.set_timeout(self.settings().timeout);
             let status = match ClusterClient::new(c.clone()).status(req).await {
                 Ok(s) => s.into_inner(),

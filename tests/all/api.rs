@@ -254,7 +254,7 @@ async fn every_call_works_from_any_node() {
     tracing::info!("status from a follower names the leader and every member");
     let s = cluster_client(&follower)
         .await
-        .status(api::StatusRequest {})
+        .status(api::StatusRequest::default())
         .await
         .expect("status")
         .into_inner();
@@ -263,7 +263,7 @@ async fn every_call_works_from_any_node() {
     assert_eq!(s.members.len(), 3);
     let s = cluster_client(&cluster.addrs[leader])
         .await
-        .status(api::StatusRequest {})
+        .status(api::StatusRequest::default())
         .await
         .expect("status")
         .into_inner();

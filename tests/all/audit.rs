@@ -67,7 +67,7 @@ async fn status(addr: &str) -> api::StatusReply {
     ClusterClient::connect(format!("http://{addr}"))
         .await
         .expect("connect")
-        .status(api::StatusRequest {})
+        .status(api::StatusRequest::default())
         .await
         .expect("status")
         .into_inner()

@@ -127,12 +127,12 @@ async fn calls_need_the_right_token_and_peers_the_cluster_token() {
     );
     let mut c = ClusterClient::new(channel(&follower).await);
     let e = c
-        .status(with(api::StatusRequest {}, None))
+        .status(with(api::StatusRequest::default(), None))
         .await
         .expect_err("status");
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     assert!(
-        c.status(with(api::StatusRequest {}, Some(CLIENT)))
+        c.status(with(api::StatusRequest::default(), Some(CLIENT)))
             .await
             .is_ok()
     );

@@ -198,7 +198,7 @@ async fn garbage_on_every_grpc_method_is_refused_and_changes_nothing() {
     assert_eq!(after.current_term, before.current_term);
     assert_eq!(after.current_leader, before.current_leader);
     let s = ClusterClient::new(ch)
-        .status(api::StatusRequest {})
+        .status(api::StatusRequest::default())
         .await
         .expect("status")
         .into_inner();

@@ -492,7 +492,7 @@ async fn calls_to_a_peer_take_the_connections_of_its_pool_in_turn() {
         for _ in 0..6 {
             let channel = factory.channel(&proxy).expect("channel");
             ClusterClient::new(channel)
-                .status(StatusRequest {})
+                .status(StatusRequest::default())
                 .await
                 .expect("status through the pool");
         }

@@ -172,7 +172,12 @@ fn every_waft_command_line_in_the_docs_parses() {
             let whole = whole && !w.iter().any(|a| a == "...");
             let args = args.into_iter().filter(|a| a != "...");
             let argv: Vec<String> = std::iter::once("waft".to_owned()).chain(args).collect();
+            // `--version` and `--help` are whole commands that print and exit.
             if let Err(e) = waft::cli::Cli::try_parse_from(&argv)
+                && !matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelp
+                )
                 && (whole || !partial(&e, &argv))
             {
                 let first = e.to_string().lines().next().unwrap_or_default().to_owned();
@@ -606,6 +611,46 @@ fn the_snapshot_format_named_in_architecture_md_is_the_one_written() {
         assert_eq!(
             n, number,
             "ARCHITECTURE.md's code map says snapshot file format {n}; the code writes {number}"
+        );
+    }
+}
+
+/// CHANGELOG.md's newest release is the version the build reports, and its table of formats
+/// names the snapshot format and the engine fingerprint the code writes.
+#[test]
+fn the_changelog_names_this_version_and_its_formats() {
+    let log = std::fs::read_to_string(root().join("CHANGELOG.md")).expect("CHANGELOG.md");
+    let newest = log
+        .lines()
+        .find_map(|l| l.strip_prefix("## "))
+        .expect("a release heading");
+    assert!(
+        newest.starts_with(env!("CARGO_PKG_VERSION")),
+        "CHANGELOG.md's newest release is {newest:?}; the build is {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let section = log
+        .split("\n## ")
+        .nth(1)
+        .expect("the newest release's section");
+    let snapshot =
+        std::fs::read_to_string(root().join("host/src/storage/snapshot.rs")).expect("snapshot.rs");
+    let magic = snapshot
+        .split("const MAGIC: &[u8; 8] = b\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("snapshot.rs defines MAGIC");
+    let engine =
+        std::fs::read_to_string(root().join("host/src/runtime/engine.rs")).expect("engine.rs");
+    let fingerprint = engine
+        .split("h.update(b\"")
+        .nth(1)
+        .and_then(|rest| rest.split('\\').next())
+        .expect("engine.rs names its fingerprint");
+    for format in [magic, fingerprint] {
+        assert!(
+            section.contains(&format!("`{format}`")),
+            "CHANGELOG.md's {newest} does not name the format {format} the code writes"
         );
     }
 }

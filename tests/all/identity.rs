@@ -14,7 +14,7 @@ use waft::types::{NodeId, TypeConfig, Vote};
 
 async fn status(addr: &str) -> api::StatusReply {
     ClusterClient::new(channel(addr).await)
-        .status(api::StatusRequest {})
+        .status(api::StatusRequest::default())
         .await
         .expect("status")
         .into_inner()

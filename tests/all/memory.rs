@@ -38,7 +38,7 @@ async fn status(addr: &str) -> api::StatusReply {
         .await
         .expect("connect");
     ClusterClient::new(ch)
-        .status(api::StatusRequest {})
+        .status(api::StatusRequest::default())
         .await
         .expect("status")
         .into_inner()

@@ -159,7 +159,7 @@ async fn a_deploy_on_a_terminal_shows_each_members_compile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_leader_waits_until_the_new_leader_leads() {
-    let c = ProcCluster::start(3, &[]).await;
+    let mut c = ProcCluster::start(3, &[]).await;
     let addrs = c.addrs.clone();
     tokio::task::spawn_blocking(move || {
         let leader = leader_of(&addrs[0]);
@@ -181,6 +181,23 @@ async fn transfer_leader_waits_until_the_new_leader_leads() {
         );
         // When it returns, the node asked already sees the new leader.
         assert_eq!(leader_of(&addrs[0]), to);
+        builds_are_named(&addrs);
+        // A member that is down: named as not answering, the others still shown.
+        let down = if to == 2 { 2 } else { 1 };
+        c.kill(down);
+        let o = waft()
+            .args(["--endpoint", &addrs[0], "cluster", "status"])
+            .output()
+            .expect("status");
+        let text = String::from_utf8_lossy(&o.stdout);
+        let row = |id: usize| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+                .unwrap_or_else(|| panic!("no row for node {id}: {text}"))
+                .to_owned()
+        };
+        assert!(row(down + 1).ends_with("(did not answer)"), "{text}");
+        assert!(row(1).contains(" (commit "), "{text}");
         // A voter that does not exist: refused, in words.
         let o = waft()
             .args(["--endpoint", &addrs[0], "cluster", "transfer-leader", "9"])
@@ -195,7 +212,6 @@ async fn transfer_leader_waits_until_the_new_leader_leads() {
     })
     .await
     .expect("join");
-    drop(c);
 }
 
 /// `Waft.DeployWatched` called on a follower, as a client without leader following would: the
@@ -271,4 +287,47 @@ async fn a_follower_relays_a_watched_deploy_and_its_steps() {
     };
     assert_eq!(outcome.code(), tonic::Code::InvalidArgument, "{outcome:?}");
     cluster.shutdown().await;
+}
+
+/// `waft --version` names the release and the commit; `waft cluster status` names every
+/// member's build, asked of each, and says which did not answer.
+fn builds_are_named(addrs: &[String]) {
+    let o = waft().arg("--version").output().expect("--version");
+    let version = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let build = version
+        .strip_prefix("waft ")
+        .expect("waft VERSION (commit C)");
+    assert!(
+        build.starts_with(env!("CARGO_PKG_VERSION")) && build.contains(" (commit "),
+        "{version}"
+    );
+    assert!(
+        !build.contains("unknown"),
+        "a checkout names its commit: {version}"
+    );
+    let o = waft()
+        .args([
+            "--endpoint",
+            &addrs[0],
+            "--output",
+            "json",
+            "cluster",
+            "status",
+        ])
+        .output()
+        .expect("status");
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
+    assert_eq!(
+        format!(
+            "{} (commit {})",
+            s["version"].as_str().unwrap_or(""),
+            s["commit"].as_str().unwrap_or("")
+        ),
+        build
+    );
+    let members = s["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert_eq!(m["version"], build, "{m}");
+    }
 }

@@ -85,7 +85,7 @@ pub(crate) async fn connect(addr: &str, tls: Option<ClientTlsConfig>) -> Result<
 async fn status(addr: &str, tls: Option<ClientTlsConfig>) -> Result<api::StatusReply, String> {
     let ch = connect(addr, tls).await?;
     ClusterClient::new(ch)
-        .status(api::StatusRequest {})
+        .status(api::StatusRequest::default())
         .await
         .map(|r| r.into_inner())
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))

@@ -274,7 +274,60 @@ impl Admin {
         Ok(GrpcResponse::new(api::TransferLeaderReply {}))
     }
 
-    pub(super) async fn status(&self) -> Result<GrpcResponse<api::StatusReply>, Status> {
+    pub(super) async fn status(
+        &self,
+        req: api::StatusRequest,
+    ) -> Result<GrpcResponse<api::StatusReply>, Status> {
+        let mut reply = self.local_status();
+        if req.member_versions {
+            self.member_versions(&mut reply.members).await;
+        }
+        Ok(GrpcResponse::new(reply))
+    }
+
+    /// `version (commit COMMIT)` of this build.
+    fn build() -> String {
+        format!(
+            "{} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("WAFT_COMMIT")
+        )
+    }
+
+    /// Asks every other member for its build, all at once, each for at most 2 s; a member that
+    /// does not answer keeps an empty version. This node's own is known.
+    async fn member_versions(&self, members: &mut [api::MemberStatus]) {
+        let net = self.router.peers().clone();
+        let me = self.router.id();
+        let asks = members.iter().map(|m| {
+            let (net, id, addr) = (net.clone(), m.id, m.addr.clone());
+            async move {
+                if id == me {
+                    return Some(Self::build());
+                }
+                let channel = net.channel(&addr).ok()?;
+                let mut req = tonic::Request::new(api::StatusRequest::default());
+                net.identity().stamp(req.metadata_mut(), id);
+                req.set_timeout(std::time::Duration::from_secs(2));
+                let mut client = crate::pb::api::cluster_client::ClusterClient::new(channel);
+                let reply =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), client.status(req))
+                        .await
+                        .ok()?
+                        .ok()?
+                        .into_inner();
+                Some(format!("{} (commit {})", reply.version, reply.commit))
+                    .filter(|_| !reply.version.is_empty())
+                    .or(Some("an earlier build (no version reported)".to_owned()))
+            }
+        });
+        let versions = futures::future::join_all(asks).await;
+        for (m, v) in members.iter_mut().zip(versions) {
+            m.version = v.unwrap_or_default();
+        }
+    }
+
+    fn local_status(&self) -> api::StatusReply {
         let m = self.router.metrics();
         let leader_addr = m
             .current_leader
@@ -285,7 +338,7 @@ impl Admin {
                     .map(|n| n.addr.clone())
             })
             .unwrap_or_default();
-        Ok(GrpcResponse::new(api::StatusReply {
+        api::StatusReply {
             node_id: self.router.id(),
             role: format!("{:?}", m.state).to_lowercase(),
             term: m.current_term,
@@ -300,7 +353,9 @@ impl Admin {
             audit: Some(convert::audit_status(&self.state.audit_status())),
             cluster_id: self.router.peers().identity().cluster().unwrap_or_default(),
             guest_memory: Some(self.guest_memory()),
-        }))
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            commit: env!("WAFT_COMMIT").to_owned(),
+        }
     }
 
     pub(super) async fn audit(

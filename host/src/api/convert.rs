@@ -23,6 +23,7 @@ pub(super) fn members(m: &openraft::RaftMetrics<TypeConfig>) -> Vec<api::MemberS
                 voter: voters.contains(id),
                 matched_index: matched,
                 lag: matched.map(|x| last.saturating_sub(x)),
+                version: String::new(),
             }
         })
         .collect()

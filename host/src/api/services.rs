@@ -204,7 +204,7 @@ impl cluster_server::Cluster for ClusterService {
         request: GrpcRequest<api::StatusRequest>,
     ) -> Result<GrpcResponse<api::StatusReply>, Status> {
         self.router.authorize(request.metadata(), Role::Client)?;
-        self.admin.status().await
+        self.admin.status(request.into_inner()).await
     }
 
     async fn audit(

@@ -103,7 +103,9 @@ pub async fn cluster(client: &Client, command: &ClusterCommand) -> anyhow::Resul
         }
         ClusterCommand::Status => {
             let s = c
-                .status(api::StatusRequest {})
+                .status(api::StatusRequest {
+                    member_versions: true,
+                })
                 .await
                 .map_err(|s| client.status_error(s))?
                 .into_inner();
@@ -135,7 +137,7 @@ async fn transfer_leader(
     let seen = loop {
         // A node may be between leaders for a moment: ask again.
         let status = c
-            .status(api::StatusRequest {})
+            .status(api::StatusRequest::default())
             .await
             .map(|r| r.into_inner());
         let done = status.as_ref().is_ok_and(|s| s.leader_id == Some(to));
@@ -182,7 +184,7 @@ async fn audit(client: &Client, c: &mut ClusterClient<Conn>) -> anyhow::Result<E
     .map_err(|s| client.status_error(s))?
     .into_inner();
     let members = c
-        .status(api::StatusRequest {})
+        .status(api::StatusRequest::default())
         .await
         .map_err(|s| client.status_error(s))?
         .into_inner()
@@ -204,7 +206,7 @@ async fn audit(client: &Client, c: &mut ClusterClient<Conn>) -> anyhow::Result<E
                     .map(ClusterClient::new);
             }
             let status = match node.as_mut() {
-                Some(c) => c.status(api::StatusRequest {}).await,
+                Some(c) => c.status(api::StatusRequest::default()).await,
                 None => Err(tonic::Status::unavailable(format!(
                     "cannot reach {}",
                     m.addr

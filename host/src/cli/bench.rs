@@ -528,7 +528,7 @@ async fn leader_of(connector: &Connector, endpoints: &[String]) -> anyhow::Resul
             let ch = connect(connector, Target::Waft, e).await?;
             let mut c = ClusterClient::new(connector.authorized(ch));
             let s = c
-                .status(api::StatusRequest {})
+                .status(api::StatusRequest::default())
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", status_text(s)))?
                 .into_inner();

@@ -19,7 +19,13 @@ use std::process::ExitCode;
 
 /// waft: a replicated state machine you write in WebAssembly.
 #[derive(Debug, Parser)]
-#[command(name = "waft", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "waft",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("WAFT_COMMIT"), ")"),
+    about,
+    long_about = None,
+    propagate_version = true
+)]
 pub struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `info` or `waft=debug`. openraft's
     /// warning at every failed heartbeat is turned down unless the filter names openraft.

@@ -205,13 +205,15 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
             let members: Vec<_> = s
                 .members
                 .iter()
-                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter, "matched_index": m.matched_index, "lag": m.lag}))
+                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter, "matched_index": m.matched_index, "lag": m.lag,
+                    "version": (!m.version.is_empty()).then_some(&m.version)}))
                 .collect();
             println!(
                 "{}",
                 serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
                     "leader_addr": s.leader_addr, "last_log_index": s.last_log_index, "committed_index": s.committed_index,
                     "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "engine": s.engine, "members": members,
+                    "version": s.version, "commit": s.commit,
                     "cluster_id": s.cluster_id, "guest_memory": s.guest_memory.as_ref().map(|g| serde_json::json!({
                         "memory_bytes": g.memory_bytes, "code_bytes": g.code_bytes, "reserved_bytes": g.reserved_bytes,
                         "budget_bytes": g.budget_bytes})), "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
@@ -240,6 +242,11 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
                 s.applied_index,
                 s.snapshot_index.map_or("-".to_owned(), |i| i.to_string())
             );
+            if s.version.is_empty() {
+                println!("build: an earlier waft (it reports no version)");
+            } else {
+                println!("build: waft {} (commit {})", s.version, s.commit);
+            }
             println!("engine: {}", s.engine);
             if let Some(g) = &s.guest_memory {
                 use crate::budget::mib;
@@ -288,17 +295,22 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
                 println!("UNAVAILABLE for reads: {}: {}", u.service, u.reason);
             }
             println!(
-                "{:>4}  {:<22} {:<8} {:>8} {:>6}",
+                "{:>4}  {:<22} {:<8} {:>8} {:>6}  BUILD",
                 "ID", "ADDRESS", "ROLE", "MATCHED", "LAG"
             );
             for m in &s.members {
                 println!(
-                    "{:>4}  {:<22} {:<8} {:>8} {:>6}",
+                    "{:>4}  {:<22} {:<8} {:>8} {:>6}  {}",
                     m.id,
                     m.addr,
                     if m.voter { "voter" } else { "learner" },
                     m.matched_index.map_or("-".to_owned(), |i| i.to_string()),
-                    m.lag.map_or("-".to_owned(), |i| i.to_string())
+                    m.lag.map_or("-".to_owned(), |i| i.to_string()),
+                    match (m.version.is_empty(), s.version.is_empty()) {
+                        (false, _) => &m.version,
+                        (true, false) => "(did not answer)",
+                        (true, true) => "(unknown)",
+                    }
                 );
             }
         }

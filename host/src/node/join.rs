@@ -159,7 +159,7 @@ where
                 }
             };
             let mut cluster = ClusterClient::new(conn);
-            match cluster.status(api::StatusRequest {}).await {
+            match cluster.status(api::StatusRequest::default()).await {
                 Ok(s) if s.get_ref().leader_id.is_some() => return Ok((cluster, s.into_inner())),
                 Ok(_) => last = format!("{addr} knows no leader (not initialized yet?)"),
                 Err(s) => last = format!("{addr}: {}", s.message()),

@@ -304,7 +304,7 @@ impl ProcCluster {
 
     pub async fn status(&self, i: usize) -> Option<api::StatusReply> {
         let mut c = self.cluster_client(i).await?;
-        c.status(api::StatusRequest {})
+        c.status(api::StatusRequest::default())
             .await
             .ok()
             .map(|r| r.into_inner())

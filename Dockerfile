@@ -1,6 +1,6 @@
 # waft: one image with the binary (which carries the example guests it deploys in `waft dev`)
 # and the example guests as files in /opt/waft, to deploy elsewhere.
-#   docker build -t waft .
+#   docker build -t waft --build-arg WAFT_COMMIT=$(git rev-parse --short=12 HEAD) .
 #   docker run --rm -p 7001:7001 waft dev --listen-host 0.0.0.0    # a 3-node cluster in one container
 #   waft submit --service kv 'put a 1'                               # from the host
 # tests/all/docs.rs checks that every file copied here is one the build makes, and builds the
@@ -10,6 +10,10 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 RUN rustup target add wasm32-wasip2
 COPY . .
+# .git stays out of the image: name the commit for `waft --version` with
+# `docker build --build-arg WAFT_COMMIT=$(git rev-parse --short=12 HEAD) .`
+ARG WAFT_COMMIT=unknown
+ENV WAFT_COMMIT=${WAFT_COMMIT}
 # host/build.rs builds the example guests into target/guests on the way.
 RUN cargo build --release --locked -p waft
 

@@ -14,6 +14,7 @@ mod chaos;
 mod cli;
 mod clients;
 mod cluster;
+mod compat;
 mod compiled;
 mod dashboards;
 mod determinism;

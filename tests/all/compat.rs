@@ -251,3 +251,55 @@ fn a_fixture_of_an_unknown_format_is_refused_with_the_formats_named() {
         "nothing written"
     );
 }
+
+/// Every release's recorded node-to-node messages decode as this build reads them: a member of
+/// that release and one of this build understand each other. The appends carry commands,
+/// deploys by hash and delivered timers.
+#[test]
+fn every_release_s_node_to_node_messages_decode() {
+    for fixture in fixtures() {
+        let dir = fixture.join("messages");
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        let mut appended = String::new();
+        for e in std::fs::read_dir(&dir).expect("messages/") {
+            let path = e.expect("entry").path();
+            let name = path
+                .file_stem()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            let kind = name.rsplit_once('-').expect("KIND-N").0.to_owned();
+            let bytes = std::fs::read(&path).expect("read");
+            let shown = waft::raft::record::decode(&kind, &bytes)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if kind == "append-request" {
+                appended.push_str(&shown);
+            }
+            *kinds.entry(kind).or_default() += 1;
+        }
+        for kind in [
+            "append-request",
+            "append-reply",
+            "vote-request",
+            "vote-reply",
+            "transfer-leader-request",
+            "digest-request",
+            "digest-reply",
+            "hold-module-request",
+            "hold-module-reply",
+        ] {
+            assert!(
+                kinds.contains_key(kind),
+                "{}: no {kind}: {kinds:?}",
+                dir.display()
+            );
+        }
+        for entry in ["Command", "DeployStored", "FireDue", "Audit"] {
+            assert!(
+                appended.contains(entry),
+                "{}: no append carries a {entry} entry",
+                dir.display()
+            );
+        }
+    }
+}

@@ -152,6 +152,10 @@ pub struct NodeArgs {
     /// `tests/all/chaos/apply_fault.rs` uses it, to show such a fault stops a node loudly.
     #[arg(long, hide = true, value_name = "PAYLOAD")]
     pub inject_apply_panic: Option<String>,
+    /// Records the first node-to-node messages of each kind this node receives and answers
+    /// into DIR. Hidden: only `scripts/make-fixtures` uses it, for compatibility fixtures.
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub record_messages: Option<PathBuf>,
 }
 
 fn parse_dial(s: &str) -> Result<(String, String), String> {
@@ -247,6 +251,7 @@ fn node_config(
     config.watch_history.events = args.watch_history as usize;
     config.inline_apply = args.inline_apply;
     config.inject_apply_panic = args.inject_apply_panic.clone().map(String::into_bytes);
+    config.record_messages = args.record_messages.clone();
     config.net.tls = tls;
     config.net.share_compiled = args.share_compiled;
     config.runtime.compiled_cache_bytes =

@@ -84,6 +84,9 @@ pub struct NodeConfig {
     /// A command payload at which this node's apply code panics (fault injection for the
     /// tests; None outside them).
     pub inject_apply_panic: Option<Vec<u8>>,
+    /// Where this node records the node-to-node messages it receives and answers, for
+    /// compatibility fixtures (`scripts/make-fixtures`; None outside it).
+    pub record_messages: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -106,6 +109,7 @@ impl NodeConfig {
             watch_history: Default::default(),
             inline_apply: true,
             inject_apply_panic: None,
+            record_messages: None,
         }
     }
 }

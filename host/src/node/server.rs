@@ -44,7 +44,8 @@ pub(super) async fn serve(
     .with_state(core.state.clone())
     .require_peer_certificate(config.net.tls.is_some())
     .share_compiled(config.net.share_compiled)
-    .max_guest_memory(config.api.max_guest_memory);
+    .max_guest_memory(config.api.max_guest_memory)
+    .record_messages(config.record_messages.clone());
     let max = config.net.max_message_bytes;
     let trace = crate::api::trace::TraceLayer::new(config.id);
     let api = Api::new(ApiParts {

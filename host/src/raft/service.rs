@@ -48,6 +48,8 @@ pub struct RaftService {
     max_guest_memory: Option<u64>,
     /// The state audits and heals read (`None`: those RPCs answer UNAVAILABLE).
     state: Option<crate::storage::StateHandle>,
+    /// Records messages for compatibility fixtures (nothing, but with `--record-messages`).
+    recorder: Arc<super::record::Recorder>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -74,7 +76,15 @@ impl RaftService {
             share_compiled: false,
             max_guest_memory: None,
             state: None,
+            recorder: Arc::default(),
         }
+    }
+
+    /// Records the messages this node receives and answers into `dir` (see
+    /// [`super::record`]).
+    pub fn record_messages(mut self, dir: Option<PathBuf>) -> RaftService {
+        self.recorder = Arc::new(super::record::Recorder::new(dir));
+        self
     }
 
     /// Answers audit digest and heal requests from this state.
@@ -278,12 +288,15 @@ impl raft_server::Raft for RaftService {
         let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let candidate_last = req.last_log_id.map(|l| l.index);
         self.admit(&request, Message::Vote { candidate_last })?;
+        self.recorder.record("vote-request", request.get_ref());
         let resp = self
             .raft
             .vote(req)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(pb::encode(&resp)?))
+        let reply = pb::encode(&resp)?;
+        self.recorder.record("vote-reply", &reply);
+        Ok(Response::new(reply))
     }
 
     async fn pre_vote(
@@ -293,12 +306,15 @@ impl raft_server::Raft for RaftService {
         let req: VoteRequest<TypeConfig> = pb::decode(request.get_ref())?;
         let candidate_last = req.last_log_id.map(|l| l.index);
         self.admit(&request, Message::Vote { candidate_last })?;
+        self.recorder.record("pre-vote-request", request.get_ref());
         let resp = self
             .raft
             .pre_vote(req)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(pb::encode(&resp)?))
+        let reply = pb::encode(&resp)?;
+        self.recorder.record("pre-vote-reply", &reply);
+        Ok(Response::new(reply))
     }
 
     type AppendStream = AppendStream;
@@ -312,11 +328,17 @@ impl raft_server::Raft for RaftService {
         // reply stream: never dropped silently.
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
         let record = failure.clone();
+        let (recorder, replies_recorder) = (self.recorder.clone(), self.recorder.clone());
         let requests = request
             .into_inner()
             .map(move |item| {
-                let decoded =
-                    item.and_then(|msg| pb::decode::<AppendEntriesRequest<TypeConfig>>(&msg));
+                let decoded = item.and_then(|msg| {
+                    let req = pb::decode::<AppendEntriesRequest<TypeConfig>>(&msg)?;
+                    if !req.entries.is_empty() {
+                        recorder.record("append-request", &msg);
+                    }
+                    Ok(req)
+                });
                 match decoded {
                     Ok(req) => Some(req),
                     Err(status) => {
@@ -333,8 +355,8 @@ impl raft_server::Raft for RaftService {
         let replies = self
             .raft
             .stream_append(requests)
-            .map(|result| match result {
-                Ok(r) => pb::encode(&r),
+            .map(move |result| match result {
+                Ok(r) => pb::encode(&r).inspect(|m| replies_recorder.record("append-reply", m)),
                 Err(fatal) => Err(Status::unavailable(format!("this node stopped: {fatal}"))),
             });
         let tail = futures::stream::once(async move { crate::sync::lock_anyway(&failure).take() })
@@ -360,6 +382,8 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
         self.admit(&request, Message::TransferLeader)?;
         let req: TransferLeaderRequest<TypeConfig> = pb::decode(request.get_ref())?;
+        self.recorder
+            .record("transfer-leader-request", request.get_ref());
         let resp = self
             .raft
             .handle_transfer_leader(req)
@@ -374,12 +398,15 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
         self.admit(&request, Message::Audit)?;
         let index: u64 = pb::decode(request.get_ref())?;
+        self.recorder.record("digest-request", request.get_ref());
         let state = self.state()?.clone();
         // The state machine's lock can be held by an apply batch: not on an async worker.
         let reply = tokio::task::spawn_blocking(move || state.digest_at(index))
             .await
             .map_err(internal)?;
-        Ok(Response::new(pb::encode(&reply)?))
+        let reply = pb::encode(&reply)?;
+        self.recorder.record("digest-reply", &reply);
+        Ok(Response::new(reply))
     }
 
     async fn prepare_module(
@@ -431,6 +458,8 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
         self.admit(&request, Message::Replication)?;
         let state = self.state()?.clone();
+        self.recorder
+            .record("hold-module-request", request.get_ref());
         let req = request.into_inner();
         if req.size > state.max_module_bytes() as u64 {
             let refused: Result<u64, String> = Err(format!(
@@ -463,7 +492,9 @@ impl raft_server::Raft for RaftService {
             .map_err(Status::resource_exhausted)?;
         }
         let held = held.map(|_| started.elapsed().as_millis() as u64);
-        Ok(Response::new(pb::encode(&held)?))
+        let reply = pb::encode(&held)?;
+        self.recorder.record("hold-module-reply", &reply);
+        Ok(Response::new(reply))
     }
 
     async fn heal_state(
@@ -472,12 +503,15 @@ impl raft_server::Raft for RaftService {
     ) -> Result<Response<pb::raft::RaftMessage>, Status> {
         self.admit(&request, Message::Audit)?;
         let req: crate::storage::HealRequest = pb::decode(request.get_ref())?;
+        self.recorder.record("heal-request", request.get_ref());
         let state = self.state()?.clone();
         // Copying a service's history can take a while for a big state: off the async threads.
         let reply = tokio::task::spawn_blocking(move || state.heal_source(&req))
             .await
             .map_err(internal)?;
-        Ok(Response::new(pb::encode(&reply)?))
+        let reply = pb::encode(&reply)?;
+        self.recorder.record("heal-reply", &reply);
+        Ok(Response::new(reply))
     }
 }
 

@@ -97,22 +97,22 @@ fn start(data: &Path, addr: &str, log: &Path) -> NodeProc {
     NodeProc(child, addr.to_owned())
 }
 
+/// `waft --endpoint NODE --output json ARGS`, its output as JSON (None if it is not).
+fn json(node: &NodeProc, args: &[&str]) -> (Option<serde_json::Value>, std::process::Output) {
+    let o = waft()
+        .args(["--endpoint", &node.1, "--output", "json"])
+        .args(args)
+        .output()
+        .expect("run waft");
+    (serde_json::from_slice(&o.stdout).ok(), o)
+}
+
 /// Waits until `node` leads and has applied what it holds, then checks every answer.
 fn check(node: &NodeProc, expected: &Answers, what: &str) {
     let started = Instant::now();
     loop {
-        let o = waft()
-            .args([
-                "--endpoint",
-                &node.1,
-                "--output",
-                "json",
-                "cluster",
-                "status",
-            ])
-            .output()
-            .expect("status");
-        if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        let (status, o) = json(node, &["cluster", "status"]);
+        if let Some(s) = status
             && s["role"] == "leader"
             && s["applied_index"] == s["committed_index"]
         {
@@ -126,30 +126,15 @@ fn check(node: &NodeProc, expected: &Answers, what: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
     for (service, query, want) in &expected.queries {
-        let o = waft()
-            .args([
-                "--endpoint",
-                &node.1,
-                "--output",
-                "json",
-                "query",
-                "--service",
-            ])
-            .args([service, query])
-            .output()
-            .expect("query");
-        let mut got: serde_json::Value = serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|_| panic!("{what}: {service} {query}: {o:?}"));
+        let (got, o) = json(node, &["query", "--service", service, query]);
+        let mut got = got.unwrap_or_else(|| panic!("{what}: {service} {query}: {o:?}"));
         got.as_object_mut()
             .expect("an object")
             .remove("applied_index");
         assert_eq!(&got, want, "{what}: {service} {query:?}");
     }
-    let o = waft()
-        .args(["--endpoint", &node.1, "--output", "json", "services"])
-        .output()
-        .expect("services");
-    let services: serde_json::Value = serde_json::from_slice(&o.stdout).expect("services json");
+    let (services, o) = json(node, &["services"]);
+    let services = services.unwrap_or_else(|| panic!("{what}: services: {o:?}"));
     for (service, version) in &expected.versions {
         let s = services
             .as_array()

@@ -146,6 +146,21 @@ function isServiceError(e: unknown): e is grpc.ServiceError {
   return e instanceof Error && typeof (e as grpc.ServiceError).code === "number";
 }
 
+/** What a failed attempt leaves to retry: an unreachable node or a retryable status. Anything
+ * else is thrown, as the call's error. */
+function retryFailure(e: unknown): WaftError {
+  if (e instanceof Unreachable) {
+    return e;
+  }
+  if (isServiceError(e)) {
+    if (!retryableCall(e)) {
+      throw fromServiceError(e);
+    }
+    return fromServiceError(e);
+  }
+  throw e;
+}
+
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 function bytes(payload: Payload): Buffer {
@@ -367,16 +382,7 @@ export class Client {
       try {
         return await call(await this.conn());
       } catch (e) {
-        if (e instanceof Unreachable) {
-          failure = e;
-        } else if (isServiceError(e)) {
-          if (!retryableCall(e)) {
-            throw fromServiceError(e);
-          }
-          failure = fromServiceError(e);
-        } else {
-          throw e;
-        }
+        failure = retryFailure(e);
       }
       if (attempt >= this.attempts) {
         throw failure;
@@ -781,16 +787,7 @@ export class Client {
         }
         failure = new Unavailable("the node ended the watch", "UNAVAILABLE");
       } catch (e) {
-        if (e instanceof Unreachable) {
-          failure = e;
-        } else if (isServiceError(e)) {
-          if (!retryableCall(e)) {
-            throw fromServiceError(e);
-          }
-          failure = fromServiceError(e);
-        } else {
-          throw e;
-        }
+        failure = retryFailure(e);
       }
       failures += 1;
       if (failures >= this.attempts) {

@@ -151,6 +151,39 @@ async fn a_deploy_on_a_terminal_shows_each_members_compile() {
         let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(reply["version"], 1);
         assert!(!shown.contains("compiled"), "{shown}");
+        // A rollback on a terminal: the version's check, each member's compile, the proposal.
+        let o = waft()
+            .args([
+                "--endpoint",
+                &addrs[0],
+                "deploy",
+                EXAMPLE_KV,
+                "--service",
+                "kv",
+            ])
+            .args(["--fuel", "50000000"])
+            .output()
+            .expect("deploy version 2");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut cmd = waft();
+        cmd.args(["--endpoint", &addrs[0], "rollback", "--service", "kv"]);
+        let (out, shown) = on_a_terminal(cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{shown}");
+        assert!(stdout.contains("as version 3"), "{stdout}");
+        assert!(
+            shown.contains(&format!(
+                "node {leader} (the leader) compiled and checked it in "
+            )),
+            "{shown}"
+        );
+        for m in &members {
+            assert!(
+                shown.contains(&format!("node {m} compiled it in ")),
+                "{shown}"
+            );
+        }
+        assert!(shown.contains("proposed: waiting"), "{shown}");
     })
     .await
     .expect("join");

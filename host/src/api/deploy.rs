@@ -4,6 +4,7 @@
 //! service, and the proposal.
 
 use super::router::{Caller, Router};
+use super::steps::{DeployProgressStream, Steps, watched};
 use super::{ApiLimits, convert};
 use crate::pb::api;
 use crate::pb::upload::Upload;
@@ -23,31 +24,6 @@ enum Held {
     Stored,
     /// The entry carries the bytes (a dry run, or a member of an earlier release).
     Inline,
-}
-
-/// What `Waft.DeployWatched` answers: the steps of a deploy, then its reply or error.
-pub(super) type DeployProgressStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<api::DeployProgress, Status>> + Send>>;
-
-/// Where a deploy tells its steps as they happen: a `DeployWatched` caller's stream, or
-/// nowhere (`Deploy`).
-#[derive(Clone, Default)]
-struct Steps(Option<tokio::sync::mpsc::UnboundedSender<Result<api::DeployProgress, Status>>>);
-
-impl Steps {
-    /// Tells a step of `kind`, filled in by `fill`.
-    fn tell(&self, kind: api::deploy_step::Kind, fill: impl FnOnce(&mut api::DeployStep)) {
-        if let Some(tx) = &self.0 {
-            let mut step = api::DeployStep {
-                kind: kind as i32,
-                ..Default::default()
-            };
-            fill(&mut step);
-            let _ = tx.send(Ok(api::DeployProgress {
-                kind: Some(api::deploy_progress::Kind::Step(step)),
-            }));
-        }
-    }
 }
 
 /// One lock per service being deployed on this node (see `Deploys::deploying`).
@@ -109,14 +85,12 @@ impl Deploys {
     }
 
     /// `Waft.DeployWatched`: [`Deploys::deploy`], with each step sent as it happens and the
-    /// reply (or the error) last. The deploy runs in a task of its own: a caller that goes away
-    /// stops hearing of it, not the deploy.
+    /// reply (or the error) last (see [`watched`]).
     pub(super) async fn deploy_watched(
         &self,
         caller: &Caller,
         mut input: Streaming<api::DeployChunk>,
     ) -> Result<GrpcResponse<DeployProgressStream>, Status> {
-        use futures::StreamExt;
         let (header, module) = self.upload(&mut input).await?;
         if let Some(leader) = self.router.leader(caller).await? {
             let chunks = crate::pb::deploy_chunks_with(header, &module);
@@ -128,21 +102,36 @@ impl Deploys {
             let stream: DeployProgressStream = Box::pin(relayed.into_inner());
             return Ok(GrpcResponse::new(stream));
         }
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let steps = Steps(Some(tx.clone()));
-        steps.tell(api::deploy_step::Kind::Received, |s| {
-            s.node = self.router.id();
-        });
         let this = self.clone();
-        tokio::spawn(async move {
-            let done = this.deploy_here(header, module, &steps).await;
-            let _ = tx.send(done.map(|reply| api::DeployProgress {
-                kind: Some(api::deploy_progress::Kind::Done(reply)),
-            }));
-        });
-        let stream: DeployProgressStream =
-            Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).fuse());
-        Ok(GrpcResponse::new(stream))
+        Ok(GrpcResponse::new(watched(|steps| async move {
+            steps.tell(api::deploy_step::Kind::Received, |s| {
+                s.node = this.router.id();
+            });
+            this.deploy_here(header, module, &steps).await
+        })))
+    }
+
+    /// `Waft.RollbackWatched`: [`Deploys::rollback`], with each member's compile of the
+    /// version's module sent as it happens and the reply (or the error) last.
+    pub(super) async fn rollback_watched(
+        &self,
+        caller: &Caller,
+        req: api::RollbackRequest,
+    ) -> Result<GrpcResponse<DeployProgressStream>, Status> {
+        if let Some(leader) = self.router.leader(caller).await? {
+            let relayed = leader
+                .relay(
+                    req,
+                    |mut c, r| async move { c.waft.rollback_watched(r).await },
+                )
+                .await?;
+            let stream: DeployProgressStream = Box::pin(relayed.into_inner());
+            return Ok(GrpcResponse::new(stream));
+        }
+        let this = self.clone();
+        Ok(GrpcResponse::new(watched(|steps| async move {
+            this.rollback_here(req, &steps).await
+        })))
     }
 
     /// Reads a deploy's upload: the header, checked, then the module.
@@ -311,6 +300,18 @@ impl Deploys {
                 .relay(req, |mut c, r| async move { c.waft.rollback(r).await })
                 .await;
         }
+        self.rollback_here(req, &Steps::default())
+            .await
+            .map(GrpcResponse::new)
+    }
+
+    /// A rollback on this node, the leader: the version's checks, the members' compiles, the
+    /// proposal; each step told to `steps`.
+    async fn rollback_here(
+        &self,
+        req: api::RollbackRequest,
+        steps: &Steps,
+    ) -> Result<api::DeployReply, Status> {
         let to = (req.to_version != 0).then_some(req.to_version);
         if !self.state.services().iter().any(|s| s.name == req.service) {
             return Err(Status::not_found(format!(
@@ -332,6 +333,7 @@ impl Deploys {
                     ),
                 })
             })?;
+        let started = std::time::Instant::now();
         let (hash, code_bytes) = self
             .validate(
                 &req.service,
@@ -340,13 +342,17 @@ impl Deploys {
                 &format!("version {version}"),
             )
             .await?;
+        steps.tell(api::deploy_step::Kind::Checked, |s| {
+            s.node = self.router.id();
+            s.millis = started.elapsed().as_millis() as u64;
+        });
         self.check_budget(&req.service, limits, &hash, code_bytes)?;
         // The members hold it (it is a kept version), but may have dropped it from memory (a
         // restart) or lost the file: compile or fetch it before the switch. A member that
         // cannot fetches it when it applies the rollback.
         let reserve = self.reserve(&req.service, limits);
         match self
-            .hold_members(&hash, module.len() as u64, &reserve, &Steps::default())
+            .hold_members(&hash, module.len() as u64, &reserve, steps)
             .await
         {
             Err(e) if e.code() == tonic::Code::ResourceExhausted => return Err(e),
@@ -360,9 +366,10 @@ impl Deploys {
             to: Some(version),
             timestamp_ms: now_ms(),
         };
-        self.propose_swap(entry, "rollback")
-            .await
-            .map(GrpcResponse::new)
+        steps.tell(api::deploy_step::Kind::Proposed, |s| {
+            s.node = self.router.id();
+        });
+        self.propose_swap(entry, "rollback").await
     }
 
     /// Refuses a change that would take this node's guest memory reservation over its budget

@@ -27,6 +27,7 @@ mod deploy;
 mod router;
 mod services;
 mod session;
+mod steps;
 pub mod trace;
 mod watch;
 

@@ -5,9 +5,10 @@
 use super::Data;
 use super::admin::Admin;
 use super::backup::{BackupStream, Backups};
-use super::deploy::{DeployProgressStream, Deploys};
+use super::deploy::Deploys;
 use super::router::Router;
 use super::session::SessionStream;
+use super::steps::DeployProgressStream;
 use super::watch::{WatchStream, Watches};
 use crate::auth::Role;
 use crate::pb::api::{self, cluster_server, waft_server};
@@ -86,6 +87,18 @@ impl waft_server::Waft for WaftService {
         let caller = self.router.authorize(request.metadata(), Role::Admin)?;
         self.deploys
             .deploy_watched(&caller, request.into_inner())
+            .await
+    }
+
+    type RollbackWatchedStream = DeployProgressStream;
+
+    async fn rollback_watched(
+        &self,
+        request: GrpcRequest<api::RollbackRequest>,
+    ) -> Result<GrpcResponse<Self::RollbackWatchedStream>, Status> {
+        let caller = self.router.authorize(request.metadata(), Role::Admin)?;
+        self.deploys
+            .rollback_watched(&caller, request.into_inner())
             .await
     }
 

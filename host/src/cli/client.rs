@@ -454,23 +454,45 @@ pub async fn rollback(client: &Client, args: &RollbackArgs) -> anyhow::Result<Ex
         service: args.service.clone(),
         to_version: args.to.unwrap_or(0),
     };
-    // On a terminal: a spinner while the members compile the target's module and the switch
-    // commits (a rollback is one call; its steps are not streamed).
-    let spinner = super::progress::spinner(
-        client.output,
-        "rolling back: the members compile the version's module, then the switch commits",
-    );
+    // On a terminal: the leader's check of the version, each member's compile of its module and
+    // the proposal, as they happen (RollbackWatched; a node of an earlier release does not
+    // know it: then a spinner alone).
+    let spinner = super::progress::spinner(client.output, "rolling back");
+    let told = spinner.clone().map(super::progress::deploy_steps);
     let reply = retrying(|| {
         let mut w = waft.clone();
         let r = request.clone();
-        async move { w.rollback(r).await }
+        let told = told.clone();
+        async move {
+            let Some(told) = told else {
+                return w.rollback(r).await.map(tonic::Response::into_inner);
+            };
+            let mut stream = match w.rollback_watched(r.clone()).await {
+                Ok(s) => s.into_inner(),
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    return w.rollback(r).await.map(tonic::Response::into_inner);
+                }
+                Err(s) => return Err(s),
+            };
+            while let Some(m) = stream.message().await? {
+                match m.kind {
+                    Some(api::deploy_progress::Kind::Step(s)) => told(&s),
+                    Some(api::deploy_progress::Kind::Done(reply)) => return Ok(reply),
+                    None => {}
+                }
+            }
+            Err(tonic::Status::unavailable(
+                "the rollback's progress ended before its reply; it may have gone through: \
+                 look at waft services",
+            ))
+        }
     })
     .await
     .map_err(|s| client.status_error(s));
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
-    let reply = reply?.into_inner();
+    let reply = reply?;
     match client.output {
         Output::Json => println!(
             "{}",

@@ -572,15 +572,21 @@ fn the_etcd_services_named_in_the_help_and_docs_are_the_ones_served() {
     }
 }
 
-#[test]
-fn the_snapshot_format_named_in_architecture_md_is_the_one_written() {
+/// The snapshot file's magic the code writes (`WAFTSNP6`), read from its source.
+fn snapshot_magic() -> String {
     let code = std::fs::read_to_string(root().join("host/src/storage/snapshot.rs"))
         .expect("host/src/storage/snapshot.rs");
-    let magic = code
-        .split("const MAGIC: &[u8; 8] = b\"")
+    code.split("const MAGIC: &[u8; 8] = b\"")
         .nth(1)
         .and_then(|rest| rest.split('"').next())
-        .expect("snapshot.rs defines MAGIC");
+        .expect("snapshot.rs defines MAGIC")
+        .to_owned()
+}
+
+#[test]
+fn the_snapshot_format_named_in_architecture_md_is_the_one_written() {
+    let magic = snapshot_magic();
+    let magic = magic.as_str();
     let arch = std::fs::read_to_string(root().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
     let named: Vec<&str> = arch
         .match_indices("WAFTSNP")
@@ -633,13 +639,7 @@ fn the_changelog_names_this_version_and_its_formats() {
         .split("\n## ")
         .nth(1)
         .expect("the newest release's section");
-    let snapshot =
-        std::fs::read_to_string(root().join("host/src/storage/snapshot.rs")).expect("snapshot.rs");
-    let magic = snapshot
-        .split("const MAGIC: &[u8; 8] = b\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("snapshot.rs defines MAGIC");
+    let magic = snapshot_magic();
     let engine =
         std::fs::read_to_string(root().join("host/src/runtime/engine.rs")).expect("engine.rs");
     let fingerprint = engine
@@ -647,7 +647,7 @@ fn the_changelog_names_this_version_and_its_formats() {
         .nth(1)
         .and_then(|rest| rest.split('\\').next())
         .expect("engine.rs names its fingerprint");
-    for format in [magic, fingerprint] {
+    for format in [magic.as_str(), fingerprint] {
         assert!(
             section.contains(&format!("`{format}`")),
             "CHANGELOG.md's {newest} does not name the format {format} the code writes"

@@ -207,6 +207,7 @@ export class Client {
   private constructor(
     readonly endpoints: string[],
     private readonly credentials: grpc.ChannelCredentials,
+    private readonly tls: boolean,
     private readonly token: string | undefined,
     options: ClientOptions,
   ) {
@@ -250,7 +251,7 @@ export class Client {
     if (options.token !== undefined && !/^[\x21-\x7e]+$/.test(options.token)) {
       throw new ConfigError("a token is printable ASCII without spaces");
     }
-    const client = new Client(list, credentials, options.token, options);
+    const client = new Client(list, credentials, Boolean(options.tlsCa), options.token, options);
     await client.conn();
     return client;
   }
@@ -315,7 +316,7 @@ export class Client {
       c.waft.close();
       c.cluster.close();
       let cause = isServiceError(e) ? e.details || codeName(e.code) : String(e);
-      if (this.credentials._isSecure() && !cause.toLowerCase().includes("refused")) {
+      if (this.tls && !cause.toLowerCase().includes("refused")) {
         cause += " (does the node serve TLS, and did this CA sign its certificate?)";
       }
       throw new Unreachable(address, cause);

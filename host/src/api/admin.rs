@@ -285,13 +285,13 @@ impl Admin {
         Ok(GrpcResponse::new(reply))
     }
 
-    /// `version (commit COMMIT)` of this build.
-    fn build() -> String {
-        format!(
-            "{} (commit {})",
-            env!("CARGO_PKG_VERSION"),
-            env!("WAFT_COMMIT")
-        )
+    /// `VERSION (commit COMMIT)`, as a build names itself; an earlier build names nothing.
+    fn build(version: &str, commit: &str) -> String {
+        if version.is_empty() {
+            "an earlier build (no version reported)".to_owned()
+        } else {
+            format!("{version} (commit {commit})")
+        }
     }
 
     /// Asks every other member for its build, all at once, each for at most 2 s; a member that
@@ -303,7 +303,7 @@ impl Admin {
             let (net, id, addr) = (net.clone(), m.id, m.addr.clone());
             async move {
                 if id == me {
-                    return Some(Self::build());
+                    return Some(Self::build(env!("CARGO_PKG_VERSION"), env!("WAFT_COMMIT")));
                 }
                 let channel = net.channel(&addr).ok()?;
                 let mut req = tonic::Request::new(api::StatusRequest::default());
@@ -316,9 +316,7 @@ impl Admin {
                         .ok()?
                         .ok()?
                         .into_inner();
-                Some(format!("{} (commit {})", reply.version, reply.commit))
-                    .filter(|_| !reply.version.is_empty())
-                    .or(Some("an earlier build (no version reported)".to_owned()))
+                Some(Self::build(&reply.version, &reply.commit))
             }
         });
         let versions = futures::future::join_all(asks).await;

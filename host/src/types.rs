@@ -204,6 +204,15 @@ pub enum Request {
         /// The timers to deliver.
         timers: Vec<TimerRef>,
     },
+    /// Raises the cluster version (see `crate::version`): from the next entry on, nodes may
+    /// write the formats of every gate up to `version`. Proposed by the leader once every
+    /// member runs a build that runs it (`crate::upgrade`). A replica whose build cannot run
+    /// `version` stops rather than go on without reading what its peers will write; a lower
+    /// or equal version changes nothing (the version never goes down).
+    ClusterVersion {
+        /// The new active cluster version.
+        version: u32,
+    },
 }
 
 /// One setting of one pending guest timer: what a [`Request::FireDue`] entry names.
@@ -310,6 +319,10 @@ impl fmt::Debug for Request {
             Request::AuditReport { digest } => f
                 .debug_struct("AuditReport")
                 .field("index", &digest.index)
+                .finish(),
+            Request::ClusterVersion { version } => f
+                .debug_struct("ClusterVersion")
+                .field("version", version)
                 .finish(),
             Request::AuditVotes {
                 index,

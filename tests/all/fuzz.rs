@@ -156,6 +156,7 @@ proptest! {
             sessions: vec![],
             modules: vec![("m".into(), 5)],
             services: vec![],
+            cluster_version: 1,
         };
         waft::storage::snapshot::write(&path, &header, &[b"hello"], &[]).expect("write");
         let mut bytes = std::fs::read(&path).expect("read");

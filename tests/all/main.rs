@@ -45,4 +45,5 @@ mod tidy;
 mod tidy_rings;
 mod timers;
 mod tls;
+mod upgrade;
 mod watch;

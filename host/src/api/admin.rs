@@ -285,44 +285,49 @@ impl Admin {
         Ok(GrpcResponse::new(reply))
     }
 
-    /// `VERSION (commit COMMIT)`, as a build names itself; an earlier build names nothing.
-    fn build(version: &str, commit: &str) -> String {
-        if version.is_empty() {
-            "an earlier build (no version reported)".to_owned()
-        } else {
-            format!("{version} (commit {commit})")
+    /// Asks every other member for its build and the cluster versions it runs (see
+    /// `crate::upgrade::ask_members`); a member that does not answer keeps them empty.
+    async fn member_versions(&self, members: &mut [api::MemberStatus]) {
+        let asked = members.iter().map(|m| (m.id, m.addr.clone())).collect();
+        let builds =
+            crate::upgrade::ask_members(self.router.peers(), &self.state, self.router.id(), asked)
+                .await;
+        for (m, b) in members.iter_mut().zip(builds) {
+            m.version = b.build.unwrap_or_default();
+            if let Some(r) = b.runs {
+                m.runs_oldest = r.oldest;
+                m.runs_newest = r.newest;
+            }
         }
     }
 
-    /// Asks every other member for its build, all at once, each for at most 2 s; a member that
-    /// does not answer keeps an empty version. This node's own is known.
-    async fn member_versions(&self, members: &mut [api::MemberStatus]) {
-        let net = self.router.peers().clone();
-        let me = self.router.id();
-        let asks = members.iter().map(|m| {
-            let (net, id, addr) = (net.clone(), m.id, m.addr.clone());
-            async move {
-                if id == me {
-                    return Some(Self::build(env!("CARGO_PKG_VERSION"), env!("WAFT_COMMIT")));
-                }
-                let channel = net.channel(&addr).ok()?;
-                let mut req = tonic::Request::new(api::StatusRequest::default());
-                net.identity().stamp(req.metadata_mut(), id);
-                req.set_timeout(std::time::Duration::from_secs(2));
-                let mut client = crate::pb::api::cluster_client::ClusterClient::new(channel);
-                let reply =
-                    tokio::time::timeout(std::time::Duration::from_secs(2), client.status(req))
-                        .await
-                        .ok()?
-                        .ok()?
-                        .into_inner();
-                Some(Self::build(&reply.version, &reply.commit))
-            }
-        });
-        let versions = futures::future::join_all(asks).await;
-        for (m, v) in members.iter_mut().zip(versions) {
-            m.version = v.unwrap_or_default();
+    /// Raises the cluster version to the newest every member runs, on the leader.
+    pub(super) async fn finalize_upgrade(
+        &self,
+        caller: &Caller,
+        req: api::FinalizeUpgradeRequest,
+    ) -> Result<GrpcResponse<api::FinalizeUpgradeReply>, Status> {
+        if let Some(leader) = self.router.leader(caller).await? {
+            return leader
+                .relay(req, |mut c, r| async move {
+                    c.cluster.finalize_upgrade(r).await
+                })
+                .await;
         }
+        let done = crate::upgrade::finalize(self.router.raft(), self.router.peers(), &self.state)
+            .await
+            .map_err(|e| match e {
+                crate::upgrade::FinalizeError::Silent(_) => {
+                    Status::failed_precondition(e.to_string())
+                }
+                crate::upgrade::FinalizeError::Raft(_) => Status::unavailable(e.to_string()),
+            })?;
+        Ok(GrpcResponse::new(api::FinalizeUpgradeReply {
+            previous: done.previous,
+            cluster_version: done.now,
+            index: done.index.unwrap_or(0),
+            newest_already: done.newest_already,
+        }))
     }
 
     fn local_status(&self) -> api::StatusReply {
@@ -351,8 +356,11 @@ impl Admin {
             audit: Some(convert::audit_status(&self.state.audit_status())),
             cluster_id: self.router.peers().identity().cluster().unwrap_or_default(),
             guest_memory: Some(self.guest_memory()),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            commit: env!("WAFT_COMMIT").to_owned(),
+            version: crate::version::RELEASE.to_owned(),
+            commit: crate::version::COMMIT.to_owned(),
+            cluster_version: self.state.cluster_version(),
+            runs_oldest: self.state.runs().oldest,
+            runs_newest: self.state.runs().newest,
         }
     }
 

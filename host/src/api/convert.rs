@@ -24,6 +24,8 @@ pub(super) fn members(m: &openraft::RaftMetrics<TypeConfig>) -> Vec<api::MemberS
                 matched_index: matched,
                 lag: matched.map(|x| last.saturating_sub(x)),
                 version: String::new(),
+                runs_oldest: 0,
+                runs_newest: 0,
             }
         })
         .collect()

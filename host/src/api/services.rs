@@ -168,6 +168,16 @@ impl cluster_server::Cluster for ClusterService {
         self.backups.restore(&caller, request.into_inner()).await
     }
 
+    async fn finalize_upgrade(
+        &self,
+        request: GrpcRequest<api::FinalizeUpgradeRequest>,
+    ) -> Result<GrpcResponse<api::FinalizeUpgradeReply>, Status> {
+        let caller = self.router.authorize(request.metadata(), Role::Admin)?;
+        self.admin
+            .finalize_upgrade(&caller, request.into_inner())
+            .await
+    }
+
     async fn init(
         &self,
         request: GrpcRequest<api::InitRequest>,

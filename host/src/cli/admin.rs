@@ -38,6 +38,12 @@ pub enum ClusterCommand {
     },
     /// Show roles, terms, log and apply progress, and member lag.
     Status,
+    /// Raise the cluster version to the newest every member's build runs, so that nodes may
+    /// write its formats (once every node runs the new release; the leader does it by itself
+    /// unless nodes run with --manual-finalize). Refused, naming it, while a member does not
+    /// answer. The version never goes down: after this, no node can go back to a build that
+    /// does not run it.
+    FinalizeUpgrade,
     /// Build a snapshot now.
     Snapshot,
     /// Check now that every replica holds byte-identical state, and show each node's verdict
@@ -112,6 +118,40 @@ pub async fn cluster(client: &Client, command: &ClusterCommand) -> anyhow::Resul
             output::print_status(client.output, &s);
         }
         ClusterCommand::Audit => return audit(client, &mut c).await,
+        ClusterCommand::FinalizeUpgrade => {
+            let r = c
+                .finalize_upgrade(api::FinalizeUpgradeRequest {})
+                .await
+                .map_err(|s| client.status_error(s))?
+                .into_inner();
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"previous": r.previous, "cluster_version": r.cluster_version,
+                        "index": r.index, "newest_already": r.newest_already})
+                ),
+                Output::Text if r.index > 0 => println!(
+                    "cluster version {} -> {} (entry {})",
+                    r.previous, r.cluster_version, r.index
+                ),
+                Output::Text => println!(
+                    "the cluster runs cluster version {} already, the newest {} run{}",
+                    r.cluster_version,
+                    match r.newest_already.as_slice() {
+                        [] => "every member can".to_owned(),
+                        ids => format!(
+                            "node{} {}",
+                            if ids.len() == 1 { "" } else { "s" },
+                            ids.iter()
+                                .map(u64::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    },
+                    if r.newest_already.len() == 1 { "s" } else { "" }
+                ),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -156,6 +156,16 @@ pub struct NodeArgs {
     /// into DIR. Hidden: only `scripts/make-fixtures` uses it, for compatibility fixtures.
     #[arg(long, hide = true, value_name = "DIR")]
     pub record_messages: Option<PathBuf>,
+    /// Raise the cluster version only by `waft cluster finalize-upgrade`, not by itself once
+    /// every member runs a newer build. Give it to every node during an upgrade you may want
+    /// to undo: a node can go back to its previous build while the version has not risen
+    /// (docs/operations.md, "Upgrading waft").
+    #[arg(long, env = "WAFT_MANUAL_FINALIZE")]
+    pub manual_finalize: bool,
+    /// Run as a build that runs these cluster versions (`N` or `A-B`) instead of this one's.
+    /// Hidden: only tests use it, to play a mixed cluster of two releases.
+    #[arg(long, hide = true, value_name = "RANGE", value_parser = crate::version::Runs::parse)]
+    pub cluster_versions: Option<crate::version::Runs>,
 }
 
 fn parse_dial(s: &str) -> Result<(String, String), String> {
@@ -252,6 +262,10 @@ fn node_config(
     config.inline_apply = args.inline_apply;
     config.inject_apply_panic = args.inject_apply_panic.clone().map(String::into_bytes);
     config.record_messages = args.record_messages.clone();
+    config.auto_finalize = !args.manual_finalize;
+    if let Some(runs) = args.cluster_versions {
+        config.cluster_versions = runs;
+    }
     config.net.tls = tls;
     config.net.share_compiled = args.share_compiled;
     config.runtime.compiled_cache_bytes =
@@ -318,6 +332,7 @@ pub async fn node(
                 args.id,
                 node.addr(),
                 crate::node::join::is_fresh(&node),
+                node.state().runs(),
             ) => joined,
             never = report_catch_up(&node) => match never {},
         }
@@ -432,6 +447,7 @@ async fn join(
     id: u64,
     addr: &str,
     fresh: bool,
+    runs: crate::version::Runs,
 ) -> anyhow::Result<()> {
     let connect = async |addr: &str, name: Option<&str>| -> Result<super::connect::Conn, String> {
         let mut e = connector
@@ -451,9 +467,8 @@ async fn join(
             .map_err(|e| super::connect::connect_error(&e))?;
         Ok(connector.authorized(channel))
     };
-    match crate::node::join::join(async || seed_addrs(seeds).await, connect, id, addr, fresh)
-        .await?
-    {
+    let seeds = async || seed_addrs(seeds).await;
+    match crate::node::join::join(seeds, connect, id, addr, fresh, runs).await? {
         Joined::AlreadyVoter => eprintln!("node {id} is already a voter; nothing to join"),
         Joined::Voter {
             leader_addr,

@@ -206,14 +206,16 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
                 .members
                 .iter()
                 .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "voter": m.voter, "matched_index": m.matched_index, "lag": m.lag,
-                    "version": (!m.version.is_empty()).then_some(&m.version)}))
+                    "version": (!m.version.is_empty()).then_some(&m.version),
+                    "runs": (m.runs_newest > 0).then_some([m.runs_oldest, m.runs_newest])}))
                 .collect();
             println!(
                 "{}",
                 serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
                     "leader_addr": s.leader_addr, "last_log_index": s.last_log_index, "committed_index": s.committed_index,
                     "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "engine": s.engine, "members": members,
-                    "version": s.version, "commit": s.commit,
+                    "version": s.version, "commit": s.commit, "cluster_version": s.cluster_version,
+                    "runs": [s.runs_oldest, s.runs_newest],
                     "cluster_id": s.cluster_id, "guest_memory": s.guest_memory.as_ref().map(|g| serde_json::json!({
                         "memory_bytes": g.memory_bytes, "code_bytes": g.code_bytes, "reserved_bytes": g.reserved_bytes,
                         "budget_bytes": g.budget_bytes})), "audit": s.audit.as_ref().map(|a| serde_json::json!({"checks": a.checks, "skipped": a.skipped,
@@ -246,6 +248,16 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
                 println!("build: an earlier waft (it reports no version)");
             } else {
                 println!("build: waft {} (commit {})", s.version, s.commit);
+            }
+            if s.cluster_version > 0 {
+                let runs = crate::version::Runs {
+                    oldest: s.runs_oldest,
+                    newest: s.runs_newest,
+                };
+                println!(
+                    "cluster version: {} (this build runs {runs})",
+                    s.cluster_version
+                );
             }
             println!("engine: {}", s.engine);
             if let Some(g) = &s.guest_memory {
@@ -307,9 +319,17 @@ pub(super) fn print_status(out: Output, s: &api::StatusReply) {
                     m.matched_index.map_or("-".to_owned(), |i| i.to_string()),
                     m.lag.map_or("-".to_owned(), |i| i.to_string()),
                     match (m.version.is_empty(), s.version.is_empty()) {
-                        (false, _) => &m.version,
-                        (true, false) => "(did not answer)",
-                        (true, true) => "(unknown)",
+                        (false, _) if m.runs_newest > 0 => format!(
+                            "{}, runs {}",
+                            m.version,
+                            crate::version::Runs {
+                                oldest: m.runs_oldest,
+                                newest: m.runs_newest
+                            }
+                        ),
+                        (false, _) => m.version.clone(),
+                        (true, false) => "(did not answer)".to_owned(),
+                        (true, true) => "(unknown)".to_owned(),
                     }
                 );
             }

@@ -87,6 +87,14 @@ pub struct NodeConfig {
     /// Where this node records the node-to-node messages it receives and answers, for
     /// compatibility fixtures (`scripts/make-fixtures`; None outside it).
     pub record_messages: Option<PathBuf>,
+    /// The cluster versions this node runs: this build's ([`Runs::THIS_BUILD`]) but in tests,
+    /// which play a build of another range with it (`crate::version`).
+    ///
+    /// [`Runs::THIS_BUILD`]: crate::version::Runs::THIS_BUILD
+    pub cluster_versions: crate::version::Runs,
+    /// Whether the leader raises the cluster version by itself once every member runs a
+    /// newer one (true), or waits for `waft cluster finalize-upgrade`.
+    pub auto_finalize: bool,
 }
 
 impl NodeConfig {
@@ -110,6 +118,8 @@ impl NodeConfig {
             inline_apply: true,
             inject_apply_panic: None,
             record_messages: None,
+            cluster_versions: crate::version::Runs::THIS_BUILD,
+            auto_finalize: true,
         }
     }
 }

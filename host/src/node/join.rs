@@ -46,6 +46,9 @@ pub enum JoinError {
         /// The member that has it.
         addr: String,
     },
+    /// The cluster runs a cluster version this node's build does not.
+    #[error("{0}")]
+    Version(String),
     /// A membership call failed for good.
     #[error("{what}: {message}")]
     Membership {
@@ -64,19 +67,24 @@ pub fn is_fresh(node: &Node) -> bool {
 /// Joins node `id`, reachable at `addr`, to the cluster that `seeds` lead to. `seeds` names
 /// the addresses to try (each with the TLS server name to check, if any), asked again while
 /// none answers; `connect` opens a connection to one. `fresh`: the node's data directory was
-/// new ([`is_fresh`]).
+/// new ([`is_fresh`]). `runs`: the cluster versions this node runs; a cluster at a version
+/// outside them is refused before anything changes.
 pub async fn join<S, C>(
     seeds: S,
     connect: C,
     id: u64,
     addr: &str,
     fresh: bool,
+    runs: crate::version::Runs,
 ) -> Result<Joined, JoinError>
 where
     S: AsyncFn() -> Vec<(String, Option<String>)>,
     C: AsyncFn(&str, Option<&str>) -> Result<Conn, String>,
 {
     let (cluster, status) = find_member(seeds, connect).await?;
+    if let Some(why) = runs.refusal(status.cluster_version.max(crate::version::FIRST)) {
+        return Err(JoinError::Version(why));
+    }
     if let Some(m) = status.members.iter().find(|m| m.id == id && m.addr != addr) {
         return Err(JoinError::IdTaken {
             id,

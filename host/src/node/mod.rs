@@ -88,6 +88,9 @@ pub struct Node {
     purger: JoinHandle<()>,
     /// Proposes the delivery of due guest timers while this node leads.
     timers: JoinHandle<()>,
+    /// Raises the cluster version while this node leads (`crate::upgrade`; off with
+    /// `--manual-finalize`).
+    upgrader: Option<JoinHandle<()>>,
     metrics: Option<(std::net::SocketAddr, JoinHandle<()>)>,
     etcd: Option<(std::net::SocketAddr, JoinHandle<()>)>,
 }
@@ -187,6 +190,9 @@ impl Node {
             },
         );
         let timers = crate::timers::spawn(raft.clone(), state.clone());
+        let upgrader = config
+            .auto_finalize
+            .then(|| crate::upgrade::spawn(raft.clone(), network.clone(), state.clone()));
         tracing::info!(node = config.id, %addr, data_dir = %config.data_dir.display(), "node started");
         Ok(Node {
             id: config.id,
@@ -202,6 +208,7 @@ impl Node {
             remover,
             purger,
             timers,
+            upgrader,
             metrics,
             etcd: servers.etcd,
         })
@@ -382,6 +389,9 @@ impl Node {
         }
         self.purger.abort();
         self.timers.abort();
+        if let Some(upgrader) = self.upgrader.take() {
+            upgrader.abort();
+        }
         if let Some(remover) = self.remover.take() {
             remover.abort();
         }

@@ -87,6 +87,7 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
     if let Some(payload) = &config.inject_apply_panic {
         sm = sm.inject_apply_panic(payload.clone());
     }
+    sm = sm.with_cluster_versions(config.cluster_versions);
     let state = sm.handle();
     let identity = Arc::new(
         Identity::load(config.id, &config.data_dir)?

@@ -7,6 +7,7 @@ pub mod identity;
 pub mod modules;
 pub mod network;
 pub mod peer_audit;
+pub mod peer_status;
 pub mod record;
 pub mod rtt;
 pub mod service;

@@ -1,9 +1,10 @@
 //! The snapshot file: everything a node needs to rebuild the replicated state.
 //!
-//! Layout: `WAFTSNP6`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
+//! Layout: `WAFTSNP7`, a u32 header length, the postcard-encoded [`SnapshotHeader`], the bytes
 //! of every module in header order, the state of every service in header order (a postcard
 //! [`ServiceState`]: the history of its guest's instance and its pending timers; formats 3 and
-//! 4 had the history alone, format 5's timers did not say when they were set), and a trailer:
+//! 4 had the history alone, format 5's timers did not say when they were set; headers before
+//! format 7 had no cluster version), and a trailer:
 //! the sha256 of everything before it. Format 2 files (a service's state was its guest's snapshot, or a
 //! checkpoint + journal of commands) are still read: see [`service_form`]; formats 2 and 3
 //! kept no verifier findings with each version ([`VersionRecord::forced`]). A reader checks the trailer before
@@ -19,9 +20,9 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"WAFTSNP6";
+const MAGIC: &[u8; 8] = b"WAFTSNP7";
 /// The format this build writes.
-pub const FORMAT: u8 = 6;
+pub const FORMAT: u8 = 7;
 /// The oldest format this build reads.
 const OLDEST_FORMAT: u8 = 2;
 /// Largest header accepted when reading (it holds names and sessions, not bulk data).
@@ -146,11 +147,8 @@ impl From<VersionRecordV3> for VersionRecord {
 }
 
 /// Everything in a snapshot except the bulk bytes.
-pub type SnapshotHeader = SnapshotHeaderOf<VersionRecord>;
-
-/// A snapshot header with versions recorded as `V` (the layout of the format being read).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SnapshotHeaderOf<V> {
+pub struct SnapshotHeader {
     /// openraft's metadata: last log id, membership, snapshot id.
     pub meta: SnapshotMeta,
     /// Time of the last applied entry (time never goes backwards across a snapshot either).
@@ -162,10 +160,24 @@ pub struct SnapshotHeaderOf<V> {
     /// Modules: sha256 (hex) and length, in file order.
     pub modules: Vec<(String, u64)>,
     /// Services in file order.
-    pub services: Vec<ServiceRecordOf<V>>,
+    pub services: Vec<ServiceRecord>,
+    /// The active cluster version as of the last entry (`crate::version`; format 7 on,
+    /// [`crate::version::FIRST`] before).
+    pub cluster_version: u32,
 }
 
-impl SnapshotHeaderOf<VersionRecordV3> {
+/// A snapshot header as formats 2 to 6 wrote it, with versions recorded as `V`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotHeaderOf<V> {
+    meta: SnapshotMeta,
+    last_timestamp_ms: u64,
+    engine: String,
+    sessions: Vec<(u64, Session)>,
+    modules: Vec<(String, u64)>,
+    services: Vec<ServiceRecordOf<V>>,
+}
+
+impl<V: Into<VersionRecord>> SnapshotHeaderOf<V> {
     fn upgrade(self) -> SnapshotHeader {
         SnapshotHeader {
             meta: self.meta,
@@ -186,6 +198,7 @@ impl SnapshotHeaderOf<VersionRecordV3> {
                     history: s.history.into_iter().map(Into::into).collect(),
                 })
                 .collect(),
+            cluster_version: crate::version::FIRST,
         }
     }
 }
@@ -381,8 +394,10 @@ impl<'a> Reader<'a> {
         }
         let mut head = vec![0u8; len as usize];
         input.read_exact(&mut head)?;
-        let header: SnapshotHeader = if format >= 4 {
+        let header: SnapshotHeader = if format >= 7 {
             decode("snapshot header", &head)?
+        } else if format >= 4 {
+            decode::<SnapshotHeaderOf<VersionRecord>>("snapshot header", &head)?.upgrade()
         } else {
             decode::<SnapshotHeaderOf<VersionRecordV3>>("snapshot header", &head)?.upgrade()
         };
@@ -527,6 +542,7 @@ mod tests {
             sessions: Vec::new(),
             modules: Vec::new(),
             services: Vec::new(),
+            cluster_version: crate::version::FIRST,
         };
         let record = ServiceRecord {
             name: "locks".into(),

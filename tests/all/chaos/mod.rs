@@ -9,7 +9,7 @@
 
 mod apply_fault;
 mod clocks;
-mod determinism;
+pub(crate) mod determinism;
 mod disk;
 mod hostile;
 mod hostile_paths;

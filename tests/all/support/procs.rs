@@ -100,6 +100,12 @@ impl ProcCluster {
         self.own[i].0.extend(args.iter().map(|a| a.to_string()));
     }
 
+    /// Replaces node `i`'s own arguments for every start from now on (a node "upgraded" to
+    /// another build, played with the hidden `--cluster-versions`).
+    pub fn set_node_args(&mut self, i: usize, args: &[&str]) {
+        self.own[i].0 = args.iter().map(|a| a.to_string()).collect();
+    }
+
     /// Gives every node started from now on a wall clock of its own that
     /// [`ProcCluster::set_clock`] moves while it runs (libfaketime, its offset re-read every
     /// second). Monotonic clocks stay true, as they do when NTP steps a real machine's clock.

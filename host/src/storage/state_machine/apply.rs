@@ -284,6 +284,10 @@ impl Replicated {
             }) => {
                 out.push(self.fire_due(env, log_id.index(), term, timestamp_ms, &timers));
             }
+            EntryPayload::Normal(Request::ClusterVersion { version }) => {
+                self.raise_cluster_version(env, version, log_id.index())?;
+                out.push(Response::Empty);
+            }
             EntryPayload::Membership(m) => {
                 self.membership = StoredMembership::new(Some(log_id), m);
                 out.push(Response::Empty);
@@ -380,6 +384,32 @@ impl Replicated {
         );
         tracing::error!("{msg}");
         Err(io::Error::other(msg))
+    }
+    /// Applies a [`Request::ClusterVersion`] entry: the version rises (never falls). A node
+    /// whose build cannot run the new version stops here, before it could misread an entry
+    /// written in its formats, and says which build to run.
+    fn raise_cluster_version(
+        &mut self,
+        env: &mut Env<'_>,
+        version: u32,
+        index: u64,
+    ) -> io::Result<()> {
+        if version <= self.cluster_version {
+            return Ok(());
+        }
+        if let Some(why) = env.runs.refusal(version) {
+            let msg = format!("refusing to apply the entry at index {index}: {why}");
+            tracing::error!("{msg}");
+            return Err(io::Error::other(msg));
+        }
+        tracing::info!(
+            from = self.cluster_version,
+            to = version,
+            index,
+            "the cluster version rose"
+        );
+        self.cluster_version = version;
+        Ok(())
     }
     /// Time never goes backwards: a new leader with a slower clock gets the previous time.
     pub(super) fn advance_clock(&mut self, proposed_ms: u64) -> u64 {

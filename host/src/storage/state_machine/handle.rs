@@ -53,6 +53,9 @@ pub(super) struct View {
     /// The log's clock minus this node's wall clock, ms, when it last applied (see
     /// [`StateHandle::log_clock_offset_ms`]).
     pub(super) log_clock_offset_ms: i64,
+    /// The active cluster version, and the versions this node runs.
+    pub(super) cluster_version: u32,
+    pub(super) runs: Option<crate::version::Runs>,
 }
 
 /// Read access to the live state, shared with the API (queries). Methods that are not
@@ -144,6 +147,8 @@ impl SmState {
             audit: self.local.audit.status.clone(),
             snapshots: self.local.snapshots.clone(),
             log_clock_offset_ms: self.log_clock_offset_ms(),
+            cluster_version: self.rep.cluster_version,
+            runs: Some(self.runs),
         };
         // Told only when it changes: the timer proposer must not wake on every apply.
         let due = self.rep.next_timer_deadline();
@@ -416,6 +421,19 @@ impl StateHandle {
     /// disagree, or a leader's ran ahead. Timers do not depend on it; guests' timestamps do.
     pub fn log_clock_offset_ms(&self) -> i64 {
         lock_view(&self.view).log_clock_offset_ms
+    }
+
+    /// The active cluster version as of this replica's last apply (`crate::version`).
+    pub fn cluster_version(&self) -> u32 {
+        lock_view(&self.view).cluster_version
+    }
+
+    /// The cluster versions this node runs: its build's, unless a test made it play another
+    /// (`--cluster-versions`).
+    pub fn runs(&self) -> crate::version::Runs {
+        lock_view(&self.view)
+            .runs
+            .unwrap_or(crate::version::Runs::THIS_BUILD)
     }
 
     /// Snapshots built and installed by this node.

@@ -64,6 +64,8 @@ const MAX_VERSIONS: usize = 10;
 /// the runtime both use.
 struct SmState {
     runtime: Runtime,
+    /// The cluster versions this node's build runs (`crate::version`).
+    runs: crate::version::Runs,
     /// This node's modules, by hash: every kept version's module is here.
     modules: ModuleStore,
     /// What the log builds.
@@ -80,6 +82,8 @@ struct Replicated {
     last_timestamp_ms: u64,
     services: BTreeMap<String, Service>,
     sessions: BTreeMap<u64, Session>,
+    /// The active cluster version (`crate::version`): what formats nodes may write.
+    cluster_version: u32,
 }
 
 /// What applying entries may use besides the replicated state it builds: the engine and the
@@ -89,6 +93,7 @@ struct Replicated {
 /// node: not the audits, the heal sources, the watchers' history or the published view.
 struct Env<'a> {
     runtime: &'a Runtime,
+    runs: crate::version::Runs,
     modules: &'a ModuleStore,
     seen: &'a mut Seen,
 }
@@ -162,6 +167,7 @@ impl SmState {
     ) -> SmState {
         SmState {
             runtime,
+            runs: crate::version::Runs::THIS_BUILD,
             modules,
             rep: Replicated {
                 last_applied: None,
@@ -169,6 +175,7 @@ impl SmState {
                 last_timestamp_ms: 0,
                 services: BTreeMap::new(),
                 sessions: BTreeMap::new(),
+                cluster_version: crate::version::FIRST,
             },
             local: Local {
                 seen: Seen::default(),
@@ -192,6 +199,7 @@ impl SmState {
             &mut self.rep,
             Env {
                 runtime: &self.runtime,
+                runs: self.runs,
                 modules: &self.modules,
                 seen: &mut self.local.seen,
             },

@@ -62,6 +62,7 @@ impl SmState {
                     .map(|(h, b)| (h.clone(), b.len() as u64))
                     .collect(),
                 services,
+                cluster_version: self.rep.cluster_version,
             },
             modules: modules.into_iter().map(|(_, b)| b).collect(),
             states,
@@ -82,6 +83,12 @@ impl SmState {
 
     pub(super) fn install_file(&mut self, file: std::fs::File) -> io::Result<()> {
         let reader = snapshot::Reader::open(file)?;
+        if let Some(why) = self.runs.refusal(reader.header.cluster_version) {
+            let at = reader.header.meta.last_log_id.map_or(0, |l| l.index());
+            let msg = format!("refusing the snapshot at index {at}: {why}");
+            tracing::error!("{msg}");
+            return Err(io::Error::other(msg));
+        }
         let (header, services, modules) = load_services(&self.runtime, reader)?;
         let (rep, mut env) = self.split();
         rep.keep_modules(&mut env, &modules)?;
@@ -90,6 +97,7 @@ impl SmState {
         rep.last_timestamp_ms = header.last_timestamp_ms;
         rep.services = services;
         rep.sessions = header.sessions.into_iter().collect();
+        rep.cluster_version = header.cluster_version;
         rep.prune_modules(&mut env);
         // The state jumped to the snapshot's: what came before it cannot be told.
         self.local
@@ -195,8 +203,18 @@ impl Replicated {
                 self.services.len()
             )));
         }
-        let loaded = snapshot::Reader::from_bytes(&backup)
-            .and_then(|reader| load_services(env.runtime, reader));
+        let loaded = snapshot::Reader::from_bytes(&backup).and_then(|reader| {
+            let theirs = reader.header.cluster_version;
+            if theirs > self.cluster_version {
+                return Err(io::Error::other(format!(
+                    "the backup was taken at cluster version {theirs} and this cluster runs {}: \
+                     it may hold what members of this version cannot read. Finalize this \
+                     cluster's upgrade first",
+                    self.cluster_version
+                )));
+            }
+            load_services(env.runtime, reader)
+        });
         match loaded {
             Ok((header, services, modules)) => {
                 self.keep_modules(env, &modules)?;

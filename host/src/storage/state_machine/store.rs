@@ -106,6 +106,20 @@ impl StateMachineStore {
         self
     }
 
+    /// Makes this node run `runs` instead of this build's cluster versions (the hidden node
+    /// flag `--cluster-versions`, with which tests play a build of another release).
+    pub fn with_cluster_versions(self, runs: crate::version::Runs) -> StateMachineStore {
+        if runs != crate::version::Runs::THIS_BUILD {
+            tracing::warn!(%runs, "--cluster-versions is set: this node plays another build");
+        }
+        {
+            let mut st = lock_or_stop(&self.handle.state);
+            st.runs = runs;
+            st.publish();
+        }
+        self
+    }
+
     /// A handle for queries and inspection.
     pub fn handle(&self) -> StateHandle {
         self.handle.clone()
@@ -144,12 +158,20 @@ impl StateMachineStore {
         if wanted.is_empty() {
             return Ok(());
         }
-        let sources: Vec<(NodeId, String)> = self
-            .handle
-            .membership()
-            .membership()
-            .nodes()
-            .map(|(id, node)| (*id, node.addr.clone()))
+        // The members as of the last applied entry and those the batch's own membership
+        // entries name: a node replaying the log from its start (one that lost its data) gets
+        // the first membership entries and the first deploy in one batch, before anything
+        // applied has named a member.
+        let applied = self.handle.membership();
+        let in_batch = batch.iter().filter_map(|e| match &e.payload {
+            EntryPayload::Membership(m) => Some(m),
+            _ => None,
+        });
+        let sources: Vec<(NodeId, String)> = std::iter::once(applied.membership())
+            .chain(in_batch)
+            .flat_map(|m| m.nodes().map(|(id, node)| (*id, node.addr.clone())))
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
             .collect();
         for hash in wanted {
             let peers = loop {

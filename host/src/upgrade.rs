@@ -31,6 +31,9 @@ pub struct MemberBuild {
     pub build: Option<String>,
     /// The cluster versions it runs; `None` when it did not answer.
     pub runs: Option<Runs>,
+    /// Its engine fingerprint (`crate::runtime::Runtime::fingerprint`); `None` when it did not
+    /// answer.
+    pub engine: Option<String>,
 }
 
 /// Asks every member in `members` (id, address) for its build, all at once, each for at most
@@ -51,6 +54,7 @@ pub async fn ask_members(
                     addr,
                     build: Some(build_name(crate::version::RELEASE, crate::version::COMMIT)),
                     runs: Some(state.runs()),
+                    engine: Some(state.fingerprint().to_owned()),
                 };
             }
             let reply = crate::raft::peer_status::member_status(&net, id, &addr, ASK_TIMEOUT).await;
@@ -59,6 +63,7 @@ pub async fn ask_members(
                 addr,
                 build: reply.as_ref().map(|r| build_name(&r.version, &r.commit)),
                 runs: reply.as_ref().map(runs_of),
+                engine: reply.map(|r| r.engine),
             }
         }
     });
@@ -192,6 +197,42 @@ pub async fn require(
     let builds = ask_members(net, state, *raft.node_id(), members(raft)).await;
     let said: Vec<(u64, Option<Runs>)> = builds.iter().map(|b| (b.id, b.runs)).collect();
     crate::version::check_gate(gate, active, &said)
+}
+
+/// Refuses a deploy while a member runs another engine than this node (the leader): the
+/// deploy entry would stop it (a node applies only deploys its own engine validated, see
+/// `storage::state_machine`). Members that do not answer are not waited for.
+pub async fn same_engine(
+    raft: &Raft,
+    net: &NetworkFactory,
+    state: &StateHandle,
+) -> Result<(), String> {
+    let mine = state.fingerprint();
+    let builds = ask_members(net, state, *raft.node_id(), members(raft)).await;
+    let other: Vec<String> = builds
+        .iter()
+        .filter_map(|b| {
+            let theirs = b.engine.as_deref()?;
+            (theirs != mine).then(|| {
+                format!(
+                    "node {} ({}, {}) runs engine {theirs}",
+                    b.id,
+                    b.addr,
+                    b.build.as_deref().unwrap_or("?")
+                )
+            })
+        })
+        .collect();
+    if other.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "not deployed: the members do not run one engine ({}; this leader runs {mine}), and a \
+         deploy entry stops every node whose engine did not validate it. Finish the upgrade \
+         (every node on the same release and limits), then deploy (docs/operations.md, \
+         \"A new engine\")",
+        other.join("; ")
+    ))
 }
 
 /// Spawns the task that raises the version by itself while this node leads: each

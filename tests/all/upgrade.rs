@@ -240,3 +240,112 @@ async fn the_leader_raises_the_version_once_every_member_runs_it() {
         "{reply}"
     );
 }
+
+/// Mid-upgrade to a release with another engine (played by a node whose checkpoint policy,
+/// part of the engine fingerprint, differs): a deploy would stop that node at its entry, so
+/// the leader refuses it, naming the node and both engines, and proposes nothing; once every
+/// node runs one engine the same deploy goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deploy_waits_until_every_member_runs_one_engine() {
+    crate::support::init_tracing();
+    let mut c = ProcCluster::unformed(3, &[]).await;
+    c.add_node_args(2, &["--rebase-every", "7777"]);
+    for i in 0..3 {
+        c.spawn(i, None);
+    }
+    c.form().await;
+    let engines: Vec<String> = {
+        let mut e = Vec::new();
+        for i in 0..3 {
+            e.push(c.status(i).await.expect("status").engine);
+        }
+        e
+    };
+    assert_eq!(engines[0], engines[1]);
+    assert_ne!(engines[0], engines[2], "node 3 plays another engine");
+    let module = waft_testkit::wasm(EXAMPLE_KV);
+    let path = c.data_dir(0).with_extension("kv.wasm");
+    std::fs::write(&path, &module).expect("module file");
+    let path = path.to_string_lossy().into_owned();
+    let deploy = async |c: &ProcCluster| {
+        waft_cli(&[
+            "--endpoint",
+            &c.addrs.join(","),
+            "deploy",
+            &path,
+            "--service",
+            "kv",
+        ])
+        .await
+    };
+    let o = deploy(&c).await;
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "the deploy must be refused");
+    assert!(err.contains("node 3 ("), "{err}");
+    assert!(err.contains(&engines[2]), "{err}");
+    assert!(err.contains(&engines[0]), "{err}");
+    for i in 0..3 {
+        assert!(c.running(i), "node {} still runs", i + 1);
+        let mut w = waft::pb::api::waft_client::WaftClient::new(
+            crate::support::procs::connect(&c.addrs[i])
+                .await
+                .expect("connect"),
+        );
+        let services = w
+            .list_services(api::ListServicesRequest {})
+            .await
+            .expect("services")
+            .into_inner()
+            .services;
+        assert!(services.is_empty(), "node {}: nothing deployed", i + 1);
+    }
+    // Node 3 "upgraded" to the others' engine: the deploy goes through.
+    c.kill(2);
+    c.set_node_args(2, &[]);
+    c.spawn(2, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while c.status(2).await.is_none() {
+        assert!(std::time::Instant::now() < deadline, "node 3 came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let o = deploy(&c).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    put(&c, 1).await;
+    crate::chaos::determinism::audit_equal(&c).await;
+}
+
+/// A node restarted on a build with another engine (played by another checkpoint policy)
+/// replays its log, the deploy its previous build applied included, instead of stopping at
+/// that deploy as it does for a foreign engine's: no snapshot by hand before the restart. The
+/// replicas still agree (the audit), and a deploy waits until the engines agree again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_restarted_on_a_new_engine_replays_its_log() {
+    crate::support::init_tracing();
+    let mut c = ProcCluster::start(3, &[]).await;
+    c.deploy("kv", EXAMPLE_KV).await;
+    put(&c, 1).await;
+    let before = c.status(2).await.expect("status").engine;
+    c.kill(2);
+    c.set_node_args(2, &["--rebase-every", "7777"]);
+    c.spawn(2, None);
+    put(&c, 2).await;
+    let (_, last) = crate::chaos::determinism::last_index(&c).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while c.status(2).await.is_none_or(|s| s.applied_index < last) {
+        assert!(
+            c.running(2) && std::time::Instant::now() < deadline,
+            "node 3 on its new engine never applied {last}:\n{}",
+            c.log_tail(2, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = c.status(2).await.expect("status").engine;
+    assert_ne!(before, after, "node 3 runs another engine now");
+    assert!(
+        c.log(2)
+            .contains("applying again a deploy that this node's previous build applied"),
+        "{}",
+        c.log_tail(2, 30)
+    );
+    crate::chaos::determinism::audit_equal(&c).await;
+}

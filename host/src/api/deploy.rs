@@ -183,6 +183,11 @@ impl Deploys {
         {
             return Ok(unchanged);
         }
+        if !header.dry_run {
+            crate::upgrade::same_engine(self.router.raft(), self.router.peers(), &self.state)
+                .await
+                .map_err(Status::failed_precondition)?;
+        }
         let size = module.len() as u64;
         let shared = Arc::new(module);
         let validated = async {

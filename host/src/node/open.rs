@@ -108,16 +108,18 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
     let raft_config = raft_config(config)?;
     let (raft, log_memory) = match engine {
         LogEngine::Redb => {
-            let log = RedbLog::open(&log_path)?.on_deploy(deploy_hook);
+            let mut log = RedbLog::open(&log_path)?.on_deploy(deploy_hook);
+            let sm = sm.with_earlier_engines(earlier_engines(config, runtime, &mut log).await?);
             (
                 Raft::new(config.id, raft_config, network.clone(), log, sm).await,
                 None,
             )
         }
         LogEngine::Wal => {
-            let log = crate::storage::WalLog::open(&log_path)?
+            let mut log = crate::storage::WalLog::open(&log_path)?
                 .on_deploy(deploy_hook)
                 .of_node(config.id);
+            let sm = sm.with_earlier_engines(earlier_engines(config, runtime, &mut log).await?);
             let memory = log.memory();
             (
                 Raft::new(config.id, raft_config, network.clone(), log, sm).await,
@@ -135,4 +137,51 @@ pub(super) async fn open(config: &NodeConfig, runtime: &Runtime) -> Result<Core,
         network,
         log_memory,
     })
+}
+
+/// The engines that ran this data directory before (`DATA_DIR/engines`, one fingerprint a
+/// line, this build's added durably now) and the log's last index as this build starts: the
+/// deploys it may apply again though another engine validated them (see
+/// [`crate::storage::state_machine::EarlierEngines`]).
+async fn earlier_engines<L>(
+    config: &NodeConfig,
+    runtime: &Runtime,
+    log: &mut L,
+) -> Result<crate::storage::state_machine::EarlierEngines, NodeError>
+where
+    L: openraft::storage::RaftLogStorage<crate::types::TypeConfig>,
+{
+    let until = log
+        .get_log_state()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?
+        .last_log_id
+        .map_or(0, |l| l.index);
+    let path = config.data_dir.join("engines");
+    let known = match std::fs::read_to_string(&path) {
+        Ok(text) => text.lines().map(str::to_owned).collect::<Vec<_>>(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mine = runtime.fingerprint();
+    let engines: Vec<String> = known.iter().filter(|e| *e != mine).cloned().collect();
+    if !known.iter().any(|e| e == mine) {
+        let mut all = known.clone();
+        all.push(mine.to_owned());
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, all.join("\n") + "\n")?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&config.data_dir)?.sync_all()?;
+        if !engines.is_empty() {
+            tracing::warn!(
+                engine = mine,
+                earlier = ?engines,
+                until,
+                "this data directory ran another engine before: the deploys its log holds are \
+                 applied again by this one"
+            );
+        }
+    }
+    Ok(crate::storage::state_machine::EarlierEngines { engines, until })
 }

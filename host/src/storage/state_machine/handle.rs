@@ -423,6 +423,12 @@ impl StateHandle {
         lock_view(&self.view).log_clock_offset_ms
     }
 
+    /// This node's engine fingerprint (what a deploy entry must name for this node to apply
+    /// it).
+    pub fn fingerprint(&self) -> &str {
+        self.runtime.fingerprint()
+    }
+
     /// The active cluster version as of this replica's last apply (`crate::version`).
     pub fn cluster_version(&self) -> u32 {
         lock_view(&self.view).cluster_version

@@ -66,6 +66,9 @@ struct SmState {
     runtime: Runtime,
     /// The cluster versions this node's build runs (`crate::version`).
     runs: crate::version::Runs,
+    /// The engines earlier builds ran this data directory with, trusted for the deploys its
+    /// log held when this build started (see [`EarlierEngines`]).
+    earlier: EarlierEngines,
     /// This node's modules, by hash: every kept version's module is here.
     modules: ModuleStore,
     /// What the log builds.
@@ -94,8 +97,29 @@ struct Replicated {
 struct Env<'a> {
     runtime: &'a Runtime,
     runs: crate::version::Runs,
+    earlier: &'a EarlierEngines,
     modules: &'a ModuleStore,
     seen: &'a mut Seen,
+}
+
+/// The engines this node's data directory ran with before this build (an upgrade that
+/// changed the engine fingerprint), and the last log index when this build started. A deploy
+/// entry up to that index that one of them validated was applied by this node before, and by
+/// its peers of that engine: this node applies it again when it replays its log, rather than
+/// stopping as it does for a foreign engine's deploy (operators no longer snapshot every node
+/// by hand before the restart). Running one guest on two engines is what audits check.
+#[derive(Debug, Clone, Default)]
+pub struct EarlierEngines {
+    /// Fingerprints.
+    pub engines: Vec<String>,
+    /// The log's last index when this build started.
+    pub until: u64,
+}
+
+impl EarlierEngines {
+    fn trusts(&self, engine: &str, index: u64) -> bool {
+        index <= self.until && self.engines.iter().any(|e| e == engine)
+    }
 }
 
 /// What applying entries records on this replica alone: counters for metrics, the events for
@@ -168,6 +192,7 @@ impl SmState {
         SmState {
             runtime,
             runs: crate::version::Runs::THIS_BUILD,
+            earlier: EarlierEngines::default(),
             modules,
             rep: Replicated {
                 last_applied: None,
@@ -200,6 +225,7 @@ impl SmState {
             Env {
                 runtime: &self.runtime,
                 runs: self.runs,
+                earlier: &self.earlier,
                 modules: &self.modules,
                 seen: &mut self.local.seen,
             },

@@ -120,6 +120,13 @@ impl StateMachineStore {
         self
     }
 
+    /// Trusts the deploys up to `earlier.until` that `earlier.engines` validated (see
+    /// [`super::EarlierEngines`]).
+    pub fn with_earlier_engines(self, earlier: super::EarlierEngines) -> StateMachineStore {
+        lock_or_stop(&self.handle.state).earlier = earlier;
+        self
+    }
+
     /// A handle for queries and inspection.
     pub fn handle(&self) -> StateHandle {
         self.handle.clone()

@@ -15,6 +15,7 @@ mod hostile;
 mod hostile_paths;
 mod io_faults;
 mod locks;
+mod upgrade;
 mod workload;
 
 use crate::support::procs::ProcCluster;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use waft::pb::api;
-use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_ETCD_KV, EXAMPLE_KV};
+use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_ETCD_KV, EXAMPLE_KV, TEST_TICKER};
 use workload::Recorder;
 
 /// SplitMix64: small, seedable, good enough to pick faults.
@@ -79,6 +80,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 struct Faults {
     start: Instant,
     log: Vec<String>,
+    /// Steps the nemesis took (a campaign whose nemesis follows a plan reads where it is).
+    steps: u64,
 }
 
 impl Faults {
@@ -115,6 +118,9 @@ enum Nemesis {
     /// time, which is often made leader; meanwhile workers take a lock on etcd leases (see
     /// `locks.rs`): no two may hold it at once, and it must keep changing hands.
     Clocks,
+    /// A rolling upgrade (see `upgrade.rs`): each node in turn swapped to the new build, one
+    /// back to the old one and forth again, the upgrade finalized, then leaders killed.
+    Upgrade,
 }
 
 const KEYS: usize = 5;
@@ -127,9 +133,19 @@ async fn sleep(d: Duration) {
 }
 
 impl Nemesis {
+    /// Whether the nemesis went through everything it must (a plan longer than the campaign's
+    /// time is followed to its end).
+    fn done(self, f: &Faults) -> bool {
+        match self {
+            Nemesis::Upgrade => upgrade::done(f),
+            _ => true,
+        }
+    }
+
     async fn step(self, c: &mut ProcCluster, rng: &mut Rng, f: &mut Faults) {
         let n = c.len();
         match self {
+            Nemesis::Upgrade => upgrade::step(c, rng, f).await,
             Nemesis::Processes => {
                 let roll = rng.below(100);
                 if roll < 60 {
@@ -383,6 +399,10 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     let clocks = matches!(nemesis, Nemesis::Clocks);
     let mut cluster = ProcCluster::unformed(3, node_args).await;
     let mut etcd_addrs = Vec::new();
+    let upgrading = matches!(nemesis, Nemesis::Upgrade);
+    if upgrading {
+        upgrade::start_old(&mut cluster);
+    }
     if clocks {
         cluster.skew_clocks();
         for i in 0..cluster.len() {
@@ -397,6 +417,9 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     cluster.form().await;
     cluster.deploy("kv", EXAMPLE_KV).await;
     cluster.deploy("counter", EXAMPLE_COUNTER).await;
+    if upgrading {
+        cluster.deploy("ticker", TEST_TICKER).await;
+    }
     if clocks {
         cluster.deploy("etcd", EXAMPLE_ETCD_KV).await;
     }
@@ -444,9 +467,11 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     let mut faults = Faults {
         start: Instant::now(),
         log: Vec::new(),
+        steps: 0,
     };
-    while faults.start.elapsed() < Duration::from_secs(secs) {
+    while faults.start.elapsed() < Duration::from_secs(secs) || !nemesis.done(&faults) {
         nemesis.step(&mut cluster, &mut rng, &mut faults).await;
+        faults.steps += 1;
     }
 
     tracing::info!("heal everything, let the clients finish, check");
@@ -789,6 +814,13 @@ async fn chaos_divergence_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_disk_full() {
     campaign("disk-full", Nemesis::DiskFull, &[]).await;
+}
+
+/// A rolling upgrade under the clients' load: the histories stay linearizable, nothing is
+/// applied twice, and the replicas agree (see `upgrade.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_rolling_upgrade() {
+    campaign("upgrade", Nemesis::Upgrade, &upgrade::NODE_ARGS).await;
 }
 
 /// Wall clocks far ahead, far behind and jumping, on the leader as often as not: the kv history

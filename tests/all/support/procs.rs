@@ -25,6 +25,8 @@ pub struct ProcCluster {
     env: Vec<(String, String)>,
     /// Per node: arguments and environment of its own (added to the shared ones).
     own: Vec<OwnSettings>,
+    /// Per node: another `waft` binary to run (a previous release, for upgrade campaigns).
+    bins: Vec<Option<PathBuf>>,
 }
 
 /// A node's own arguments and environment variables.
@@ -92,12 +94,19 @@ impl ProcCluster {
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             own: (0..n).map(|_| Default::default()).collect(),
+            bins: vec![None; n],
         }
     }
 
     /// Adds arguments for node `i` on every start from now on.
     pub fn add_node_args(&mut self, i: usize, args: &[&str]) {
         self.own[i].0.extend(args.iter().map(|a| a.to_string()));
+    }
+
+    /// Runs node `i` from binary `bin` (`None`: the one cargo built) on every start from now
+    /// on: a node "upgraded" or "downgraded" by swapping its binary.
+    pub fn set_node_bin(&mut self, i: usize, bin: Option<PathBuf>) {
+        self.bins[i] = bin;
     }
 
     /// Replaces node `i`'s own arguments for every start from now on (a node "upgraded" to
@@ -184,7 +193,10 @@ impl ProcCluster {
             .append(true)
             .open(self.dir.path().join(format!("node{}.log", i + 1)))
             .expect("log file");
-        let mut cmd = super::bin::waft();
+        let mut cmd = match &self.bins[i] {
+            Some(bin) => std::process::Command::new(bin),
+            None => super::bin::waft(),
+        };
         cmd.envs(self.env.iter().chain(&self.own[i].1).map(|(k, v)| (k, v)))
             .args(["--log", "info,cranelift=warn,wasmtime=warn", "node", "--id"])
             .arg((i + 1).to_string())
@@ -216,6 +228,27 @@ impl ProcCluster {
         }
         self.children[i] = Some(cmd.spawn().expect("spawn waft node"));
         self.paused[i] = false;
+    }
+
+    /// SIGTERM, as an operator stops a node, and waits (up to `within`, then SIGKILL) until it
+    /// exits.
+    pub async fn terminate(&mut self, i: usize, within: Duration) {
+        let Some(child) = self.children[i].as_ref() else {
+            return;
+        };
+        signal(child, libc::SIGTERM);
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if self.children[i]
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+            {
+                self.children[i] = None;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill(i);
     }
 
     /// SIGKILL: the process dies mid-whatever, without flushing anything.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use waft::pb::api;
-use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_ETCD_KV, EXAMPLE_KV, TEST_TICKER};
+use waft_testkit::guests::{EXAMPLE_COUNTER, EXAMPLE_ETCD_KV, EXAMPLE_KV};
 use workload::Recorder;
 
 /// SplitMix64: small, seedable, good enough to pick faults.
@@ -418,7 +418,7 @@ async fn campaign(name: &str, nemesis: Nemesis, node_args: &[&str]) {
     cluster.deploy("kv", EXAMPLE_KV).await;
     cluster.deploy("counter", EXAMPLE_COUNTER).await;
     if upgrading {
-        cluster.deploy("ticker", TEST_TICKER).await;
+        upgrade::deploy_guests(&cluster).await;
     }
     if clocks {
         cluster.deploy("etcd", EXAMPLE_ETCD_KV).await;

@@ -1,6 +1,8 @@
 //! The rolling-upgrade campaign's nemesis: clients write and read (the campaign checks their
-//! histories, exactly-once and the audit) while the nodes are upgraded one at a time, and a
-//! guest's timers keep falling due.
+//! histories, exactly-once and the audit) while the nodes are upgraded one at a time, and
+//! guests' timers keep falling due: a Rust guest's always, and from a release (below) those of
+//! the Python and JavaScript lock services too (left out of CI's run for its time: their
+//! compiles take minutes there).
 //!
 //! The old build is the `waft` binary named by `WAFT_UPGRADE_FROM` (a previous release, built
 //! from its tag by `scripts/upgrade-test`), and the new one this tree's. Without it (CI) this
@@ -75,19 +77,48 @@ fn expected_version() -> u32 {
     }
 }
 
+/// The guests whose timers fall due during the upgrade (the campaign deploys kv and counter).
+pub async fn deploy_guests(c: &ProcCluster) {
+    c.deploy("ticker", waft_testkit::guests::TEST_TICKER).await;
+    if from_release().is_some() {
+        for (service, guest) in [
+            ("locks-python", waft_testkit::guests::EXAMPLE_LOCKS_PYTHON),
+            ("locks-js", waft_testkit::guests::EXAMPLE_LOCKS_JS),
+        ] {
+            let path = guest.unwrap_or_else(|why| panic!("{service} was not built: {why}"));
+            c.deploy(service, path).await;
+        }
+    }
+}
+
+/// Sets timers in every timer guest: they fall due while the builds are mixed.
+async fn set_timers(c: &ProcCluster, step: u64) {
+    let mut commands = vec![("ticker", format!("many 20 s{step} 300"))];
+    if from_release().is_some() {
+        let lock = format!(r#"{{"acquire": {{"lock": "s{step}", "owner": "a", "ttl_ms": 300}}}}"#);
+        commands.push(("locks-python", lock.clone()));
+        commands.push(("locks-js", lock));
+    }
+    // A session per service: one client id with one sequence across services would answer
+    // the second command as a retry of the first.
+    for (n, (service, command)) in commands.into_iter().enumerate() {
+        let client = 0x71 + n as u64;
+        let out =
+            super::determinism::submit(&c.addrs, service, command.as_bytes(), client, step + 1)
+                .await;
+        assert!(
+            matches!(out, Some(api::submit_reply::Outcome::Ok(_))),
+            "{service} {command}: {out:?}"
+        );
+    }
+}
+
 pub fn done(f: &Faults) -> bool {
     f.steps >= PLAN
 }
 
 pub async fn step(c: &mut ProcCluster, rng: &mut Rng, f: &mut Faults) {
-    // Timers that fall due while the builds are mixed.
-    let timers = format!("many 20 s{} 300", f.steps);
-    let set =
-        super::determinism::submit(&c.addrs, "ticker", timers.as_bytes(), 0x71, f.steps + 1).await;
-    assert!(
-        matches!(set, Some(api::submit_reply::Outcome::Ok(_))),
-        "{timers}: {set:?}"
-    );
+    set_timers(c, f.steps).await;
     match f.steps {
         k @ 0..=2 => swap(c, k as usize, Build::New, f).await,
         3 => swap(c, 0, Build::Old, f).await,

@@ -92,6 +92,36 @@ pub(crate) async fn last_index(c: &ProcCluster) -> (usize, u64) {
     (l, s.last_log_index)
 }
 
+/// Makes an admin call on the leader, again (on whichever node leads then) while it answers
+/// UNAVAILABLE, at most 5 times; panics with every node's log tail on any other error.
+async fn on_leader<F, Fut>(c: &ProcCluster, what: &str, mut call: F)
+where
+    F: FnMut(WaftClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    // Deploys and rollbacks wait for the voters' compiles: minutes on a loaded machine.
+    let admin = |addr: String| async move {
+        let ch = connect_with_deadline(&addr, Duration::from_secs(300)).await;
+        WaftClient::new(ch.expect("leader")).max_encoding_message_size(usize::MAX)
+    };
+    let mut tries = 0;
+    loop {
+        let (l, _) = last_index(c).await;
+        let Err(e) = call(admin(c.addrs[l].clone()).await).await else {
+            return;
+        };
+        tries += 1;
+        if e.code() != tonic::Code::Unavailable || tries > 5 {
+            let logs: Vec<String> = (0..3)
+                .map(|i| format!("node {}:\n{}", i + 1, c.log_tail(i, 40)))
+                .collect();
+            panic!("{what}: {e}\n{}", logs.join("\n"));
+        }
+        tracing::warn!(error = %e, "{what} answered UNAVAILABLE; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Runs an audit through the leader (again when it meets a leader change) and checks that
 /// every node's digest matched at it, nothing healed; the audit's reply.
 pub(crate) async fn audit_equal(c: &ProcCluster) -> api::AuditReply {
@@ -294,60 +324,27 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         fuel_per_apply: 2_000_000_000,
         ..Default::default()
     };
-    // The deploy and the rollback wait for the voters' compiles: minutes on a loaded machine.
-    let admin = |addr: String| async move {
-        let ch = connect_with_deadline(&addr, Duration::from_secs(300)).await;
-        WaftClient::new(ch.expect("leader")).max_encoding_message_size(usize::MAX)
-    };
-    let (l, _) = last_index(&c).await;
-    let mut w = admin(c.addrs[l].clone()).await;
     // UNAVAILABLE means "retry" (the API's contract; `waft deploy` does): a retry of a deploy
     // that did go through changes nothing. Seen here since deploys wait for the voters'
     // compiles: an UNAVAILABLE "leadership moved (leader now None)" with no election in any
     // node's log (not yet explained; noted in issue 18).
-    let mut tries = 0;
-    while let Err(e) = w
-        .deploy(tokio_stream::iter(waft::pb::deploy_chunks_with(
-            header.clone(),
-            &module,
-        )))
-        .await
-    {
-        tries += 1;
-        if e.code() != tonic::Code::Unavailable || tries > 5 {
-            let logs: Vec<String> = (0..3)
-                .map(|i| format!("node {}:\n{}", i + 1, c.log_tail(i, 40)))
-                .collect();
-            panic!("hot-swap: {e}\n{}", logs.join("\n"));
-        }
-        tracing::warn!(error = %e, "hot-swap answered UNAVAILABLE; retrying");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (l, _) = last_index(&c).await;
-        w = admin(c.addrs[l].clone()).await;
-    }
+    on_leader(&c, "hot-swap", |mut w| {
+        let chunks = waft::pb::deploy_chunks_with(header.clone(), &module);
+        async move { w.deploy(tokio_stream::iter(chunks)).await.map(drop) }
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    // UNAVAILABLE means retry, as for the deploy. The rollback names version 1 (not "the one
-    // before"), so a retry of one that did go through makes the same module serve again.
-    let mut tries = 0;
-    while let Err(e) = w
-        .rollback(api::RollbackRequest {
+    // The rollback names version 1 (not "the one before"), so a retry of one that did go
+    // through makes the same module serve again.
+    on_leader(&c, "rollback", |mut w| async move {
+        w.rollback(api::RollbackRequest {
             service: "rust".into(),
             to_version: 1,
         })
         .await
-    {
-        tries += 1;
-        if e.code() != tonic::Code::Unavailable || tries > 5 {
-            let logs: Vec<String> = (0..3)
-                .map(|i| format!("node {}:\n{}", i + 1, c.log_tail(i, 40)))
-                .collect();
-            panic!("rollback: {e}\n{}", logs.join("\n"));
-        }
-        tracing::warn!(error = %e, "rollback answered UNAVAILABLE; retrying");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (l, _) = last_index(&c).await;
-        w = admin(c.addrs[l].clone()).await;
-    }
+        .map(drop)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     eprintln!(

@@ -214,10 +214,12 @@ async fn a_backup_seeds_an_empty_data_dir_offline() {
     // A truncated backup, and one from a later waft (a format this build does not know,
     // checksum intact): each refused in words, nothing written.
     let mut newer = bytes.clone();
-    newer[7] = b'7';
+    let next = waft::storage::snapshot::FORMAT + 1;
+    newer[7] = b'0' + next;
     let body = newer.len() - 32;
     let sum = <sha2::Sha256 as sha2::Digest>::digest(&newer[..body]);
     newer[body..].copy_from_slice(&sum);
+    let newer_said = format!("written by a newer waft (snapshot format {next})");
     let empty = tempfile::tempdir().expect("tempdir");
     for (name, content, said) in [
         (
@@ -228,7 +230,7 @@ async fn a_backup_seeds_an_empty_data_dir_offline() {
         (
             "newer.backup",
             &newer[..],
-            "written by a newer waft (snapshot format 7)",
+            newer_said.as_str(),
         ),
     ] {
         let bad = dir.path().join(name);

@@ -227,11 +227,7 @@ async fn a_backup_seeds_an_empty_data_dir_offline() {
             &bytes[..bytes.len() - 100],
             "not a usable backup",
         ),
-        (
-            "newer.backup",
-            &newer[..],
-            newer_said.as_str(),
-        ),
+        ("newer.backup", &newer[..], newer_said.as_str()),
     ] {
         let bad = dir.path().join(name);
         std::fs::write(&bad, content).expect("write");

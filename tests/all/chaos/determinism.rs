@@ -47,10 +47,15 @@ pub(crate) async fn submit(
     None
 }
 
-/// Writes to the three services in turn until `stop`; returns how many were acknowledged.
-async fn writer(addrs: Vec<String>, stop: Arc<AtomicBool>) -> u64 {
+/// Writes to the three services in turn until `stop`, idle while `pause`; returns how many
+/// were acknowledged.
+async fn writer(addrs: Vec<String>, stop: Arc<AtomicBool>, pause: Arc<AtomicBool>) -> u64 {
     let mut seq = 0;
     while !stop.load(Ordering::Relaxed) {
+        if pause.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
         seq += 1;
         let service = SERVICES[seq as usize % SERVICES.len()];
         let outcome = submit(&addrs, service, format!("c{seq}").as_bytes(), 0xd37, seq).await;
@@ -76,8 +81,9 @@ pub(crate) async fn wait_applied(c: &ProcCluster, i: usize, index: u64) {
         }
         assert!(
             Instant::now() < deadline,
-            "node {} never applied {index}",
-            i + 1
+            "node {} never applied {index}; its log ends:\n{}",
+            i + 1,
+            c.log_tail(i, 40)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -146,7 +152,15 @@ pub(crate) async fn audit_equal(c: &ProcCluster) -> api::AuditReply {
         let a = c.status(i).await.expect("status").audit.unwrap_or_default();
         assert!(a.divergences.is_empty(), "node {}: {a:?}", i + 1);
         assert!(a.heals.is_empty(), "node {}: {a:?}", i + 1);
-        assert_eq!(a.last_checked_index, Some(audit.index), "node {}", i + 1);
+        // At it or at a later audit (a node's periodic auditor may run one meanwhile), every
+        // one of which matched.
+        assert!(
+            a.last_checked_index >= Some(audit.index),
+            "node {}: last checked {:?}, audit at {}",
+            i + 1,
+            a.last_checked_index,
+            audit.index
+        );
     }
     audit
 }
@@ -239,7 +253,8 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
     c.deploy("python", built(TEST_DET_PYTHON)).await;
     c.deploy("js", built(TEST_DET_JS)).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = tokio::spawn(writer(c.addrs.clone(), stop.clone()));
+    let pause = Arc::new(AtomicBool::new(false));
+    let writes = tokio::spawn(writer(c.addrs.clone(), stop.clone(), pause.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     eprintln!(
@@ -270,6 +285,11 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
         started.elapsed().as_secs_f64()
     );
     tracing::info!("a node that lost its data joins again as a learner, by snapshot");
+    // Without writes meanwhile: with a snapshot every 60 entries and no entries kept for
+    // lagging members, a node that compiles three guests at each install on a loaded machine
+    // can be sent one snapshot after another for as long as writes go on (a full-suite run saw
+    // it still behind after 8 minutes). The other steps keep writing.
+    pause.store(true, Ordering::Relaxed);
     let (l, _) = last_index(&c).await;
     let lost = (l + 2) % 3;
     c.kill(lost);
@@ -297,6 +317,7 @@ async fn determinism_campaign_every_source_every_lifecycle_event() {
     }
     let (_, last) = last_index(&c).await;
     wait_applied(&c, lost, last).await;
+    pause.store(false, Ordering::Relaxed);
 
     eprintln!(
         "[{:>5.1}s] determinism campaign step",

@@ -349,3 +349,42 @@ async fn a_node_restarted_on_a_new_engine_replays_its_log() {
     );
     crate::chaos::determinism::audit_equal(&c).await;
 }
+
+/// A backup taken at cluster version 2 may hold what a cluster still at 1 must not write: a
+/// restore into such a cluster is refused in words and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_of_a_higher_cluster_version_is_not_restored() {
+    crate::support::init_tracing();
+    let mut newer = ProcCluster::unformed(1, &[]).await;
+    newer.add_node_args(0, &["--cluster-versions", "1-2"]);
+    newer.spawn(0, None);
+    newer.form().await;
+    wait_version(&newer, &[0], 2).await;
+    newer.deploy("kv", EXAMPLE_KV).await;
+    put(&newer, 1).await;
+    let file = newer.data_dir(0).with_extension("backup");
+    let file = file.to_string_lossy().into_owned();
+    let o = waft_cli(&["--endpoint", &newer.addrs[0], "backup", &file]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let older = ProcCluster::start(1, &[]).await;
+    let o = waft_cli(&["--endpoint", &older.addrs[0], "restore", &file]).await;
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "the restore must be refused");
+    assert!(
+        err.contains("taken at cluster version 2 and this cluster runs 1"),
+        "{err}"
+    );
+    let mut w = waft::pb::api::waft_client::WaftClient::new(
+        crate::support::procs::connect(&older.addrs[0])
+            .await
+            .expect("connect"),
+    );
+    let services = w
+        .list_services(api::ListServicesRequest {})
+        .await
+        .expect("services")
+        .into_inner()
+        .services;
+    assert!(services.is_empty(), "nothing restored: {services:?}");
+}
